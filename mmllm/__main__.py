@@ -1,0 +1,7 @@
+"""``python -m mmllm`` is the ``mmllm`` command."""
+
+import sys
+
+from mmllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""Typed configs: dataclasses loaded from YAML, overridden as ``key.sub=value``.
+
+Each config is a plain dataclass whose fields carry their help text in
+``field(metadata={"help": ...})`` and whose cross-field checks live in ``__post_init__``.
+This module turns YAML + command-line overrides into such an object, with errors that name the
+file and the key (and suggest the closest key for a typo), and back into a dict for saving
+the resolved config next to a model.
+
+    cfg = load_config(TrainConfig, "finetune/tiny_cpu.yaml", ["lora.rank=8", "train.lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and key."""
+
+
+def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """``dataclasses.field`` with a help text (mutable defaults via ``default_factory=``)."""
+    metadata = {"help": help}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file is a mapping of keys to values")
+        data = loaded or {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # raised by a __post_init__ cross-field check
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries (value parsed as YAML: ``3``, ``true``, ``[a, b]``, ``null``)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Recursively build a dataclass, checking keys and coercing simple types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+    kwargs = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config as plain YAML-able data (paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path, header: str = "") -> None:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    Path(path).write_text(header + text, encoding="utf-8")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every field, nested sections flattened: for ``--help`` output."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows.extend(describe(kind, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((f"{prefix}{f.name}", f.metadata.get("help", ""), default))
+    return rows
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"'{key}': bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(kind):
+        if value is None:
+            return kind()
+        return from_dict(kind, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `key=x` on the command line for a one-item list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {type(value).__name__}")
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if kind is Any:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    if kind is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"'{key}' must be a path, got {value!r}")
+    return value
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

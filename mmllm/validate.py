@@ -1,0 +1,232 @@
+"""Check and describe a catalog: ``mmllm catalog validate`` and ``mmllm catalog stats``.
+
+``validate`` checks every row against the contract, opens every image under the rules of
+:mod:`mmllm.images`, and (with a label schema) checks gold labels; it names each bad row by
+file, line and id, writes them all to an errors JSONL if asked, and exits non-zero when any row
+is bad. ``stats`` counts rows, images, label coverage, categories and attribute coverage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, RowLimits
+from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.progress import Progress
+from mmllm.schema import LabelSchema, SchemaError
+
+
+def check_images(listing: Listing, policy: ImagePolicy, unit: str = "line") -> RowError | None:
+    """Open (fully decode) every image of a listing; a RowError naming each bad one."""
+    problems = []
+    for i, ref in enumerate(listing.images):
+        try:
+            load_image(ref, policy)
+        except ImageError as exc:
+            problems.append((f"images[{i}]", str(exc)))
+    if not problems:
+        return None
+    return RowError(listing.source, listing.line, listing.id, tuple(problems), unit)
+
+
+def check_label(listing: Listing, schema: LabelSchema, unit: str = "line") -> RowError | None:
+    """Gold label against the schema (a label without category is allowed: attributes only)."""
+    if listing.label is None:
+        return None
+    result = schema.validate(listing.label, require_category=False)
+    if result.ok:
+        return None
+    problems = tuple((f"label.{e.field}", e.message) for e in result.errors)
+    return RowError(listing.source, listing.line, listing.id, problems, unit)
+
+
+def checked_rows(
+    reader: CatalogReader,
+    *,
+    policy: ImagePolicy | None = None,
+    schema: LabelSchema | None = None,
+    progress: Progress | None = None,
+) -> Iterator[Listing | RowError]:
+    """The reader's rows with image and label checks applied (each bad row once)."""
+    for row in reader:
+        if isinstance(row, Listing):
+            bad = (check_images(row, policy, reader.unit) if policy and row.images else None) or (
+                check_label(row, schema, reader.unit) if schema else None
+            )
+            row = bad or row
+        if progress is not None:
+            done, _ = reader.progress()
+            progress.update(bytes_done=done if reader.fmt in ("jsonl", "csv") else None)
+        yield row
+
+
+@dataclass
+class CatalogStats:
+    """Counts over a catalog; memory grows with distinct categories / attribute names only."""
+
+    source: str = ""
+    rows: int = 0
+    valid: int = 0
+    invalid: int = 0
+    with_images: int = 0
+    images: int = 0
+    labelled: int = 0
+    with_category: int = 0
+    categories: Counter = field(default_factory=Counter)
+    seller_attributes: Counter = field(default_factory=Counter)
+    label_attributes: Counter = field(default_factory=Counter)
+    errors_by_field: Counter = field(default_factory=Counter)
+
+    def add(self, row: Listing | RowError) -> None:
+        self.rows += 1
+        if isinstance(row, RowError):
+            self.invalid += 1
+            self.errors_by_field.update({f.split("[")[0] for f, _ in row.problems})
+            return
+        self.valid += 1
+        if row.images:
+            self.with_images += 1
+            self.images += len(row.images)
+        self.seller_attributes.update(row.attributes.keys())
+        if row.label is not None:
+            self.labelled += 1
+            if row.label.get("category"):
+                self.with_category += 1
+                self.categories[row.label["category"]] += 1
+            self.label_attributes.update(row.label.get("attributes", {}).keys())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "rows": self.rows,
+            "valid": self.valid,
+            "invalid": self.invalid,
+            "with_images": self.with_images,
+            "without_images": self.valid - self.with_images,
+            "images": self.images,
+            "labelled": self.labelled,
+            "label_coverage": _share(self.labelled, self.valid),
+            "with_category": self.with_category,
+            "categories": dict(self.categories.most_common()),
+            "label_attribute_coverage": {k: _share(v, self.labelled) for k, v in self.label_attributes.most_common()},
+            "seller_attribute_coverage": {k: _share(v, self.valid) for k, v in self.seller_attributes.most_common()},
+            "errors_by_field": dict(self.errors_by_field.most_common()),
+        }
+
+    def format(self, top: int = 15) -> str:
+        """A plain-text report for the terminal."""
+        d = self.to_dict()
+        lines = [
+            f"catalog            {self.source}",
+            f"rows               {self.rows:,}",
+            f"  valid            {self.valid:,}",
+            f"  invalid          {self.invalid:,}",
+            f"with images        {self.with_images:,} ({self.images:,} images)",
+            f"without images     {d['without_images']:,}",
+            f"labelled           {self.labelled:,} ({d['label_coverage']:.1%} of valid rows)",
+            f"distinct categories {len(self.categories):,}",
+        ]
+        sections = [
+            ("top categories", [(k, f"{v:,}") for k, v in self.categories.most_common(top)]),
+            ("label attribute coverage (share of labelled rows)",
+             [(k, f"{v:.1%}") for k, v in list(d["label_attribute_coverage"].items())[:top]]),
+            ("seller attribute coverage (share of valid rows)",
+             [(k, f"{v:.1%}") for k, v in list(d["seller_attribute_coverage"].items())[:top]]),
+            ("bad rows by field", [(k, f"{v:,}") for k, v in self.errors_by_field.most_common(top)]),
+        ]
+        for title, items in sections:
+            if items:
+                width = max(len(k) for k, _ in items)
+                lines.append(f"\n{title}:")
+                lines.extend(f"  {k:<{width}}  {v:>8}" for k, v in items)
+        return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser, *, images: bool) -> None:
+    parser.add_argument("catalog", type=Path, help="catalog dump: .jsonl[.gz], .csv[.gz], .tsv, .parquet or a save_to_disk folder")
+    parser.add_argument("--schema", type=Path, help="label schema YAML: also check gold labels against it")
+    parser.add_argument("--max-title-chars", type=int, default=RowLimits.max_title_chars, help="longest allowed title")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    if images:
+        parser.add_argument("--image-root", type=Path, help="folder image paths resolve in (default: the catalog's folder)")
+        parser.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs (refused by default)")
+        parser.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file accepted")
+        parser.add_argument("--max-pixels", type=int, default=ImagePolicy.max_pixels, help="largest width*height accepted (bomb guard)")
+        parser.add_argument("--no-images", action="store_true", help="check rows only, do not open images")
+        parser.add_argument("--errors-out", type=Path, help="write every bad row as JSONL here")
+        parser.add_argument("--show", type=int, default=50, help="print at most this many bad rows")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    reader, schema = _open(args)
+    policy = None
+    if not args.no_images:
+        policy = ImagePolicy(
+            root=(args.image_root or reader.root),
+            max_bytes=int(args.max_image_mb * 2**20),
+            max_pixels=args.max_pixels,
+            allow_remote=args.allow_remote,
+        )
+    stats = CatalogStats(source=str(args.catalog))
+    errors_file = open(args.errors_out, "w", encoding="utf-8") if args.errors_out else None
+    shown = 0
+    try:
+        with _progress(reader, args, "validate") as progress:
+            for row in checked_rows(reader, policy=policy, schema=schema, progress=progress):
+                stats.add(row)
+                if isinstance(row, RowError):
+                    if shown < args.show:
+                        print(f"BAD  {row}", file=sys.stdout)
+                        shown += 1
+                    if errors_file:
+                        errors_file.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+    finally:
+        if errors_file:
+            errors_file.close()
+    if stats.invalid > shown:
+        print(f"... and {stats.invalid - shown:,} more bad rows" + (f" (all in {args.errors_out})" if args.errors_out else ""))
+    if reader.unknown_fields:
+        names = ", ".join(f"{k} ({v:,} rows)" for k, v in reader.unknown_fields.most_common(10))
+        print(f"note: ignored field(s) outside the row contract: {names}")
+    images_note = "rows only" if args.no_images else f"{stats.images:,} images opened"
+    verdict = "OK" if stats.invalid == 0 else "FAILED"
+    print(f"{verdict}: {stats.valid:,} valid, {stats.invalid:,} invalid of {stats.rows:,} rows ({images_note}) in {args.catalog}")
+    return 0 if stats.invalid == 0 else 1
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    reader, schema = _open(args)
+    stats = CatalogStats(source=str(args.catalog))
+    with _progress(reader, args, "stats") as progress:
+        for row in checked_rows(reader, schema=schema, progress=progress):
+            stats.add(row)
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(stats.format())
+    return 0
+
+
+def _open(args: argparse.Namespace) -> tuple[CatalogReader, LabelSchema | None]:
+    try:
+        schema = LabelSchema.from_yaml(args.schema) if args.schema else None
+        limits = RowLimits(max_title_chars=args.max_title_chars)
+        return CatalogReader(args.catalog, limits=limits), schema
+    except (CatalogError, SchemaError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _progress(reader: CatalogReader, args: argparse.Namespace, desc: str) -> Progress:
+    total_bytes = reader.path.stat().st_size if reader.fmt in ("jsonl", "csv") and not str(reader.path).endswith(".gz") else None
+    return Progress(desc, total_bytes=total_bytes, enabled=not args.quiet)

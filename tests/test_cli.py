@@ -1,0 +1,127 @@
+"""The `mmllm` command end to end: catalog validate / stats, schema tools, job dispatch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmllm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "examples" / "toys_schema.yaml"
+
+
+def row(i, images=(), label=None, **extra):
+    out = {"id": f"r{i}", "title": f"Toy {i}", "images": list(images)}
+    if label:
+        out["label"] = label
+    out.update(extra)
+    return out
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """A catalog folder with good and bad images, and a file outside it."""
+    root = tmp_path / "dump"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(root / "img" / "ok.png")
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "outside.png")
+    (root / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    os.symlink(tmp_path / "outside.png", root / "img" / "escape.png")
+    rows = [
+        row(1, ["img/ok.png"], {"category": "Games > Chess", "attributes": {"piece_count": 32}}),
+        row(2, ["../outside.png"]),
+        row(3, ["img/missing.png"]),
+        row(4, ["img/broken.jpg", "img/ok.png"]),
+        row(5, ["img/escape.png"]),
+        row(6, [], {"category": "Games > Chequers", "attributes": {"piece_count": 0}}),
+        {"id": "r7", "title": ""},
+        row(8),
+    ]
+    path = root / "catalog.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_validate_names_every_bad_row_and_exits_non_zero(catalog, capsys, tmp_path):
+    errors = tmp_path / "errors.jsonl"
+    code = main(["catalog", "validate", str(catalog), "--schema", str(SCHEMA), "--errors-out", str(errors), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert [b.split(" (id ")[0] for b in bad] == [f"BAD  catalog.jsonl line {n}" for n in (2, 3, 4, 5, 6, 7)]
+    assert "images[0]: " in bad[0] and "../outside.png" in bad[0]
+    assert "(id 'r3')" in bad[1] and "missing.png" in bad[1]
+    assert "images[0]" in bad[2] and "broken.jpg" in bad[2] and "images[1]" not in bad[2]
+    assert "escape.png" in bad[3] and "symlink" in bad[3]
+    assert "label.category: 'Games > Chequers' is not in the taxonomy" in bad[4]
+    assert "label.attributes.piece_count" in bad[4]
+    assert "title: empty" in bad[5]
+    assert "FAILED: 2 valid, 6 invalid of 8 rows" in out
+    records = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert [(r["id"], r["line"], r["field"]) for r in records] == [
+        ("r2", 2, "images[0]"), ("r3", 3, "images[0]"), ("r4", 4, "images[0]"), ("r5", 5, "images[0]"),
+        ("r6", 6, "label.category"), ("r7", 7, "title"),
+    ]
+
+
+def test_validate_no_images_and_image_root(catalog, capsys, tmp_path):
+    assert main(["catalog", "validate", str(catalog), "--no-images", "--quiet"]) == 1
+    assert "FAILED: 7 valid, 1 invalid of 8 rows (rows only)" in capsys.readouterr().out
+    elsewhere = tmp_path / "lists" / "c.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(json.dumps(row(1, ["img/ok.png"])) + "\n")
+    assert main(["catalog", "validate", str(elsewhere), "--quiet"]) == 1  # resolves next to the file: missing
+    capsys.readouterr()
+    assert main(["catalog", "validate", str(elsewhere), "--image-root", str(catalog.parent), "--quiet"]) == 0
+    assert "OK: 1 valid, 0 invalid of 1 rows (1 images opened)" in capsys.readouterr().out
+
+
+def test_validate_the_shipped_examples_passes(capsys):
+    assert main(["catalog", "validate", str(ROOT / "examples/drawn/catalog.jsonl"), "--schema", str(SCHEMA), "--quiet"]) == 0
+    assert "OK: 9 valid, 0 invalid of 9 rows (9 images opened)" in capsys.readouterr().out
+
+
+def test_stats_counts(catalog, capsys):
+    assert main(["catalog", "stats", str(catalog), "--json", "--quiet"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["rows"] == 8 and stats["valid"] == 7 and stats["invalid"] == 1
+    assert stats["with_images"] == 5 and stats["without_images"] == 2 and stats["images"] == 6
+    assert stats["labelled"] == 2 and stats["categories"] == {"Games > Chess": 1, "Games > Chequers": 1}
+    assert stats["label_attribute_coverage"] == {"piece_count": 1.0}
+    assert stats["errors_by_field"] == {"title": 1}
+
+
+def test_stats_table_on_the_amazon_examples(capsys):
+    assert main(["catalog", "stats", str(ROOT / "examples/amazon_uk_toys/train.jsonl"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "rows               691" in out and "labelled           691 (100.0% of valid rows)" in out
+    assert "min_age_years" in out and "top categories:" in out
+
+
+def test_schema_infer_check_and_json_schema(tmp_path, capsys):
+    out_path = tmp_path / "inferred.yaml"
+    assert main(["schema", "infer", str(ROOT / "examples/amazon_uk_toys/train.jsonl"), "-o", str(out_path)]) == 0
+    assert "from 691 rows" in capsys.readouterr().out
+    assert out_path.read_text().startswith("# Drafted by `mmllm schema infer")
+    assert main(["schema", "check", str(out_path)]) == 0
+    assert "piece_count" in capsys.readouterr().out
+    assert main(["schema", "json-schema", str(SCHEMA)]) == 0
+    assert json.loads(capsys.readouterr().out)["required"] == ["category", "attributes"]
+
+
+def test_missing_catalog_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such catalog file"):
+        main(["catalog", "stats", str(tmp_path / "nope.jsonl")])
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "mmllm"
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for verb in ("catalog", "schema", "finetune", "label", "evaluate", "search", "demo", "tiny"):
+        assert verb in result.stdout
