@@ -27,8 +27,10 @@ class Progress:
         stream: TextIO | None = None,
         log_every_s: float = 30.0,
         enabled: bool = True,
+        unit: str = "rows",
     ) -> None:
         self.desc = desc
+        self.unit = unit
         self.stream = stream or sys.stderr
         self.total_rows = total_rows
         self.total_bytes = total_bytes
@@ -39,7 +41,7 @@ class Progress:
         self.enabled = enabled
         interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self._bar = (
-            tqdm(desc=desc, total=total_rows, unit="rows", file=self.stream, dynamic_ncols=True, mininterval=0.5)
+            tqdm(desc=desc, total=total_rows, unit=unit, file=self.stream, dynamic_ncols=True, mininterval=0.5)
             if interactive
             else None
         )
@@ -76,7 +78,8 @@ class Progress:
         eta_text = f", ETA {_clock(eta)}" if eta is not None else ""
         total = self.total_rows or getattr(self, "_estimated_total", None)
         of = f"/{'~' if self.total_rows is None else ''}{total:,}" if total else ""
-        return f"{self.desc}: {self.rows:,}{of} rows, {self.rate:,.1f} rows/s, {_clock(self.elapsed)} elapsed{eta_text}"
+        return (f"{self.desc}: {self.rows:,}{of} {self.unit}, {self.rate:,.1f} {self.unit}/s, "
+                f"{_clock(self.elapsed)} elapsed{eta_text}")
 
     def close(self) -> None:
         if self._bar is not None:

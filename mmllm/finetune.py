@@ -1,0 +1,341 @@
+"""LoRA / QLoRA fine-tuning of a Qwen-VL model to answer listings with label JSON.
+
+    python -m mmllm.finetune --config finetune/tiny_cpu.yaml [key.sub=value ...]
+    accelerate launch -m mmllm.finetune --config finetune/qwen2_5_vl_3b_lora.yaml
+    python -m mmllm.finetune merge MODEL_DIR OUT_DIR        # adapter folded into a full model
+    python -m mmllm.finetune --config X --print-config      # every knob with its help
+
+The story: load config -> schema, prompt template, rows -> processor and model (+ LoRA) ->
+train (``mmllm.training``) with periodic evaluation -> save the model folder: adapter
+(safetensors), processor, prompt template, label schema, resolved config, metrics, a report
+with training curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mmllm.augment import AugmentConfig
+from mmllm.catalog import Listing, RowError, iter_catalog
+from mmllm.collator import TrainCollator
+from mmllm.config import ConfigError, describe, help_field, load_config, save_config, to_dict
+from mmllm.images import ImagePolicy
+from mmllm.models.generative import (
+    SCHEMA_FILE,
+    GenerativePredictor,
+    LoraSettings,
+    ModelConfig,
+    attach_lora,
+    load_base_model,
+    load_processor,
+    merge_model_dir,
+    write_meta,
+)
+from mmllm.prompts import PromptTemplate, target_text
+from mmllm.schema import LabelSchema
+from mmllm.training import TrainConfig, causal_lm_loss, train_loop
+
+log = logging.getLogger("mmllm.finetune")
+
+
+@dataclass
+class DataConfig:
+    """Where the listings, the label schema and the prompt template come from."""
+
+    train: str = help_field("examples/amazon_uk_toys/train.jsonl", "labelled catalog to train on (any catalog format)")
+    dev: str | None = help_field("examples/amazon_uk_toys/dev.jsonl", "labelled catalog for evaluation; null = none")
+    schema: str = help_field("examples/toys_schema.yaml", "label schema YAML (taxonomy + attributes)")
+    template: str = help_field("listing_v1", "prompt template: a version in prompts/ or a YAML path")
+    image_root: str | None = help_field(None, "folder image paths resolve in (default: each catalog's folder)")
+    max_train_rows: int | None = help_field(None, "use only the first N training rows (smoke runs)")
+    max_dev_rows: int | None = help_field(None, "use only the first N dev rows")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the dev rows during and after training."""
+
+    every: int = help_field(0, "optimizer steps between evaluations; 0 = only at the end")
+    loss_rows: int = help_field(64, "dev rows for the teacher-forced loss")
+    generate_rows: int = help_field(32, "dev rows answered by generation (JSON validity, accuracies)")
+    max_new_tokens: int = help_field(256, "generation budget; must fit the longest answer")
+    batch_size: int = help_field(4, "listings per generation batch")
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+# ---------------------------------------------------------------------- the story
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":
+        return _merge_cli(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        for key, help_text, default in describe(FinetuneConfig):
+            print(f"{key:<32} {help_text}  [default: {default}]")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = finetune(cfg)
+    return 130 if result["interrupted"] else 0
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run a whole fine-tuning job; returns a summary (also written into the model folder)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+    set_seed(cfg.train.seed)
+    out_dir = _prepare_output_dir(Path(cfg.train.output_dir), cfg.train.resume, accelerator)
+
+    schema = LabelSchema.from_yaml(cfg.data.schema)
+    template = PromptTemplate.load(cfg.data.template)
+    train_rows = load_training_rows(cfg.data.train, schema, cfg.data.max_train_rows)
+    dev_rows = load_training_rows(cfg.data.dev, schema, cfg.data.max_dev_rows) if cfg.data.dev else []
+    _say(accelerator, f"{len(train_rows)} training rows, {len(dev_rows)} dev rows; "
+                      f"{accelerator.distributed_type.name} x {accelerator.num_processes} process(es)")
+
+    processor = load_processor(cfg.model.base, cfg.model)
+    model = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, quantized=cfg.model.quantization == "4bit",
+                        gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
+
+    policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
+    collate = TrainCollator(processor, schema, template, _policy_for(cfg.data.train, policy), cfg.model.max_images,
+                            cfg.augment if cfg.augment.enabled else None)
+    evaluate = _evaluator(cfg, processor, schema, template, dev_rows, _policy_for(cfg.data.dev, policy), out_dir, accelerator)
+
+    result = train_loop(cfg.train, accelerator, model, train_rows, collate, causal_lm_loss, out_dir,
+                        evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every)
+    summary = {"steps": result.steps, "interrupted": result.interrupted, "wall_s": round(result.wall_s, 2),
+               "distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+    if result.interrupted:
+        _say(accelerator, f"stopped at step {result.steps}; continue with train.resume=true")
+        return summary
+    if dev_rows:
+        final = evaluate(accelerator.unwrap_model(model), result.steps)
+        summary.update(final)
+        if accelerator.is_main_process:
+            with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": result.steps, **final}) + "\n")
+    save_model_dir(out_dir, cfg, accelerator, model, processor, schema, template, summary)
+    _say(accelerator, f"model folder written: {out_dir}")
+    return summary
+
+
+def load_training_rows(source: str, schema: LabelSchema, limit: int | None) -> list[Listing]:
+    """Labelled listings whose label fits the schema; bad rows are reported and skipped."""
+    rows: list[Listing] = []
+    skipped: list[str] = []
+    for row in iter_catalog(source):
+        if limit is not None and len(rows) >= limit:
+            break
+        if isinstance(row, RowError):
+            skipped.append(str(row))
+            continue
+        try:
+            target_text(row, schema)
+        except ValueError as exc:
+            skipped.append(str(exc))
+            continue
+        rows.append(row)
+    for line in skipped[:20]:
+        log.warning("skipped: %s", line)
+    if len(skipped) > 20:
+        log.warning("... and %d more skipped rows (run `mmllm catalog validate --schema`)", len(skipped) - 20)
+    if not rows:
+        raise ValueError(f"{source}: no usable labelled rows ({len(skipped)} skipped)")
+    return rows
+
+
+def save_model_dir(out_dir: Path, cfg: FinetuneConfig, accelerator: Any, model: Any, processor: Any,
+                   schema: LabelSchema, template: PromptTemplate, summary: dict[str, Any]) -> None:
+    """Adapter + everything needed to use it: processor, template, schema, config, report."""
+    state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP / DeepSpeed
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(out_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,
+                              safe_serialization=True)
+    if not accelerator.is_main_process:
+        return
+    processor.save_pretrained(out_dir)
+    template.save_to(out_dir)
+    schema.to_yaml(out_dir / SCHEMA_FILE, header=f"# label schema used for training (from {cfg.data.schema})\n")
+    save_config(cfg, out_dir / "config.yaml", header="# resolved training config: rerun with --config this file\n")
+    model_fields = {k: v for k, v in to_dict(cfg.model).items()
+                    if k in ("dtype", "attn_implementation", "quantization", "quant_skip_modules", "max_images")}
+    write_meta(out_dir, kind="generative-lora", base_model=cfg.model.base, template=template.version,
+               model=model_fields, training=summary)
+    write_report(out_dir)
+
+
+def write_report(out_dir: Path) -> None:
+    """training_curves.png + README.md (model card) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="dev loss")
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("cross-entropy per answer token")
+    axes[0].legend()
+    for key, label in (("json_valid", "JSON valid"), ("category_acc", "category accuracy"), ("attribute_acc", "attribute accuracy")):
+        if evals:
+            axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_xlabel("optimizer step")
+    axes[1].set_title("dev generation" if evals else "no dev set")
+    axes[1].legend() if evals else None
+    fig.tight_layout()
+    fig.savefig(out_dir / "training_curves.png", dpi=110)
+    plt.close(fig)
+    meta = json.loads((out_dir / "mmllm_model.json").read_text())
+    last_eval = evals[-1] if evals else {}
+    lines = [
+        f"# mmllm model: {meta['kind']} on `{meta['base_model']}`", "",
+        f"Prompt template `{meta.get('template')}`, label schema `label_schema.yaml`, config `config.yaml`.",
+        f"Trained {meta['training']['steps']} steps in {meta['training']['wall_s']} s "
+        f"({meta['training']['distributed_type']} x {meta['training']['num_processes']}).", "",
+        "| metric | value |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in last_eval.items() if k != "step"),
+        *(f"| final train loss | {train[-1]['loss']} |" for _ in train[-1:]), "",
+        "![training curves](training_curves.png)", "",
+        "Use it: `mmllm label DUMP --model THIS_FOLDER`; merge it: `python -m mmllm.finetune merge THIS_FOLDER OUT`.",
+    ]
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------- evaluation
+def _evaluator(cfg: FinetuneConfig, processor: Any, schema: LabelSchema, template: PromptTemplate,
+               dev_rows: list[Listing], policy: ImagePolicy, out_dir: Path, accelerator: Any):
+    """Dev loss (teacher forced) and generation metrics, computed on the main process."""
+    loss_collate = TrainCollator(processor, schema, template, policy, cfg.model.max_images, None)
+
+    def evaluate(model: Any, step: int) -> dict[str, Any]:
+        accelerator.wait_for_everyone()
+        metrics: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            model.eval()
+            metrics = {**_dev_loss(model, loss_collate, dev_rows[: cfg.eval.loss_rows], accelerator.device),
+                       **generation_metrics(GenerativePredictor(model, processor, schema, template, cfg.model.max_images,
+                                                                cfg.eval.max_new_tokens, cfg.eval.batch_size),
+                                            dev_rows[: cfg.eval.generate_rows], policy)}
+            model.train()
+        accelerator.wait_for_everyone()
+        return metrics
+
+    return evaluate
+
+
+def _dev_loss(model: Any, collate: TrainCollator, rows: list[Listing], device: Any) -> dict[str, float]:
+    total, items = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 4):
+            batch = collate([(r, 0) for r in rows[start:start + 4]])
+            loss_sum, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+            total, items = total + float(loss_sum), items + int(n)
+    return {"eval_loss": round(total / max(items, 1), 5)}
+
+
+def generation_metrics(predictor: GenerativePredictor, rows: list[Listing], policy: ImagePolicy) -> dict[str, float]:
+    """JSON validity, category accuracy and attribute accuracy (over attributes with a gold value)."""
+    if not rows:
+        return {}
+    predictions = predictor.predict(rows, policy)
+    valid = cat_ok = attr_ok = attr_total = 0
+    for row, pred in zip(rows, predictions):
+        gold = predictor.schema.validate(row.label).value
+        valid += pred["status"] == "ok"
+        cat_ok += pred["category"] == gold["category"]
+        for name, value in gold["attributes"].items():
+            if value is not None:
+                attr_total += 1
+                attr_ok += pred["attributes"].get(name) == value
+    return {"json_valid": round(valid / len(rows), 4), "category_acc": round(cat_ok / len(rows), 4),
+            "attribute_acc": round(attr_ok / max(attr_total, 1), 4), "generated_rows": len(rows)}
+
+
+# ---------------------------------------------------------------------- helpers
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mmllm.finetune", description=__doc__.split("\n\n")[0],
+                                epilog="Overrides are key.sub=value, e.g. train.lr=1e-4 lora.rank=8. "
+                                       "Merge an adapter: python -m mmllm.finetune merge MODEL_DIR OUT_DIR")
+    p.add_argument("--config", type=Path, help="training YAML (see finetune/)")
+    p.add_argument("--print-config", action="store_true", help="list every config key with its help and default")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return p
+
+
+def _merge_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmllm.finetune merge", description="write a merged full model")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    args = p.parse_args(argv)
+    out = merge_model_dir(args.model_dir, args.out_dir)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _mixed_precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _policy_for(source: str | None, policy: ImagePolicy) -> ImagePolicy:
+    """Images resolve in --image-root, or else in the catalog file's own folder."""
+    if policy.root is not None or source is None:
+        return policy
+    from dataclasses import replace
+
+    return replace(policy, root=Path(source).resolve().parent)
+
+
+def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> Path:
+    if accelerator.is_main_process:
+        if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+            raise FileExistsError(f"{out_dir} is not empty: pass train.resume=true to continue it, "
+                                  "or another train.output_dir")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _say(accelerator: Any, text: str) -> None:
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

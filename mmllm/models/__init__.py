@@ -1,0 +1,1 @@
+"""Model variants behind one prediction interface: ``generative`` (VLM + LoRA answering JSON)."""

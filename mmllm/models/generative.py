@@ -1,0 +1,308 @@
+"""The generative model: a Qwen-VL checkpoint with LoRA (or QLoRA) that answers in JSON.
+
+* :func:`load_processor` / :func:`load_base_model`: a hub id or local folder to objects, with
+  the dtype, attention kernel and (optionally) 4-bit NF4 quantization resolved for the machine.
+* :func:`attach_lora`: PEFT LoRA on the language model's linear layers, picked by regex
+  (the vision tower reuses names like ``gate_proj``, so a suffix list would reach it too).
+* :class:`GenerativePredictor`: listings in, validated predictions out (greedy decoding).
+* :func:`load_model_dir` / :func:`merge_model_dir`: the model folder written by fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from mmllm.catalog import Listing
+from mmllm.collator import encode_prompts, set_pixel_budget
+from mmllm.config import help_field
+from mmllm.images import ImagePolicy
+from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
+from mmllm.schema import LabelSchema
+
+log = logging.getLogger(__name__)
+
+META_FILE = "mmllm_model.json"
+SCHEMA_FILE = "label_schema.yaml"
+# Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
+LANGUAGE_LORA = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+VISION_LORA = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj|linear_fc1|linear_fc2))"
+# the vision-to-text projector(s): Qwen3-VL adds one merger per deepstack layer
+MERGER_MODULES = r".*visual\.(merger|deepstack_merger_list\.\d+)"
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint, in which precision, with which image budget."""
+
+    base: str = help_field("Qwen/Qwen2.5-VL-3B-Instruct", "hub id or local folder of the base vision-language model")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = help_field(
+        "auto", "weights dtype; auto = bfloat16 on a GPU that has it, float32 on CPU")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = help_field(
+        "auto", "attention kernel; auto = flash_attention_2 when installed on GPU, else sdpa")
+    quantization: Literal["none", "4bit"] = help_field("none", "4bit = QLoRA: NF4 base weights via bitsandbytes")
+    # transformers 5.2x matches these from the start of the module path or as a suffix (older
+    # versions: as a substring), so the vision tower is named both ways
+    quant_skip_modules: list[str] = help_field(
+        default_factory=lambda: ["model.visual", "visual", "lm_head"],
+        help="modules kept out of 4-bit (vision tower, output layer)")
+    gradient_checkpointing: bool = help_field(False, "recompute activations: ~30% slower, much less memory")
+    trust_remote_code: bool = help_field(False, "run code shipped with the checkpoint; only for repos you trust")
+    min_pixels: int = help_field(128 * 28 * 28, "smallest image area after resizing (pixels); 28x28 = one token")
+    max_pixels: int = help_field(512 * 28 * 28, "largest image area: caps image tokens per image (memory!)")
+    max_images: int = help_field(4, "images per listing fed to the model; the rest are ignored")
+
+    def __post_init__(self) -> None:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"model.min_pixels {self.min_pixels} > model.max_pixels {self.max_pixels}")
+        if self.max_images < 0:
+            raise ValueError("model.max_images must be >= 0")
+
+
+@dataclass
+class LoraSettings:
+    """Where LoRA goes and how big it is."""
+
+    rank: int = help_field(16, "adapter rank: 8-64; higher fits more, costs memory")
+    alpha: float = help_field(32.0, "scaling; usually 2 x rank")
+    dropout: float = help_field(0.05, "dropout on the adapter input; 0-0.1")
+    target: str = help_field(LANGUAGE_LORA, "regex over module paths that get LoRA (default: language model linears)")
+    vision: bool = help_field(False, "also put LoRA on the vision tower's blocks")
+    train_merger: bool = help_field(False, "fully train the vision-to-text merger / projector")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("lora.rank must be >= 1")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_attention(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def resolve_base(base: str) -> str:
+    """A hub id or folder as given; ``tiny:ARCH`` builds (once) a tiny random checkpoint.
+
+    ``tiny:qwen2_vl`` lets configs such as ``finetune/tiny_cpu.yaml`` run anywhere, offline, in
+    seconds. Such a model is for smoke runs only: its weights start random.
+    """
+    if not base.startswith("tiny:"):
+        return base
+    import os
+
+    from mmllm.tiny import build_tiny_checkpoint
+
+    arch = base.split(":", 1)[1]
+    cache = Path(os.environ.get("MMLLM_CACHE", Path.home() / ".cache" / "mmllm")) / "tiny" / f"{arch}-seed0"
+    if not (cache / "config.json").exists():
+        build_tiny_checkpoint(cache, arch=arch, seed=0)
+    return str(cache)
+
+
+def load_processor(source: str | Path, cfg: ModelConfig | None = None) -> Any:
+    from transformers import AutoProcessor
+
+    trust = bool(cfg and cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(resolve_base(str(source)), trust_remote_code=trust)
+    if cfg is not None:
+        set_pixel_budget(processor, cfg.min_pixels, cfg.max_pixels)
+    return processor
+
+
+def load_base_model(cfg: ModelConfig, *, device_map: Any = None) -> Any:
+    """The base model from safetensors, with dtype / attention / quantization resolved."""
+    from transformers import AutoModelForImageTextToText
+
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": resolve_attention(cfg.attn_implementation),
+        "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if cfg.quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=list(cfg.quant_skip_modules),
+        )
+        kwargs["device_map"] = device_map if device_map is not None else ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForImageTextToText.from_pretrained(resolve_base(cfg.base), **kwargs)
+
+
+def attach_lora(model: Any, cfg: LoraSettings, *, quantized: bool = False, gradient_checkpointing: bool = False) -> Any:
+    """Wrap the model with a trainable LoRA adapter; everything else stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    target = f"(?:{cfg.target})|(?:{VISION_LORA})" if cfg.vision else cfg.target
+    names = [n for n, _ in model.named_modules()]
+    if not any(_fullmatch(target, n) for n in names):
+        raise ValueError(f"lora.target {target!r} matches no module of {type(model).__name__}")
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,  # a string is matched as a full regex against module paths
+        modules_to_save=[n for n in names if _fullmatch(MERGER_MODULES, n)] if cfg.train_merger else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_module_names(model: Any) -> list[str]:
+    """Paths of the modules that carry a LoRA adapter."""
+    return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")})
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    import re
+
+    return re.fullmatch(pattern, name) is not None
+
+
+# ---------------------------------------------------------------------- model folders
+def write_meta(folder: Path, **fields: Any) -> None:
+    from mmllm import __version__
+
+    meta = {"format": 1, "mmllm_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not an mmllm model folder (no {META_FILE}); pass a model dir from `mmllm finetune`")
+    return json.loads(path.read_text())
+
+
+def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remote_code: bool = False) -> "GenerativePredictor":
+    """A fine-tuned model folder (adapter or merged) as a ready predictor."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta.get("kind") not in ("generative-lora", "generative-merged"):
+        raise ValueError(f"{folder}: model kind {meta.get('kind')!r} is not a generative model")
+    cfg = ModelConfig(base=str(folder) if meta["kind"] == "generative-merged" else meta["base_model"],
+                      trust_remote_code=trust_remote_code, **meta.get("model", {}))
+    processor = load_processor(folder, None)  # the processor saved at training (pixel budget included)
+    model = load_base_model(cfg)
+    if meta["kind"] == "generative-lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.quantization != "4bit":
+        model.to(device)
+    model.eval()
+    return GenerativePredictor(
+        model=model,
+        processor=processor,
+        schema=LabelSchema.from_yaml(folder / SCHEMA_FILE),
+        template=PromptTemplate.load(folder / TEMPLATE_FILE),
+        max_images=cfg.max_images,
+    )
+
+
+def merge_model_dir(folder: str | Path, out: str | Path) -> Path:
+    """Fold the LoRA adapter into the base weights and write a standalone model folder."""
+    import shutil
+
+    folder, out = Path(folder), Path(out)
+    meta = read_meta(folder)
+    if meta.get("kind") != "generative-lora":
+        raise ValueError(f"{folder}: only a LoRA model folder can be merged (kind is {meta.get('kind')!r})")
+    if meta.get("model", {}).get("quantization") == "4bit":
+        log.warning("merging a QLoRA adapter into a full-precision copy of the base model")
+    model_fields = {k: v for k, v in meta.get("model", {}).items() if k != "quantization"}
+    predictor = load_model_dir(folder, device="cpu")
+    merged = predictor.model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    predictor.processor.save_pretrained(out)
+    for name in (SCHEMA_FILE, TEMPLATE_FILE):
+        shutil.copyfile(folder / name, out / name)
+    write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields)
+    return out
+
+
+# ---------------------------------------------------------------------- prediction
+@dataclass
+class GenerativePredictor:
+    """Greedy JSON generation for listings; every answer validated by the schema."""
+
+    model: Any
+    processor: Any
+    schema: LabelSchema
+    template: PromptTemplate
+    max_images: int = 4
+    max_new_tokens: int = 256
+    batch_size: int = 4
+
+    def generate(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[str]:
+        """Raw answer texts, in input order."""
+        texts: list[str] = []
+        device = next(self.model.parameters()).device
+        tokenizer = self.processor.tokenizer
+        for start in range(0, len(listings), self.batch_size):
+            chunk = listings[start:start + self.batch_size]
+            enc = encode_prompts(self.processor, chunk, self.schema, self.template, image_policy, self.max_images)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            with torch.no_grad():
+                out = self.model.generate(
+                    **enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer),
+                )
+            new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        return texts
+
+    def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
+        """One prediction record per listing: ``{"id", "category", "attributes", "status", ...}``."""
+        records = []
+        for listing, text in zip(listings, self.generate(listings, image_policy)):
+            result = self.schema.parse(text)
+            if result.ok:
+                records.append({"id": listing.id, **result.value, "status": "ok"})
+            else:
+                records.append({"id": listing.id, "category": None, "attributes": {}, "status": "invalid",
+                                "error": result.reason(), "raw": text})
+        return records
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

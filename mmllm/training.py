@@ -1,0 +1,406 @@
+"""The training loop shared by every model variant: data order, steps, checkpoints, logging.
+
+One code path for 1 CPU, 1 GPU and ``accelerate launch`` / ``torchrun`` with several processes
+(DDP; FSDP and DeepSpeed through accelerate's own state saving). What differs between model
+variants is passed in: the model, the collator and a ``loss_fn(model, batch) -> (loss_sum,
+n_items)``.
+
+Exact resume: the data order of epoch ``e`` is a permutation seeded by ``seed + e``; every
+example gets its own augmentation seed from (seed, epoch, index); a checkpoint holds the
+trainable weights, optimizer, scheduler and RNG states at an optimizer-step boundary. A run
+resumed from step ``k`` therefore replays steps ``k+1...`` exactly as an uninterrupted run.
+SIGINT / SIGTERM (a cluster pre-empting the job) save a checkpoint at the next step and stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmllm.config import help_field
+from mmllm.progress import Progress
+
+LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, schedule, checkpoints."""
+
+    output_dir: str = help_field("runs/finetune", "model folder to write (checkpoints under output_dir/checkpoints)")
+    epochs: int = help_field(1, "passes over the training rows (ignored when max_steps is set)")
+    max_steps: int | None = help_field(None, "optimizer steps in total; overrides epochs")
+    batch_size: int = help_field(1, "listings per process per micro-batch")
+    grad_accum: int = help_field(8, "micro-batches per optimizer step; effective batch = batch_size x grad_accum x processes")
+    lr: float = help_field(2e-4, "peak learning rate; 1e-4 to 3e-4 is usual for LoRA")
+    weight_decay: float = help_field(0.0, "AdamW weight decay on trainable weights")
+    warmup_ratio: float = help_field(0.03, "share of steps with linear warmup")
+    schedule: Literal["cosine", "linear", "constant"] = help_field("cosine", "learning-rate decay after warmup")
+    max_grad_norm: float = help_field(1.0, "gradient clipping; 0 disables")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = help_field("auto", "auto = bf16 on GPUs that have it, none on CPU")
+    seed: int = help_field(0, "seeds weights init of LoRA, data order and augmentation")
+    log_every: int = help_field(10, "optimizer steps between metric lines")
+    save_every: int = help_field(200, "optimizer steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = help_field(2, "most recent checkpoints kept on disk")
+    resume: bool = help_field(False, "continue the run in output_dir from its latest checkpoint")
+    num_workers: int = help_field(2, "data-loader processes decoding images while the model trains (0 = in-process)")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("train.max_steps must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("train.warmup_ratio must be in [0, 1)")
+
+
+# ---------------------------------------------------------------------- data order
+@dataclass(frozen=True)
+class StepPlan:
+    """How rows become optimizer steps on this process."""
+
+    rows: int
+    batch_size: int
+    grad_accum: int
+    world: int
+    rank: int
+    seed: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.rows / self.rows_per_step))
+
+    def micro_batches(self, start_step: int, total_steps: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(step, [(row index, example seed), ...]) for this process, from ``start_step`` on."""
+        step = start_step
+        while step < total_steps:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            need = self.steps_per_epoch * self.rows_per_step
+            order = (order * math.ceil(need / len(order)))[:need]  # wrap around, like DistributedSampler
+            for s in range(offset, self.steps_per_epoch):
+                if step >= total_steps:
+                    return
+                chunk = order[s * self.rows_per_step:(s + 1) * self.rows_per_step]
+                for micro in range(self.grad_accum):
+                    first = (micro * self.world + self.rank) * self.batch_size
+                    items = chunk[first:first + self.batch_size]
+                    yield step, [(i, _example_seed(self.seed, epoch, i)) for i in items]
+                step += 1
+
+
+def _example_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_000_019 + index) % (2**31)
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Precomputed micro-batches as a map-style dataset so DataLoader workers can collate them."""
+
+    def __init__(self, plan: list[list[tuple[int, int]]], rows: Sequence[Any], collate: Callable) -> None:
+        self.plan, self.rows, self.collate = plan, rows, collate
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.collate([(self.rows[j], seed) for j, seed in self.plan[i]])
+
+
+# ---------------------------------------------------------------------- loss
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over supervised tokens, and their count."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits  # [B, T, V]
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, (shift_labels != -100).sum()
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class LoopResult:
+    steps: int
+    interrupted: bool
+    wall_s: float
+    last_metrics: dict[str, Any]
+
+
+def train_loop(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    rows: Sequence[Any],
+    collate: Callable,
+    loss_fn: LossFn,
+    out_dir: Path,
+    evaluate: Callable[[Any, int], dict[str, Any]] | None = None,
+    eval_every: int = 0,
+) -> LoopResult:
+    """Train ``model`` on ``rows``; metrics go to ``out_dir/metrics.jsonl``."""
+    plan = StepPlan(len(rows), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    # the scheduler is stepped by hand once per optimizer step, so it is not handed to prepare()
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    ckpt_root = out_dir / "checkpoints"
+    metrics_path = out_dir / "metrics.jsonl"
+    start_step = 0
+    if cfg.resume:
+        start_step = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded)
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_path, start_step)
+    stop = _StopFlag()
+    micro_plan = [items for _, items in plan.micro_batches(start_step, total_steps)]
+    loader = torch.utils.data.DataLoader(
+        _MicroBatches(micro_plan, rows, collate), batch_size=None, shuffle=False,
+        num_workers=cfg.num_workers, persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None,
+        # its own generator: creating the iterator would otherwise draw from the global torch
+        # RNG, and a resumed run (which creates it later) would then see other dropout masks
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    batches = iter(loader)
+    model.train()
+    progress = Progress("train", total_rows=total_steps - start_step, enabled=accelerator.is_main_process,
+                        log_every_s=30, unit="steps")
+    window = {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+    last: dict[str, Any] = {}
+    step = start_step
+    started = time.perf_counter()
+    interrupted = False
+    while step < total_steps:
+        tick = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        # Normalize by the supervised tokens of the whole step on all processes, so every token
+        # weighs the same however the padding and accumulation fall.
+        local_items = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+        items = accelerator.reduce(torch.tensor(float(local_items), device=accelerator.device), reduction="sum")
+        scale = accelerator.num_processes / items.clamp(min=1.0)
+        step_loss = 0.0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = i == len(micro) - 1
+            with (accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _nullcontext()):
+                with accelerator.autocast():
+                    loss_sum, _ = loss_fn(model, batch)
+                accelerator.backward(loss_sum * scale)
+            step_loss += float(loss_sum.detach())
+            window["tokens"] += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(trainable if not sharded else model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+        window["loss_sum"] += float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum"))
+        window["items"] += float(items)
+        window["time"] += time.perf_counter() - tick
+        window["steps"] += 1
+        if step % cfg.log_every == 0 or step == total_steps:
+            last = {
+                "step": step, "epoch": round(step / plan.steps_per_epoch, 3),
+                "loss": round(window["loss_sum"] / max(window["items"], 1.0), 5),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                "tokens_per_s": round(window["tokens"] * accelerator.num_processes / max(window["time"], 1e-9), 1),
+                "step_s": round(window["time"] / window["steps"], 4),
+                "peak_mem_mb": _peak_memory_mb(),
+            }
+            window = {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+            _log(accelerator, metrics_path, last, progress)
+        if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
+            _log(accelerator, metrics_path, {"step": step, **evaluate(accelerator.unwrap_model(model), step)}, progress)
+            model.train()
+        interrupted = stop.requested and step < total_steps
+        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+            _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded, cfg.keep_checkpoints)
+        if interrupted:
+            break
+    progress.close()
+    stop.restore()
+    return LoopResult(step, interrupted, time.perf_counter() - started, last)
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(total_steps * cfg.warmup_ratio), num_training_steps=total_steps)
+
+
+def _log(accelerator: Any, path: Path, record: dict[str, Any], progress: Progress) -> None:
+    if not accelerator.is_main_process:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = ", ".join(f"{k}={v}" for k, v in record.items() if k != "step" and v is not None)
+    text = f"step {record['step']}: {shown}"
+    if progress._bar is not None:
+        progress._bar.write(text)
+    else:
+        print(text, flush=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step, so a resumed run has no duplicates."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nsignal {signum}: saving a checkpoint at the end of this step, then stopping", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+                     sharded: bool, keep: int) -> None:
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if sharded:
+        accelerator.save_state(str(tmp))
+    elif accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        weights = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _save_rng_state(tmp, accelerator.process_index)  # every process has its own dropout RNG
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a checkpoint exists whole or not at all
+        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = [p for p in sorted(root.glob("step-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, sharded: bool) -> int:
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        raise FileNotFoundError(f"train.resume=true but {root} holds no finished checkpoint")
+    if sharded:
+        accelerator.load_state(str(ckpt))
+    else:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        unwrapped = accelerator.unwrap_model(model)
+        missing = set(weights) - {n for n, _ in unwrapped.named_parameters()}
+        if missing:
+            raise ValueError(f"{ckpt}: checkpoint does not match the model (unknown weights {sorted(missing)[:3]})")
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+    _load_rng_state(ckpt, accelerator.process_index)
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    if accelerator.is_main_process:
+        print(f"resumed from {ckpt} (step {step})", flush=True)
+    return step
+
+
+def _save_rng_state(folder: Path, rank: int) -> None:
+    """RNG states without pickle: tensors in safetensors, Python / NumPy states as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(folder / f"rng-{rank}.safetensors"))
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    (folder / f"rng-{rank}.json").write_text(json.dumps({
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }))
+
+
+def _load_rng_state(folder: Path, rank: int) -> None:
+    if not (folder / f"rng-{rank}.json").exists():  # resumed with more processes than saved
+        rank = 0
+    tensors = load_file(str(folder / f"rng-{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    state = json.loads((folder / f"rng-{rank}.json").read_text())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,223 @@
+"""Generative fine-tuning end to end on tiny checkpoints: LoRA placement, learning, reload in a
+new process, text-only rows, exact resume, two CPU processes, QLoRA, merge, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmllm.config import load_config
+from mmllm.finetune import FinetuneConfig, finetune, main
+from mmllm.models.generative import LANGUAGE_LORA, LoraSettings, ModelConfig, attach_lora, load_base_model, lora_module_names
+
+from listings import write_catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "finetune" / "tiny_cpu.yaml"
+RELOAD = """
+import json, sys
+from pathlib import Path
+from mmllm.catalog import load_listings
+from mmllm.images import ImagePolicy
+from mmllm.models.generative import load_model_dir
+predictor = load_model_dir(sys.argv[1])
+catalog = Path(sys.argv[2])
+rows = load_listings(catalog)
+out = []
+for row, pred in zip(rows, predictor.predict(rows, ImagePolicy(root=catalog.parent.resolve()))):
+    gold = predictor.schema.validate(row.label).value
+    out.append({"id": row.id, "text_only": not row.images, "status": pred["status"],
+                "exact": pred["status"] == "ok" and pred["category"] == gold["category"] and pred["attributes"] == gold["attributes"]})
+print(json.dumps(out))
+"""
+
+
+def overrides(tmp: Path, catalog: Path, arch: str = "qwen2_vl", **extra: object) -> list[str]:
+    base = {
+        "model.base": f"tiny:{arch}", "data.train": catalog, "data.dev": catalog, "data.schema": catalog.parent / "schema.yaml",
+        "data.max_train_rows": "null", "data.max_dev_rows": "null", "train.output_dir": tmp / "out",
+        "train.batch_size": 4, "train.grad_accum": 1, "train.lr": 0.01, "lora.rank": 16, "lora.alpha": 32,
+        "train.save_every": 0, "train.log_every": 20, "eval.every": 0, "eval.generate_rows": 4, "eval.loss_rows": 4,
+        "eval.max_new_tokens": 64,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(autouse=True)
+def tiny_cache(tmp_path_factory, monkeypatch):
+    """`tiny:ARCH` checkpoints are built once per test session, in a temporary cache."""
+    cache = tmp_path_factory.getbasetemp() / "mmllm-cache"
+    monkeypatch.setenv("MMLLM_CACHE", str(cache))
+    return cache
+
+
+def test_lora_goes_on_the_language_model_only_by_default(tiny_checkpoint):
+    model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_5_vl")), dtype="float32"))
+    peft_model = attach_lora(model, LoraSettings(rank=4))
+    names = lora_module_names(peft_model)
+    suffixes = sorted({n.split("layers.")[1].split(".", 1)[1] for n in names})
+    assert suffixes == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                        "self_attn.q_proj", "self_attn.v_proj"]
+    assert len(names) == 7 * 2 and all(".language_model.layers." in n for n in names)
+    assert not any("visual" in n for n in names)  # Qwen2.5-VL's vision MLP reuses gate/up/down_proj names
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_vision_lora_and_merger_training_are_opt_in(tiny_checkpoint):
+    model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen3_vl")), dtype="float32"))
+    peft_model = attach_lora(model, LoraSettings(rank=4, vision=True, train_merger=True))
+    names = lora_module_names(peft_model)
+    assert any(".visual.blocks.0.attn.qkv" in n for n in names) and any(".visual.blocks.1.mlp.linear_fc2" in n for n in names)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("merger" in n and "lora_" not in n for n in trainable)
+    with pytest.raises(ValueError, match="matches no module"):
+        attach_lora(load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_vl")), dtype="float32")),
+                    LoraSettings(target=r".*no_such_layer"))
+
+
+def test_every_shipped_config_loads_and_says_how_to_run_it():
+    configs = sorted((ROOT / "finetune").glob("*.yaml"))
+    names = {p.name for p in configs}
+    assert {"tiny_cpu.yaml", "qwen2_5_vl_3b_lora.yaml", "qwen2_5_vl_3b_qlora.yaml", "qwen2_vl_2b_lora.yaml",
+            "qwen3_vl_4b_lora.yaml"} <= names
+    for path in configs:
+        cfg = load_config(FinetuneConfig, path)
+        head = path.read_text().split("\n", 1)[0]
+        assert head.startswith("#"), path
+        assert "mmllm.finetune --config finetune/" + path.name in path.read_text(), path
+        assert cfg.lora.target == LANGUAGE_LORA or cfg.lora.target
+    assert load_config(FinetuneConfig, ROOT / "finetune/qwen2_5_vl_3b_qlora.yaml").model.quantization == "4bit"
+
+
+def test_bad_config_exits_with_a_clear_message(capsys):
+    assert main(["--config", str(TINY), "train.lr=fast"]) == 2
+    assert "'train.lr' must be a number" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "--print-config"]) == 0
+    assert "lora.alpha" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_learns_exact_json_and_reloads_in_a_new_process(tmp_path, arch, tiny_cache):
+    catalog = write_catalog(tmp_path / "data", n=12, text_only_every=4)  # 3 of 12 listings have no image
+    cfg = load_config(FinetuneConfig, TINY, overrides(tmp_path, catalog, arch, **{"train.max_steps": 240}))
+    summary = finetune(cfg)
+    out = tmp_path / "out"
+    assert summary["steps"] == 240 and summary["json_valid"] == 1.0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "prompt_template.yaml", "label_schema.yaml",
+                 "config.yaml", "metrics.jsonl", "training_curves.png", "README.md", "mmllm_model.json",
+                 "tokenizer.json", "processor_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    meta = json.loads((out / "mmllm_model.json").read_text())
+    assert meta["kind"] == "generative-lora" and meta["template"] == "listing_v1"
+    result = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(catalog)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    exact = sum(r["exact"] for r in rows)
+    assert exact >= 0.9 * len(rows), rows
+    assert all(r["status"] == "ok" for r in rows if r["text_only"]) and sum(r["text_only"] for r in rows) == 3
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_kill_or_ctrl_c_gives_the_same_weights(tmp_path):
+    catalog = write_catalog(tmp_path / "data", n=12)
+    extra = {"train.max_steps": 60, "train.save_every": 5, "train.batch_size": 2, "train.grad_accum": 2,
+             "lora.dropout": 0.1, "augment.image_flip": 0.5, "augment.title_perturb": 0.3, "data.dev": "null"}
+    straight = tmp_path / "straight"
+    finetune(load_config(FinetuneConfig, TINY, overrides(straight, catalog, **extra)))
+    reference = _adapter(straight / "out")
+
+    for how in (signal.SIGKILL, signal.SIGINT):
+        run = tmp_path / f"run-{how.name}"
+        args = [sys.executable, "-m", "mmllm.finetune", "--config", str(TINY), *overrides(run, catalog, **extra)]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.time() + 240
+        while not list((run / "out" / "checkpoints").glob("step-00000005")) and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.02)
+        proc.send_signal(how)
+        code = proc.wait(timeout=120)
+        assert not (run / "out" / "adapter_model.safetensors").exists()
+        if how == signal.SIGINT:
+            assert code == 130  # checkpointed at the next step boundary, then stopped
+        steps_done = max(int(p.name.split("-")[1]) for p in (run / "out" / "checkpoints").glob("step-*"))
+        assert 5 <= steps_done < 60
+        finetune(load_config(FinetuneConfig, TINY, overrides(run, catalog, **extra, **{"train.resume": "true"})))
+        resumed = _adapter(run / "out")
+        assert resumed.keys() == reference.keys()
+        for name in reference:
+            assert torch.equal(resumed[name], reference[name]), (how.name, name)
+        steps = [json.loads(line)["step"] for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps[-1] == 60  # resumed metrics: no duplicates
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_together(tmp_path):
+    catalog = write_catalog(tmp_path / "data", n=8)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # `accelerate launch --cpu --num_processes 2` silently runs ONE process; torchrun with
+    # ACCELERATE_USE_CPU=1 gives a real two-process gloo group.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmllm.finetune",
+           "--config", str(TINY), *overrides(tmp_path, catalog, **{"train.max_steps": 4, "train.batch_size": 2,
+                                                                      "data.dev": "null"})]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "out" / "mmllm_model.json").read_text())
+    assert meta["training"]["distributed_type"] == "MULTI_CPU" and meta["training"]["num_processes"] == 2
+    assert len(list((tmp_path / "out").glob("adapter_model*.safetensors"))) == 1
+    assert "MULTI_CPU x 2 process(es)" in result.stdout
+
+
+@pytest.mark.slow
+def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_checkpoint):
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the 'qlora' extra)")
+    model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_vl")), quantization="4bit"))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all("language_model" in n for n in quantized)  # vision tower and lm_head skipped
+    catalog = write_catalog(tmp_path / "data", n=4)
+    cfg = load_config(FinetuneConfig, TINY, overrides(tmp_path, catalog, **{
+        "model.quantization": "4bit", "train.max_steps": 3, "data.dev": "null", "train.log_every": 1}))
+    summary = finetune(cfg)
+    assert summary["steps"] == 3
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert json.loads((tmp_path / "out" / "mmllm_model.json").read_text())["model"]["quantization"] == "4bit"
+    assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_merge_writes_a_standalone_model_that_answers_the_same(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from mmllm.catalog import load_listings
+    from mmllm.images import ImagePolicy
+    from mmllm.models.generative import load_model_dir
+
+    catalog = write_catalog(tmp_path / "data", n=4)
+    finetune(load_config(FinetuneConfig, TINY, overrides(tmp_path, catalog, **{"train.max_steps": 30, "data.dev": "null"})))
+    assert main(["merge", str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    AutoModelForImageTextToText.from_pretrained(merged_dir)  # plain transformers loads it
+    rows = load_listings(catalog)
+    policy = ImagePolicy(root=catalog.parent)
+    adapter_texts = load_model_dir(tmp_path / "out").generate(rows, policy)
+    merged_texts = load_model_dir(merged_dir).generate(rows, policy)
+    assert merged_texts == adapter_texts
