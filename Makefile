@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m mmllm catalog validate examples/drawn/catalog.jsonl --schema examples/toys_schema.yaml
 	$(PY) -m mmllm catalog stats examples/amazon_uk_toys/train.jsonl --schema examples/toys_schema.yaml
+	# smoke fine-tune: LoRA on a tiny random Qwen2-VL (about a minute on 2 cores; not a real model)
+	rm -rf runs/make-run/tiny_cpu
+	$(PY) -m mmllm.finetune --config finetune/tiny_cpu.yaml train.output_dir=runs/make-run/tiny_cpu
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -32,6 +35,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/catalog_stream.py
+	$(PY) benchmarks/train_step.py
 
 # Refresh the lock after changing dependencies in pyproject.toml.
 lock: $(STAMP)

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{key:<32} {help_text}  [default: {default}]")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # peft calls a transformers method that transformers 5 deprecates; harmless, and noisy
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     result = finetune(cfg)
     return 130 if result["interrupted"] else 0
 
@@ -114,7 +117,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     train_rows = load_training_rows(cfg.data.train, schema, cfg.data.max_train_rows)
     dev_rows = load_training_rows(cfg.data.dev, schema, cfg.data.max_dev_rows) if cfg.data.dev else []
     _say(accelerator, f"{len(train_rows)} training rows, {len(dev_rows)} dev rows; "
-                      f"{accelerator.distributed_type.name} x {accelerator.num_processes} process(es)")
+                      f"{_describe_launch(accelerator.distributed_type.name, accelerator.num_processes)}")
 
     processor = load_processor(cfg.model.base, cfg.model)
     model = load_base_model(cfg.model)
@@ -138,6 +141,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if dev_rows:
         final = evaluate(accelerator.unwrap_model(model), result.steps)
         summary.update(final)
+        _say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
         if accelerator.is_main_process:
             with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": result.steps, **final}) + "\n")
@@ -224,12 +228,13 @@ def write_report(out_dir: Path) -> None:
         f"# mmllm model: {meta['kind']} on `{meta['base_model']}`", "",
         f"Prompt template `{meta.get('template')}`, label schema `label_schema.yaml`, config `config.yaml`.",
         f"Trained {meta['training']['steps']} steps in {meta['training']['wall_s']} s "
-        f"({meta['training']['distributed_type']} x {meta['training']['num_processes']}).", "",
+        f"({_describe_launch(meta['training']['distributed_type'], meta['training']['num_processes'])}).", "",
         "| metric | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in last_eval.items() if k != "step"),
         *(f"| final train loss | {train[-1]['loss']} |" for _ in train[-1:]), "",
         "![training curves](training_curves.png)", "",
-        "Use it: `mmllm label DUMP --model THIS_FOLDER`; merge it: `python -m mmllm.finetune merge THIS_FOLDER OUT`.",
+        "Load it: `mmllm.models.generative.load_model_dir(THIS_FOLDER)`; "
+        "merge it into a standalone model: `python -m mmllm.finetune merge THIS_FOLDER OUT`.",
     ]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
@@ -330,6 +335,10 @@ def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def _describe_launch(distributed_type: str, processes: int) -> str:
+    return "single process" if processes == 1 else f"{distributed_type} x {processes} process(es)"
 
 
 def _say(accelerator: Any, text: str) -> None:

@@ -226,7 +226,7 @@ def train_loop(
             last = {
                 "step": step, "epoch": round(step / plan.steps_per_epoch, 3),
                 "loss": round(window["loss_sum"] / max(window["items"], 1.0), 5),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
                 "tokens_per_s": round(window["tokens"] * accelerator.num_processes / max(window["time"], 1e-9), 1),
                 "step_s": round(window["time"] / window["steps"], 4),
