@@ -110,19 +110,21 @@ def encode_prompts(
     listings: Sequence[Listing],
     schema: LabelSchema,
     template: PromptTemplate,
-    image_policy: ImagePolicy,
-    max_images: int = 4,
+    images: Sequence[Sequence[Image.Image]],
 ) -> dict[str, torch.Tensor]:
-    """Left-padded generation inputs (the conversation up to the assistant's turn)."""
-    texts, images = [], []
-    for listing in listings:
-        pictures = load_listing_images(listing, image_policy, max_images)
+    """Left-padded generation inputs (the conversation up to the assistant's turn).
+
+    ``images[i]`` are the already loaded pictures of ``listings[i]`` (see
+    :func:`load_listing_images`), so callers decide what a bad image means for them.
+    """
+    texts, flat = [], []
+    for listing, pictures in zip(listings, images):
         messages = build_messages(listing, schema, template, n_images=len(pictures))
         texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        images.extend(pictures)
+        flat.extend(pictures)
     # padding_side is not restored when a processor is reloaded; right padding would silently
     # corrupt batched generation, so it is passed on every call.
-    enc = processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+    enc = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
     return dict(enc)
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoProcessor
 
 from mmllm.catalog import load_listings
-from mmllm.collator import IGNORE_INDEX, TrainCollator, encode_prompts, set_pixel_budget
+from mmllm.collator import IGNORE_INDEX, TrainCollator, encode_prompts, load_listing_images, set_pixel_budget
 from mmllm.images import ImagePolicy
 from mmllm.prompts import PromptTemplate, target_text
 
@@ -56,7 +56,8 @@ def test_pixel_budget_bounds_image_tokens(tiny_checkpoint, catalog, tmp_path):
     counts = []
     for max_pixels in (56 * 56, 112 * 112):
         set_pixel_budget(processor, 28 * 28, max_pixels)
-        enc = encode_prompts(processor, [big], small_schema(), PromptTemplate.load("listing_v1"), ImagePolicy(root=path.parent))
+        images = [load_listing_images(big, ImagePolicy(root=path.parent), 4)]
+        enc = encode_prompts(processor, [big], small_schema(), PromptTemplate.load("listing_v1"), images)
         counts.append(int((enc["input_ids"] == image_pad).sum()))
     assert counts[0] <= 56 * 56 // (28 * 28) and counts[0] < counts[1] <= 112 * 112 // (28 * 28)
 
@@ -65,7 +66,8 @@ def test_generation_inputs_are_left_padded(tiny_checkpoint, catalog):
     path, rows = catalog
     processor = AutoProcessor.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
     processor.tokenizer.padding_side = "right"  # what a reload gives; encode_prompts must not care
-    enc = encode_prompts(processor, rows[:2], small_schema(), PromptTemplate.load("listing_v1"), ImagePolicy(root=path.parent))
+    images = [load_listing_images(r, ImagePolicy(root=path.parent), 4) for r in rows[:2]]
+    enc = encode_prompts(processor, rows[:2], small_schema(), PromptTemplate.load("listing_v1"), images)
     mask = enc["attention_mask"]
     assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from mmllm.catalog import Listing
-from mmllm.collator import encode_prompts, set_pixel_budget
+from mmllm.collator import encode_prompts, load_listing_images, set_pixel_budget
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
@@ -260,7 +260,11 @@ def merge_model_dir(folder: str | Path, out: str | Path) -> Path:
 # ---------------------------------------------------------------------- prediction
 @dataclass
 class GenerativePredictor:
-    """Greedy JSON generation for listings; every answer validated by the schema."""
+    """Greedy JSON generation for listings; every answer validated by the schema.
+
+    With ``constrained=True`` decoding follows the schema's grammar (:mod:`mmllm.constrained`),
+    so every answer validates; without it, invalid answers come back with the reason.
+    """
 
     model: Any
     processor: Any
@@ -269,36 +273,57 @@ class GenerativePredictor:
     max_images: int = 4
     max_new_tokens: int = 256
     batch_size: int = 4
+    constrained: bool = False
+    _grammar: Any = None
 
-    def generate(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[str]:
-        """Raw answer texts, in input order."""
-        texts: list[str] = []
+    def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+        """CPU work of a batch (prompts, tokens, pixels): safe to run in a worker thread."""
+        return encode_prompts(self.processor, listings, self.schema, self.template, [list(i)[: self.max_images] for i in images])
+
+    def generate_encoded(self, enc: dict[str, torch.Tensor]) -> list[str]:
+        """Decode one encoded batch; raw answer texts in batch order."""
         device = next(self.model.parameters()).device
         tokenizer = self.processor.tokenizer
+        enc = {k: v.to(device) for k, v in enc.items()}
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if self.constrained:
+            grammar = self._grammar_factory()
+            kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens), "logits_processor": [grammar.processor()]}
+        with torch.no_grad():
+            out = self.model.generate(**enc, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=_stop_ids(tokenizer), **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
+        return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def generate(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[str]:
+        """Raw answer texts, in input order (broken images are dropped with a warning)."""
+        texts: list[str] = []
         for start in range(0, len(listings), self.batch_size):
             chunk = listings[start:start + self.batch_size]
-            enc = encode_prompts(self.processor, chunk, self.schema, self.template, image_policy, self.max_images)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            with torch.no_grad():
-                out = self.model.generate(
-                    **enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer),
-                )
-            new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
-            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            images = [load_listing_images(listing, image_policy, self.max_images) for listing in chunk]
+            texts.extend(self.generate_encoded(self.encode(chunk, images)))
         return texts
 
     def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
         """One prediction record per listing: ``{"id", "category", "attributes", "status", ...}``."""
-        records = []
-        for listing, text in zip(listings, self.generate(listings, image_policy)):
-            result = self.schema.parse(text)
-            if result.ok:
-                records.append({"id": listing.id, **result.value, "status": "ok"})
-            else:
-                records.append({"id": listing.id, "category": None, "attributes": {}, "status": "invalid",
-                                "error": result.reason(), "raw": text})
-        return records
+        return [self.record(listing.id, text) for listing, text in zip(listings, self.generate(listings, image_policy))]
+
+    def record(self, listing_id: str, text: str) -> dict[str, Any]:
+        """A prediction record from raw answer text, validated by the schema."""
+        result = self.schema.parse(text)
+        if result.ok:
+            return {"id": listing_id, **result.value, "status": "ok"}
+        return {"id": listing_id, "category": None, "attributes": {}, "status": "invalid",
+                "error": result.reason(), "raw": text}
+
+    def _grammar_factory(self) -> Any:
+        if self._grammar is None:
+            from mmllm.constrained import GrammarFactory
+
+            tokenizer = self.processor.tokenizer
+            vocab = self.model.get_output_embeddings().weight.shape[0]  # padded past len(tokenizer)
+            self._grammar = GrammarFactory(self.schema, tokenizer, vocab, _stop_ids(tokenizer))
+        return self._grammar
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:
