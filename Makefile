@@ -7,7 +7,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= dev,qlora
+EXTRAS ?= dev,qlora,ray
 
 .PHONY: install run test test-fast bench lock clean
 

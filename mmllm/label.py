@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError
 from mmllm.images import ImageError, ImagePolicy, load_image
@@ -45,6 +45,7 @@ class LabelOptions:
     allow_remote: bool = False
     quiet: bool = False
     log_every_s: float = 30.0
+    log_every_rows: int = 1000
     roots: dict[str, Path] = field(default_factory=dict)  # dump file name -> its folder (image root)
 
     def policy(self, listing: Listing) -> ImagePolicy:
@@ -60,18 +61,30 @@ class Summary:
     failed: int = 0
     skipped: int = 0  # already done before --resume
     wall_s: float = 0.0
+    model_s: float = 0.0  # inside generate
+    prepare_s: float = 0.0  # images, prompts, tokens (in worker threads, overlapping the model)
     by_stage: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
         return self.ok + self.invalid + self.failed
 
+    def count(self, record: dict[str, Any]) -> None:
+        if record["status"] == "ok":
+            self.ok += 1
+        elif record["status"] == "invalid":
+            self.invalid += 1
+        else:
+            self.failed += 1
+            self.by_stage[record["stage"]] = self.by_stage.get(record["stage"], 0) + 1
+
     def line(self) -> str:
         rate = self.rows / self.wall_s if self.wall_s else 0.0
         stages = ", ".join(f"{k} {v}" for k, v in sorted(self.by_stage.items()))
         return (f"{self.rows:,} rows: {self.ok:,} ok, {self.invalid:,} invalid, {self.failed:,} failed"
                 f"{f' ({stages})' if stages else ''}; {rate:,.1f} rows/s, wall {self.wall_s:,.1f} s"
-                f"{f'; {self.skipped:,} already done' if self.skipped else ''}")
+                f"{f'; {self.skipped:,} already done' if self.skipped else ''}"
+                f"; model {self.model_s:,.1f} s, preparing {self.prepare_s:,.1f} s (in parallel)")
 
 
 # ---------------------------------------------------------------------- output
@@ -142,9 +155,14 @@ def error_record(row: Listing | RowError, stage: str, reason: str) -> dict[str, 
 
 
 # ---------------------------------------------------------------------- input
-def iter_rows(dumps: Sequence[Path], opts: LabelOptions, output: Output, summary: Summary,
-              position: dict[str, int] | None = None) -> Iterator[Listing | RowError]:
-    """Rows of all dumps for this shard, minus those already done; ``position`` gets bytes read."""
+def iter_rows(dumps: Sequence[Path], opts: LabelOptions, is_done: Callable[[Listing | RowError], bool],
+              summary: Summary | None = None, position: dict[str, int] | None = None,
+              part: tuple[int, int] = (0, 1)) -> Iterator[Listing | RowError]:
+    """Rows of all dumps for this shard (and part of it), minus those already done.
+
+    ``position`` gets the bytes read so far (for the ETA); ``part`` splits a shard further
+    between parallel readers (the Ray engine).
+    """
     index, taken, before = -1, 0, 0
     shard, shards = opts.shard
     for dump in dumps:
@@ -158,9 +176,14 @@ def iter_rows(dumps: Sequence[Path], opts: LabelOptions, output: Output, summary
             if opts.limit is not None and taken >= opts.limit:
                 return
             taken += 1
-            if opts.resume and output.is_done(row):
-                summary.skipped += 1
+            if (taken - 1) % part[1] != part[0]:
                 continue
+            if opts.resume and is_done(row):
+                if summary is not None:
+                    summary.skipped += 1
+                continue
+            if position is not None:
+                position["rows"] = position.get("rows", 0) + 1  # rows handed on, for the total estimate
             yield row
         before += dump.stat().st_size if dump.is_file() else 0
 
@@ -193,10 +216,12 @@ class Prepared:
     listings: list[Listing]
     encoded: Any
     errors: list[dict[str, Any]]
+    seconds: float = 0.0
 
 
 def prepare(predictor: Any, batch: list[Listing], opts: LabelOptions) -> Prepared:
     """Images (strict: a bad one fails its row), prompts and tokens: runs in a worker thread."""
+    started = time.perf_counter()
     ok, images, errors = [], [], []
     for listing in batch:
         try:
@@ -206,7 +231,7 @@ def prepare(predictor: Any, batch: list[Listing], opts: LabelOptions) -> Prepare
         except ImageError as exc:
             errors.append(error_record(listing, "image", str(exc)))
     encoded = predictor.encode(ok, images) if ok else None
-    return Prepared(ok, encoded, errors)
+    return Prepared(ok, encoded, errors, time.perf_counter() - started)
 
 
 def run_local(predictor: Any, dumps: Sequence[Path], output: Output, opts: LabelOptions) -> Summary:
@@ -214,23 +239,17 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Output, opts: Label
     started = time.perf_counter()
     text_dumps = all(p.is_file() and p.suffix in (".jsonl", ".csv", ".tsv", ".ndjson", ".json") for p in dumps)
     total_bytes = sum(p.stat().st_size for p in dumps) if text_dumps else None
-    progress = Progress("label", total_bytes=total_bytes, enabled=not opts.quiet, log_every_s=opts.log_every_s)
+    progress = Progress("label", total_bytes=total_bytes, enabled=not opts.quiet, log_every_s=opts.log_every_s,
+                        log_every_rows=opts.log_every_rows)
     position = {"bytes": 0}
 
     def emit(record: dict[str, Any]) -> None:
         output.write(record)
-        status = record["status"]
-        if status == "ok":
-            summary.ok += 1
-        elif status == "invalid":
-            summary.invalid += 1
-        else:
-            summary.failed += 1
-            summary.by_stage[record["stage"]] = summary.by_stage.get(record["stage"], 0) + 1
-        progress.update(1, bytes_done=position["bytes"] or None)
+        summary.count(record)
+        progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"))
 
     def good_rows() -> Iterator[Listing]:
-        for row in iter_rows(dumps, opts, output, summary, position):
+        for row in iter_rows(dumps, opts, output.is_done, summary, position):
             if isinstance(row, RowError):
                 emit(error_record(row, "read", row.message))
             else:
@@ -241,21 +260,27 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Output, opts: Label
         for batch in length_sorted_batches(good_rows(), opts.batch_size, opts.window):
             queue.append(pool.submit(prepare, predictor, batch, opts))
             while len(queue) > opts.workers + 1:  # keep the workers a little ahead of the model
-                _finish(predictor, queue.popleft().result(), emit, opts)
+                _finish(predictor, queue.popleft().result(), emit, opts, summary)
         while queue:
-            _finish(predictor, queue.popleft().result(), emit, opts)
+            _finish(predictor, queue.popleft().result(), emit, opts, summary)
     progress.close()
     summary.wall_s = time.perf_counter() - started
     return summary
 
 
-def _finish(predictor: Any, prepared: Prepared, emit, opts: LabelOptions) -> None:
+def _finish(predictor: Any, prepared: Prepared, emit: Callable[[dict], None], opts: LabelOptions,
+            summary: Summary | None = None) -> None:
+    """Generate for a prepared batch and emit one record per row (errors included)."""
     for record in prepared.errors:
         emit(record)
     if not prepared.listings:
         return
+    started = time.perf_counter()
     try:
         texts = predictor.generate_encoded(prepared.encoded)
+        if summary is not None:
+            summary.model_s += time.perf_counter() - started
+            summary.prepare_s += prepared.seconds
     except Exception as exc:  # one bad batch must not stop the job: retry its rows one by one
         if len(prepared.listings) == 1:
             emit(error_record(prepared.listings[0], "model", f"{type(exc).__name__}: {exc}"))
@@ -265,6 +290,13 @@ def _finish(predictor: Any, prepared: Prepared, emit, opts: LabelOptions) -> Non
         return
     for listing, text in zip(prepared.listings, texts):
         emit({**predictor.record(listing.id, text), "source": listing.source, "line": listing.line})
+
+
+def label_batch(predictor: Any, batch: list[Listing], opts: LabelOptions) -> list[dict[str, Any]]:
+    """Records for one batch, synchronously (the Ray engine's unit of work)."""
+    records: list[dict[str, Any]] = []
+    _finish(predictor, prepare(predictor, batch, opts), records.append, opts)
+    return records
 
 
 # ---------------------------------------------------------------------- models
@@ -323,17 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    predictor = load_predictor(args.model, schema=args.schema, template=args.template,
-                               constrained=not args.no_constrained, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                               trust_remote_code=args.trust_remote_code)
+    model_args = {"model": args.model, "schema": args.schema, "template": args.template,
+                  "constrained": not args.no_constrained, "max_new_tokens": args.max_new_tokens,
+                  "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+                  "trust_remote_code": args.trust_remote_code}
     try:
         if args.engine == "ray":
-            from mmllm.label_ray import run_ray
+            from mmllm.label_ray import RayOptions, run_ray
 
-            summary = run_ray(args, dumps, output, opts)
+            ray_opts = RayOptions(args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.ray_address)
+            summary = run_ray(model_args, dumps, output, opts, ray_opts)
         else:
-            summary = run_local(predictor, dumps, output, opts)
+            summary = run_local(load_predictor(**model_args), dumps, output, opts)
     except CatalogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -362,6 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-actors", type=int, default=2, help="--engine ray: model replicas")
     p.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="--engine ray: GPUs per replica (0 = CPU)")
     p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="--engine ray: CPUs per replica")
+    p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")
     p.add_argument("--template", help="prompt template (zero-shot with a base checkpoint only; default listing_v1)")

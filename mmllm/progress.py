@@ -1,7 +1,7 @@
 """Progress for long jobs: rows, rows/s and ETA.
 
 On a terminal it is a tqdm bar; in a log file (overnight batch jobs, CI) it is one plain line
-every ``log_every_s`` seconds, because a redrawn bar is unreadable there. When only the input's
+every ``log_every_s`` seconds or ``log_every_rows`` rows, because a redrawn bar is unreadable there. When only the input's
 size in bytes is known (a JSONL dump), the total row count is estimated from the bytes read so
 far, which gives an ETA without a first counting pass over the file.
 """
@@ -26,6 +26,7 @@ class Progress:
         total_bytes: int | None = None,
         stream: TextIO | None = None,
         log_every_s: float = 30.0,
+        log_every_rows: int | None = None,
         enabled: bool = True,
         unit: str = "rows",
     ) -> None:
@@ -37,7 +38,9 @@ class Progress:
         self.rows = 0
         self.start = time.perf_counter()
         self.log_every_s = log_every_s
+        self.log_every_rows = log_every_rows
         self._last_log = self.start
+        self._last_log_rows = 0
         self.enabled = enabled
         interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self._bar = (
@@ -46,17 +49,23 @@ class Progress:
             else None
         )
 
-    def update(self, rows: int = 1, *, bytes_done: int | None = None) -> None:
+    def update(self, rows: int = 1, *, bytes_done: int | None = None, rows_read: int | None = None) -> None:
+        """Count ``rows`` done; ``bytes_done`` / ``rows_read`` say how far the reader is (it may
+        run ahead of the rows done, e.g. by a batch window), for the total-row estimate."""
         self.rows += rows
         if self.total_rows is None and self.total_bytes and bytes_done:
-            estimate = max(self.rows, round(self.rows * self.total_bytes / bytes_done))
+            read = rows_read or self.rows
+            estimate = max(self.rows, round(read * self.total_bytes / bytes_done))
             if self._bar is not None and estimate != self._bar.total:
                 self._bar.total = estimate
             self._estimated_total = estimate
         if self._bar is not None:
             self._bar.update(rows)
-        elif self.enabled and time.perf_counter() - self._last_log >= self.log_every_s:
-            self._last_log = time.perf_counter()
+        elif self.enabled and (
+            time.perf_counter() - self._last_log >= self.log_every_s
+            or (self.log_every_rows and self.rows - self._last_log_rows >= self.log_every_rows)
+        ):
+            self._last_log, self._last_log_rows = time.perf_counter(), self.rows
             print(self.line(), file=self.stream, flush=True)
 
     @property

@@ -1,0 +1,239 @@
+"""Labelling throughput: batching, constrained-decoding overhead, pipeline cost, memory.
+
+CPU mode (default), a tiny random Qwen2-VL (``tiny:qwen2_vl``) zero-shot with the toy schema:
+
+* rows/s at batch 1, 8 and 32 on the same rows (constrained decoding, as shipped), with the
+  compact template of fine-tuned models and with the zero-shot template that carries the
+  whole taxonomy (its long prompt makes prefill, not decoding, the cost);
+* constrained vs unconstrained decoding: time per decoding step (the answers differ in length,
+  so per-step time is the fair comparison);
+* time per row outside the model: reading, images, prompt, tokens (worker threads) and
+  parsing, validation and writing (main thread), from the job's own timers;
+* peak memory labelling 1k vs 50k rows (a short prompt and one new token, so the pipeline and
+  not the model dominates; each size in a fresh process).
+
+GPU mode (``--gpu``): a real-size Qwen2-VL-2B built from its config with random weights, rows/s
+at batch 1 / 8 / 32, constrained.
+
+    python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
+    python benchmarks/label_throughput.py --gpu
+
+Prints a table and writes benchmarks/results/label_throughput[_gpu].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_dump(folder: Path, rows: int, with_images: bool) -> Path:
+    """Real listing text (the Amazon examples, cycled) and drawn pictures on every third row."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = [json.loads(line) for line in (ROOT / "examples/amazon_uk_toys/dev.jsonl").read_text().splitlines()]
+    if with_images:
+        (folder / "img").mkdir(exist_ok=True)
+        for k in range(8):
+            image = Image.new("RGB", (320, 320), "white")
+            ImageDraw.Draw(image).ellipse([40 + k * 5, 60, 280, 260], fill=(30 * k, 120, 200 - 20 * k))
+            image.save(folder / "img" / f"{k}.png")
+    with open(folder / "dump.jsonl", "w", encoding="utf-8") as f:
+        for i in range(rows):
+            row = dict(source[i % len(source)], id=f"row-{i}")
+            row.pop("label", None)
+            row["images"] = [f"img/{i % 8}.png"] if with_images and i % 3 == 0 else []
+            f.write(json.dumps(row) + "\n")
+    return folder / "dump.jsonl"
+
+
+def load(model: str, schema: Path, constrained: bool, batch: int, max_new_tokens: int, template: str | None = None):
+    from mmllm.label import load_predictor
+
+    return load_predictor(model, schema=str(schema), template=template, constrained=constrained,
+                          max_new_tokens=max_new_tokens, batch_size=batch, min_pixels=None, max_pixels=None)
+
+
+def run_job(predictor, dump: Path, batch: int, out: Path):
+    from mmllm.label import LabelOptions, Output, run_local
+
+    out.unlink(missing_ok=True)
+    output = Output(out, None, resume=False)
+    try:
+        summary = run_local(predictor, [dump], output, LabelOptions(batch_size=batch, quiet=True,
+                                                                    roots={dump.name: dump.parent.resolve()}))
+    finally:
+        output.close()
+    return summary
+
+
+def decode_steps(predictor, dump: Path, batch: int, tmp: Path) -> tuple[float, int]:
+    """(seconds inside generate, decoding steps) for labelling ``dump``; steps counted by a hook."""
+    steps = {"n": 0}
+    original = predictor.model.generate
+
+    def counting_generate(*args, **kwargs):
+        out = original(*args, **kwargs)
+        steps["n"] += out.shape[1] - kwargs["input_ids"].shape[1]
+        return out
+
+    predictor.model.generate = counting_generate
+    try:
+        summary = run_job(predictor, dump, batch, tmp / "steps.jsonl")
+    finally:
+        predictor.model.generate = original
+    return summary.model_s, steps["n"]
+
+
+MEMORY_CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+from mmllm.label import main
+code = main([{dump!r}, "--model", "tiny:qwen2_vl", "--schema", {schema!r}, "--template", {template!r}, "--out", {out!r},
+             "--batch-size", "32", "--no-constrained", "--max-new-tokens", "1", "--quiet"])
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(json.dumps({{"peak_mib": int(line.split()[1]) / 1024, "code": code}}))
+"""
+
+
+def memory_run(tmp: Path, rows: int, schema: Path, template: Path) -> dict:
+    dump = make_dump(tmp / f"mem{rows}", rows, with_images=False)
+    out = tmp / f"mem{rows}.jsonl"
+    code = MEMORY_CHILD.format(root=str(ROOT), dump=str(dump), schema=str(schema), template=str(template), out=str(out))
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    lines = sum(1 for _ in open(out))
+    return {"rows": rows, "lines": lines, "peak_mib": round(peak, 1), "rows_per_s": round(rows / wall, 1)}
+
+
+def cpu(args: argparse.Namespace) -> dict:
+    schema = ROOT / "examples/toys_schema.yaml"
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        for template in ("listing_compact_v1", "listing_v1"):
+            batches = []
+            predictor = load("tiny:qwen2_vl", schema, True, 1, 256, template=template)
+            run_job(predictor, dump, 8, tmp / "warm.jsonl")  # compile the grammar, warm the caches
+            for batch in (1, 8, 32):
+                predictor.batch_size = batch
+                summary = run_job(predictor, dump, batch, tmp / f"b{batch}.jsonl")
+                outside = (summary.wall_s - summary.model_s) / summary.rows * 1000
+                batches.append({"template": template, "batch": batch, "rows": summary.rows, "ok": summary.ok,
+                                "rows_per_s": round(summary.rows / summary.wall_s, 2), "model_s": round(summary.model_s, 2),
+                                "main_thread_outside_model_ms_per_row": round(outside, 2),
+                                "prepare_ms_per_row": round(summary.prepare_s / summary.rows * 1000, 2)})
+            results.setdefault("batching", []).extend(batches)
+            results[f"speedup_32_vs_1/{template}"] = round(batches[2]["rows_per_s"] / batches[0]["rows_per_s"], 2)
+
+        predictor = load("tiny:qwen2_vl", schema, True, 8, 256, template="listing_compact_v1")
+        constrained_s, constrained_steps = decode_steps(predictor, dump, 8, tmp)
+        predictor.constrained = False
+        predictor.max_new_tokens = 96
+        free_s, free_steps = decode_steps(predictor, dump, 8, tmp)
+        per_step_c = constrained_s / max(constrained_steps, 1) * 1000
+        per_step_f = free_s / max(free_steps, 1) * 1000
+        results["constrained"] = {"constrained_ms_per_step": round(per_step_c, 3), "unconstrained_ms_per_step": round(per_step_f, 3),
+                                  "overhead": round(per_step_c / per_step_f - 1, 3),
+                                  "constrained_steps": constrained_steps, "unconstrained_steps": free_steps}
+
+        template = tmp / "short.yaml"
+        template.write_text("version: short\nsystem: Label the listing as JSON.\nuser: 'Title: $title'\nbudget: {schema: none}\n")
+        results["memory"] = [memory_run(tmp, n, schema, template) for n in args.memory_rows]
+    return results
+
+
+def gpu(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(HERE))
+    from train_step import build_config
+    from transformers import AutoModelForImageTextToText
+
+    schema = ROOT / "examples/toys_schema.yaml"
+    results: dict = {"batching": []}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
+        tmp = Path(tmp_name)
+        # the random-weight model takes the tiny checkpoint's tokenizer and processor: the
+        # real vocabulary is not downloadable here, and speed depends on shapes, not on words
+        from mmllm.models.generative import resolve_base
+
+        tiny = Path(resolve_base("tiny:qwen2_vl"))
+        config = build_config("qwen2_vl_2b")
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            setattr(config, key, json.loads((tiny / "config.json").read_text())[key])
+        with torch.device("cuda"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(tmp / "model")
+        for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+            if (tiny / name).exists():
+                (tmp / "model" / name).write_bytes((tiny / name).read_bytes())
+        del model
+        dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        predictor = load(str(tmp / "model"), schema, True, 1, 256)
+        from mmllm.collator import set_pixel_budget
+
+        set_pixel_budget(predictor.processor, 128 * 28 * 28, 448 * 448)  # real photos: up to 256 image tokens
+        for batch in (1, 8, 32):
+            predictor.batch_size = batch
+            summary = run_job(predictor, dump, batch, tmp / f"b{batch}.jsonl")
+            results["batching"].append({"batch": batch, "rows": summary.rows, "rows_per_s": round(summary.rows / summary.wall_s, 2),
+                                        "model_s": round(summary.model_s, 2)})
+        results["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--rows", type=int, default=64, help="rows for the batching and decoding comparisons")
+    parser.add_argument("--memory-rows", type=int, nargs="+", default=[1000, 50000])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    results = gpu(args) if args.gpu else cpu(args)
+    device = torch.cuda.get_device_name(0) if args.gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    print(f"\n{device}, torch {torch.__version__}")
+    print(f"{'template':<19} {'batch':>5} {'rows':>5} {'rows/s':>8} {'model s':>8}"
+          + ("" if args.gpu else f" {'outside-model ms/row':>21} {'prepare ms/row':>15}"))
+    for b in results["batching"]:
+        extra = "" if args.gpu else f" {b['main_thread_outside_model_ms_per_row']:>21} {b['prepare_ms_per_row']:>15}"
+        print(f"{b.get('template', 'listing_v1'):<19} {b['batch']:>5} {b['rows']:>5} {b['rows_per_s']:>8} {b['model_s']:>8}{extra}")
+    if not args.gpu:
+        c = results["constrained"]
+        for key, value in results.items():
+            if key.startswith("speedup"):
+                print(f"speed-up batch 32 vs 1 ({key.split('/')[1]}): {value}x")
+        print(f"decoding step: constrained {c['constrained_ms_per_step']} ms, unconstrained {c['unconstrained_ms_per_step']} ms "
+              f"-> overhead {c['overhead']:+.1%}")
+        print("memory: " + ", ".join(f"{m['rows']:,} rows -> peak {m['peak_mib']} MiB ({m['rows_per_s']} rows/s, {m['lines']:,} lines)"
+                                     for m in results["memory"]))
+    out = args.out or HERE / "results" / ("label_throughput_gpu.json" if args.gpu else "label_throughput.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "label_throughput", "date": time.strftime("%Y-%m-%d"), "device": device,
+                               "torch": torch.__version__, **results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``mmllm label --engine ray``: the same labelling as a Ray Data pipeline, one model per actor.
+
+Read tasks stream the dumps with mmllm's own reader (each takes every P-th row of the shard),
+``map_batches`` runs one :class:`LabelActor` per model replica (CPUs or GPUs per actor are
+options), and the driver writes every record through the same :class:`~mmllm.label.Output`
+as the local engine: same format, same one-line-per-row guarantee, same ``--resume``.
+Connect to a cluster with ``--ray-address``; without it a local Ray instance is started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmllm.catalog import Listing, RowError
+from mmllm.label import LabelOptions, Output, Summary, error_record, iter_rows, label_batch, load_predictor
+from mmllm.progress import Progress
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    address: str | None = None
+
+
+class LabelActor:
+    """One model replica; turns a batch of payloads into one record each."""
+
+    def __init__(self, model_args: dict[str, Any], opts: LabelOptions) -> None:
+        self.predictor = load_predictor(**model_args)
+        self.opts = opts
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        records, listings = [], []
+        for payload in batch["payload"]:
+            item = json.loads(payload)
+            if "record" in item:  # a bad row, already an error record
+                records.append(item["record"])
+            else:
+                listings.append(Listing(**{**item["listing"], "images": tuple(item["listing"]["images"])}))
+        if listings:
+            records += label_batch(self.predictor, listings, self.opts)
+        return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def _read_part(item: dict[str, Any], dumps: list[str], opts: LabelOptions, done: Any) -> list[dict[str, str]]:
+    done_ids, done_positions = done if done is not None else (set(), set())
+
+    def is_done(row: Listing | RowError) -> bool:
+        return (row.source, row.line) in done_positions or (isinstance(row, Listing) and row.id in done_ids)
+
+    out = []
+    for row in iter_rows([Path(d) for d in dumps], opts, is_done, part=(item["part"], item["parts"])):
+        if isinstance(row, RowError):
+            out.append({"payload": json.dumps({"record": error_record(row, "read", row.message)})})
+        else:
+            listing = {**row.to_dict(), "source": row.source, "line": row.line}
+            out.append({"payload": json.dumps({"listing": listing}, ensure_ascii=False)})
+    return out
+
+
+def run_ray(model_args: dict[str, Any], dumps: Sequence[Path], output: Output, opts: LabelOptions,
+            ray_opts: RayOptions) -> Summary:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under the home folder
+    temp_dir = None
+    if ray_opts.address is None:
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+        logical_cpus = int(ray_opts.actors * ray_opts.cpus_per_actor) + 2  # actors + the read tasks
+        ray.init(num_cpus=logical_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+                 ignore_reinit_error=True)
+    else:
+        ray.init(address=ray_opts.address, ignore_reinit_error=True)
+    summary = Summary(skipped=len(output.done_positions) if opts.resume else 0)
+    started = time.perf_counter()
+    progress = Progress("label (ray)", enabled=not opts.quiet, log_every_s=opts.log_every_s,
+                        log_every_rows=opts.log_every_rows)
+    try:
+        done = (output.done_ids, output.done_positions) if opts.resume else None
+        parts = max(1, ray_opts.actors)
+        ds = ray.data.from_items([{"part": k, "parts": parts} for k in range(parts)], override_num_blocks=parts)
+        ds = ds.flat_map(_read_part, fn_kwargs={"dumps": [str(d) for d in dumps], "opts": opts, "done": done})
+        ds = ds.map_batches(
+            LabelActor, fn_constructor_kwargs={"model_args": model_args, "opts": opts}, batch_size=opts.batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ray_opts.actors),
+            num_cpus=ray_opts.cpus_per_actor, num_gpus=ray_opts.gpus_per_actor,
+        )
+        for row in ds.iter_rows():
+            record = json.loads(row["record"])
+            output.write(record)
+            summary.count(record)
+            progress.update(1)
+    finally:
+        progress.close()
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    summary.wall_s = time.perf_counter() - started
+    return summary
