@@ -510,9 +510,12 @@ class _SeenIds:
         keys, lines = self.keys, self.lines
         self.keys = np.zeros(len(keys) * 2, dtype=np.uint64)
         self.lines = np.zeros(len(keys) * 2, dtype=np.int64)
-        for key, line in zip(keys[keys != 0].tolist(), lines[keys != 0].tolist()):
-            slot = self._slot(key)
-            self.keys[slot], self.lines[slot] = key, line
+        for start in range(0, len(keys), 1 << 14):  # in chunks: a full .tolist() would double the peak
+            chunk_keys, chunk_lines = keys[start:start + (1 << 14)], lines[start:start + (1 << 14)]
+            used = chunk_keys != 0
+            for key, line in zip(chunk_keys[used].tolist(), chunk_lines[used].tolist()):
+                slot = self._slot(key)
+                self.keys[slot], self.lines[slot] = key, line
 
 
 

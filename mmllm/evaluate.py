@@ -1,0 +1,432 @@
+"""Evaluate predictions against gold labels: metrics with confidence intervals, and a report.
+
+    python -m mmllm.evaluate --pred labels.jsonl --gold dev.jsonl --report reports/dev [--schema S.yaml]
+        [--model MODEL_DIR] [--compare other_labels.jsonl] [--tolerance 0.5]
+
+Category: accuracy, macro-F1, weighted-F1, accuracy per taxonomy level, hierarchical F1 (credit
+for the shared prefix of the ``" > "`` path: precision / recall over the path's ancestor sets,
+Kiritchenko et al. 2006), top-k accuracy when predictions carry ranked ``top_k`` categories.
+Attributes: per attribute precision, recall and F1 (numbers match within ``--tolerance``),
+coverage (the model states a value where the gold has one) and invention (it states one where
+the gold has none). JSON validity, error rows and rows missing from the predictions. Headline
+numbers get seeded bootstrap 95% intervals; ``--compare`` bootstraps the paired difference.
+
+The report folder gets ``report.md``, ``metrics.json`` and PNG plots: the confusion matrix of the
+most frequent categories, per-class F1, a reliability diagram when predictions carry
+probabilities, and the training curves when ``--model`` points at a model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmllm.catalog import CatalogReader, Listing, RowError
+from mmllm.schema import SEPARATOR, LabelSchema
+
+HEADLINE = ("category_accuracy", "category_macro_f1", "hierarchical_f1", "attribute_micro_f1", "json_valid_rate")
+
+
+@dataclass
+class Rows:
+    """Gold and predictions aligned by id; a missing or failed prediction predicts nothing."""
+
+    ids: list[str]
+    titles: list[str]
+    gold_category: list[str | None]
+    pred_category: list[str | None]
+    gold_attributes: list[dict[str, Any]]
+    pred_attributes: list[dict[str, Any]]
+    status: list[str]  # ok / invalid / error / missing
+    top_k: list[list[str]]
+    confidence: list[float | None]
+    extra_predictions: int = 0
+    gold_errors: list[str] = field(default_factory=list)
+
+
+def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Rows:
+    preds: dict[str, dict[str, Any]] = {}
+    with open(pred_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{pred_path} line {number}: not valid JSON ({exc.msg})") from None
+            if record.get("id") is not None:
+                preds[str(record["id"])] = record
+    rows = Rows([], [], [], [], [], [], [], [], [])
+    seen = set()
+    for row in CatalogReader(gold_source):
+        if isinstance(row, RowError):
+            rows.gold_errors.append(str(row))
+            continue
+        if row.label is None:
+            continue
+        seen.add(row.id)
+        gold = _normalize(row.label, schema)
+        record = preds.get(row.id)
+        status = "missing" if record is None else record.get("status", "ok")
+        pred = _normalize(record, schema) if record is not None and status == "ok" else {"category": None, "attributes": {}}
+        rows.ids.append(row.id)
+        rows.titles.append(row.title)
+        rows.gold_category.append(gold["category"])
+        rows.pred_category.append(pred["category"])
+        rows.gold_attributes.append({k: v for k, v in gold["attributes"].items() if v is not None})
+        rows.pred_attributes.append({k: v for k, v in pred["attributes"].items() if v is not None})
+        rows.status.append(status)
+        ranked = [c["category"] if isinstance(c, dict) else c for c in (record or {}).get("top_k", [])]
+        rows.top_k.append(ranked)
+        rows.confidence.append((record or {}).get("confidence") if status == "ok" else None)
+    rows.extra_predictions = len(set(preds) - seen)
+    if not rows.ids:
+        raise ValueError(f"{gold_source}: no labelled rows to evaluate against")
+    return rows
+
+
+def _normalize(label: dict[str, Any], schema: LabelSchema | None) -> dict[str, Any]:
+    """Through the schema when given (same spelling as predictions), else as written."""
+    answer = {"category": label.get("category"), "attributes": label.get("attributes") or {}}
+    if schema is not None:
+        result = schema.validate(answer, require_category=False)
+        if result.ok:
+            return result.value
+    return answer
+
+
+# ---------------------------------------------------------------------- metrics
+def category_metrics(gold: Sequence[str | None], pred: Sequence[str | None]) -> dict[str, Any]:
+    pairs = [(g, p) for g, p in zip(gold, pred) if g is not None]
+    correct = [g == p for g, p in pairs]
+    classes = sorted({g for g, _ in pairs} | {p for _, p in pairs if p is not None})
+    tps = Counter(g for g, p in pairs if g == p)
+    fps = Counter(p for g, p in pairs if p is not None and g != p)
+    fns = Counter(g for g, p in pairs if g != p)
+    per_class = {}
+    for c in classes:  # counted once above: the bootstrap calls this a thousand times
+        tp, fp, fn = tps[c], fps[c], fns[c]
+        per_class[c] = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _f1(tp, fp, fn),
+                        "support": tp + fn}
+    support = sum(v["support"] for v in per_class.values())
+    levels = max(len(g.split(SEPARATOR)) for g, _ in pairs)
+    per_level = {}
+    for level in range(1, levels + 1):
+        at = [(g, p) for g, p in pairs if len(g.split(SEPARATOR)) >= level]
+        per_level[level] = _ratio(sum(_prefix(g, level) == _prefix(p, level) for g, p in at if p), len(at))
+    return {
+        "accuracy": _ratio(sum(correct), len(pairs)),
+        "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])) if per_class else 0.0,
+        "weighted_f1": sum(v["f1"] * v["support"] for v in per_class.values()) / support if support else 0.0,
+        "per_level_accuracy": per_level,
+        "hierarchical": hierarchical_prf(gold, pred),
+        "per_class": per_class,
+    }
+
+
+def hierarchical_prf(gold: Sequence[str | None], pred: Sequence[str | None]) -> dict[str, float]:
+    """Precision / recall / F1 over ancestor sets: "A > B" vs "A > C" shares {"A"} (1 of 2)."""
+    shared = predicted = relevant = 0
+    for g, p in zip(gold, pred):
+        if g is None:
+            continue
+        g_set, p_set = _ancestors(g), _ancestors(p) if p else set()
+        shared += len(g_set & p_set)
+        predicted += len(p_set)
+        relevant += len(g_set)
+    precision, recall = _ratio(shared, predicted), _ratio(shared, relevant)
+    return {"precision": precision, "recall": recall, "f1": _harmonic(precision, recall)}
+
+
+def top_k_accuracy(gold: Sequence[str | None], ranked: Sequence[list[str]], k: int) -> float | None:
+    rows = [(g, r) for g, r in zip(gold, ranked) if g is not None]
+    if not any(r for _, r in rows):
+        return None
+    return _ratio(sum(g in r[:k] for g, r in rows), len(rows))
+
+
+def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    total = Counter()
+    for name in names:
+        c = Counter()
+        for g_attrs, p_attrs in zip(gold, pred):
+            g, p = g_attrs.get(name), p_attrs.get(name)
+            if g is not None and p is not None and values_match(p, g, tolerance):
+                c["tp"] += 1
+            else:
+                c["fp"] += p is not None
+                c["fn"] += g is not None
+            c["gold"] += g is not None
+            c["stated"] += g is not None and p is not None
+            c["gold_absent"] += g is None
+            c["invented"] += g is None and p is not None
+        total.update(c)
+        out[name] = {"precision": _ratio(c["tp"], c["tp"] + c["fp"]), "recall": _ratio(c["tp"], c["tp"] + c["fn"]),
+                     "f1": _f1(c["tp"], c["fp"], c["fn"]), "coverage": _ratio(c["stated"], c["gold"]),
+                     "invented": _ratio(c["invented"], c["gold_absent"]), "gold_values": c["gold"]}
+    return {"per_attribute": out, "micro_f1": _f1(total["tp"], total["fp"], total["fn"]),
+            "micro_precision": _ratio(total["tp"], total["tp"] + total["fp"]),
+            "micro_recall": _ratio(total["tp"], total["tp"] + total["fn"])}
+
+
+def values_match(pred: Any, gold: Any, tolerance: float = 0.0) -> bool:
+    if isinstance(gold, bool) or isinstance(pred, bool):
+        return pred is gold
+    if isinstance(gold, (int, float)) and isinstance(pred, (int, float)):
+        return abs(pred - gold) <= tolerance
+    if isinstance(gold, list) and isinstance(pred, list):
+        return {str(v).casefold() for v in pred} == {str(v).casefold() for v in gold}
+    return str(pred).strip().casefold() == str(gold).strip().casefold()
+
+
+def evaluate_rows(rows: Rows, attribute_names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    category = category_metrics(rows.gold_category, rows.pred_category)
+    attributes = attribute_metrics(rows.gold_attributes, rows.pred_attributes, attribute_names, tolerance)
+    status = Counter(rows.status)
+    predicted = len(rows.status) - status["missing"]
+    return {
+        "rows": len(rows.ids),
+        "category_accuracy": category["accuracy"], "category_macro_f1": category["macro_f1"],
+        "category_weighted_f1": category["weighted_f1"], "hierarchical_f1": category["hierarchical"]["f1"],
+        "attribute_micro_f1": attributes["micro_f1"],
+        "json_valid_rate": _ratio(status["ok"], predicted),
+        "error_rows": status["error"], "invalid_rows": status["invalid"], "missing_rows": status["missing"],
+        "extra_predictions": rows.extra_predictions,
+        "top_k_accuracy": {k: top_k_accuracy(rows.gold_category, rows.top_k, k) for k in (1, 3, 5)},
+        "category": category, "attributes": attributes,
+    }
+
+
+def bootstrap(rows: Rows, attribute_names: Sequence[str], tolerance: float, *, samples: int = 1000, seed: int = 0,
+              other: Rows | None = None) -> dict[str, Any]:
+    """Seeded percentile bootstrap over rows for the headline metrics (paired when ``other`` is given)."""
+    rng = np.random.default_rng(seed)
+    n = len(rows.ids)
+    draws: dict[str, list[float]] = {k: [] for k in HEADLINE}
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        a = evaluate_rows(_subset(rows, idx), attribute_names, tolerance)
+        b = evaluate_rows(_subset(other, idx), attribute_names, tolerance) if other is not None else None
+        for key in HEADLINE:
+            draws[key].append(a[key] - (b[key] if b else 0.0))
+    return {key: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for key, v in draws.items()}
+
+
+def _subset(rows: Rows, idx: np.ndarray) -> Rows:
+    pick = idx.tolist()
+    return Rows(*[[getattr(rows, name)[i] for i in pick] for name in
+                  ("ids", "titles", "gold_category", "pred_category", "gold_attributes", "pred_attributes",
+                   "status", "top_k", "confidence")], extra_predictions=rows.extra_predictions)
+
+
+# ---------------------------------------------------------------------- report
+def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], rows: Rows,
+                 model_dir: Path | None, comparison: dict[str, Any] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_confusion(rows, out / "confusion_matrix.png"), plot_per_class_f1(metrics, out / "per_class_f1.png")]
+    if any(c is not None for c in rows.confidence):
+        plots.append(plot_calibration(rows, out / "calibration.png"))
+    if model_dir is not None and (Path(model_dir) / "training_curves.png").exists():
+        shutil.copyfile(Path(model_dir) / "training_curves.png", out / "training_curves.png")
+        plots.append("training_curves.png")
+    lines = ["# Evaluation report", "", f"{metrics['rows']} labelled rows; {metrics['missing_rows']} missing from the "
+             f"predictions, {metrics['error_rows']} error rows, {metrics['invalid_rows']} invalid answers, "
+             f"{metrics['extra_predictions']} predictions for ids not in the gold file.", "",
+             "| metric | value | 95% CI |", "|---|---|---|"]
+    for key in HEADLINE:
+        lo, hi = intervals[key]
+        lines.append(f"| {key} | {metrics[key]:.4f} | [{lo:.4f}, {hi:.4f}] |")
+    lines.append(f"| category_weighted_f1 | {metrics['category_weighted_f1']:.4f} | |")
+    for k, v in metrics["top_k_accuracy"].items():
+        if v is not None:
+            lines.append(f"| top-{k} accuracy | {v:.4f} | |")
+    if comparison:
+        lines += ["", f"## Comparison with `{comparison['other']}`", "", "| metric | this | other | difference | 95% CI of difference | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for key in HEADLINE:
+            lo, hi = comparison["intervals"][key]
+            diff = metrics[key] - comparison["metrics"][key]
+            verdict = "this is better" if lo > 0 else "other is better" if hi < 0 else "no clear difference"
+            lines.append(f"| {key} | {metrics[key]:.4f} | {comparison['metrics'][key]:.4f} | {diff:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
+    levels = metrics["category"]["per_level_accuracy"]
+    lines += ["", "## Category accuracy per taxonomy level", "", "| level | accuracy |", "|---|---|",
+              *(f"| {level} | {acc:.4f} |" for level, acc in levels.items())]
+    lines += ["", "## Attributes", "", "| attribute | precision | recall | F1 | coverage | invented | gold values |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in metrics["attributes"]["per_attribute"].items():
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['coverage']:.3f} | "
+                     f"{m['invented']:.3f} | {m['gold_values']} |")
+    lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
+    lines += ["", "## The 20 worst errors", "", "| id | title | gold | predicted | status |", "|---|---|---|---|---|"]
+    for i in worst_errors(rows, 20):
+        title = rows.titles[i].replace("|", "/")[:70]
+        lines.append(f"| {rows.ids[i]} | {title} | {rows.gold_category[i]} | {rows.pred_category[i]} | {rows.status[i]} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "intervals": intervals,
+                                                  "comparison": comparison}, indent=2, default=str))
+
+
+def worst_errors(rows: Rows, n: int) -> list[int]:
+    """Wrong categories, the most confident first, then those sharing the least of the path."""
+    wrong = [i for i, (g, p) in enumerate(zip(rows.gold_category, rows.pred_category)) if g is not None and g != p]
+
+    def badness(i: int) -> tuple[float, float]:
+        shared = len(_ancestors(rows.gold_category[i]) & (_ancestors(rows.pred_category[i]) if rows.pred_category[i] else set()))
+        return (-(rows.confidence[i] or 0.0), shared)
+
+    return sorted(wrong, key=badness)[:n]
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(figsize=(width, height), dpi=100)
+
+
+def plot_confusion(rows: Rows, path: Path, top: int = 15) -> str:
+    gold = [g for g in rows.gold_category if g is not None]
+    labels = [c for c, _ in Counter(gold).most_common(top)]
+    index = {c: i for i, c in enumerate(labels)}
+    other = len(labels)
+    matrix = np.zeros((len(labels), len(labels) + 1))
+    for g, p in zip(rows.gold_category, rows.pred_category):
+        if g in index:
+            matrix[index[g], index.get(p, other)] += 1
+    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    plt, (fig, ax) = _figure(12, 10)
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels) + 1), [_short(c) for c in labels] + ["(other / none)"], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), [_short(c) for c in labels], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"Confusion matrix, {len(labels)} most frequent gold categories (row-normalized)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def plot_per_class_f1(metrics: dict[str, Any], path: Path, top: int = 30) -> str:
+    per_class = metrics["category"]["per_class"]
+    classes = sorted(per_class, key=lambda c: -per_class[c]["support"])[:top][::-1]
+    plt, (fig, ax) = _figure(10, 9)
+    ax.barh(range(len(classes)), [per_class[c]["f1"] for c in classes], color="#4c72b0")
+    ax.set_yticks(range(len(classes)), [f"{_short(c)} (n={per_class[c]['support']})" for c in classes], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1")
+    ax.set_title(f"Per-class F1, {len(classes)} largest categories")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def plot_calibration(rows: Rows, path: Path, bins: int = 10) -> str:
+    pairs = [(c, g == p) for c, g, p in zip(rows.confidence, rows.gold_category, rows.pred_category)
+             if c is not None and g is not None]
+    conf = np.array([c for c, _ in pairs])
+    hit = np.array([h for _, h in pairs], dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+    centers, accuracy, counts = [], [], []
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            centers.append(conf[mask].mean())
+            accuracy.append(hit[mask].mean())
+            counts.append(int(mask.sum()))
+    ece = sum(n * abs(a - c) for n, a, c in zip(counts, accuracy, centers)) / max(len(conf), 1)
+    plt, (fig, ax) = _figure(6, 6)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(centers, accuracy, "o-", label=f"model (ECE {ece:.3f})")
+    ax.set_xlabel("confidence of the predicted category")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    ax.set_title("Reliability diagram")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _short(category: str, width: int = 45) -> str:
+    return category if len(category) <= width else "..." + category[-(width - 3):]
+
+
+def _ancestors(path: str) -> set[str]:
+    parts = [p.strip() for p in path.split(">")]
+    return {SEPARATOR.join(parts[: i + 1]) for i in range(len(parts))}
+
+
+def _prefix(path: str | None, level: int) -> str | None:
+    if path is None:
+        return None
+    return SEPARATOR.join(p.strip() for p in path.split(">")[:level])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _harmonic(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return _harmonic(_ratio(tp, tp + fp), _ratio(tp, tp + fn))
+
+
+# ---------------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmllm.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pred", type=Path, required=True, help="predictions JSONL (from mmllm label)")
+    p.add_argument("--gold", type=Path, required=True, help="labelled catalog (any catalog format)")
+    p.add_argument("--report", type=Path, required=True, help="folder for report.md, metrics.json and plots")
+    p.add_argument("--schema", type=Path, help="label schema (default: the model folder's, else values as written)")
+    p.add_argument("--model", type=Path, help="model folder: its schema and training curves go into the report")
+    p.add_argument("--compare", type=Path, help="a second predictions file on the same gold: paired comparison")
+    p.add_argument("--tolerance", type=float, default=0.0, help="numbers within this absolute difference match")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    model_schema = args.model / "label_schema.yaml" if args.model else None
+    schema_path = args.schema or (model_schema if model_schema and model_schema.exists() else None)
+    schema = LabelSchema.from_yaml(schema_path) if schema_path else None
+    try:
+        rows = align(args.pred, args.gold, schema)
+        other = align(args.compare, args.gold, schema) if args.compare else None
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = list(schema.attribute_names) if schema else sorted({k for a in rows.gold_attributes for k in a})
+    metrics = evaluate_rows(rows, names, args.tolerance)
+    intervals = bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed)
+    comparison = None
+    if other is not None:
+        comparison = {"other": str(args.compare), "metrics": {k: v for k, v in evaluate_rows(other, names, args.tolerance).items() if k in HEADLINE},
+                      "intervals": bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed, other=other)}
+    write_report(args.report, metrics, intervals, rows, args.model, comparison)
+    print(f"{'metric':<22} {'value':>8}  95% CI")
+    for key in HEADLINE:
+        lo, hi = intervals[key]
+        print(f"{key:<22} {metrics[key]:>8.4f}  [{lo:.4f}, {hi:.4f}]")
+    print(f"rows {metrics['rows']}, missing {metrics['missing_rows']}, errors {metrics['error_rows']}, "
+          f"invalid {metrics['invalid_rows']}; report: {args.report / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

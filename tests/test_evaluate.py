@@ -1,0 +1,132 @@
+"""Evaluation metrics against hand computations, the bootstrap, the comparison and the report."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmllm.evaluate import (
+    align,
+    attribute_metrics,
+    bootstrap,
+    category_metrics,
+    evaluate_rows,
+    hierarchical_prf,
+    main,
+    top_k_accuracy,
+    values_match,
+)
+
+GOLD = [("r1", "A > B", {"piece_count": 10}), ("r2", "A > C", {"piece_count": 5}),
+        ("r3", "D > E", {}), ("r4", "D > E", {"piece_count": 7})]
+PRED = [{"id": "r1", "category": "A > B", "attributes": {"piece_count": 10}, "status": "ok"},
+        {"id": "r2", "category": "A > B", "attributes": {"piece_count": 6}, "status": "ok"},
+        {"id": "r3", "category": "D > E", "attributes": {"piece_count": 3}, "status": "ok"},
+        {"id": "r4", "status": "error", "stage": "image", "error": "missing"},
+        {"id": "stray", "category": "A > B", "attributes": {}, "status": "ok"}]
+
+
+def write(tmp_path: Path, preds=PRED, gold=GOLD, name="pred.jsonl"):
+    gold_path = tmp_path / "gold.jsonl"
+    gold_path.write_text("".join(json.dumps({"id": i, "title": f"title {i}", "label": {"category": c, "attributes": a}}) + "\n"
+                                 for i, c, a in gold))
+    pred_path = tmp_path / name
+    pred_path.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    return pred_path, gold_path
+
+
+def test_category_metrics_by_hand():
+    gold = ["A > B", "A > C", "D > E", "D > E"]
+    pred = ["A > B", "A > B", "D > E", None]
+    m = category_metrics(gold, pred)
+    assert m["accuracy"] == 0.5
+    assert m["per_class"]["A > B"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+    assert m["per_class"]["A > C"]["f1"] == 0.0 and m["per_class"]["D > E"]["recall"] == 0.5
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
+    assert m["weighted_f1"] == pytest.approx((2 / 3 * 1 + 0 + 2 / 3 * 2) / 4)
+    assert m["per_level_accuracy"] == {1: 0.75, 2: 0.5}
+    # ancestor sets: shared 2+1+2+0 = 5, predicted 2+2+2+0 = 6, relevant 8
+    h = m["hierarchical"]
+    assert h["precision"] == pytest.approx(5 / 6) and h["recall"] == pytest.approx(5 / 8)
+    assert h["f1"] == pytest.approx(2 * (5 / 6) * (5 / 8) / (5 / 6 + 5 / 8))
+
+
+def test_hierarchical_partial_credit_and_empty_predictions():
+    assert hierarchical_prf(["A > B > C"], ["A > B > D"]) == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
+    assert hierarchical_prf(["A > B"], [None]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert hierarchical_prf(["A > B"], ["X > Y"])["f1"] == 0.0
+    assert category_metrics(["A"], [None])["accuracy"] == 0.0
+
+
+def test_attribute_metrics_by_hand():
+    gold = [{"piece_count": 10}, {"piece_count": 5}, {}, {"piece_count": 7}]
+    pred = [{"piece_count": 10}, {"piece_count": 6}, {"piece_count": 3}, {}]
+    m = attribute_metrics(gold, pred, ["piece_count"], tolerance=0.0)["per_attribute"]["piece_count"]
+    assert m["precision"] == pytest.approx(1 / 3) and m["recall"] == pytest.approx(1 / 3) and m["f1"] == pytest.approx(1 / 3)
+    assert m["coverage"] == pytest.approx(2 / 3) and m["invented"] == 1.0 and m["gold_values"] == 3
+    loose = attribute_metrics(gold, pred, ["piece_count"], tolerance=1.0)["per_attribute"]["piece_count"]
+    assert loose["precision"] == pytest.approx(2 / 3) and loose["recall"] == pytest.approx(2 / 3)
+
+
+def test_values_match_rules():
+    assert values_match(["Wood", "plastic"], ["plastic", "wood"]) and not values_match(["wood"], ["wood", "metal"])
+    assert values_match(3, 3.0) and not values_match(True, 1) and values_match(" Red", "red")
+    assert values_match(2.6, 3, tolerance=0.5) and not values_match(2.4, 3, tolerance=0.5)
+
+
+def test_top_k_accuracy():
+    assert top_k_accuracy(["A", "B"], [["A", "C"], ["C", "D", "B"]], 1) == 0.5
+    assert top_k_accuracy(["A", "B"], [["A", "C"], ["C", "D", "B"]], 3) == 1.0
+    assert top_k_accuracy(["A"], [[]], 1) is None
+
+
+def test_alignment_counts_errors_missing_and_stray_rows(tmp_path):
+    pred, gold = write(tmp_path, preds=PRED[:3] + PRED[4:])  # r4 missing entirely
+    rows = align(pred, gold, None)
+    m = evaluate_rows(rows, ["piece_count"], 0.0)
+    assert (m["missing_rows"], m["error_rows"], m["extra_predictions"]) == (1, 0, 1)
+    assert m["category_accuracy"] == 0.5 and m["json_valid_rate"] == 1.0
+    pred, gold = write(tmp_path, name="p2.jsonl")
+    m = evaluate_rows(align(pred, gold, None), ["piece_count"], 0.0)
+    assert (m["missing_rows"], m["error_rows"]) == (0, 1) and m["json_valid_rate"] == 0.75
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate(tmp_path):
+    gold = [(f"r{i}", "A > B" if i % 3 else "C > D", {"piece_count": i}) for i in range(60)]
+    preds = [{"id": f"r{i}", "category": "A > B", "attributes": {"piece_count": i if i % 2 else 0}, "status": "ok"}
+             for i in range(60)]
+    pred, gold_path = write(tmp_path, preds=preds, gold=gold)
+    rows = align(pred, gold_path, None)
+    point = evaluate_rows(rows, ["piece_count"], 0.0)
+    a = bootstrap(rows, ["piece_count"], 0.0, samples=200, seed=3)
+    assert a == bootstrap(rows, ["piece_count"], 0.0, samples=200, seed=3)
+    assert a != bootstrap(rows, ["piece_count"], 0.0, samples=200, seed=4)
+    for key, (lo, hi) in a.items():
+        assert lo <= point[key] <= hi, key
+    assert a["category_accuracy"][0] < point["category_accuracy"] < a["category_accuracy"][1]
+
+
+def test_report_files_plots_and_comparison(tmp_path):
+    gold = [(f"r{i}", ["A > B", "A > C", "D > E"][i % 3], {"piece_count": i}) for i in range(30)]
+    good = [{"id": f"r{i}", "category": ["A > B", "A > C", "D > E"][i % 3], "attributes": {"piece_count": i},
+             "status": "ok", "confidence": 0.9, "top_k": [{"category": "A > B", "score": 0.9}]} for i in range(30)]
+    bad = [{"id": f"r{i}", "category": "A > B", "attributes": {}, "status": "ok"} for i in range(30)]
+    pred, gold_path = write(tmp_path, preds=good, gold=gold)
+    other, _ = write(tmp_path, preds=bad, gold=gold, name="other.jsonl")
+    model = tmp_path / "model"
+    model.mkdir()
+    Image.new("RGB", (1100, 400), "white").save(model / "training_curves.png")
+    report = tmp_path / "report"
+    assert main(["--pred", str(pred), "--gold", str(gold_path), "--report", str(report), "--compare", str(other),
+                 "--model", str(model), "--bootstrap", "200"]) == 0
+    text = (report / "report.md").read_text()
+    assert "| category_accuracy | 1.0000 |" in text and "this is better" in text
+    assert "## The 20 worst errors" in text and "![confusion_matrix](confusion_matrix.png)" in text
+    sizes = {name: Image.open(report / name).size for name in
+             ("confusion_matrix.png", "per_class_f1.png", "calibration.png", "training_curves.png")}
+    assert sizes == {"confusion_matrix.png": (1200, 1000), "per_class_f1.png": (1000, 900),
+                     "calibration.png": (600, 600), "training_curves.png": (1100, 400)}
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["metrics"]["top_k_accuracy"]["1"] == pytest.approx(1 / 3)
+    assert metrics["comparison"]["intervals"]["category_accuracy"][0] > 0
