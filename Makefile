@@ -39,7 +39,7 @@ bench: $(STAMP)
 
 # Refresh the lock after changing dependencies in pyproject.toml.
 lock: $(STAMP)
-	$(PY) -m pip freeze --exclude-editable | grep -v '^mmllm' > constraints.txt
+	$(PY) -m pip list --format=freeze --exclude-editable | grep -v '^mmllm' > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
