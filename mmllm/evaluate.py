@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 from collections import Counter
@@ -30,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmllm.catalog import CatalogReader, Listing, RowError
+from mmllm.catalog import CatalogReader, RowError
 from mmllm.schema import SEPARATOR, LabelSchema
 
 HEADLINE = ("category_accuracy", "category_macro_f1", "hierarchical_f1", "attribute_micro_f1", "json_valid_rate")
