@@ -1,0 +1,501 @@
+"""Similar-product search: listing embeddings from the VLM backbone, a faiss index, Recall@K / NDCG@K.
+
+A listing is embedded by running the vision-language model over the SAME prompt the generative
+path uses (photos, title, description, seller table and schema, up to the assistant's turn) and
+pooling the last layer's hidden states, so a fine-tuned model folder gives embeddings shaped by
+its fine-tuning and a base checkpoint works zero-shot. Vectors are L2-normalized, so the inner
+product of the faiss index is the cosine similarity.
+
+    mmllm search index --model MODEL --catalog FILE --out INDEX_DIR [--schema S] [--index-type flat|hnsw]
+    mmllm search query INDEX_DIR (--id ID | --listing JSON_OR_FILE | --image PATH | --text "...") [-k 10] [--json]
+    mmllm search evaluate INDEX_DIR [--k 1 5 10] [--level full|1] [--json]
+
+An index folder holds ``index.faiss``, ``ids.jsonl`` (id, title, gold category when known, in
+index order), ``meta.json`` (model, pooling, dim, count, index type) and copies of the label
+schema and prompt template, so queries are embedded with the very prompt the catalog was.
+
+Memory: the vectors are held once, inside the faiss index (count x dim x 4 bytes: 100k listings
+x 2,048 dims = 800 MB; HNSW adds about 256 bytes of links per vector), plus the id records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row
+from mmllm.collator import encode_prompts, load_listing_images
+from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.progress import Progress
+from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
+from mmllm.schema import SEPARATOR, LabelSchema
+
+POOLINGS = ("last", "mean")
+INDEX_TYPES = ("flat", "hnsw")
+INDEX_FILE, IDS_FILE, META_FILE, SCHEMA_FILE = "index.faiss", "ids.jsonl", "meta.json", "label_schema.yaml"
+HNSW_LINKS = 32  # neighbours per node: the usual recall / memory trade-off for dims in the thousands
+
+
+# ---------------------------------------------------------------------- embeddings
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, H] hidden states -> [B, H] float32, over the real tokens only.
+
+    ``last`` takes each row's last token with mask 1 (position T-1 under left padding, its
+    length-1 under right padding); ``mean`` averages the masked positions. Padded positions are
+    zeroed with ``where``, not multiplied: their states may be NaN under some attention kernels.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    hidden = hidden.float()
+    mask = attention_mask.bool()  # [B, T]
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, -1).amax(dim=1)  # [B]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    summed = torch.where(mask.unsqueeze(-1), hidden, 0.0).sum(dim=1)  # [B, H]
+    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def backbone(model: Any) -> Any:
+    """The vision-language backbone under the LM head (through a PEFT wrapper: LoRA stays active,
+    it lives inside the wrapped modules)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model  # transformers: the module named by base_model_prefix ("model" for Qwen-VL)
+
+
+@torch.inference_mode()
+def embed_encoded(model: Any, enc: Mapping[str, torch.Tensor], pooling: str = "last") -> np.ndarray:
+    """One encoded batch -> [B, D] L2-normalized float32 vectors.
+
+    The backbone's ``last_hidden_state`` is what ``output_hidden_states=True`` gives as
+    ``hidden_states[-1]`` (final norm applied) without keeping every layer's states or computing
+    [B, T, vocab] logits (gigabytes for a real vocabulary).
+    """
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    hidden = backbone(model)(**enc).last_hidden_state  # [B, T, H]
+    pooled = torch.nn.functional.normalize(pool_hidden(hidden, enc["attention_mask"], pooling), dim=-1)
+    return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+
+def embed_listings(model: Any, processor: Any, listings: Sequence[Listing], schema: LabelSchema,
+                   template: PromptTemplate, image_policy: ImagePolicy, batch_size: int = 8,
+                   pooling: str = "last", max_images: int = 4) -> np.ndarray:
+    """[N, D] L2-normalized float32 embeddings of ``listings``, in order.
+
+    The prompt is the generative one (:func:`mmllm.collator.encode_prompts`: left padded, up to
+    the assistant's turn). A broken image is dropped with a warning, so its listing is embedded
+    with its other images or text-only: search must not lose rows.
+    """
+    chunks = []
+    for start in range(0, len(listings), batch_size):
+        batch = listings[start:start + batch_size]
+        images = [load_listing_images(listing, image_policy, max_images) for listing in batch]
+        chunks.append(embed_encoded(model, encode_prompts(processor, batch, schema, template, images), pooling))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def load_model(model: str, *, schema: str | Path | None, template: str | Path | None) -> Any:
+    """A fine-tuned model folder (own schema and template) or a base checkpoint (zero-shot).
+
+    Returns a :class:`~mmllm.models.generative.GenerativePredictor`, used here only as the
+    bundle of model, processor, schema, template and image count.
+    """
+    from mmllm.models.generative import (META_FILE as MODEL_META, GenerativePredictor, ModelConfig,
+                                         load_base_model, load_model_dir, load_processor)
+
+    if (Path(model) / MODEL_META).is_file():
+        return load_model_dir(model)
+    if schema is None:
+        raise ValueError(f"{model} is a base checkpoint: zero-shot embedding needs --schema (the label schema YAML)")
+    cfg = ModelConfig(base=model)
+    base = load_base_model(cfg).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return GenerativePredictor(base, load_processor(model, cfg), LabelSchema.from_yaml(schema),
+                               PromptTemplate.load(template or DEFAULT_TEMPLATE), cfg.max_images)
+
+
+# ---------------------------------------------------------------------- the index
+class SearchIndex:
+    """A faiss inner-product index over normalized vectors (= cosine) plus one record per vector.
+
+    ``records[i]`` (``{"id", "title", "category"?}``) describes vector ``i``; ``meta`` is what
+    ``meta.json`` holds. Exact search (``flat``) or HNSW graph search (``hnsw``: approximate,
+    for large catalogs).
+    """
+
+    def __init__(self, index: Any, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+        self.index, self.records, self.meta = index, records, meta
+        self._positions = {r["id"]: i for i, r in enumerate(records)}
+
+    @classmethod
+    def empty(cls, dim: int, meta: Mapping[str, Any], index_type: str = "flat") -> "SearchIndex":
+        import faiss
+
+        if index_type == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+        else:
+            raise ValueError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
+        return cls(index, [], {**meta, "dim": dim, "index_type": index_type})
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: Sequence[str | Mapping[str, Any]], meta: Mapping[str, Any],
+              index_type: str = "flat") -> "SearchIndex":
+        """An index over ``vectors`` [N, D]; ``ids`` are listing ids or full records."""
+        index = cls.empty(vectors.shape[1], meta, index_type)
+        index.add(vectors, ids)
+        return index
+
+    def add(self, vectors: np.ndarray, ids: Sequence[str | Mapping[str, Any]]) -> None:
+        """Append vectors (faiss copies them: the caller can drop its batch)."""
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(vectors)} vectors for {len(ids)} ids")
+        records = [dict(r) if isinstance(r, Mapping) else {"id": r} for r in ids]
+        new_ids = [r["id"] for r in records]
+        if len(set(new_ids)) != len(new_ids) or not self._positions.keys().isdisjoint(new_ids):
+            repeated = next(i for n, i in enumerate(new_ids) if i in self._positions or i in new_ids[:n])
+            raise ValueError(f"id {repeated!r} is already in the index; ids must be unique")
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._positions.update((i, len(self.records) + n) for n, i in enumerate(new_ids))
+        self.records.extend(records)
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def vector(self, listing_id: str) -> np.ndarray:
+        """The stored vector of an indexed listing (both index types keep the raw vectors)."""
+        if listing_id not in self._positions:
+            raise KeyError(f"id {listing_id!r} is not in the index")
+        return self.index.reconstruct(self._positions[listing_id])
+
+    def search_positions(self, vectors: np.ndarray, k: int, ef_search: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's answer: scores and row positions [Q, k'], k' = min(k, size); -1 marks a missing hit."""
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if vectors.shape[1] != self.index.d:
+            raise ValueError(f"query vectors have {vectors.shape[1]} dims, the index {self.index.d} "
+                             f"(built with {self.meta.get('model')!r}); embed queries with the same model")
+        if hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(ef_search, k)  # the candidate list must hold at least k hits
+        return self.index.search(vectors, min(k, len(self)))
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Cosine scores [Q, k'] and the listing ids of the k nearest vectors per query, best first."""
+        scores, positions = self.search_positions(vectors, k)
+        ids = [[self.records[p]["id"] for p in row if p >= 0] for row in positions]
+        return scores, ids
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the index folder; meta.json goes last, so its presence means the folder is complete."""
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(folder / INDEX_FILE))
+        with open(folder / IDS_FILE, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in self.records)
+        self.meta["count"] = len(self)
+        (folder / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SearchIndex":
+        import faiss
+
+        folder = Path(folder)
+        if not (folder / META_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: not a search index (no {META_FILE}); build one with `mmllm search index`")
+        meta = json.loads((folder / META_FILE).read_text())
+        for name in (INDEX_FILE, IDS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder}: {name} is missing; rebuild the index")
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        with open(folder / IDS_FILE, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if not index.ntotal == len(records) == meta["count"]:
+            raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(records)} rows, "
+                             f"{META_FILE} says {meta['count']}; rebuild the index")
+        return cls(index, records, meta)
+
+
+# ---------------------------------------------------------------------- retrieval metrics
+def recall_at_k(ranked_relevance: Sequence[bool], n_relevant: int, k: int) -> float:
+    """Recall@K as a hit rate: 1.0 if at least one relevant item is in the top K, else 0.0.
+
+    Averaged over queries it is the share of queries with a relevant item in their top K (the
+    usual "Recall@K" of product search). 0.0 when nothing relevant exists.
+    """
+    return 1.0 if n_relevant > 0 and any(ranked_relevance[:k]) else 0.0
+
+
+def capped_recall_at_k(ranked_relevance: Sequence[bool], n_relevant: int, k: int) -> float:
+    """Classic recall capped at K: relevant items in the top K / min(K, relevant items available)."""
+    if n_relevant <= 0:
+        return 0.0
+    return sum(map(bool, ranked_relevance[:k])) / min(k, n_relevant)
+
+
+def ndcg_at_k(ranked_relevance: Sequence[bool], n_relevant: int, k: int) -> float:
+    """NDCG@K with binary gains and a log2(rank + 1) discount; the ideal DCG puts
+    min(K, n_relevant) relevant items first. 0.0 when nothing relevant exists."""
+    ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(k, n_relevant)))
+    if ideal == 0:
+        return 0.0
+    return sum(1.0 / math.log2(rank + 2) for rank, rel in enumerate(ranked_relevance[:k]) if rel) / ideal
+
+
+def relevance_key(category: str | None, level: int | None) -> str | None:
+    """The category path, or its first ``level`` levels (``level=1``: the top-level node)."""
+    if not category or level is None:
+        return category or None
+    return SEPARATOR.join(category.split(SEPARATOR)[:level])
+
+
+def evaluate_index(index: SearchIndex, ks: Sequence[int] = (1, 5, 10), level: int | None = None,
+                   chunk: int = 1024) -> dict[str, Any]:
+    """Leave-one-out retrieval: every listing with a gold category queries the index.
+
+    Its own vector is removed from its results; relevant = same category key
+    (:func:`relevance_key`). Queries whose category has no other listing in the index cannot
+    score and are counted in ``skipped``. Vectors are read back ``chunk`` at a time.
+    """
+    keys = [relevance_key(r.get("category"), level) for r in index.records]
+    counts = Counter(k for k in keys if k is not None)
+    depth = max(ks)
+    totals = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "capped_recall", "ndcg")}
+    queries = skipped = 0
+    for start in range(0, len(index), chunk):
+        rows = [i for i in range(start, min(start + chunk, len(index))) if keys[i] is not None]
+        if not rows:
+            continue
+        block = index.index.reconstruct_n(start, min(chunk, len(index) - start))
+        _, positions = index.search_positions(block[[i - start for i in rows]], depth + 1)
+        for row, hits in zip(rows, positions):
+            n_relevant = counts[keys[row]] - 1
+            if n_relevant == 0:
+                skipped += 1
+                continue
+            # drop the query itself wherever it ranks (ties with duplicates may put it second)
+            hits = [h for h in hits if h >= 0 and h != row][:depth]
+            relevance = [keys[h] == keys[row] for h in hits]
+            queries += 1
+            for k in ks:
+                totals[f"recall@{k}"] += recall_at_k(relevance, n_relevant, k)
+                totals[f"capped_recall@{k}"] += capped_recall_at_k(relevance, n_relevant, k)
+                totals[f"ndcg@{k}"] += ndcg_at_k(relevance, n_relevant, k)
+    metrics = {name: (value / queries if queries else 0.0) for name, value in totals.items()}
+    return {"level": "full" if level is None else level, "k": list(ks), "queries": queries, "skipped": skipped,
+            "indexed": len(index), **metrics}
+
+
+# ---------------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CatalogError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    if (args.out / META_FILE).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already holds an index; pass --overwrite to replace it")
+    reader = CatalogReader(args.catalog)
+    policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
+    bundle = load_model(args.model, schema=args.schema, template=args.template)
+    meta = {"format": 1, "model": _model_ref(args.model), "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
+            "template": bundle.template.version, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
+    progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
+                        unit="listings", enabled=not args.quiet)
+    index: SearchIndex | None = None
+    batch: list[Listing] = []
+    bad = 0
+
+    def flush() -> None:
+        nonlocal index
+        vectors = embed_listings(bundle.model, bundle.processor, batch, bundle.schema, bundle.template, policy,
+                                 args.batch_size, args.pooling, bundle.max_images)
+        index = index or SearchIndex.empty(vectors.shape[1], meta, args.index_type)
+        index.add(vectors, [_record(listing) for listing in batch])
+        progress.update(len(batch), bytes_done=reader.progress()[0] if text_file else None)
+        batch.clear()
+
+    for row in reader:
+        if isinstance(row, RowError):
+            print(f"BAD  {row}; skipped", file=sys.stderr)
+            bad += 1
+            continue
+        batch.append(row)
+        if len(batch) == args.batch_size:
+            flush()
+    if batch:
+        flush()
+    progress.close()
+    if index is None:
+        print(f"error: {args.catalog}: no valid listing to index ({bad} bad rows)", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundle.schema.to_yaml(args.out / SCHEMA_FILE)  # queries must render the very prompt the catalog did
+    bundle.template.save_to(args.out)
+    index.save(args.out)
+    print(f"indexed {len(index):,} listings ({bad} bad rows skipped), {index.meta['dim']} dims, {args.index_type}, "
+          f"{progress.rate:,.1f} listings/s -> {args.out}")
+    return 0
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    index = SearchIndex.load(args.index_dir)
+    if args.id is not None:
+        vector = index.vector(args.id)
+    else:
+        listing, policy = _query_listing(args)
+        model = args.model or index.meta["model"]
+        if args.model and _model_ref(args.model) != index.meta["model"]:
+            print(f"warning: the index was built with {index.meta['model']}; vectors of another model do not compare",
+                  file=sys.stderr)
+        folder = Path(args.index_dir)
+        bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)
+        vector = embed_listings(bundle.model, bundle.processor, [listing], bundle.schema, bundle.template, policy,
+                                1, index.meta["pooling"], bundle.max_images)[0]
+    scores, positions = index.search_positions(vector, args.k)
+    hits = [{"rank": rank, "score": round(float(score), 6), **index.records[p]}
+            for rank, (score, p) in enumerate(zip(scores[0], positions[0]), start=1) if p >= 0]
+    if args.json:
+        print(json.dumps(hits, ensure_ascii=False, indent=2))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  {'id':<20} {'category':<32} title")
+        for hit in hits:
+            print(f"{hit['rank']:>4}  {hit['score']:>7.4f}  {hit['id']:<20} {hit.get('category') or '-':<32} "
+                  f"{_clip(hit.get('title', ''), 60)}")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_index(SearchIndex.load(args.index_dir), sorted(set(args.k)), args.level)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.index_dir}: {result['queries']} queries (relevant = same category, level {result['level']}); "
+          f"{result['skipped']} skipped (no other listing of their category)")
+    print(f"{'K':>4}  {'Recall@K':>9}  {'capped recall':>13}  {'NDCG@K':>7}")
+    for k in result["k"]:
+        print(f"{k:>4}  {result[f'recall@{k}']:>9.4f}  {result[f'capped_recall@{k}']:>13.4f}  {result[f'ndcg@{k}']:>7.4f}")
+    return 0
+
+
+def _query_listing(args: argparse.Namespace) -> tuple[Listing, ImagePolicy]:
+    """The query as a pseudo-listing, with the image policy its pictures resolve under."""
+    if args.text is not None:
+        if not args.text.strip():
+            raise ValueError("--text is empty")
+        return Listing(id="query", title=" ".join(args.text.split())), ImagePolicy()
+    if args.image is not None:
+        path = Path(args.image).absolute()
+        policy = ImagePolicy(root=path.parent, allow_remote=False)  # the image's own folder is its root
+        try:
+            load_image(path.name, policy)  # an image query without its image would be meaningless
+        except ImageError as exc:
+            raise ValueError(f"{args.image}: {exc}") from None
+        return Listing(id="query", title="(image query)", images=(path.name,)), policy
+    text, source, root = args.listing, "--listing", Path.cwd()
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"{text}: no such listing file (or pass the listing as JSON text)")
+        text, source, root = path.read_text(encoding="utf-8"), str(path), path.resolve().parent
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON: {exc.msg} at column {exc.colno}") from None
+    row = parse_row({"id": "query", **raw} if isinstance(raw, dict) else raw, source=source, line=1)
+    if isinstance(row, RowError):
+        raise ValueError(str(row))
+    return row, ImagePolicy(root=args.image_root or root, allow_remote=args.allow_remote)
+
+
+def _record(listing: Listing) -> dict[str, Any]:
+    record = {"id": listing.id, "title": listing.title}
+    if listing.label and listing.label.get("category"):
+        record["category"] = listing.label["category"]
+    return record
+
+
+def _model_ref(model: str) -> str:
+    """A local folder as an absolute path (the index may be queried from elsewhere); a hub id as is."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _level(text: str) -> int | None:
+    return None if text == "full" else _positive(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmllm search", description=__doc__.split("\n\n")[0])
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ix = commands.add_parser("index", help="embed a catalog and write a faiss index folder")
+    ix.add_argument("--model", required=True, help="model folder from `mmllm finetune`, or a base hub id / folder (zero-shot)")
+    ix.add_argument("--catalog", type=Path, required=True, help="catalog dump (.jsonl[.gz], .csv, .parquet, ...)")
+    ix.add_argument("--out", type=Path, required=True, help="index folder to write")
+    ix.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")
+    ix.add_argument("--template", help=f"prompt template (zero-shot only; default {DEFAULT_TEMPLATE})")
+    ix.add_argument("--batch-size", type=_positive, default=8, help="listings per forward pass")
+    ix.add_argument("--pooling", choices=POOLINGS, default="last", help="last real token, or masked mean over tokens")
+    ix.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
+                    help="flat = exact; hnsw = approximate graph search for large catalogs")
+    ix.add_argument("--image-root", type=Path, help="folder image paths are relative to (default: the catalog's)")
+    ix.add_argument("--allow-remote", action="store_true", help="fetch http(s) images (off: untrusted catalogs)")
+    ix.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    ix.add_argument("--quiet", action="store_true", help="no progress output")
+    ix.set_defaults(run=_run_index)
+
+    q = commands.add_parser("query", help="the k listings most similar to a listing, an image or a text")
+    q.add_argument("index_dir", type=Path)
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--id", help="an indexed listing (its stored vector; no model needed)")
+    what.add_argument("--listing", help="a listing as JSON text or a file holding one JSON object")
+    what.add_argument("--image", help="an image file")
+    what.add_argument("--text", help="free text, embedded as a listing with this title")
+    q.add_argument("--model", help="model to embed the query (default: the index's own)")
+    q.add_argument("--schema", help="label schema for a base model (default: the index's copy)")
+    q.add_argument("--template", help="prompt template for a base model (default: the index's copy)")
+    q.add_argument("-k", type=_positive, default=10, help="results to show")
+    q.add_argument("--image-root", type=Path, help="--listing: folder its image paths are relative to")
+    q.add_argument("--allow-remote", action="store_true", help="--listing: fetch http(s) images")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(run=_run_query)
+
+    ev = commands.add_parser("evaluate", help="leave-one-out Recall@K / NDCG@K over the gold categories")
+    ev.add_argument("index_dir", type=Path)
+    ev.add_argument("--k", type=_positive, nargs="+", default=[1, 5, 10], help="cut-offs")
+    ev.add_argument("--level", type=_level, default=None, metavar="full|N",
+                    help="relevance: same full category path (default), or same first N levels (1 = top level)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(run=_run_evaluate)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
