@@ -12,3 +12,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 python benchmarks/train_step.py --gpu --steps 5 --out "$out/train_step_gpu.json"
 python benchmarks/label_throughput.py --gpu --rows 64 --out "$out/label_throughput_gpu.json"
+python benchmarks/classify_vs_generate.py --gpu --rows 64 --out "$out/classify_vs_generate_gpu.json"

@@ -20,7 +20,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -40,6 +40,8 @@ from mmllm.models.generative import (
     merge_model_dir,
     write_meta,
 )
+from mmllm.models import classifier as cls_head
+from mmllm.models.classifier import ClassifyConfig
 from mmllm.prompts import PromptTemplate, target_text
 from mmllm.schema import LabelSchema
 from mmllm.training import TrainConfig, causal_lm_loss, train_loop
@@ -73,12 +75,15 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
+    task: Literal["generate", "classify"] = help_field(
+        "generate", "generate = the VLM answers JSON; classify = softmax heads on the pooled prompt state")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
 
 # ---------------------------------------------------------------------- the story
@@ -127,9 +132,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.print_trainable_parameters()
 
     policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
-    collate = TrainCollator(processor, schema, template, _policy_for(cfg.data.train, policy), cfg.model.max_images,
-                            cfg.augment if cfg.augment.enabled else None)
-    evaluate = _evaluator(cfg, processor, schema, template, dev_rows, _policy_for(cfg.data.dev, policy), out_dir, accelerator)
+    train_policy, dev_policy = _policy_for(cfg.data.train, policy), _policy_for(cfg.data.dev, policy)
+    augment = cfg.augment if cfg.augment.enabled else None
+    if cfg.task == "classify":
+        return _finetune_classifier(cfg, accelerator, model, processor, schema, template, train_rows, dev_rows,
+                                    train_policy, dev_policy, augment, out_dir)
+    collate = TrainCollator(processor, schema, template, train_policy, cfg.model.max_images, augment)
+    evaluate = _evaluator(cfg, processor, schema, template, dev_rows, dev_policy, out_dir, accelerator)
 
     result = train_loop(cfg.train, accelerator, model, train_rows, collate, causal_lm_loss, out_dir,
                         evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every)
@@ -142,12 +151,106 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         final = evaluate(accelerator.unwrap_model(model), result.steps)
         summary.update(final)
         _say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
-        if accelerator.is_main_process:
-            with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": result.steps, **final}) + "\n")
+        _append_metrics(accelerator, out_dir, {"step": result.steps, **final})
     save_model_dir(out_dir, cfg, accelerator, model, processor, schema, template, summary)
     _say(accelerator, f"model folder written: {out_dir}")
     return summary
+
+
+def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, processor: Any, schema: LabelSchema,
+                         template: PromptTemplate, train_rows: list[Listing], dev_rows: list[Listing],
+                         train_policy: ImagePolicy, dev_policy: ImagePolicy, augment: Any, out_dir: Path) -> dict[str, Any]:
+    """Same loop, another model and loss: heads on the pooled prompt state, cross-entropy."""
+    specs = cls_head.head_specs(schema, [r.label for r in train_rows], cfg.classify.bins)
+    model = cls_head.ListingClassifier(backbone, cls_head._hidden_size(backbone), specs, cfg.classify.pooling)
+    collate = cls_head.ClassifyCollator(processor, schema, template, train_policy, cfg.model.max_images, specs, augment)
+    weights = None
+    if cfg.classify.class_weights == "balanced":
+        weights = cls_head.balanced_weights(specs, cls_head.encode_targets(specs, [r.label for r in train_rows], schema))
+
+    def loss_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = cls_head.classification_loss(m(**batch), batch, specs, cfg.classify.label_smoothing, weights)
+        return loss, torch.tensor(batch["input_ids"].shape[0])
+
+    dev_collate = cls_head.ClassifyCollator(processor, schema, template, dev_policy, cfg.model.max_images, specs)
+
+    def evaluate(m: Any, step: int) -> dict[str, Any]:
+        accelerator.wait_for_everyone()
+        metrics: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            m.eval()
+            metrics = _classifier_dev_metrics(m, dev_collate, dev_rows[: cfg.eval.loss_rows], specs, accelerator.device)
+            m.train()
+        accelerator.wait_for_everyone()
+        return metrics
+
+    result = train_loop(cfg.train, accelerator, model, train_rows, collate, loss_fn, out_dir,
+                        evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every,
+                        count_items=cls_head.count_rows)
+    summary = {"steps": result.steps, "interrupted": result.interrupted, "wall_s": round(result.wall_s, 2),
+               "distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+    if result.interrupted:
+        _say(accelerator, f"stopped at step {result.steps}; continue with train.resume=true")
+        return summary
+    unwrapped = accelerator.unwrap_model(model)
+    if dev_rows:
+        final = evaluate(unwrapped, result.steps)
+        if accelerator.is_main_process:
+            # temperature scaling on the dev rows' category logits (Guo et al. 2017)
+            logits, target = _category_logits(unwrapped, dev_collate, dev_rows, accelerator.device)
+            unwrapped.temperature = cls_head.fit_temperature(logits, target)
+            final["temperature"] = round(unwrapped.temperature, 4)
+            final["ece_calibrated"] = round(cls_head.expected_calibration_error(
+                torch.softmax(logits / unwrapped.temperature, -1), target), 4)
+        summary.update(final)
+        _say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
+        _append_metrics(accelerator, out_dir, {"step": result.steps, **final})
+    save_model_dir(out_dir, cfg, accelerator, unwrapped.backbone, processor, schema, template, summary, kind="classifier")
+    if accelerator.is_main_process:
+        unwrapped.save_heads(out_dir)
+    _say(accelerator, f"model folder written: {out_dir}")
+    return summary
+
+
+def _category_logits(model: Any, collate: Any, rows: list[Listing], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate([(r, 0) for r in rows[start:start + 8]])
+            logits.append(model(**{k: v.to(device) for k, v in batch.items()})["category"].float().cpu())
+            targets.append(batch["target_category"])
+    return torch.cat(logits), torch.cat(targets)
+
+
+def _classifier_dev_metrics(model: Any, collate: Any, rows: list[Listing], specs: list, device: Any) -> dict[str, float]:
+    """Dev loss per row, category accuracy, mean attribute accuracy and ECE before calibration."""
+    total, hits, attr_hits, attr_total = 0.0, 0, 0, 0
+    logits_all, target_all = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate([(r, 0) for r in rows[start:start + 8]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch)
+            total += float(cls_head.classification_loss(logits, batch, specs))
+            hits += int((logits["category"].argmax(-1) == batch["target_category"]).sum())
+            logits_all.append(logits["category"].float().cpu())
+            target_all.append(batch["target_category"].cpu())
+            for spec in specs[1:]:
+                if spec.kind == "softmax" and spec.name in logits:
+                    t = batch[f"target_{spec.name}"]
+                    known = t >= 0
+                    attr_hits += int((logits[spec.name].argmax(-1)[known] == t[known]).sum())
+                    attr_total += int(known.sum())
+    logits, target = torch.cat(logits_all), torch.cat(target_all)
+    return {"eval_loss": round(total / max(len(rows), 1), 5), "category_acc": round(hits / max(len(rows), 1), 4),
+            "attribute_acc": round(attr_hits / max(attr_total, 1), 4),
+            "ece": round(cls_head.expected_calibration_error(torch.softmax(logits, -1), target), 4)}
+
+
+def _append_metrics(accelerator: Any, out_dir: Path, record: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def load_training_rows(source: str, schema: LabelSchema, limit: int | None) -> list[Listing]:
@@ -176,7 +279,8 @@ def load_training_rows(source: str, schema: LabelSchema, limit: int | None) -> l
 
 
 def save_model_dir(out_dir: Path, cfg: FinetuneConfig, accelerator: Any, model: Any, processor: Any,
-                   schema: LabelSchema, template: PromptTemplate, summary: dict[str, Any]) -> None:
+                   schema: LabelSchema, template: PromptTemplate, summary: dict[str, Any],
+                   kind: str = "generative-lora") -> None:
     """Adapter + everything needed to use it: processor, template, schema, config, report."""
     state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP / DeepSpeed
     unwrapped = accelerator.unwrap_model(model)
@@ -190,7 +294,7 @@ def save_model_dir(out_dir: Path, cfg: FinetuneConfig, accelerator: Any, model: 
     save_config(cfg, out_dir / "config.yaml", header="# resolved training config: rerun with --config this file\n")
     model_fields = {k: v for k, v in to_dict(cfg.model).items()
                     if k in ("dtype", "attn_implementation", "quantization", "quant_skip_modules", "max_images")}
-    write_meta(out_dir, kind="generative-lora", base_model=cfg.model.base, template=template.version,
+    write_meta(out_dir, kind=kind, base_model=cfg.model.base, template=template.version,
                model=model_fields, training=summary)
     write_report(out_dir)
 
@@ -213,8 +317,9 @@ def write_report(out_dir: Path) -> None:
     axes[0].set_ylabel("cross-entropy per answer token")
     axes[0].legend()
     for key, label in (("json_valid", "JSON valid"), ("category_acc", "category accuracy"), ("attribute_acc", "attribute accuracy")):
-        if evals:
-            axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=label)
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        if points:
+            axes[1].plot(*zip(*points), "o-", label=label)
     axes[1].set_ylim(0, 1.05)
     axes[1].set_xlabel("optimizer step")
     axes[1].set_title("dev generation" if evals else "no dev set")

@@ -277,7 +277,7 @@ def _finish(predictor: Any, prepared: Prepared, emit: Callable[[dict], None], op
         return
     started = time.perf_counter()
     try:
-        texts = predictor.generate_encoded(prepared.encoded)
+        predictions = predictor.predict_encoded(prepared.encoded)
         if summary is not None:
             summary.model_s += time.perf_counter() - started
             summary.prepare_s += prepared.seconds
@@ -288,8 +288,8 @@ def _finish(predictor: Any, prepared: Prepared, emit: Callable[[dict], None], op
         for listing in prepared.listings:
             _finish(predictor, prepare(predictor, [listing], opts), emit, opts)
         return
-    for listing, text in zip(prepared.listings, texts):
-        emit({**predictor.record(listing.id, text), "source": listing.source, "line": listing.line})
+    for listing, prediction in zip(prepared.listings, predictions):
+        emit({"id": listing.id, **prediction, "source": listing.source, "line": listing.line})
 
 
 def label_batch(predictor: Any, batch: list[Listing], opts: LabelOptions) -> list[dict[str, Any]]:

@@ -33,6 +33,12 @@ from mmllm.config import help_field
 from mmllm.progress import Progress
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+CountFn = Callable[[dict[str, torch.Tensor]], int]
+
+
+def count_answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """What the generative loss averages over: supervised next-token targets."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 @dataclass
@@ -156,8 +162,13 @@ def train_loop(
     out_dir: Path,
     evaluate: Callable[[Any, int], dict[str, Any]] | None = None,
     eval_every: int = 0,
+    count_items: CountFn = count_answer_tokens,
 ) -> LoopResult:
-    """Train ``model`` on ``rows``; metrics go to ``out_dir/metrics.jsonl``."""
+    """Train ``model`` on ``rows``; metrics go to ``out_dir/metrics.jsonl``.
+
+    ``count_items(batch)`` says what the loss is averaged over (answer tokens for generation,
+    rows for classification), so every item weighs the same across micro-batches and processes.
+    """
     plan = StepPlan(len(rows), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -199,7 +210,7 @@ def train_loop(
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         # Normalize by the supervised tokens of the whole step on all processes, so every token
         # weighs the same however the padding and accumulation fall.
-        local_items = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+        local_items = sum(count_items(m) for m in micro)
         items = accelerator.reduce(torch.tensor(float(local_items), device=accelerator.device), reduction="sum")
         scale = accelerator.num_processes / items.clamp(min=1.0)
         step_loss = 0.0
@@ -225,7 +236,7 @@ def train_loop(
         if step % cfg.log_every == 0 or step == total_steps:
             last = {
                 "step": step, "epoch": round(step / plan.steps_per_epoch, 3),
-                "loss": round(window["loss_sum"] / max(window["items"], 1.0), 5),
+                "loss": round(window["loss_sum"] / max(window["items"], 1.0), 5),  # per item (token / row)
                 "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
                 "tokens_per_s": round(window["tokens"] * accelerator.num_processes / max(window["time"], 1e-9), 1),

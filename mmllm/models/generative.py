@@ -208,24 +208,31 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remote_code: bool = False) -> "GenerativePredictor":
-    """A fine-tuned model folder (adapter or merged) as a ready predictor."""
+def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A fine-tuned model folder (LoRA adapter, merged model or classifier) as a ready predictor."""
     folder = Path(folder)
     meta = read_meta(folder)
-    if meta.get("kind") not in ("generative-lora", "generative-merged"):
-        raise ValueError(f"{folder}: model kind {meta.get('kind')!r} is not a generative model")
+    if meta.get("kind") not in ("generative-lora", "generative-merged", "classifier"):
+        raise ValueError(f"{folder}: unknown model kind {meta.get('kind')!r}")
     cfg = ModelConfig(base=str(folder) if meta["kind"] == "generative-merged" else meta["base_model"],
                       trust_remote_code=trust_remote_code, **meta.get("model", {}))
     processor = load_processor(folder, None)  # the processor saved at training (pixel budget included)
     model = load_base_model(cfg)
-    if meta["kind"] == "generative-lora":
+    if meta["kind"] in ("generative-lora", "classifier"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(folder))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if meta["kind"] == "classifier":
+        from mmllm.models.classifier import ClassifierPredictor, ListingClassifier
+
+        model = ListingClassifier.load(model, folder)
     if cfg.quantization != "4bit":
         model.to(device)
     model.eval()
+    if meta["kind"] == "classifier":
+        return ClassifierPredictor(model, processor, LabelSchema.from_yaml(folder / SCHEMA_FILE),
+                                   PromptTemplate.load(folder / TEMPLATE_FILE), cfg.max_images)
     return GenerativePredictor(
         model=model,
         processor=processor,
@@ -307,6 +314,10 @@ class GenerativePredictor:
     def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
         """One prediction record per listing: ``{"id", "category", "attributes", "status", ...}``."""
         return [self.record(listing.id, text) for listing, text in zip(listings, self.generate(listings, image_policy))]
+
+    def predict_encoded(self, enc: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Records (without id) for an encoded batch: the interface every predictor shares."""
+        return [{k: v for k, v in self.record(None, text).items() if k != "id"} for text in self.generate_encoded(enc)]
 
     def record(self, listing_id: str, text: str) -> dict[str, Any]:
         """A prediction record from raw answer text, validated by the schema."""

@@ -1,0 +1,104 @@
+"""Classification heads vs generative labelling: listings/s on the same backbone and batch size.
+
+The head needs one forward pass over the prompt; generation needs that prefill plus one step per
+answer token. Both run through the same labelling job (``mmllm.label.run_local``), same rows,
+same compact prompt, same batch size; generation is schema-constrained as shipped.
+
+    python benchmarks/classify_vs_generate.py [--rows 64] [--batch 8]          # CPU, tiny:qwen2_vl
+    python benchmarks/classify_vs_generate.py --gpu                             # real-size Qwen2-VL-2B, random weights
+
+Prints a table and writes benchmarks/results/classify_vs_generate[_gpu].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from label_throughput import make_dump, run_job  # noqa: E402  (benchmark helpers, same folder)
+
+
+def build_backbone(gpu: bool, tmp: Path) -> str:
+    """A model folder: the tiny checkpoint on CPU; a real-size Qwen2-VL-2B with random weights on GPU."""
+    from mmllm.models.generative import resolve_base
+
+    tiny = Path(resolve_base("tiny:qwen2_vl"))
+    if not gpu:
+        return str(tiny)
+    from train_step import build_config
+    from transformers import AutoModelForImageTextToText
+
+    config = build_config("qwen2_vl_2b")
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config, key, json.loads((tiny / "config.json").read_text())[key])
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        if (tiny / name).exists():
+            (tmp / "model" / name).write_bytes((tiny / name).read_bytes())
+    return str(tmp / "model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
+    from mmllm.label import load_predictor
+    from mmllm.models.classifier import ClassifierPredictor, ListingClassifier, _hidden_size, head_specs
+
+    schema_path = ROOT / "examples/toys_schema.yaml"
+    results = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_backbone(args.gpu, tmp)
+        dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        generative = load_predictor(model_dir, schema=str(schema_path), template="listing_compact_v1", constrained=True,
+                                    max_new_tokens=256, batch_size=args.batch, min_pixels=None, max_pixels=None)
+        labels = [json.loads(line)["label"] for line in (ROOT / "examples/amazon_uk_toys/train.jsonl").read_text().splitlines()]
+        heads = ListingClassifier(generative.model, _hidden_size(generative.model), head_specs(generative.schema, labels))
+        heads.heads.to(next(generative.model.parameters()).device)
+        classifier = ClassifierPredictor(heads.eval(), generative.processor, generative.schema, generative.template,
+                                         generative.max_images, args.batch)
+        run_job(classifier, dump, args.batch, tmp / "warm.jsonl")  # warm caches and the grammar compiler
+        run_job(generative, dump, args.batch, tmp / "warm.jsonl")
+        for name, predictor in (("classification heads", classifier), ("generative (constrained)", generative)):
+            summary = run_job(predictor, dump, args.batch, tmp / f"{name[:4]}.jsonl")
+            results.append({"variant": name, "rows": summary.rows, "ok": summary.ok, "batch": args.batch,
+                            "rows_per_s": round(summary.rows / summary.wall_s, 2), "model_s": round(summary.model_s, 3)})
+    ratio = round(results[0]["rows_per_s"] / results[1]["rows_per_s"], 1)
+    device = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {os.cpu_count()} cores"
+    print(f"\n{device}, torch {torch.__version__}, batch {args.batch}, {args.rows} rows (1 in 3 with an image)")
+    print(f"{'variant':<26} {'rows/s':>8} {'model s':>8}")
+    for r in results:
+        print(f"{r['variant']:<26} {r['rows_per_s']:>8} {r['model_s']:>8}")
+    print(f"classification heads are {ratio}x faster")
+    out = args.out or HERE / "results" / ("classify_vs_generate_gpu.json" if args.gpu else "classify_vs_generate.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "classify_vs_generate", "date": time.strftime("%Y-%m-%d"), "device": device,
+                               "results": results, "speedup": ratio}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
