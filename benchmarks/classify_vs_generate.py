@@ -27,29 +27,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from label_throughput import make_dump, run_job  # noqa: E402  (benchmark helpers, same folder)
+from label_throughput import make_dump, random_model_dir, run_job  # noqa: E402  (benchmark helpers, same folder)
 
 
 def build_backbone(gpu: bool, tmp: Path) -> str:
     """A model folder: the tiny checkpoint on CPU; a real-size Qwen2-VL-2B with random weights on GPU."""
     from mmllm.models.generative import resolve_base
 
-    tiny = Path(resolve_base("tiny:qwen2_vl"))
-    if not gpu:
-        return str(tiny)
-    from train_step import build_config
-    from transformers import AutoModelForImageTextToText
-
-    config = build_config("qwen2_vl_2b")
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(config, key, json.loads((tiny / "config.json").read_text())[key])
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(tmp / "model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
-        if (tiny / name).exists():
-            (tmp / "model" / name).write_bytes((tiny / name).read_bytes())
-    return str(tmp / "model")
+    return str(random_model_dir(tmp / "model")) if gpu else resolve_base("tiny:qwen2_vl")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,33 @@ def make_dump(folder: Path, rows: int, with_images: bool) -> Path:
     return folder / "dump.jsonl"
 
 
+def random_model_dir(out: Path) -> Path:
+    """A real-size Qwen2-VL-2B with random weights, on the GPU, saved to ``out``.
+
+    It borrows the tiny checkpoint's tokenizer and processor: the real vocabulary cannot be
+    downloaded here, and speed depends on shapes, not on words.
+    """
+    sys.path.insert(0, str(HERE))
+    from train_step import build_config
+    from transformers import AutoModelForImageTextToText
+
+    from mmllm.models.generative import resolve_base
+
+    tiny = Path(resolve_base("tiny:qwen2_vl"))
+    config = build_config("qwen2_vl_2b")
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config, key, json.loads((tiny / "config.json").read_text())[key])
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        if (tiny / name).exists():
+            (out / name).write_bytes((tiny / name).read_bytes())
+    return out
+
+
 def load(model: str, schema: Path, constrained: bool, batch: int, max_new_tokens: int, template: str | None = None):
     from mmllm.label import load_predictor
 
@@ -162,29 +189,11 @@ def cpu(args: argparse.Namespace) -> dict:
 
 
 def gpu(args: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(HERE))
-    from train_step import build_config
-    from transformers import AutoModelForImageTextToText
-
     schema = ROOT / "examples/toys_schema.yaml"
     results: dict = {"batching": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
         tmp = Path(tmp_name)
-        # the random-weight model takes the tiny checkpoint's tokenizer and processor: the
-        # real vocabulary is not downloadable here, and speed depends on shapes, not on words
-        from mmllm.models.generative import resolve_base
-
-        tiny = Path(resolve_base("tiny:qwen2_vl"))
-        config = build_config("qwen2_vl_2b")
-        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            setattr(config, key, json.loads((tiny / "config.json").read_text())[key])
-        with torch.device("cuda"):
-            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(tmp / "model")
-        for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
-            if (tiny / name).exists():
-                (tmp / "model" / name).write_bytes((tiny / name).read_bytes())
-        del model
+        random_model_dir(tmp / "model")
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
         predictor = load(str(tmp / "model"), schema, True, 1, 256)
         from mmllm.collator import set_pixel_budget
