@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m mmllm catalog validate examples/drawn/catalog.jsonl --schema examples/toys_schema.yaml
 	$(PY) -m mmllm catalog stats examples/amazon_uk_toys/train.jsonl --schema examples/toys_schema.yaml
-	# smoke fine-tune: LoRA on a tiny random Qwen2-VL (about a minute on 2 cores; not a real model)
-	rm -rf runs/make-run/tiny_cpu
+	# smoke pipeline: LoRA on a tiny random Qwen2-VL (about a minute on 2 cores; not a real model),
+	# then constrained labelling of the drawn listings and an evaluation report
+	rm -rf runs/make-run
 	$(PY) -m mmllm.finetune --config finetune/tiny_cpu.yaml train.output_dir=runs/make-run/tiny_cpu
+	$(PY) -m mmllm.label examples/drawn/catalog.jsonl --model runs/make-run/tiny_cpu --out runs/make-run/labels.jsonl --errors runs/make-run/errors.jsonl
+	$(PY) -m mmllm.evaluate --pred runs/make-run/labels.jsonl --gold examples/drawn/catalog.jsonl --model runs/make-run/tiny_cpu --report runs/make-run/report
 
 test: $(STAMP)
 	$(PY) -m pytest
