@@ -142,16 +142,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     result = train_loop(cfg.train, accelerator, model, train_rows, collate, causal_lm_loss, out_dir,
                         evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every)
-    summary = {"steps": result.steps, "interrupted": result.interrupted, "wall_s": round(result.wall_s, 2),
-               "distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+    summary = _run_summary(result, accelerator)
     if result.interrupted:
-        _say(accelerator, f"stopped at step {result.steps}; continue with train.resume=true")
         return summary
     if dev_rows:
         final = evaluate(accelerator.unwrap_model(model), result.steps)
-        summary.update(final)
-        _say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
-        _append_metrics(accelerator, out_dir, {"step": result.steps, **final})
+        _record_final(accelerator, out_dir, summary, final)
     save_model_dir(out_dir, cfg, accelerator, model, processor, schema, template, summary)
     _say(accelerator, f"model folder written: {out_dir}")
     return summary
@@ -187,10 +183,8 @@ def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, p
     result = train_loop(cfg.train, accelerator, model, train_rows, collate, loss_fn, out_dir,
                         evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every,
                         count_items=cls_head.count_rows)
-    summary = {"steps": result.steps, "interrupted": result.interrupted, "wall_s": round(result.wall_s, 2),
-               "distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+    summary = _run_summary(result, accelerator)
     if result.interrupted:
-        _say(accelerator, f"stopped at step {result.steps}; continue with train.resume=true")
         return summary
     unwrapped = accelerator.unwrap_model(model)
     if dev_rows:
@@ -202,9 +196,7 @@ def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, p
             final["temperature"] = round(unwrapped.temperature, 4)
             final["ece_calibrated"] = round(cls_head.expected_calibration_error(
                 torch.softmax(logits / unwrapped.temperature, -1), target), 4)
-        summary.update(final)
-        _say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
-        _append_metrics(accelerator, out_dir, {"step": result.steps, **final})
+        _record_final(accelerator, out_dir, summary, final)
     save_model_dir(out_dir, cfg, accelerator, unwrapped.backbone, processor, schema, template, summary, kind="classifier")
     if accelerator.is_main_process:
         unwrapped.save_heads(out_dir)
@@ -247,10 +239,21 @@ def _classifier_dev_metrics(model: Any, collate: Any, rows: list[Listing], specs
             "ece": round(cls_head.expected_calibration_error(torch.softmax(logits, -1), target), 4)}
 
 
-def _append_metrics(accelerator: Any, out_dir: Path, record: dict[str, Any]) -> None:
+def _run_summary(result: Any, accelerator: Any) -> dict[str, Any]:
+    """What a run did (also stored in the model folder); says how to continue a stopped run."""
+    if result.interrupted:
+        _say(accelerator, f"stopped at step {result.steps}; continue with train.resume=true")
+    return {"steps": result.steps, "interrupted": result.interrupted, "wall_s": round(result.wall_s, 2),
+            "distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+
+
+def _record_final(accelerator: Any, out_dir: Path, summary: dict[str, Any], final: dict[str, Any]) -> None:
+    """The final evaluation: into the summary, onto the console and into metrics.jsonl."""
+    summary.update(final)
+    _say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
     if accelerator.is_main_process:
         with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"step": summary["steps"], **final}) + "\n")
 
 
 def load_training_rows(source: str, schema: LabelSchema, limit: int | None) -> list[Listing]:
