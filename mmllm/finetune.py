@@ -42,6 +42,8 @@ from mmllm.models.generative import (
 )
 from mmllm.models import classifier as cls_head
 from mmllm.models.classifier import ClassifyConfig
+from mmllm.models.fusion import FusionConfig
+from mmllm.progress import Progress
 from mmllm.prompts import PromptTemplate, target_text
 from mmllm.schema import LabelSchema
 from mmllm.training import TrainConfig, causal_lm_loss, train_loop
@@ -75,8 +77,9 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    task: Literal["generate", "classify"] = help_field(
-        "generate", "generate = the VLM answers JSON; classify = softmax heads on the pooled prompt state")
+    task: Literal["generate", "classify", "fusion"] = help_field(
+        "generate", "generate = the VLM answers JSON; classify = softmax heads on the pooled prompt state; "
+                    "fusion = pretrained text/image encoders + attribute MLP, fused, softmax heads (CPU baseline)")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +87,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 # ---------------------------------------------------------------------- the story
@@ -124,6 +128,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     _say(accelerator, f"{len(train_rows)} training rows, {len(dev_rows)} dev rows; "
                       f"{_describe_launch(accelerator.distributed_type.name, accelerator.num_processes)}")
 
+    policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
+    train_policy, dev_policy = _policy_for(cfg.data.train, policy), _policy_for(cfg.data.dev, policy)
+    if cfg.task == "fusion":
+        return _finetune_fusion(cfg, accelerator, schema, train_rows, dev_rows, train_policy, dev_policy, out_dir)
+
     processor = load_processor(cfg.model.base, cfg.model)
     model = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, quantized=cfg.model.quantization == "4bit",
@@ -131,8 +140,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         model.print_trainable_parameters()
 
-    policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
-    train_policy, dev_policy = _policy_for(cfg.data.train, policy), _policy_for(cfg.data.dev, policy)
     augment = cfg.augment if cfg.augment.enabled else None
     if cfg.task == "classify":
         return _finetune_classifier(cfg, accelerator, model, processor, schema, template, train_rows, dev_rows,
@@ -160,15 +167,75 @@ def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, p
     specs = cls_head.head_specs(schema, [r.label for r in train_rows], cfg.classify.bins)
     model = cls_head.ListingClassifier(backbone, cls_head._hidden_size(backbone), specs, cfg.classify.pooling)
     collate = cls_head.ClassifyCollator(processor, schema, template, train_policy, cfg.model.max_images, specs, augment)
+    dev_collate = cls_head.ClassifyCollator(processor, schema, template, dev_policy, cfg.model.max_images, specs)
+    summary, unwrapped = _train_heads(cfg, accelerator, model, specs, schema, train_rows, dev_rows, collate, dev_collate,
+                                      out_dir, cls_head.count_rows)
+    if summary["interrupted"]:
+        return summary
+    save_model_dir(out_dir, cfg, accelerator, unwrapped.backbone, processor, schema, template, summary, kind="classifier")
+    if accelerator.is_main_process:
+        unwrapped.save_heads(out_dir)
+    _say(accelerator, f"model folder written: {out_dir}")
+    return summary
+
+
+def _finetune_fusion(cfg: FinetuneConfig, accelerator: Any, schema: LabelSchema, train_rows: list[Listing],
+                     dev_rows: list[Listing], train_policy: ImagePolicy, dev_policy: ImagePolicy,
+                     out_dir: Path) -> dict[str, Any]:
+    """Frozen (cached) or fine-tuned encoders + fusion + the classifier's heads, same loop."""
+    import time
+
+    from mmllm.models import fusion
+
+    fc = cfg.fusion
+    specs = cls_head.head_specs(schema, [r.label for r in train_rows], cfg.classify.bins)
+    encoders = fusion.Encoders(fc.text_encoder, fc.image_encoder, fc.max_text_tokens,
+                               "text" in fc.modalities, "image" in fc.modalities)
+    cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else out_dir / "feature_cache") if fc.freeze else None
+    featurizer = fusion.Featurizer(encoders, fc, cache)
+    model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders)
+    max_images = cfg.model.max_images if encoders.image is not None else 0
+    collate = fusion.FusionCollator(featurizer, schema, specs, train_policy, max_images)
+    dev_collate = fusion.FusionCollator(featurizer, schema, specs, dev_policy, max_images)
+    if fc.freeze:  # fill the feature cache once; epochs (and reruns) read it
+        encoders.eval()
+        started = time.perf_counter()
+        with Progress("encode", total_rows=len(train_rows) + len(dev_rows), unit="listings",
+                      enabled=accelerator.is_main_process) as progress:
+            for rows, col in ((train_rows, collate), (dev_rows, dev_collate)):
+                for start in range(0, len(rows), fc.encode_batch):
+                    col([(r, 0) for r in rows[start:start + fc.encode_batch]])
+                    progress.update(len(rows[start:start + fc.encode_batch]))
+        _say(accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
+                          f"in {time.perf_counter() - started:.1f} s")
+    summary, unwrapped = _train_heads(cfg, accelerator, model, specs, schema, train_rows, dev_rows, collate, dev_collate,
+                                      out_dir, fusion.count_rows)
+    if summary["interrupted"]:
+        return summary
+    if accelerator.is_main_process:
+        unwrapped.save(out_dir)
+        schema.to_yaml(out_dir / SCHEMA_FILE, header=f"# label schema used for training (from {cfg.data.schema})\n")
+        save_config(cfg, out_dir / "config.yaml", header="# resolved training config: rerun with --config this file\n")
+        write_meta(out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
+                   template=None, model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
+                   training=summary)
+        write_report(out_dir)
+    _say(accelerator, f"model folder written: {out_dir}")
+    return summary
+
+
+def _train_heads(cfg: FinetuneConfig, accelerator: Any, model: Any, specs: list, schema: LabelSchema,
+                 train_rows: list[Listing], dev_rows: list[Listing], collate: Any, dev_collate: Any, out_dir: Path,
+                 count_rows: Any) -> tuple[dict[str, Any], Any]:
+    """The softmax-head variants (classifier, fusion): cross-entropy in the shared loop, dev metrics,
+    then temperature scaling of the category head on the dev rows (Guo et al. 2017)."""
     weights = None
     if cfg.classify.class_weights == "balanced":
         weights = cls_head.balanced_weights(specs, cls_head.encode_targets(specs, [r.label for r in train_rows], schema))
 
     def loss_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         loss = cls_head.classification_loss(m(**batch), batch, specs, cfg.classify.label_smoothing, weights)
-        return loss, torch.tensor(batch["input_ids"].shape[0])
-
-    dev_collate = cls_head.ClassifyCollator(processor, schema, template, dev_policy, cfg.model.max_images, specs)
+        return loss, torch.tensor(count_rows(batch))
 
     def evaluate(m: Any, step: int) -> dict[str, Any]:
         accelerator.wait_for_everyone()
@@ -181,27 +248,23 @@ def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, p
         return metrics
 
     result = train_loop(cfg.train, accelerator, model, train_rows, collate, loss_fn, out_dir,
-                        evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every,
-                        count_items=cls_head.count_rows)
+                        evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every, count_items=count_rows)
     summary = _run_summary(result, accelerator)
-    if result.interrupted:
-        return summary
     unwrapped = accelerator.unwrap_model(model)
+    if result.interrupted:
+        return summary, unwrapped
     if dev_rows:
         final = evaluate(unwrapped, result.steps)
         if accelerator.is_main_process:
-            # temperature scaling on the dev rows' category logits (Guo et al. 2017)
+            unwrapped.eval()
             logits, target = _category_logits(unwrapped, dev_collate, dev_rows, accelerator.device)
             unwrapped.temperature = cls_head.fit_temperature(logits, target)
             final["temperature"] = round(unwrapped.temperature, 4)
             final["ece_calibrated"] = round(cls_head.expected_calibration_error(
                 torch.softmax(logits / unwrapped.temperature, -1), target), 4)
         _record_final(accelerator, out_dir, summary, final)
-    save_model_dir(out_dir, cfg, accelerator, unwrapped.backbone, processor, schema, template, summary, kind="classifier")
-    if accelerator.is_main_process:
-        unwrapped.save_heads(out_dir)
-    _say(accelerator, f"model folder written: {out_dir}")
-    return summary
+    unwrapped.eval()
+    return summary, unwrapped
 
 
 def _category_logits(model: Any, collate: Any, rows: list[Listing], device: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,6 +104,16 @@ def embed_listings(model: Any, processor: Any, listings: Sequence[Listing], sche
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+def embed_with(bundle: Any, listings: Sequence[Listing], image_policy: ImagePolicy, batch_size: int = 8,
+               pooling: str = "last") -> np.ndarray:
+    """Vectors from any model: one with its own ``embed`` (the fusion model's fused representation),
+    else the pooled prompt state of the VLM (:func:`embed_listings`)."""
+    if hasattr(bundle, "embed"):
+        return bundle.embed(listings, image_policy)
+    return embed_listings(bundle.model, bundle.processor, listings, bundle.schema, bundle.template, image_policy,
+                          batch_size, pooling, bundle.max_images)
+
+
 def load_model(model: str, *, schema: str | Path | None, template: str | Path | None) -> Any:
     """A fine-tuned model folder (own schema and template) or a base checkpoint (zero-shot).
 
@@ -315,7 +325,7 @@ def _run_index(args: argparse.Namespace) -> int:
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
     bundle = load_model(args.model, schema=args.schema, template=args.template)
     meta = {"format": 1, "model": _model_ref(args.model), "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
-            "template": bundle.template.version, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "template": getattr(getattr(bundle, "template", None), "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
     progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
                         unit="listings", enabled=not args.quiet)
@@ -325,8 +335,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
     def flush() -> None:
         nonlocal index
-        vectors = embed_listings(bundle.model, bundle.processor, batch, bundle.schema, bundle.template, policy,
-                                 args.batch_size, args.pooling, bundle.max_images)
+        vectors = embed_with(bundle, batch, policy, args.batch_size, args.pooling)
         index = index or SearchIndex.empty(vectors.shape[1], meta, args.index_type)
         index.add(vectors, [_record(listing) for listing in batch])
         progress.update(len(batch), bytes_done=reader.progress()[0] if text_file else None)
@@ -348,7 +357,8 @@ def _run_index(args: argparse.Namespace) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     bundle.schema.to_yaml(args.out / SCHEMA_FILE)  # queries must render the very prompt the catalog did
-    bundle.template.save_to(args.out)
+    if getattr(bundle, "template", None) is not None:
+        bundle.template.save_to(args.out)
     index.save(args.out)
     print(f"indexed {len(index):,} listings ({bad} bad rows skipped), {index.meta['dim']} dims, {args.index_type}, "
           f"{progress.rate:,.1f} listings/s -> {args.out}")
@@ -367,8 +377,7 @@ def _run_query(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         folder = Path(args.index_dir)
         bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)
-        vector = embed_listings(bundle.model, bundle.processor, [listing], bundle.schema, bundle.template, policy,
-                                1, index.meta["pooling"], bundle.max_images)[0]
+        vector = embed_with(bundle, [listing], policy, 1, index.meta["pooling"])[0]
     scores, positions = index.search_positions(vector, args.k)
     hits = [{"rank": rank, "score": round(float(score), 6), **index.records[p]}
             for rank, (score, p) in enumerate(zip(scores[0], positions[0]), start=1) if p >= 0]

@@ -13,11 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import PIL
 from PIL import Image, ImageFile
 
 from mmllm.images import REASONS, ImageError, ImagePolicy, load_image, open_image_bytes, resolve_image_path
 
 WHITE = (255, 255, 255)
+PIL_MAJOR = int(PIL.__version__.split(".")[0])
 
 
 def encode(img: Image.Image, fmt: str, **params) -> bytes:
@@ -128,7 +130,10 @@ def _rgba() -> Image.Image:
         ("16-bit grey mid", lambda: Image.new("I;16", (4, 4), 32896), "PNG", (0, 0), (128, 128, 128)),
         ("float grey", lambda: Image.linear_gradient("L").convert("F"), "TIFF", (0, 255), WHITE),
         ("cmyk jpeg", lambda: Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG", (0, 0), (255, 0, 0)),
-        ("ycbcr", lambda: Image.new("YCbCr", (4, 4), (76, 84, 255)), "TIFF", (0, 0), (255, 0, 0)),
+        pytest.param("ycbcr", lambda: Image.new("YCbCr", (4, 4), (76, 84, 255)), "TIFF", (0, 0), (255, 0, 0),
+                     # Pillow 12 reads an uncompressed YCbCr TIFF as RGBX and calls it truncated; gradio
+                     # (the demo extra) still caps Pillow below 13
+                     marks=pytest.mark.xfail(PIL_MAJOR < 13, reason="Pillow < 13 YCbCr TIFF bug", strict=True)),
         ("lab white", lambda: Image.new("LAB", (4, 4), (255, 128, 128)), "TIFF", (0, 0), WHITE),
     ],
 )

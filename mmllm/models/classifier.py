@@ -259,6 +259,46 @@ def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, bins: 
 
 
 # ---------------------------------------------------------------------- prediction
+def head_probabilities(specs: list[HeadSpec], logits: dict[str, torch.Tensor], temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Logits -> probabilities per head; the temperature calibrates the category head only."""
+    out = {}
+    for spec in specs:
+        if spec.name not in logits:
+            continue
+        scale = temperature if spec.name == "category" else 1.0
+        x = logits[spec.name].float().cpu() / scale
+        out[spec.name] = torch.sigmoid(x) if spec.kind == "sigmoid" else torch.softmax(x, dim=-1)
+    return out
+
+
+def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row: int, schema: LabelSchema,
+                      top_k: int = 5) -> dict[str, Any]:
+    """One row of head probabilities -> the prediction record (validated, with confidence and top_k)."""
+    attributes: dict[str, Any] = {a.name: None for a in schema.attributes}
+    category_spec = specs[0]
+    p = probs["category"][row]
+    top = torch.topk(p, min(top_k, p.numel()))
+    for spec in specs[1:]:
+        if spec.name not in probs:
+            continue
+        q = probs[spec.name][row]
+        if spec.kind == "sigmoid":  # the most probable values above 0.5, as many as the schema allows
+            ranked = sorted(zip(q.tolist(), spec.classes), reverse=True)
+            chosen = [c for v, c in ranked if v > 0.5][: schema.attribute(spec.name).max_items]
+            attributes[spec.name] = chosen or None
+        else:
+            attributes[spec.name] = spec.values[int(q.argmax())]
+    answer = {"category": category_spec.classes[int(top.indices[0])], "attributes": attributes}
+    result = schema.validate(answer)
+    record = {**(result.value or answer), "status": "ok" if result.ok else "invalid",
+              "confidence": round(float(top.values[0]), 6),
+              "top_k": [{"category": category_spec.classes[int(i)], "score": round(float(v), 6)}
+                        for v, i in zip(top.values, top.indices)]}
+    if not result.ok:
+        record["error"] = result.reason()
+    return record
+
+
 @dataclass
 class ClassifierPredictor:
     """Same interface as the generative predictor; one forward pass per batch, no decoding."""
@@ -278,14 +318,7 @@ class ClassifierPredictor:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             logits = self.model(**{k: v.to(device) for k, v in enc.items()})
-        out = {}
-        for spec in self.model.specs:
-            if spec.name not in logits:
-                continue
-            scale = self.model.temperature if spec.name == "category" else 1.0
-            x = logits[spec.name].float().cpu() / scale
-            out[spec.name] = torch.sigmoid(x) if spec.kind == "sigmoid" else torch.softmax(x, dim=-1)
-        return out
+        return head_probabilities(self.model.specs, logits, self.model.temperature)
 
     def predict_encoded(self, enc: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         probs = self.probabilities(enc)
@@ -295,38 +328,22 @@ class ClassifierPredictor:
         return records
 
     def _record(self, row: int, probs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        attributes: dict[str, Any] = {a.name: None for a in self.schema.attributes}
-        category_spec = self.model.specs[0]
-        p = probs["category"][row]
-        top = torch.topk(p, min(self.top_k, p.numel()))
-        for spec in self.model.specs[1:]:
-            if spec.name not in probs:
-                continue
-            q = probs[spec.name][row]
-            if spec.kind == "sigmoid":  # the most probable values above 0.5, as many as the schema allows
-                ranked = sorted(zip(q.tolist(), spec.classes), reverse=True)
-                chosen = [c for v, c in ranked if v > 0.5][: self.schema.attribute(spec.name).max_items]
-                attributes[spec.name] = chosen or None
-            else:
-                attributes[spec.name] = spec.values[int(q.argmax())]
-        answer = {"category": category_spec.classes[int(top.indices[0])], "attributes": attributes}
-        result = self.schema.validate(answer)
-        record = {**(result.value or answer), "status": "ok" if result.ok else "invalid",
-                  "confidence": round(float(top.values[0]), 6),
-                  "top_k": [{"category": category_spec.classes[int(i)], "score": round(float(v), 6)}
-                            for v, i in zip(top.values, top.indices)]}
-        if not result.ok:
-            record["error"] = result.reason()
-        return record
+        return prediction_record(self.model.specs, probs, row, self.schema, self.top_k)
 
     def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
-        records = []
-        for start in range(0, len(listings), self.batch_size):
-            chunk = listings[start:start + self.batch_size]
-            images = [load_listing_images(listing, image_policy, self.max_images) for listing in chunk]
-            for listing, record in zip(chunk, self.predict_encoded(self.encode(chunk, images))):
-                records.append({"id": listing.id, **record})
-        return records
+        return predict_in_batches(self, listings, image_policy)
+
+
+def predict_in_batches(predictor: Any, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
+    """``encode`` + ``predict_encoded`` over ``batch_size`` chunks: one record (with its id) per listing."""
+    records = []
+    for start in range(0, len(listings), predictor.batch_size):
+        chunk = listings[start:start + predictor.batch_size]
+        images = [load_listing_images(listing, image_policy, predictor.max_images) if predictor.max_images else []
+                  for listing in chunk]
+        for listing, record in zip(chunk, predictor.predict_encoded(predictor.encode(chunk, images))):
+            records.append({"id": listing.id, **record})
+    return records
 
 
 @dataclass

@@ -212,6 +212,10 @@ def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remot
     """A fine-tuned model folder (LoRA adapter, merged model or classifier) as a ready predictor."""
     folder = Path(folder)
     meta = read_meta(folder)
+    if meta.get("kind") == "fusion":
+        from mmllm.models.fusion import load_fusion
+
+        return load_fusion(folder, device)
     if meta.get("kind") not in ("generative-lora", "generative-merged", "classifier"):
         raise ValueError(f"{folder}: unknown model kind {meta.get('kind')!r}")
     cfg = ModelConfig(base=str(folder) if meta["kind"] == "generative-merged" else meta["base_model"],

@@ -1,0 +1,183 @@
+"""The fusion model: modules, masking, attention weights, feature cache, save -> load, schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmllm.catalog import Listing
+from mmllm.models import classifier as cls_head
+from mmllm.models import fusion
+from mmllm.schema import LabelSchema
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "examples" / "toys_schema.yaml"
+H = 16
+
+
+def _inputs(b: int = 3, present: tuple[bool, ...] = (True, True, True)):
+    torch.manual_seed(0)
+    tokens = [torch.randn(b, t, H) for t in (5, 4, 3)]
+    masks = [torch.ones(b, t, dtype=torch.long) * int(p) for t, p in zip((5, 4, 3), present)]
+    return tokens, masks
+
+
+@pytest.mark.parametrize("method", ["concat", "attention", "coattention"])
+def test_fusion_shapes_and_missing_modalities(method):
+    module = fusion.FUSIONS[method](3, H, 0.0)
+    module.eval()
+    tokens, masks = _inputs()
+    masks[1][0] = 0  # row 0 has no image
+    out, weights = module(tokens, masks)
+    assert out.shape == (3, module.out_dim) and torch.isfinite(out).all()
+    # a missing modality's features must not matter
+    changed = [t.clone() for t in tokens]
+    changed[1][0] = 1000.0
+    out2, _ = module(changed, masks)
+    assert torch.allclose(out[0], out2[0], atol=1e-5)
+    if method == "attention":
+        assert weights.shape == (3, 3)
+        assert torch.allclose(weights.sum(-1), torch.ones(3))
+        assert weights[0, 1] == 0
+    # only one modality present: still finite
+    tokens, masks = _inputs(present=(True, False, False))
+    out, _ = module(tokens, masks)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("informative", [0, 1])
+def test_attention_weights_follow_the_informative_modality(informative):
+    """Only one modality carries the label (the text in one run, the image in the other): after
+    training, that one gets most of the weight."""
+    torch.manual_seed(0)
+    n = 256
+    y = torch.randint(0, 2, (n,))
+    tokens = [torch.randn(n, 2, H) for _ in range(3)]
+    tokens[informative][:, :, 0] += (y.float() * 2 - 1).unsqueeze(-1) * 3
+    masks = [torch.ones(n, 2, dtype=torch.long) for _ in range(3)]
+    module = fusion.AttentionFusion(3, H, 0.0)
+    head = torch.nn.Linear(H, 2)
+    opt = torch.optim.Adam([*module.parameters(), *head.parameters()], lr=0.01)
+    for _ in range(200):
+        out, _ = module(tokens, masks)
+        loss = torch.nn.functional.cross_entropy(head(out), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, weights = module(tokens, masks)
+    assert torch.allclose(weights.sum(-1), torch.ones(n), atol=1e-5)
+    assert weights.mean(0)[informative] > 0.6, weights.mean(0)
+
+
+def test_attribute_tokens_by_value_type():
+    table = {"Pieces": "1,000 pcs", "Batteries Included": "No", "Remote": True, "Brand": "Hasbro",
+             "Colour": ["red", "blue"], "Item model number": "B7407AS0", "age": 3}
+    names, values, feats = fusion.attribute_tokens(table, 64, 10)
+    assert len(names) == 8 and all(0 < v < 64 for v in names)  # the list gives two tokens
+    log1000 = torch.log1p(torch.tensor(1000.0)).item()
+    assert feats[0][:2] == pytest.approx([log1000, 1.0]) and values[0] == 0  # a number, no value bucket
+    assert feats[1] == [0.0, 0.0, 0.0, 1.0] and feats[2] == [0.0, 0.0, 1.0, 1.0]  # yes/no and a real bool
+    assert values[3] > 0 and feats[3] == [0.0, 0.0, 0.0, 0.0]  # a short word value: its own bucket
+    assert values[4] > 0 and values[5] > 0 and values[4] != values[5]  # each list item a token
+    assert values[6] == 0  # a code is not memorized as a category
+    assert values[7] == 0 and feats[7][:2] == pytest.approx([torch.log1p(torch.tensor(3.0)).item(), 1.0])
+    assert fusion.attribute_tokens({}, 64, 10) == ([], [], [])
+    assert fusion.attribute_tokens({"Brand": "Hasbro"}, 64, 10)[1][0] == values[3]  # stable across calls
+    assert len(fusion.attribute_tokens({f"k{i}": i for i in range(50)}, 64, 10)[0]) == 10  # bounded
+
+
+def test_lexical_features_are_normalized_and_stable():
+    row = Listing(id="a", title="Wooden Train Set", description="A wooden train.", attributes={"Brand": "Brio"})
+    ids, weights = fusion.lexical_features(row, 1024)
+    assert ids == sorted(set(ids)) and all(0 < i < 1024 for i in ids)
+    assert sum(w * w for w in weights) == pytest.approx(1.0)
+    assert fusion.lexical_features(row, 1024) == (ids, weights)
+    other = Listing(id="b", title="Plush Bear", description="", attributes={})
+    assert not set(fusion.lexical_features(other, 1024)[0]) & set(ids[:3])
+
+
+def _listings():
+    return [Listing(id=f"r{i}", title=f"Wooden puzzle {i}", description="A toy" * i,
+                    attributes={"pieces": i * 10} if i % 2 else {}) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def test_cached_features_equal_fresh(tmp_path, tiny_vit):
+    from PIL import Image
+
+    cfg = fusion.FusionConfig(image_encoder=tiny_vit, max_text_tokens=32)
+    enc = fusion.Encoders(cfg.text_encoder, cfg.image_encoder, cfg.max_text_tokens).eval()
+    rows = _listings()
+    images = [[Image.new("RGB", (40, 30), (i * 40, 0, 0))] if i % 2 == 0 else [] for i in range(5)]
+    fresh = fusion.Featurizer(enc, cfg, fusion.FeatureCache(None))(rows, images)
+    fusion.Featurizer(enc, cfg, fusion.FeatureCache(tmp_path))(rows, images)  # fills the disk cache
+    disk = fusion.FeatureCache(tmp_path)
+    cached = fusion.Featurizer(enc, cfg, disk)(rows, images)
+    assert disk.misses == 0 and disk.hits == 15  # text, title and image views of 5 rows
+    for key in ("text_tokens", "image_tokens"):
+        assert torch.allclose(fresh[key], cached[key], atol=2e-2)  # fp16 on disk
+    assert torch.equal(fresh["image_mask"].sum(1) > 0, torch.tensor([True, False, True, False, True]))
+    # the whole model on these features, every method
+    specs = cls_head.head_specs(LabelSchema.from_yaml(SCHEMA), [])
+    for method in fusion.FUSIONS:
+        model = fusion.FusionModel(fusion.FusionConfig(method=method, hidden=H), specs, enc.text_dim, enc.image_dim).eval()
+        logits = model(**cached)
+        assert logits["category"].shape == (5, len(specs[0].classes))
+
+
+@pytest.mark.slow
+def test_train_save_load_in_new_process(tmp_path):
+    from mmllm.finetune import FinetuneConfig, finetune
+    from mmllm.config import load_config
+
+    out = tmp_path / "model"
+    cfg = load_config(FinetuneConfig, ROOT / "finetune" / "fusion_minilm_cpu.yaml",
+                      [f"train.output_dir={out}", "data.max_train_rows=64", "data.max_dev_rows=16",
+                       "train.epochs=2", "train.batch_size=16", "fusion.max_text_tokens=64", "eval.loss_rows=16"])
+    summary = finetune(cfg)
+    assert summary["steps"] == 8 and "category_acc" in summary
+    meta = json.loads((out / "mmllm_model.json").read_text())
+    assert meta["kind"] == "fusion"
+    for name in ("fusion.safetensors", "fusion.json", "label_schema.yaml", "README.md", "training_curves.png"):
+        assert (out / name).is_file(), name
+    from mmllm.catalog import iter_catalog
+    from mmllm.images import ImagePolicy
+    from mmllm.models.generative import load_model_dir
+
+    rows = [r for r in iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl"))][:8]
+    predictor = load_model_dir(out, device="cpu")
+    here = predictor.predict(rows, ImagePolicy(root=ROOT))
+    schema = LabelSchema.from_yaml(out / "label_schema.yaml")
+    for record in here:
+        answer = {"category": record["category"], "attributes": record["attributes"]}
+        assert record["status"] == "ok" and schema.validate(answer).ok
+        assert abs(sum(record["modality_weights"].values()) - 1) < 1e-3 and len(record["top_k"]) == 5
+    # search reads the fused representation: unit vectors, batch-independent
+    from mmllm.search import embed_with
+
+    vectors = embed_with(predictor, rows, ImagePolicy(root=ROOT))
+    assert vectors.shape == (8, predictor.model.fusion.out_dim)
+    assert abs(float((vectors ** 2).sum(1).min()) - 1) < 1e-4
+    assert abs(embed_with(predictor, rows[:1], ImagePolicy(root=ROOT))[0] - vectors[0]).max() < 1e-4
+    code = ("import json,sys; from mmllm.models.generative import load_model_dir; from mmllm.catalog import iter_catalog;"
+            "from mmllm.images import ImagePolicy; from pathlib import Path;"
+            f"rows=list(iter_catalog({str(ROOT / 'examples/amazon_uk_toys/dev.jsonl')!r}))[:8];"
+            f"print(json.dumps(load_model_dir({str(out)!r}, device='cpu').predict(rows, ImagePolicy(root=Path({str(ROOT)!r})))))")
+    there = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert there == json.loads(json.dumps(here))
