@@ -1,13 +1,15 @@
 """Fusion ablation: each fusion method x modality subset, same split, one table + JSON.
 
     python benchmarks/fusion_ablation.py [--config finetune/fusion_minilm_cpu.yaml] [--epochs 40]
-        [--methods concat attention coattention] [--seeds 0 1] [--out benchmarks/results/fusion_ablation.json]
+        [--methods concat attention coattention] [--subsets text text+attributes all] [--seeds 0 1]
+        [--set fusion.label_prior=false ...] [--out benchmarks/results/fusion_ablation.json]
 
 Every run trains the fusion recipe (frozen encoders, one shared feature cache, so the text
 encoder runs once) on data.train and scores data.dev with ``mmllm.evaluate``'s functions:
 category accuracy and macro-F1, attribute micro-F1 and the F1 of each attribute (completion and
-normalization), plus training seconds on this machine. With 172 dev rows one row is 0.6 points,
-so each cell is the mean over ``--seeds`` (the spread is in the JSON).
+normalization; "n/a" where no dev row states the attribute), plus training seconds on this
+machine. With 172 dev rows one row is 0.6 points, so each cell is the mean over ``--seeds`` (the
+spread is in the JSON).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> int:
     p.add_argument("--subsets", nargs="+", default=list(SUBSETS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--cache-dir", default=str(ROOT / "runs" / "fusion_feature_cache"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for every run (e.g. fusion.label_prior=false); named in the table")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fusion_ablation.json"))
     args = p.parse_args()
 
@@ -59,6 +63,7 @@ def main() -> int:
                     out = f"{tmp}/{method}_{subset}_{seed}"
                     overrides = [f"train.output_dir={out}", f"fusion.method={method}", f"train.seed={seed}",
                                  f"fusion.modalities=[{','.join(SUBSETS[subset])}]", f"fusion.cache_dir={args.cache_dir}"]
+                    overrides += args.set
                     if args.epochs:
                         overrides.append(f"train.epochs={args.epochs}")
                     cfg = load_config(FinetuneConfig, args.config, overrides)
@@ -71,21 +76,28 @@ def main() -> int:
                     runs.append({"seed": seed, "accuracy": cat["accuracy"], "macro_f1": cat["macro_f1"],
                                  "attribute_micro_f1": attrs["micro_f1"], "train_s": summary["wall_s"],
                                  **{f"f1_{n}": attrs["per_attribute"][n]["f1"] for n in names}})
-                record = {"method": method, "modalities": subset, "runs": runs,
+                    gold_values = {n: attrs["per_attribute"][n]["gold_values"] for n in names}
+                record = {"method": method + "".join(f", {o}" for o in args.set), "modalities": subset, "runs": runs,
+                          "gold_values": gold_values,
                           **{k: round(sum(r[k] for r in runs) / len(runs), 4) for k in runs[0] if k != "seed"}}
                 results.append(record)
-                print(json.dumps({k: v for k, v in record.items() if k != "runs"}), flush=True)
+                print(json.dumps({k: v for k, v in record.items() if k not in ("runs", "gold_values")}), flush=True)
     short = [n.replace("_required", "_req").replace("_included", "_incl") for n in names]
     lines = ["| method | modalities | accuracy | macro-F1 | attr micro-F1 | " + " | ".join(f"F1 {n}" for n in short)
              + " | train s |", "|---" * (6 + len(names)) + "|"]
     lines += [f"| {r['method']} | {r['modalities']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
-              f"{r['attribute_micro_f1']:.3f} | " + " | ".join(f"{r['f1_' + n]:.3f}" for n in names)
+              f"{r['attribute_micro_f1']:.3f} | " + " | ".join(_f1_cell(r, n) for n in names)
               + f" | {r['train_s']:.0f} |" for r in results]
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": args.config, "seeds": args.seeds, "note": "image rows = text+attributes when "
                                           "image_encoder is none", "results": results, "table": lines}, indent=2) + "\n")
     return 0
+
+
+def _f1_cell(record: dict, name: str) -> str:
+    """An attribute no dev row states has no F1 to report (not a zero)."""
+    return f"{record['f1_' + name]:.3f}" if record["gold_values"][name] else "n/a"
 
 
 if __name__ == "__main__":

@@ -193,7 +193,10 @@ def _finetune_fusion(cfg: FinetuneConfig, accelerator: Any, schema: LabelSchema,
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else out_dir / "feature_cache") if fc.freeze else None
     featurizer = fusion.Featurizer(encoders, fc, cache)
-    model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders)
+    names = None
+    if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
+        names = encoders.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])
+    model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names)
     max_images = cfg.model.max_images if encoders.image is not None else 0
     collate = fusion.FusionCollator(featurizer, schema, specs, train_policy, max_images)
     dev_collate = fusion.FusionCollator(featurizer, schema, specs, dev_policy, max_images)

@@ -181,3 +181,39 @@ def test_train_save_load_in_new_process(tmp_path):
             f"print(json.dumps(load_model_dir({str(out)!r}, device='cpu').predict(rows, ImagePolicy(root=Path({str(ROOT)!r})))))")
     there = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert there == json.loads(json.dumps(here))
+
+
+def test_category_name_prior_ranks_named_categories_without_training():
+    """With the heads at zero the category logits are the prior alone: a listing that says what it is
+    lands on that category although no row was ever labelled with it; off, the prior is gone."""
+    schema = LabelSchema.from_yaml(SCHEMA)
+    specs = cls_head.head_specs(schema, [])
+    enc = fusion.Encoders("minilm", "none", 64, use_image=False).eval()
+    assert fusion.category_name("Games > Chess") == "Chess (Games)"
+    names = enc.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])
+    assert names.shape == (len(specs[0].classes), enc.text_dim)
+    assert torch.allclose(names.norm(dim=-1), torch.ones(len(names)), atol=1e-5)
+    cases = {"Wooden chess set with folding board and 32 pieces": "Games > Chess",
+             "Harry Potter Hogwarts wand replica": "Characters & Brands > Harry Potter",
+             "Plastic dinosaur figures, T-Rex and Triceratops": "Figures & Playsets > Dinosaurs",
+             "3D puzzle of the Eiffel Tower, 80 foam pieces": "Jigsaws & Puzzles > 3-D Puzzles"}
+    rows = [Listing(id=f"r{i}", title=t, description="") for i, t in enumerate(cases)]
+    cfg = fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H)
+    batch = fusion.Featurizer(enc, cfg, fusion.FeatureCache(None))(rows, [[] for _ in rows])
+    model = fusion.FusionModel(cfg, specs, enc.text_dim, 0, label_vectors=names).eval()
+    for head in model.heads.values():
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        top = model(**batch)["category"].argmax(-1).tolist()
+    predicted = [specs[0].classes[i] for i in top]
+    assert predicted == list(cases.values())
+    assert "label_vectors" in model.state_dict() and "label_scale" in model.state_dict()
+    off = fusion.FusionModel(fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H, label_prior=False),
+                             specs, enc.text_dim, 0).eval()
+    assert "label_vectors" not in off.state_dict()
+    for head in off.heads.values():
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        assert torch.count_nonzero(off(**batch)["category"]) == 0  # nothing but the (zeroed) heads

@@ -20,11 +20,18 @@ Encoders are frozen by default and their features CACHED on disk, keyed by (enco
 listing id, content hash), so epochs and reruns skip them; ``freeze: false`` fine-tunes them
 end to end (no cache). Fusion methods:
 
-* ``concat``: masked pooled vectors side by side (+ presence flags) -> MLP;
+* ``concat``: masked pooled vectors side by side (+ presence flags) -> linear heads;
 * ``attention``: a softmax over the available modalities (missing ones get weight 0); the
   weights are part of each prediction (``modality_weights``);
 * ``coattention``: each modality's tokens attend to the other modalities' tokens (cross
   attention, a learned null token when nothing else is there), then masked mean pooling.
+
+Category-name prior (``label_prior``, on by default): the taxonomy's own words are embedded once by
+the same text encoder ("Harry Potter (Characters & Brands)"), and a learned scale times the cosine
+between each text view and each category name is added to the category logits. A catalog team
+has a taxonomy of hundreds of categories and a handful of labelled rows for most of them: the
+prior lets a category with one labelled row, or none, still win when the listing says what it
+is. The category vectors are a buffer saved with the weights.
 
 Heads, targets, loss, calibration and the prediction record come from ``mmllm.models.classifier``.
 """
@@ -79,6 +86,9 @@ class FusionConfig:
     token_dropout: float = help_field(0.3, "training: chance to hide each attribute token")
     encoder_lr: float = help_field(2e-5, "learning rate of unfrozen encoders (freeze: false)")
     encode_batch: int = help_field(32, "listings per encoder batch when filling the cache")
+    label_prior: bool = help_field(True, "add the text encoder's cosine between the listing and each category's "
+                                         "name to the category logits (rare and unseen categories get a signal)")
+    label_prior_scale: float = help_field(5.0, "initial (learned) scale of that cosine, per text view")
 
 
 def _resolve(name: str) -> str:
@@ -218,11 +228,28 @@ class Encoders(nn.Module):
     def text_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, D]
 
+    @torch.no_grad()
+    def sentence_vectors(self, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
+        """[N, D] L2-normalized mean-pooled embeddings of short texts (category names)."""
+        out = []
+        for start in range(0, len(texts), batch):
+            enc = self.tokenizer(list(texts[start:start + batch]), truncation=True, max_length=64, padding=True,
+                                 return_tensors="pt").to(next(self.text.parameters()).device)
+            pooled = masked_mean(self.text_tokens(enc["input_ids"], enc["attention_mask"]).float(), enc["attention_mask"])
+            out.append(nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.text_dim)
+
     def pixels(self, images: Sequence[Any]) -> torch.Tensor:
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.image(pixel_values=pixel_values).last_hidden_state  # [N, P, D]
+
+
+def category_name(path: str) -> str:
+    """How a taxonomy path is read by the text encoder: the leaf first, its ancestors in brackets."""
+    parts = [p.strip() for p in path.split(">")]
+    return parts[-1] if len(parts) == 1 else f"{parts[-1]} ({' > '.join(parts[:-1])})"
 
 
 def _hash_text(listing: Listing, view: str = "text") -> str:
@@ -444,7 +471,7 @@ class FusionModel(nn.Module):
     """Projections of each modality to ``hidden`` -> fusion -> one head per schema field."""
 
     def __init__(self, cfg: FusionConfig, specs: list[HeadSpec], text_dim: int, image_dim: int,
-                 encoders: Encoders | None = None) -> None:
+                 encoders: Encoders | None = None, label_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg, self.specs = cfg, specs
         self.modalities = [m for m in MODALITIES if m in cfg.modalities and (m != "image" or image_dim)]
@@ -465,6 +492,12 @@ class FusionModel(nn.Module):
         self.fusion = FUSIONS[cfg.method](*args)
         self.dropout = nn.Dropout(cfg.dropout)
         self.heads = nn.ModuleDict({s.name: nn.Linear(self.fusion.out_dim, len(s.classes)) for s in specs if s.classes})
+        self.register_buffer("label_vectors", None)
+        if cfg.label_prior and "text" in self.modalities and specs and specs[0].name == "category":
+            # the category names embedded by the same text encoder [C, D], unit length; saved with the weights
+            shape = (len(specs[0].classes), text_dim)
+            self.label_vectors = torch.zeros(shape) if label_vectors is None else label_vectors.float()
+            self.label_scale = nn.Parameter(torch.tensor(float(cfg.label_prior_scale)))
         self.temperature = 1.0
         self.last_weights: torch.Tensor | None = None
 
@@ -480,19 +513,25 @@ class FusionModel(nn.Module):
         mask = batch[f"{view}_attention_mask"]
         return self.encoders.text_tokens(batch[f"{view}_input_ids"], mask).float(), mask
 
-    def _project(self, batch: dict[str, torch.Tensor], view: str, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        t, mask = self._encoded(batch, view)
+    def text_views(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Encoder token features and mask of each text view (text, title), read or computed once a batch."""
+        return {view: self._encoded(batch, view) for view in self.proj if view in ("text", "title")}
+
+    def _project(self, encoded: tuple[torch.Tensor, torch.Tensor], view: str, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        t, mask = encoded
         if pooled:  # concat / attention read pooled vectors: pool before projecting (much faster)
             t, mask = masked_mean(t, mask).unsqueeze(1), (mask.sum(1, keepdim=True) > 0).long()
         return self.proj[view](self.dropout(t)), mask
 
-    def modality_features(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def modality_features(self, batch: dict[str, torch.Tensor], views: dict[str, Any] | None = None
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per modality: token vectors [B, T, H] and their mask [B, T] (one pooled token unless co-attention)."""
         pooled = self.cfg.method != "coattention"
+        views = self.text_views(batch) if views is None else views
         tokens, masks = [], []
         for m in self.modalities:
             if m == "text":
-                parts = [self._project(batch, view, pooled) for view in self.proj if view in ("text", "title")]
+                parts = [self._project(encoded, view, pooled) for view, encoded in views.items()]
                 if self.cfg.lexical:
                     weights = batch["lexical_weights"].float()
                     bag = self.lexical(batch["lexical_ids"], per_sample_weights=weights).unsqueeze(1)
@@ -504,7 +543,7 @@ class FusionModel(nn.Module):
                 else:
                     t, mask = torch.cat([p for p, _ in parts], 1), torch.cat([p_mask for _, p_mask in parts], 1)
             elif m == "image":
-                t, mask = self._project(batch, "image", pooled)
+                t, mask = self._project(self._encoded(batch, "image"), "image", pooled)
             else:
                 t = self.attributes(batch["attr_names"], batch["attr_values"], batch["attr_features"].float())
                 mask = batch["attr_mask"]
@@ -520,15 +559,24 @@ class FusionModel(nn.Module):
             masks = [m * (~drop[:, i:i + 1]).long() for i, m in enumerate(masks)]
         return tokens, masks
 
-    def fused(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fused(self, batch: dict[str, torch.Tensor], views: dict[str, Any] | None = None) -> torch.Tensor:
         """The fused representation [B, out_dim] that every head reads."""
-        fused, weights = self.fusion(*self.modality_features(batch))
+        fused, weights = self.fusion(*self.modality_features(batch, views))
         self.last_weights = None if weights is None else weights.detach()
         return fused
 
+    def label_prior(self, views: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[B, C] learned scale x the sum over text views of cos(listing view, category name)."""
+        sims = [nn.functional.normalize(masked_mean(t, mask), dim=-1) @ self.label_vectors.T for t, mask in views.values()]
+        return self.label_scale * torch.stack(sims).sum(0)
+
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        fused = self.dropout(self.fused(batch))
-        return {name: head(fused) for name, head in self.heads.items()}
+        views = self.text_views(batch)
+        fused = self.dropout(self.fused(batch, views))
+        logits = {name: head(fused) for name, head in self.heads.items()}
+        if self.label_vectors is not None and views:
+            logits["category"] = logits["category"] + self.label_prior(views)
+        return logits
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: Path) -> None:
@@ -562,6 +610,7 @@ def load_fusion(folder: str | Path, device: str | None = None) -> "FusionPredict
     for key in ("text_encoder", "image_encoder"):
         if (folder / saved[key]).is_dir() and saved[key] in ("text_encoder", "image_encoder"):
             saved[key] = str(folder / saved[key])
+    saved.setdefault("label_prior", False)  # folders written before the prior existed
     cfg = FusionConfig(**{**saved, "freeze": True, "cache_dir": None})
     specs = [HeadSpec(**{**h, "edges": [float(e) for e in h["edges"]]}) for h in config["heads"]]
     encoders = Encoders(cfg.text_encoder, cfg.image_encoder, cfg.max_text_tokens,
