@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(PY) -m mmllm catalog validate examples/drawn/catalog.jsonl --schema examples/toys_schema.yaml
 	# the fusion model (frozen MiniLM text features, cached in runs/feature_cache; seller-table MLP;
 	# attention fusion) trained on the Amazon UK train split, then batch labelling of the held-out
-	# dev listings and the evaluation report: about 4 minutes on 2 CPU cores, offline
+	# dev listings and the evaluation report: about 3 minutes on 2 CPU cores, offline
 	rm -rf runs/make-run
 	$(PY) -m mmllm.finetune --config finetune/fusion_minilm_cpu.yaml train.output_dir=runs/make-run/fusion fusion.cache_dir=runs/feature_cache
 	$(PY) -m mmllm.label examples/amazon_uk_toys/dev.jsonl --model runs/make-run/fusion --out runs/make-run/labels.jsonl --errors runs/make-run/errors.jsonl
