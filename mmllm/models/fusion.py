@@ -513,14 +513,20 @@ class FusionModel(nn.Module):
         mask = batch[f"{view}_attention_mask"]
         return self.encoders.text_tokens(batch[f"{view}_input_ids"], mask).float(), mask
 
-    def text_views(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Encoder token features and mask of each text view (text, title), read or computed once a batch."""
-        return {view: self._encoded(batch, view) for view in self.proj if view in ("text", "title")}
-
-    def _project(self, encoded: tuple[torch.Tensor, torch.Tensor], view: str, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        t, mask = encoded
-        if pooled:  # concat / attention read pooled vectors: pool before projecting (much faster)
+    def _features(self, batch: dict[str, torch.Tensor], view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features of one view; concat / attention read one pooled token (pooled before
+        projecting: much faster), co-attention every token."""
+        t, mask = self._encoded(batch, view)
+        if self.cfg.method != "coattention":
             t, mask = masked_mean(t, mask).unsqueeze(1), (mask.sum(1, keepdim=True) > 0).long()
+        return t, mask
+
+    def text_views(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The features of each text view (text, title), once a batch: the fusion and the prior share them."""
+        return {view: self._features(batch, view) for view in self.proj if view in ("text", "title")}
+
+    def _project(self, features: tuple[torch.Tensor, torch.Tensor], view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t, mask = features
         return self.proj[view](self.dropout(t)), mask
 
     def modality_features(self, batch: dict[str, torch.Tensor], views: dict[str, Any] | None = None
@@ -531,7 +537,7 @@ class FusionModel(nn.Module):
         tokens, masks = [], []
         for m in self.modalities:
             if m == "text":
-                parts = [self._project(encoded, view, pooled) for view, encoded in views.items()]
+                parts = [self._project(features, view) for view, features in views.items()]
                 if self.cfg.lexical:
                     weights = batch["lexical_weights"].float()
                     bag = self.lexical(batch["lexical_ids"], per_sample_weights=weights).unsqueeze(1)
@@ -543,7 +549,7 @@ class FusionModel(nn.Module):
                 else:
                     t, mask = torch.cat([p for p, _ in parts], 1), torch.cat([p_mask for _, p_mask in parts], 1)
             elif m == "image":
-                t, mask = self._project(self._encoded(batch, "image"), "image", pooled)
+                t, mask = self._project(self._features(batch, "image"), "image")
             else:
                 t = self.attributes(batch["attr_names"], batch["attr_values"], batch["attr_features"].float())
                 mask = batch["attr_mask"]
