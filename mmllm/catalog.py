@@ -4,7 +4,9 @@ A catalog dump is JSONL (optionally gzipped), CSV (optionally gzipped), Parquet,
 ``datasets`` Dataset (or a folder written by ``Dataset.save_to_disk``), or a list of dicts. Every
 reader streams: it holds one row (Parquet: one small batch) at a time, so memory stays flat in
 the number of rows. A bad row never stops the reader: it comes out as a :class:`RowError`
-naming the file, the line (or row), the id when it can be found, and the field.
+naming the file, the line (or row), the id when it can be found, and the field. A file that
+cannot be read to its end (a truncated ``.gz``, a corrupt Parquet page) gives its rows up to
+the damage, then one RowError with field ``read`` saying where it broke, and ends there.
 
 Row contract (DESIGN.md)::
 
@@ -26,6 +28,7 @@ import hashlib
 import io
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,10 @@ import numpy as np
 
 FIELDS = ("id", "title", "description", "attributes", "images", "label")
 _ID_IN_TEXT = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
+_BOM = b"\xef\xbb\xbf"  # Excel and Windows tools put it before the first row of "UTF-8" exports
+# What a damaged file raises part-way: gzip cut short (EOFError), bad gzip data (BadGzipFile is
+# an OSError, a bad deflate block a zlib.error), unreadable disk. Arrow's errors are added per format.
+_BROKEN_STREAM: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
 
 
 class CatalogError(ValueError):
@@ -93,7 +100,7 @@ class RowError:
     source: str
     line: int
     id: str | None
-    problems: tuple[tuple[str, str], ...]  # (field or "row", message)
+    problems: tuple[tuple[str, str], ...]  # (field, or "row" / "read" for the whole row / file, message)
     unit: str = "line"  # "line" for text files, "row" for Parquet / datasets
 
     @property
@@ -139,6 +146,9 @@ def parse_row(raw: Any, *, source: str, line: int, limits: RowLimits = RowLimits
         row_id = None
     elif not isinstance(row_id, str):
         bad("id", f"expected a string, got {_kind(row_id)}")
+        row_id = None
+    elif not row_id.strip():
+        bad("id", f"blank ({row_id!r}); every row needs a unique string id")
         row_id = None
     else:
         row_id = row_id.strip()
@@ -288,6 +298,7 @@ class CatalogReader:
         self.check_duplicates = check_duplicates
         self.unknown_fields: Counter[str] = Counter()
         self._done = 0
+        self._reached = 0  # last line / row read, for the message when the file breaks off
         self._total: int | None = None
         if isinstance(source, (str, Path)):
             self.path: Path | None = Path(source)
@@ -324,7 +335,7 @@ class CatalogReader:
             "records": self._records,
         }[self.fmt]()
         seen = _SeenIds()
-        for item in raw_rows:
+        for item in self._until_broken(raw_rows):
             row = item if isinstance(item, RowError) else parse_row(
                 item[0], source=self.name, line=item[1], limits=self.limits, unit=item[2]
             )
@@ -338,13 +349,37 @@ class CatalogReader:
                     row = RowError(row.source, row.line, row.id, (("id", f"duplicate id, first seen at {self.unit} {first}"),), self.unit)
             yield row
 
-    # Each raw reader yields (raw dict, position, unit) or a RowError for a row that never parsed.
+    def _until_broken(self, raw_rows: Iterator[Any]) -> Iterator[Any]:
+        """The raw rows until the file cannot be read further, then one RowError saying where.
+
+        Everything before the damage has been yielded by then; nothing after it is guessed at.
+        """
+        broken = _BROKEN_STREAM
+        if self.fmt in ("parquet", "dataset"):
+            import pyarrow
+
+            broken += (pyarrow.ArrowException,)
+        self._reached = 0
+        try:
+            yield from raw_rows
+        except broken as exc:
+            what = "stream ended early" if isinstance(exc, EOFError) else "cannot read further"
+            where = f"after {self.unit} {self._reached}" if self._reached else "before the first row"
+            kind = "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__  # plain "error" says nothing
+            detail = " ".join(f"{kind}: {exc}".split())  # Arrow's messages span lines
+            message = f"{self.name}: {what} {where} ({detail}); the rest of the file was not read, re-copy or re-export it"
+            yield RowError(self.name, self._reached + 1, None, (("read", message),), self.unit)
+
+    # Each raw reader yields (raw dict, position, unit) or a RowError for a row that never parsed,
+    # and keeps self._reached at the last line (or row) it has read, for _until_broken's message.
     def _jsonl(self) -> Iterator[tuple[Any, int, str] | RowError]:
         limit = self.limits.max_line_bytes
         with _open_binary(self.path) as f:
             self._total = _size_for_progress(self.path)
             for number, line in enumerate(_bounded_lines(f, limit), start=1):
-                self._done = _position(f)
+                self._done, self._reached = _position(f), number
+                if number == 1 and line is not None:
+                    line = line.removeprefix(_BOM)
                 if line is None:
                     yield RowError(self.name, number, None, (("row", f"line longer than {limit:,} bytes; skipped"),))
                     continue
@@ -380,10 +415,11 @@ class CatalogReader:
             header = reader.fieldnames or []
             missing = [c for c in ("id", "title") if c not in header]
             if missing:
-                raise CatalogError(f"{self.path}: CSV header lacks column(s) {missing} (it has {header})")
-            start = 2
+                raise CatalogError(f"{self.path}: CSV header lacks column(s) {missing} (it has {header}); "
+                                   "add them, or rename the columns that hold them")
+            start, self._reached = 2, reader.line_num
             for record in reader:
-                self._done = _position(fb)
+                self._done, self._reached = _position(fb), reader.line_num
                 line, start = start, reader.line_num + 1
                 if None in record:  # more cells than header columns
                     yield RowError(self.name, line, record.get("id") or None, (("row", f"{len(header) + len(record[None])} cells for {len(header)} header columns"),))
@@ -406,7 +442,7 @@ class CatalogReader:
             for batch in pf.iter_batches(batch_size=256, row_groups=[group], use_threads=False):
                 for record in batch.to_pylist():
                     number += 1
-                    self._done = number
+                    self._done = self._reached = number
                     yield _decode_nested(record), number, "row"
 
     def _dataset(self) -> Iterator[tuple[Any, int, str]]:
@@ -420,7 +456,7 @@ class CatalogReader:
         except TypeError:  # IterableDataset
             self._total = None
         for number, record in enumerate(dataset, start=1):
-            self._done = number
+            self._done = self._reached = number
             yield _decode_nested(dict(record)), number, "row"
 
     def _records(self) -> Iterator[tuple[Any, int, str]]:

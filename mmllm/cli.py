@@ -5,7 +5,8 @@
     mmllm tiny OUT --arch ...             tiny random checkpoint (tests and smoke runs only)
     mmllm finetune|label|evaluate|search|demo ...   the jobs (also `python -m mmllm.<job>`)
 
-Only this layer turns paths and hub ids into objects (STYLE.md rule 9).
+Only this layer turns paths and hub ids into objects (STYLE.md rule 9). A catalog or schema
+that cannot be used at all is one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 from mmllm import __version__
+from mmllm.catalog import CatalogError
+from mmllm.schema import SchemaError
 
 # verb -> (module with main(argv), one-line help). Jobs take their own arguments.
 JOBS = {
@@ -73,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except (CatalogError, SchemaError) as exc:
+        return _fail(exc)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _run_job(verb: str, argv: list[str]) -> int:
@@ -85,7 +96,10 @@ def _run_job(verb: str, argv: list[str]) -> int:
             print(f"mmllm {verb}: this job is not part of this version of mmllm yet ({module_name})", file=sys.stderr)
             return 2
         raise
-    return int(module.main(argv) or 0)
+    try:
+        return int(module.main(argv) or 0)
+    except SchemaError as exc:  # a model folder's schema, for jobs that do not catch it themselves
+        return _fail(exc)
 
 
 def _schema_infer(args: argparse.Namespace) -> int:
@@ -109,13 +123,9 @@ def _schema_infer(args: argparse.Namespace) -> int:
 
 
 def _schema_check(args: argparse.Namespace) -> int:
-    from mmllm.schema import LabelSchema, SchemaError
+    from mmllm.schema import LabelSchema
 
-    try:
-        schema = LabelSchema.from_yaml(args.schema)
-    except SchemaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    schema = LabelSchema.from_yaml(args.schema)
     tops = sorted({c.split(" > ")[0] for c in schema.categories})
     print(f"{args.schema}: schema '{schema.name}' v{schema.version}: {len(schema.categories)} categories under {len(tops)} top-level nodes")
     for a in schema.attributes:

@@ -11,6 +11,10 @@ coverage (the model states a value where the gold has one) and invention (it sta
 the gold has none). JSON validity, error rows and rows missing from the predictions. Headline
 numbers get seeded bootstrap 95% intervals; ``--compare`` bootstraps the paired difference.
 
+Bad input lines do not stop a run; each is a warning naming file, line, id and field. A
+malformed prediction (a category that is not a string, attributes that are not an object) is
+an invalid answer, so it scores as wrong; a gold row that cannot be scored is left out.
+
 The report folder gets ``report.md``, ``metrics.json`` and PNG plots: the confusion matrix of the
 most frequent categories, per-class F1, a reliability diagram when predictions carry
 probabilities, and the training curves when ``--model`` points at a model folder.
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,31 +55,30 @@ class Rows:
     top_k: list[list[str]]
     confidence: list[float | None]
     extra_predictions: int = 0
-    gold_errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # bad input lines, "file line N (id 'x'): field: problem"
 
 
 def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Rows:
-    preds: dict[str, dict[str, Any]] = {}
-    with open(pred_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{pred_path} line {number}: not valid JSON ({exc.msg})") from None
-            if record.get("id") is not None:
-                preds[str(record["id"])] = record
     rows = Rows([], [], [], [], [], [], [], [], [])
+    preds = read_predictions(pred_path, rows.warnings)
     seen = set()
-    for row in CatalogReader(gold_source):
+    reader = CatalogReader(gold_source)
+    for row in reader:
         if isinstance(row, RowError):
-            rows.gold_errors.append(str(row))
+            if row.id is not None:
+                seen.add(row.id)  # a prediction for a gold row left out is not a stray one
+            rows.warnings.append(f"{row}; gold row left out")
             continue
         if row.label is None:
             continue
         seen.add(row.id)
         gold = _normalize(row.label, schema)
+        where = f"{row.source} {reader.unit} {row.line} (id {row.id!r})"
+        if gold["category"] is None and not any(v is not None for v in gold["attributes"].values()):
+            rows.warnings.append(f"{where}: label: neither a category nor attributes; gold row left out")
+            continue
+        if gold["category"] is None:
+            rows.warnings.append(f"{where}: label.category: missing; row left out of the category metrics")
         record = preds.get(row.id)
         status = "missing" if record is None else record.get("status", "ok")
         pred = _normalize(record, schema) if record is not None and status == "ok" else {"category": None, "attributes": {}}
@@ -89,8 +94,81 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         rows.confidence.append((record or {}).get("confidence") if status == "ok" else None)
     rows.extra_predictions = len(set(preds) - seen)
     if not rows.ids:
-        raise ValueError(f"{gold_source}: no labelled rows to evaluate against")
+        first = f"; {len(rows.warnings)} input problem(s), the first: {rows.warnings[0]}" if rows.warnings else ""
+        raise ValueError(f"{gold_source}: no labelled rows to evaluate against{first}")
     return rows
+
+
+def read_predictions(path: Path, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """Predictions by id. A line that cannot be read is skipped and one that is malformed becomes
+    an invalid answer, each with a warning: one bad line must not hide the scores of the rest."""
+    preds: dict[str, dict[str, Any]] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                warnings.append(f"{where}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start}); line skipped")
+                continue
+            except json.JSONDecodeError as exc:
+                warnings.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); line skipped")
+                continue
+            if not isinstance(record, dict):
+                warnings.append(f"{where}: expected a JSON object, got {_shown(record)}; line skipped")
+                continue
+            if record.get("id") is None:
+                continue  # error records of rows that never parsed: no gold row to score them against
+            record_id = str(record["id"])
+            problem = _prediction_problem(record)
+            if problem is not None:
+                field_name, message = problem
+                status = "error" if record.get("status") == "error" else "invalid"  # an error row stays one
+                warnings.append(f"{where} (id {record_id!r}): {field_name}: {message}; counted as an {status} answer")
+                record = {"id": record_id, "status": status, "error": f"{field_name}: {message}"}
+            preds[record_id] = record
+    return preds
+
+
+def _prediction_problem(record: dict[str, Any]) -> tuple[str, str] | None:
+    """The first field of a prediction record that metrics cannot use, as (field, message)."""
+    status = record.get("status", "ok")
+    if status not in ("ok", "invalid", "error"):
+        return "status", f"expected 'ok', 'invalid' or 'error', got {_shown(status)}"
+    category, attributes = record.get("category"), record.get("attributes")
+    if status == "ok" and category is not None and not isinstance(category, str):
+        return "category", f"expected a taxonomy path string, got {_shown(category)}"
+    if status == "ok" and attributes is not None and not isinstance(attributes, Mapping):
+        return "attributes", f"expected an object of name -> value, got {_shown(attributes)}"
+    top_k = record.get("top_k", [])
+    if not isinstance(top_k, list) or not all(isinstance(c.get("category") if isinstance(c, dict) else c, str) for c in top_k):
+        return "top_k", f"expected a list of categories or {{'category': ...}} objects, got {_shown(top_k)}"
+    confidence = record.get("confidence")
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                                   or not math.isfinite(confidence)):
+        return "confidence", f"expected a number, got {_shown(confidence)}"
+    return None
+
+
+def schema_fit_warnings(rows: Rows, schema: LabelSchema, schema_path: Path, gold_source: Path) -> list[str]:
+    """Warn when the schema fits none of the gold: every score would be 0 for a reason that is no model's fault."""
+    out = []
+    categories = {c for c in rows.gold_category if c is not None}
+    if categories and not any(schema.canonical_category(c) for c in categories):
+        out.append(f"{schema_path}: none of the {len(categories)} gold categories of {gold_source.name} is in its "
+                   f"taxonomy (e.g. {sorted(categories)[0]!r}); category scores mean nothing, check --schema")
+    names = {k for attrs in rows.gold_attributes for k in attrs}
+    if names and not names & set(schema.attribute_names):
+        out.append(f"{schema_path}: none of the gold attribute names of {gold_source.name} ({', '.join(sorted(names)[:5])}) "
+                   f"is in it ({', '.join(schema.attribute_names) or 'none'}); attribute scores mean nothing, check --schema")
+    return out
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def _normalize(label: dict[str, Any], schema: LabelSchema | None) -> dict[str, Any]:
@@ -117,7 +195,7 @@ def category_metrics(gold: Sequence[str | None], pred: Sequence[str | None]) -> 
         per_class[c] = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _f1(tp, fp, fn),
                         "support": tp + fn}
     support = sum(v["support"] for v in per_class.values())
-    levels = max(len(g.split(SEPARATOR)) for g, _ in pairs)
+    levels = max((len(g.split(SEPARATOR)) for g, _ in pairs), default=0)  # 0 when no gold row has a category
     per_level = {}
     for level in range(1, levels + 1):
         at = [(g, p) for g, p in pairs if len(g.split(SEPARATOR)) >= level]
@@ -265,6 +343,11 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
     for name, m in metrics["attributes"]["per_attribute"].items():
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['coverage']:.3f} | "
                      f"{m['invented']:.3f} | {m['gold_values']} |")
+    if rows.warnings:
+        lines += ["", "## Input problems", "", f"{len(rows.warnings)} warning(s) about the inputs; bad lines were left "
+                  "out or counted as invalid answers:", "", *(f"- {w}" for w in rows.warnings[:200])]
+        if len(rows.warnings) > 200:
+            lines.append(f"- ... and {len(rows.warnings) - 200} more")
     lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
     lines += ["", "## The 20 worst errors", "", "| id | title | gold | predicted | status |", "|---|---|---|---|---|"]
     for i in worst_errors(rows, 20):
@@ -403,13 +486,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     model_schema = args.model / "label_schema.yaml" if args.model else None
     schema_path = args.schema or (model_schema if model_schema and model_schema.exists() else None)
-    schema = LabelSchema.from_yaml(schema_path) if schema_path else None
-    try:
+    try:  # SchemaError and CatalogError are ValueErrors: one line each, like a missing file
+        schema = LabelSchema.from_yaml(schema_path) if schema_path else None
         rows = align(args.pred, args.gold, schema)
         other = align(args.compare, args.gold, schema) if args.compare else None
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if schema is not None:
+        rows.warnings.extend(schema_fit_warnings(rows, schema, schema_path, args.gold))
+    _print_warnings(list(dict.fromkeys(rows.warnings + (other.warnings if other else []))))  # gold's once
     names = list(schema.attribute_names) if schema else sorted({k for a in rows.gold_attributes for k in a})
     metrics = evaluate_rows(rows, names, args.tolerance)
     intervals = bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed)
@@ -425,6 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"rows {metrics['rows']}, missing {metrics['missing_rows']}, errors {metrics['error_rows']}, "
           f"invalid {metrics['invalid_rows']}; report: {args.report / 'report.md'}")
     return 0
+
+
+def _print_warnings(warnings: list[str], limit: int = 20) -> None:
+    for line in warnings[:limit]:
+        print(f"warning: {line}", file=sys.stderr)
+    if len(warnings) > limit:
+        print(f"warning: ... and {len(warnings) - limit} more (listed in the report)", file=sys.stderr)
 
 
 if __name__ == "__main__":

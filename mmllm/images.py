@@ -5,7 +5,8 @@ to climb out of the catalog folder, a file may be a decompression bomb, a
 truncated upload or something that only pretends to be a picture. Everything
 here either returns a fully decoded RGB image or raises :class:`ImageError`
 with a short ``reason`` code, so callers can record the failure for one row
-and carry on.
+and carry on. Messages name the reference as the catalog gave it and never a
+resolved path: they reach demo users, and where a symlink points is not theirs to see.
 
 Both local files and (opt-in) http(s) downloads go through
 :func:`open_image_bytes`, so size, pixel and format limits are enforced in one
@@ -138,15 +139,15 @@ def resolve_image_path(ref: str, policy: ImagePolicy) -> Path:
     # Lexical check first: normpath folds '..' without touching the disk.
     if not _inside(Path(os.path.normpath(candidate)), root, real_root):
         if given.is_absolute():
-            raise ImageError(ref, "outside_root", f"absolute path outside the image root {root}; "
+            raise ImageError(ref, "outside_root", "absolute path outside the image root; "
                              "move the file under it or use a path relative to it")
-        raise ImageError(ref, "path_traversal", f"'..' leads outside the image root {root}; "
+        raise ImageError(ref, "path_traversal", "path leaves the image root through '..'; "
                          "keep image paths inside it")
     # realpath follows every symlink (and applies '..' after them, as the kernel would).
     real = Path(os.path.realpath(candidate))
     if not _inside(real, real_root):
-        raise ImageError(ref, "symlink_escape", f"a symlink leads to {real}, outside the image root "
-                         f"{real_root}; copy the file into the root instead of linking it")
+        raise ImageError(ref, "symlink_escape", "path leaves the image root through a symlink; "
+                         "copy the file into the root instead of linking it")
     return _regular_file(ref, real)
 
 
@@ -154,10 +155,10 @@ def _regular_file(ref: str, path: Path) -> Path:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise ImageError(ref, "missing", f"cannot open {path} ({exc.strerror}); "
+        raise ImageError(ref, "missing", f"cannot open it ({exc.strerror}); "
                          "check the path and the image root") from None
     if not stat.S_ISREG(mode):
-        raise ImageError(ref, "not_a_file", f"{path} is not a regular file; point to an image file")
+        raise ImageError(ref, "not_a_file", "not a regular file; point to an image file")
     return path
 
 
@@ -226,7 +227,7 @@ def load_image(ref: str, policy: ImagePolicy) -> Image.Image:
             # Read one byte past the limit in case the file grew since stat().
             data = file.read(policy.max_bytes + 1)
     except OSError as exc:
-        raise ImageError(ref, "missing", f"cannot read {path} ({exc.strerror}); check its permissions") from None
+        raise ImageError(ref, "missing", f"cannot read it ({exc.strerror}); check its permissions") from None
     return open_image_bytes(data, ref, policy)
 
 

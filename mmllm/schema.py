@@ -90,6 +90,15 @@ class AttributeSpec:
     max_items: int = 8
 
     def __post_init__(self) -> None:
+        # YAML gives whatever was typed: check kinds before comparing, so a slip is named, not a TypeError
+        for key in ("max_length", "max_items"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SchemaError(f"attribute '{self.name}': {key} must be a whole number >= 1, got {value!r}")
+        for key in ("minimum", "maximum"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise SchemaError(f"attribute '{self.name}': {key} must be a finite number or left out, got {value!r}")
         if self.type not in ATTRIBUTE_TYPES:
             raise SchemaError(
                 f"attribute '{self.name}': type '{self.type}' is not one of {', '.join(ATTRIBUTE_TYPES)}"
@@ -207,8 +216,13 @@ class LabelSchema:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise SchemaError(f"{path}: cannot read the label schema: {exc}") from exc
+        except OSError as exc:
+            raise SchemaError(f"{path}: cannot read the label schema: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise SchemaError(f"{path}: cannot read the label schema: byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start} is not UTF-8; save the file as UTF-8") from None
+        except yaml.YAMLError as exc:
+            raise SchemaError(f"{path}: cannot read the label schema: {_yaml_problem(exc)}") from None
         try:
             return cls.from_dict(data)
         except SchemaError as exc:
@@ -221,23 +235,30 @@ class LabelSchema:
         unknown = set(data) - {"name", "version", "description", "taxonomy", "attributes"}
         if unknown:
             raise SchemaError(f"unknown top-level key(s) {sorted(unknown)}")
+        specs = data.get("attributes") or {}
+        if not isinstance(specs, Mapping):
+            raise SchemaError(f"'attributes' must map each attribute name to its spec, got a {type(specs).__name__}")
         attributes = []
-        for name, spec in (data.get("attributes") or {}).items():
+        for name, spec in specs.items():
             if not isinstance(spec, Mapping):
                 raise SchemaError(f"attribute '{name}': expected a mapping with at least 'type'")
             extra = set(spec) - {"type", "description", "values", "minimum", "maximum", "max_length", "max_items"}
             if extra:
                 raise SchemaError(f"attribute '{name}': unknown key(s) {sorted(extra)}")
+            values = spec.get("values") or []
+            if not isinstance(values, list) or any(isinstance(v, (list, dict)) for v in values):
+                raise SchemaError(f"attribute '{name}': values must be a list of names, got {values!r}")
+            # Bounds pass through unconverted: AttributeSpec names a wrong kind (max_length: lots)
             attributes.append(
                 AttributeSpec(
                     name=str(name),
                     type=str(spec.get("type", "")),
                     description=str(spec.get("description", "")).strip(),
-                    values=tuple(str(v) for v in spec.get("values") or ()),
+                    values=tuple(str(v) for v in values),
                     minimum=spec.get("minimum"),
                     maximum=spec.get("maximum"),
-                    max_length=int(spec.get("max_length", 64)),
-                    max_items=int(spec.get("max_items", 8)),
+                    max_length=spec.get("max_length", 64),
+                    max_items=spec.get("max_items", 8),
                 )
             )
         return cls(
@@ -393,6 +414,14 @@ def extract_json_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(obj, dict):
         return None, "the answer is not a JSON object"
     return obj, None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where in the file and what (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
 
 
 def _flatten_taxonomy(node: Any, prefix: str = "") -> list[str]:

@@ -2,8 +2,11 @@
 
 ``validate`` checks every row against the contract, opens every image under the rules of
 :mod:`mmllm.images`, and (with a label schema) checks gold labels; it names each bad row by
-file, line and id, writes them all to an errors JSONL if asked, and exits non-zero when any row
-is bad. ``stats`` counts rows, images, label coverage, categories and attribute coverage.
+file, line and id, writes them all to an errors JSONL if asked, and exits 1 when any row is bad.
+``stats`` counts rows, images, label coverage, categories and attribute coverage. A catalog or
+schema that cannot be used at all (missing file, CSV header without ``id`` / ``title``, bad
+schema file) raises CatalogError / SchemaError, even from inside the row loop (the CSV header
+is read there); ``mmllm`` prints it as one line and exits 2.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, RowLimits
+from mmllm.catalog import CatalogReader, Listing, RowError, RowLimits
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.progress import Progress
-from mmllm.schema import LabelSchema, SchemaError
+from mmllm.schema import LabelSchema
 
 
 def check_images(listing: Listing, policy: ImagePolicy, unit: str = "line") -> RowError | None:
@@ -219,12 +222,9 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> tuple[CatalogReader, LabelSchema | None]:
-    try:
-        schema = LabelSchema.from_yaml(args.schema) if args.schema else None
-        limits = RowLimits(max_title_chars=args.max_title_chars)
-        return CatalogReader(args.catalog, limits=limits), schema
-    except (CatalogError, SchemaError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    schema = LabelSchema.from_yaml(args.schema) if args.schema else None
+    limits = RowLimits(max_title_chars=args.max_title_chars)
+    return CatalogReader(args.catalog, limits=limits), schema
 
 
 def _progress(reader: CatalogReader, args: argparse.Namespace, desc: str) -> Progress:

@@ -114,9 +114,10 @@ def test_schema_infer_check_and_json_schema(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["required"] == ["category", "attributes"]
 
 
-def test_missing_catalog_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no such catalog file"):
-        main(["catalog", "stats", str(tmp_path / "nope.jsonl")])
+def test_missing_catalog_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main(["catalog", "stats", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such catalog file\n"
 
 
 def test_console_script_is_installed():

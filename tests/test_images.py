@@ -171,7 +171,9 @@ def test_absolute_path_outside_root(policy: ImagePolicy, outside: Path):
 def test_symlink_to_file_outside_root(root: Path, policy: ImagePolicy, outside: Path):
     (root / "link.png").symlink_to(outside)
     err = refused("symlink_escape", "link.png", policy)
-    assert str(outside) in str(err)
+    # where the link points is not the catalog's business, nor a demo user's: it is never shown
+    assert str(err) == ("image 'link.png': path leaves the image root through a symlink; "
+                        "copy the file into the root instead of linking it")
 
 
 def test_symlinked_directory_outside_root(root: Path, policy: ImagePolicy, outside: Path):
