@@ -1,7 +1,7 @@
 """Classification heads vs generative labelling: listings/s on the same backbone and batch size.
 
 The head needs one forward pass over the prompt; generation needs that prefill plus one step per
-answer token. Both run through the same labelling job (``mmllm.label.run_local``), same rows,
+answer token. Both run through the same labelling job (``mmllm.labelling.engine.run_local``), same rows,
 same compact prompt, same batch size; generation is schema-constrained as shipped.
 
     python benchmarks/classify_vs_generate.py [--rows 64] [--batch 8]          # CPU, tiny:qwen2_vl

@@ -96,16 +96,13 @@ def load(model: str, schema: Path, constrained: bool, batch: int, max_new_tokens
 
 
 def run_job(predictor, dump: Path, batch: int, out: Path):
-    from mmllm.label import LabelOptions, Output, run_local
+    from mmllm.labelling.engine import LabelOptions, run_local
+    from mmllm.labelling.output import Output
 
     out.unlink(missing_ok=True)
-    output = Output(out, None, resume=False)
-    try:
-        summary = run_local(predictor, [dump], output, LabelOptions(batch_size=batch, quiet=True,
-                                                                    roots={dump.name: dump.parent.resolve()}))
-    finally:
-        output.close()
-    return summary
+    with Output(out, None, resume=False, inputs=[dump]) as output:
+        return run_local(predictor, [dump], output, LabelOptions(batch_size=batch, quiet=True,
+                                                                 roots={dump.name: dump.parent.resolve()}))
 
 
 def decode_steps(predictor, dump: Path, batch: int, tmp: Path) -> tuple[float, int]:

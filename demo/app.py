@@ -33,7 +33,9 @@ from PIL import Image, ImageDraw
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, detect_format, parse_row
 from mmllm.images import ImageError, ImagePolicy, load_image, resolve_image_path
-from mmllm.label import LabelOptions, Output, Summary, error_record, iter_rows, label_batch, load_predictor
+from mmllm.label import load_predictor
+from mmllm.labelling.engine import LabelOptions, Summary, error_record, run_local
+from mmllm.labelling.output import Output
 
 log = logging.getLogger("mmllm.demo")
 
@@ -299,37 +301,17 @@ class Demo:
         out_path = Path(tempfile.mkdtemp(dir=self._workdir.name)) / f"{dump.name.split('.')[0]}.labels.jsonl"
         batch_size = max(1, int(getattr(self.predictor, "batch_size", 4)))
         opts = LabelOptions(batch_size=batch_size, quiet=True, roots={dump.name: self.image_root or dump.parent})
-        output, summary, done = Output(out_path, None, resume=False), Summary(), 0
         records: list[dict[str, Any]] = []
-        started = time.perf_counter()
 
-        def emit(batch_records: list[dict[str, Any]]) -> None:
-            nonlocal done
-            for record in batch_records:
-                output.write(record)
-                summary.count(record)
-                records.append(record)
-            done += len(batch_records)
+        def seen(record: dict[str, Any]) -> None:
+            records.append(record)
             if progress is not None:
-                progress((done, total), desc=f"labelled {done} of {total} rows", unit="rows")
+                progress((len(records), total), desc=f"labelled {len(records)} of {total} rows", unit="rows")
 
-        try:
-            pending: list[Listing] = []
-            for row in iter_rows([dump], opts, output.is_done):
-                if isinstance(row, RowError):
-                    emit([error_record(row, "read", row.message)])
-                    continue
-                pending.append(row)
-                if len(pending) == batch_size:
-                    with self._lock:
-                        emit(label_batch(self.predictor, pending, opts))
-                    pending = []
-            if pending:
-                with self._lock:
-                    emit(label_batch(self.predictor, pending, opts))
-        finally:
-            output.close()
-        summary.wall_s = time.perf_counter() - started
+        # The engine `mmllm label` runs: every row (a bad image, a row the processor refuses, a
+        # broken line) becomes its own record and the others are still labelled.
+        with Output(out_path, None, resume=False, inputs=[dump]) as output:
+            summary = run_local(self.predictor, [dump], output, opts, on_record=seen, model_lock=self._lock)
         preview = [[r.get("line"), r.get("id"), r["status"], r.get("category"), r.get("error", "")]
                    for r in sorted(records, key=lambda r: r.get("line") or 0)]
         stages = ", ".join(f"{stage} {n}" for stage, n in sorted(summary.by_stage.items()))

@@ -130,7 +130,7 @@ def test_batched_output_equals_one_by_one(tmp_path, tiny_checkpoint):
     assert one == eight
 
 
-def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint):
+def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint, capsys):
     dump = write_dump(tmp_path / "d", 10)
     model = tiny_checkpoint("qwen2_vl")
     for i in range(3):
@@ -138,8 +138,11 @@ def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint):
     ids = [r["id"] for i in range(3) for r in read(tmp_path / f"s{i}.jsonl")]
     assert sorted(ids) == sorted(f"r{i}" for i in range(10)) and len(ids) == 10
     assert sorted(r["id"] for r in read(tmp_path / "s1.jsonl")) == ["r1", "r4", "r7"]
-    with pytest.raises(SystemExit, match="need 0 <= I < N"):
+    with pytest.raises(SystemExit) as exit_info:
         label(dump, tmp_path / "x.jsonl", model, "--shard", "3/3")
+    assert exit_info.value.code == 2
+    assert "argument --shard: '3/3': need 0 <= I < N" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_existing_output_needs_resume_and_limit_works(tmp_path, tiny_checkpoint, capsys):

@@ -2,7 +2,7 @@
 
 Read tasks stream the dumps with mmllm's own reader (each takes every P-th row of the shard),
 ``map_batches`` runs one :class:`LabelActor` per model replica (CPUs or GPUs per actor are
-options), and the driver writes every record through the same :class:`~mmllm.label.Output`
+options), and the driver writes every record through the same :class:`~mmllm.labelling.output.Output`
 as the local engine: same format, same one-line-per-row guarantee, same ``--resume``.
 Connect to a cluster with ``--ray-address``; without it a local Ray instance is started.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmllm.catalog import Listing, RowError
-from mmllm.label import LabelOptions, Output, Summary, error_record, iter_rows, label_batch, load_predictor
+from mmllm.labelling.engine import LabelOptions, Summary, error_record, iter_rows, label_batch
+from mmllm.labelling.output import DoneRows, Output
 from mmllm.progress import Progress
 
 
@@ -34,8 +35,8 @@ class RayOptions:
 class LabelActor:
     """One model replica; turns a batch of payloads into one record each."""
 
-    def __init__(self, model_args: dict[str, Any], opts: LabelOptions) -> None:
-        self.predictor = load_predictor(**model_args)
+    def __init__(self, load: Any, model_args: dict[str, Any], opts: LabelOptions) -> None:
+        self.predictor = load(**model_args)
         self.opts = opts
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
@@ -51,14 +52,9 @@ class LabelActor:
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
-def _read_part(item: dict[str, Any], dumps: list[str], opts: LabelOptions, done: Any) -> list[dict[str, str]]:
-    done_ids, done_positions = done if done is not None else (set(), set())
-
-    def is_done(row: Listing | RowError) -> bool:
-        return (row.source, row.line) in done_positions or (isinstance(row, Listing) and row.id in done_ids)
-
+def _read_part(item: dict[str, Any], dumps: list[str], opts: LabelOptions, done: DoneRows) -> list[dict[str, str]]:
     out = []
-    for row in iter_rows([Path(d) for d in dumps], opts, is_done, part=(item["part"], item["parts"])):
+    for row in iter_rows([Path(d) for d in dumps], opts, done.__contains__, part=(item["part"], item["parts"])):
         if isinstance(row, RowError):
             out.append({"payload": json.dumps({"record": error_record(row, "read", row.message)})})
         else:
@@ -67,8 +63,9 @@ def _read_part(item: dict[str, Any], dumps: list[str], opts: LabelOptions, done:
     return out
 
 
-def run_ray(model_args: dict[str, Any], dumps: Sequence[Path], output: Output, opts: LabelOptions,
+def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output: Output, opts: LabelOptions,
             ray_opts: RayOptions) -> Summary:
+    """``load(**model_args)`` builds one predictor in each actor."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under the home folder
@@ -80,17 +77,17 @@ def run_ray(model_args: dict[str, Any], dumps: Sequence[Path], output: Output, o
                  ignore_reinit_error=True)
     else:
         ray.init(address=ray_opts.address, ignore_reinit_error=True)
-    summary = Summary(skipped=len(output.done_positions) if opts.resume else 0)
+    summary = Summary(skipped=len(output.done) if opts.resume else 0)
     started = time.perf_counter()
     progress = Progress("label (ray)", enabled=not opts.quiet, log_every_s=opts.log_every_s,
                         log_every_rows=opts.log_every_rows)
     try:
-        done = (output.done_ids, output.done_positions) if opts.resume else None
+        done = output.done if opts.resume else DoneRows()
         parts = max(1, ray_opts.actors)
         ds = ray.data.from_items([{"part": k, "parts": parts} for k in range(parts)], override_num_blocks=parts)
         ds = ds.flat_map(_read_part, fn_kwargs={"dumps": [str(d) for d in dumps], "opts": opts, "done": done})
         ds = ds.map_batches(
-            LabelActor, fn_constructor_kwargs={"model_args": model_args, "opts": opts}, batch_size=opts.batch_size,
+            LabelActor, fn_constructor_kwargs={"load": load, "model_args": model_args, "opts": opts}, batch_size=opts.batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ray_opts.actors),
             num_cpus=ray_opts.cpus_per_actor, num_gpus=ray_opts.gpus_per_actor,
         )

@@ -1,0 +1,352 @@
+"""The files a labelling job writes, and the rules that keep the user's data safe.
+
+A job writes ``--out`` (one JSON line per input row), optionally ``--errors`` (a copy of every
+record that is not ``ok``) and two sidecars next to ``--out``:
+
+- ``OUT.lock``: held with ``flock`` for the whole run, so two runs never append to one ``--out``;
+  it names the holder (pid, host, start time, command) for the run that is refused.
+- ``OUT.job.json``: the job's manifest - the inputs (resolved path, size, content fingerprint),
+  the model, the schema / template and the shard. ``--resume`` continues only the job that wrote
+  ``--out``: a changed input or model is refused, saying what changed, unless the user passes
+  ``--resume-changed``.
+
+Before anything is opened for writing, no path the job writes may be (or resolve to, through a
+symlink or a hard link) an input dump or another written path. Records are written whole with one
+``write`` each; a failed write (disk full, quota, a file-size limit) is cut back to the last whole
+line and ends the run with :class:`WriteError`; ``--resume`` repairs a torn last line in both files
+and copies into ``--errors`` any failed record it is missing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmllm.catalog import Listing, RowError
+
+MANIFEST_FORMAT = "mmllm-label-job/1"
+FULL_HASH_BYTES = 1 << 30  # files up to 1 GiB are hashed whole (about a second); larger ones are sampled
+SAMPLE_BLOCKS = 64
+BLOCK = 1 << 20
+
+
+class OutputError(Exception):
+    """The job cannot start: a path clash, a held lock, a changed input. Nothing was written."""
+
+
+class WriteError(Exception):
+    """A write failed mid-run (disk full, ...): the run stops; ``--resume`` continues it."""
+
+
+# ---------------------------------------------------------------------- paths
+def sidecar_paths(out: Path) -> dict[str, Path]:
+    return {"lock file": out.with_name(out.name + ".lock"), "job manifest": out.with_name(out.name + ".job.json")}
+
+
+def check_paths(inputs: Sequence[Path], writes: dict[str, Path]) -> None:
+    """Refuse a written path that is an input, lies inside an input folder, or is another written path."""
+    resolved = {name: path.resolve() for name, path in writes.items()}
+    for name, path in writes.items():
+        if path.is_dir():
+            raise OutputError(f"{name} {path} is a folder; give a file path")
+        for dump in inputs:
+            target = dump.resolve()
+            if resolved[name] == target or _same_file(path, dump) or (dump.is_dir() and target in resolved[name].parents):
+                raise OutputError(f"{name} {path} would write over the input {dump}; choose another path "
+                                  "(the labeller never writes to its inputs)")
+    names = list(writes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if resolved[a] == resolved[b] or _same_file(writes[a], writes[b]):
+                raise OutputError(f"{a} and {b} are the same file ({writes[a]}); choose two different paths")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+# ---------------------------------------------------------------------- fingerprints
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file (sampled past 1 GiB), or of every file of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        digest, size, sampled = hashlib.sha256(), 0, False
+        for part in sorted(p for p in path.rglob("*") if p.is_file()):
+            info = fingerprint(part)
+            digest.update(f"{part.relative_to(path)}\0{info['size']}\0{info['sha256']}\n".encode())
+            size, sampled = size + info["size"], sampled or info["sampled"]
+        return {"size": size, "sha256": digest.hexdigest(), "sampled": sampled}
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            while chunk := f.read(BLOCK):
+                digest.update(chunk)
+        else:  # evenly spaced blocks, first and last included: a second, not minutes, for a huge dump
+            for k in range(SAMPLE_BLOCKS):
+                f.seek((size - BLOCK) * k // (SAMPLE_BLOCKS - 1))
+                digest.update(f.read(BLOCK))
+    return {"size": size, "sha256": digest.hexdigest(), "sampled": size > FULL_HASH_BYTES}
+
+
+def job_manifest(inputs: Sequence[Path], model: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a job: its inputs, its model and the settings that change which rows or answers."""
+    model_path = Path(model)
+    model_info = ({"path": str(model_path.resolve()), **fingerprint(model_path)} if model_path.exists()
+                  else {"id": model})
+    return {
+        "format": MANIFEST_FORMAT,
+        "inputs": [{"name": p.name, "path": str(p.resolve()), **fingerprint(p)} for p in inputs],
+        "model": model_info,
+        "settings": settings,
+    }
+
+
+def manifest_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between the job that wrote --out and this one, in words."""
+    changes = []
+    old_inputs, new_inputs = old.get("inputs", []), new["inputs"]
+    if [i["name"] for i in old_inputs] != [i["name"] for i in new_inputs]:
+        changes.append(f"inputs were {[i['name'] for i in old_inputs]}, now {[i['name'] for i in new_inputs]}")
+    for before, now in zip(old_inputs, new_inputs):
+        if before.get("path") != now["path"]:
+            changes.append(f"input {now['name']} is another file: was {before.get('path')}, now {now['path']}")
+        elif before.get("size") != now["size"]:
+            changes.append(f"input {now['name']} changed: {before.get('size'):,} bytes, now {now['size']:,}")
+        elif before.get("sha256") != now["sha256"]:
+            changes.append(f"input {now['name']} changed: same size, different content")
+    if old.get("model") != new["model"]:
+        was, now = old.get("model", {}), new["model"]
+        name = now.get("path") or now.get("id")
+        same_ref = (was.get("path") or was.get("id")) == name
+        changes.append(f"model {name} changed since the run started" if same_ref
+                       else f"model was {was.get('path') or was.get('id')}, now {name}")
+    for key in sorted(set(old.get("settings", {})) | set(new["settings"])):
+        if old.get("settings", {}).get(key) != new["settings"].get(key):
+            changes.append(f"{key} was {old.get('settings', {}).get(key)!r}, now {new['settings'].get(key)!r}")
+    return changes
+
+
+# ---------------------------------------------------------------------- which rows are done
+@dataclass
+class DoneRows:
+    """Rows already labelled in --out: by id; rows without a usable id (read errors) by file and line."""
+
+    ids: set[str] = field(default_factory=set)
+    positions: set[tuple[str, int]] = field(default_factory=set)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record.get("stage") == "read":  # its id (if any) is not trusted: a repeated id is a read error too
+            self.positions.add((record.get("source"), record.get("line")))
+        elif record.get("id") is not None:
+            self.ids.add(record["id"])
+
+    def __contains__(self, row: Listing | RowError) -> bool:
+        if isinstance(row, Listing):
+            return row.id in self.ids
+        return (row.source, row.line) in self.positions
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.positions)
+
+
+def _is_record(value: Any) -> bool:
+    return isinstance(value, dict) and "status" in value and "source" in value
+
+
+def read_records(path: Path, name: str) -> tuple[list[dict[str, Any]], int]:
+    """Whole label records of an output file, and the byte length of its whole lines.
+
+    Refuses (before anything is cut) a file that is not a label output; a torn last line - a kill
+    or a failed write - is not counted and will be cut off.
+    """
+    records, whole = [], 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            if not _is_record(record):
+                raise OutputError(f"{name} {path} line {number} is not a label record: it is not an output of "
+                                  "`mmllm label`; choose another path")
+            records.append(record)
+            whole += len(raw)
+    return records, whole
+
+
+# ---------------------------------------------------------------------- the output
+class Output:
+    """Append-only JSONL output (+ errors file, lock, manifest); knows which rows are done for --resume.
+
+    ``inputs`` and ``manifest`` are optional so that callers writing to a private file (the demo)
+    need no sidecars; the command line always passes both.
+    """
+
+    def __init__(self, path: Path, errors: Path | None, resume: bool, *, inputs: Sequence[Path] = (),
+                 manifest: dict[str, Any] | None = None, resume_changed: bool = False) -> None:
+        self.path, self.errors_path = Path(path), Path(errors) if errors else None
+        self.done = DoneRows()
+        self.notes: list[str] = []
+        self.written = 0
+        self._lock_fd: int | None = None
+        self._out_fd: int | None = None
+        self._err_fd: int | None = None
+        sidecars = sidecar_paths(self.path) if manifest is not None else {}
+        writes = {"--out": self.path, **({"--errors": self.errors_path} if self.errors_path else {}), **sidecars}
+        self._missing_errors: list[dict[str, Any]] = []
+        check_paths(inputs, writes)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if sidecars:  # locked before looking at --out: a run that ends meanwhile cannot slip past the check
+                self._lock(sidecars["lock file"])
+            for name, target in (("--out", self.path), ("--errors", self.errors_path)):
+                if target is not None and target.exists() and target.stat().st_size and not resume:
+                    raise OutputError(f"{name} {target} exists: pass --resume to continue it, or choose another path")
+            if resume:
+                self._resume(manifest, sidecars.get("job manifest"), resume_changed)
+            if manifest is not None:
+                self._write_manifest(sidecars["job manifest"], manifest)
+            self._out_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if self.errors_path is not None:
+                self.errors_path.parent.mkdir(parents=True, exist_ok=True)
+                self._err_fd = os.open(self.errors_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            for record in self._missing_errors:  # failed records a previous run wrote to --out only
+                _append(self._err_fd, _line(record), self.errors_path)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ start
+    def _lock(self, lock_path: Path) -> None:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise OutputError(f"--out {self.path} is being written by another run ({_describe_holder(holder)}); "
+                              f"wait for it to end or stop it (lock: {lock_path})") from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv)}
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._lock_fd = fd
+
+    def _resume(self, manifest: dict[str, Any] | None, manifest_path: Path | None, resume_changed: bool) -> None:
+        records: list[dict[str, Any]] = []
+        out_whole = None
+        if self.path.exists():
+            records, out_whole = read_records(self.path, "--out")
+        errors, err_whole = [], None
+        if self.errors_path is not None and self.errors_path.exists():
+            errors, err_whole = read_records(self.errors_path, "--errors")
+        if manifest is not None and records:
+            if manifest_path is not None and manifest_path.exists():
+                old = json.loads(manifest_path.read_text(encoding="utf-8"))
+                changes = manifest_changes(old, manifest)
+                if changes and not resume_changed:
+                    raise OutputError(f"--resume: --out {self.path} was written by another job: " + "; ".join(changes)
+                                      + ". Pass --resume-changed to continue it anyway (rows are matched by id), "
+                                      "or choose another --out")
+                if changes:
+                    self.notes.append("resuming despite: " + "; ".join(changes))
+            else:
+                self.notes.append(f"{self.path} has no job manifest (written by an older mmllm): "
+                                  "its inputs and model cannot be checked")
+        # the files are ours and this job's: now a torn last line may be cut
+        if out_whole is not None:
+            _truncate(self.path, out_whole)
+        if err_whole is not None:
+            _truncate(self.errors_path, err_whole)
+        for record in records:
+            self.done.add(record)
+        if self.errors_path is not None:
+            have = {_key(e) for e in errors}
+            self._missing_errors = [r for r in records if r["status"] != "ok" and _key(r) not in have]
+
+    def _write_manifest(self, path: Path, manifest: dict[str, Any]) -> None:
+        history = []
+        if path.exists():
+            try:
+                history = json.loads(path.read_text(encoding="utf-8")).get("runs", [])
+            except ValueError:
+                history = []
+        document = {**manifest, "runs": [*history, {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                    "resumed_rows": len(self.done)}]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a kill leaves the old manifest or the new one, never half of one
+
+    # ------------------------------------------------------------------ run
+    def is_done(self, row: Listing | RowError) -> bool:
+        return row in self.done
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = _line(record)
+        _append(self._out_fd, line, self.path)  # --out first: a record in --errors always has its --out line
+        self.written += 1
+        if self._err_fd is not None and record["status"] != "ok":
+            _append(self._err_fd, line, self.errors_path)
+
+    def close(self) -> None:
+        for name in ("_out_fd", "_err_fd", "_lock_fd"):  # the lock last: it guards the other two
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _append(fd: int, data: bytes, path: Path) -> None:
+    """One whole line or nothing: on a failed write the file is cut back to where the line began."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # --resume cuts the torn line instead
+        raise WriteError(f"writing {path} failed: {exc.strerror or exc}") from exc
+
+
+def _truncate(path: Path, size: int) -> None:
+    if path.stat().st_size != size:
+        os.truncate(path, size)
+
+
+def _key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record.get("source"), record.get("line"), record.get("id")
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a run that left no details"

@@ -1,0 +1,371 @@
+"""Fault injection for `mmllm label`: hostile but realistic inputs never lose, corrupt or
+duplicate the user's data (issue: labelling never loses a user's data).
+
+Each test asserts the exact outcome: the exit code, the message, the input files byte-identical
+after the run, and exactly one ``--out`` line per input id.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmllm.label import main
+from mmllm.schema import LabelSchema
+
+from listings import SMALL_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_dump(folder: Path, n: int, name: str = "dump.jsonl", start: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"r{i}", "title": f"Toy {i} " + "wooden " * (i % 5), "attributes": {"Pieces": str(i)}}
+            for i in range(start, start + n)]
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    LabelSchema.from_dict(SMALL_SCHEMA).to_yaml(folder / "schema.yaml")
+    return path
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def ids(path: Path) -> list[str]:
+    return sorted(r["id"] for r in read(path))
+
+
+def label(dump: Path | list[Path], out: Path, model: Path, *extra: str) -> int:
+    dumps = dump if isinstance(dump, list) else [dump]
+    return main([*map(str, dumps), "--model", str(model), "--schema", str(dumps[0].parent / "schema.yaml"),
+                 "--out", str(out), "--quiet", *extra])
+
+
+def cli(dump: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mmllm.label", str(dump), "--model", str(model), "--schema",
+            str(dump.parent / "schema.yaml"), "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture
+def model(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("qwen2_vl")
+
+
+# ---------------------------------------------------------------------- 1-3: paths the labeller writes
+def test_1_out_is_the_input_dump_with_resume_is_refused_and_the_dump_is_untouched(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 6)
+    before = dump.read_bytes()
+    assert label(dump, dump, model, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {dump} would write over the input {dump}" in err and "Traceback" not in err
+    assert dump.read_bytes() == before
+    assert not (tmp_path / "d" / "dump.jsonl.lock").exists() and not (tmp_path / "d" / "dump.jsonl.job.json").exists()
+
+
+def test_2_errors_is_the_input_dump_is_refused(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 6)
+    before = dump.read_bytes()
+    assert label(dump, tmp_path / "out.jsonl", model, "--errors", str(dump)) == 2
+    assert f"error: --errors {dump} would write over the input {dump}" in capsys.readouterr().err
+    assert dump.read_bytes() == before and not (tmp_path / "out.jsonl").exists()
+
+
+def test_3_errors_equal_to_out_is_refused(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 6)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--errors", str(out)) == 2
+    assert f"error: --out and --errors are the same file ({out})" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "sidecar"])
+def test_a_path_that_reaches_the_input_another_way_is_refused(tmp_path, model, capsys, how):
+    dump = write_dump(tmp_path / "d", 6)
+    before = dump.read_bytes()
+    out = tmp_path / "out.jsonl"
+    if how == "symlink":
+        out.symlink_to(dump)
+    elif how == "hardlink":
+        os.link(dump, out)
+    else:  # --out's manifest sidecar would land on the input
+        out = tmp_path / "d" / "dump"
+        dump.rename(tmp_path / "d" / "dump.job.json")
+        dump = tmp_path / "d" / "dump.job.json"
+    assert label(dump, out, model, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "would write over the input" in err and str(dump) in err
+    assert dump.read_bytes() == before
+
+
+# ---------------------------------------------------------------------- 4: resume by identity
+def test_4_resume_with_an_edited_input_is_refused_then_continues_by_id_when_asked(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 8)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--limit", "4") == 0
+    assert ids(out) == ["r0", "r1", "r2", "r3"]
+    # the dump is re-exported: two new rows at the top shift every position
+    lines = dump.read_text().splitlines(keepends=True)
+    extra = [json.dumps({"id": f"new{i}", "title": f"New toy {i}"}) + "\n" for i in range(2)]
+    dump.write_text("".join(extra + lines))
+    edited, out_before = dump.read_bytes(), out.read_bytes()
+    assert label(dump, out, model, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} was written by another job: input dump.jsonl changed:" in err
+    assert "--resume-changed" in err
+    assert out.read_bytes() == out_before and dump.read_bytes() == edited
+    assert label(dump, out, model, "--resume", "--resume-changed") == 0
+    assert "resuming despite: input dump.jsonl changed" in capsys.readouterr().err
+    assert ids(out) == sorted(["new0", "new1"] + [f"r{i}" for i in range(8)])  # one line per id, none lost
+
+
+def test_4_another_dump_with_the_same_file_name_is_refused(tmp_path, model, capsys):
+    first = write_dump(tmp_path / "a", 5)
+    other = write_dump(tmp_path / "b", 5, start=100)
+    out = tmp_path / "out.jsonl"
+    assert label(first, out, model, "--limit", "2") == 0
+    assert label(other, out, model, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"input dump.jsonl is another file: was {first.resolve()}, now {other.resolve()}" in err
+    assert ids(out) == ["r0", "r1"]
+
+
+def test_4_resume_with_another_model_is_refused(tmp_path, model, tiny_checkpoint, capsys):
+    dump = write_dump(tmp_path / "d", 5)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--limit", "2") == 0
+    assert label(dump, out, tiny_checkpoint("qwen2_5_vl"), "--resume") == 2
+    assert "model was " in capsys.readouterr().err
+    assert ids(out) == ["r0", "r1"]
+
+
+def test_resume_refuses_an_out_that_is_not_a_label_output_before_cutting_anything(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 4)
+    out = tmp_path / "notes.jsonl"
+    out.write_text('{"my": "own data"}\n{"half": ')  # the user's file, with no newline at the end
+    before = out.read_bytes()
+    assert label(dump, out, model, "--resume") == 2
+    assert f"--out {out} line 1 is not a label record" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+# ---------------------------------------------------------------------- 5: one run per --out
+def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 4)
+    out = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from mmllm.labelling.output import Output; "
+         f"o = Output(Path({str(out)!r}), None, False, inputs=[Path({str(dump)!r})], manifest={{'inputs': []}}); "
+         "print('locked', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert label(dump, out, model, "--resume") == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is being written by another run (pid {holder.pid} on " in err
+        assert out.read_bytes() == b""
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert label(dump, out, model, "--resume") == 0  # the lock went with its holder
+    assert ids(out) == [f"r{i}" for i in range(4)]
+
+
+# ---------------------------------------------------------------------- 6: the processor refuses one row
+def test_6_an_image_the_processor_refuses_fails_its_row_only_and_resume_goes_on(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 6)
+    Image.new("RGB", (1, 400), "red").save(tmp_path / "d" / "thin.png")  # aspect ratio 400: Qwen-VL refuses it
+    rows = read(dump)
+    rows[2]["images"] = ["thin.png"]
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    assert label(dump, out, model, "--errors", str(errors), "--batch-size", "3") == 1
+    records = {r["id"]: r for r in read(out)}
+    assert sorted(records) == [f"r{i}" for i in range(6)]
+    assert records["r2"]["status"] == "error" and records["r2"]["stage"] == "encode"
+    assert "aspect ratio" in records["r2"]["error"]
+    assert all(records[f"r{i}"]["status"] == "ok" for i in (0, 1, 3, 4, 5))
+    assert [r["id"] for r in read(errors)] == ["r2"]
+    assert label(dump, out, model, "--errors", str(errors), "--resume") == 0
+    assert "6 already done" in capsys.readouterr().out
+    assert ids(out) == [f"r{i}" for i in range(6)]
+
+
+def test_6_the_demo_batch_tab_labels_the_other_rows(tmp_path, model):
+    from demo.app import Demo
+    from mmllm.label import load_predictor
+
+    dump = write_dump(tmp_path / "d", 4)
+    Image.new("RGB", (1, 400), "red").save(tmp_path / "d" / "thin.png")
+    rows = read(dump)
+    rows[1]["images"] = ["thin.png"]
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "broken", "title": \n')
+    predictor = load_predictor(str(model), schema=str(tmp_path / "d" / "schema.yaml"), template=None,
+                               constrained=True, max_new_tokens=64, batch_size=4, min_pixels=None, max_pixels=None)
+    demo = Demo(predictor, image_root=tmp_path / "d")
+    view = demo.label_dump(str(dump))
+    records = read(view.out_path)
+    assert [(r["line"], r["status"], r.get("stage")) for r in sorted(records, key=lambda r: r["line"])] == [
+        (1, "ok", None), (2, "error", "encode"), (3, "ok", None), (4, "ok", None), (5, "error", "read")]
+    assert view.summary.ok == 3 and view.summary.failed == 2
+
+
+# ---------------------------------------------------------------------- 7: broken streams
+def test_7_a_truncated_gz_labels_every_row_before_the_break_and_the_next_dump_goes_on(tmp_path, model, capsys):
+    folder = tmp_path / "d"
+    whole = write_dump(folder, 400, name="whole.jsonl")
+    packed = gzip.compress(whole.read_bytes())
+    broken = folder / "broken.jsonl.gz"
+    broken.write_bytes(packed[: len(packed) * 2 // 3])
+    after = write_dump(folder, 3, name="after.jsonl", start=1000)
+    inputs = {p: p.read_bytes() for p in (broken, after)}
+    out = tmp_path / "out.jsonl"
+    assert label([broken, after], out, model, "--batch-size", "16") == 1
+    records = read(out)
+    reads = [r for r in records if r["status"] == "error"]
+    assert len(reads) == 1 and reads[0]["stage"] == "read" and reads[0]["source"] == "broken.jsonl.gz"
+    assert "broken.jsonl.gz" in reads[0]["error"]
+    labelled = [r["id"] for r in records if r["source"] == "broken.jsonl.gz" and r["status"] == "ok"]
+    n = len(labelled)
+    assert 0 < n < 400 and sorted(labelled) == sorted(f"r{i}" for i in range(n))  # every row before the break
+    assert reads[0]["line"] > n  # the break is after the last row it read
+    assert sorted(r["id"] for r in records if r["source"] == "after.jsonl") == ["r1000", "r1001", "r1002"]
+    assert all(p.read_bytes() == b for p, b in inputs.items())
+    capsys.readouterr()
+    assert label([broken, after], out, model, "--resume") == 0  # not stuck: the break is a row that is done
+    assert len(read(out)) == len(records)
+
+
+def test_7_a_corrupt_parquet_file_is_one_read_error_and_the_next_dump_goes_on(tmp_path, model):
+    folder = tmp_path / "d"
+    bad = folder / "bad.parquet"
+    after = write_dump(folder, 3, name="after.jsonl")
+    bad.write_bytes(b"PAR1" + os.urandom(2000) + b"PAR1")
+    out = tmp_path / "out.jsonl"
+    assert label([bad, after], out, model) == 1
+    records = read(out)
+    assert [(r["source"], r["status"], r.get("stage")) for r in records if r["status"] != "ok"] == [
+        ("bad.parquet", "error", "read")]
+    assert "bad.parquet" in [r for r in records if r["status"] != "ok"][0]["error"]
+    assert sorted(r["id"] for r in records if r["status"] == "ok") == ["r0", "r1", "r2"]
+
+
+# ---------------------------------------------------------------------- 8: arguments
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "-2", "argument --batch-size: must be at least 1, got -2"),
+    ("--batch-size", "0", "argument --batch-size: must be at least 1, got 0"),
+    ("--workers", "0", "argument --workers: must be at least 1, got 0"),
+    ("--limit", "-1", "argument --limit: must be at least 1, got -1"),
+    ("--limit", "lots", "argument --limit: 'lots' is not a whole number"),
+    ("--max-new-tokens", "0", "argument --max-new-tokens: must be at least 1, got 0"),
+    ("--ray-gpus-per-actor", "nan", "argument --ray-gpus-per-actor: must be at least 0.0, got nan"),
+])
+def test_8_arguments_that_cannot_work_are_refused_before_anything_is_written(tmp_path, model, capsys, flag, value,
+                                                                           message):
+    dump = write_dump(tmp_path / "d", 3)
+    with pytest.raises(SystemExit) as exit_info:
+        label(dump, tmp_path / "out.jsonl", model, flag, value)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_8_pixel_bounds_the_wrong_way_round_and_an_unknown_dump_format(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 3)
+    assert label(dump, tmp_path / "out.jsonl", model, "--min-pixels", "5000", "--max-pixels", "100") == 2
+    assert "--min-pixels 5000 is larger than --max-pixels 100" in capsys.readouterr().err
+    odd = tmp_path / "d" / "dump.xlsx"
+    odd.write_bytes(b"PK")
+    assert label(odd, tmp_path / "out.jsonl", model) == 2
+    assert "unknown catalog format" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- 9: disk full
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_9_a_failed_write_ends_the_run_with_one_line_and_resume_repairs_both_files(tmp_path, model):
+    dump = write_dump(tmp_path / "d", 40)
+    rows = read(dump)
+    for i in range(0, 40, 5):  # every fifth row fails: the errors file gets records too
+        rows[i]["images"] = [f"missing-{i}.png"]
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = dump.read_bytes()
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    cmd = cli(dump, out, model, "--errors", str(errors), "--batch-size", "4")
+    full = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          preexec_fn=_limit_file_size(6000))
+    assert full.returncode == 1, full.stderr[-2000:]
+    message = [line for line in full.stderr.splitlines() if "error" in line.lower()]  # not the loading bar
+    assert len(message) == 1 and message[0].startswith(f"error: writing {out} failed: File too large")
+    assert "--resume" in message[0] and "Traceback" not in full.stderr
+    written = out.read_bytes()
+    assert 0 < len(written) <= 6000 and written.endswith(b"\n")  # whole lines only: the torn one was cut back
+    first = read(out)
+    assert 0 < len(first) < 40
+    bad_left = {f"r{i}" for i in range(0, 40, 5)} - {r["id"] for r in first}
+    # a torn last line in --errors as well (a kill during its write), and a record it never got
+    errors.write_bytes(b"".join(errors.read_bytes().splitlines(keepends=True)[:-1]) + b'{"id": "r3')
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == (1 if bad_left else 0), resumed.stderr[-2000:]  # 1: it met bad-image rows
+    records = read(out)
+    assert sorted(r["id"] for r in records) == sorted(f"r{i}" for i in range(40))
+    failed = sorted(r["id"] for r in records if r["status"] != "ok")
+    assert failed == sorted(f"r{i}" for i in range(0, 40, 5))
+    assert sorted(r["id"] for r in read(errors)) == failed  # repaired: each failed row once
+    assert dump.read_bytes() == before
+
+
+def test_9_an_errors_file_on_a_full_device_stops_the_run_cleanly(tmp_path, model, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    dump = write_dump(tmp_path / "d", 3)
+    rows = read(dump)
+    rows[1]["images"] = ["missing.png"]
+    dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    errors = tmp_path / "errors.jsonl"
+    errors.symlink_to("/dev/full")
+    assert label(dump, tmp_path / "out.jsonl", model, "--errors", str(errors)) == 1
+    err = capsys.readouterr().err
+    assert f"error: writing {errors} failed: No space left on device" in err
+
+
+# ---------------------------------------------------------------------- kill -9, five times
+@pytest.mark.slow
+def test_kill_9_at_random_points_five_times_then_resume_gives_one_line_per_id(tmp_path, model):
+    dump = write_dump(tmp_path / "d", 300)
+    before = dump.read_bytes()
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    cmd = cli(dump, out, model, "--errors", str(errors), "--batch-size", "4", "--resume")
+    rng = random.Random(13)
+    target = 0
+    for kill in range(5):
+        target += rng.randint(1, 40)  # lines to wait for; 0 new lines on the first kill is allowed
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.monotonic() + 300  # only a guard against a hung child; nothing asserts a duration
+        while (not out.exists() or out.read_bytes().count(b"\n") < target) and time.monotonic() < deadline:
+            assert proc.poll() is None, f"run {kill} ended before it could be killed"
+            time.sleep(0.02)
+        time.sleep(rng.random() * 0.2)  # a random moment, possibly mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["id"] for r in read(out)] == [r["id"] for r in read(out)]
+    assert sorted(r["id"] for r in read(out)) == sorted(f"r{i}" for i in range(300))
+    assert dump.read_bytes() == before and errors.read_bytes() == b""
