@@ -348,14 +348,14 @@ def test_9_an_errors_file_on_a_full_device_stops_the_run_cleanly(tmp_path, model
 # ---------------------------------------------------------------------- kill -9, five times
 @pytest.mark.slow
 def test_kill_9_at_random_points_five_times_then_resume_gives_one_line_per_id(tmp_path, model):
-    dump = write_dump(tmp_path / "d", 300)
+    dump = write_dump(tmp_path / "d", 150)
     before = dump.read_bytes()
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     cmd = cli(dump, out, model, "--errors", str(errors), "--batch-size", "4", "--resume")
     rng = random.Random(13)
     target = 0
     for kill in range(5):
-        target += rng.randint(1, 40)  # lines to wait for; 0 new lines on the first kill is allowed
+        target += rng.randint(1, 20)  # lines to wait for (at most 100 of the 150)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         deadline = time.monotonic() + 300  # only a guard against a hung child; nothing asserts a duration
         while (not out.exists() or out.read_bytes().count(b"\n") < target) and time.monotonic() < deadline:
@@ -366,6 +366,5 @@ def test_kill_9_at_random_points_five_times_then_resume_gives_one_line_per_id(tm
         proc.wait()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert [r["id"] for r in read(out)] == [r["id"] for r in read(out)]
-    assert sorted(r["id"] for r in read(out)) == sorted(f"r{i}" for i in range(300))
+    assert sorted(r["id"] for r in read(out)) == sorted(f"r{i}" for i in range(150))
     assert dump.read_bytes() == before and errors.read_bytes() == b""
