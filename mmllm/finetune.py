@@ -8,7 +8,10 @@
 The story: load config -> schema, prompt template, rows -> processor and model (+ LoRA) ->
 train (``mmllm.training``) with periodic evaluation -> save the model folder: adapter
 (safetensors), processor, prompt template, label schema, resolved config, metrics, a report
-with training curves.
+with training curves, and in ``mmllm_model.json`` the training rows per field
+(``trained_fields``; a field with 0 rows is answered null at labelling time).
+Unusable inputs (missing or empty catalogs, a non-empty output folder) stop the run before
+anything is built or written: exit status 2 and one line naming the config key and file.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from mmllm.augment import AugmentConfig
-from mmllm.catalog import Listing, RowError, iter_catalog
+from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
 from mmllm.collator import TrainCollator
 from mmllm.config import ConfigError, describe, help_field, load_config, save_config, to_dict
 from mmllm.images import ImagePolicy
@@ -38,6 +41,8 @@ from mmllm.models.generative import (
     load_base_model,
     load_processor,
     merge_model_dir,
+    trained_field_counts,
+    untrained_attributes,
     write_meta,
 )
 from mmllm.models import classifier as cls_head
@@ -45,8 +50,8 @@ from mmllm.models.classifier import ClassifyConfig
 from mmllm.models.fusion import FusionConfig
 from mmllm.progress import Progress
 from mmllm.prompts import PromptTemplate, target_text
-from mmllm.schema import LabelSchema
-from mmllm.training import TrainConfig, causal_lm_loss, train_loop
+from mmllm.schema import LabelSchema, SchemaError
+from mmllm.training import TrainConfig, causal_lm_loss, latest_checkpoint, train_loop
 
 log = logging.getLogger("mmllm.finetune")
 
@@ -55,13 +60,20 @@ log = logging.getLogger("mmllm.finetune")
 class DataConfig:
     """Where the listings, the label schema and the prompt template come from."""
 
-    train: str = help_field("examples/amazon_uk_toys/train.jsonl", "labelled catalog to train on (any catalog format)")
+    train: str | None = help_field("examples/amazon_uk_toys/train.jsonl", "labelled catalog to train on (any catalog format)")
     dev: str | None = help_field("examples/amazon_uk_toys/dev.jsonl", "labelled catalog for evaluation; null = none")
     schema: str = help_field("examples/toys_schema.yaml", "label schema YAML (taxonomy + attributes)")
     template: str = help_field("listing_v1", "prompt template: a version in prompts/ or a YAML path")
     image_root: str | None = help_field(None, "folder image paths resolve in (default: each catalog's folder)")
     max_train_rows: int | None = help_field(None, "use only the first N training rows (smoke runs)")
     max_dev_rows: int | None = help_field(None, "use only the first N dev rows")
+
+    def __post_init__(self) -> None:
+        if self.train is None or not str(self.train).strip():
+            raise ValueError("data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+        for name in ("max_train_rows", "max_dev_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
 
 
 @dataclass
@@ -73,6 +85,14 @@ class EvalConfig:
     generate_rows: int = help_field(32, "dev rows answered by generation (JSON validity, accuracies)")
     max_new_tokens: int = help_field(256, "generation budget; must fit the longest answer")
     batch_size: int = help_field(4, "listings per generation batch")
+
+    def __post_init__(self) -> None:
+        for name in ("every", "loss_rows", "generate_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -108,30 +128,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # peft calls a transformers method that transformers 5 deprecates; harmless, and noisy
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    result = finetune(cfg)
+    try:
+        result = finetune(cfg)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 130 if result["interrupted"] else 0
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Run a whole fine-tuning job; returns a summary (also written into the model folder)."""
+    """Run a whole fine-tuning job; returns a summary (also written into the model folder).
+
+    Raises :class:`InputError` (naming the config key and the file) before building anything or
+    touching the output folder when an input is unusable.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    schema, template, train_rows, dev_rows = load_inputs(cfg)
+    trained = trained_field_counts(schema, [r.label for r in train_rows])
+    untrained = untrained_attributes(trained)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
     set_seed(cfg.train.seed)
     out_dir = _prepare_output_dir(Path(cfg.train.output_dir), cfg.train.resume, accelerator)
-
-    schema = LabelSchema.from_yaml(cfg.data.schema)
-    template = PromptTemplate.load(cfg.data.template)
-    train_rows = load_training_rows(cfg.data.train, schema, cfg.data.max_train_rows)
-    dev_rows = load_training_rows(cfg.data.dev, schema, cfg.data.max_dev_rows) if cfg.data.dev else []
     _say(accelerator, f"{len(train_rows)} training rows, {len(dev_rows)} dev rows; "
                       f"{_describe_launch(accelerator.distributed_type.name, accelerator.num_processes)}")
+    if untrained:
+        _say(accelerator, f"no training row states {', '.join(untrained)}: the model will answer null for "
+                          f"{'it' if len(untrained) == 1 else 'them'}")
 
     policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
     train_policy, dev_policy = _policy_for(cfg.data.train, policy), _policy_for(cfg.data.dev, policy)
     if cfg.task == "fusion":
-        return _finetune_fusion(cfg, accelerator, schema, train_rows, dev_rows, train_policy, dev_policy, out_dir)
+        return _finetune_fusion(cfg, accelerator, schema, train_rows, dev_rows, train_policy, dev_policy, out_dir,
+                                trained)
 
     processor = load_processor(cfg.model.base, cfg.model)
     model = load_base_model(cfg.model)
@@ -143,9 +173,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     augment = cfg.augment if cfg.augment.enabled else None
     if cfg.task == "classify":
         return _finetune_classifier(cfg, accelerator, model, processor, schema, template, train_rows, dev_rows,
-                                    train_policy, dev_policy, augment, out_dir)
+                                    train_policy, dev_policy, augment, out_dir, trained)
     collate = TrainCollator(processor, schema, template, train_policy, cfg.model.max_images, augment)
-    evaluate = _evaluator(cfg, processor, schema, template, dev_rows, dev_policy, out_dir, accelerator)
+    evaluate = _evaluator(cfg, processor, schema, template, dev_rows, dev_policy, out_dir, accelerator, untrained)
 
     result = train_loop(cfg.train, accelerator, model, train_rows, collate, causal_lm_loss, out_dir,
                         evaluate=evaluate if dev_rows else None, eval_every=cfg.eval.every)
@@ -155,24 +185,26 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if dev_rows:
         final = evaluate(accelerator.unwrap_model(model), result.steps)
         _record_final(accelerator, out_dir, summary, final)
-    save_model_dir(out_dir, cfg, accelerator, model, processor, schema, template, summary)
+    save_model_dir(out_dir, cfg, accelerator, model, processor, schema, template, summary, trained_fields=trained)
     _say(accelerator, f"model folder written: {out_dir}")
     return summary
 
 
 def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, processor: Any, schema: LabelSchema,
                          template: PromptTemplate, train_rows: list[Listing], dev_rows: list[Listing],
-                         train_policy: ImagePolicy, dev_policy: ImagePolicy, augment: Any, out_dir: Path) -> dict[str, Any]:
+                         train_policy: ImagePolicy, dev_policy: ImagePolicy, augment: Any, out_dir: Path,
+                         trained: dict[str, int]) -> dict[str, Any]:
     """Same loop, another model and loss: heads on the pooled prompt state, cross-entropy."""
     specs = cls_head.head_specs(schema, [r.label for r in train_rows], cfg.classify.bins)
     model = cls_head.ListingClassifier(backbone, cls_head._hidden_size(backbone), specs, cfg.classify.pooling)
     collate = cls_head.ClassifyCollator(processor, schema, template, train_policy, cfg.model.max_images, specs, augment)
     dev_collate = cls_head.ClassifyCollator(processor, schema, template, dev_policy, cfg.model.max_images, specs)
     summary, unwrapped = _train_heads(cfg, accelerator, model, specs, schema, train_rows, dev_rows, collate, dev_collate,
-                                      out_dir, cls_head.count_rows)
+                                      out_dir, cls_head.count_rows, trained)
     if summary["interrupted"]:
         return summary
-    save_model_dir(out_dir, cfg, accelerator, unwrapped.backbone, processor, schema, template, summary, kind="classifier")
+    save_model_dir(out_dir, cfg, accelerator, unwrapped.backbone, processor, schema, template, summary, kind="classifier",
+                   trained_fields=trained)
     if accelerator.is_main_process:
         unwrapped.save_heads(out_dir)
     _say(accelerator, f"model folder written: {out_dir}")
@@ -181,7 +213,7 @@ def _finetune_classifier(cfg: FinetuneConfig, accelerator: Any, backbone: Any, p
 
 def _finetune_fusion(cfg: FinetuneConfig, accelerator: Any, schema: LabelSchema, train_rows: list[Listing],
                      dev_rows: list[Listing], train_policy: ImagePolicy, dev_policy: ImagePolicy,
-                     out_dir: Path) -> dict[str, Any]:
+                     out_dir: Path, trained: dict[str, int]) -> dict[str, Any]:
     """Frozen (cached) or fine-tuned encoders + fusion + the classifier's heads, same loop."""
     import time
 
@@ -212,7 +244,7 @@ def _finetune_fusion(cfg: FinetuneConfig, accelerator: Any, schema: LabelSchema,
         _say(accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
                           f"in {time.perf_counter() - started:.1f} s")
     summary, unwrapped = _train_heads(cfg, accelerator, model, specs, schema, train_rows, dev_rows, collate, dev_collate,
-                                      out_dir, fusion.count_rows)
+                                      out_dir, fusion.count_rows, trained)
     if summary["interrupted"]:
         return summary
     if accelerator.is_main_process:
@@ -221,7 +253,7 @@ def _finetune_fusion(cfg: FinetuneConfig, accelerator: Any, schema: LabelSchema,
         save_config(cfg, out_dir / "config.yaml", header="# resolved training config: rerun with --config this file\n")
         write_meta(out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
                    template=None, model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
-                   training=summary)
+                   training=summary, trained_fields=trained)
         write_report(out_dir)
     _say(accelerator, f"model folder written: {out_dir}")
     return summary
@@ -229,9 +261,10 @@ def _finetune_fusion(cfg: FinetuneConfig, accelerator: Any, schema: LabelSchema,
 
 def _train_heads(cfg: FinetuneConfig, accelerator: Any, model: Any, specs: list, schema: LabelSchema,
                  train_rows: list[Listing], dev_rows: list[Listing], collate: Any, dev_collate: Any, out_dir: Path,
-                 count_rows: Any) -> tuple[dict[str, Any], Any]:
+                 count_rows: Any, trained: dict[str, int]) -> tuple[dict[str, Any], Any]:
     """The softmax-head variants (classifier, fusion): cross-entropy in the shared loop, dev metrics,
     then temperature scaling of the category head on the dev rows (Guo et al. 2017)."""
+    untrained = set(untrained_attributes(trained))
     weights = None
     if cfg.classify.class_weights == "balanced":
         weights = cls_head.balanced_weights(specs, cls_head.encode_targets(specs, [r.label for r in train_rows], schema))
@@ -245,7 +278,8 @@ def _train_heads(cfg: FinetuneConfig, accelerator: Any, model: Any, specs: list,
         metrics: dict[str, Any] = {}
         if accelerator.is_main_process:
             m.eval()
-            metrics = _classifier_dev_metrics(m, dev_collate, dev_rows[: cfg.eval.loss_rows], specs, accelerator.device)
+            metrics = _classifier_dev_metrics(m, dev_collate, dev_rows[: cfg.eval.loss_rows], specs, accelerator.device,
+                                              untrained)
             m.train()
         accelerator.wait_for_everyone()
         return metrics
@@ -280,8 +314,11 @@ def _category_logits(model: Any, collate: Any, rows: list[Listing], device: Any)
     return torch.cat(logits), torch.cat(targets)
 
 
-def _classifier_dev_metrics(model: Any, collate: Any, rows: list[Listing], specs: list, device: Any) -> dict[str, float]:
-    """Dev loss per row, category accuracy, mean attribute accuracy and ECE before calibration."""
+def _classifier_dev_metrics(model: Any, collate: Any, rows: list[Listing], specs: list, device: Any,
+                            untrained: set[str] = frozenset()) -> dict[str, float]:
+    """Dev loss per row, category accuracy, mean attribute accuracy and ECE before calibration.
+
+    An attribute no training row stated is answered null, so its known dev values count as misses."""
     total, hits, attr_hits, attr_total = 0.0, 0, 0, 0
     logits_all, target_all = [], []
     with torch.no_grad():
@@ -297,7 +334,8 @@ def _classifier_dev_metrics(model: Any, collate: Any, rows: list[Listing], specs
                 if spec.kind == "softmax" and spec.name in logits:
                     t = batch[f"target_{spec.name}"]
                     known = t >= 0
-                    attr_hits += int((logits[spec.name].argmax(-1)[known] == t[known]).sum())
+                    if spec.name not in untrained:
+                        attr_hits += int((logits[spec.name].argmax(-1)[known] == t[known]).sum())
                     attr_total += int(known.sum())
     logits, target = torch.cat(logits_all), torch.cat(target_all)
     return {"eval_loss": round(total / max(len(rows), 1), 5), "category_acc": round(hits / max(len(rows), 1), 4),
@@ -322,35 +360,85 @@ def _record_final(accelerator: Any, out_dir: Path, summary: dict[str, Any], fina
             f.write(json.dumps({"step": summary["steps"], **final}) + "\n")
 
 
-def load_training_rows(source: str, schema: LabelSchema, limit: int | None) -> list[Listing]:
-    """Labelled listings whose label fits the schema; bad rows are reported and skipped."""
+# ---------------------------------------------------------------------- inputs
+class InputError(ValueError):
+    """A training input is unusable; the message names the config key and the file (exit status 2)."""
+
+
+def load_inputs(cfg: FinetuneConfig) -> tuple[LabelSchema, PromptTemplate, list[Listing], list[Listing]]:
+    """Schema, template, training and dev rows, and a check of the output folder: everything that
+    can fail on the user's inputs, done before a model is built or anything is written."""
+    for key, source in (("data.train", cfg.data.train), ("data.dev", cfg.data.dev)):
+        if source and not Path(source).exists():
+            raise InputError(f"{key}: {source} does not exist; give a labelled catalog ({key}=PATH)")
+    try:
+        schema = LabelSchema.from_yaml(cfg.data.schema)
+    except SchemaError as exc:
+        raise InputError(f"data.schema: {exc}") from None
+    try:
+        template = PromptTemplate.load(cfg.data.template)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"data.template: {exc}") from None
+    _check_output_dir(Path(cfg.train.output_dir), cfg.train.resume)
+    train_rows = load_training_rows(cfg.data.train, schema, cfg.data.max_train_rows, key="data.train")
+    dev_rows = load_training_rows(cfg.data.dev, schema, cfg.data.max_dev_rows, key="data.dev") if cfg.data.dev else []
+    return schema, template, train_rows, dev_rows
+
+
+def load_training_rows(source: str, schema: LabelSchema, limit: int | None, key: str = "data.train") -> list[Listing]:
+    """Labelled listings whose label fits the schema; bad rows are reported and skipped.
+
+    Raises :class:`InputError` naming ``key`` when the catalog cannot be read or no row is usable.
+    """
     rows: list[Listing] = []
     skipped: list[str] = []
-    for row in iter_catalog(source):
-        if limit is not None and len(rows) >= limit:
-            break
-        if isinstance(row, RowError):
-            skipped.append(str(row))
-            continue
-        try:
-            target_text(row, schema)
-        except ValueError as exc:
-            skipped.append(str(exc))
-            continue
-        rows.append(row)
+    try:
+        for row in iter_catalog(source):
+            if limit is not None and len(rows) >= limit:
+                break
+            if isinstance(row, RowError):
+                skipped.append(str(row))
+                continue
+            try:
+                target_text(row, schema)
+            except ValueError as exc:
+                skipped.append(str(exc))
+                continue
+            rows.append(row)
+    except CatalogError as exc:
+        raise InputError(f"{key}: {exc}") from None
+    if not rows and not skipped:
+        raise InputError(f"{key}: {source} holds no rows")
+    if not rows:
+        raise InputError(f"{key}: {source} has no usable labelled rows ({len(skipped)} skipped; first: {skipped[0]}); "
+                         "check it with `mmllm catalog validate --schema`")
     for line in skipped[:20]:
         log.warning("skipped: %s", line)
     if len(skipped) > 20:
         log.warning("... and %d more skipped rows (run `mmllm catalog validate --schema`)", len(skipped) - 20)
-    if not rows:
-        raise ValueError(f"{source}: no usable labelled rows ({len(skipped)} skipped)")
     return rows
+
+
+def _check_output_dir(out_dir: Path, resume: bool) -> None:
+    """A new run needs an empty (or new) folder; a resumed one a finished checkpoint in it. Read only."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"train.output_dir: {out_dir} is a file, not a folder; pass another train.output_dir")
+    if resume:
+        if latest_checkpoint(out_dir / "checkpoints") is None:
+            raise InputError(f"train.output_dir: train.resume=true but {out_dir / 'checkpoints'} holds no finished "
+                             "checkpoint; drop train.resume to start a new run")
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"train.output_dir: {out_dir} is not empty; pass train.resume=true to continue it, "
+                         "or another train.output_dir")
 
 
 def save_model_dir(out_dir: Path, cfg: FinetuneConfig, accelerator: Any, model: Any, processor: Any,
                    schema: LabelSchema, template: PromptTemplate, summary: dict[str, Any],
-                   kind: str = "generative-lora") -> None:
-    """Adapter + everything needed to use it: processor, template, schema, config, report."""
+                   kind: str = "generative-lora", trained_fields: dict[str, int] | None = None) -> None:
+    """Adapter + everything needed to use it: processor, template, schema, config, report.
+
+    ``trained_fields`` (training rows with a known gold value, per field) goes into the meta file;
+    predictors answer null for an attribute recorded with 0 rows."""
     state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP / DeepSpeed
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(out_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,
@@ -364,7 +452,7 @@ def save_model_dir(out_dir: Path, cfg: FinetuneConfig, accelerator: Any, model: 
     model_fields = {k: v for k, v in to_dict(cfg.model).items()
                     if k in ("dtype", "attn_implementation", "quantization", "quant_skip_modules", "max_images")}
     write_meta(out_dir, kind=kind, base_model=cfg.model.base, template=template.version,
-               model=model_fields, training=summary)
+               model=model_fields, training=summary, **({"trained_fields": trained_fields} if trained_fields else {}))
     write_report(out_dir)
 
 
@@ -398,6 +486,7 @@ def write_report(out_dir: Path) -> None:
     plt.close(fig)
     meta = json.loads((out_dir / "mmllm_model.json").read_text())
     last_eval = evals[-1] if evals else {}
+    untrained = untrained_attributes(meta.get("trained_fields"))
     lines = [
         f"# mmllm model: {meta['kind']} on `{meta['base_model']}`", "",
         f"Prompt template `{meta.get('template')}`, label schema `label_schema.yaml`, config `config.yaml`.",
@@ -406,6 +495,8 @@ def write_report(out_dir: Path) -> None:
         "| metric | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in last_eval.items() if k != "step"),
         *(f"| final train loss | {train[-1]['loss']} |" for _ in train[-1:]), "",
+        *([f"No training row stated {', '.join(untrained)}: the model answers null for "
+           f"{'it' if len(untrained) == 1 else 'them'}.", ""] if untrained else []),
         "![training curves](training_curves.png)", "",
         "Load it: `mmllm.models.generative.load_model_dir(THIS_FOLDER)`; "
         "merge it into a standalone model: `python -m mmllm.finetune merge THIS_FOLDER OUT`.",
@@ -415,8 +506,10 @@ def write_report(out_dir: Path) -> None:
 
 # ---------------------------------------------------------------------- evaluation
 def _evaluator(cfg: FinetuneConfig, processor: Any, schema: LabelSchema, template: PromptTemplate,
-               dev_rows: list[Listing], policy: ImagePolicy, out_dir: Path, accelerator: Any):
-    """Dev loss (teacher forced) and generation metrics, computed on the main process."""
+               dev_rows: list[Listing], policy: ImagePolicy, out_dir: Path, accelerator: Any,
+               untrained: Sequence[str] = ()):
+    """Dev loss (teacher forced) and generation metrics, computed on the main process; attributes no
+    training row stated are answered null, as the saved model folder will."""
     loss_collate = TrainCollator(processor, schema, template, policy, cfg.model.max_images, None)
 
     def evaluate(model: Any, step: int) -> dict[str, Any]:
@@ -426,7 +519,8 @@ def _evaluator(cfg: FinetuneConfig, processor: Any, schema: LabelSchema, templat
             model.eval()
             metrics = {**_dev_loss(model, loss_collate, dev_rows[: cfg.eval.loss_rows], accelerator.device),
                        **generation_metrics(GenerativePredictor(model, processor, schema, template, cfg.model.max_images,
-                                                                cfg.eval.max_new_tokens, cfg.eval.batch_size),
+                                                                cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                                                untrained=tuple(untrained)),
                                             dev_rows[: cfg.eval.generate_rows], policy)}
             model.train()
         accelerator.wait_for_everyone()
@@ -503,9 +597,7 @@ def _policy_for(source: str | None, policy: ImagePolicy) -> ImagePolicy:
 
 def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> Path:
     if accelerator.is_main_process:
-        if out_dir.exists() and any(out_dir.iterdir()) and not resume:
-            raise FileExistsError(f"{out_dir} is not empty: pass train.resume=true to continue it, "
-                                  "or another train.output_dir")
+        _check_output_dir(out_dir, resume)  # checked before anything was built; checked again just before writing
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return out_dir

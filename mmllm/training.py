@@ -64,13 +64,24 @@ class TrainConfig:
     num_workers: int = help_field(2, "data-loader processes decoding images while the model trains (0 = in-process)")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1")
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("train.max_steps must be >= 1")
+            raise ValueError(f"train.max_steps must be >= 1 (or null to use train.epochs), got {self.max_steps}")
+        for name in ("save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        # NaN compares false with everything, so each check is written to fail on it
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a positive number (e.g. 2e-4), got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"train.{name} must be a number >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("train.warmup_ratio must be in [0, 1)")
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.output_dir or not str(self.output_dir).strip():
+            raise ValueError("train.output_dir is empty: name the model folder to write")
 
 
 # ---------------------------------------------------------------------- data order

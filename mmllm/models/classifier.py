@@ -8,7 +8,9 @@ same listing prompt the generative path reads (no answer). Heads come from the l
 * list attributes: one sigmoid per value;
 * integer / number attributes: softmax over value bins learned from the training labels
   (every distinct value when there are few, else quantile bins, each predicting its median);
-* string attributes have no head and are predicted as null.
+* string attributes have no head and are predicted as null;
+* an attribute no training row stated (recorded with 0 rows in the model folder's
+  ``trained_fields``) keeps its head, untrained, and is predicted as null.
 
 A gold value that is unknown (null) is masked out of its head's loss. Predictions are the same
 records as the generative path's (``category``, ``attributes``, ``status``) plus calibrated
@@ -49,6 +51,13 @@ class ClassifyConfig:
     class_weights: Literal["none", "balanced"] = help_field("none", "balanced = inverse class frequency, for long tails")
     bins: int = help_field(32, "value bins for numeric attributes with many distinct values")
     top_k: int = help_field(5, "categories listed in each prediction's top_k")
+
+    def __post_init__(self) -> None:
+        for name in ("bins", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"classify.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"classify.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -272,14 +281,16 @@ def head_probabilities(specs: list[HeadSpec], logits: dict[str, torch.Tensor], t
 
 
 def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row: int, schema: LabelSchema,
-                      top_k: int = 5) -> dict[str, Any]:
-    """One row of head probabilities -> the prediction record (validated, with confidence and top_k)."""
+                      top_k: int = 5, untrained: Sequence[str] = ()) -> dict[str, Any]:
+    """One row of head probabilities -> the prediction record (validated, with confidence and top_k).
+
+    Heads in ``untrained`` never saw a labelled row: their attributes are null, listed in ``untrained``."""
     attributes: dict[str, Any] = {a.name: None for a in schema.attributes}
     category_spec = specs[0]
     p = probs["category"][row]
     top = torch.topk(p, min(top_k, p.numel()))
     for spec in specs[1:]:
-        if spec.name not in probs:
+        if spec.name not in probs or spec.name in untrained:
             continue
         q = probs[spec.name][row]
         if spec.kind == "sigmoid":  # the most probable values above 0.5, as many as the schema allows
@@ -296,6 +307,8 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
                         for v, i in zip(top.values, top.indices)]}
     if not result.ok:
         record["error"] = result.reason()
+    if untrained:
+        record["untrained"] = list(untrained)
     return record
 
 
@@ -310,6 +323,7 @@ class ClassifierPredictor:
     max_images: int = 4
     batch_size: int = 16
     top_k: int = 5
+    untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         return encode_prompts(self.processor, listings, self.schema, self.template, [list(i)[: self.max_images] for i in images])
@@ -328,7 +342,7 @@ class ClassifierPredictor:
         return records
 
     def _record(self, row: int, probs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return prediction_record(self.model.specs, probs, row, self.schema, self.top_k)
+        return prediction_record(self.model.specs, probs, row, self.schema, self.top_k, self.untrained)
 
     def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
         return predict_in_batches(self, listings, image_policy)

@@ -90,6 +90,22 @@ class FusionConfig:
                                          "name to the category logits (rare and unseen categories get a signal)")
     label_prior_scale: float = help_field(5.0, "initial (learned) scale of that cosine, per text view")
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown or not self.modalities:
+            raise ValueError(f"fusion.modalities must be a non-empty subset of {list(MODALITIES)}, got {self.modalities}")
+        for name in ("hidden", "heads", "max_text_tokens", "max_attributes", "encode_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"fusion.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lexical_buckets", "attr_buckets"):  # bucket 0 is padding
+            if getattr(self, name) < 2:
+                raise ValueError(f"fusion.{name} must be >= 2, got {getattr(self, name)}")
+        for name in ("dropout", "modality_dropout", "token_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"fusion.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.method == "coattention" and self.hidden % self.heads:
+            raise ValueError(f"fusion.hidden ({self.hidden}) must be a multiple of fusion.heads ({self.heads})")
+
 
 def _resolve(name: str) -> str:
     if name == "minilm":
@@ -606,8 +622,9 @@ class FusionModel(nn.Module):
         (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2, default=cls_head._json_number))
 
 
-def load_fusion(folder: str | Path, device: str | None = None) -> "FusionPredictor":
-    """A fusion model folder as a predictor (``load_model_dir`` sends kind ``fusion`` here)."""
+def load_fusion(folder: str | Path, device: str | None = None, untrained: Sequence[str] = ()) -> "FusionPredictor":
+    """A fusion model folder as a predictor (``load_model_dir`` sends kind ``fusion`` here, with the
+    attributes its meta file records as having no training rows: answered null)."""
     from mmllm.models.generative import SCHEMA_FILE
 
     folder = Path(folder)
@@ -628,7 +645,7 @@ def load_fusion(folder: str | Path, device: str | None = None) -> "FusionPredict
     model.to(device).eval()
     encoders.to(device).eval()
     return FusionPredictor(model, Featurizer(encoders, cfg), LabelSchema.from_yaml(folder / SCHEMA_FILE),
-                           max_images=4 if encoders.image is not None else 0)
+                           max_images=4 if encoders.image is not None else 0, untrained=tuple(untrained))
 
 
 # ---------------------------------------------------------------------- prediction
@@ -642,6 +659,7 @@ class FusionPredictor:
     max_images: int = 0
     batch_size: int = 32
     top_k: int = 5
+    untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -655,7 +673,7 @@ class FusionPredictor:
         weights = self.model.last_weights
         records = []
         for row in range(enc["attention_mask"].shape[0]):
-            record = cls_head.prediction_record(self.model.specs, probs, row, self.schema, self.top_k)
+            record = cls_head.prediction_record(self.model.specs, probs, row, self.schema, self.top_k, self.untrained)
             if weights is not None:
                 record["modality_weights"] = {m: round(float(w), 4) for m, w in zip(self.model.modalities, weights[row])}
             records.append(record)

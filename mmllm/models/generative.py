@@ -201,6 +201,38 @@ def write_meta(folder: Path, **fields: Any) -> None:
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def trained_field_counts(schema: LabelSchema, labels: Sequence[dict[str, Any] | None]) -> dict[str, int]:
+    """Training rows with a known (non-null) gold value, per field: ``category`` then each attribute.
+
+    Stored as ``trained_fields`` in the model folder's meta file. A field counted 0 was never
+    supervised: its head (or the generative answer for it) is noise, so predictors answer null.
+    """
+    counts = {"category": 0, **{a.name: 0 for a in schema.attributes}}
+    for label in labels:
+        value = schema.validate(label, require_category=False).value if label else None
+        if value is None:
+            continue
+        counts["category"] += value["category"] is not None
+        for name, known in value["attributes"].items():
+            counts[name] += known is not None
+    return counts
+
+
+def untrained_attributes(trained_fields: dict[str, int] | None) -> tuple[str, ...]:
+    """Attributes recorded with 0 training rows; none for folders written before the record existed."""
+    return tuple(name for name, rows in (trained_fields or {}).items() if name != "category" and rows == 0)
+
+
+def mark_untrained(record: dict[str, Any], untrained: Sequence[str]) -> dict[str, Any]:
+    """Null the attributes no training row stated and say so (``untrained``), so a reviewer sees why."""
+    if not untrained:
+        return record
+    attributes = record.get("attributes") or {}
+    record["attributes"] = {k: None if k in untrained else v for k, v in attributes.items()}
+    record["untrained"] = list(untrained)
+    return record
+
+
 def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
@@ -215,7 +247,7 @@ def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remot
     if meta.get("kind") == "fusion":
         from mmllm.models.fusion import load_fusion
 
-        return load_fusion(folder, device)
+        return load_fusion(folder, device, untrained=untrained_attributes(meta.get("trained_fields")))
     if meta.get("kind") not in ("generative-lora", "generative-merged", "classifier"):
         raise ValueError(f"{folder}: unknown model kind {meta.get('kind')!r}")
     cfg = ModelConfig(base=str(folder) if meta["kind"] == "generative-merged" else meta["base_model"],
@@ -236,13 +268,15 @@ def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remot
     model.eval()
     if meta["kind"] == "classifier":
         return ClassifierPredictor(model, processor, LabelSchema.from_yaml(folder / SCHEMA_FILE),
-                                   PromptTemplate.load(folder / TEMPLATE_FILE), cfg.max_images)
+                                   PromptTemplate.load(folder / TEMPLATE_FILE), cfg.max_images,
+                                   untrained=untrained_attributes(meta.get("trained_fields")))
     return GenerativePredictor(
         model=model,
         processor=processor,
         schema=LabelSchema.from_yaml(folder / SCHEMA_FILE),
         template=PromptTemplate.load(folder / TEMPLATE_FILE),
         max_images=cfg.max_images,
+        untrained=untrained_attributes(meta.get("trained_fields")),
     )
 
 
@@ -264,7 +298,8 @@ def merge_model_dir(folder: str | Path, out: str | Path) -> Path:
     predictor.processor.save_pretrained(out)
     for name in (SCHEMA_FILE, TEMPLATE_FILE):
         shutil.copyfile(folder / name, out / name)
-    write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields)
+    write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
+               **{k: meta[k] for k in ("trained_fields",) if k in meta})
     return out
 
 
@@ -275,6 +310,7 @@ class GenerativePredictor:
 
     With ``constrained=True`` decoding follows the schema's grammar (:mod:`mmllm.constrained`),
     so every answer validates; without it, invalid answers come back with the reason.
+    Attributes in ``untrained`` (no training row stated them) are answered null.
     """
 
     model: Any
@@ -285,6 +321,7 @@ class GenerativePredictor:
     max_new_tokens: int = 256
     batch_size: int = 4
     constrained: bool = False
+    untrained: tuple[str, ...] = ()
     _grammar: Any = None
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -327,9 +364,9 @@ class GenerativePredictor:
         """A prediction record from raw answer text, validated by the schema."""
         result = self.schema.parse(text)
         if result.ok:
-            return {"id": listing_id, **result.value, "status": "ok"}
-        return {"id": listing_id, "category": None, "attributes": {}, "status": "invalid",
-                "error": result.reason(), "raw": text}
+            return mark_untrained({"id": listing_id, **result.value, "status": "ok"}, self.untrained)
+        return mark_untrained({"id": listing_id, "category": None, "attributes": {}, "status": "invalid",
+                               "error": result.reason(), "raw": text}, self.untrained)
 
     def _grammar_factory(self) -> Any:
         if self._grammar is None:

@@ -1,0 +1,267 @@
+"""Training faults and untrained fields.
+
+Bad inputs to ``python -m mmllm.finetune`` exit 2 with one line naming the config key or file,
+before a model is built and without touching the output folder. A field no training row states
+is recorded with 0 rows in the model folder's meta file, and every variant answers null for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmllm import finetune as ft
+from mmllm.catalog import load_listings
+from mmllm.config import load_config
+from mmllm.finetune import FinetuneConfig, finetune, main
+from mmllm.images import ImagePolicy
+from mmllm.models.generative import load_model_dir
+
+from listings import write_catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "finetune" / "tiny_cpu.yaml"
+TINY_CLASSIFY = ROOT / "finetune" / "tiny_cpu_classify.yaml"
+FUSION = ROOT / "finetune" / "fusion_minilm_cpu.yaml"
+
+
+@pytest.fixture(autouse=True)
+def tiny_cache(tmp_path_factory, monkeypatch):
+    """`tiny:ARCH` checkpoints are built once per test session, in a temporary cache."""
+    monkeypatch.setenv("MMLLM_CACHE", str(tmp_path_factory.getbasetemp() / "mmllm-cache"))
+
+
+# ---------------------------------------------------------------------- faults
+@pytest.fixture
+def earlier_run(tmp_path):
+    """An output folder holding a stopped run (a finished checkpoint, metrics): resumable."""
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "step-00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"step": 4}\n')
+    (ckpt / "trainable.safetensors").write_bytes(b"\x00\x01weights")
+    (out / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n{"step": 6, "loss": 0.4}\n')
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was built for a run that must stop on its inputs")
+
+
+def _fails(capsys, monkeypatch, args: list[str]) -> str:
+    """Run the command line; it must exit 2 with exactly one error line, before building a model."""
+    monkeypatch.setattr(ft, "load_base_model", _no_model)
+    monkeypatch.setattr(ft, "load_processor", _no_model)
+    assert main(["--config", str(TINY), *args]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def _run_args(catalog: Path, out: Path, **extra: object) -> list[str]:
+    base = {"data.train": catalog, "data.dev": "null", "data.schema": catalog.parent / "schema.yaml",
+            "train.output_dir": out, "train.resume": "true"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.parametrize("value", ["null", ""])
+def test_unset_train_file_names_data_train(tmp_path, earlier_run, capsys, monkeypatch, value):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    before = _snapshot(earlier_run)
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"data.train": value}))
+    assert line == (f"error: {TINY}: data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+    assert _snapshot(earlier_run) == before
+
+
+def test_missing_train_file_names_key_and_path(tmp_path, earlier_run, capsys, monkeypatch):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    missing = tmp_path / "data" / "no_such_train.jsonl"
+    before = _snapshot(earlier_run)
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"data.train": missing}))
+    assert line == f"error: data.train: {missing} does not exist; give a labelled catalog (data.train=PATH)"
+    assert _snapshot(earlier_run) == before
+
+
+def test_train_file_without_usable_rows_names_key_and_file(tmp_path, earlier_run, capsys, monkeypatch):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    unlabelled = tmp_path / "data" / "unlabelled.jsonl"
+    rows = [json.loads(line) for line in catalog.read_text().splitlines()]
+    unlabelled.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in rows)
+                          + "{not json\n")
+    before = _snapshot(earlier_run)
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"data.train": unlabelled}))
+    assert line.startswith(f"error: data.train: {unlabelled} has no usable labelled rows (5 skipped; first: ")
+    assert "(id 'item-0'): no label to train on" in line and "mmllm catalog validate --schema" in line
+    assert _snapshot(earlier_run) == before
+    empty = tmp_path / "data" / "empty.jsonl"
+    empty.write_text("")
+    assert _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"data.train": empty})) == (
+        f"error: data.train: {empty} holds no rows")
+    assert _snapshot(earlier_run) == before
+
+
+def test_non_empty_output_folder_is_left_alone(tmp_path, earlier_run, capsys, monkeypatch):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    before = _snapshot(earlier_run)
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"train.resume": "false"}))
+    assert line == (f"error: train.output_dir: {earlier_run} is not empty; pass train.resume=true to continue it, "
+                    "or another train.output_dir")
+    assert _snapshot(earlier_run) == before
+    # resuming a folder that holds no finished checkpoint is refused as early
+    fresh = tmp_path / "fresh"
+    line = _fails(capsys, monkeypatch, _run_args(catalog, fresh))
+    assert line == (f"error: train.output_dir: train.resume=true but {fresh / 'checkpoints'} holds no finished "
+                    "checkpoint; drop train.resume to start a new run")
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("0", "0.0"), ("-1e-4", "-0.0001"), ("inf", "inf")])
+def test_bad_learning_rate_names_train_lr(tmp_path, earlier_run, capsys, monkeypatch, value, shown):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    before = _snapshot(earlier_run)
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"train.lr": value}))
+    assert line == f"error: {TINY}: train.lr must be a positive number (e.g. 2e-4), got {shown}"
+    assert _snapshot(earlier_run) == before
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.epochs", 0, "train.epochs must be >= 1, got 0"),
+    ("train.max_steps", 0, "train.max_steps must be >= 1 (or null to use train.epochs), got 0"),
+    ("train.batch_size", -2, "train.batch_size must be >= 1, got -2"),
+    ("train.grad_accum", 0, "train.grad_accum must be >= 1, got 0"),
+    ("train.weight_decay", "nan", "train.weight_decay must be a number >= 0, got nan"),
+    ("train.max_grad_norm", -1, "train.max_grad_norm must be a number >= 0, got -1.0"),
+    ("train.warmup_ratio", "nan", "train.warmup_ratio must be in [0, 1), got nan"),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints must be >= 1, got 0"),
+    ("train.save_every", -1, "train.save_every must be >= 0, got -1"),
+    ("data.max_train_rows", 0, "data.max_train_rows must be >= 1 (or null for all rows), got 0"),
+    ("eval.batch_size", 0, "eval.batch_size must be >= 1, got 0"),
+    ("classify.label_smoothing", "nan", "classify.label_smoothing must be in [0, 1), got nan"),
+    ("fusion.hidden", 0, "fusion.hidden must be >= 1, got 0"),
+    ("fusion.modalities", "[text, audio]", "fusion.modalities must be a non-empty subset of "
+                                           "['text', 'image', 'attributes'], got ['text', 'audio']"),
+])
+def test_bad_numeric_settings_name_their_key(tmp_path, earlier_run, capsys, monkeypatch, key, value, message):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    before = _snapshot(earlier_run)
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{key: value}))
+    assert line == f"error: {TINY}: {message}"
+    assert _snapshot(earlier_run) == before
+
+
+# ---------------------------------------------------------------------- untrained fields
+def unlabelled_material(folder: Path, n: int = 8) -> Path:
+    """The small catalog with every `material` label removed: only category and piece_count are taught."""
+    catalog = write_catalog(folder, n=n)
+    rows = [json.loads(line) for line in catalog.read_text().splitlines()]
+    for row in rows:
+        del row["label"]["attributes"]["material"]
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return catalog
+
+
+def _force_material(predictor) -> None:
+    """Push the untrained material head far above 0.5, so anything but the null rule would answer it."""
+    head = predictor.model.heads["material"]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(10.0)
+
+
+def _check_head_variant(out: Path, catalog: Path) -> None:
+    meta = json.loads((out / "mmllm_model.json").read_text())
+    assert meta["trained_fields"] == {"category": 8, "piece_count": 8, "material": 0}
+    assert "answers null for it" in (out / "README.md").read_text()
+    rows = load_listings(catalog)
+    policy = ImagePolicy(root=catalog.parent)
+    predictor = load_model_dir(out, device="cpu")
+    assert predictor.untrained == ("material",)
+    _force_material(predictor)
+    records = predictor.predict(rows, policy)
+    assert len(records) == 8
+    for record in records:
+        assert record["status"] == "ok" and record["untrained"] == ["material"]
+        assert record["attributes"]["material"] is None
+        assert record["attributes"]["piece_count"] is not None  # a trained head still answers
+        assert record["category"] in predictor.schema.categories
+    # the same weights without the rule answer the forced head: the null comes from the record
+    assert all(r["attributes"]["material"] == ["wood", "plastic"] and "untrained" not in r
+               for r in dataclasses.replace(predictor, untrained=()).predict(rows, policy))
+    # a folder written before the record existed loads and answers as before
+    del meta["trained_fields"]
+    (out / "mmllm_model.json").write_text(json.dumps(meta))
+    old = load_model_dir(out, device="cpu")
+    assert old.untrained == ()
+    _force_material(old)
+    assert all(r["attributes"]["material"] == ["wood", "plastic"] and "untrained" not in r
+               for r in old.predict(rows, policy))
+
+
+def test_fusion_answers_null_for_an_attribute_without_training_rows(tmp_path):
+    catalog = unlabelled_material(tmp_path / "data")
+    out = tmp_path / "fusion"
+    cfg = load_config(FinetuneConfig, FUSION, [
+        f"data.train={catalog}", f"data.dev={catalog}", f"data.schema={catalog.parent / 'schema.yaml'}",
+        f"train.output_dir={out}", "train.epochs=2", "train.batch_size=4", "train.log_every=1",
+        "fusion.max_text_tokens=32", "fusion.hidden=16", "fusion.lexical_buckets=256", "fusion.attr_buckets=64",
+        "eval.loss_rows=8"])
+    summary = finetune(cfg)
+    assert summary["steps"] == 4 and "category_acc" in summary
+    _check_head_variant(out, catalog)
+
+
+def test_classifier_answers_null_for_an_attribute_without_training_rows(tmp_path):
+    catalog = unlabelled_material(tmp_path / "data")
+    out = tmp_path / "classifier"
+    cfg = load_config(FinetuneConfig, TINY_CLASSIFY, [
+        f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
+        f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=4", "train.save_every=0",
+        "train.log_every=1"])
+    assert finetune(cfg)["steps"] == 2
+    _check_head_variant(out, catalog)
+
+
+def test_generative_predictor_nulls_an_attribute_without_training_rows(tmp_path):
+    catalog = unlabelled_material(tmp_path / "data", n=4)
+    out = tmp_path / "generative"
+    cfg = load_config(FinetuneConfig, TINY, [
+        f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
+        f"train.output_dir={out}", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1",
+        "train.save_every=0", "train.log_every=1", "data.max_train_rows=null"])
+    assert finetune(cfg)["steps"] == 1
+    meta = json.loads((out / "mmllm_model.json").read_text())
+    assert meta["trained_fields"] == {"category": 4, "piece_count": 4, "material": 0}
+    predictor = load_model_dir(out, device="cpu")
+    assert predictor.untrained == ("material",)
+    answer = '{"category": "Games > Chess", "attributes": {"piece_count": 12, "material": ["wood"]}}'
+    assert predictor.record("x", answer) == {
+        "id": "x", "category": "Games > Chess", "attributes": {"piece_count": 12, "material": None},
+        "status": "ok", "untrained": ["material"]}
+    broken = predictor.record("y", "not json")
+    assert broken["status"] == "invalid" and broken["attributes"] == {} and broken["untrained"] == ["material"]
+    # the shared interface: every record from the random model names the untrained attribute, never answers it
+    rows = load_listings(catalog)
+    from mmllm.collator import load_listing_images
+
+    predictor.max_new_tokens = 16
+    images = [load_listing_images(r, ImagePolicy(root=catalog.parent), predictor.max_images) for r in rows]
+    records = predictor.predict_encoded(predictor.encode(rows, images))
+    assert len(records) == 4
+    assert all(r["untrained"] == ["material"] and r["attributes"].get("material") is None for r in records)
+    # a folder written before the record existed answers as before
+    del meta["trained_fields"]
+    (out / "mmllm_model.json").write_text(json.dumps(meta))
+    old = load_model_dir(out, device="cpu")
+    assert old.untrained == ()
+    assert old.record("x", answer) == {
+        "id": "x", "category": "Games > Chess", "attributes": {"piece_count": 12, "material": ["wood"]}, "status": "ok"}
