@@ -32,9 +32,9 @@ from label_throughput import make_dump, random_model_dir, run_job  # noqa: E402 
 
 def build_backbone(gpu: bool, tmp: Path) -> str:
     """A model folder: the tiny checkpoint on CPU; a real-size Qwen2-VL-2B with random weights on GPU."""
-    from mmllm.models.generative import resolve_base
+    from mmllm.tiny import resolve
 
-    return str(random_model_dir(tmp / "model")) if gpu else resolve_base("tiny:qwen2_vl")
+    return str(random_model_dir(tmp / "model")) if gpu else resolve("tiny:qwen2_vl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
     from mmllm.label import load_predictor
-    from mmllm.models.classifier import ClassifierPredictor, ListingClassifier, _hidden_size, head_specs
+    from mmllm.models.classifier import ClassifierPredictor, ListingClassifier
+    from mmllm.models.heads import head_specs, hidden_size
 
     schema_path = ROOT / "examples/toys_schema.yaml"
     results = []
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         generative = load_predictor(model_dir, schema=str(schema_path), template="listing_compact_v1", constrained=True,
                                     max_new_tokens=256, batch_size=args.batch, min_pixels=None, max_pixels=None)
         labels = [json.loads(line)["label"] for line in (ROOT / "examples/amazon_uk_toys/train.jsonl").read_text().splitlines()]
-        heads = ListingClassifier(generative.model, _hidden_size(generative.model), head_specs(generative.schema, labels))
+        heads = ListingClassifier(generative.model, hidden_size(generative.model), head_specs(generative.schema, labels))
         heads.heads.to(next(generative.model.parameters()).device)
         classifier = ClassifierPredictor(heads.eval(), generative.processor, generative.schema, generative.template,
                                          generative.max_images, args.batch)

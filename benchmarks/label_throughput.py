@@ -71,9 +71,9 @@ def random_model_dir(out: Path) -> Path:
     from train_step import build_config
     from transformers import AutoModelForImageTextToText
 
-    from mmllm.models.generative import resolve_base
+    from mmllm.tiny import resolve
 
-    tiny = Path(resolve_base("tiny:qwen2_vl"))
+    tiny = Path(resolve("tiny:qwen2_vl"))
     config = build_config("qwen2_vl_2b")
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         setattr(config, key, json.loads((tiny / "config.json").read_text())[key])

@@ -27,7 +27,7 @@ JOBS = {
     "label": ("mmllm.label", "batch JSON labelling of catalog dumps"),
     "evaluate": ("mmllm.evaluate", "metrics and a report with plots for predictions"),
     "search": ("mmllm.search", "similar-product search and its Recall@K / NDCG"),
-    "demo": ("demo.app", "the Gradio demo"),
+    "demo": ("mmllm.demo", "the Gradio demo"),
     "tiny": ("mmllm.tiny", "tiny random checkpoint for tests and smoke runs (never for predictions)"),
 }
 

@@ -28,51 +28,34 @@ from typing import Any, Sequence
 
 from mmllm.catalog import CatalogError, detect_format
 from mmllm.labelling.engine import LabelOptions, run_local
+from mmllm import model_dir
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
+from mmllm.model_dir import is_model_dir
+from mmllm.predictor import OptionError, Predictor, configure
 from mmllm.schema import SchemaError
 
 
 # ---------------------------------------------------------------------- models
-def load_predictor(model: str, *, schema: str | None, template: str | None, constrained: bool,
-                   max_new_tokens: int, batch_size: int, min_pixels: int | None, max_pixels: int | None,
-                   trust_remote_code: bool = False) -> Any:
-    """A model folder from `mmllm finetune`, or a base checkpoint (hub id / folder) for zero-shot."""
-    from mmllm.collator import set_pixel_budget
-    from mmllm.models.generative import (META_FILE, GenerativePredictor, ModelConfig, load_base_model, load_model_dir,
-                                         load_processor)
-    from mmllm.prompts import DEFAULT_TEMPLATE, PromptTemplate
-    from mmllm.schema import LabelSchema
+def load_predictor(model: str, *, schema: str | None = None, template: str | None = None,
+                   constrained: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
+                   min_pixels: int | None = None, max_pixels: int | None = None,
+                   trust_remote_code: bool = False) -> Predictor:
+    """A model folder of any kind, or a base checkpoint (zero-shot), set up for labelling.
 
-    if (Path(model) / META_FILE).is_file():
-        predictor = load_model_dir(model, trust_remote_code=trust_remote_code)
-        if schema or template:
-            print("note: --schema / --template are ignored for a fine-tuned model folder: it uses its own", file=sys.stderr)
-    else:
-        if not schema:
-            raise SystemExit("error: zero-shot labelling with a base checkpoint needs --schema (the label schema YAML)")
-        cfg = ModelConfig(base=model, trust_remote_code=trust_remote_code)
-        import torch
+    ``None`` means "not given". Generative models decode under the schema's grammar unless
+    ``constrained`` is False; an option the model does not take raises :class:`OptionError`.
+    """
+    from mmllm.tiny import resolve
 
-        base = load_base_model(cfg)
-        base.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        predictor = GenerativePredictor(base, load_processor(model, cfg), LabelSchema.from_yaml(schema),
-                                        PromptTemplate.load(template or DEFAULT_TEMPLATE), cfg.max_images)
-    predictor.batch_size = batch_size
-    if hasattr(predictor, "constrained"):  # generative decoding only; heads always answer inside the schema
-        predictor.constrained = constrained
-        predictor.max_new_tokens = max_new_tokens
-    if min_pixels or max_pixels:
-        processor = getattr(predictor, "processor", None)
-        if processor is None or not hasattr(processor, "image_processor"):
-            raise OptionError(f"--min-pixels / --max-pixels: the model {model} reads no images through a Qwen-VL "
-                              "processor; leave them out")
-        size = processor.image_processor.size
-        set_pixel_budget(processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])
-    return predictor
-
-
-class OptionError(ValueError):
-    """A command-line option the chosen model does not take."""
+    if is_model_dir(model) and (schema or template):
+        print("note: --schema / --template are ignored for a fine-tuned model folder: it uses its own", file=sys.stderr)
+        schema = template = None
+    predictor = model_dir.load(model, schema=schema, template=template, trust_remote_code=trust_remote_code,
+                               resolve=resolve)
+    if constrained is None and "constrained" in predictor.takes:
+        constrained = True  # labelling default: every answer validates
+    return configure(predictor, source=model, batch_size=batch_size, constrained=constrained,
+                     max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 # ---------------------------------------------------------------------- command line
@@ -96,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         allow_remote=args.allow_remote, quiet=args.quiet,
                         roots={d.name: d.resolve().parent for d in dumps})
     model_args = {"model": args.model, "schema": args.schema, "template": args.template,
-                  "constrained": not args.no_constrained, "max_new_tokens": args.max_new_tokens,
+                  "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code}
     try:
@@ -115,9 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray_opts = RayOptions(args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.ray_address)
             summary = run_ray(load_predictor, model_args, dumps, output, opts, ray_opts)
         else:
-            summary = run_local(load_predictor(**model_args), dumps, output, opts)
-    except (OptionError, SchemaError) as exc:
-        return _fail(str(exc))
+            try:
+                predictor = load_predictor(**model_args)
+            except (OptionError, SchemaError, FileNotFoundError, ValueError) as exc:  # the model or an option: nothing labelled
+                return _fail(str(exc))
+            summary = run_local(predictor, dumps, output, opts)
     except WriteError as exc:
         print(f"error: {exc}; {output.written:,} records were written this run. Free space (or fix the cause) and "
               "run the same command with --resume to continue", file=sys.stderr)
@@ -153,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", type=Path, help="also write error and invalid records here")
     p.add_argument("--batch-size", type=_at_least(1), default=8, help="listings per generate call")
     p.add_argument("--workers", type=_at_least(1), default=2, help="threads decoding images / tokenizing ahead of the model")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=256,
-                   help="generation budget (constrained decoding raises it to the longest valid answer)")
+    p.add_argument("--max-new-tokens", type=_at_least(1),
+                   help="generation budget, default 256 (constrained decoding raises it to the longest valid answer)")
     p.add_argument("--min-pixels", type=_at_least(1), help="smallest image area after resizing (default: the model's)")
     p.add_argument("--max-pixels", type=_at_least(1), help="largest image area after resizing: caps image tokens")
     p.add_argument("--limit", type=_at_least(1), help="label only the first N rows (of this shard)")

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row
-from mmllm.collator import encode_prompts, load_listing_images
 from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.predictor import Predictor, embed_in_batches
 from mmllm.progress import Progress
-from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
-from mmllm.schema import SEPARATOR, LabelSchema
+from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE
+from mmllm.schema import SEPARATOR
 
 POOLINGS = ("last", "mean")
 INDEX_TYPES = ("flat", "hnsw")
@@ -46,91 +45,22 @@ HNSW_LINKS = 32  # neighbours per node: the usual recall / memory trade-off for 
 
 
 # ---------------------------------------------------------------------- embeddings
-def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[B, T, H] hidden states -> [B, H] float32, over the real tokens only.
-
-    ``last`` takes each row's last token with mask 1 (position T-1 under left padding, its
-    length-1 under right padding); ``mean`` averages the masked positions. Padded positions are
-    zeroed with ``where``, not multiplied: their states may be NaN under some attention kernels.
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    hidden = hidden.float()
-    mask = attention_mask.bool()  # [B, T]
-    if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask, positions, -1).amax(dim=1)  # [B]
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    summed = torch.where(mask.unsqueeze(-1), hidden, 0.0).sum(dim=1)  # [B, H]
-    return summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+# Vectors come from the model's own ``embed_encoded`` (mmllm.predictor): the pooled prompt state
+# of a VLM (``--pooling``: the last real token, or the mean over the real tokens), or the fusion
+# model's fused representation.
 
 
-def backbone(model: Any) -> Any:
-    """The vision-language backbone under the LM head (through a PEFT wrapper: LoRA stays active,
-    it lives inside the wrapped modules)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model  # transformers: the module named by base_model_prefix ("model" for Qwen-VL)
+def load_model(model: str, *, schema: str | Path | None, template: str | Path | None) -> Predictor:
+    """A fine-tuned model folder (its own schema and template) or a base checkpoint (zero-shot,
+    with ``schema``): :func:`mmllm.model_dir.load`, with ``tiny:`` names resolved."""
+    from mmllm import model_dir
+    from mmllm.tiny import resolve
 
-
-@torch.inference_mode()
-def embed_encoded(model: Any, enc: Mapping[str, torch.Tensor], pooling: str = "last") -> np.ndarray:
-    """One encoded batch -> [B, D] L2-normalized float32 vectors.
-
-    The backbone's ``last_hidden_state`` is what ``output_hidden_states=True`` gives as
-    ``hidden_states[-1]`` (final norm applied) without keeping every layer's states or computing
-    [B, T, vocab] logits (gigabytes for a real vocabulary).
-    """
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    hidden = backbone(model)(**enc).last_hidden_state  # [B, T, H]
-    pooled = torch.nn.functional.normalize(pool_hidden(hidden, enc["attention_mask"], pooling), dim=-1)
-    return pooled.cpu().numpy().astype(np.float32, copy=False)
-
-
-def embed_listings(model: Any, processor: Any, listings: Sequence[Listing], schema: LabelSchema,
-                   template: PromptTemplate, image_policy: ImagePolicy, batch_size: int = 8,
-                   pooling: str = "last", max_images: int = 4) -> np.ndarray:
-    """[N, D] L2-normalized float32 embeddings of ``listings``, in order.
-
-    The prompt is the generative one (:func:`mmllm.collator.encode_prompts`: left padded, up to
-    the assistant's turn). A broken image is dropped with a warning, so its listing is embedded
-    with its other images or text-only: search must not lose rows.
-    """
-    chunks = []
-    for start in range(0, len(listings), batch_size):
-        batch = listings[start:start + batch_size]
-        images = [load_listing_images(listing, image_policy, max_images) for listing in batch]
-        chunks.append(embed_encoded(model, encode_prompts(processor, batch, schema, template, images), pooling))
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-
-
-def embed_with(bundle: Any, listings: Sequence[Listing], image_policy: ImagePolicy, batch_size: int = 8,
-               pooling: str = "last") -> np.ndarray:
-    """Vectors from any model: one with its own ``embed`` (the fusion model's fused representation),
-    else the pooled prompt state of the VLM (:func:`embed_listings`)."""
-    if hasattr(bundle, "embed"):
-        return bundle.embed(listings, image_policy)
-    return embed_listings(bundle.model, bundle.processor, listings, bundle.schema, bundle.template, image_policy,
-                          batch_size, pooling, bundle.max_images)
-
-
-def load_model(model: str, *, schema: str | Path | None, template: str | Path | None) -> Any:
-    """A fine-tuned model folder (own schema and template) or a base checkpoint (zero-shot).
-
-    Returns a :class:`~mmllm.models.generative.GenerativePredictor`, used here only as the
-    bundle of model, processor, schema, template and image count.
-    """
-    from mmllm.models.generative import (META_FILE as MODEL_META, GenerativePredictor, ModelConfig,
-                                         load_base_model, load_model_dir, load_processor)
-
-    if (Path(model) / MODEL_META).is_file():
-        return load_model_dir(model)
+    if model_dir.is_model_dir(model):
+        return model_dir.load(model, resolve=resolve)
     if schema is None:
         raise ValueError(f"{model} is a base checkpoint: zero-shot embedding needs --schema (the label schema YAML)")
-    cfg = ModelConfig(base=model)
-    base = load_base_model(cfg).to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return GenerativePredictor(base, load_processor(model, cfg), LabelSchema.from_yaml(schema),
-                               PromptTemplate.load(template or DEFAULT_TEMPLATE), cfg.max_images)
+    return model_dir.load(model, schema=schema, template=template, resolve=resolve)
 
 
 # ---------------------------------------------------------------------- the index
@@ -324,6 +254,7 @@ def _run_index(args: argparse.Namespace) -> int:
     reader = CatalogReader(args.catalog)
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
     bundle = load_model(args.model, schema=args.schema, template=args.template)
+    bundle.batch_size = args.batch_size
     meta = {"format": 1, "model": _model_ref(args.model), "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
             "template": getattr(getattr(bundle, "template", None), "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
@@ -335,7 +266,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
     def flush() -> None:
         nonlocal index
-        vectors = embed_with(bundle, batch, policy, args.batch_size, args.pooling)
+        vectors = embed_in_batches(bundle, batch, policy, args.pooling)
         index = index or SearchIndex.empty(vectors.shape[1], meta, args.index_type)
         index.add(vectors, [_record(listing) for listing in batch])
         progress.update(len(batch), bytes_done=reader.progress()[0] if text_file else None)
@@ -377,7 +308,7 @@ def _run_query(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         folder = Path(args.index_dir)
         bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)
-        vector = embed_with(bundle, [listing], policy, 1, index.meta["pooling"])[0]
+        vector = embed_in_batches(bundle, [listing], policy, index.meta["pooling"])[0]
     scores, positions = index.search_positions(vector, args.k)
     hits = [{"rank": rank, "score": round(float(score), 6), **index.records[p]}
             for rank, (score, p) in enumerate(zip(scores[0], positions[0]), start=1) if p >= 0]

@@ -479,6 +479,24 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> pat
     return out
 
 
+def resolve(ref: str) -> str:
+    """A model reference as given, or for ``tiny:ARCH`` the folder of a tiny checkpoint (built once).
+
+    ``tiny:qwen2_vl`` lets configs such as ``finetune/tiny_cpu.yaml`` run anywhere, offline, in
+    seconds; the command lines and tests resolve it, the library never does. Random weights:
+    smoke runs only. The folder is ``$MMLLM_CACHE/tiny/ARCH-seed0`` (default ``~/.cache/mmllm``).
+    """
+    if not ref.startswith("tiny:"):
+        return ref
+    import os
+
+    arch = ref.split(":", 1)[1]
+    cache = pathlib.Path(os.environ.get("MMLLM_CACHE", pathlib.Path.home() / ".cache" / "mmllm")) / "tiny" / f"{arch}-seed0"
+    if not (cache / "config.json").exists():
+        build_tiny_checkpoint(cache, arch=arch, seed=0)
+    return str(cache)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: build one tiny checkpoint and print where it went."""
     parser = argparse.ArgumentParser(

@@ -5,31 +5,31 @@
 * :func:`attach_lora`: PEFT LoRA on the language model's linear layers, picked by regex
   (the vision tower reuses names like ``gate_proj``, so a suffix list would reach it too).
 * :class:`GenerativePredictor`: listings in, validated predictions out (greedy decoding).
-* :func:`load_model_dir` / :func:`merge_model_dir`: the model folder written by fine-tuning.
+
+Model folders (the files, loading any kind, merging) are :mod:`mmllm.model_dir`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
+import numpy as np
 import torch
 
 from mmllm.catalog import Listing
-from mmllm.collator import encode_prompts, load_listing_images, set_pixel_budget
+from mmllm.collator import encode_prompts, set_pixel_budget
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
-from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
+from mmllm.models.heads import mark_untrained, prompt_vectors
+from mmllm.predictor import encoded_batches
+from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema
 
 log = logging.getLogger(__name__)
 
-META_FILE = "mmllm_model.json"
-SCHEMA_FILE = "label_schema.yaml"
 # Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
 LANGUAGE_LORA = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 VISION_LORA = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj|linear_fc1|linear_fc2))"
@@ -102,37 +102,20 @@ def resolve_attention(name: str) -> str:
     return "sdpa"
 
 
-def resolve_base(base: str) -> str:
-    """A hub id or folder as given; ``tiny:ARCH`` builds (once) a tiny random checkpoint.
-
-    ``tiny:qwen2_vl`` lets configs such as ``finetune/tiny_cpu.yaml`` run anywhere, offline, in
-    seconds. Such a model is for smoke runs only: its weights start random.
-    """
-    if not base.startswith("tiny:"):
-        return base
-    import os
-
-    from mmllm.tiny import build_tiny_checkpoint
-
-    arch = base.split(":", 1)[1]
-    cache = Path(os.environ.get("MMLLM_CACHE", Path.home() / ".cache" / "mmllm")) / "tiny" / f"{arch}-seed0"
-    if not (cache / "config.json").exists():
-        build_tiny_checkpoint(cache, arch=arch, seed=0)
-    return str(cache)
-
-
 def load_processor(source: str | Path, cfg: ModelConfig | None = None) -> Any:
     from transformers import AutoProcessor
 
     trust = bool(cfg and cfg.trust_remote_code)
-    processor = AutoProcessor.from_pretrained(resolve_base(str(source)), trust_remote_code=trust)
+    processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust)
     if cfg is not None:
         set_pixel_budget(processor, cfg.min_pixels, cfg.max_pixels)
     return processor
 
 
-def load_base_model(cfg: ModelConfig, *, device_map: Any = None) -> Any:
-    """The base model from safetensors, with dtype / attention / quantization resolved."""
+def load_base_model(cfg: ModelConfig, *, source: str | None = None, device_map: Any = None) -> Any:
+    """The base model from safetensors, with dtype / attention / quantization resolved.
+
+    ``source`` is where to load it from when that differs from ``cfg.base`` (a resolved path)."""
     from transformers import AutoModelForImageTextToText
 
     dtype = resolve_dtype(cfg.dtype)
@@ -155,7 +138,7 @@ def load_base_model(cfg: ModelConfig, *, device_map: Any = None) -> Any:
         kwargs["device_map"] = device_map if device_map is not None else ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForImageTextToText.from_pretrained(resolve_base(cfg.base), **kwargs)
+    return AutoModelForImageTextToText.from_pretrained(source or cfg.base, **kwargs)
 
 
 def attach_lora(model: Any, cfg: LoraSettings, *, quantized: bool = False, gradient_checkpointing: bool = False) -> Any:
@@ -193,116 +176,6 @@ def _fullmatch(pattern: str, name: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-# ---------------------------------------------------------------------- model folders
-def write_meta(folder: Path, **fields: Any) -> None:
-    from mmllm import __version__
-
-    meta = {"format": 1, "mmllm_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def trained_field_counts(schema: LabelSchema, labels: Sequence[dict[str, Any] | None]) -> dict[str, int]:
-    """Training rows with a known (non-null) gold value, per field: ``category`` then each attribute.
-
-    Stored as ``trained_fields`` in the model folder's meta file. A field counted 0 was never
-    supervised: its head (or the generative answer for it) is noise, so predictors answer null.
-    """
-    counts = {"category": 0, **{a.name: 0 for a in schema.attributes}}
-    for label in labels:
-        value = schema.validate(label, require_category=False).value if label else None
-        if value is None:
-            continue
-        counts["category"] += value["category"] is not None
-        for name, known in value["attributes"].items():
-            counts[name] += known is not None
-    return counts
-
-
-def untrained_attributes(trained_fields: dict[str, int] | None) -> tuple[str, ...]:
-    """Attributes recorded with 0 training rows; none for folders written before the record existed."""
-    return tuple(name for name, rows in (trained_fields or {}).items() if name != "category" and rows == 0)
-
-
-def mark_untrained(record: dict[str, Any], untrained: Sequence[str]) -> dict[str, Any]:
-    """Null the attributes no training row stated and say so (``untrained``), so a reviewer sees why."""
-    if not untrained:
-        return record
-    attributes = record.get("attributes") or {}
-    record["attributes"] = {k: None if k in untrained else v for k, v in attributes.items()}
-    record["untrained"] = list(untrained)
-    return record
-
-
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not an mmllm model folder (no {META_FILE}); pass a model dir from `mmllm finetune`")
-    return json.loads(path.read_text())
-
-
-def load_model_dir(folder: str | Path, *, device: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A fine-tuned model folder (LoRA adapter, merged model or classifier) as a ready predictor."""
-    folder = Path(folder)
-    meta = read_meta(folder)
-    if meta.get("kind") == "fusion":
-        from mmllm.models.fusion import load_fusion
-
-        return load_fusion(folder, device, untrained=untrained_attributes(meta.get("trained_fields")))
-    if meta.get("kind") not in ("generative-lora", "generative-merged", "classifier"):
-        raise ValueError(f"{folder}: unknown model kind {meta.get('kind')!r}")
-    cfg = ModelConfig(base=str(folder) if meta["kind"] == "generative-merged" else meta["base_model"],
-                      trust_remote_code=trust_remote_code, **meta.get("model", {}))
-    processor = load_processor(folder, None)  # the processor saved at training (pixel budget included)
-    model = load_base_model(cfg)
-    if meta["kind"] in ("generative-lora", "classifier"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(folder))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if meta["kind"] == "classifier":
-        from mmllm.models.classifier import ClassifierPredictor, ListingClassifier
-
-        model = ListingClassifier.load(model, folder)
-    if cfg.quantization != "4bit":
-        model.to(device)
-    model.eval()
-    if meta["kind"] == "classifier":
-        return ClassifierPredictor(model, processor, LabelSchema.from_yaml(folder / SCHEMA_FILE),
-                                   PromptTemplate.load(folder / TEMPLATE_FILE), cfg.max_images,
-                                   untrained=untrained_attributes(meta.get("trained_fields")))
-    return GenerativePredictor(
-        model=model,
-        processor=processor,
-        schema=LabelSchema.from_yaml(folder / SCHEMA_FILE),
-        template=PromptTemplate.load(folder / TEMPLATE_FILE),
-        max_images=cfg.max_images,
-        untrained=untrained_attributes(meta.get("trained_fields")),
-    )
-
-
-def merge_model_dir(folder: str | Path, out: str | Path) -> Path:
-    """Fold the LoRA adapter into the base weights and write a standalone model folder."""
-    import shutil
-
-    folder, out = Path(folder), Path(out)
-    meta = read_meta(folder)
-    if meta.get("kind") != "generative-lora":
-        raise ValueError(f"{folder}: only a LoRA model folder can be merged (kind is {meta.get('kind')!r})")
-    if meta.get("model", {}).get("quantization") == "4bit":
-        log.warning("merging a QLoRA adapter into a full-precision copy of the base model")
-    model_fields = {k: v for k, v in meta.get("model", {}).items() if k != "quantization"}
-    predictor = load_model_dir(folder, device="cpu")
-    merged = predictor.model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    predictor.processor.save_pretrained(out)
-    for name in (SCHEMA_FILE, TEMPLATE_FILE):
-        shutil.copyfile(folder / name, out / name)
-    write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
-               **{k: meta[k] for k in ("trained_fields",) if k in meta})
-    return out
-
-
 # ---------------------------------------------------------------------- prediction
 @dataclass
 class GenerativePredictor:
@@ -323,6 +196,7 @@ class GenerativePredictor:
     constrained: bool = False
     untrained: tuple[str, ...] = ()
     _grammar: Any = None
+    takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels"})  # see mmllm.predictor
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         """CPU work of a batch (prompts, tokens, pixels): safe to run in a worker thread."""
@@ -345,20 +219,23 @@ class GenerativePredictor:
 
     def generate(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[str]:
         """Raw answer texts, in input order (broken images are dropped with a warning)."""
-        texts: list[str] = []
-        for start in range(0, len(listings), self.batch_size):
-            chunk = listings[start:start + self.batch_size]
-            images = [load_listing_images(listing, image_policy, self.max_images) for listing in chunk]
-            texts.extend(self.generate_encoded(self.encode(chunk, images)))
-        return texts
+        return [text for _, enc in encoded_batches(self, listings, image_policy) for text in self.generate_encoded(enc)]
 
     def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
         """One prediction record per listing: ``{"id", "category", "attributes", "status", ...}``."""
         return [self.record(listing.id, text) for listing, text in zip(listings, self.generate(listings, image_policy))]
 
-    def predict_encoded(self, enc: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Records (without id) for an encoded batch: the interface every predictor shares."""
-        return [{k: v for k, v in self.record(None, text).items() if k != "id"} for text in self.generate_encoded(enc)]
+    def predict_encoded(self, enc: dict[str, torch.Tensor], raw: bool = False) -> list[dict[str, Any]]:
+        """Records (without id) for an encoded batch; ``raw`` keeps the decoded text of every row."""
+        records = []
+        for text in self.generate_encoded(enc):
+            record = {k: v for k, v in self.record(None, text).items() if k != "id"}
+            records.append({**record, "raw": text} if raw else record)
+        return records
+
+    def embed_encoded(self, enc: dict[str, torch.Tensor], pooling: str = "last") -> np.ndarray:
+        """Similar-product vectors: the pooled prompt state (the answer is never generated)."""
+        return prompt_vectors(self.model, enc, pooling)
 
     def record(self, listing_id: str, text: str) -> dict[str, Any]:
         """A prediction record from raw answer text, validated by the schema."""

@@ -1,1 +1,0 @@
-"""The Gradio demo (`demo/app.py`, the `mmllm demo` verb)."""

@@ -1,0 +1,241 @@
+"""The model folder: what `mmllm finetune` writes and every other job reads - one front door.
+
+A model folder holds the weights of one kind of model plus what is needed to use it alone::
+
+    mmllm_model.json     meta: kind, base model, template, trained_fields, training summary
+    label_schema.yaml    the schema the model was trained with (its answers follow it)
+    prompt_template.yaml the prompt it was trained with (generative and classifier kinds)
+    config.yaml          the resolved training config (rerun with --config)
+    README.md            the model card, with training_curves.png and metrics.jsonl
+    + the weights: a LoRA adapter (generative-lora), a full model (generative-merged),
+      adapter + heads.safetensors (classifier), fusion.safetensors (fusion)
+
+:func:`load` turns a folder of any kind - or a base checkpoint, for zero-shot labelling - into a
+ready :class:`~mmllm.predictor.Predictor`; :func:`merge` folds a LoRA adapter into its base. Hub
+ids and folders are taken as they are: test-only names such as ``tiny:qwen2_vl`` are resolved by
+the command line (``resolve``), never here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
+from mmllm.schema import LabelSchema
+
+log = logging.getLogger(__name__)
+
+META_FILE = "mmllm_model.json"
+SCHEMA_FILE = "label_schema.yaml"
+CONFIG_FILE = "config.yaml"
+CARD_FILE = "README.md"
+CURVES_FILE = "training_curves.png"
+METRICS_FILE = "metrics.jsonl"
+KINDS = ("generative-lora", "generative-merged", "classifier", "fusion")
+
+
+def _as_is(ref: str) -> str:
+    return ref
+
+
+# ---------------------------------------------------------------------- meta
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def write_meta(folder: Path, **fields: Any) -> None:
+    from mmllm import __version__
+
+    meta = {"format": 1, "mmllm_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not an mmllm model folder (no {META_FILE}); pass a model dir from `mmllm finetune`")
+    meta = json.loads(path.read_text())
+    if meta.get("kind") not in KINDS:
+        raise ValueError(f"{folder}: unknown model kind {meta.get('kind')!r} (known: {', '.join(KINDS)})")
+    return meta
+
+
+def trained_field_counts(schema: LabelSchema, labels: Sequence[dict[str, Any] | None]) -> dict[str, int]:
+    """Training rows with a known (non-null) gold value, per field: ``category`` then each attribute.
+
+    Stored as ``trained_fields`` in the meta file. A field counted 0 was never supervised: its head
+    (or the generative answer for it) is noise, so predictors answer null.
+    """
+    counts = {"category": 0, **{a.name: 0 for a in schema.attributes}}
+    for label in labels:
+        value = schema.validate(label, require_category=False).value if label else None
+        if value is None:
+            continue
+        counts["category"] += value["category"] is not None
+        for name, known in value["attributes"].items():
+            counts[name] += known is not None
+    return counts
+
+
+def untrained_attributes(trained_fields: dict[str, int] | None) -> tuple[str, ...]:
+    """Attributes recorded with 0 training rows; none for folders written before the record existed."""
+    return tuple(name for name, rows in (trained_fields or {}).items() if name != "category" and rows == 0)
+
+
+# ---------------------------------------------------------------------- writing
+def write_folder(out_dir: Path, *, kind: str, base_model: str, schema: LabelSchema, schema_source: str,
+                 config: Any, template: PromptTemplate | None, model: dict[str, Any], training: dict[str, Any],
+                 trained_fields: dict[str, int] | None) -> None:
+    """Everything but the weights (each model kind saves its own): schema, template, config, meta, card."""
+    from mmllm.config import save_config
+
+    assert kind in KINDS, kind
+    schema.to_yaml(out_dir / SCHEMA_FILE, header=f"# label schema used for training (from {schema_source})\n")
+    if template is not None:
+        template.save_to(out_dir)
+    save_config(config, out_dir / CONFIG_FILE, header="# resolved training config: rerun with --config this file\n")
+    write_meta(out_dir, kind=kind, base_model=base_model, template=template.version if template else None, model=model,
+               training=training, **({"trained_fields": trained_fields} if trained_fields else {}))
+    write_card(out_dir)
+
+
+def write_card(out_dir: Path) -> None:
+    """training_curves.png + README.md (the model card) from metrics.jsonl and the meta file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = out_dir / METRICS_FILE
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="dev loss")
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("cross-entropy per answer token")
+    axes[0].legend()
+    for key, label in (("json_valid", "JSON valid"), ("category_acc", "category accuracy"), ("attribute_acc", "attribute accuracy")):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        if points:
+            axes[1].plot(*zip(*points), "o-", label=label)
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_xlabel("optimizer step")
+    axes[1].set_title("dev generation" if evals else "no dev set")
+    axes[1].legend() if evals else None
+    fig.tight_layout()
+    fig.savefig(out_dir / CURVES_FILE, dpi=110)
+    plt.close(fig)
+    meta = read_meta(out_dir)
+    last_eval = evals[-1] if evals else {}
+    untrained = untrained_attributes(meta.get("trained_fields"))
+    training = meta["training"]
+    launch = ("single process" if training["num_processes"] == 1
+              else f"{training['distributed_type']} x {training['num_processes']} process(es)")
+    use = ("merge it into a standalone model: `python -m mmllm.finetune merge THIS_FOLDER OUT`."
+           if meta["kind"] == "generative-lora" else "it is used as it is (only a LoRA folder is merged).")
+    lines = [
+        f"# mmllm model: {meta['kind']} on `{meta['base_model']}`", "",
+        f"Prompt template `{meta.get('template')}`, label schema `{SCHEMA_FILE}`, config `{CONFIG_FILE}`.",
+        f"Trained {training['steps']} steps in {training['wall_s']} s ({launch}).", "",
+        "| metric | value |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in last_eval.items() if k != "step"),
+        *(f"| final train loss | {train[-1]['loss']} |" for _ in train[-1:]), "",
+        *([f"No training row stated {', '.join(untrained)}: the model answers null for "
+           f"{'it' if len(untrained) == 1 else 'them'}.", ""] if untrained else []),
+        f"![training curves]({CURVES_FILE})", "",
+        f"Label with it: `mmllm label DUMP --model THIS_FOLDER --out labels.jsonl`; load it in Python: "
+        f"`mmllm.model_dir.load(THIS_FOLDER)`; {use}",
+    ]
+    (out_dir / CARD_FILE).write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------- loading
+def load(source: str | Path, *, schema: str | Path | None = None, template: str | Path | None = None,
+         device: str | None = None, trust_remote_code: bool = False, resolve: Callable[[str], str] = _as_is) -> Any:
+    """A ready predictor from a model folder of any kind, or from a base checkpoint (zero-shot).
+
+    A model folder uses its own schema and template (``schema`` / ``template`` are refused for it);
+    a base checkpoint needs ``schema``. ``resolve`` maps a base-model reference to a loadable
+    one (the command line passes one that builds ``tiny:`` test checkpoints).
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_model_dir(source):
+        if schema or template:
+            raise ValueError(f"{source} is a fine-tuned model folder: it labels with its own schema and template; "
+                             "leave out --schema / --template")
+        return _load_folder(Path(source), device, trust_remote_code, resolve)
+    if not schema:
+        raise ValueError(f"{source} is a base checkpoint: zero-shot labelling needs --schema (the label schema YAML)")
+    from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor
+
+    cfg = ModelConfig(base=str(source), trust_remote_code=trust_remote_code)
+    base = resolve(str(source))
+    model = load_base_model(cfg, source=base)
+    model.to(device).eval()
+    return GenerativePredictor(model, load_processor(base, cfg), LabelSchema.from_yaml(schema),
+                               PromptTemplate.load(template or DEFAULT_TEMPLATE), cfg.max_images)
+
+
+def _load_folder(folder: Path, device: str, trust_remote_code: bool, resolve: Callable[[str], str]) -> Any:
+    meta = read_meta(folder)
+    schema = LabelSchema.from_yaml(folder / SCHEMA_FILE)
+    untrained = untrained_attributes(meta.get("trained_fields"))
+    if meta["kind"] == "fusion":
+        from mmllm.models.fusion import load_fusion
+
+        return load_fusion(folder, schema, device, untrained=untrained)
+    from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor
+
+    merged = meta["kind"] == "generative-merged"
+    cfg = ModelConfig(base=str(folder) if merged else meta["base_model"], trust_remote_code=trust_remote_code,
+                      **meta.get("model", {}))
+    processor = load_processor(folder, None)  # the processor saved at training (pixel budget included)
+    model = load_base_model(cfg, source=str(folder) if merged else resolve(meta["base_model"]))
+    if meta["kind"] in ("generative-lora", "classifier"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder))
+    template = PromptTemplate.load(folder / TEMPLATE_FILE)
+    if meta["kind"] == "classifier":
+        from mmllm.models.classifier import ClassifierPredictor, ListingClassifier
+
+        model = ListingClassifier.load(model, folder)
+    if cfg.quantization != "4bit":
+        model.to(device)
+    model.eval()
+    if meta["kind"] == "classifier":
+        return ClassifierPredictor(model, processor, schema, template, cfg.max_images, untrained=untrained)
+    return GenerativePredictor(model=model, processor=processor, schema=schema, template=template,
+                               max_images=cfg.max_images, untrained=untrained)
+
+
+def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] = _as_is) -> Path:
+    """Fold the LoRA adapter into the base weights and write a standalone model folder."""
+    folder, out = Path(folder), Path(out)
+    meta = read_meta(folder)
+    if meta["kind"] != "generative-lora":
+        raise ValueError(f"{folder}: only a LoRA model folder can be merged (kind is {meta['kind']!r}); "
+                         "classifier and fusion folders are used as they are")
+    if meta.get("model", {}).get("quantization") == "4bit":
+        log.warning("merging a QLoRA adapter into a full-precision copy of the base model")
+    model_fields = {k: v for k, v in meta.get("model", {}).items() if k != "quantization"}
+    predictor = _load_folder(folder, "cpu", False, resolve)
+    merged = predictor.model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    predictor.processor.save_pretrained(out)
+    for name in (SCHEMA_FILE, TEMPLATE_FILE):
+        shutil.copyfile(folder / name, out / name)
+    write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
+               **{k: meta[k] for k in ("trained_fields",) if k in meta})
+    return out

@@ -1,0 +1,28 @@
+"""The fusion model: pretrained text / image encoders + a small attribute network, fused, softmax heads.
+
+Where things live: ``features`` (hashed seller-table and word features), ``encoders`` (the
+pretrained encoders and the disk cache of their features), ``layers`` (the three fusion methods),
+``model`` (the config, the model, its save / load, predictor and collator).
+"""
+
+from mmllm.models.fusion.encoders import AttributeEncoder, Encoders, FeatureCache, FeatureSettings, Featurizer
+from mmllm.models.fusion.features import attribute_tokens, category_name, lexical_features
+from mmllm.models.fusion.layers import FUSIONS, AttentionFusion, CoAttentionFusion, ConcatFusion
+from mmllm.models.fusion.model import (
+    FUSION_CONFIG,
+    FUSION_FILE,
+    MODALITIES,
+    FusionCollator,
+    FusionConfig,
+    FusionModel,
+    FusionPredictor,
+    count_rows,
+    load_fusion,
+)
+
+__all__ = [
+    "FUSIONS", "FUSION_CONFIG", "FUSION_FILE", "MODALITIES",
+    "AttentionFusion", "AttributeEncoder", "CoAttentionFusion", "ConcatFusion", "Encoders", "FeatureCache",
+    "FeatureSettings", "Featurizer", "FusionCollator", "FusionConfig", "FusionModel", "FusionPredictor",
+    "attribute_tokens", "category_name", "count_rows", "lexical_features", "load_fusion",
+]

