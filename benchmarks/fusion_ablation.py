@@ -44,16 +44,16 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     from mmllm.catalog import iter_catalog
-    from mmllm.config import load_config
     from mmllm.evaluate import attribute_metrics, category_metrics
-    from mmllm.finetune import FinetuneConfig, _policy_for, finetune
+    from mmllm.finetune import finetune, load_recipe_config
     from mmllm.images import ImagePolicy
-    from mmllm.models.generative import load_model_dir
+    from mmllm import model_dir
+    from mmllm.recipes.common import policy_for
     from mmllm.schema import LabelSchema
 
     os.chdir(ROOT)
     results = []
-    schema = LabelSchema.from_yaml(load_config(FinetuneConfig, args.config, []).data.schema)
+    schema = LabelSchema.from_yaml(load_recipe_config(args.config).data.schema)
     names = [a.name for a in schema.attributes]
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -66,10 +66,10 @@ def main() -> int:
                     overrides += args.set
                     if args.epochs:
                         overrides.append(f"train.epochs={args.epochs}")
-                    cfg = load_config(FinetuneConfig, args.config, overrides)
+                    cfg = load_recipe_config(args.config, overrides)
                     summary = finetune(cfg)
                     rows = [r for r in iter_catalog(cfg.data.dev) if not hasattr(r, "stage")]
-                    preds = load_model_dir(out, device="cpu").predict(rows, _policy_for(cfg.data.dev, ImagePolicy()))
+                    preds = model_dir.load(out, device="cpu").predict(rows, policy_for(cfg.data.dev, ImagePolicy()))
                     gold = [schema.validate(r.label).value for r in rows]
                     cat = category_metrics([g["category"] for g in gold], [q["category"] for q in preds])
                     attrs = attribute_metrics([g["attributes"] for g in gold], [q["attributes"] for q in preds], names, 0.0)

@@ -59,14 +59,13 @@ REAL = {
 
 # ---------------------------------------------------------------------- CPU: tiny config, real loop
 def cpu_benchmark(steps: int) -> list[dict]:
-    from mmllm.config import load_config
-    from mmllm.finetune import FinetuneConfig, finetune
+    from mmllm.finetune import finetune, load_recipe_config
 
     rows = []
     for name, catalog, batch in (("tiny qwen2_vl, drawn listings (images)", "examples/drawn/catalog.jsonl", 4),
                                  ("tiny qwen2_vl, amazon listings (text)", "examples/amazon_uk_toys/train.jsonl", 4)):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(FinetuneConfig, ROOT / "finetune/tiny_cpu.yaml", [
+            cfg = load_recipe_config(ROOT / "finetune/tiny_cpu.yaml", [
                 f"data.train={ROOT / catalog}", "data.dev=null", f"data.schema={ROOT / 'examples/toys_schema.yaml'}",
                 f"train.output_dir={tmp}/out", f"train.max_steps={steps}", f"train.batch_size={batch}", "train.grad_accum=1",
                 "train.log_every=1", "train.save_every=0"])

@@ -1,0 +1,219 @@
+"""What every recipe shares: the data config, the inputs checked before anything is built, the
+start of a run (accelerator, seed, output folder) and its end (summary, final evaluation record).
+
+A recipe's config is a dataclass with a ``data`` (:class:`DataConfig`) and a ``train``
+(:class:`~mmllm.training.TrainConfig`) section; :func:`setup` does the part of a run that does not
+depend on the model kind and returns it as a :class:`Setup`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
+from mmllm.config import help_field
+from mmllm.images import ImagePolicy
+from mmllm.model_dir import METRICS_FILE, trained_field_counts, untrained_attributes
+from mmllm.prompts import PromptTemplate, target_text
+from mmllm.schema import LabelSchema, SchemaError
+from mmllm.training import LoopResult, TrainConfig, latest_checkpoint
+
+log = logging.getLogger("mmllm.finetune")
+
+
+@dataclass
+class DataConfig:
+    """Where the listings, the label schema and the prompt template come from."""
+
+    train: str | None = help_field("examples/amazon_uk_toys/train.jsonl", "labelled catalog to train on (any catalog format)")
+    dev: str | None = help_field("examples/amazon_uk_toys/dev.jsonl", "labelled catalog for evaluation; null = none")
+    schema: str = help_field("examples/toys_schema.yaml", "label schema YAML (taxonomy + attributes)")
+    template: str = help_field("listing_v1", "prompt template: a version in prompts/ or a YAML path")
+    image_root: str | None = help_field(None, "folder image paths resolve in (default: each catalog's folder)")
+    max_train_rows: int | None = help_field(None, "use only the first N training rows (smoke runs)")
+    max_dev_rows: int | None = help_field(None, "use only the first N dev rows")
+
+    def __post_init__(self) -> None:
+        if self.train is None or not str(self.train).strip():
+            raise ValueError("data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+        for name in ("max_train_rows", "max_dev_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
+
+
+class RecipeConfig(Protocol):
+    """The sections every recipe's config has."""
+
+    data: DataConfig
+    train: TrainConfig
+
+
+class InputError(ValueError):
+    """A training input is unusable; the message names the config key and the file (exit status 2)."""
+
+
+# ---------------------------------------------------------------------- the start of a run
+@dataclass
+class Setup:
+    """A run's checked inputs, its accelerator and its output folder: what every recipe starts from."""
+
+    accelerator: Any
+    schema: LabelSchema
+    template: PromptTemplate
+    train_rows: list[Listing]
+    dev_rows: list[Listing]
+    trained: dict[str, int]  # training rows with a known gold value, per field (the meta file's trained_fields)
+    train_policy: ImagePolicy
+    dev_policy: ImagePolicy
+    out_dir: Path
+
+    @property
+    def untrained(self) -> tuple[str, ...]:
+        """Attributes no training row states: answered null, in evaluation as in the saved folder."""
+        return untrained_attributes(self.trained)
+
+
+def setup(cfg: RecipeConfig) -> Setup:
+    """Check the inputs (raising :class:`InputError` before anything is built or written), then start
+    the accelerator, seed every generator and create the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    schema, template, train_rows, dev_rows = load_inputs(cfg)
+    trained = trained_field_counts(schema, [r.label for r in train_rows])
+    untrained = untrained_attributes(trained)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+    set_seed(cfg.train.seed)
+    out_dir = _prepare_output_dir(Path(cfg.train.output_dir), cfg.train.resume, accelerator)
+    say(accelerator, f"{len(train_rows)} training rows, {len(dev_rows)} dev rows; "
+                     f"{_describe_launch(accelerator.distributed_type.name, accelerator.num_processes)}")
+    if untrained:
+        say(accelerator, f"no training row states {', '.join(untrained)}: the model will answer null for "
+                         f"{'it' if len(untrained) == 1 else 'them'}")
+    policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
+    return Setup(accelerator, schema, template, train_rows, dev_rows, trained,
+                 policy_for(cfg.data.train, policy), policy_for(cfg.data.dev, policy), out_dir)
+
+
+def load_inputs(cfg: RecipeConfig) -> tuple[LabelSchema, PromptTemplate, list[Listing], list[Listing]]:
+    """Schema, template, training and dev rows, and a check of the output folder: everything that
+    can fail on the user's inputs, done before a model is built or anything is written."""
+    for key, source in (("data.train", cfg.data.train), ("data.dev", cfg.data.dev)):
+        if source and not Path(source).exists():
+            raise InputError(f"{key}: {source} does not exist; give a labelled catalog ({key}=PATH)")
+    try:
+        schema = LabelSchema.from_yaml(cfg.data.schema)
+    except SchemaError as exc:
+        raise InputError(f"data.schema: {exc}") from None
+    try:
+        template = PromptTemplate.load(cfg.data.template)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"data.template: {exc}") from None
+    _check_output_dir(Path(cfg.train.output_dir), cfg.train.resume)
+    train_rows = load_training_rows(cfg.data.train, schema, cfg.data.max_train_rows, key="data.train")
+    dev_rows = load_training_rows(cfg.data.dev, schema, cfg.data.max_dev_rows, key="data.dev") if cfg.data.dev else []
+    return schema, template, train_rows, dev_rows
+
+
+def load_training_rows(source: str, schema: LabelSchema, limit: int | None, key: str = "data.train") -> list[Listing]:
+    """Labelled listings whose label fits the schema; bad rows are reported and skipped.
+
+    Raises :class:`InputError` naming ``key`` when the catalog cannot be read or no row is usable.
+    """
+    rows: list[Listing] = []
+    skipped: list[str] = []
+    try:
+        for row in iter_catalog(source):
+            if limit is not None and len(rows) >= limit:
+                break
+            if isinstance(row, RowError):
+                skipped.append(str(row))
+                continue
+            try:
+                target_text(row, schema)
+            except ValueError as exc:
+                skipped.append(str(exc))
+                continue
+            rows.append(row)
+    except CatalogError as exc:
+        raise InputError(f"{key}: {exc}") from None
+    if not rows and not skipped:
+        raise InputError(f"{key}: {source} holds no rows")
+    if not rows:
+        raise InputError(f"{key}: {source} has no usable labelled rows ({len(skipped)} skipped; first: {skipped[0]}); "
+                         "check it with `mmllm catalog validate --schema`")
+    for line in skipped[:20]:
+        log.warning("skipped: %s", line)
+    if len(skipped) > 20:
+        log.warning("... and %d more skipped rows (run `mmllm catalog validate --schema`)", len(skipped) - 20)
+    return rows
+
+
+def policy_for(source: str | None, policy: ImagePolicy) -> ImagePolicy:
+    """Images resolve in data.image_root, or else in the catalog file's own folder."""
+    if policy.root is not None or source is None:
+        return policy
+    return replace(policy, root=Path(source).resolve().parent)
+
+
+def _check_output_dir(out_dir: Path, resume: bool) -> None:
+    """A new run needs an empty (or new) folder; a resumed one a finished checkpoint in it. Read only."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"train.output_dir: {out_dir} is a file, not a folder; pass another train.output_dir")
+    if resume:
+        if latest_checkpoint(out_dir / "checkpoints") is None:
+            raise InputError(f"train.output_dir: train.resume=true but {out_dir / 'checkpoints'} holds no finished "
+                             "checkpoint; drop train.resume to start a new run")
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"train.output_dir: {out_dir} is not empty; pass train.resume=true to continue it, "
+                         "or another train.output_dir")
+
+
+def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> Path:
+    if accelerator.is_main_process:
+        _check_output_dir(out_dir, resume)  # checked before anything was built; checked again just before writing
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _mixed_precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _describe_launch(distributed_type: str, processes: int) -> str:
+    return "single process" if processes == 1 else f"{distributed_type} x {processes} process(es)"
+
+
+# ---------------------------------------------------------------------- the end of a run
+def run_summary(result: LoopResult, accelerator: Any) -> dict[str, Any]:
+    """What a run did (also stored in the model folder); says how to continue a stopped run."""
+    if result.interrupted:
+        say(accelerator, f"stopped at step {result.steps}; continue with train.resume=true")
+    return {"steps": result.steps, "interrupted": result.interrupted, "wall_s": round(result.wall_s, 2),
+            "distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+
+
+def record_final(accelerator: Any, out_dir: Path, summary: dict[str, Any], final: dict[str, Any]) -> None:
+    """The final evaluation: into the summary, onto the console and into metrics.jsonl."""
+    summary.update(final)
+    say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
+    if accelerator.is_main_process:
+        with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": summary["steps"], **final}) + "\n")
+
+
+def say(accelerator: Any, text: str) -> None:
+    """Print on the main process only (one line per run, not one per process)."""
+    if accelerator.is_main_process:
+        print(text, flush=True)

@@ -1,0 +1,131 @@
+"""Training softmax / sigmoid heads, shared by the classify and fusion recipes: cross-entropy in
+the shared loop, dev metrics during training, then temperature scaling of the category head on
+the dev rows (Guo et al. 2017). The recipes differ only in the model and collators they pass in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from mmllm.catalog import Listing
+from mmllm.config import help_field
+from mmllm.models import heads
+from mmllm.models.classifier import ClassifyConfig
+from mmllm.recipes.common import Setup, record_final, run_summary
+from mmllm.training import TrainConfig, train_loop
+
+
+@dataclass
+class HeadsConfig:
+    """How the heads are built and trained (the classify recipe's ``classify:`` has the same keys,
+    plus the pooling of the backbone)."""
+
+    label_smoothing: float = help_field(0.0, "cross-entropy label smoothing; 0.05-0.1 against over-confidence")
+    class_weights: Literal["none", "balanced"] = help_field("none", "balanced = inverse class frequency, for long tails")
+    bins: int = help_field(32, "value bins for numeric attributes with many distinct values")
+
+    def __post_init__(self) -> None:
+        if self.bins < 1:
+            raise ValueError(f"heads.bins must be >= 1, got {self.bins}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"heads.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class HeadsEvalConfig:
+    """Evaluation on the dev rows during and after training (no generation: the heads answer)."""
+
+    every: int = help_field(0, "optimizer steps between evaluations; 0 = only at the end")
+    loss_rows: int = help_field(64, "dev rows for the dev loss, accuracies and ECE (temperature: all dev rows)")
+
+    def __post_init__(self) -> None:
+        for name in ("every", "loss_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: Any, dev_collate: Any,
+                count_rows: Callable[[dict[str, torch.Tensor]], int], train: TrainConfig, evaluation: HeadsEvalConfig,
+                settings: HeadsConfig | ClassifyConfig) -> tuple[dict[str, Any], Any]:
+    """Train ``model`` (heads over any encoder) on the run's rows; returns the summary and the
+    unwrapped model, in eval mode, with its fitted ``temperature`` when there are dev rows."""
+    accelerator, untrained = run.accelerator, set(run.untrained)
+    weights = None
+    if settings.class_weights == "balanced":
+        weights = heads.balanced_weights(specs, heads.encode_targets(specs, [r.label for r in run.train_rows], run.schema))
+
+    def loss_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = heads.classification_loss(m(**batch), batch, specs, settings.label_smoothing, weights)
+        return loss, torch.tensor(count_rows(batch))
+
+    def evaluate(m: Any, step: int) -> dict[str, Any]:
+        accelerator.wait_for_everyone()
+        metrics: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            m.eval()
+            metrics = dev_metrics(m, dev_collate, run.dev_rows[: evaluation.loss_rows], specs, accelerator.device,
+                                  untrained)
+            m.train()
+        accelerator.wait_for_everyone()
+        return metrics
+
+    result = train_loop(train, accelerator, model, run.train_rows, collate, loss_fn, run.out_dir,
+                        evaluate=evaluate if run.dev_rows else None, eval_every=evaluation.every, count_items=count_rows)
+    summary = run_summary(result, accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    if result.interrupted:
+        return summary, unwrapped
+    if run.dev_rows:
+        final = evaluate(unwrapped, result.steps)
+        if accelerator.is_main_process:
+            unwrapped.eval()
+            logits, target = _category_logits(unwrapped, dev_collate, run.dev_rows, accelerator.device)
+            unwrapped.temperature = heads.fit_temperature(logits, target)
+            final["temperature"] = round(unwrapped.temperature, 4)
+            final["ece_calibrated"] = round(heads.expected_calibration_error(
+                torch.softmax(logits / unwrapped.temperature, -1), target), 4)
+        record_final(accelerator, run.out_dir, summary, final)
+    unwrapped.eval()
+    return summary, unwrapped
+
+
+def dev_metrics(model: Any, collate: Any, rows: list[Listing], specs: list[heads.HeadSpec], device: Any,
+                untrained: set[str] = frozenset()) -> dict[str, float]:
+    """Dev loss per row, category accuracy, mean attribute accuracy and ECE before calibration.
+
+    An attribute no training row stated is answered null, so its known dev values count as misses."""
+    total, hits, attr_hits, attr_total = 0.0, 0, 0, 0
+    logits_all, target_all = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate([(r, 0) for r in rows[start:start + 8]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch)
+            total += float(heads.classification_loss(logits, batch, specs))
+            hits += int((logits["category"].argmax(-1) == batch["target_category"]).sum())
+            logits_all.append(logits["category"].float().cpu())
+            target_all.append(batch["target_category"].cpu())
+            for spec in specs[1:]:
+                if spec.kind == "softmax" and spec.name in logits:
+                    t = batch[f"target_{spec.name}"]
+                    known = t >= 0
+                    if spec.name not in untrained:
+                        attr_hits += int((logits[spec.name].argmax(-1)[known] == t[known]).sum())
+                    attr_total += int(known.sum())
+    logits, target = torch.cat(logits_all), torch.cat(target_all)
+    return {"eval_loss": round(total / max(len(rows), 1), 5), "category_acc": round(hits / max(len(rows), 1), 4),
+            "attribute_acc": round(attr_hits / max(attr_total, 1), 4),
+            "ece": round(heads.expected_calibration_error(torch.softmax(logits, -1), target), 4)}
+
+
+def _category_logits(model: Any, collate: Any, rows: list[Listing], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate([(r, 0) for r in rows[start:start + 8]])
+            logits.append(model(**{k: v.to(device) for k, v in batch.items()})["category"].float().cpu())  # [B, C]
+            targets.append(batch["target_category"])
+    return torch.cat(logits), torch.cat(targets)
