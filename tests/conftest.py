@@ -1,4 +1,5 @@
-"""Shared test fixtures. The whole suite runs offline: nothing may reach the Hugging Face hub."""
+"""Shared test fixtures. The whole suite runs offline: nothing may reach the Hugging Face hub, and
+nothing is written to the user's own cache. Shared constants and data writers: helpers.py, listings.py."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def tiny_checkpoint(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def mmllm_cache(tmp_path_factory, monkeypatch) -> Path:
+    """``MMLLM_CACHE`` for every test: one temporary folder per session, so ``tiny:ARCH`` model names
+    (finetune/tiny_cpu*.yaml) build their checkpoint once, there, and never under ~/.cache/mmllm.
+
+    Child processes a test starts inherit it through the environment.
+    """
+    cache = tmp_path_factory.getbasetemp() / "mmllm-cache"
+    monkeypatch.setenv("MMLLM_CACHE", str(cache))
+    return cache

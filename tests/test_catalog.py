@@ -17,6 +17,8 @@ from mmllm.catalog import (
     load_listings,
 )
 
+from helpers import ROOT
+
 
 def good(i, **extra):
     row = {
@@ -265,9 +267,7 @@ def test_duplicate_check_can_be_switched_off(tmp_path):
 
 
 def test_shipped_example_catalogs_are_valid():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "examples"
+    root = ROOT / "examples"
     for name in ("amazon_uk_toys/train.jsonl", "amazon_uk_toys/dev.jsonl", "drawn/catalog.jsonl"):
         rows = load_listings(root / name)
         assert rows, name

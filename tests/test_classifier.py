@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from mmllm.catalog import load_listings
-from mmllm.config import load_config
-from mmllm.finetune import FinetuneConfig, finetune
+from mmllm.finetune import finetune, load_recipe_config
 from mmllm.images import ImagePolicy
-from mmllm.models.classifier import (
+from mmllm.models.classifier import ListingClassifier
+from mmllm.models.heads import (
     NOT_STATED,
     HeadSpec,
-    ListingClassifier,
     classification_loss,
     encode_targets,
     expected_calibration_error,
@@ -32,33 +25,8 @@ from mmllm.models.classifier import (
 )
 from mmllm.schema import LabelSchema
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = {
-    "name": "colours",
-    "taxonomy": ["Red > Wooden", "Red > Plastic", "Blue > Wooden", "Blue > Plastic"],
-    "attributes": {"batteries_required": {"type": "boolean", "description": "needs batteries"},
-                   "piece_count": {"type": "integer", "minimum": 1, "maximum": 100, "description": "pieces"},
-                   "material": {"type": "list", "values": ["wood", "plastic"], "description": "materials"}},
-}
-
-
-def separable_catalog(folder: Path, n: int, seed: int) -> Path:
-    """The category needs the image colour AND the title word: neither alone decides it."""
-    rng = random.Random(seed)
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        colour, word = rng.choice(["Red", "Blue"]), rng.choice(["Wooden", "Plastic"])
-        pixel = (200 + rng.randint(-30, 30), 30, 30) if colour == "Red" else (30, 30, 200 + rng.randint(-30, 30))
-        Image.new("RGB", (56, 56), pixel).save(folder / "img" / f"{seed}-{i}.png")
-        filler = rng.choice(["toy", "set", "gift", "kit"])
-        rows.append({"id": f"{seed}-{i}", "title": f"{word.lower()} {filler} {i}", "images": [f"img/{seed}-{i}.png"],
-                     "label": {"category": f"{colour} > {word}",
-                               "attributes": {"material": [word.lower().replace("wooden", "wood")]}}})
-    path = folder / "catalog.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    LabelSchema.from_dict(SCHEMA).to_yaml(folder / "schema.yaml")
-    return path
+from helpers import ROOT, reload_in_fresh_process
+from listings import COLOUR_SCHEMA, colour_row, write_catalog
 
 
 def test_pooling_finds_the_last_real_token_under_both_paddings():
@@ -70,18 +38,40 @@ def test_pooling_finds_the_last_real_token_under_both_paddings():
     assert torch.allclose(pool(hidden, right, "mean")[0], hidden[0, :2].mean(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["last", "mean"])
+def test_pool_keeps_nan_in_padding_out_and_equals_the_formulas_it_replaced(how, dtype):
+    torch.manual_seed(0)
+    t = 300  # past 256 a bf16 count of ones rounds: pool must divide by the same rounded count
+    hidden = torch.randn(4, t, 8).to(dtype)  # [B, T, D]
+    mask = torch.zeros(4, t, dtype=torch.long)
+    mask[0, 3:], mask[1, :t - 5], mask[2], mask[3, 1:t - 1] = 1, 1, 1, 1  # left, right, none, both sides
+    if how == "mean":  # classifier.pool / fusion.masked_mean: multiplied by the mask
+        w = mask.unsqueeze(-1).to(dtype)
+        expected = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
+    else:  # classifier.pool: the largest masked position
+        positions = torch.arange(t).expand_as(mask)
+        expected = hidden[torch.arange(4), (positions * mask).argmax(1)]
+    assert torch.equal(pool(hidden, mask, how), expected)
+    poisoned = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("nan"))
+    poisoned[0, 0] = float("inf")
+    assert torch.equal(pool(poisoned, mask, how), expected)
+    empty = torch.full((1, 4, 8), float("nan"), dtype=dtype)  # a row with no position at all: zeros
+    assert torch.equal(pool(empty, torch.zeros(1, 4, dtype=torch.long), how), torch.zeros(1, 8, dtype=dtype))
+
+
 def test_pooled_batch_equals_per_row_runs_with_left_and_right_padding(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmllm.collator import encode_prompts, load_listing_images
     from mmllm.prompts import PromptTemplate
 
-    catalog = separable_catalog(tmp_path, 3, seed=1)
+    catalog = write_catalog(tmp_path, 3, colour_row(seed=1), schema=COLOUR_SCHEMA)
     rows = load_listings(catalog)
     rows[1] = rows[1].__class__(**{**rows[1].__dict__, "title": rows[1].title + " with a much longer title " * 3})
     processor = AutoProcessor.from_pretrained(tiny_checkpoint("qwen2_vl"))
     backbone = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint("qwen2_vl")).eval()
-    schema = LabelSchema.from_dict(SCHEMA)
+    schema = LabelSchema.from_dict(COLOUR_SCHEMA)
     model = ListingClassifier(backbone, 64, head_specs(schema, []), "last").eval()
     template = PromptTemplate.load("listing_compact_v1")
     images = [load_listing_images(r, ImagePolicy(root=tmp_path), 2) for r in rows]
@@ -122,7 +112,7 @@ def test_loss_matches_a_hand_computation_and_unknowns_add_nothing():
 
 
 def test_targets_bins_and_masks():
-    schema = LabelSchema.from_dict(SCHEMA)
+    schema = LabelSchema.from_dict(COLOUR_SCHEMA)
     labels = [{"category": "Red > Wooden", "attributes": {"piece_count": 10, "material": ["wood"]}},
               {"category": "Blue > Plastic", "attributes": {"batteries_required": True}}, None]
     specs = head_specs(schema, labels)
@@ -147,11 +137,10 @@ def test_temperature_scaling_reduces_overconfidence():
 
 
 @pytest.mark.slow
-def test_learns_from_image_and_title_together_and_reloads(tmp_path, monkeypatch):
-    monkeypatch.setenv("MMLLM_CACHE", str(tmp_path / "cache"))
-    train = separable_catalog(tmp_path / "train", 48, seed=1)
-    held_out = separable_catalog(tmp_path / "dev", 16, seed=2)
-    cfg = load_config(FinetuneConfig, ROOT / "finetune/tiny_cpu_classify.yaml", [
+def test_learns_from_image_and_title_together_and_reloads(tmp_path):
+    train = write_catalog(tmp_path / "train", 48, colour_row(seed=1), schema=COLOUR_SCHEMA)
+    held_out = write_catalog(tmp_path / "dev", 16, colour_row(seed=2), schema=COLOUR_SCHEMA)
+    cfg = load_recipe_config(ROOT / "finetune/tiny_cpu_classify.yaml", [
         f"data.train={train}", f"data.dev={held_out}", f"data.schema={train.parent / 'schema.yaml'}",
         "data.max_train_rows=null", "data.max_dev_rows=null", f"train.output_dir={tmp_path / 'model'}",
         "train.max_steps=150", "train.batch_size=8", "train.lr=0.01", "lora.rank=16", "lora.alpha=32",
@@ -161,23 +150,11 @@ def test_learns_from_image_and_title_together_and_reloads(tmp_path, monkeypatch)
     assert summary["temperature"] > 0 and "ece_calibrated" in summary
     out = tmp_path / "model"
     assert (out / "heads.safetensors").is_file() and json.loads((out / "mmllm_model.json").read_text())["kind"] == "classifier"
-    script = (
-        "import json, sys\n"
-        "from pathlib import Path\n"
-        "from mmllm.catalog import load_listings\n"
-        "from mmllm.images import ImagePolicy\n"
-        "from mmllm.models.generative import load_model_dir\n"
-        "p = load_model_dir(sys.argv[1])\n"
-        "rows = load_listings(sys.argv[2])\n"
-        "print(json.dumps(p.predict(rows, ImagePolicy(root=Path(sys.argv[2]).parent))))\n")
-    result = subprocess.run([sys.executable, "-c", script, str(out), str(held_out)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    fresh = json.loads(result.stdout.strip().splitlines()[-1])
-    from mmllm.models.generative import load_model_dir
+    fresh = reload_in_fresh_process(out, held_out)
+    from listings import load_model_dir
 
     here = load_model_dir(out).predict(load_listings(held_out), ImagePolicy(root=held_out.parent))
-    schema = LabelSchema.from_dict(SCHEMA)
+    schema = LabelSchema.from_dict(COLOUR_SCHEMA)
     gold = {r.id: r.label["category"] for r in load_listings(held_out)}
     assert sum(p["category"] == gold[p["id"]] for p in fresh) >= 0.9 * len(fresh)
     for a, b in zip(fresh, here):

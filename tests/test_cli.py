@@ -11,8 +11,7 @@ from PIL import Image
 
 from mmllm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "examples" / "toys_schema.yaml"
+from helpers import ROOT, TOYS_SCHEMA
 
 
 def row(i, images=(), label=None, **extra):
@@ -49,7 +48,7 @@ def catalog(tmp_path):
 
 def test_validate_names_every_bad_row_and_exits_non_zero(catalog, capsys, tmp_path):
     errors = tmp_path / "errors.jsonl"
-    code = main(["catalog", "validate", str(catalog), "--schema", str(SCHEMA), "--errors-out", str(errors), "--quiet"])
+    code = main(["catalog", "validate", str(catalog), "--schema", str(TOYS_SCHEMA), "--errors-out", str(errors), "--quiet"])
     out = capsys.readouterr().out
     assert code == 1
     bad = [line for line in out.splitlines() if line.startswith("BAD")]
@@ -82,7 +81,7 @@ def test_validate_no_images_and_image_root(catalog, capsys, tmp_path):
 
 
 def test_validate_the_shipped_examples_passes(capsys):
-    assert main(["catalog", "validate", str(ROOT / "examples/drawn/catalog.jsonl"), "--schema", str(SCHEMA), "--quiet"]) == 0
+    assert main(["catalog", "validate", str(ROOT / "examples/drawn/catalog.jsonl"), "--schema", str(TOYS_SCHEMA), "--quiet"]) == 0
     assert "OK: 9 valid, 0 invalid of 9 rows (9 images opened)" in capsys.readouterr().out
 
 
@@ -110,7 +109,7 @@ def test_schema_infer_check_and_json_schema(tmp_path, capsys):
     assert out_path.read_text().startswith("# Drafted by `mmllm schema infer")
     assert main(["schema", "check", str(out_path)]) == 0
     assert "piece_count" in capsys.readouterr().out
-    assert main(["schema", "json-schema", str(SCHEMA)]) == 0
+    assert main(["schema", "json-schema", str(TOYS_SCHEMA)]) == 0
     assert json.loads(capsys.readouterr().out)["required"] == ["category", "attributes"]
 
 

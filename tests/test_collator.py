@@ -11,12 +11,12 @@ from mmllm.collator import IGNORE_INDEX, TrainCollator, encode_prompts, load_lis
 from mmllm.images import ImagePolicy
 from mmllm.prompts import PromptTemplate, target_text
 
-from listings import small_schema, write_catalog
+from listings import small_schema, toy_row, write_catalog
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    path = write_catalog(tmp_path_factory.mktemp("cat"), n=4, text_only_every=2)
+    path = write_catalog(tmp_path_factory.mktemp("cat"), n=4, row=toy_row(text_only_every=2))
     return path, load_listings(path)
 
 

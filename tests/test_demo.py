@@ -22,12 +22,13 @@ except ImportError:
         raise  # CI installs the demo extra: a missing gradio is a failure there
     pytest.skip("the demo extra is not installed: pip install -e '.[demo]'", allow_module_level=True)
 
-from demo.app import DEFAULT_EXAMPLES, Demo, InputError, Limits, build_app, guarded, load_examples
+from mmllm.demo import DEFAULT_EXAMPLES, Demo, InputError, Limits, build_app, guarded, load_examples
 from mmllm.models.generative import GenerativePredictor
 from mmllm.schema import LabelSchema
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = LabelSchema.from_yaml(ROOT / "examples" / "toys_schema.yaml")
+from helpers import TOYS_SCHEMA
+
+SCHEMA = LabelSchema.from_yaml(TOYS_SCHEMA)
 CATEGORY = SCHEMA.categories[0]
 
 
@@ -37,6 +38,7 @@ class ScoresPredictor:
     schema = SCHEMA
     max_images = 2
     batch_size = 2
+    takes = frozenset()
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
@@ -46,7 +48,7 @@ class ScoresPredictor:
         self.seen += [(listing.title, len(pictures)) for listing, pictures in zip(listings, images)]
         return {"rows": len(listings)}
 
-    def predict_encoded(self, enc):
+    def predict_encoded(self, enc, raw=False):
         if self.fail:
             raise RuntimeError("CUDA out of memory (pretend)")
         answer = SCHEMA.validate({"category": CATEGORY, "attributes": {"piece_count": 32}}).value
@@ -252,11 +254,11 @@ def test_the_app_builds_with_any_predictor_and_the_command_routes_to_it(capsys):
 
 @pytest.mark.slow
 def test_with_an_index_the_most_similar_listings_come_with_their_titles(tmp_path, tiny_checkpoint, capsys):
-    from demo.app import SimilarListings, main
+    from mmllm.demo import SimilarListings, main
     from mmllm.label import load_predictor
     from mmllm.search import main as search
 
-    model, schema = str(tiny_checkpoint("qwen2_vl")), str(ROOT / "examples" / "toys_schema.yaml")
+    model, schema = str(tiny_checkpoint("qwen2_vl")), str(TOYS_SCHEMA)
     index = tmp_path / "index"
     assert search(["index", "--model", model, "--catalog", str(DEFAULT_EXAMPLES), "--schema", schema,
                    "--out", str(index), "--quiet"]) == 0

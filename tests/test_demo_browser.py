@@ -23,8 +23,8 @@ try:
 except ImportError:  # the browser fixture skips the tests (or fails them under CI=true)
     expect = None
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_FILE = ROOT / "examples" / "toys_schema.yaml"
+from helpers import ROOT, TOYS_SCHEMA
+
 DRAWN = ROOT / "examples" / "drawn"
 CHROMIUM = Path(os.environ.get("MMLLM_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOT = ROOT / "benchmarks" / "results" / "demo_screenshot.png"
@@ -68,10 +68,10 @@ def browser():
 @pytest.fixture(scope="module")
 def server(browser, tiny_checkpoint):
     """The app on a free port of 127.0.0.1 with a tiny model; closed after the module."""
-    from demo.app import Limits, build_app, launch
+    from mmllm.demo import Limits, build_app, launch
     from mmllm.label import load_predictor
 
-    predictor = load_predictor(model=str(tiny_checkpoint("qwen2_vl")), schema=str(SCHEMA_FILE), template=None,
+    predictor = load_predictor(model=str(tiny_checkpoint("qwen2_vl")), schema=str(TOYS_SCHEMA), template=None,
                                constrained=True, max_new_tokens=64, batch_size=4, min_pixels=None, max_pixels=None)
     limits = Limits(max_image_bytes=UPLOAD_LIMIT, max_dump_bytes=UPLOAD_LIMIT // 2, max_dump_rows=20)
     app = build_app(predictor, limits=limits)
@@ -104,7 +104,7 @@ def schema_check(record: dict) -> None:
 
     from mmllm.schema import LabelSchema
 
-    schema = LabelSchema.from_yaml(SCHEMA_FILE)
+    schema = LabelSchema.from_yaml(TOYS_SCHEMA)
     answer = {"category": record["category"], "attributes": record["attributes"]}
     jsonschema.validate(answer, schema.json_schema())
     assert schema.validate(answer).ok

@@ -15,8 +15,7 @@ from PIL import Image
 from mmllm.catalog import CatalogReader, Listing, RowError
 from mmllm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TOYS_SCHEMA = ROOT / "examples" / "toys_schema.yaml"
+from helpers import TOYS_SCHEMA
 
 
 def snapshot(*paths: Path) -> dict[Path, bytes]:

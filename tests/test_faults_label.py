@@ -24,9 +24,8 @@ from PIL import Image
 from mmllm.label import main
 from mmllm.schema import LabelSchema
 
+from helpers import ROOT
 from listings import SMALL_SCHEMA
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_dump(folder: Path, n: int, name: str = "dump.jsonl", start: int = 0) -> Path:
@@ -203,7 +202,7 @@ def test_6_an_image_the_processor_refuses_fails_its_row_only_and_resume_goes_on(
 
 
 def test_6_the_demo_batch_tab_labels_the_other_rows(tmp_path, model):
-    from demo.app import Demo
+    from mmllm.demo import Demo
     from mmllm.label import load_predictor
 
     dump = write_dump(tmp_path / "d", 4)
@@ -347,6 +346,7 @@ def test_9_an_errors_file_on_a_full_device_stops_the_run_cleanly(tmp_path, model
 
 # ---------------------------------------------------------------------- kill -9, five times
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # its own guards allow a hung child 300 s per kill; a normal run takes a minute or two
 def test_kill_9_at_random_points_five_times_then_resume_gives_one_line_per_id(tmp_path, model):
     dump = write_dump(tmp_path / "d", 150)
     before = dump.read_bytes()

@@ -14,16 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmllm import finetune as ft
+from mmllm.recipes import generate
 from mmllm.catalog import load_listings
-from mmllm.config import load_config
-from mmllm.finetune import FinetuneConfig, finetune, main
+from mmllm.finetune import finetune, load_recipe_config, main
 from mmllm.images import ImagePolicy
-from mmllm.models.generative import load_model_dir
+from listings import load_model_dir
 
+from helpers import ROOT
 from listings import write_catalog
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "finetune" / "tiny_cpu.yaml"
 TINY_CLASSIFY = ROOT / "finetune" / "tiny_cpu_classify.yaml"
 FUSION = ROOT / "finetune" / "fusion_minilm_cpu.yaml"
@@ -56,11 +55,11 @@ def _no_model(*args, **kwargs):
     raise AssertionError("a model was built for a run that must stop on its inputs")
 
 
-def _fails(capsys, monkeypatch, args: list[str]) -> str:
+def _fails(capsys, monkeypatch, args: list[str], config: Path = TINY) -> str:
     """Run the command line; it must exit 2 with exactly one error line, before building a model."""
-    monkeypatch.setattr(ft, "load_base_model", _no_model)
-    monkeypatch.setattr(ft, "load_processor", _no_model)
-    assert main(["--config", str(TINY), *args]) == 2
+    monkeypatch.setattr(generate, "load_base_model", _no_model)  # the generate and classify recipes' backbone
+    monkeypatch.setattr(generate, "load_processor", _no_model)
+    assert main(["--config", str(config), *args]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
@@ -134,28 +133,32 @@ def test_bad_learning_rate_names_train_lr(tmp_path, earlier_run, capsys, monkeyp
     assert _snapshot(earlier_run) == before
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.epochs", 0, "train.epochs must be >= 1, got 0"),
-    ("train.max_steps", 0, "train.max_steps must be >= 1 (or null to use train.epochs), got 0"),
-    ("train.batch_size", -2, "train.batch_size must be >= 1, got -2"),
-    ("train.grad_accum", 0, "train.grad_accum must be >= 1, got 0"),
-    ("train.weight_decay", "nan", "train.weight_decay must be a number >= 0, got nan"),
-    ("train.max_grad_norm", -1, "train.max_grad_norm must be a number >= 0, got -1.0"),
-    ("train.warmup_ratio", "nan", "train.warmup_ratio must be in [0, 1), got nan"),
-    ("train.keep_checkpoints", 0, "train.keep_checkpoints must be >= 1, got 0"),
-    ("train.save_every", -1, "train.save_every must be >= 0, got -1"),
-    ("data.max_train_rows", 0, "data.max_train_rows must be >= 1 (or null for all rows), got 0"),
-    ("eval.batch_size", 0, "eval.batch_size must be >= 1, got 0"),
-    ("classify.label_smoothing", "nan", "classify.label_smoothing must be in [0, 1), got nan"),
-    ("fusion.hidden", 0, "fusion.hidden must be >= 1, got 0"),
-    ("fusion.modalities", "[text, audio]", "fusion.modalities must be a non-empty subset of "
-                                           "['text', 'image', 'attributes'], got ['text', 'audio']"),
+@pytest.mark.parametrize("config, key, value, message", [
+    (TINY, "train.epochs", 0, "train.epochs must be >= 1, got 0"),
+    (TINY, "train.max_steps", 0, "train.max_steps must be >= 1 (or null to use train.epochs), got 0"),
+    (TINY, "train.batch_size", -2, "train.batch_size must be >= 1, got -2"),
+    (TINY, "train.grad_accum", 0, "train.grad_accum must be >= 1, got 0"),
+    (TINY, "train.weight_decay", "nan", "train.weight_decay must be a number >= 0, got nan"),
+    (TINY, "train.max_grad_norm", -1, "train.max_grad_norm must be a number >= 0, got -1.0"),
+    (TINY, "train.warmup_ratio", "nan", "train.warmup_ratio must be in [0, 1), got nan"),
+    (TINY, "train.keep_checkpoints", 0, "train.keep_checkpoints must be >= 1, got 0"),
+    (TINY, "train.save_every", -1, "train.save_every must be >= 0, got -1"),
+    (TINY, "data.max_train_rows", 0, "data.max_train_rows must be >= 1 (or null for all rows), got 0"),
+    (TINY, "eval.batch_size", 0, "eval.batch_size must be >= 1, got 0"),
+    (TINY_CLASSIFY, "classify.label_smoothing", "nan", "classify.label_smoothing must be in [0, 1), got nan"),
+    (TINY_CLASSIFY, "eval.loss_rows", -1, "eval.loss_rows must be >= 0, got -1"),
+    (FUSION, "heads.label_smoothing", "nan", "heads.label_smoothing must be in [0, 1), got nan"),
+    (FUSION, "heads.bins", 0, "heads.bins must be >= 1, got 0"),
+    (FUSION, "model.max_images", -1, "model.max_images must be >= 0"),
+    (FUSION, "fusion.hidden", 0, "fusion.hidden must be >= 1, got 0"),
+    (FUSION, "fusion.modalities", "[text, audio]", "fusion.modalities must be a non-empty subset of "
+                                                   "['text', 'image', 'attributes'], got ['text', 'audio']"),
 ])
-def test_bad_numeric_settings_name_their_key(tmp_path, earlier_run, capsys, monkeypatch, key, value, message):
+def test_bad_numeric_settings_name_their_key(tmp_path, earlier_run, capsys, monkeypatch, config, key, value, message):
     catalog = write_catalog(tmp_path / "data", n=4)
     before = _snapshot(earlier_run)
-    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{key: value}))
-    assert line == f"error: {TINY}: {message}"
+    line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{key: value}), config)
+    assert line == f"error: {config}: {message}"
     assert _snapshot(earlier_run) == before
 
 
@@ -210,7 +213,7 @@ def _check_head_variant(out: Path, catalog: Path) -> None:
 def test_fusion_answers_null_for_an_attribute_without_training_rows(tmp_path):
     catalog = unlabelled_material(tmp_path / "data")
     out = tmp_path / "fusion"
-    cfg = load_config(FinetuneConfig, FUSION, [
+    cfg = load_recipe_config(FUSION, [
         f"data.train={catalog}", f"data.dev={catalog}", f"data.schema={catalog.parent / 'schema.yaml'}",
         f"train.output_dir={out}", "train.epochs=2", "train.batch_size=4", "train.log_every=1",
         "fusion.max_text_tokens=32", "fusion.hidden=16", "fusion.lexical_buckets=256", "fusion.attr_buckets=64",
@@ -223,7 +226,7 @@ def test_fusion_answers_null_for_an_attribute_without_training_rows(tmp_path):
 def test_classifier_answers_null_for_an_attribute_without_training_rows(tmp_path):
     catalog = unlabelled_material(tmp_path / "data")
     out = tmp_path / "classifier"
-    cfg = load_config(FinetuneConfig, TINY_CLASSIFY, [
+    cfg = load_recipe_config(TINY_CLASSIFY, [
         f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
         f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=4", "train.save_every=0",
         "train.log_every=1"])
@@ -234,7 +237,7 @@ def test_classifier_answers_null_for_an_attribute_without_training_rows(tmp_path
 def test_generative_predictor_nulls_an_attribute_without_training_rows(tmp_path):
     catalog = unlabelled_material(tmp_path / "data", n=4)
     out = tmp_path / "generative"
-    cfg = load_config(FinetuneConfig, TINY, [
+    cfg = load_recipe_config(TINY, [
         f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
         f"train.output_dir={out}", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1",
         "train.save_every=0", "train.log_every=1", "data.max_train_rows=null"])

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmllm.catalog import Listing
-from mmllm.models import classifier as cls_head
-from mmllm.models import fusion
+from mmllm.models import fusion, heads
 from mmllm.schema import LabelSchema
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "examples" / "toys_schema.yaml"
+from helpers import ROOT, TOYS_SCHEMA, reload_in_fresh_process
+
 H = 16
 
 
@@ -134,7 +130,7 @@ def test_cached_features_equal_fresh(tmp_path, tiny_vit):
         assert torch.allclose(fresh[key], cached[key], atol=2e-2)  # fp16 on disk
     assert torch.equal(fresh["image_mask"].sum(1) > 0, torch.tensor([True, False, True, False, True]))
     # the whole model on these features, every method
-    specs = cls_head.head_specs(LabelSchema.from_yaml(SCHEMA), [])
+    specs = heads.head_specs(LabelSchema.from_yaml(TOYS_SCHEMA), [])
     for method in fusion.FUSIONS:
         model = fusion.FusionModel(fusion.FusionConfig(method=method, hidden=H), specs, enc.text_dim, enc.image_dim).eval()
         logits = model(**cached)
@@ -143,13 +139,12 @@ def test_cached_features_equal_fresh(tmp_path, tiny_vit):
 
 @pytest.mark.slow
 def test_train_save_load_in_new_process(tmp_path):
-    from mmllm.finetune import FinetuneConfig, finetune
-    from mmllm.config import load_config
+    from mmllm.finetune import finetune, load_recipe_config
 
     out = tmp_path / "model"
-    cfg = load_config(FinetuneConfig, ROOT / "finetune" / "fusion_minilm_cpu.yaml",
-                      [f"train.output_dir={out}", "data.max_train_rows=64", "data.max_dev_rows=16",
-                       "train.epochs=2", "train.batch_size=16", "fusion.max_text_tokens=64", "eval.loss_rows=16"])
+    cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
+                             [f"train.output_dir={out}", "data.max_train_rows=64", "data.max_dev_rows=16",
+                              "train.epochs=2", "train.batch_size=16", "fusion.max_text_tokens=64", "eval.loss_rows=16"])
     summary = finetune(cfg)
     assert summary["steps"] == 8 and "category_acc" in summary
     meta = json.loads((out / "mmllm_model.json").read_text())
@@ -158,7 +153,7 @@ def test_train_save_load_in_new_process(tmp_path):
         assert (out / name).is_file(), name
     from mmllm.catalog import iter_catalog
     from mmllm.images import ImagePolicy
-    from mmllm.models.generative import load_model_dir
+    from listings import load_model_dir
 
     rows = [r for r in iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl"))][:8]
     predictor = load_model_dir(out, device="cpu")
@@ -169,25 +164,22 @@ def test_train_save_load_in_new_process(tmp_path):
         assert record["status"] == "ok" and schema.validate(answer).ok
         assert abs(sum(record["modality_weights"].values()) - 1) < 1e-3 and len(record["top_k"]) == 5
     # search reads the fused representation: unit vectors, batch-independent
-    from mmllm.search import embed_with
+    from mmllm.predictor import embed_in_batches
 
-    vectors = embed_with(predictor, rows, ImagePolicy(root=ROOT))
+    vectors = embed_in_batches(predictor, rows, ImagePolicy(root=ROOT))
     assert vectors.shape == (8, predictor.model.fusion.out_dim)
     assert abs(float((vectors ** 2).sum(1).min()) - 1) < 1e-4
-    assert abs(embed_with(predictor, rows[:1], ImagePolicy(root=ROOT))[0] - vectors[0]).max() < 1e-4
-    code = ("import json,sys; from mmllm.models.generative import load_model_dir; from mmllm.catalog import iter_catalog;"
-            "from mmllm.images import ImagePolicy; from pathlib import Path;"
-            f"rows=list(iter_catalog({str(ROOT / 'examples/amazon_uk_toys/dev.jsonl')!r}))[:8];"
-            f"print(json.dumps(load_model_dir({str(out)!r}, device='cpu').predict(rows, ImagePolicy(root=Path({str(ROOT)!r})))))")
-    there = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert abs(embed_in_batches(predictor, rows[:1], ImagePolicy(root=ROOT))[0] - vectors[0]).max() < 1e-4
+    there = reload_in_fresh_process(out, ROOT / "examples/amazon_uk_toys/dev.jsonl", image_root=ROOT, limit=8,
+                                    device="cpu")
     assert there == json.loads(json.dumps(here))
 
 
 def test_category_name_prior_ranks_named_categories_without_training():
     """With the heads at zero the category logits are the prior alone: a listing that says what it is
     lands on that category although no row was ever labelled with it; off, the prior is gone."""
-    schema = LabelSchema.from_yaml(SCHEMA)
-    specs = cls_head.head_specs(schema, [])
+    schema = LabelSchema.from_yaml(TOYS_SCHEMA)
+    specs = heads.head_specs(schema, [])
     enc = fusion.Encoders("minilm", "none", 64, use_image=False).eval()
     assert fusion.category_name("Games > Chess") == "Chess (Games)"
     names = enc.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])

@@ -14,26 +14,8 @@ from mmllm.constrained import answer_grammar, max_answer_tokens
 from mmllm.label import main
 from mmllm.schema import LabelSchema
 
-from listings import SMALL_SCHEMA, small_schema
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_dump(folder: Path, n: int, images: bool = False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        row = {"id": f"r{i}", "title": f"Toy {i} " + "wooden " * (i % 7), "description": "d" * (i % 50),
-               "attributes": {"Pieces": str(i)}}
-        if images and i % 3 == 0:
-            (folder / "img").mkdir(exist_ok=True)
-            Image.new("RGB", (40 + i % 20, 30), (i * 7 % 255, 80, 120)).save(folder / "img" / f"{i}.png")
-            row["images"] = [f"img/{i}.png"]
-        rows.append(row)
-    path = folder / "dump.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    LabelSchema.from_dict(SMALL_SCHEMA).to_yaml(folder / "schema.yaml")
-    return path
+from helpers import TOYS_SCHEMA
+from listings import dump_row, small_schema, write_catalog
 
 
 def read(path: Path) -> list[dict]:
@@ -46,7 +28,7 @@ def label(dump: Path, out: Path, model: Path, *extra: str) -> int:
 
 
 def test_constrained_output_validates_for_every_row_of_an_untrained_model(tmp_path, tiny_checkpoint):
-    dump = write_dump(tmp_path / "d", 200, images=True)
+    dump = write_catalog(tmp_path / "d", 200, dump_row(images=True), name="dump.jsonl")
     out = tmp_path / "labels.jsonl"
     assert label(dump, out, tiny_checkpoint("qwen2_vl"), "--batch-size", "32") == 0
     records = read(out)
@@ -55,22 +37,23 @@ def test_constrained_output_validates_for_every_row_of_an_untrained_model(tmp_pa
     for r in records:
         assert r["status"] == "ok", r
         assert schema.validate({"category": r["category"], "attributes": r["attributes"]}).ok
-    assert len({r["category"] for r in records}) >= 1
+    # the grammar only masks: greedy decoding still follows the model, so the answer depends on the listing
+    assert len({r["category"] for r in records}) > 1
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_constrained_with_the_full_toy_schema(tmp_path, tiny_checkpoint, arch):
-    dump = write_dump(tmp_path / "d", 6, images=True)
-    (dump.parent / "schema.yaml").write_text((ROOT / "examples/toys_schema.yaml").read_text())
+    dump = write_catalog(tmp_path / "d", 6, dump_row(images=True), name="dump.jsonl")
+    (dump.parent / "schema.yaml").write_text(TOYS_SCHEMA.read_text())
     out = tmp_path / "labels.jsonl"
     assert label(dump, out, tiny_checkpoint(arch), "--batch-size", "3") == 0
-    toys = LabelSchema.from_yaml(ROOT / "examples/toys_schema.yaml")
+    toys = LabelSchema.from_yaml(TOYS_SCHEMA)
     for r in read(out):
         assert r["status"] == "ok" and toys.validate({"category": r["category"], "attributes": r["attributes"]}).ok
 
 
 def test_unconstrained_mode_reports_invalid_rows(tmp_path, tiny_checkpoint):
-    dump = write_dump(tmp_path / "d", 6)
+    dump = write_catalog(tmp_path / "d", 6, dump_row(), name="dump.jsonl")
     out, errors = tmp_path / "labels.jsonl", tmp_path / "errors.jsonl"
     code = label(dump, out, tiny_checkpoint("qwen2_vl"), "--no-constrained", "--max-new-tokens", "12", "--errors", str(errors))
     assert code == 0  # invalid answers are reported, not failures of the job
@@ -82,7 +65,7 @@ def test_unconstrained_mode_reports_invalid_rows(tmp_path, tiny_checkpoint):
 
 def test_bad_rows_and_bad_images_get_one_line_each_with_the_reason(tmp_path, tiny_checkpoint, capsys):
     folder = tmp_path / "d"
-    dump = write_dump(folder, 3)
+    dump = write_catalog(folder, 3, dump_row(), name="dump.jsonl")
     Image.new("RGB", (30, 30), "red").save(folder / "ok.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     Image.new("RGB", (30, 30), "blue").save(tmp_path / "outside.png")
@@ -117,7 +100,7 @@ def test_bad_rows_and_bad_images_get_one_line_each_with_the_reason(tmp_path, tin
 
 
 def test_batched_output_equals_one_by_one(tmp_path, tiny_checkpoint):
-    dump = write_dump(tmp_path / "d", 12, images=True)
+    dump = write_catalog(tmp_path / "d", 12, dump_row(images=True), name="dump.jsonl")
     model = tiny_checkpoint("qwen2_5_vl")
     assert label(dump, tmp_path / "b1.jsonl", model, "--batch-size", "1") == 0
     assert label(dump, tmp_path / "b8.jsonl", model, "--batch-size", "8") == 0
@@ -127,7 +110,7 @@ def test_batched_output_equals_one_by_one(tmp_path, tiny_checkpoint):
 
 
 def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint, capsys):
-    dump = write_dump(tmp_path / "d", 10)
+    dump = write_catalog(tmp_path / "d", 10, dump_row(), name="dump.jsonl")
     model = tiny_checkpoint("qwen2_vl")
     for i in range(3):
         assert label(dump, tmp_path / f"s{i}.jsonl", model, "--shard", f"{i}/3") == 0
@@ -142,7 +125,7 @@ def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint, capsys
 
 
 def test_existing_output_needs_resume_and_limit_works(tmp_path, tiny_checkpoint, capsys):
-    dump = write_dump(tmp_path / "d", 10)
+    dump = write_catalog(tmp_path / "d", 10, dump_row(), name="dump.jsonl")
     out = tmp_path / "labels.jsonl"
     model = tiny_checkpoint("qwen2_vl")
     assert label(dump, out, model, "--limit", "4") == 0
@@ -157,7 +140,7 @@ def test_existing_output_needs_resume_and_limit_works(tmp_path, tiny_checkpoint,
 
 
 def test_grammar_bounds():
-    schema = LabelSchema.from_yaml(ROOT / "examples/toys_schema.yaml")
+    schema = LabelSchema.from_yaml(TOYS_SCHEMA)
     grammar = answer_grammar(schema)
     assert grammar.startswith('root ::= "{\\"category\\":" category')
     assert max_answer_tokens(schema) >= len(schema.canonical_json(
@@ -168,7 +151,7 @@ def test_grammar_bounds():
 @pytest.mark.slow
 def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoint):
     pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
-    dump = write_dump(tmp_path / "d", 10, images=True)
+    dump = write_catalog(tmp_path / "d", 10, dump_row(images=True), name="dump.jsonl")
     dump.write_text(dump.read_text() + json.dumps({"id": "", "title": "no id"}) + "\n"
                     + json.dumps({"id": "bad-img", "title": "t", "images": ["../x.png"]}) + "\n")
     model = tiny_checkpoint("qwen2_vl")
@@ -179,27 +162,3 @@ def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoin
     ray_out = {(r["source"], r["line"]): r for r in read(tmp_path / "ray.jsonl")}
     assert len(ray_out) == len(local) == 12
     assert ray_out == local
-
-
-@pytest.mark.slow
-def test_labels_with_a_fine_tuned_model_folder_through_the_mmllm_command(tmp_path, monkeypatch, capsys):
-    from mmllm.cli import main as mmllm_main
-    from mmllm.config import load_config
-    from mmllm.finetune import FinetuneConfig, finetune
-
-    from listings import write_catalog
-
-    monkeypatch.setenv("MMLLM_CACHE", str(tmp_path / "cache"))
-    catalog = write_catalog(tmp_path / "data", n=8)
-    finetune(load_config(FinetuneConfig, ROOT / "finetune/tiny_cpu.yaml", [
-        "model.base=tiny:qwen2_vl", f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
-        "data.max_train_rows=null", f"train.output_dir={tmp_path / 'model'}", "train.max_steps=3", "train.save_every=0"]))
-    out = tmp_path / "labels.jsonl"
-    code = mmllm_main(["label", str(catalog), "--model", str(tmp_path / "model"), "--out", str(out), "--batch-size", "4"])
-    assert code == 0
-    records = read(out)
-    assert sorted(r["id"] for r in records) == sorted(f"item-{i}" for i in range(8))
-    schema = small_schema()  # the model folder's own schema: the small one it was trained with
-    assert all(r["status"] == "ok" and schema.validate({"category": r["category"], "attributes": r["attributes"]}).ok
-               for r in records)
-    assert "8 rows: 8 ok, 0 invalid, 0 failed" in capsys.readouterr().out

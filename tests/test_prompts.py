@@ -1,16 +1,13 @@
 """Prompt templates: every shipped template loads; budgets cut text, never images or the target."""
 
-from pathlib import Path
-
 import pytest
 
 from mmllm.catalog import Listing
 from mmllm.prompts import PROMPTS_DIR, PromptBudget, PromptTemplate, build_messages, render_table, target_text
 from mmllm.schema import LabelSchema
 
+from helpers import TOYS_SCHEMA
 from listings import small_schema
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def listing(**kw):
@@ -85,7 +82,7 @@ def test_schema_modes_and_bad_templates(tmp_path):
 
 
 def test_toy_schema_prompt_lists_every_category():
-    schema = LabelSchema.from_yaml(ROOT / "examples/toys_schema.yaml")
+    schema = LabelSchema.from_yaml(TOYS_SCHEMA)
     text = build_messages(listing(), schema, PromptTemplate.load("listing_v1"))[1]["content"][-1]["text"]
     for path in schema.categories:
         head, _, leaf = path.partition(" > ")

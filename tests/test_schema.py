@@ -1,7 +1,6 @@
 """Label schema: loading, JSON Schema, validation/normalization of answers, inference."""
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -9,13 +8,12 @@ import pytest
 from mmllm.catalog import Listing, iter_catalog
 from mmllm.schema import AttributeSpec, LabelSchema, SchemaError, infer_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-TOYS = ROOT / "examples" / "toys_schema.yaml"
+from helpers import ROOT, TOYS_SCHEMA
 
 
 @pytest.fixture(scope="module")
 def toys():
-    return LabelSchema.from_yaml(TOYS)
+    return LabelSchema.from_yaml(TOYS_SCHEMA)
 
 
 def test_shipped_toy_schema_loads(toys):

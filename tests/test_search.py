@@ -16,8 +16,9 @@ from mmllm.cli import main as mmllm
 from mmllm.collator import encode_prompts, load_listing_images
 from mmllm.images import ImagePolicy
 from mmllm.prompts import build_messages
-from mmllm.search import (SearchIndex, backbone, capped_recall_at_k, embed_encoded, embed_listings, load_model,
-                          ndcg_at_k, pool_hidden, recall_at_k)
+from mmllm.models.heads import decoder, pool
+from mmllm.predictor import embed_in_batches
+from mmllm.search import SearchIndex, capped_recall_at_k, load_model, ndcg_at_k, recall_at_k
 
 from listings import write_catalog
 
@@ -48,16 +49,16 @@ def test_recall_and_ndcg_match_hand_computation(relevance, n_relevant, k, recall
 
 
 # ---------------------------------------------------------------------- pooling
-def test_pool_hidden_picks_the_last_real_token_and_the_masked_mean():
+def test_pooling_picks_the_last_real_token_and_the_masked_mean():
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # row 0: 0..3, row 1: 4..7
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     hidden_nan = hidden.clone()
     hidden_nan[0, 0] = float("nan")  # a padded position may hold NaN: it must not leak
-    assert pool_hidden(hidden_nan, left, "last").flatten().tolist() == [3.0, 7.0]
-    assert pool_hidden(hidden, right, "last").flatten().tolist() == [1.0, 7.0]
-    assert pool_hidden(hidden_nan, left, "mean").flatten().tolist() == [2.5, 5.5]
-    assert pool_hidden(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
+    assert pool(hidden_nan, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, right, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool(hidden_nan, left, "mean").flatten().tolist() == [2.5, 5.5]
+    assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +91,23 @@ def test_batched_embeddings_equal_one_by_one_under_left_and_right_padding(bundle
     assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
     singles = [encode([r], [p]) for r, p in zip(listings, images)]
     with torch.no_grad():
-        hidden = backbone(bundle.model)(**batch).last_hidden_state  # [B, T, H]
-        alone = [backbone(bundle.model)(**one).last_hidden_state for one in singles]
+        hidden = decoder(bundle.model)(**batch).last_hidden_state  # [B, T, H]
+        alone = [decoder(bundle.model)(**one).last_hidden_state for one in singles]
         # the backbone's last hidden state is the full model's hidden_states[-1] (without the logits)
         full = bundle.model(**batch, output_hidden_states=True).hidden_states[-1]
     assert torch.allclose(hidden, full, atol=1e-6)
     for pooling in ("last", "mean"):
-        together = pool_hidden(hidden, batch["attention_mask"], pooling)
-        one_by_one = torch.cat([pool_hidden(h, one["attention_mask"], pooling) for h, one in zip(alone, singles)])
+        together = pool(hidden, batch["attention_mask"], pooling)
+        one_by_one = torch.cat([pool(h, one["attention_mask"], pooling) for h, one in zip(alone, singles)])
         torch.testing.assert_close(together, one_by_one, atol=2e-5, rtol=1e-4)
     if padding_side == "left":  # the library path (encode_prompts, left padded): the same, normalized
         assert torch.equal(encode_prompts(bundle.processor, listings, bundle.schema, bundle.template, images)["input_ids"],
                            batch["input_ids"])
-        vectors = embed_listings(bundle.model, bundle.processor, listings, bundle.schema, bundle.template, policy,
-                                 batch_size=3, pooling="mean")
-        expected = torch.nn.functional.normalize(pool_hidden(hidden, batch["attention_mask"], "mean"), dim=-1)
+        bundle.batch_size = 3
+        vectors = embed_in_batches(bundle, listings, policy, pooling="mean")
+        expected = torch.nn.functional.normalize(pool(hidden, batch["attention_mask"], "mean"), dim=-1)
         np.testing.assert_allclose(vectors, expected.numpy(), atol=2e-5)
-        np.testing.assert_allclose(embed_encoded(bundle.model, batch, "last"),
+        np.testing.assert_allclose(bundle.embed_encoded(batch, "last"),
                                    torch.nn.functional.normalize(torch.cat([h[:, -1] for h in alone]), dim=-1).numpy(),
                                    atol=2e-5)
 
@@ -219,8 +220,8 @@ def test_a_bad_image_row_is_indexed_text_only_and_a_bad_row_is_skipped(tmp_path,
 
 
 def test_a_lora_model_folder_indexes_with_its_own_schema_and_hnsw(tmp_path, catalog, index_dir, tiny_checkpoint, capsys):
-    from mmllm.models.generative import (SCHEMA_FILE, LoraSettings, ModelConfig, attach_lora, load_base_model,
-                                         load_processor, write_meta)
+    from mmllm.model_dir import SCHEMA_FILE, write_meta
+    from mmllm.models.generative import LoraSettings, ModelConfig, attach_lora, load_base_model, load_processor
     from mmllm.prompts import PromptTemplate
     from mmllm.schema import LabelSchema
 

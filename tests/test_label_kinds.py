@@ -1,0 +1,86 @@
+"""`mmllm label` on every model kind - LoRA adapter, merged model, classification heads, fusion and
+a base checkpoint (zero-shot) - through the one loader (`mmllm.model_dir.load`) and the one
+Predictor protocol; options a kind does not take are refused with a message, not a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmllm.cli import main as mmllm
+from mmllm.model_dir import read_meta
+from mmllm.schema import LabelSchema
+
+from helpers import ROOT
+from listings import write_catalog
+
+KINDS = ["generative-lora", "generative-merged", "classifier", "fusion", "base checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_checkpoint):
+    """One small folder of each kind, trained through `mmllm finetune` on the same 8 listings."""
+    work = tmp_path_factory.mktemp("kinds")
+    env = pytest.MonkeyPatch()  # a module fixture runs before the per-test mmllm_cache one: the same folder here
+    env.setenv("MMLLM_CACHE", str(tmp_path_factory.getbasetemp() / "mmllm-cache"))
+    catalog = write_catalog(work / "data", n=8)
+    data = [f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
+            "train.max_steps=2", "train.batch_size=4", "train.save_every=0"]
+    folders = {"generative-lora": work / "lora", "classifier": work / "classifier", "fusion": work / "fusion"}
+    for kind, config, extra in (
+        ("generative-lora", "tiny_cpu.yaml", ["model.base=tiny:qwen2_vl", "data.max_train_rows=null"]),
+        ("classifier", "tiny_cpu_classify.yaml", ["model.base=tiny:qwen2_vl", "data.max_train_rows=null"]),
+        ("fusion", "fusion_minilm_cpu.yaml", ["fusion.max_text_tokens=32", "fusion.hidden=16",
+                                               "fusion.lexical_buckets=256", "fusion.attr_buckets=64"]),
+    ):
+        code = mmllm(["finetune", "--config", str(ROOT / "finetune" / config), *data, *extra,
+                      f"train.output_dir={folders[kind]}"])
+        assert code == 0, kind
+    folders["generative-merged"] = work / "merged"
+    assert mmllm(["finetune", "merge", str(folders["generative-lora"]), str(folders["generative-merged"])]) == 0
+    folders["base checkpoint"] = tiny_checkpoint("qwen2_vl")
+    yield catalog, folders
+    env.undo()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
+    catalog, folders = trained
+    model = folders[kind]
+    out = tmp_path / "labels.jsonl"
+    schema_args = ["--schema", str(catalog.parent / "schema.yaml")] if kind == "base checkpoint" else []
+    assert mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--batch-size", "3", "--quiet",
+                  *schema_args]) == 0
+    assert "8 rows: 8 ok, 0 invalid, 0 failed" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(f"item-{i}" for i in range(8))
+    schema = LabelSchema.from_yaml(catalog.parent / "schema.yaml")
+    for record in records:
+        assert record["status"] == "ok"
+        assert schema.validate({"category": record["category"], "attributes": record["attributes"]}).ok, record
+    if kind != "base checkpoint":
+        assert read_meta(model)["kind"] == kind
+    if kind in ("classifier", "fusion"):  # heads give calibrated scores
+        assert all(0 <= r["confidence"] <= 1 and r["top_k"][0]["category"] == r["category"] for r in records)
+    if kind == "fusion":
+        assert all(set(r["modality_weights"]) == {"text", "attributes"} for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, flags, message", [
+    ("fusion", ["--min-pixels", "1000"],
+     "error: --min-pixels / --max-pixels: {model} is a fusion model and does not take image pixel bounds"),
+    ("fusion", ["--max-new-tokens", "64"], "error: --max-new-tokens: {model} is a fusion model and does not take "
+                                           "the generation budget"),
+    ("classifier", ["--no-constrained"], "error: --no-constrained: {model} is a classifier model and does not take "
+                                         "schema-constrained decoding"),
+])
+def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tmp_path, capsys, kind, flags, message):
+    catalog, folders = trained
+    out = tmp_path / "labels.jsonl"
+    code = mmllm(["label", str(catalog), "--model", str(folders[kind]), "--out", str(out), "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(model=folders[kind]) in err and "Traceback" not in err
+    assert out.read_text() == ""  # nothing labelled
