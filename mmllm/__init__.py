@@ -1,9 +1,7 @@
 """mmllm: toy listings (photos, title, description, seller table) to structured JSON.
 
-Modules, one concept each (see DESIGN.md in the repository):
-``catalog`` (listing rows, streaming readers, validation), ``images`` (safe image loading),
-``schema`` (label schema, JSON Schema, prediction validation), ``config`` (typed YAML configs),
-``tiny`` (tiny random checkpoints for tests), and the command-line layer ``cli``.
+One concept per module, in layers: ARCHITECTURE.md in the repository draws them, with the contracts
+between them and the path of one listing from the catalog to its JSON line.
 """
 
 __version__ = "0.1.0"

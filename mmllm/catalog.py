@@ -8,7 +8,7 @@ naming the file, the line (or row), the id when it can be found, and the field. 
 cannot be read to its end (a truncated ``.gz``, a corrupt Parquet page) gives its rows up to
 the damage, then one RowError with field ``read`` saying where it broke, and ends there.
 
-Row contract (DESIGN.md)::
+Row contract (README.md, "The catalog")::
 
     id           string, required, unique
     title        string, required, non-empty

@@ -5,7 +5,7 @@
     mmllm tiny OUT --arch ...             tiny random checkpoint (tests and smoke runs only)
     mmllm finetune|label|evaluate|search|demo ...   the jobs (also `python -m mmllm.<job>`)
 
-Only this layer turns paths and hub ids into objects (STYLE.md rule 9). A catalog or schema
+Only this layer turns paths and hub ids into objects (ARCHITECTURE.md: entry points). A catalog or schema
 that cannot be used at all is one line on stderr and exit code 2, never a traceback.
 """
 

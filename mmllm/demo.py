@@ -101,10 +101,10 @@ class SimilarListings:
 
     @classmethod
     def load(cls, folder: str | Path, predictor: Any, model: str, k: int = 6) -> SimilarListings:
-        from mmllm.model_dir import is_model_dir
+        from mmllm.model_dir import SCHEMA_FILE, is_model_dir
         from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
         from mmllm.schema import LabelSchema
-        from mmllm.search import SCHEMA_FILE, SearchIndex, load_model
+        from mmllm.search import SearchIndex, load_model
 
         index = SearchIndex.load(folder)
         schema, template = Path(folder) / SCHEMA_FILE, Path(folder) / TEMPLATE_FILE

@@ -1,9 +1,9 @@
 """Label schema: the toy taxonomy and the attributes to predict.
 
-This module is the one place that defines "valid output" (STYLE.md rule 8). Labelling,
+This module is the one place that defines "valid output". Labelling,
 evaluation, the demo and the training targets all go through it:
 
-* :meth:`LabelSchema.from_yaml` reads the schema file (see ``examples/toys/schema.yaml``),
+* :meth:`LabelSchema.from_yaml` reads the schema file (see ``examples/toys_schema.yaml``),
 * :meth:`LabelSchema.json_schema` gives the JSON Schema of a model answer,
 * :meth:`LabelSchema.validate` checks and normalizes an answer, one :class:`FieldError` per problem,
 * :meth:`LabelSchema.parse` does the same for raw model text,

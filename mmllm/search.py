@@ -33,6 +33,7 @@ import numpy as np
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row
 from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.model_dir import SCHEMA_FILE
 from mmllm.predictor import Predictor, embed_in_batches
 from mmllm.progress import Progress
 from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE
@@ -40,7 +41,9 @@ from mmllm.schema import SEPARATOR
 
 POOLINGS = ("last", "mean")
 INDEX_TYPES = ("flat", "hnsw")
-INDEX_FILE, IDS_FILE, META_FILE, SCHEMA_FILE = "index.faiss", "ids.jsonl", "meta.json", "label_schema.yaml"
+# An index folder: the vectors, one record per vector, its meta, and the schema + template its prompts used
+# (SCHEMA_FILE and TEMPLATE_FILE are the model folder's names: the same files, copied).
+INDEX_FILE, IDS_FILE, INDEX_META_FILE = "index.faiss", "ids.jsonl", "meta.json"
 HNSW_LINKS = 32  # neighbours per node: the usual recall / memory trade-off for dims in the thousands
 
 
@@ -144,7 +147,7 @@ class SearchIndex:
         with open(folder / IDS_FILE, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in self.records)
         self.meta["count"] = len(self)
-        (folder / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        (folder / INDEX_META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
         return folder
 
     @classmethod
@@ -152,9 +155,9 @@ class SearchIndex:
         import faiss
 
         folder = Path(folder)
-        if not (folder / META_FILE).is_file():
-            raise FileNotFoundError(f"{folder}: not a search index (no {META_FILE}); build one with `mmllm search index`")
-        meta = json.loads((folder / META_FILE).read_text())
+        if not (folder / INDEX_META_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: not a search index (no {INDEX_META_FILE}); build one with `mmllm search index`")
+        meta = json.loads((folder / INDEX_META_FILE).read_text())
         for name in (INDEX_FILE, IDS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder}: {name} is missing; rebuild the index")
@@ -163,7 +166,7 @@ class SearchIndex:
             records = [json.loads(line) for line in f if line.strip()]
         if not index.ntotal == len(records) == meta["count"]:
             raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(records)} rows, "
-                             f"{META_FILE} says {meta['count']}; rebuild the index")
+                             f"{INDEX_META_FILE} says {meta['count']}; rebuild the index")
         return cls(index, records, meta)
 
 
@@ -249,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    if (args.out / META_FILE).exists() and not args.overwrite:
+    if (args.out / INDEX_META_FILE).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already holds an index; pass --overwrite to replace it")
     reader = CatalogReader(args.catalog)
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)

@@ -155,8 +155,3 @@ class ClassifyCollator:
             images.append(pictures)
         enc = encode_prompts(self.processor, listings, self.schema, self.template, images)
         return {**enc, **encode_targets(self.specs, [listing.label for listing in listings], self.schema)}
-
-
-def count_rows(batch: dict[str, torch.Tensor]) -> int:
-    """What the classification loss averages over: rows."""
-    return int(batch["input_ids"].shape[0])

@@ -134,6 +134,11 @@ def prompt_vectors(model: Any, enc: Mapping[str, torch.Tensor], pooling: str = "
     return pooled.cpu().numpy().astype(np.float32, copy=False)
 
 
+def count_rows(batch: dict[str, torch.Tensor]) -> int:
+    """What the heads' loss averages over: rows (every batch of either head model has an attention mask)."""
+    return int(batch["attention_mask"].shape[0])
+
+
 def encode_targets(specs: list[HeadSpec], labels: Sequence[dict[str, Any] | None], schema: LabelSchema) -> dict[str, torch.Tensor]:
     """Per-head targets: class index (-100 = unknown, masked) or a multi-hot row plus a mask."""
     out: dict[str, torch.Tensor] = {}

@@ -46,7 +46,7 @@ def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
     collate = classifier.ClassifyCollator(processor, s.schema, s.template, s.train_policy, cfg.model.max_images, specs,
                                           augment)
     dev_collate = classifier.ClassifyCollator(processor, s.schema, s.template, s.dev_policy, cfg.model.max_images, specs)
-    summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, classifier.count_rows, cfg.train, cfg.eval,
+    summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
                                      cfg.classify)
     if summary["interrupted"]:
         return summary

@@ -75,7 +75,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                     progress.update(len(rows[start:start + fc.encode_batch]))
         say(s.accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
                            f"in {time.perf_counter() - started:.1f} s")
-    summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, fusion.count_rows, cfg.train, cfg.eval,
+    summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
                                      cfg.heads)
     if summary["interrupted"]:
         return summary

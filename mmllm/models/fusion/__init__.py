@@ -16,7 +16,6 @@ from mmllm.models.fusion.model import (
     FusionConfig,
     FusionModel,
     FusionPredictor,
-    count_rows,
     load_fusion,
 )
 
@@ -24,5 +23,5 @@ __all__ = [
     "FUSIONS", "FUSION_CONFIG", "FUSION_FILE", "MODALITIES",
     "AttentionFusion", "AttributeEncoder", "CoAttentionFusion", "ConcatFusion", "Encoders", "FeatureCache",
     "FeatureSettings", "Featurizer", "FusionCollator", "FusionConfig", "FusionModel", "FusionPredictor",
-    "attribute_tokens", "category_name", "count_rows", "lexical_features", "load_fusion",
+    "attribute_tokens", "category_name", "lexical_features", "load_fusion",
 ]

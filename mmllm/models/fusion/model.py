@@ -320,7 +320,3 @@ class FusionCollator:
         images = [load_listing_images(r, self.image_policy, self.max_images) if self.max_images else [] for r in listings]
         return {**self.featurizer(listings, images),
                 **encode_targets(self.specs, [r.label for r in listings], self.schema)}
-
-
-def count_rows(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["attention_mask"].shape[0])
