@@ -364,6 +364,8 @@ def test_kill_9_at_random_points_five_times_then_resume_gives_one_line_per_id(tm
         time.sleep(rng.random() * 0.2)  # a random moment, possibly mid-write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        whole = [json.loads(line) for line in out.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+        assert len({r["id"] for r in whole}) == len(whole), f"a duplicate after kill {kill}"  # never, at any point
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(r["id"] for r in read(out)) == sorted(f"r{i}" for i in range(150))
