@@ -23,8 +23,8 @@ from mmllm.catalog import Listing
 from mmllm.collator import encode_prompts, load_listing_images
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
-from mmllm.models.heads import (HeadSpec, decoder, encode_targets, head_probabilities, hidden_size, json_number, pool,
-                                prediction_record, prompt_vectors)
+from mmllm.models.heads import (HeadsConfig, HeadSpec, decoder, encode_targets, head_probabilities, hidden_size,
+                                json_number, pool, prediction_record, prompt_vectors)
 from mmllm.predictor import predict_in_batches
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema
@@ -34,21 +34,17 @@ HEADS_CONFIG = "heads.json"
 
 
 @dataclass
-class ClassifyConfig:
-    """The classification heads (used when ``task: classify``)."""
+class ClassifyConfig(HeadsConfig):
+    """The classification heads (``task: classify``): the heads' settings plus the backbone's pooling."""
 
+    section: ClassVar[str] = "classify"
     pooling: Literal["last", "mean"] = help_field("last", "last non-padding token, or the masked mean over the prompt")
-    label_smoothing: float = help_field(0.0, "cross-entropy label smoothing; 0.05-0.1 against over-confidence")
-    class_weights: Literal["none", "balanced"] = help_field("none", "balanced = inverse class frequency, for long tails")
-    bins: int = help_field(32, "value bins for numeric attributes with many distinct values")
     top_k: int = help_field(5, "categories listed in each prediction's top_k")
 
     def __post_init__(self) -> None:
-        for name in ("bins", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"classify.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"classify.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        super().__post_init__()
+        if self.top_k < 1:
+            raise ValueError(f"classify.top_k must be >= 1, got {self.top_k}")
 
 
 class ListingClassifier(nn.Module):

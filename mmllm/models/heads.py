@@ -22,16 +22,33 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from mmllm.config import help_field
 from mmllm.schema import LabelSchema
 
 NOT_STATED = "<not stated>"
 MAX_EXACT_BINS = 64
+
+
+@dataclass
+class HeadsConfig:
+    """How heads are built and trained (the fusion recipe's ``heads:``; ``classify:`` extends it)."""
+
+    section: ClassVar[str] = "heads"  # the YAML key, for the messages
+    label_smoothing: float = help_field(0.0, "cross-entropy label smoothing; 0.05-0.1 against over-confidence")
+    class_weights: Literal["none", "balanced"] = help_field("none", "balanced = inverse class frequency, for long tails")
+    bins: int = help_field(32, "value bins for numeric attributes with many distinct values")
+
+    def __post_init__(self) -> None:
+        if self.bins < 1:
+            raise ValueError(f"{self.section}.bins must be >= 1, got {self.bins}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"{self.section}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
 from mmllm.progress import Progress
 from mmllm.recipes.common import DataConfig, say, setup
-from mmllm.recipes.heads_training import HeadsConfig, HeadsEvalConfig, train_heads
+from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
 from mmllm.training import TrainConfig
 
 
@@ -44,7 +44,7 @@ class FusionRecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: HeadsEvalConfig = field(default_factory=HeadsEvalConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    heads: heads.HeadsConfig = field(default_factory=heads.HeadsConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
 

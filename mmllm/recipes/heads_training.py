@@ -6,32 +6,15 @@ the dev rows (Guo et al. 2017). The recipes differ only in the model and collato
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
 from mmllm.catalog import Listing
 from mmllm.config import help_field
 from mmllm.models import heads
-from mmllm.models.classifier import ClassifyConfig
 from mmllm.recipes.common import Setup, record_final, run_summary
 from mmllm.training import TrainConfig, train_loop
-
-
-@dataclass
-class HeadsConfig:
-    """How the heads are built and trained (the classify recipe's ``classify:`` has the same keys,
-    plus the pooling of the backbone)."""
-
-    label_smoothing: float = help_field(0.0, "cross-entropy label smoothing; 0.05-0.1 against over-confidence")
-    class_weights: Literal["none", "balanced"] = help_field("none", "balanced = inverse class frequency, for long tails")
-    bins: int = help_field(32, "value bins for numeric attributes with many distinct values")
-
-    def __post_init__(self) -> None:
-        if self.bins < 1:
-            raise ValueError(f"heads.bins must be >= 1, got {self.bins}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"heads.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -49,7 +32,7 @@ class HeadsEvalConfig:
 
 def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: Any, dev_collate: Any,
                 count_rows: Callable[[dict[str, torch.Tensor]], int], train: TrainConfig, evaluation: HeadsEvalConfig,
-                settings: HeadsConfig | ClassifyConfig) -> tuple[dict[str, Any], Any]:
+                settings: heads.HeadsConfig) -> tuple[dict[str, Any], Any]:
     """Train ``model`` (heads over any encoder) on the run's rows; returns the summary and the
     unwrapped model, in eval mode, with its fitted ``temperature`` when there are dev rows."""
     accelerator, untrained = run.accelerator, set(run.untrained)
