@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, help="write the YAML here (default: print it)")
     p.add_argument("--name", default="inferred", help="schema name")
     p.add_argument("--max-enum-values", type=int, default=50, help="strings with at most this many distinct values become an enum")
+    p.add_argument("--no-table-keys", action="store_true",
+                   help="do not propose seller-table keys (evidence.table) from the rows' attribute tables")
+    p.add_argument("--min-agreement", type=_fraction, default=0.8,
+                   help="share of rows (0-1) where a seller-table key's value must equal the gold for it to be proposed")
     p.set_defaults(run=_schema_infer)
     p = schema.add_parser("check", help="load a schema and summarize it")
     p.add_argument("schema", type=Path)
@@ -106,12 +110,23 @@ def _schema_infer(args: argparse.Namespace) -> int:
     from mmllm.catalog import CatalogReader, Listing
     from mmllm.schema import infer_schema
 
-    labels = (row.label for row in CatalogReader(args.catalog) if isinstance(row, Listing) and row.label)
-    schema, report = infer_schema(labels, name=args.name, max_enum_values=args.max_enum_values)
+    listings = (row for row in CatalogReader(args.catalog) if isinstance(row, Listing) and row.label)
+    if args.no_table_keys:
+        schema, report = infer_schema((row.label for row in listings), name=args.name,
+                                      max_enum_values=args.max_enum_values)
+    else:
+        # The keys are scored against the attribute types drafted from all labels: keep the seller tables
+        # and labels (not titles, descriptions) for a second look.
+        rows = [{"attributes": row.attributes, "label": row.label} for row in listings]
+        schema, report = infer_schema([row["label"] for row in rows], name=args.name,
+                                      max_enum_values=args.max_enum_values, rows=rows, min_agreement=args.min_agreement)
     header = (
         f"# Drafted by `mmllm schema infer {args.catalog}` from {report['rows']} labelled rows.\n"
         "# Review it: merge near-duplicate categories, write descriptions, tighten bounds.\n"
     )
+    if "table_keys" in report:
+        header += ("# evidence.table: seller-table keys whose values agreed with the gold labels; check each one,\n"
+                   "# and add text patterns (see mmllm/evidence.py).\n")
     if args.out:
         schema.to_yaml(args.out, header=header)
         print(f"wrote {args.out}: {len(schema.categories)} categories, {len(schema.attributes)} attributes from {report['rows']} rows")
@@ -119,7 +134,38 @@ def _schema_infer(args: argparse.Namespace) -> int:
         import yaml
 
         print(header + yaml.safe_dump(schema.to_dict(), sort_keys=False, allow_unicode=True))
+    if "table_keys" in report:
+        # Next to the summary line; on stderr when the YAML itself goes to stdout, so it can be redirected
+        print("\n".join(_table_keys_lines(report["table_keys"], args.min_agreement)),
+              file=sys.stdout if args.out else sys.stderr)
     return 0
+
+
+def _table_keys_lines(proposals: list[dict], min_agreement: float) -> list[str]:
+    from mmllm.schema import MIN_KAPPA, MIN_KEY_ROWS
+
+    lines = [f"seller-table keys (proposed: agreement >= {min_agreement:.0%} and kappa >= {MIN_KAPPA} "
+             f"over >= {MIN_KEY_ROWS} rows):"]
+    if not proposals:
+        return lines + ["  none agreed with the gold labels on enough rows"]
+    width = max(len(p["key"]) for p in proposals)
+    lines.append(f"  {'attribute':<22} {'key':<{width}} {'parser':<8} {'agree':>11} {'agreement':>9} {'chance':>6} "
+                 f"{'kappa':>6}  proposed")
+    for p in proposals:
+        agree = f"{p['agree']}/{p['support']}"
+        lines.append(f"  {p['attribute']:<22} {p['key']:<{width}} {p['parser']:<8} {agree:>11} {p['agreement']:>9.0%} "
+                     f"{p['chance']:>6.0%} {p['kappa']:>6.2f}  {'yes' if p['proposed'] else 'no'}")
+    return lines
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
 
 
 def _schema_check(args: argparse.Namespace) -> int:

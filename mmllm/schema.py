@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from mmllm.evidence import EvidenceError, EvidenceSpec
+
 SEPARATOR = " > "
 ATTRIBUTE_TYPES = ("enum", "integer", "number", "boolean", "string", "list")
 _TRUE = {"true", "yes", "y", "1"}
@@ -88,6 +90,7 @@ class AttributeSpec:
     maximum: float | None = None
     max_length: int = 64
     max_items: int = 8
+    evidence: EvidenceSpec | None = None  # what counts as the listing stating it (mmllm.evidence)
 
     def __post_init__(self) -> None:
         # YAML gives whatever was typed: check kinds before comparing, so a slip is named, not a TypeError
@@ -242,12 +245,19 @@ class LabelSchema:
         for name, spec in specs.items():
             if not isinstance(spec, Mapping):
                 raise SchemaError(f"attribute '{name}': expected a mapping with at least 'type'")
-            extra = set(spec) - {"type", "description", "values", "minimum", "maximum", "max_length", "max_items"}
+            extra = set(spec) - {"type", "description", "values", "minimum", "maximum", "max_length", "max_items",
+                                 "evidence"}
             if extra:
                 raise SchemaError(f"attribute '{name}': unknown key(s) {sorted(extra)}")
             values = spec.get("values") or []
             if not isinstance(values, list) or any(isinstance(v, (list, dict)) for v in values):
                 raise SchemaError(f"attribute '{name}': values must be a list of names, got {values!r}")
+            evidence = None
+            if spec.get("evidence") is not None:
+                try:
+                    evidence = EvidenceSpec.from_dict(spec["evidence"], str(name), str(spec.get("type", "")))
+                except EvidenceError as exc:
+                    raise SchemaError(str(exc)) from None
             # Bounds pass through unconverted: AttributeSpec names a wrong kind (max_length: lots)
             attributes.append(
                 AttributeSpec(
@@ -259,6 +269,7 @@ class LabelSchema:
                     maximum=spec.get("maximum"),
                     max_length=spec.get("max_length", 64),
                     max_items=spec.get("max_items", 8),
+                    evidence=evidence,
                 )
             )
         return cls(
@@ -283,6 +294,8 @@ class LabelSchema:
                 spec["max_length"] = a.max_length
             if a.type == "list":
                 spec["max_items"] = a.max_items
+            if a.evidence is not None:
+                spec["evidence"] = a.evidence.to_dict()
             attrs[a.name] = spec
         return {
             "name": self.name,
@@ -499,8 +512,25 @@ def _in_range(number: float, lo: float | None, hi: float | None) -> bool:
 
 
 # ---------------------------------------------------------------------- inference
+# Value parsers tried on a seller-table key, by attribute type (mmllm.evidence.PARSE); the type's
+# default comes first, so it wins a tie.
+TABLE_KEY_PARSERS = {"boolean": ("boolean",), "integer": ("integer",), "number": ("number", "age"),
+                     "enum": ("enum",), "list": ("list",), "string": ("string",)}
+# Agreement beyond chance (Cohen's kappa) a proposed key needs besides ``min_agreement``: when most
+# gold booleans are false, any mostly-"No" key agrees often. On examples/amazon_uk_toys the true keys
+# score 1.0 and such look-alikes ("Batteries Included" for assembly_required, 0.84 agreement) at most 0.51.
+MIN_KAPPA = 0.6
+MIN_KEY_ROWS = 5  # rows with both the key and a gold value before a key is judged at all
+
+
 def infer_schema(
-    labels: Iterable[Mapping[str, Any]], *, name: str = "inferred", max_enum_values: int = 50
+    labels: Iterable[Mapping[str, Any]],
+    *,
+    name: str = "inferred",
+    max_enum_values: int = 50,
+    rows: Iterable[Any] | None = None,
+    min_rows: int = MIN_KEY_ROWS,
+    min_agreement: float = 0.8,
 ) -> tuple[LabelSchema, dict[str, Any]]:
     """Draft a schema from gold labels (``{"category", "attributes"}`` dicts).
 
@@ -510,12 +540,16 @@ def infer_schema(
     become ``list``. Numeric bounds are widened to a round number above the largest value
     seen. Returns the schema and a report (rows, counts per category and attribute) so a
     person can review the draft before using it.
+
+    With ``rows`` (catalog rows with their seller tables and labels, read after ``labels``), each
+    attribute also gets ``evidence.table``: the seller-table keys :func:`propose_table_keys` finds
+    agreeing with its gold (often, and beyond chance), and the report gains ``table_keys`` (every key scored, proposed or not).
     """
     categories: Counter[str] = Counter()
     values: dict[str, list[Any]] = defaultdict(list)
-    rows = 0
+    count = 0
     for label in labels:
-        rows += 1
+        count += 1
         if isinstance(label.get("category"), str) and label["category"].strip():
             categories[_clean_path(label["category"])] += 1
         for key, value in (label.get("attributes") or {}).items():
@@ -524,17 +558,23 @@ def infer_schema(
     if not categories:
         raise SchemaError("no labelled rows with a category: cannot infer a taxonomy")
     specs = [_infer_attribute(key, vals, max_enum_values) for key, vals in sorted(values.items())]
+    proposals = None
+    if rows is not None:
+        proposals = propose_table_keys(rows, specs, min_rows=min_rows, min_agreement=min_agreement)
+        specs = [_with_table_keys(spec, proposals) for spec in specs]
     schema = LabelSchema(
         categories=tuple(sorted(categories)),
         attributes=tuple(specs),
         name=name,
-        description=f"Drafted by `mmllm schema infer` from {rows} labelled rows; review before use.",
+        description=f"Drafted by `mmllm schema infer` from {count} labelled rows; review before use.",
     )
-    report = {
-        "rows": rows,
+    report: dict[str, Any] = {
+        "rows": count,
         "categories": dict(categories.most_common()),
         "attributes": {key: len(vals) for key, vals in sorted(values.items())},
     }
+    if proposals is not None:
+        report["table_keys"] = [p.to_dict() for p in proposals]
     return schema, report
 
 
@@ -566,3 +606,135 @@ def _round_up(x: float) -> int:
         if step * power >= x:
             return int(step * power)
     return int(10 * power)
+
+
+@dataclass(frozen=True)
+class TableKeyProposal:
+    """How well one seller-table key states one attribute, over the labelled rows that have both.
+
+    ``support``: rows where the key is present and the gold value is not null; ``agree``: those whose
+    key text, read by ``parser``, equals the gold (the parser that agreed most for this key);
+    ``chance``: the agreement expected if the key's values were unrelated to the gold, with the same
+    frequencies (how often each value is parsed times how often it is the gold).
+    """
+
+    attribute: str
+    key: str  # the seller's most frequent spelling of the key
+    parser: str
+    support: int
+    agree: int
+    chance: float
+    proposed: bool
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / self.support
+
+    @property
+    def kappa(self) -> float:
+        """Agreement beyond chance (1: always agrees; 0: no better than chance, or nothing to tell apart)."""
+        return _kappa(self.agreement, self.chance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attribute": self.attribute, "key": self.key, "parser": self.parser, "support": self.support,
+                "agree": self.agree, "agreement": self.agreement, "chance": self.chance, "kappa": self.kappa,
+                "proposed": self.proposed}
+
+
+def propose_table_keys(
+    rows: Iterable[Any],
+    specs: Iterable[AttributeSpec],
+    *,
+    min_rows: int = MIN_KEY_ROWS,
+    min_agreement: float = 0.8,
+    min_kappa: float = MIN_KAPPA,
+) -> list[TableKeyProposal]:
+    """Score every seller-table key against every attribute's gold: which keys state which attribute.
+
+    ``rows`` are catalog rows (dicts, or objects with ``.attributes`` and ``.label``). Keys compare as
+    :func:`mmllm.evidence.table_key` does (case, spacing, a trailing colon). Each key's text is read
+    with the parsers of the attribute's type (:data:`TABLE_KEY_PARSERS`) and compared with the gold
+    by :func:`mmllm.evidence.same_value`. A key is proposed when ``support >= min_rows``,
+    ``agreement >= min_agreement`` and ``kappa >= min_kappa``. Returned: every pair with
+    ``support >= min_rows`` and at least one agreeing row, proposed or not (so a person sees why a key
+    was left out), per attribute in ``specs`` order, proposed first, then by agreement and support.
+    """
+    from mmllm.evidence import PARSE, same_value, table_key, value_key
+
+    specs = list(specs)
+    gold_seen: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)  # (attribute, key) -> gold values
+    parsed_seen: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)  # (..., parser) -> parsed values
+    agree: Counter[tuple[str, str, str]] = Counter()
+    spellings: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        table, label = _table_and_label(row)
+        gold = label.get("attributes") if isinstance(label, Mapping) else None
+        if not table or not isinstance(gold, Mapping):
+            continue
+        keyed: dict[str, Any] = {}
+        for key, text in table.items():
+            norm = table_key(key)
+            spellings[norm][str(key)] += 1
+            keyed.setdefault(norm, text)
+        for spec in specs:
+            value, err = spec.normalize(gold.get(spec.name))
+            if value is None or err is not None:
+                continue
+            for norm, text in keyed.items():
+                gold_seen[spec.name, norm][value_key(value)] += 1
+                for parser in TABLE_KEY_PARSERS[spec.type]:
+                    parsed = PARSE[parser](text, spec)
+                    if parsed is None:
+                        continue
+                    parsed_seen[spec.name, norm, parser][value_key(parsed.value)] += 1
+                    agree[spec.name, norm, parser] += same_value(parsed.value, value)
+    out = []
+    for spec in specs:
+        found = []
+        for (attribute, norm), golds in gold_seen.items():
+            support = sum(golds.values())
+            if attribute != spec.name or support < min_rows:
+                continue
+            # max() keeps the first of equals: the type's default parser wins a tie
+            parser = max(TABLE_KEY_PARSERS[spec.type], key=lambda p: agree[attribute, norm, p])
+            k = agree[attribute, norm, parser]
+            if k == 0:
+                continue  # never states this attribute: not a candidate at all
+            parsed = parsed_seen[attribute, norm, parser]
+            chance = sum(n * golds[v] for v, n in parsed.items()) / support**2
+            proposed = k / support >= min_agreement and _kappa(k / support, chance) >= min_kappa
+            found.append(TableKeyProposal(attribute, spellings[norm].most_common(1)[0][0], parser, support, k, chance,
+                                          proposed))
+        out += sorted(found, key=lambda p: (not p.proposed, -p.agreement, -p.support, p.key.casefold()))
+    return out
+
+
+def _kappa(agreement: float, chance: float) -> float:
+    return (agreement - chance) / (1 - chance) if chance < 1 else 0.0
+
+
+def _table_and_label(row: Any) -> tuple[Mapping[str, Any] | None, Any]:
+    if isinstance(row, Mapping):
+        table, label = row.get("attributes"), row.get("label")
+    else:
+        table, label = getattr(row, "attributes", None), getattr(row, "label", None)
+    return (table if isinstance(table, Mapping) else None), label
+
+
+def _with_table_keys(spec: AttributeSpec, proposals: Iterable[TableKeyProposal]) -> AttributeSpec:
+    """``spec`` with ``evidence.table`` listing its proposed keys (best first), or unchanged without any.
+
+    The best key's parser becomes the attribute's ``parse`` when it is not the type's default; a key
+    read best by another parser carries its own ``parse``.
+    """
+    from dataclasses import replace
+
+    from mmllm.evidence import DEFAULT_PARSER, TableRule
+
+    mine = [p for p in proposals if p.attribute == spec.name and p.proposed]
+    if not mine:
+        return spec
+    default = DEFAULT_PARSER[spec.type]
+    parse = mine[0].parser if mine[0].parser != default else None
+    table = tuple(TableRule(key=p.key, parse=None if p.parser == (parse or default) else p.parser) for p in mine)
+    return replace(spec, evidence=EvidenceSpec(parse=parse, table=table))

@@ -1,0 +1,157 @@
+"""Evidence candidates: value parsers and text patterns against hand-written cases, spans that
+point at the right characters, and schema entries that are wrong named clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmllm.catalog import Listing
+from mmllm.evidence import candidates, parse_age, parse_boolean, parse_integer, parse_list, parse_number
+from mmllm.schema import LabelSchema, SchemaError
+from helpers import TOYS_SCHEMA
+
+
+@pytest.fixture(scope="module")
+def toys() -> LabelSchema:
+    return LabelSchema.from_yaml(TOYS_SCHEMA)
+
+
+@pytest.mark.parametrize("text, value, form", [
+    ("8 years and up", 8, "and_up"),
+    ("36 months - 8 years", 3, "months_range"),
+    ("6 months - 3 years", 0.5, "months_range"),
+    ("18 months and up", 1.5, "months"),
+    ("4 - 10 years", 4, "range"),
+    ("Ages 3+", 3, "and_up"),
+    ("six and up", 6, "and_up"),
+    ("3", 3, "plain"),
+])
+def test_age_parser(text, value, form):
+    parsed = parse_age(text)
+    assert (parsed.value, parsed.form) == (value, form)
+
+
+@pytest.mark.parametrize("text", ["teen to adult", "3, 5 or 8 years", "", "٣ years and up", "٨", "30 years and up"])
+def test_age_parser_refuses(text, toys):
+    assert parse_age(text, toys.attribute("min_age_years")) is None  # 30 > maximum 21
+
+
+@pytest.mark.parametrize("text, value, form", [
+    ("1,000", 1000, "thousands"), ("894", 894, "plain"), ("12,500 pieces", 12500, "thousands"),
+    ("1000 pieces", 1000, "plain"),
+])
+def test_integer_parser(text, value, form):
+    parsed = parse_integer(text)
+    assert (parsed.value, parsed.form) == (value, form)
+
+
+@pytest.mark.parametrize("text", ["1.000", "1,5", "500-1000", "2.5", "about 3 or 4", "١٠٠٠", "１０００"])
+def test_integer_parser_refuses_what_it_cannot_read_surely(text):
+    assert parse_integer(text) is None  # ambiguous separators, ranges, fractions, other scripts' digits
+
+
+def test_number_parser_and_bounds(toys):
+    assert parse_number("2.5 kg").value == 2.5
+    assert parse_integer("0", toys.attribute("piece_count")) is None  # minimum 1
+    assert parse_integer("100001", toys.attribute("piece_count")) is None  # maximum 100000
+
+
+@pytest.mark.parametrize("text, value", [("Yes", True), ("no", False), ("TRUE", True), ("Not required", False),
+                                         ("N", False)])
+def test_boolean_parser(text, value):
+    assert parse_boolean(text).value is value
+
+
+@pytest.mark.parametrize("text", ["maybe", "Yes and no", "2 AA"])
+def test_boolean_parser_refuses(text):
+    assert parse_boolean(text) is None
+
+
+def test_list_parser_needs_every_part_allowed(toys):
+    material = toys.attribute("material")
+    assert parse_list("Plastic, Wood", material).value == ["plastic", "wood"]
+    assert parse_list("Plastic & unobtainium", material) is None
+
+
+def _found(listing: Listing, schema: LabelSchema) -> dict[str, list[tuple]]:
+    return {name: [(c.value, c.source, c.key) for c in cs] for name, cs in candidates(listing, schema).items() if cs}
+
+
+def test_the_lego_title_states_pieces_and_age_with_exact_spans(toys):
+    title = "LEGO City Police Station 60141 building set, 894 pieces, ages 6-12"
+    found = candidates(Listing("lego", title), toys)
+    (pieces,) = found["piece_count"]
+    (age,) = found["min_age_years"]
+    assert (pieces.value, pieces.source, pieces.key) == (894, "title", "n_pieces")
+    assert title[pieces.span[0]:pieces.span[1]] == "894 pieces" == pieces.text
+    assert (age.value, age.form) == (6, "range")
+    assert title[age.span[0]:age.span[1]] == "ages 6-12"
+    assert "60141" not in [str(c.value) for c in found["piece_count"]]  # a set number is not a count
+
+
+def test_negations_give_false_and_never_true(toys):
+    listing = Listing("n", "Wooden train", "No batteries required. No assembly required. Batteries not included.")
+    found = _found(listing, toys)
+    assert found["batteries_required"] == [(False, "description", "no_batteries")]
+    assert found["assembly_required"] == [(False, "description", "no_assembly")]
+    assert found["batteries_included"] == [(False, "description", "batteries_not_included")]
+
+
+def test_positive_statements(toys):
+    listing = Listing("p", "Robot dog", "Requires 3 AAA batteries (included). Adult assembly required.")
+    found = _found(listing, toys)
+    assert (True, "description", "needs_batteries") in found["batteries_required"]
+    assert found["assembly_required"] == [(True, "description", "assembly_required")]
+
+
+def test_description_span_is_in_the_description(toys):
+    description = "A lovely puzzle. Contains 1,000 pieces for ages 8 and up."
+    found = candidates(Listing("d", "Puzzle", description), toys)
+    (pieces,) = found["piece_count"]
+    assert (pieces.value, pieces.form) == (1000, "thousands")
+    assert description[slice(*pieces.span)] == "1,000 pieces"
+    (age,) = found["min_age_years"]
+    assert (age.value, age.source) == (8, "description")
+    assert description[slice(*age.span)].startswith("ages 8")
+
+
+def test_table_keys_match_loosely_and_parse(toys):
+    table = {"manufacturer recommended age:": "36 months - 12 years", "Batteries": "2 AA batteries required. (included)",
+             "Number of Puzzle Pieces": "1,000"}
+    found = _found(Listing("t", "Jigsaw", "", table), toys)
+    assert found["min_age_years"] == [(3, "table", "manufacturer recommended age:")]
+    assert found["batteries_required"] == [(True, "table", "Batteries")]
+    assert found["batteries_included"] == [(True, "table", "Batteries")]
+    assert found["piece_count"] == [(1000, "table", "Number of Puzzle Pieces")]
+
+
+def test_foreign_digits_in_the_table_are_refused_not_misread(toys):
+    found = _found(Listing("f", "Puzzle", "", {"Number of Puzzle Pieces": "١٠٠٠", "Manufacturer recommended age": "٣"}),
+                   toys)
+    assert found == {}
+
+
+def _schema(evidence: object) -> dict:
+    return {"taxonomy": ["A > B"], "attributes": {"n": {"type": "integer", "evidence": evidence}}}
+
+
+@pytest.mark.parametrize("evidence, message", [
+    ({"parse": "roman"}, "unknown parser 'roman'"),
+    ({"text": [{"name": "x", "pattern": "([0-9]+"}]}, "evidence.text[0].pattern: not a regular expression"),
+    ({"text": [{"name": "x", "pattern": "[0-9]+ pieces"}]}, "needs a (?P<value>...) group"),
+    ({"text": [{"pattern": "(?P<value>[0-9]+)"}]}, "needs a 'name'"),
+    ({"table": [{"key": "K", "pattern": "yes"}]}, "needs the 'value'"),
+    ({"tables": ["K"]}, "unknown key(s) ['tables']"),
+])
+def test_schema_names_the_wrong_evidence_entry(evidence, message):
+    with pytest.raises(SchemaError, match="attribute 'n': evidence") as err:
+        LabelSchema.from_dict(_schema(evidence))
+    assert message in str(err.value)
+
+
+def test_evidence_round_trips_through_yaml(tmp_path, toys):
+    path = tmp_path / "s.yaml"
+    toys.to_yaml(path)
+    again = LabelSchema.from_yaml(path)
+    listing = Listing("r", "Jigsaw 500 pieces, ages 3+", "Batteries not included", {"Assembly Required": "No"})
+    assert _found(listing, again) == _found(listing, toys)
