@@ -3,7 +3,9 @@
 Heads come from the label schema:
 
 * category: softmax over the taxonomy paths;
-* enum / boolean attributes: softmax over ``["<not stated>", *values]``;
+* enum / boolean attributes: softmax over ``["<not stated>", *values]``; with ``null_class`` (the
+  default) the ``<not stated>`` class is trained on the rows whose gold is null, so a head learns
+  when the listing does not say and abstains instead of inventing a value;
 * list attributes: one sigmoid per value;
 * integer / number attributes: softmax over value bins learned from the training labels
   (every distinct value when there are few, else quantile bins, each predicting its median);
@@ -11,7 +13,7 @@ Heads come from the label schema:
 * an attribute no training row stated (recorded with 0 rows in the model folder's
   ``trained_fields``) keeps its head, untrained, and is predicted as null.
 
-A gold value that is unknown (null) is masked out of its head's loss. Predictions are the same
+Without ``null_class`` a gold value that is unknown (null) is masked out of its head's loss. Predictions are the same
 records as the generative path's (``category``, ``attributes``, ``status``) plus calibrated
 ``confidence`` and the ``top_k`` categories; a temperature fitted on dev rows calibrates them.
 Also here: the one pooling of token states over a padding mask (``pool``).
@@ -43,6 +45,8 @@ class HeadsConfig:
     label_smoothing: float = help_field(0.0, "cross-entropy label smoothing; 0.05-0.1 against over-confidence")
     class_weights: Literal["none", "balanced"] = help_field("none", "balanced = inverse class frequency, for long tails")
     bins: int = help_field(32, "value bins for numeric attributes with many distinct values")
+    null_class: bool = help_field(True, "train the '<not stated>' class on rows whose gold is null, so heads can "
+                                        "abstain; false = mask unknown values out of the loss")
 
     def __post_init__(self) -> None:
         if self.bins < 1:
@@ -58,22 +62,26 @@ class HeadSpec:
     classes: list[str]  # labels of the outputs
     values: list[Any] = field(default_factory=list)  # numeric bins: the value each class predicts
     edges: list[float] = field(default_factory=list)  # numeric bins: upper edges (value <= edge)
+    abstains: bool = False  # class 0 ("<not stated>") is trained on gold nulls
 
 
-def head_specs(schema: LabelSchema, labels: Sequence[dict[str, Any]], bins: int = 32) -> list[HeadSpec]:
-    """Heads for every schema field; numeric bins come from the training labels."""
+def head_specs(schema: LabelSchema, labels: Sequence[dict[str, Any]], bins: int = 32,
+               null_class: bool = False) -> list[HeadSpec]:
+    """Heads for every schema field; numeric bins come from the training labels. With ``null_class``
+    the softmax attribute heads train their ``<not stated>`` class on gold nulls."""
     specs = [HeadSpec("category", "softmax", list(schema.categories))]
     for attr in schema.attributes:
         if attr.type in ("enum", "boolean"):
             values = list(attr.values) if attr.type == "enum" else [False, True]
-            specs.append(HeadSpec(attr.name, "softmax", [NOT_STATED, *map(str, values)], values=[None, *values]))
+            specs.append(HeadSpec(attr.name, "softmax", [NOT_STATED, *map(str, values)], values=[None, *values],
+                                  abstains=null_class))
         elif attr.type == "list":
             specs.append(HeadSpec(attr.name, "sigmoid", list(attr.values)))
         elif attr.type in ("integer", "number"):
             seen = sorted({((label or {}).get("attributes") or {}).get(attr.name) for label in labels} - {None})
             representatives, edges = _bins(seen, bins, attr.type == "integer")
             specs.append(HeadSpec(attr.name, "softmax", [NOT_STATED, *map(str, representatives)],
-                                  values=[None, *representatives], edges=edges))
+                                  values=[None, *representatives], edges=edges, abstains=null_class))
     return specs
 
 
@@ -178,7 +186,9 @@ def encode_targets(specs: list[HeadSpec], labels: Sequence[dict[str, Any] | None
                 continue
             value = label["category"] if spec.name == "category" else label["attributes"].get(spec.name)
             if value is None:
-                continue  # unknown: masked out of the loss
+                if spec.abstains:
+                    index[row] = 0  # the source never said: "<not stated>" is the answer to learn
+                continue  # else unknown: masked out of the loss
             index[row] = _class_of(spec, value)
         out[f"target_{spec.name}"] = index
     return out
@@ -280,6 +290,7 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
 
     Heads in ``untrained`` never saw a labelled row: their attributes are null, listed in ``untrained``."""
     attributes: dict[str, Any] = {a.name: None for a in schema.attributes}
+    confidence: dict[str, float] = {}  # the head's probability of the answer it gives
     category_spec = specs[0]
     p = probs["category"][row]
     top = torch.topk(p, min(top_k, p.numel()))
@@ -289,14 +300,17 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
         q = probs[spec.name][row]
         if spec.kind == "sigmoid":  # the most probable values above 0.5, as many as the schema allows
             ranked = sorted(zip(q.tolist(), spec.classes), reverse=True)
-            chosen = [c for v, c in ranked if v > 0.5][: schema.attribute(spec.name).max_items]
-            attributes[spec.name] = chosen or None
+            chosen = [(v, c) for v, c in ranked if v > 0.5][: schema.attribute(spec.name).max_items]
+            attributes[spec.name] = [c for _, c in chosen] or None
+            if chosen:
+                confidence[spec.name] = round(float(min(v for v, _ in chosen)), 6)
         else:
             attributes[spec.name] = spec.values[int(q.argmax())]
+            confidence[spec.name] = round(float(q.max()), 6)
     answer = {"category": category_spec.classes[int(top.indices[0])], "attributes": attributes}
     result = schema.validate(answer)
     record = {**(result.value or answer), "status": "ok" if result.ok else "invalid",
-              "confidence": round(float(top.values[0]), 6),
+              "confidence": round(float(top.values[0]), 6), "attribute_confidence": confidence,
               "top_k": [{"category": category_spec.classes[int(i)], "score": round(float(v), 6)}
                         for v, i in zip(top.values, top.indices)]}
     if not result.ok:

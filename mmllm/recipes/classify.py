@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from mmllm.augment import AugmentConfig
 from mmllm.config import help_field
+from mmllm.grounding import GroundingConfig
 from mmllm.models import classifier, heads
 from mmllm.models.classifier import ClassifyConfig
 from mmllm.models.generative import LoraSettings, ModelConfig
-from mmllm.recipes.common import DataConfig, say, setup
+from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
 from mmllm.recipes.generate import build_backbone, save_model_dir
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
 from mmllm.training import TrainConfig
@@ -34,6 +35,7 @@ class ClassifyRecipeConfig:
     eval: HeadsEvalConfig = field(default_factory=HeadsEvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
 
 def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
@@ -41,7 +43,7 @@ def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
     s = setup(cfg)
     processor, backbone = build_backbone(cfg.model, cfg.lora, s.accelerator)
     augment = cfg.augment if cfg.augment.enabled else None
-    specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.classify.bins)
+    specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.classify.bins, cfg.classify.null_class)
     model = classifier.ListingClassifier(backbone, heads.hidden_size(backbone), specs, cfg.classify.pooling)
     collate = classifier.ClassifyCollator(processor, s.schema, s.template, s.train_policy, cfg.model.max_images, specs,
                                           augment)
@@ -53,5 +55,7 @@ def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
     save_model_dir(s, cfg, unwrapped.backbone, processor, summary, kind="classifier")
     if s.accelerator.is_main_process:
         unwrapped.save_heads(s.out_dir)
+        fit_grounding(s, cfg.grounding, classifier.ClassifierPredictor(unwrapped, processor, s.schema, s.template,
+                                                                       cfg.model.max_images, untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary
