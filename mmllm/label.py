@@ -39,11 +39,13 @@ from mmllm.schema import SchemaError
 def load_predictor(model: str, *, schema: str | None = None, template: str | None = None,
                    constrained: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
-                   trust_remote_code: bool = False) -> Predictor:
+                   trust_remote_code: bool = False, grounded: bool = True) -> Predictor:
     """A model folder of any kind, or a base checkpoint (zero-shot), set up for labelling.
 
     ``None`` means "not given". Generative models decode under the schema's grammar unless
-    ``constrained`` is False; an option the model does not take raises :class:`OptionError`.
+    ``constrained`` is False; an option the model does not take raises :class:`OptionError`. A
+    folder's ``grounding.json`` grounds the attributes in what each listing states (with their
+    evidence) unless ``grounded`` is False.
     """
     from mmllm.tiny import resolve
 
@@ -51,7 +53,7 @@ def load_predictor(model: str, *, schema: str | None = None, template: str | Non
         print("note: --schema / --template are ignored for a fine-tuned model folder: it uses its own", file=sys.stderr)
         schema = template = None
     predictor = model_dir.load(model, schema=schema, template=template, trust_remote_code=trust_remote_code,
-                               resolve=resolve)
+                               resolve=resolve, grounded=grounded)
     if constrained is None and "constrained" in predictor.takes:
         constrained = True  # labelling default: every answer validates
     return configure(predictor, source=model, batch_size=batch_size, constrained=constrained,
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_args = {"model": args.model, "schema": args.schema, "template": args.template,
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
-                  "trust_remote_code": args.trust_remote_code}
+                  "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded}
     try:
         output = Output(args.out, args.errors, args.resume, inputs=dumps, resume_changed=args.resume_changed,
                         manifest=job_manifest(dumps, args.model, _settings(args)))
@@ -127,7 +129,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             files[name] = fingerprint(Path(value))["sha256"]
         elif value:
             files[name] = value
-    return {"shard": f"{args.shard[0]}/{args.shard[1]}", "constrained": not args.no_constrained, **files}
+    ungrounded = {"grounded": False} if args.ungrounded else {}  # absent = grounded, as jobs before it were
+    return {"shard": f"{args.shard[0]}/{args.shard[1]}", "constrained": not args.no_constrained, **ungrounded, **files}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus-per-actor", type=_at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
     p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
+    p.add_argument("--ungrounded", action="store_true",
+                   help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")
     p.add_argument("--template", help="prompt template (zero-shot with a base checkpoint only; default listing_v1)")
     p.add_argument("--image-root", type=Path, help="folder image paths resolve in (default: each dump's folder)")

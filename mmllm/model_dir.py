@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mmllm.grounding import GROUNDING_FILE, Grounder, GroundedPredictor
 from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
 from mmllm.schema import LabelSchema
 
@@ -159,12 +160,15 @@ def write_card(out_dir: Path) -> None:
 
 # ---------------------------------------------------------------------- loading
 def load(source: str | Path, *, schema: str | Path | None = None, template: str | Path | None = None,
-         device: str | None = None, trust_remote_code: bool = False, resolve: Callable[[str], str] = _as_is) -> Any:
+         device: str | None = None, trust_remote_code: bool = False, resolve: Callable[[str], str] = _as_is,
+         grounded: bool = True) -> Any:
     """A ready predictor from a model folder of any kind, or from a base checkpoint (zero-shot).
 
     A model folder uses its own schema and template (``schema`` / ``template`` are refused for it);
     a base checkpoint needs ``schema``. ``resolve`` maps a base-model reference to a loadable
-    one (the command line passes one that builds ``tiny:`` test checkpoints).
+    one (the command line passes one that builds ``tiny:`` test checkpoints). A folder with a fitted
+    ``grounding.json`` answers grounded attributes with their evidence (:mod:`mmllm.grounding`);
+    ``grounded=False`` gives the model's own answers.
     """
     import torch
 
@@ -173,7 +177,7 @@ def load(source: str | Path, *, schema: str | Path | None = None, template: str 
         if schema or template:
             raise ValueError(f"{source} is a fine-tuned model folder: it labels with its own schema and template; "
                              "leave out --schema / --template")
-        return _load_folder(Path(source), device, trust_remote_code, resolve)
+        return _load_folder(Path(source), device, trust_remote_code, resolve, grounded)
     if not schema:
         raise ValueError(f"{source} is a base checkpoint: zero-shot labelling needs --schema (the label schema YAML)")
     from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor
@@ -186,7 +190,15 @@ def load(source: str | Path, *, schema: str | Path | None = None, template: str 
                                PromptTemplate.load(template or DEFAULT_TEMPLATE), cfg.max_images)
 
 
-def _load_folder(folder: Path, device: str, trust_remote_code: bool, resolve: Callable[[str], str]) -> Any:
+def _load_folder(folder: Path, device: str, trust_remote_code: bool, resolve: Callable[[str], str],
+                 grounded: bool = True) -> Any:
+    """The folder's predictor; with its fitted ``grounding.json`` applied unless ``grounded`` is false."""
+    predictor = _load_model(folder, device, trust_remote_code, resolve)
+    grounder = Grounder.load(folder, predictor.schema) if grounded else None
+    return GroundedPredictor(predictor, grounder) if grounder is not None else predictor
+
+
+def _load_model(folder: Path, device: str, trust_remote_code: bool, resolve: Callable[[str], str]) -> Any:
     meta = read_meta(folder)
     schema = LabelSchema.from_yaml(folder / SCHEMA_FILE)
     untrained = untrained_attributes(meta.get("trained_fields"))
@@ -229,13 +241,14 @@ def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] 
     if meta.get("model", {}).get("quantization") == "4bit":
         log.warning("merging a QLoRA adapter into a full-precision copy of the base model")
     model_fields = {k: v for k, v in meta.get("model", {}).items() if k != "quantization"}
-    predictor = _load_folder(folder, "cpu", False, resolve)
+    predictor = _load_model(folder, "cpu", False, resolve)
     merged = predictor.model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     predictor.processor.save_pretrained(out)
-    for name in (SCHEMA_FILE, TEMPLATE_FILE):
-        shutil.copyfile(folder / name, out / name)
+    for name in (SCHEMA_FILE, TEMPLATE_FILE, GROUNDING_FILE):
+        if name != GROUNDING_FILE or (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
     write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
                **{k: meta[k] for k in ("trained_fields",) if k in meta})
     return out

@@ -65,7 +65,8 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
         if asked and option not in predictor.takes:
             flag = {"pixels": "--min-pixels / --max-pixels", "constrained": "--no-constrained"}.get(
                 option, "--" + option.replace("_", "-"))
-            raise OptionError(f"{flag}: {source} is a {type(predictor).__name__.removesuffix('Predictor').lower()} "
+            kind = type(getattr(predictor, "inner", predictor)).__name__  # a grounded predictor: the model inside
+            raise OptionError(f"{flag}: {source} is a {kind.removesuffix('Predictor').lower()} "
                               f"model and does not take {OPTIONS[option]}; leave it out")
     if batch_size is not None:
         predictor.batch_size = batch_size

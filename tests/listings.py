@@ -20,7 +20,8 @@ SMALL_SCHEMA = {
     "name": "small",
     "taxonomy": ["Games > Chess", "Games > Card Games", "Outdoor > Kites", "Vehicles > Cars"],
     "attributes": {
-        "piece_count": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "pieces in the box"},
+        "piece_count": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "pieces in the box",
+                        "evidence": {"table": ["Pieces"]}},  # the seller's "Pieces" states it (toy_row)
         "material": {"type": "list", "values": ["wood", "plastic", "fabric"], "max_items": 2, "description": "materials"},
     },
 }

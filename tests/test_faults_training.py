@@ -187,7 +187,10 @@ def _check_head_variant(out: Path, catalog: Path) -> None:
     assert "answers null for it" in (out / "README.md").read_text()
     rows = load_listings(catalog)
     policy = ImagePolicy(root=catalog.parent)
-    predictor = load_model_dir(out, device="cpu")
+    grounded = load_model_dir(out, device="cpu")  # the folder's grounding keeps the untrained attribute null too
+    assert all(r["attributes"]["material"] is None and r["untrained"] == ["material"]
+               for r in grounded.predict(rows, policy))
+    predictor = load_model_dir(out, device="cpu", grounded=False)  # the heads' own answers
     assert predictor.untrained == ("material",)
     _force_material(predictor)
     records = predictor.predict(rows, policy)
@@ -203,7 +206,7 @@ def _check_head_variant(out: Path, catalog: Path) -> None:
     # a folder written before the record existed loads and answers as before
     del meta["trained_fields"]
     (out / "mmllm_model.json").write_text(json.dumps(meta))
-    old = load_model_dir(out, device="cpu")
+    old = load_model_dir(out, device="cpu", grounded=False)
     assert old.untrained == ()
     _force_material(old)
     assert all(r["attributes"]["material"] == ["wood", "plastic"] and "untrained" not in r

@@ -25,7 +25,7 @@ def trained(tmp_path_factory, tiny_checkpoint):
     env = pytest.MonkeyPatch()  # a module fixture runs before the per-test mmllm_cache one: the same folder here
     env.setenv("MMLLM_CACHE", str(tmp_path_factory.getbasetemp() / "mmllm-cache"))
     catalog = write_catalog(work / "data", n=8)
-    data = [f"data.train={catalog}", "data.dev=null", f"data.schema={catalog.parent / 'schema.yaml'}",
+    data = [f"data.train={catalog}", f"data.dev={catalog}", f"data.schema={catalog.parent / 'schema.yaml'}",
             "train.max_steps=2", "train.batch_size=4", "train.save_every=0"]
     folders = {"generative-lora": work / "lora", "classifier": work / "classifier", "fusion": work / "fusion"}
     for kind, config, extra in (
@@ -66,6 +66,18 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
         assert all(0 <= r["confidence"] <= 1 and r["top_k"][0]["category"] == r["category"] for r in records)
     if kind == "fusion":
         assert all(set(r["modality_weights"]) == {"text", "attributes"} for r in records)
+    if kind != "base checkpoint":  # every trained kind's folder has its grounding: the seller's "Pieces" is published
+        assert (model / "grounding.json").is_file()
+        for record in records:
+            i = int(record["id"].split("-")[1])
+            evidence = record["evidence"]["piece_count"]
+            assert record["attributes"]["piece_count"] == 10 + i
+            assert (evidence["source"], evidence["key"], evidence["text"]) == ("table", "Pieces", str(10 + i))
+            assert 0.9 <= evidence["confidence"] <= 1 and record["attribute_confidence"]["piece_count"] == evidence[
+                "confidence"]
+            assert record["attributes"]["material"] is None or record["evidence"].get("material")
+    else:  # a base checkpoint has no folder to hold a fitted choice: the model's own answers
+        assert all("evidence" not in r for r in records)
 
 
 @pytest.mark.slow

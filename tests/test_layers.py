@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmllm"
 
 # Bottom to top. A module's layer is the first pattern it matches; every module must match one.
 LAYERS = [
-    ("foundation", ["mmllm", "mmllm.config", "mmllm.progress", "mmllm.catalog", "mmllm.images", "mmllm.schema",
-                    "mmllm.tiny"]),
+    ("foundation", ["mmllm", "mmllm.config", "mmllm.progress", "mmllm.catalog", "mmllm.images", "mmllm.evidence",
+                    "mmllm.schema", "mmllm.tiny"]),
     ("model inputs", ["mmllm.prompts", "mmllm.augment", "mmllm.constrained", "mmllm.collator"]),
-    ("contracts", ["mmllm.predictor", "mmllm.training"]),
+    ("contracts", ["mmllm.predictor", "mmllm.training", "mmllm.grounding"]),
     ("models", ["mmllm.models", "mmllm.models.*"]),
     ("model folders", ["mmllm.model_dir"]),
     ("jobs", ["mmllm.labelling", "mmllm.labelling.*", "mmllm.evaluate", "mmllm.search", "mmllm.validate",

@@ -18,8 +18,11 @@ import torch
 
 from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
 from mmllm.config import help_field
+from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.images import ImagePolicy
 from mmllm.model_dir import METRICS_FILE, trained_field_counts, untrained_attributes
+from mmllm.predictor import predict_in_batches
+from mmllm.progress import Progress
 from mmllm.prompts import PromptTemplate, target_text
 from mmllm.schema import LabelSchema, SchemaError
 from mmllm.training import LoopResult, TrainConfig, latest_checkpoint
@@ -217,3 +220,33 @@ def say(accelerator: Any, text: str) -> None:
     """Print on the main process only (one line per run, not one per process)."""
     if accelerator.is_main_process:
         print(text, flush=True)
+
+
+def fit_grounding(s: Setup, cfg: GroundingConfig, predictor: Any) -> dict[str, Any]:
+    """Fit the grounded-attribute choice (:mod:`mmllm.grounding`) for the trained model: stage A on
+    the training rows, stage B and the answer thresholds on the model's predictions for the dev rows.
+    Writes ``grounding.json`` into the model folder; returns the per-attribute report."""
+    if not cfg.enabled or not s.accelerator.is_main_process:
+        return {}
+    if not any(a.evidence is not None for a in s.schema.attributes) and not s.dev_rows:
+        say(s.accelerator, "grounding: the schema declares no evidence and there are no dev rows; skipped")
+        return {}
+    rows = s.dev_rows[: cfg.dev_rows] if cfg.dev_rows else s.dev_rows
+    records: list[dict[str, Any]] = []
+    if rows:
+        with Progress("grounding: dev predictions", total_rows=len(rows), unit="listings") as progress:
+            for start in range(0, len(rows), 64):
+                chunk = rows[start:start + 64]
+                records += predict_in_batches(predictor, chunk, s.dev_policy)
+                progress.update(len(chunk))
+    grounder, report = fit_grounder(s.schema, s.train_rows, rows, records, cfg, s.untrained)
+    grounder.save(s.out_dir)
+    lines = [f"{'attribute':<22} {'threshold':>9} {'dev answered':>12} {'dev precision':>13} {'model answers':>13}"]
+    for name, r in report.items():
+        lines.append(f"{name:<22} {r['threshold']:>9.3f} {r['dev_answered']:>12} "
+                     f"{'-' if r['dev_precision'] is None else format(r['dev_precision'], '.3f'):>13} "
+                     f"{'learned' if r['combined'] else 'no':>13}")
+    say(s.accelerator, f"grounding ({GROUNDING_FILE}): target precision {cfg.precision}\n" + "\n".join(lines))
+    with open(s.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"grounding": report}) + "\n")
+    return report

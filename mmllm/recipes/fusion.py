@@ -3,7 +3,8 @@ network, fused, with the classify recipe's heads, loss and calibration - the CPU
 
 The story: checked inputs (``common.setup``) -> encoders, feature cache and fusion model -> fill
 the cache once (frozen encoders) -> train the heads (``heads_training``) -> the model folder:
-``fusion.safetensors`` + ``fusion.json``, label schema, resolved config, metrics, model card.
+``fusion.safetensors`` + ``fusion.json``, label schema, resolved config, metrics, model card ->
+the grounded-attribute choice fitted on it (``grounding.json``, :mod:`mmllm.grounding`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any, Literal
 
 from mmllm import model_dir
 from mmllm.config import help_field
+from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
 from mmllm.progress import Progress
-from mmllm.recipes.common import DataConfig, say, setup
+from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
 from mmllm.training import TrainConfig
 
@@ -46,13 +48,14 @@ class FusionRecipeConfig:
     eval: HeadsEvalConfig = field(default_factory=HeadsEvalConfig)
     heads: heads.HeadsConfig = field(default_factory=heads.HeadsConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
 
 def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     """Frozen (cached) or fine-tuned encoders + fusion + heads, in the shared loop; returns the summary."""
     s = setup(cfg)
     fc = cfg.fusion
-    specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.heads.bins)
+    specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.heads.bins, cfg.heads.null_class)
     encoders = fusion.Encoders(fc.text_encoder, fc.image_encoder, fc.max_text_tokens,
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
@@ -85,5 +88,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,
                                model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
                                training=summary, trained_fields=s.trained)
+        fit_grounding(s, cfg.grounding, fusion.FusionPredictor(unwrapped, featurizer, s.schema, max_images,
+                                                               untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary

@@ -4,7 +4,8 @@ listing with its label JSON.
 The story: checked inputs (``common.setup``) -> processor and base model + LoRA -> train
 (``mmllm.training``, causal-LM loss on the answer tokens) with periodic dev evaluation (teacher
 forced loss, then generation: JSON validity and accuracies) -> the model folder: adapter
-(safetensors), processor, prompt template, label schema, resolved config, metrics, model card.
+(safetensors), processor, prompt template, label schema, resolved config, metrics, model card ->
+the grounded-attribute choice fitted on the model's dev answers (``grounding.json``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from mmllm.augment import AugmentConfig
 from mmllm.catalog import Listing
 from mmllm.collator import TrainCollator
 from mmllm.config import help_field, to_dict
+from mmllm.grounding import GroundingConfig
 from mmllm.images import ImagePolicy
 from mmllm.models.generative import GenerativePredictor, LoraSettings, ModelConfig, attach_lora, load_base_model, load_processor
-from mmllm.recipes.common import DataConfig, Setup, record_final, run_summary, say, setup
+from mmllm.recipes.common import DataConfig, Setup, fit_grounding, record_final, run_summary, say, setup
 from mmllm.training import TrainConfig, causal_lm_loss, train_loop
 
 
@@ -55,6 +57,7 @@ class GenerateConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:
@@ -74,6 +77,10 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         final = evaluate(s.accelerator.unwrap_model(model), result.steps)
         record_final(s.accelerator, s.out_dir, summary, final)
     save_model_dir(s, cfg, model, processor, summary)
+    if s.accelerator.is_main_process:  # the constrained answers checked against what each listing states
+        fit_grounding(s, cfg.grounding, GenerativePredictor(
+            s.accelerator.unwrap_model(model), processor, s.schema, s.template, cfg.model.max_images,
+            cfg.eval.max_new_tokens, cfg.eval.batch_size, untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary
 
