@@ -11,6 +11,12 @@ coverage (the model states a value where the gold has one) and invention (it sta
 the gold has none). JSON validity, error rows and rows missing from the predictions. Headline
 numbers get seeded bootstrap 95% intervals; ``--compare`` bootstraps the paired difference.
 
+Grounded attributes: when the schema declares ``evidence:``, each (row, attribute) is one of three
+situations: the gold listing states the value (``extraction``: :func:`mmllm.evidence.candidates`
+finds it), the gold knows it but the listing does not state it (``completion``), or the gold is null
+(``unknown``: abstaining is right, an answer is invented). Every predicted value is also scored by
+the source its record gives (``evidence[name].source``; ``unknown`` for records without one).
+
 Bad input lines do not stop a run; each is a warning naming file, line, id and field. A
 malformed prediction (a category that is not a string, attributes that are not an object) is
 an invalid answer, so it scores as wrong; a gold row that cannot be scored is left out.
@@ -36,9 +42,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmllm.catalog import CatalogReader, RowError
+from mmllm.evidence import candidates
 from mmllm.schema import SEPARATOR, LabelSchema
 
 HEADLINE = ("category_accuracy", "category_macro_f1", "hierarchical_f1", "attribute_micro_f1", "json_valid_rate")
+SITUATIONS = ("extraction", "completion", "unknown")  # stated in the listing / known but not stated / gold null
+SOURCES = ("table", "title", "description", "context", "model", "unknown")  # where a record says a predicted value came from
 
 
 @dataclass
@@ -56,10 +65,17 @@ class Rows:
     confidence: list[float | None]
     extra_predictions: int = 0
     warnings: list[str] = field(default_factory=list)  # bad input lines, "file line N (id 'x'): field: problem"
+    stated: list[frozenset[str]] = field(default_factory=list)  # attributes the gold listing states; [] without evidence
+    sources: list[dict[str, str]] = field(default_factory=list)  # predicted attribute -> its evidence source
+
+
+def declares_evidence(schema: LabelSchema | None) -> bool:
+    return schema is not None and any(a.evidence is not None for a in schema.attributes)
 
 
 def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Rows:
     rows = Rows([], [], [], [], [], [], [], [], [])
+    grounded = declares_evidence(schema)
     preds = read_predictions(pred_path, rows.warnings)
     seen = set()
     reader = CatalogReader(gold_source)
@@ -87,7 +103,12 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         rows.gold_category.append(gold["category"])
         rows.pred_category.append(pred["category"])
         rows.gold_attributes.append({k: v for k, v in gold["attributes"].items() if v is not None})
-        rows.pred_attributes.append({k: v for k, v in pred["attributes"].items() if v is not None})
+        predicted = {k: v for k, v in pred["attributes"].items() if v is not None}
+        rows.pred_attributes.append(predicted)
+        evidence = record.get("evidence") if status == "ok" else None
+        rows.sources.append({k: _source(evidence, k) for k in predicted})
+        if grounded:
+            rows.stated.append(frozenset(k for k, found in candidates(row, schema).items() if found))
         rows.status.append(status)
         ranked = [c["category"] if isinstance(c, dict) else c for c in (record or {}).get("top_k", [])]
         rows.top_k.append(ranked)
@@ -164,6 +185,13 @@ def schema_fit_warnings(rows: Rows, schema: LabelSchema, schema_path: Path, gold
         out.append(f"{schema_path}: none of the gold attribute names of {gold_source.name} ({', '.join(sorted(names)[:5])}) "
                    f"is in it ({', '.join(schema.attribute_names) or 'none'}); attribute scores mean nothing, check --schema")
     return out
+
+
+def _source(evidence: Any, name: str) -> str:
+    """The record's source for one value; ``unknown`` for records from before evidence, or garbled ones."""
+    entry = evidence.get(name) if isinstance(evidence, Mapping) else None
+    source = entry.get("source") if isinstance(entry, Mapping) else None
+    return source if source in SOURCES else "unknown"
 
 
 def _shown(value: Any) -> str:
@@ -266,6 +294,56 @@ def values_match(pred: Any, gold: Any, tolerance: float = 0.0) -> bool:
     return str(pred).strip().casefold() == str(gold).strip().casefold()
 
 
+def situation_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    """Per attribute and situation (extraction / completion / unknown), and their micro totals."""
+    counts = {name: {s: Counter() for s in SITUATIONS} for name in names}
+    for g_attrs, p_attrs, stated in zip(rows.gold_attributes, rows.pred_attributes, rows.stated):
+        for name in names:
+            g, p = g_attrs.get(name), p_attrs.get(name)
+            c = counts[name]["unknown" if g is None else "extraction" if name in stated else "completion"]
+            c["rows"] += 1
+            c["answered"] += p is not None
+            c["correct"] += g is not None and p is not None and values_match(p, g, tolerance)
+            c["abstained"] += g is None and p is None
+    total = {s: sum((counts[name][s] for name in names), Counter()) for s in SITUATIONS}
+    return {"per_attribute": {name: {s: _situation_scores(s, c) for s, c in by.items()} for name, by in counts.items()},
+            "total": {s: _situation_scores(s, c) for s, c in total.items()}}
+
+
+def _situation_scores(situation: str, c: Counter) -> dict[str, Any]:
+    """Rates are None where nothing divides them: no rows, no answers, no gold values (``unknown``)."""
+    precision = _share(c["correct"], c["answered"])
+    recall = _share(c["correct"], 0 if situation == "unknown" else c["rows"])
+    out = {"rows": c["rows"], "answered": c["answered"], "correct": c["correct"],
+           "accuracy": _share(c["correct"] + c["abstained"], c["rows"]), "precision": precision, "recall": recall,
+           "f1": None if precision is None or recall is None else _harmonic(precision, recall)}
+    if situation == "unknown":
+        out["invented"] = _share(c["answered"], c["rows"])
+    return out
+
+
+def source_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    """Every non-null predicted value by its evidence source: correct, wrong, or invented (gold null)."""
+    counts: dict[str, dict[str, Counter]] = {name: {} for name in names}
+    sources = rows.sources or [{}] * len(rows.ids)  # Rows built by hand carry none: all unknown
+    for g_attrs, p_attrs, where in zip(rows.gold_attributes, rows.pred_attributes, sources):
+        for name in names:
+            g, p = g_attrs.get(name), p_attrs.get(name)
+            if p is None:
+                continue
+            c = counts[name].setdefault(where.get(name, "unknown"), Counter())
+            c["answered"] += 1
+            c["invented" if g is None else "correct" if values_match(p, g, tolerance) else "wrong"] += 1
+    total = {s: sum((by.get(s, Counter()) for by in counts.values()), Counter()) for s in SOURCES}
+    return {"per_attribute": {name: {s: _source_scores(by[s]) for s in SOURCES if s in by} for name, by in counts.items()},
+            "total": {s: _source_scores(c) for s, c in total.items()}}
+
+
+def _source_scores(c: Counter) -> dict[str, Any]:
+    return {**{k: c[k] for k in ("answered", "correct", "wrong", "invented")},
+            "precision": _share(c["correct"], c["answered"])}
+
+
 def evaluate_rows(rows: Rows, attribute_names: Sequence[str], tolerance: float) -> dict[str, Any]:
     category = category_metrics(rows.gold_category, rows.pred_category)
     attributes = attribute_metrics(rows.gold_attributes, rows.pred_attributes, attribute_names, tolerance)
@@ -311,6 +389,9 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
                  model_dir: Path | None, comparison: dict[str, Any] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_confusion(rows, out / "confusion_matrix.png"), plot_per_class_f1(metrics, out / "per_class_f1.png")]
+    situations, sources = metrics.get("attribute_situations"), metrics.get("attribute_sources")
+    if situations:  # shown in its own section
+        plot_situations(situations, out / "attribute_situations.png")
     if any(c is not None for c in rows.confidence):
         plots.append(plot_calibration(rows, out / "calibration.png"))
     if model_dir is not None and (Path(model_dir) / "training_curves.png").exists():
@@ -343,6 +424,27 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
     for name, m in metrics["attributes"]["per_attribute"].items():
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['coverage']:.3f} | "
                      f"{m['invented']:.3f} | {m['gold_values']} |")
+    lines += ["", "## Attributes: stated, completed, unknown", ""]
+    if situations:
+        lines += ["Extraction: the listing states the gold value (title, description or seller table); completion: "
+                  "the gold knows it but the listing does not say it; unknown: the gold is null, so abstaining is "
+                  "right and an answer is invented. – where nothing divides a rate.", "",
+                  "| attribute | situation | rows | answered | correct | accuracy | precision | recall | F1 | invented |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, by in [*situations["per_attribute"].items(), ("**all**", situations["total"])]:
+            lines += [f"| {name} | {s} | {m['rows']} | {m['answered']} | {m['correct']} | {_cell(m['accuracy'])} | "
+                      f"{_cell(m['precision'])} | {_cell(m['recall'])} | {_cell(m['f1'])} | {_cell(m.get('invented'))} |"
+                      for s, m in by.items() if m["rows"]]
+        lines += ["", "![attribute_situations](attribute_situations.png)"]
+    else:
+        lines.append("Skipped: needs a schema (`--schema`, or the `--model` folder's) whose attributes declare "
+                     "`evidence:`, to tell values the listing states from values it does not.")
+    if sources:
+        lines += ["", "## Attributes by evidence source", "", "Every predicted value by the source its record gives "
+                  "(`unknown`: the record carries no evidence).", "",
+                  "| source | answered | correct | wrong | invented | precision |", "|---|---|---|---|---|---|",
+                  *(f"| {s} | {m['answered']} | {m['correct']} | {m['wrong']} | {m['invented']} | {_cell(m['precision'])} |"
+                    for s, m in sources["total"].items())]
     if rows.warnings:
         lines += ["", "## Input problems", "", f"{len(rows.warnings)} warning(s) about the inputs; bad lines were left "
                   "out or counted as invalid answers:", "", *(f"- {w}" for w in rows.warnings[:200])]
@@ -444,6 +546,28 @@ def plot_calibration(rows: Rows, path: Path, bins: int = 10) -> str:
     return path.name
 
 
+def plot_situations(situations: dict[str, Any], path: Path) -> str:
+    names = list(situations["per_attribute"])
+    x = np.arange(len(names))
+    bars = [("extraction", "precision", "#4c72b0"), ("extraction", "recall", "#a1b9dc"),
+            ("completion", "precision", "#dd8452"), ("completion", "recall", "#f2c4a3")]
+    plt, (fig, ax) = _figure(max(6.0, 1.3 * len(names) + 2), 5)
+    for i, (situation, metric, color) in enumerate(bars):
+        values = [situations["per_attribute"][n][situation][metric] for n in names]
+        ax.bar(x + (i - 1.5) * 0.2, [np.nan if v is None else v for v in values], 0.2, color=color,
+               label=f"{situation} {metric}")
+    counts = [f"{n}\n({situations['per_attribute'][n]['extraction']['rows']} / "
+              f"{situations['per_attribute'][n]['completion']['rows']} rows)" for n in names]
+    ax.set_xticks(x, counts, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("Attributes stated in the listing (extraction) vs not stated (completion)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
 def _short(category: str, width: int = 45) -> str:
     return category if len(category) <= width else "..." + category[-(width - 3):]
 
@@ -461,6 +585,14 @@ def _prefix(path: str | None, level: int) -> str | None:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
+
+
+def _share(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _harmonic(p: float, r: float) -> float:
@@ -498,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_warnings(list(dict.fromkeys(rows.warnings + (other.warnings if other else []))))  # gold's once
     names = list(schema.attribute_names) if schema else sorted({k for a in rows.gold_attributes for k in a})
     metrics = evaluate_rows(rows, names, args.tolerance)
+    metrics["attribute_situations"] = situation_metrics(rows, names, args.tolerance) if declares_evidence(schema) else None
+    metrics["attribute_sources"] = source_metrics(rows, names, args.tolerance)
     intervals = bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed)
     comparison = None
     if other is not None:
@@ -508,6 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in HEADLINE:
         lo, hi = intervals[key]
         print(f"{key:<22} {metrics[key]:>8.4f}  [{lo:.4f}, {hi:.4f}]")
+    if metrics["attribute_situations"]:
+        print(f"\n{'attributes':<12} {'rows':>6} {'answered':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'invented':>8}")
+        for s, m in metrics["attribute_situations"]["total"].items():
+            print(f"{s:<12} {m['rows']:>6} {m['answered']:>8} {_cell(m['precision']):>9} {_cell(m['recall']):>7} "
+                  f"{_cell(m['f1']):>6} {_cell(m.get('invented')):>8}")
     print(f"rows {metrics['rows']}, missing {metrics['missing_rows']}, errors {metrics['error_rows']}, "
           f"invalid {metrics['invalid_rows']}; report: {args.report / 'report.md'}")
     return 0
