@@ -6,8 +6,12 @@
 It runs the predictor `mmllm label` runs (:func:`mmllm.label.load_predictor`), so whatever a model
 folder is - LoRA adapter, merged model, classification heads, fusion - the demo shows its
 records: keys it knows get a widget (category scores, modality weights, raw text), any other key
-still shows in the prediction JSON. Every problem with the input is answered in the status line,
-never with a stack trace; unexpected failures are logged with their traceback on the server.
+still shows in the prediction JSON. Grounded attributes (:mod:`mmllm.grounding`) show with their
+evidence: the source and text of each value, its confidence, the values withheld or outvoted, and
+where in the title and description the listing states them; records without evidence (folders
+fitted before grounding) show the model's own answers. Every problem with the input is answered in
+the status line, never with a stack trace; unexpected failures are logged with their traceback on
+the server.
 
 ``build_app(predictor, ...)`` builds the Blocks app without launching it and ``launch(app, ...)``
 serves it with the upload limits, so tests construct and drive it in-process.
@@ -43,8 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout: the drawn examples l
 DEFAULT_EXAMPLES = ROOT / "examples" / "drawn" / "catalog.jsonl"
 DUMP_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # plain text only: a .gz could expand without bound
 FORM_ID = "demo"
+# record keys with their own widget; any other key goes to "other outputs"
 SHOWN_KEYS = {"id", "category", "attributes", "status", "error", "confidence", "top_k", "modality_weights", "raw",
-              "source", "line"}  # record keys with their own widget; any other key goes to "other outputs"
+              "source", "line", "evidence", "attribute_confidence", "conflicts", "withheld"}
+ATTRIBUTE_HEADERS = ["attribute", "value", "source", "evidence", "confidence", "note"]
+TEXT_FIELDS = ("title", "description")  # the fields an evidence span points into
+SECTION_BREAK = "\n\n"  # between the title and the description in the highlighted text
 MB = 2**20
 
 
@@ -73,8 +81,9 @@ class ListingView:
     status: str
     record: dict[str, Any]
     category: dict[str, float] | str | None
-    attributes: list[list[Any]]  # [attribute, predicted value]
+    attributes: list[list[str]]  # ATTRIBUTE_HEADERS: attribute, value, source, evidence, confidence, note
     seller: list[list[Any]]  # [seller's attribute, value] as given
+    highlights: list[tuple[str, str | None]] = field(default_factory=list)  # title + description, spans labelled
     modality_weights: dict[str, float] | None = None
     raw: str | None = None
     extras: dict[str, Any] | None = None
@@ -85,7 +94,7 @@ class ListingView:
 class BatchView:
     status: str
     out_path: Path
-    preview: list[list[Any]]  # [line, id, status, category, error]
+    preview: list[list[Any]]  # [line, id, status, category, attributes (source), error]
     summary: Summary
 
 
@@ -234,8 +243,9 @@ class Demo:
             status=f"{verdict} ({'; '.join(notes)})",
             record={k: v for k, v in record.items() if k != "raw"},
             category=_category_view(record),
-            attributes=[[name, _cell(value)] for name, value in (record.get("attributes") or {}).items()],
+            attributes=attribute_rows(record),
             seller=[[name, _cell(value)] for name, value in listing.attributes.items()],
+            highlights=evidence_highlights(listing.title, listing.description, record),
             modality_weights=record.get("modality_weights"),
             raw=raw,
             extras={k: v for k, v in record.items() if k not in SHOWN_KEYS} or None,
@@ -263,7 +273,7 @@ class Demo:
                 paths.append(str(resolve_image_path(ref, policy)))  # refuses '..', absolute paths and symlinks out
             except ImageError as exc:
                 log.warning("example %r: image skipped: %s", listing.id, exc)
-        return paths, listing.title, listing.description, _attribute_rows(listing.attributes)
+        return paths, listing.title, listing.description, _seller_rows(listing.attributes)
 
     # ---------------------------------------------------------------- batch
     def label_dump(self, path: str | None, progress: Callable[..., Any] | None = None) -> BatchView:
@@ -302,7 +312,8 @@ class Demo:
         # broken line) becomes its own record and the others are still labelled.
         with Output(out_path, None, resume=False, inputs=[dump]) as output:
             summary = run_local(self.predictor, [dump], output, opts, on_record=seen, model_lock=self._lock)
-        preview = [[r.get("line"), r.get("id"), r["status"], r.get("category"), r.get("error", "")]
+        preview = [[r.get("line"), r.get("id"), r["status"], r.get("category"), attribute_summary(r),
+                    r.get("error", "")]
                    for r in sorted(records, key=lambda r: r.get("line") or 0)]
         stages = ", ".join(f"{stage} {n}" for stage, n in sorted(summary.by_stage.items()))
         status = (f"**{summary.rows} rows**: {summary.ok} ok, {summary.invalid} invalid, {summary.failed} failed"
@@ -339,7 +350,7 @@ def _table_to_attributes(table: Any) -> dict[str, Any]:
     return attributes
 
 
-def _attribute_rows(attributes: dict[str, Any]) -> list[list[Any]]:
+def _seller_rows(attributes: dict[str, Any]) -> list[list[Any]]:
     return [[name, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)]
             for name, value in attributes.items()]
 
@@ -361,6 +372,136 @@ def _category_view(record: dict[str, Any]) -> dict[str, float] | str | None:
     if record.get("category") and record.get("confidence") is not None:
         return {record["category"]: float(record["confidence"])}
     return record.get("category")
+
+
+# ---------------------------------------------------------------------- evidence display
+def attribute_rows(record: dict[str, Any]) -> list[list[str]]:
+    """One row per attribute (:data:`ATTRIBUTE_HEADERS`): the value, where it comes from, the text that
+    says so, its confidence, and a note naming what was withheld, what lost and who agrees.
+
+    A withheld value shows as null (``-``) with ``withheld: VALUE (CONFIDENCE)`` in its note, so a
+    reviewer sees what was not published and why. A record without ``evidence`` (a folder fitted
+    before grounding) is the model's own answer throughout: every row's source is ``model``."""
+    attributes = record.get("attributes") if isinstance(record.get("attributes"), dict) else {}
+    grounded = isinstance(record.get("evidence"), dict)
+    evidence, withheld, conflicts, confidence = (_mapping(record.get(key)) for key in
+                                                 ("evidence", "withheld", "conflicts", "attribute_confidence"))
+    rows = []
+    for name in [*attributes, *(n for n in withheld if n not in attributes)]:
+        value = attributes.get(name)
+        held = withheld.get(name) if value is None else None
+        found = held if isinstance(held, dict) else evidence.get(name)
+        notes = []
+        if isinstance(held, dict):
+            notes.append(f"withheld: {_cell(held.get('value'))}{_parenthesized(held.get('confidence'))}")
+        if isinstance(found, dict):
+            source, text = evidence_source(found), _text(found.get("text"))
+            score = found.get("confidence", confidence.get(name))
+            notes += _agreeing(found)
+        else:
+            source, text, score = ("model" if value is not None or not grounded else ""), "", confidence.get(name)
+        for other in conflicts.get(name) or []:
+            if isinstance(other, dict):
+                notes.append(f"{evidence_source(other)} said {_cell(other.get('value'))}"
+                             f"{_parenthesized(other.get('probability'))}")
+        rows.append([name, _cell(value), source, text, _score(score), "; ".join(notes)])
+    return rows
+
+
+def evidence_source(evidence: dict[str, Any]) -> str:
+    """Where one value comes from, in words: ``table: Manufacturer recommended age``, ``title: n_pieces``,
+    ``context: batteries_required=false`` or ``model``."""
+    source = str(evidence.get("source") or "model")
+    if source == "context":
+        said = _mapping(evidence.get("from"))
+        return f"context: {', '.join(f'{k}={_cell(v)}' for k, v in said.items())}" if said else "context"
+    key = evidence.get("key")
+    return f"{source}: {key}" if key else source
+
+
+def evidence_highlights(title: str, description: str, record: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The title, :data:`SECTION_BREAK` and the description as ``gr.HighlightedText`` segments, each
+    evidence span labelled with its attribute (``piece_count``; ``piece_count (withheld)`` and
+    ``piece_count (conflict)`` for values not published). Text covered by several spans ("ages 6-12"
+    for two attributes) is labelled with all of them, joined by ", ". A span that is malformed or
+    falls outside its text is ignored: the record may come from another version of the listing."""
+    marks: dict[str, list[tuple[int, int, str]]] = {name: [] for name in TEXT_FIELDS}
+    for label, found in _evidence_entries(record):
+        for item in [found, *(found.get("also") if isinstance(found.get("also"), list) else [])]:
+            where = _span(item)
+            if where is not None:
+                marks[where[0]].append((where[1], where[2], label))
+    parts = [_segments(text, marks[name]) for name, text in zip(TEXT_FIELDS, (title or "", description or "")) if text]
+    out: list[tuple[str, str | None]] = []
+    for n, part in enumerate(parts):
+        out += ([(SECTION_BREAK, None)] if n else []) + part
+    return out
+
+
+def attribute_summary(record: dict[str, Any]) -> str:
+    """The batch preview's cell: each published value with its source, then the withheld attributes."""
+    attributes = record.get("attributes") if isinstance(record.get("attributes"), dict) else {}
+    evidence = _mapping(record.get("evidence"))
+    shown = [f"{name}={_cell(value)} ({_mapping(evidence.get(name)).get('source') or 'model'})"
+             for name, value in attributes.items() if value is not None]
+    withheld = list(_mapping(record.get("withheld")))
+    return ", ".join(shown) + (f"; withheld: {', '.join(withheld)}" if withheld else "")
+
+
+def _evidence_entries(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, evidence) of every value the record names: published, withheld, outvoted."""
+    out = [(name, e) for name, e in _mapping(record.get("evidence")).items() if isinstance(e, dict)]
+    out += [(f"{name} (withheld)", e) for name, e in _mapping(record.get("withheld")).items() if isinstance(e, dict)]
+    for name, others in _mapping(record.get("conflicts")).items():
+        out += [(f"{name} (conflict)", e) for e in (others if isinstance(others, list) else []) if isinstance(e, dict)]
+    return out
+
+
+def _span(evidence: Any) -> tuple[str, int, int] | None:
+    """(field, start, end) of an evidence entry that points into the title or description, else None."""
+    if not isinstance(evidence, dict) or evidence.get("source") not in TEXT_FIELDS:
+        return None
+    span = evidence.get("span")
+    if not (isinstance(span, (list, tuple)) and len(span) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in span)):
+        return None
+    return evidence["source"], span[0], span[1]
+
+
+def _segments(text: str, marks: list[tuple[int, int, str]]) -> list[tuple[str, str | None]]:
+    """``text`` cut at every span boundary; each piece labelled with the spans covering it."""
+    marks = [(start, end, label) for start, end, label in marks if 0 <= start < end <= len(text)]
+    cuts = sorted({0, len(text), *(m[0] for m in marks), *(m[1] for m in marks)})
+    out = []
+    for start, end in zip(cuts, cuts[1:]):
+        labels = dict.fromkeys(label for a, b, label in marks if a <= start and end <= b)  # ordered, no repeats
+        out.append((text[start:end], ", ".join(labels) or None))
+    return out
+
+
+def _agreeing(evidence: dict[str, Any]) -> list[str]:
+    """The note's part naming the other sources that state the same value."""
+    notes = [f"also {evidence_source(other)}" for other in evidence.get("also") or [] if isinstance(other, dict)]
+    model = evidence.get("model")
+    if isinstance(model, dict) and model.get("agrees"):
+        notes.append(f"model agrees{_parenthesized(model.get('probability'))}")
+    return notes
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _score(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
+def _parenthesized(value: Any) -> str:
+    return f" ({_score(value)})" if _score(value) else ""
 
 
 def load_examples(path: Path | None, limit: int = 50) -> list[Listing]:
@@ -396,12 +537,14 @@ def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | Non
     examples_root = examples.resolve().parent if examples else None
     demo = Demo(predictor, limits, load_examples(examples), examples_root, image_root or examples_root, similar)
     schema = demo.schema
-    kind = type(predictor).__name__.replace("Predictor", "").lower() or "model"
+    model = getattr(predictor, "inner", predictor)  # a GroundedPredictor wraps the folder's own predictor
+    kind = type(model).__name__.replace("Predictor", "").lower() or "model"
+    grounding = ", grounded attributes" if model is not predictor else ""
 
     # delete_cache: uploads and served copies older than an hour go, checked hourly (a demo runs for days)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         app.mmllm_demo = demo  # launch() and the tests reach the handlers through the app
-        gr.Markdown(f"# {title}\n{kind} model · schema **{schema.name}** v{schema.version} · "
+        gr.Markdown(f"# {title}\n{kind} model{grounding} · schema **{schema.name}** v{schema.version} · "
                     f"{len(schema.categories)} categories, {len(schema.attributes)} attributes")
         with gr.Tab("One listing"):
             with gr.Row():
@@ -425,9 +568,13 @@ def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | Non
                     status = gr.Markdown("Fill the form or click an example, then **Label it**.", elem_id="status")
                     category = gr.Label(label="Category", num_top_classes=5, elem_id="category")
                     weights = gr.Label(label="Modality weights (fusion)", visible=False, elem_id="modality-weights")
+                    predicted = gr.Dataframe(headers=ATTRIBUTE_HEADERS, interactive=False, wrap=True,
+                                             column_widths=["19%", "10%", "21%", "17%", "11%", "22%"],
+                                             label="Normalized attributes, with their evidence (- = null)",
+                                             elem_id="predicted")
                     with gr.Row():
-                        predicted = gr.Dataframe(headers=["attribute", "predicted"], interactive=False,
-                                                 label="Normalized attributes", elem_id="predicted")
+                        highlights = gr.HighlightedText(label="Where the title and description state them",
+                                                        show_legend=True, elem_id="evidence")
                         seller = gr.Dataframe(headers=["seller's attribute", "value"], interactive=False,
                                               label="Seller's values", elem_id="seller")
                     prediction = gr.Code(language="json", label="Prediction JSON", interactive=False, max_lines=22,
@@ -446,19 +593,21 @@ def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | Non
             run_batch = gr.Button("Label the dump", variant="primary", elem_id="batch-submit")
             batch_status = gr.Markdown(elem_id="batch-status")
             labelled = gr.File(label="Labelled JSONL", interactive=False, elem_id="batch-out")
-            preview = gr.Dataframe(headers=["line", "id", "status", "category", "error"], interactive=False,
+            preview = gr.Dataframe(headers=["line", "id", "status", "category", "attributes (source)", "error"],
+                                   interactive=False, wrap=True,
                                    label="Rows", elem_id="batch-preview")
 
         gr.Markdown(f"Uploads: images up to {_size(limits.max_image_bytes)} and "
                     f"{limits.max_image_pixels / 1e6:.0f} megapixels (JPEG, PNG, WebP, GIF, BMP, TIFF).")
 
-        listing_outputs = [status, category, weights, predicted, seller, prediction, raw, extras, similar_gallery]
+        listing_outputs = [status, category, weights, predicted, seller, highlights, prediction, raw, extras,
+                           similar_gallery]
 
         def show(images_in, title_in, description_in, table_in):
             view = demo.predict(images_in, title_in, description_in, table_in)
             return (view.status, view.category,
                     gr.update(value=view.modality_weights, visible=view.modality_weights is not None),
-                    view.attributes, view.seller, json.dumps(view.record, indent=2, ensure_ascii=False),
+                    view.attributes, view.seller, view.highlights, json.dumps(view.record, indent=2, ensure_ascii=False),
                     gr.update(value=view.raw, visible=view.raw is not None),
                     gr.update(value=view.extras, visible=view.extras is not None),
                     gr.update(value=view.similar, visible=view.similar is not None))
@@ -473,7 +622,7 @@ def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | Non
 
         def listing_error(message):
             hidden = gr.update(value=None, visible=False)
-            return (message, None, hidden, None, None, "", hidden, hidden,
+            return (message, None, hidden, None, None, None, "", hidden, hidden,
                     gr.update(value=None, visible=similar is not None))
 
         submit.click(guarded(show, listing_error), [images, title_box, description, table], listing_outputs,

@@ -1,6 +1,6 @@
 """Paths into the checkout, and predictions of a model folder reloaded in a fresh process.
 
-Test modules import these as ``from helpers import ROOT, TOYS_SCHEMA, reload_in_fresh_process``
+Test modules import these as ``from helpers import ROOT, TOYS_SCHEMA, reload_in_fresh_process, require_gradio``
 (pytest puts ``tests/`` on ``sys.path``); fixtures live in ``conftest.py``, data in ``listings.py``.
 """
 
@@ -48,3 +48,17 @@ def reload_in_fresh_process(model_dir: Path, catalog: Path, *, image_root: Path 
         capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def require_gradio():
+    """The ``gradio`` module, or skip the calling test module when the demo extra is not installed
+    (outside CI only: CI installs the extra, so a missing gradio is a failure there)."""
+    import pytest
+
+    try:
+        import gradio
+    except ImportError:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            raise
+        pytest.skip("the demo extra is not installed: pip install -e '.[demo]'", allow_module_level=True)
+    return gradio

@@ -15,18 +15,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-try:
-    import gradio  # noqa: F401
-except ImportError:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        raise  # CI installs the demo extra: a missing gradio is a failure there
-    pytest.skip("the demo extra is not installed: pip install -e '.[demo]'", allow_module_level=True)
+from helpers import TOYS_SCHEMA, require_gradio
+
+require_gradio()  # before mmllm.demo, which imports gradio
 
 from mmllm.demo import DEFAULT_EXAMPLES, Demo, InputError, Limits, build_app, guarded, load_examples
 from mmllm.models.generative import GenerativePredictor
 from mmllm.schema import LabelSchema
-
-from helpers import TOYS_SCHEMA
 
 SCHEMA = LabelSchema.from_yaml(TOYS_SCHEMA)
 CATEGORY = SCHEMA.categories[0]
@@ -93,7 +88,10 @@ def test_a_prediction_with_scores_shows_top_k_weights_the_two_tables_and_other_k
     assert view.category == {CATEGORY: 0.7, SCHEMA.categories[1]: 0.2}
     assert view.modality_weights == {"text": 0.625, "image": 0.375}
     assert view.extras == {"calibrated": True}
-    assert ["piece_count", "32"] in view.attributes and ["material", "-"] in view.attributes
+    # no evidence in the record (no grounding): the model's own answers, null included
+    assert ["piece_count", "32", "model", "", "", ""] in view.attributes
+    assert ["material", "-", "model", "", "", ""] in view.attributes
+    assert view.highlights == [("Wooden chess set", None), ("\n\n", None), ("32 pieces", None)]
     assert view.seller == [["Pieces", "32"], ["Colours", '["black", "white"]']]  # a JSON list cell stays a list
     assert view.record["id"] == "demo" and view.raw is None and view.similar is None
     assert SCHEMA.validate({"category": view.record["category"], "attributes": view.record["attributes"]}).ok
@@ -211,6 +209,7 @@ def test_batch_labels_every_row_and_names_the_broken_line(demo, tmp_path):
     assert {r["id"] for r in out if r["status"] == "ok"} == {r["id"] for r in rows}
     assert view.status.startswith("**5 rows**: 4 ok, 0 invalid, 1 failed (read 1)")
     assert calls[-1] == (5, 5) and view.preview[2][:3] == [3, "broken", "error"]
+    assert view.preview[0][4] == "piece_count=32 (model)" and view.preview[2][4] == ""  # attributes (source)
     assert sum(n for _, n in demo.predictor.seen) == sum(len(r["images"]) for r in rows)  # images resolved in the examples folder
 
 

@@ -183,6 +183,9 @@ def test_a_typed_listing_with_a_drawn_image_gets_a_schema_valid_prediction(page,
     expect(seller).to_contain_text("Polyester plush", timeout=TIMEOUT_MS)
     expect(seller).to_contain_text("0 months +", timeout=TIMEOUT_MS)
     expect(page.locator("#predicted")).to_contain_text("min_age_years", timeout=TIMEOUT_MS)
+    expect(page.locator("#predicted")).to_contain_text("confidence", timeout=TIMEOUT_MS)  # the evidence columns
+    # the title and description, where a grounded model's evidence spans are highlighted (none here: zero-shot)
+    expect(page.locator("#evidence")).to_contain_text("Soft Brown Teddy Bear", timeout=TIMEOUT_MS)
     # the generative path's own text
     expect(page.locator("#raw textarea")).to_have_value(re.compile(r'^\{"category"'), timeout=TIMEOUT_MS)
 
