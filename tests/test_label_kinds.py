@@ -76,6 +76,17 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
             assert 0.9 <= evidence["confidence"] <= 1 and record["attribute_confidence"]["piece_count"] == evidence[
                 "confidence"]
             assert record["attributes"]["material"] is None or record["evidence"].get("material")
+        # the model's own answers (--ungrounded): where one contradicts the seller's table, the grounded
+        # record keeps it as a conflict (a generative model's constrained answer included)
+        own_out = tmp_path / "own.jsonl"
+        assert mmllm(["label", str(catalog), "--model", str(model), "--out", str(own_out), "--quiet", "--ungrounded"]) == 0
+        own = {r["id"]: r for r in map(json.loads, own_out.read_text().splitlines())}
+        assert all("evidence" not in r for r in own.values())
+        for record in records:
+            said = own[record["id"]]["attributes"]["piece_count"]
+            if said is not None and said != record["attributes"]["piece_count"]:
+                assert any({"value": said, "source": "model"}.items() <= c.items()
+                           for c in record["conflicts"]["piece_count"])
     else:  # a base checkpoint has no folder to hold a fitted choice: the model's own answers
         assert all("evidence" not in r for r in records)
 

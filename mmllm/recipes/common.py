@@ -20,7 +20,7 @@ from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
 from mmllm.config import help_field
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.images import ImagePolicy
-from mmllm.model_dir import METRICS_FILE, trained_field_counts, untrained_attributes
+from mmllm.model_dir import CARD_FILE, METRICS_FILE, trained_field_counts, untrained_attributes
 from mmllm.predictor import predict_in_batches
 from mmllm.progress import Progress
 from mmllm.prompts import PromptTemplate, target_text
@@ -249,4 +249,10 @@ def fit_grounding(s: Setup, cfg: GroundingConfig, predictor: Any) -> dict[str, A
     say(s.accelerator, f"grounding ({GROUNDING_FILE}): target precision {cfg.precision}\n" + "\n".join(lines))
     with open(s.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps({"grounding": report}) + "\n")
+    if (s.out_dir / CARD_FILE).is_file():
+        with open(s.out_dir / CARD_FILE, "a", encoding="utf-8") as f:
+            f.write(f"\n## Grounded attributes\n\n`{GROUNDING_FILE}` publishes a value only when the learned choice "
+                    f"between what the listing states, the model's answer and null is sure enough for a precision of "
+                    f"{cfg.precision} on the dev rows (`mmllm label --ungrounded`: the model's own answers).\n\n"
+                    "```\n" + "\n".join(lines) + "\n```\n")
     return report
