@@ -199,7 +199,8 @@ class AttributeChoice:
     name: str
     stated_weights: dict[str, float] = field(default_factory=dict)  # stage A (empty: no stated training rows)
     context_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # stage A': value -> weights
-    choice_weights: list[float] | None = None  # stage B (None: stage A alone; the model is never answered)
+    choice_weights: list[float] | None = None  # stage B (None: too few dev options to fit it, see probability)
+    model_precision: float | None = None  # the model's non-null dev answers: (right + 1) / (answered + 2)
     threshold: float = 0.9
     trained_rows: int = 0  # training rows with a gold value
     stated_options: int = 0  # stage A's training options
@@ -225,8 +226,14 @@ class AttributeChoice:
         return best
 
     def probability(self, option: Option, stated_p: float | None) -> float:
+        """Stage B's probability; without it, a stated value's stage A probability, else the context's,
+        else the model's smoothed dev precision (no dev rows: the model alone is never published)."""
         if self.choice_weights is None:
-            return stated_p if (option.stated and stated_p is not None) else 0.0
+            if option.stated and stated_p is not None:
+                return stated_p
+            if option.context_p is not None:
+                return option.context_p
+            return self.model_precision if (option.model_agrees and self.model_precision is not None) else 0.0
         return float(_sigmoid(choice_features(option, stated_p) @ np.asarray(self.choice_weights)))
 
 
@@ -421,6 +428,7 @@ def _fit_choice(grounder: Grounder, dev: Sequence[Listing], records: Sequence[Ma
     identity = dict(grounder.choices)
     per_attr_x: dict[str, list[np.ndarray]] = {n: [] for n in identity}
     per_attr_y: dict[str, list[float]] = {n: [] for n in identity}
+    model_right: dict[str, list[bool]] = {n: [] for n in identity}
     for row, record in zip(dev, records):
         if record.get("status") != "ok":
             continue
@@ -428,10 +436,15 @@ def _fit_choice(grounder: Grounder, dev: Sequence[Listing], records: Sequence[Ma
             if name not in identity:
                 continue
             gold = _gold(row, name)
+            said = (record.get("attributes") or {}).get(name)
+            if said is not None:
+                model_right[name].append(gold is not None and same_value(said, gold))
             for _, option in scored:
                 per_attr_x[name].append(choice_features(option, option.stated_p))
                 per_attr_y[name].append(float(gold is not None and same_value(option.value, gold)))
     for name, choice in identity.items():
+        if model_right[name]:
+            choice.model_precision = round((sum(model_right[name]) + 1) / (len(model_right[name]) + 2), 6)
         y = np.array(per_attr_y[name])
         choice.dev_options = len(y)
         if len(y) >= 20 and y.sum() >= 5 and (len(y) - y.sum()) >= 5:

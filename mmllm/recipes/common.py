@@ -225,7 +225,8 @@ def say(accelerator: Any, text: str) -> None:
 def fit_grounding(s: Setup, cfg: GroundingConfig, predictor: Any) -> dict[str, Any]:
     """Fit the grounded-attribute choice (:mod:`mmllm.grounding`) for the trained model: stage A on
     the training rows, stage B and the answer thresholds on the model's predictions for the dev rows.
-    Writes ``grounding.json`` into the model folder; returns the per-attribute report."""
+    Writes ``grounding.json`` into the model folder (the per-attribute report is in it too) and adds
+    the thresholds to the model card; returns the report."""
     if not cfg.enabled or not s.accelerator.is_main_process:
         return {}
     if not any(a.evidence is not None for a in s.schema.attributes) and not s.dev_rows:
@@ -247,8 +248,6 @@ def fit_grounding(s: Setup, cfg: GroundingConfig, predictor: Any) -> dict[str, A
                      f"{'-' if r['dev_precision'] is None else format(r['dev_precision'], '.3f'):>13} "
                      f"{'learned' if r['combined'] else 'no':>13}")
     say(s.accelerator, f"grounding ({GROUNDING_FILE}): target precision {cfg.precision}\n" + "\n".join(lines))
-    with open(s.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"grounding": report}) + "\n")
     if (s.out_dir / CARD_FILE).is_file():
         with open(s.out_dir / CARD_FILE, "a", encoding="utf-8") as f:
             f.write(f"\n## Grounded attributes\n\n`{GROUNDING_FILE}` publishes a value only when the learned choice "
