@@ -51,6 +51,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/catalog_stream.py
 	$(PY) benchmarks/train_step.py
+	test -d runs/make-run/fusion && $(PY) benchmarks/grounded_attributes.py --model runs/make-run/fusion || echo "grounded_attributes: run 'make run' first"
 
 # Refresh the lock after changing dependencies in pyproject.toml.
 lock: $(STAMP)
