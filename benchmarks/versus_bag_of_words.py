@@ -1,0 +1,237 @@
+"""The recipe against a bag of words, side by side, on any labelled catalog.
+
+TF-IDF (word 1-2 grams and character 3-5 grams of the title, description and seller table) +
+logistic regression, its inverse regularization C chosen by 3-fold cross-validation on the
+training rows, one model per label (the category and every enum / boolean attribute), against the
+recipe (default ``finetune/fusion_minilm_cpu.yaml``) trained on the same rows, for each seed:
+category accuracy and macro-F1, and accuracy on every enum / boolean attribute over the rows with a
+gold value, from the model's own answers (both sides answer every row; what grounding publishes,
+precision / recall / F1, is in the JSON). A user checks the claim on their own data:
+
+    python benchmarks/versus_bag_of_words.py --train my_train.jsonl --dev my_dev.jsonl --schema my.yaml
+    python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl [--dev-percent 20]   # hash split by id
+        [--config finetune/fusion_minilm_cpu.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
+
+With ``--catalog`` the rows are split by a hash of their id (stable across runs and machines); a
+missing ``--schema`` is drafted from the training rows by ``mmllm schema infer``'s function.
+Prints a table and writes benchmarks/results/versus_bag_of_words.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def hash_split(rows: list[dict], dev_percent: int) -> tuple[list[dict], list[dict]]:
+    """Rows whose id hashes below ``dev_percent`` (of 100) go to dev: the same split on every machine."""
+    dev = [r for r in rows if int(hashlib.sha256(str(r["id"]).encode()).hexdigest()[:8], 16) % 100 < dev_percent]
+    chosen = {id(r) for r in dev}
+    return [r for r in rows if id(r) not in chosen], dev
+
+
+def listing_text(row: dict) -> str:
+    table = " ".join(f"{k} {v}" for k, v in (row.get("attributes") or {}).items())
+    return " ".join([row.get("title") or "", row.get("description") or "", table])
+
+
+def targets(schema: Any) -> list[str]:
+    """The labels both sides predict: the category and every enum / boolean attribute."""
+    return ["category"] + [a.name for a in schema.attributes if a.type in ("enum", "boolean")]
+
+
+def gold_of(row: dict, name: str) -> Any:
+    label = row.get("label") or {}
+    return label.get("category") if name == "category" else (label.get("attributes") or {}).get(name)
+
+
+def scores(gold: list[Any], pred: list[Any], name: str) -> dict[str, float]:
+    from mmllm.evaluate import category_metrics
+
+    pairs = [(g, p) for g, p in zip(gold, pred) if g is not None]
+    if name == "category":
+        metrics = category_metrics([g for g, _ in pairs], [p for _, p in pairs])
+        return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4), "rows": len(pairs)}
+    right = sum(str(p).casefold() == str(g).casefold() for g, p in pairs)
+    return {"accuracy": round(right / max(len(pairs), 1), 4), "rows": len(pairs)}
+
+
+def bag_of_words(train: list[dict], dev: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2)
+    train_text, dev_text = [listing_text(r) for r in train], [listing_text(r) for r in dev]
+    x_train = hstack([words.fit_transform(train_text), chars.fit_transform(train_text)]).tocsr()
+    x_dev = hstack([words.transform(dev_text), chars.transform(dev_text)]).tocsr()
+    out = {}
+    for name in names:
+        keep = [i for i, r in enumerate(train) if gold_of(r, name) is not None]
+        y = [str(gold_of(train[i], name)) for i in keep]
+        if len(set(y)) < 2:
+            out[name] = scores([gold_of(r, name) for r in dev], [y[0] if y else None] * len(dev), name)
+            out[name]["answers"] = [y[0] if y else None] * len(dev)
+            continue
+        folds = max(2, min(3, min(y.count(c) for c in set(y))))
+        search = GridSearchCV(LogisticRegression(max_iter=3000), {"C": [1.0, 10.0, 100.0]}, cv=folds,
+                              scoring="accuracy") if folds >= 2 and len(keep) >= 30 else None
+        model = (search or LogisticRegression(C=10.0, max_iter=3000)).fit(x_train[keep], y)
+        pred = model.predict(x_dev)
+        answers = [_typed(p, name, train) for p in pred]
+        out[name] = {**scores([gold_of(r, name) for r in dev], answers, name), "answers": answers}
+        if search is not None:
+            out[name]["C"] = search.best_params_["C"]
+    return out
+
+
+def _typed(text: str, name: str, train: list[dict]) -> Any:
+    """Back from the string class to the gold's type (booleans)."""
+    for r in train:
+        g = gold_of(r, name)
+        if g is not None and str(g) == text:
+            return g
+    return text
+
+
+def recipe(train_path: Path, dev_path: Path, schema_path: Path, config: str, seed: int, extra: list[str],
+           out: Path, names: list[str], dev: list[dict]) -> dict[str, Any]:
+    from mmllm import model_dir
+    from mmllm.catalog import Listing, iter_catalog
+    from mmllm.evaluate import attribute_metrics
+    from mmllm.finetune import finetune, load_recipe_config
+    from mmllm.grounding import Grounder
+    from mmllm.images import ImagePolicy
+    from mmllm.schema import LabelSchema
+
+    cfg = load_recipe_config(config, [f"data.train={train_path}", f"data.dev={dev_path}", f"data.schema={schema_path}",
+                                      f"train.output_dir={out}", f"train.seed={seed}", *extra])
+    summary = finetune(cfg)
+    rows = [r for r in iter_catalog(str(dev_path)) if isinstance(r, Listing)]
+    # the model's own answers (it answers every row, as the bag of words does), then what grounding publishes
+    own = model_dir.load(out, device="cpu", grounded=False).predict(rows, ImagePolicy(root=dev_path.parent))
+    grounder = Grounder.load(out, LabelSchema.from_yaml(out / "label_schema.yaml"))
+    published = [grounder.ground(row, p) for row, p in zip(rows, own)] if grounder else own
+    by_id = {p["id"]: p for p in own}
+    result, grounded = {}, {}
+    for name in names:
+        got = [(by_id[r["id"]].get("category") if name == "category"
+                else (by_id[r["id"]].get("attributes") or {}).get(name)) for r in dev]
+        result[name] = scores([gold_of(r, name) for r in dev], got, name)
+    attribute_names = [n for n in names if n != "category"]
+    if attribute_names:
+        gold = [(r.label or {}).get("attributes") or {} for r in rows]
+        metrics = attribute_metrics(gold, [p.get("attributes") or {} for p in published], attribute_names, 0.0)
+        grounded = {n: {k: round(v[k], 4) for k in ("precision", "recall", "f1")}
+                    for n, v in metrics["per_attribute"].items()}
+    return {"seed": seed, "train_s": summary.get("wall_s"), "scores": result, "grounded": grounded}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=Path)
+    p.add_argument("--dev", type=Path)
+    p.add_argument("--catalog", type=Path, help="one labelled catalog, split by a hash of the id")
+    p.add_argument("--dev-percent", type=int, default=20)
+    p.add_argument("--schema", type=Path, help="label schema (default with --catalog: drafted from the training rows)")
+    p.add_argument("--config", default=str(ROOT / "finetune" / "fusion_minilm_cpu.yaml"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
+    p.add_argument("--skip-recipe", action="store_true", help="the bag of words only")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "versus_bag_of_words.json")
+    args = p.parse_args()
+    if bool(args.catalog) == bool(args.train and args.dev):
+        p.error("give --catalog, or --train and --dev")
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from mmllm.schema import LabelSchema, infer_schema
+
+    os.chdir(ROOT)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.catalog:
+            rows = [json.loads(line) for line in args.catalog.read_text(encoding="utf-8").splitlines() if line.strip()]
+            train, dev = hash_split([r for r in rows if r.get("label")], args.dev_percent)
+        else:
+            train = [json.loads(line) for line in args.train.read_text(encoding="utf-8").splitlines() if line.strip()]
+            dev = [json.loads(line) for line in args.dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+        train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
+        for path, part in ((train_path, train), (dev_path, dev)):
+            path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        if args.schema:
+            schema_path = args.schema.resolve()
+            schema = LabelSchema.from_yaml(schema_path)
+        else:
+            schema, _ = infer_schema([r["label"] for r in train], name="drafted", rows=train)
+            schema_path = work / "schema.yaml"
+            schema.to_yaml(schema_path)
+        names = targets(schema)
+        print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
+        baseline = bag_of_words(train, dev, names)
+        attribute_names = [n for n in names if n != "category"]
+        baseline_published: dict[str, dict[str, float]] = {}
+        if attribute_names:
+            from mmllm.evaluate import attribute_metrics
+
+            gold = [(r.get("label") or {}).get("attributes") or {} for r in dev]
+            answered = [{n: baseline[n]["answers"][i] for n in attribute_names} for i in range(len(dev))]
+            published = attribute_metrics(gold, answered, attribute_names, 0.0)
+            baseline_published = {n: {k: round(v[k], 4) for k in ("precision", "recall", "f1")}
+                                  for n, v in published["per_attribute"].items()}
+        for n in names:
+            baseline[n].pop("answers", None)
+        runs = [] if args.skip_recipe else [
+            recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev)
+            for seed in args.seeds]
+    header = f"{'model':<22}" + "".join(f" | {n[:22]:>22}" for n in names)
+    lines = [header, "-" * len(header)]
+
+    def row(title: str, result: dict[str, dict[str, float]]) -> str:
+        cells = []
+        for n in names:
+            s = result[n]
+            cells.append(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" if n == "category" else f"{s['accuracy']:.3f}")
+        return f"{title:<22}" + "".join(f" | {c:>22}" for c in cells)
+
+    lines.append(row("TF-IDF + LR", baseline))
+    for run in runs:
+        lines.append(row(f"recipe, seed {run['seed']}", run["scores"]))
+    if runs:
+        mean = {n: {k: round(sum(r["scores"][n][k] for r in runs) / len(runs), 4)
+                    for k in runs[0]["scores"][n] if k != "rows"} for n in names}
+        lines.append(row(f"recipe, mean of {len(runs)}", mean))
+    print("category: accuracy / macro-F1; attributes: accuracy on rows with a gold value")
+    print("\n".join(lines))
+    attribute_names = [n for n in names if n != "category"]
+    if attribute_names:  # what a catalog would publish: every row's answer, gold nulls count as invented
+        print("\npublished attributes, precision / recall / F1 over every dev row (gold null: an answer is invented)")
+        print(f"{'model':<24}" + "".join(f" | {n[:22]:>22}" for n in attribute_names))
+        published_rows = [("TF-IDF + LR", baseline_published)] + [(f"recipe grounded, seed {r['seed']}", r["grounded"])
+                                                                     for r in runs]
+        for title, result in published_rows:
+            cells = [f"{result[n]['precision']:.2f} / {result[n]['recall']:.2f} / {result[n]['f1']:.2f}"
+                     for n in attribute_names]
+            print(f"{title:<24}" + "".join(f" | {c:>22}" for c in cells))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": args.config, "train_rows": len(train), "dev_rows": len(dev), "labels": names,
+                                    "bag_of_words": baseline, "bag_of_words_published": baseline_published,
+                                    "recipe": runs, "table": lines}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
