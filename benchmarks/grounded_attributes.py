@@ -5,7 +5,8 @@ Three columns per attribute:
 
 * ``model``: the heads' own answers (``grounded=False``);
 * ``grounded``: the folder's ``grounding.json`` as trained (its stage B and thresholds were fitted on
-  these dev rows, so this is in-sample for the thresholds);
+  these dev rows, so this is in-sample for the thresholds); with ``--z`` refitted on all of dev with
+  that Wilson width;
 * ``held-out``: the choice refitted on one half of dev and scored on the other (twice, 2-fold), the
   honest estimate for listings the thresholds never saw.
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 from mmllm import model_dir  # noqa: E402
 from mmllm.catalog import Listing, iter_catalog  # noqa: E402
 from mmllm.evaluate import attribute_metrics  # noqa: E402
-from mmllm.evidence import same_value, table_candidates, table_key  # noqa: E402
+from mmllm.evidence import values_match, table_candidates, table_key  # noqa: E402
 from mmllm.grounding import Grounder, GroundingConfig, fit_grounder  # noqa: E402
 from mmllm.images import ImagePolicy  # noqa: E402
 from mmllm.predictor import predict_in_batches  # noqa: E402
@@ -56,7 +57,7 @@ def table_stated(dev: list[Listing], predicted: list[dict], schema) -> dict[str,
                 continue
             gold = (row.label or {}).get("attributes", {}).get(spec.name)
             value = attrs.get(spec.name)
-            equal = (gold is None and value is None) or (gold is not None and value is not None and same_value(value, gold))
+            equal = (gold is None and value is None) or (gold is not None and value is not None and values_match(value, gold))
             counts["any_key_rows"] += 1
             counts["any_key_equal"] += equal
             if any(table_key(k) == first for k in row.attributes or {}):
@@ -73,6 +74,8 @@ def main() -> int:
     ap.add_argument("--model", default="runs/make-run/fusion")
     ap.add_argument("--train", default="examples/amazon_uk_toys/train.jsonl")
     ap.add_argument("--dev", default="examples/amazon_uk_toys/dev.jsonl")
+    ap.add_argument("--z", type=float, help="refit the dev-fitted part (all of dev, and the halves) with this Wilson "
+                                            "width instead of using the folder's grounding.json")
     ap.add_argument("--out", default=str(HERE / "results" / "grounded_attributes.json"))
     args = ap.parse_args()
 
@@ -84,6 +87,9 @@ def main() -> int:
         return 2
     train, dev = rows(args.train), rows(args.dev)
     records = predict_in_batches(predictor, dev, ImagePolicy())
+    cfg = GroundingConfig(precision=grounder.precision, **({} if args.z is None else {"z": args.z}))
+    if args.z is not None:
+        grounder, _ = fit_grounder(schema, train, dev, records, cfg, sorted(grounder.untrained))
     gold = [(r.label or {}).get("attributes") or {} for r in dev]
     names = [a.name for a in schema.attributes if a.name not in grounder.untrained]
     grounded = [grounder.ground(r, rec)["attributes"] for r, rec in zip(dev, records)]
@@ -91,7 +97,7 @@ def main() -> int:
     halves = np.array_split(np.random.default_rng(0).permutation(len(dev)), 2)
     for fit_on, score_on in ((0, 1), (1, 0)):
         refit, _ = fit_grounder(schema, train, [dev[i] for i in halves[fit_on]], [records[i] for i in halves[fit_on]],
-                                GroundingConfig(precision=grounder.precision), sorted(grounder.untrained))
+                                cfg, sorted(grounder.untrained))
         for i in halves[score_on]:
             held_out[i] = refit.ground(dev[i], records[i])["attributes"]
     results = {name: attribute_metrics(gold, [rec["attributes"] for rec in records] if name == "model" else preds,
@@ -112,7 +118,7 @@ def main() -> int:
         for k in ("model", "grounded", "held-out")))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "dev": args.dev, "rows": len(dev), "results": results,
+    out.write_text(json.dumps({"model": args.model, "dev": args.dev, "z": args.z, "rows": len(dev), "results": results,
                                "table_stated": stated}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -36,10 +36,13 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, detect_format, parse_row
+from mmllm.evidence import TEXT_FIELDS  # the fields an evidence span points into
+from mmllm.grounding import GroundedPredictor
 from mmllm.images import ImageError, ImagePolicy, load_image, resolve_image_path
 from mmllm.label import load_predictor
 from mmllm.labelling.engine import LabelOptions, Summary, error_record, run_local
 from mmllm.labelling.output import Output
+from mmllm.predictor import model_kind
 
 log = logging.getLogger("mmllm.demo")
 
@@ -51,7 +54,6 @@ FORM_ID = "demo"
 SHOWN_KEYS = {"id", "category", "attributes", "status", "error", "confidence", "top_k", "modality_weights", "raw",
               "source", "line", "evidence", "attribute_confidence", "conflicts", "withheld"}
 ATTRIBUTE_HEADERS = ["attribute", "value", "source", "evidence", "confidence", "note"]
-TEXT_FIELDS = ("title", "description")  # the fields an evidence span points into
 SECTION_BREAK = "\n\n"  # between the title and the description in the highlighted text
 MB = 2**20
 
@@ -537,9 +539,8 @@ def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | Non
     examples_root = examples.resolve().parent if examples else None
     demo = Demo(predictor, limits, load_examples(examples), examples_root, image_root or examples_root, similar)
     schema = demo.schema
-    model = getattr(predictor, "inner", predictor)  # a GroundedPredictor wraps the folder's own predictor
-    kind = type(model).__name__.replace("Predictor", "").lower() or "model"
-    grounding = ", grounded attributes" if model is not predictor else ""
+    kind = model_kind(predictor) or "model"
+    grounding = ", grounded attributes" if isinstance(predictor, GroundedPredictor) else ""
 
     # delete_cache: uploads and served copies older than an hour go, checked hourly (a demo runs for days)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:

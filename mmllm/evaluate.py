@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmllm.catalog import CatalogReader, RowError
-from mmllm.evidence import candidates
+from mmllm.evidence import candidates, values_match
 from mmllm.schema import SEPARATOR, LabelSchema
 
 HEADLINE = ("category_accuracy", "category_macro_f1", "hierarchical_f1", "attribute_micro_f1", "json_valid_rate")
@@ -282,16 +282,6 @@ def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequenc
     return {"per_attribute": out, "micro_f1": _f1(total["tp"], total["fp"], total["fn"]),
             "micro_precision": _ratio(total["tp"], total["tp"] + total["fp"]),
             "micro_recall": _ratio(total["tp"], total["tp"] + total["fn"])}
-
-
-def values_match(pred: Any, gold: Any, tolerance: float = 0.0) -> bool:
-    if isinstance(gold, bool) or isinstance(pred, bool):
-        return pred is gold
-    if isinstance(gold, (int, float)) and isinstance(pred, (int, float)):
-        return abs(pred - gold) <= tolerance
-    if isinstance(gold, list) and isinstance(pred, list):
-        return {str(v).casefold() for v in pred} == {str(v).casefold() for v in gold}
-    return str(pred).strip().casefold() == str(gold).strip().casefold()
 
 
 def situation_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[str, Any]:

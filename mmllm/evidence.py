@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -212,8 +211,7 @@ _NUMBER = r"[0-9]+(?:[.,][0-9]+)*"
 
 def foreign_digits(text: str) -> bool:
     """True when the text has digits of a script other than ASCII (refused, never misread)."""
-    return any(ch.isdigit() and not ("0" <= ch <= "9") for ch in text) or any(
-        unicodedata.category(ch) == "Nd" and not ("0" <= ch <= "9") for ch in text)
+    return any(ch.isdigit() and not "0" <= ch <= "9" for ch in text)
 
 
 def _clean(text: Any) -> str | None:
@@ -431,15 +429,17 @@ def candidates(listing: Any, schema: Any) -> dict[str, list[Candidate]]:
     return out
 
 
-def same_value(a: Any, b: Any) -> bool:
-    """Values compare as the evaluation does: booleans by identity, numbers by value, lists as sets."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return abs(a - b) < 1e-9
-    if isinstance(a, list) and isinstance(b, list):
-        return {str(v).casefold() for v in a} == {str(v).casefold() for v in b}
-    return str(a).strip().casefold() == str(b).strip().casefold()
+def values_match(pred: Any, gold: Any, tolerance: float = 0.0) -> bool:
+    """The one rule for "this value is the gold one" (evaluation, the learned choice, schema infer):
+    booleans by identity, numbers within ``tolerance``, lists as case-insensitive sets, the rest as
+    trimmed case-insensitive text."""
+    if isinstance(gold, bool) or isinstance(pred, bool):
+        return pred is gold
+    if isinstance(gold, (int, float)) and isinstance(pred, (int, float)):
+        return abs(pred - gold) <= tolerance
+    if isinstance(gold, list) and isinstance(pred, list):
+        return {str(v).casefold() for v in pred} == {str(v).casefold() for v in gold}
+    return str(pred).strip().casefold() == str(gold).strip().casefold()
 
 
 def value_key(value: Any) -> str:

@@ -45,7 +45,7 @@ import numpy as np
 
 from mmllm.catalog import Listing
 from mmllm.config import help_field
-from mmllm.evidence import Candidate, candidates, same_value, stated_keys, value_key
+from mmllm.evidence import Candidate, candidates, stated_keys, value_key, values_match
 from mmllm.schema import LabelSchema
 
 GROUNDING_FILE = "grounding.json"
@@ -248,10 +248,9 @@ class Grounder:
         self.untrained = set(untrained)
 
     # ------------------------------------------------------------------ scoring
-    def scored(self, listing: Listing, record: Mapping[str, Any],
-               stated: Mapping[str, list[Candidate]] | None = None) -> dict[str, list[tuple[float, Option]]]:
+    def scored(self, listing: Listing, record: Mapping[str, Any]) -> dict[str, list[tuple[float, Option]]]:
         """Per attribute, its options with their probabilities, best first."""
-        stated = stated if stated is not None else candidates(listing, self.schema)
+        stated = candidates(listing, self.schema)
         keys = stated_keys(listing.attributes or {}, self.schema.attributes)
         model_attrs = record.get("attributes") or {}
         confidence = record.get("attribute_confidence") or {}
@@ -385,7 +384,7 @@ def fit_grounder(schema: LabelSchema, train: Sequence[Listing], dev: Sequence[Li
             options = options_for(stated[name], None, None)
             for option in options:
                 rows_f.append(stated_features(option, options, keys, spec.type))
-                rows_y.append(float(gold is not None and same_value(option.value, gold)))
+                rows_y.append(float(gold is not None and values_match(option.value, gold)))
         if rows_f:
             vocab = sorted({k for f in rows_f for k in f})
             x = np.array([[f.get(k, 0.0) for k in vocab] for f in rows_f])
@@ -415,7 +414,7 @@ def _fit_context(schema: LabelSchema, spec: Any, train: Sequence[Listing], state
     x = np.array([[f.get(k, 0.0) for k in vocab] for f, _ in rows])
     out = {}
     for v in values:
-        y = np.array([float(g is not None and same_value(v, g)) for _, g in rows])
+        y = np.array([float(g is not None and values_match(v, g)) for _, g in rows])
         if y.sum() >= 5:
             w = fit_logistic(x, y, l2)
             out[value_key(v)] = {k: round(float(c), 6) for k, c in zip(vocab, w) if abs(c) > 1e-9}
@@ -438,10 +437,10 @@ def _fit_choice(grounder: Grounder, dev: Sequence[Listing], records: Sequence[Ma
             gold = _gold(row, name)
             said = (record.get("attributes") or {}).get(name)
             if said is not None:
-                model_right[name].append(gold is not None and same_value(said, gold))
+                model_right[name].append(gold is not None and values_match(said, gold))
             for _, option in scored:
                 per_attr_x[name].append(choice_features(option, option.stated_p))
-                per_attr_y[name].append(float(gold is not None and same_value(option.value, gold)))
+                per_attr_y[name].append(float(gold is not None and values_match(option.value, gold)))
     for name, choice in identity.items():
         if model_right[name]:
             choice.model_precision = round((sum(model_right[name]) + 1) / (len(model_right[name]) + 2), 6)
@@ -458,7 +457,7 @@ def _fit_choice(grounder: Grounder, dev: Sequence[Listing], records: Sequence[Ma
             if scored and name in answers:
                 p, best = scored[0]
                 gold = _gold(row, name)
-                answers[name].append((p, gold is not None and same_value(best.value, gold)))
+                answers[name].append((p, gold is not None and values_match(best.value, gold)))
     for name, choice in identity.items():
         choice.threshold, choice.dev_precision, choice.dev_answered = _threshold(answers[name], cfg, dev_given=bool(dev))
 
@@ -518,10 +517,6 @@ class GroundedPredictor:
             object.__setattr__(self, name, value)
         else:
             setattr(self.inner, name, value)
-
-    @property
-    def kind(self) -> str:
-        return type(self.inner).__name__
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> Any:
         return list(listings), self.inner.encode(listings, images)

@@ -65,8 +65,7 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
         if asked and option not in predictor.takes:
             flag = {"pixels": "--min-pixels / --max-pixels", "constrained": "--no-constrained"}.get(
                 option, "--" + option.replace("_", "-"))
-            kind = type(getattr(predictor, "inner", predictor)).__name__  # a grounded predictor: the model inside
-            raise OptionError(f"{flag}: {source} is a {kind.removesuffix('Predictor').lower()} "
+            raise OptionError(f"{flag}: {source} is a {model_kind(predictor)} "
                               f"model and does not take {OPTIONS[option]}; leave it out")
     if batch_size is not None:
         predictor.batch_size = batch_size
@@ -78,6 +77,12 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
         size = predictor.processor.image_processor.size
         set_pixel_budget(predictor.processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])
     return predictor
+
+
+def model_kind(predictor: Predictor) -> str:
+    """``generative``, ``classifier``, ``fusion``: the kind of the model itself, also inside a wrapper that
+    keeps it as ``inner`` (:class:`mmllm.grounding.GroundedPredictor`)."""
+    return type(getattr(predictor, "inner", predictor)).__name__.removesuffix("Predictor").lower()
 
 
 def encoded_batches(predictor: Predictor, listings: Sequence[Listing],

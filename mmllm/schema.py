@@ -22,13 +22,14 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mmllm.evidence import EvidenceError, EvidenceSpec
+from mmllm.evidence import (DEFAULT_PARSER, PARSE, EvidenceError, EvidenceSpec, TableRule, table_key, value_key,
+                            values_match)
 
 SEPARATOR = " > "
 ATTRIBUTE_TYPES = ("enum", "integer", "number", "boolean", "string", "list")
@@ -654,13 +655,11 @@ def propose_table_keys(
     ``rows`` are catalog rows (dicts, or objects with ``.attributes`` and ``.label``). Keys compare as
     :func:`mmllm.evidence.table_key` does (case, spacing, a trailing colon). Each key's text is read
     with the parsers of the attribute's type (:data:`TABLE_KEY_PARSERS`) and compared with the gold
-    by :func:`mmllm.evidence.same_value`. A key is proposed when ``support >= min_rows``,
+    by :func:`mmllm.evidence.values_match`. A key is proposed when ``support >= min_rows``,
     ``agreement >= min_agreement`` and ``kappa >= min_kappa``. Returned: every pair with
     ``support >= min_rows`` and at least one agreeing row, proposed or not (so a person sees why a key
     was left out), per attribute in ``specs`` order, proposed first, then by agreement and support.
     """
-    from mmllm.evidence import PARSE, same_value, table_key, value_key
-
     specs = list(specs)
     gold_seen: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)  # (attribute, key) -> gold values
     parsed_seen: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)  # (..., parser) -> parsed values
@@ -687,7 +686,7 @@ def propose_table_keys(
                     if parsed is None:
                         continue
                     parsed_seen[spec.name, norm, parser][value_key(parsed.value)] += 1
-                    agree[spec.name, norm, parser] += same_value(parsed.value, value)
+                    agree[spec.name, norm, parser] += values_match(parsed.value, value)
     out = []
     for spec in specs:
         found = []
@@ -727,10 +726,6 @@ def _with_table_keys(spec: AttributeSpec, proposals: Iterable[TableKeyProposal])
     The best key's parser becomes the attribute's ``parse`` when it is not the type's default; a key
     read best by another parser carries its own ``parse``.
     """
-    from dataclasses import replace
-
-    from mmllm.evidence import DEFAULT_PARSER, TableRule
-
     mine = [p for p in proposals if p.attribute == spec.name and p.proposed]
     if not mine:
         return spec
