@@ -111,10 +111,12 @@ def schema_check(record: dict) -> None:
 
 
 def wait_for_text(page, selector: str, text: str, fail_on: str | None = "Error:") -> str:
-    """The element's text once it holds ``text``; an error message there fails at once, with the message."""
+    """The element's text once it holds ``text`` and gradio's pending overlay ("processing | 0.2/1.3s", shown
+    while the event's other outputs are still arriving) has gone; an error message there fails at once."""
     box = page.locator(selector)
     wanted = re.escape(text) if fail_on is None else f"{re.escape(text)}|{re.escape(fail_on)}"
     expect(box).to_contain_text(re.compile(wanted), use_inner_text=True, timeout=TIMEOUT_MS)
+    expect(box).not_to_contain_text(re.compile(r"processing \|"), use_inner_text=True, timeout=TIMEOUT_MS)
     shown = box.inner_text()
     assert text in shown, f"{selector} says: {shown}"
     return shown
