@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -64,6 +64,10 @@ class TrainCollator:
     image_policy: ImagePolicy
     max_images: int = 4
     augment: AugmentConfig | None = None
+    _end_id: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._end_id = end_of_turn_id(self.processor.tokenizer)  # once: not per batch
 
     def __call__(self, batch: Sequence[tuple[Listing, int]]) -> dict[str, torch.Tensor]:
         texts, answers, images = [], [], []
@@ -90,8 +94,7 @@ class TrainCollator:
         return dict(enc)
 
     def _labels(self, enc: Any, answers: list[str], ids: list[str]) -> torch.Tensor:
-        tokenizer = self.processor.tokenizer
-        end_id = tokenizer.convert_tokens_to_ids(_end_of_turn(tokenizer))
+        tokenizer, end_id = self.processor.tokenizer, self._end_id
         labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)  # [B, T]
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         for row, (answer, length) in enumerate(zip(answers, lengths)):
@@ -128,7 +131,10 @@ def encode_prompts(
     return dict(enc)
 
 
-def _end_of_turn(tokenizer: Any) -> str:
-    """The chat end-of-turn token (``<|im_end|>`` for the Qwen families)."""
-    vocab = tokenizer.get_vocab()
-    return "<|im_end|>" if "<|im_end|>" in vocab else tokenizer.eos_token
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The chat end-of-turn token's id (``<|im_end|>`` for the Qwen families, else the eos), looked
+    up one token at a time: ``get_vocab()`` builds a 151k-entry dict at real size."""
+    token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == "<|im_end|>":
+        return token_id
+    return tokenizer.eos_token_id

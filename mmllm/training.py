@@ -14,6 +14,7 @@ SIGINT / SIGTERM (a cluster pre-empting the job) save a checkpoint at the next s
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -142,16 +143,35 @@ class _MicroBatches(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------- loss
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over supervised tokens, and their count."""
+    """Summed next-token cross-entropy over supervised tokens, and their count.
+
+    The output layer runs only where a label is supervised (``logits_to_keep``: the positions
+    whose next token is an answer token in any row of the batch), so a 1,400-token prompt over a
+    151,936-entry vocabulary never becomes a [batch, tokens, vocabulary] float32 tensor: the
+    answer is a few dozen tokens. Models whose forward takes no ``logits_to_keep`` get every
+    position, with the same loss.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits  # [B, T, V]
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    shift_labels = labels[:, 1:]  # the logit at position t predicts token t + 1
+    if _takes_logits_to_keep(model):
+        keep = (shift_labels != -100).any(0).nonzero().squeeze(-1)  # [K] positions, shared by the batch
+        logits = model(**inputs, logits_to_keep=keep).logits  # [B, K, V]
+        shift_labels = shift_labels[:, keep.to(shift_labels.device)]
+    else:
+        logits = model(**inputs).logits[:, :-1]  # [B, T - 1, V]
+    shift_labels = shift_labels.to(logits.device)
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return loss, (shift_labels != -100).sum()
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under any wrapper (DDP / FSDP ``module``, PEFT) has ``logits_to_keep``."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 # ---------------------------------------------------------------------- the loop

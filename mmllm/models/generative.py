@@ -12,9 +12,10 @@ Model folders (the files, loading any kind, merging) are :mod:`mmllm.model_dir`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -196,11 +197,16 @@ class GenerativePredictor:
     constrained: bool = False
     untrained: tuple[str, ...] = ()
     _grammar: Any = None
+    _stops: list[int] = field(default_factory=list, init=False, repr=False)
     takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels"})  # see mmllm.predictor
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         """CPU work of a batch (prompts, tokens, pixels): safe to run in a worker thread."""
         return encode_prompts(self.processor, listings, self.schema, self.template, [list(i)[: self.max_images] for i in images])
+
+    def __post_init__(self) -> None:
+        # resolved once: at a 151k vocabulary a lookup through get_vocab() costs ~0.2 s a call
+        self._stops = stop_ids(self.processor.tokenizer)
 
     def generate_encoded(self, enc: dict[str, torch.Tensor]) -> list[str]:
         """Decode one encoded batch; raw answer texts in batch order."""
@@ -211,9 +217,8 @@ class GenerativePredictor:
         if self.constrained:
             grammar = self._grammar_factory()
             kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens), "logits_processor": [grammar.processor()]}
-        with torch.no_grad():
-            out = self.model.generate(**enc, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=_stop_ids(tokenizer), **kwargs)
+        with torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id):
+            out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
@@ -251,12 +256,41 @@ class GenerativePredictor:
 
             tokenizer = self.processor.tokenizer
             vocab = self.model.get_output_embeddings().weight.shape[0]  # padded past len(tokenizer)
-            self._grammar = GrammarFactory(self.schema, tokenizer, vocab, _stop_ids(tokenizer))
+            self._grammar = GrammarFactory(self.schema, tokenizer, vocab, self._stops)
         return self._grammar
 
 
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()}
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the chat end-of-turn and end-of-text tokens, and the eos.
+
+    Looked up one token at a time (never through ``get_vocab()``, a 151k-entry dict at real size);
+    a token counts only when the id maps back to it."""
+    ids = set()
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token:
+            ids.add(token_id)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+@contextmanager
+def greedy_generation(model: Any, stops: list[int], pad_token_id: int | None) -> Iterator[None]:
+    """Plain greedy decoding for the duration of a ``generate`` call, whatever the checkpoint ships.
+
+    A checkpoint's ``generation_config.json`` (Qwen's: sampling flags, ``repetition_penalty``
+    1.05) fills every value a caller leaves unset, so a penalty would act on repeated JSON pieces
+    (``null``, ``true``, ``","``) ahead of the grammar, and the ignored sampling flags print a
+    warning. The model's own config is swapped for a clean one and restored afterwards."""
+    from transformers import GenerationConfig
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig(
+        do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=pad_token_id, eos_token_id=stops,
+        bos_token_id=getattr(shipped, "bos_token_id", None))
+    try:
+        yield
+    finally:
+        hf_model.generation_config = shipped

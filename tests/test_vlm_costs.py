@@ -1,0 +1,133 @@
+"""Costs the tiny checkpoints hide and real-size models pay (#16): the LM head only where a label
+is supervised, vocabulary lookups once per predictor / collator, plain greedy decoding whatever the
+checkpoint's generation config says."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from mmllm.catalog import load_listings
+from mmllm.collator import IGNORE_INDEX, TrainCollator, load_listing_images
+from mmllm.images import ImagePolicy
+from mmllm.models.generative import GenerativePredictor, load_processor
+from mmllm.prompts import PromptTemplate
+from mmllm.training import causal_lm_loss
+
+from listings import small_schema, toy_row, write_catalog
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    path = write_catalog(tmp_path_factory.mktemp("cat"), n=4, row=toy_row(text_only_every=2))
+    return path, load_listings(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    folder = tiny_checkpoint("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, load_processor(folder)
+
+
+def _count_get_vocab(monkeypatch, tokenizer) -> list[int]:
+    calls = [0]
+    original = type(tokenizer).get_vocab
+
+    def counting(self):
+        calls[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(type(tokenizer), "get_vocab", counting)
+    return calls
+
+
+def test_loss_runs_the_output_layer_only_at_supervised_positions_and_equals_the_full_loss(loaded, catalog):
+    model, processor = loaded
+    path, rows = catalog
+    collate = TrainCollator(processor, small_schema(), PromptTemplate.load("listing_v1"), ImagePolicy(root=path.parent))
+    batch = collate([(rows[0], 0), (rows[1], 0), (rows[2], 0)])
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            loss, count = causal_lm_loss(model, batch)
+    finally:
+        hook.remove()
+    # the reference: every position through the output layer, then shifted cross-entropy
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    labels = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+    assert int(count) == int((labels != IGNORE_INDEX).sum()) > 0
+    assert abs(float(loss) - float(reference)) <= 1e-5 * max(1.0, abs(float(reference)))
+    positions = seen[0][1]
+    answer_positions = int((labels != IGNORE_INDEX).any(0).sum())
+    assert positions == answer_positions < batch["input_ids"].shape[1] // 2
+
+
+def test_the_loss_gradient_equals_the_full_loss_gradient(loaded, catalog):
+    model, processor = loaded
+    path, rows = catalog
+    collate = TrainCollator(processor, small_schema(), PromptTemplate.load("listing_v1"), ImagePolicy(root=path.parent))
+    batch = collate([(rows[1], 0), (rows[3], 0)])
+    weight = model.lm_head.weight
+
+    def grad_of(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return weight.grad.detach().clone()
+
+    fast = grad_of(causal_lm_loss(model, batch)[0])
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    full = grad_of(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     batch["labels"][:, 1:].reshape(-1), reduction="sum"))
+    model.zero_grad()
+    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-4)
+
+
+def test_no_vocabulary_dict_is_built_per_batch_or_per_generate_call(loaded, catalog, monkeypatch):
+    model, processor = loaded
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    collate = TrainCollator(processor, small_schema(), PromptTemplate.load("listing_v1"), policy)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v1"),
+                                    max_new_tokens=4, constrained=False)
+    calls = _count_get_vocab(monkeypatch, processor.tokenizer)
+    for _ in range(2):
+        collate([(rows[0], 0), (rows[1], 0)])
+        enc = predictor.encode(rows[:2], [load_listing_images(r, policy, 4) for r in rows[:2]])
+        predictor.generate_encoded(enc)
+    assert calls[0] == 0
+    assert predictor._stops == sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+                                      | {processor.tokenizer.eos_token_id})
+
+
+def test_labelling_is_plain_greedy_whatever_the_checkpoint_generation_config_says(loaded, catalog, caplog):
+    model, processor = loaded
+    path, rows = catalog
+    shipped = model.generation_config
+    shipped.do_sample, shipped.temperature, shipped.top_p, shipped.top_k = True, 0.1, 0.5, 3
+    shipped.repetition_penalty = 50.0  # would change a random model's repetitive output at once
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v1"),
+                                    max_new_tokens=12, constrained=False)
+    enc = predictor.encode(rows[1:2], [[]])
+    with caplog.at_level(logging.WARNING):
+        text = predictor.generate_encoded(enc)[0]
+    # the reference: argmax of the next-token logits, step by step, no cache, no processors
+    ids = enc["input_ids"]
+    with torch.no_grad():
+        for _ in range(12):
+            mask = torch.ones_like(ids)
+            step = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], 1)
+            if int(step) in predictor._stops:
+                break
+    expected = processor.tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text == expected
+    assert not [r for r in caplog.records if "generation" in r.getMessage().lower()]
+    assert model.generation_config is shipped and shipped.repetition_penalty == 50.0  # the checkpoint's own, restored
