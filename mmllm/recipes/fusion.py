@@ -59,7 +59,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     encoders = fusion.Encoders(fc.text_encoder, fc.image_encoder, fc.max_text_tokens,
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
-    featurizer = fusion.Featurizer(encoders, fc, cache)
+    featurizer = fusion.Featurizer(encoders, fc, cache, remember_rows=True)  # every epoch reads the same rows
     names = None
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
         names = encoders.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -29,6 +29,7 @@ class FeatureSettings(Protocol):
     """What the featurizer reads of a ``FusionConfig`` (named here: the config's module imports this one)."""
 
     modalities: list[str]
+    method: str
     title_view: bool
     freeze: bool
     lexical: bool
@@ -171,6 +172,8 @@ class Featurizer:
     encoders: Encoders
     cfg: FeatureSettings  # a FusionConfig
     cache: FeatureCache | None = None  # frozen mode: features; None with freeze=false: raw inputs
+    remember_rows: bool = False  # keep each row's hashed features (training: every epoch reads the same rows)
+    _rows: dict[int, tuple[Listing, Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         use = set(self.cfg.modalities)
@@ -181,11 +184,11 @@ class Featurizer:
                 if self.cfg.freeze:
                     feats = self._cached(listings, view, [_hash_text(r, view) for r in listings],
                                          lambda todo, v=view: self._encode_text([listings[i] for i in todo], v))
-                    batch[f"{view}_tokens"], batch[f"{view}_mask"] = _pad(feats)
+                    batch[f"{view}_tokens"], batch[f"{view}_mask"] = _pad(self._pooled(feats))
                 else:
                     batch.update(self.encoders.tokenize(listings, view))
             if self.cfg.lexical:
-                bags = [lexical_features(r, self.cfg.lexical_buckets) for r in listings]
+                bags = [self._row(r)[0] for r in listings]
                 width = max([len(ids) for ids, _ in bags] + [1])
                 ids, weights = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width)
                 for i, (a, w) in enumerate(bags):
@@ -195,7 +198,7 @@ class Featurizer:
             if self.cfg.freeze:
                 feats = self._cached(listings, "image", [_hash_images(r, im) for r, im in zip(listings, images)],
                                      lambda todo: [self._encode_images(images[i]) for i in todo])
-                batch["image_tokens"], batch["image_mask"] = _pad(feats, self.encoders.image_dim)
+                batch["image_tokens"], batch["image_mask"] = _pad(self._pooled(feats), self.encoders.image_dim)
             else:
                 k = max([len(im) for im in images] + [1])
                 size = self.encoders.pixels([_blank()]).shape[1:]
@@ -206,7 +209,7 @@ class Featurizer:
                         present[i, : len(im)] = 1
                 batch["pixel_values"], batch["image_present"] = pixels, present
         if "attributes" in use:
-            toks = [attribute_tokens(r.attributes, self.cfg.attr_buckets, self.cfg.max_attributes) for r in listings]
+            toks = [self._row(r)[1] for r in listings]
             width = max([len(t[0]) for t in toks] + [1])
             names, values = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width, dtype=torch.long)
             features, mask = torch.zeros(n, width, 4), torch.zeros(n, width, dtype=torch.long)
@@ -219,6 +222,26 @@ class Featurizer:
         batch["attention_mask"] = next((batch[k] for k in ("text_mask", "text_attention_mask", "attr_mask") if k in batch),
                                        torch.ones(n, 1, dtype=torch.long))
         return batch
+
+    def _pooled(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Concat / attention read one mean-pooled vector per view: pooled here, once, instead of
+        padding every token of every row into the batch (co-attention reads the tokens)."""
+        if self.cfg.method == "coattention":
+            return feats
+        return [f.mean(0, keepdim=True) if f.shape[0] else f for f in feats]
+
+    def _row(self, listing: Listing) -> tuple[Any, Any]:
+        """The row's hashed lexical bag and seller-table tokens (remembered with ``remember_rows``)."""
+        kept = self._rows.get(id(listing))
+        if kept is not None and kept[0] is listing:
+            return kept[1], kept[2]
+        use = set(self.cfg.modalities)
+        bag = lexical_features(listing, self.cfg.lexical_buckets) if "text" in use and self.cfg.lexical else None
+        table = (attribute_tokens(listing.attributes, self.cfg.attr_buckets, self.cfg.max_attributes)
+                 if "attributes" in use else None)
+        if self.remember_rows:
+            self._rows[id(listing)] = (listing, bag, table)
+        return bag, table
 
     def _cached(self, listings: Sequence[Listing], what: str, hashes: list[str], encode: Any) -> list[torch.Tensor]:
         encoder_id = self.encoders.image_id if what == "image" else self.encoders.text_id
