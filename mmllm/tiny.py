@@ -11,7 +11,14 @@ Such a checkpoint exercises the whole pipeline (chat template, image tokens,
 batching, generate, LoRA, saving) in seconds on a CPU. Its outputs are noise:
 it is for tests and smoke runs only, never for predictions.
 
-    python -m mmllm.tiny OUT --arch qwen2_vl|qwen2_5_vl|qwen3_vl [--seed 0]
+``vocab="real"`` keeps the toy BPE but pads its vocabulary with filler entries to
+the real size: 151,643 regular entries, so the special tokens sit at the ids of
+the real checkpoints (``<|im_end|>`` = 151645, ``<|image_pad|>`` = 151655) and
+the embedding and output layer have the real 151,936 rows. Everything that
+scales with the vocabulary (logits, grammar compilation, ``get_vocab()``) then
+costs what it costs with the real tokenizer; the rest of the model stays tiny.
+
+    python -m mmllm.tiny OUT --arch qwen2_vl|qwen2_5_vl|qwen3_vl [--seed 0] [--vocab tiny|real]
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ VISION_HEADS = 2
 INIT_RANGE = 0.1
 BPE_VOCAB = 1280
 VOCAB_MULTIPLE = 64  # real Qwen checkpoints pad the embedding matrix past the tokenizer
+VOCABS = ("tiny", "real")
+# The real Qwen2 / Qwen2.5 / Qwen3 tokenizers: 151,643 byte-level BPE entries, then the added
+# tokens from <|endoftext|> = 151643 on; the checkpoints pad the embedding to 151,936 rows.
+REAL_BPE_VOCAB = 151_643
+REAL_VOCAB_ROWS = 151_936
 
 # Qwen2's pre-tokenizer regex; Qwen2Tokenizer rebuilds its pipeline with it on
 # load, so the merges must be trained on exactly this split.
@@ -288,8 +300,24 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(arch: str) -> Qwen2Tokenizer:
-    """Train a byte-level BPE on the built-in corpus and wrap it as the family's tokenizer."""
+def _filler_vocab(vocab: dict[str, int], size: int) -> dict[str, int]:
+    """``vocab`` extended with filler entries to ``size`` entries (ids ``len(vocab)`` .. ``size - 1``).
+
+    A filler is a regular vocabulary entry that no merge produces, so text tokenizes exactly as
+    with the toy BPE alone; ``<filler_ID>`` is made of printable ASCII, which byte-level BPE maps
+    to itself, so a filler id a random model emits decodes to that visible text.
+    """
+    extended = dict(vocab)
+    for token_id in range(len(vocab), size):
+        extended[f"<filler_{token_id}>"] = token_id
+    return extended
+
+
+def _build_tokenizer(arch: str, vocab: str = "tiny") -> Qwen2Tokenizer:
+    """Train a byte-level BPE on the built-in corpus and wrap it as the family's tokenizer.
+
+    ``vocab="real"`` pads the regular vocabulary to the real tokenizers' 151,643 entries, so the
+    added tokens get the real ids."""
     bpe = Tokenizer(models.BPE())
     # Same normalizer and pre-tokenizer as Qwen2Tokenizer, which re-creates them
     # from vocab and merges when the folder is loaded.
@@ -308,13 +336,14 @@ def _build_tokenizer(arch: str) -> Qwen2Tokenizer:
     )
     bpe.train_from_iterator(_corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
+    regular = model["vocab"] if vocab == "tiny" else _filler_vocab(model["vocab"], REAL_BPE_VOCAB)
 
     added = ADDED_TOKENS[arch]
-    first_id = len(model["vocab"])
+    first_id = len(regular)
     # added_tokens_decoder fixes the order, hence the ids, of the added tokens:
     # <|endoftext|> first, as in the real tokenizers.
     return Qwen2Tokenizer(
-        vocab=model["vocab"],
+        vocab=regular,
         merges=[tuple(merge) for merge in model["merges"]],
         unk_token=None,
         bos_token=None,
@@ -362,8 +391,8 @@ def _build_processor(arch: str, tokenizer: Qwen2Tokenizer) -> ProcessorMixin:
     return processor_class(image_processor, tokenizer, video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
-def _build_config(arch: str, tokenizer: Qwen2Tokenizer) -> PreTrainedConfig:
-    """A small model config whose special-token ids match `tokenizer`."""
+def _build_config(arch: str, tokenizer: Qwen2Tokenizer, vocab: str = "tiny") -> PreTrainedConfig:
+    """A small model config whose special-token ids match `tokenizer` (real vocabulary: real rows)."""
     ids = {
         name: tokenizer.convert_tokens_to_ids(token)
         for name, token in [
@@ -373,7 +402,7 @@ def _build_config(arch: str, tokenizer: Qwen2Tokenizer) -> PreTrainedConfig:
             ("vision_end_token_id", "<|vision_end|>"),
         ]
     }
-    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE if vocab == "tiny" else REAL_VOCAB_ROWS
     text = dict(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
@@ -443,20 +472,25 @@ _MODEL_CLASSES = {
 }
 
 
-def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> pathlib.Path:
+def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab: str = "tiny") -> pathlib.Path:
     """Write a tiny random `arch` checkpoint (model, tokenizer, processor) to `out_dir`.
 
     The same `seed` gives byte-identical weight and tokenizer files; the tokenizer
-    does not depend on the seed. For tests and smoke runs only: random weights.
+    does not depend on the seed. `vocab="real"` pads the tokenizer to the real
+    size (special tokens at the real ids) and gives the embedding and output
+    layer the real 151,936 rows (about 19M parameters at width 64).
+    For tests and smoke runs only: random weights.
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
+    if vocab not in VOCABS:
+        raise ValueError(f"unknown vocab {vocab!r}; expected one of {VOCABS}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(arch)
+    tokenizer = _build_tokenizer(arch, vocab)
     processor = _build_processor(arch, tokenizer)
-    config = _build_config(arch, tokenizer)
+    config = _build_config(arch, tokenizer, vocab)
 
     torch.manual_seed(seed)
     model = _MODEL_CLASSES[arch](config).eval()
@@ -470,11 +504,13 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> pat
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    flag = "" if vocab == "tiny" else f" --vocab {vocab}"
+    fillers = "" if vocab == "tiny" else f", padded with filler entries to the real size ({REAL_VOCAB_ROWS:,} embedding rows)"
     (out / "README.md").write_text(
         f"# Tiny random {arch} checkpoint\n\n{WARNING}\n\n"
-        f"Built by `python -m mmllm.tiny OUT --arch {arch} --seed {seed}`: "
+        f"Built by `python -m mmllm.tiny OUT --arch {arch} --seed {seed}{flag}`: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"tokenizer of {len(tokenizer)} tokens trained on a built-in toy-listing corpus.\n"
+        f"tokenizer of {len(tokenizer)} tokens trained on a built-in toy-listing corpus{fillers}.\n"
     )
     return out
 
@@ -484,16 +520,21 @@ def resolve(ref: str) -> str:
 
     ``tiny:qwen2_vl`` lets configs such as ``finetune/tiny_cpu.yaml`` run anywhere, offline, in
     seconds; the command lines and tests resolve it, the library never does. Random weights:
-    smoke runs only. The folder is ``$MMLLM_CACHE/tiny/ARCH-seed0`` (default ``~/.cache/mmllm``).
+    smoke runs only. The folder is ``$MMLLM_CACHE/tiny/ARCH-seed0`` (default ``~/.cache/mmllm``);
+    ``tiny:ARCH:real`` is the real-size-vocabulary variant, in ``ARCH-real-seed0``.
     """
     if not ref.startswith("tiny:"):
         return ref
     import os
 
-    arch = ref.split(":", 1)[1]
-    cache = pathlib.Path(os.environ.get("MMLLM_CACHE", pathlib.Path.home() / ".cache" / "mmllm")) / "tiny" / f"{arch}-seed0"
+    arch, _, vocab = ref.split(":", 1)[1].partition(":")
+    vocab = vocab or "tiny"
+    if vocab not in VOCABS:
+        raise ValueError(f"unknown vocab in {ref!r}; expected tiny:ARCH or tiny:ARCH:real")
+    name = f"{arch}-seed0" if vocab == "tiny" else f"{arch}-{vocab}-seed0"
+    cache = pathlib.Path(os.environ.get("MMLLM_CACHE", pathlib.Path.home() / ".cache" / "mmllm")) / "tiny" / name
     if not (cache / "config.json").exists():
-        build_tiny_checkpoint(cache, arch=arch, seed=0)
+        build_tiny_checkpoint(cache, arch=arch, seed=0, vocab=vocab)
     return str(cache)
 
 
@@ -506,9 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="output folder (created if missing)")
     parser.add_argument("--arch", choices=ARCHES, default="qwen2_vl", help="model family (default: qwen2_vl)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
+    parser.add_argument("--vocab", choices=VOCABS, default="tiny",
+                        help="tiny: a 1,280-entry toy BPE (default); real: the same BPE padded to the real "
+                             "151,665-token size, special tokens at the real ids, 151,936 embedding rows")
     args = parser.parse_args(argv)
-    out = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed)
-    print(f"wrote tiny random {args.arch} checkpoint to {out} (tests and smoke runs only)")
+    out = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed, vocab=args.vocab)
+    print(f"wrote tiny random {args.arch} checkpoint ({args.vocab} vocabulary) to {out} (tests and smoke runs only)")
     return 0
 
 
