@@ -3,8 +3,13 @@
 CPU mode (default), a tiny random Qwen2-VL (``tiny:qwen2_vl``) zero-shot with the toy schema:
 
 * rows/s at batch 1, 8 and 32 on the same rows (constrained decoding, as shipped), with the
-  compact template of fine-tuned models and with the zero-shot template that carries the
-  whole taxonomy (its long prompt makes prefill, not decoding, the cost);
+  compact template of fine-tuned models and with the two zero-shot templates that carry the
+  whole taxonomy: ``listing_v1`` (listing first, then the schema) and ``listing_v2`` (the schema
+  first: its ~2,400 shared tokens are encoded once, ``mmllm/models/prefix_cache.py``);
+* where a batch of 8 spends its time: prefill (the prompt's forward pass), decoding steps, and
+  ``generate``'s own loop (grammar, stopping) around them; the shared prompt prefix per template;
+* the prefix cache off vs on at batch 8 for both zero-shot templates, with the outputs compared
+  row by row (they must be identical);
 * constrained vs unconstrained decoding: time per decoding step (the answers differ in length,
   so per-step time is the fair comparison);
 * time per row outside the model: reading, images, prompt, tokens (worker threads) and
@@ -12,10 +17,17 @@ CPU mode (default), a tiny random Qwen2-VL (``tiny:qwen2_vl``) zero-shot with th
 * peak memory labelling 1k vs 50k rows (a short prompt and one new token, so the pipeline and
   not the model dominates; each size in a fresh process).
 
+Real-size CPU mode (``--real-size``): the Qwen2.5-VL-3B widths with one text layer and one vision
+block (446M parameters, random weights, the 151,936-row output layer) and the real-size-vocabulary
+tiny tokenizer; one batch of 8 rows, constrained, ``listing_v1`` and ``listing_v2`` with the prefix
+cache off and on: where prefill and decoding costs stand when the weights, not the attention, are
+the work (a few minutes).
+
 GPU mode (``--gpu``): a real-size Qwen2-VL-2B built from its config with random weights, rows/s
 at batch 1 / 8 / 32, constrained.
 
     python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
+    python benchmarks/label_throughput.py --real-size [--rows 8]
     python benchmarks/label_throughput.py --gpu
 
 Prints a table and writes benchmarks/results/label_throughput[_gpu].json.
@@ -105,6 +117,54 @@ def run_job(predictor, dump: Path, batch: int, out: Path):
                                                                  roots={dump.name: dump.parent.resolve()}))
 
 
+class ForwardTimer:
+    """Seconds in the model's forward passes, split into prefill (more than one new token per row)
+    and decoding steps (one), counted by hooks while the ``with`` block runs."""
+
+    def __init__(self, model) -> None:
+        self.model, self.prefill_s, self.decode_s, self.prefills, self.steps = model, 0.0, 0.0, 0, 0
+
+    def __enter__(self) -> "ForwardTimer":
+        def before(module, args, kwargs):
+            ids = kwargs.get("input_ids")
+            self._tokens, self._started = (ids.shape[1] if ids is not None else 1), time.perf_counter()
+
+        def after(module, args, output):
+            seconds = time.perf_counter() - self._started
+            if self._tokens > 1:
+                self.prefill_s, self.prefills = self.prefill_s + seconds, self.prefills + 1
+            else:
+                self.decode_s, self.steps = self.decode_s + seconds, self.steps + 1
+
+        self._hooks = [self.model.register_forward_pre_hook(before, with_kwargs=True),
+                       self.model.register_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def prompt_tokens(predictor, dump: Path) -> dict:
+    """Mean prompt tokens of ``dump``'s rows (text only) and how many of them every row shares."""
+    from mmllm.catalog import load_listings
+    from mmllm.models.prefix_cache import shared_prefix_ids
+
+    rows = load_listings(dump)
+    enc = predictor.encode(rows, [[] for _ in rows])
+    return {"mean_prompt_tokens": round(float(enc["attention_mask"].sum(1).float().mean()), 1),
+            "shared_prefix_tokens": len(shared_prefix_ids(predictor.processor, predictor.schema, predictor.template))}
+
+
+def same_outputs(a: Path, b: Path) -> tuple[int, int]:
+    """(rows whose category and attributes agree, rows) between two label files, matched by id."""
+    def answers(path: Path) -> dict:
+        return {r["id"]: (r.get("category"), r.get("attributes")) for r in map(json.loads, path.read_text().splitlines())}
+
+    left, right = answers(a), answers(b)
+    return sum(left[k] == right.get(k) for k in left), len(left)
+
+
 def decode_steps(predictor, dump: Path, batch: int, tmp: Path) -> tuple[float, int]:
     """(seconds inside generate, decoding steps) for labelling ``dump``; steps counted by a hook."""
     steps = {"n": 0}
@@ -147,26 +207,45 @@ def memory_run(tmp: Path, rows: int, schema: Path, template: Path) -> dict:
     return {"rows": rows, "lines": lines, "peak_mib": round(peak, 1), "rows_per_s": round(rows / wall, 1)}
 
 
+TEMPLATES = ("listing_compact_v1", "listing_v1", "listing_v2")
+
+
 def cpu(args: argparse.Namespace) -> dict:
     schema = ROOT / "examples/toys_schema.yaml"
-    results: dict = {}
+    results: dict = {"batching": [], "phases": [], "prefix_cache": []}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
-        for template in ("listing_compact_v1", "listing_v1"):
+        for template in TEMPLATES:
             batches = []
             predictor = load("tiny:qwen2_vl", schema, True, 1, 256, template=template)
-            run_job(predictor, dump, 8, tmp / "warm.jsonl")  # compile the grammar, warm the caches
+            run_job(predictor, dump, 8, tmp / "warm.jsonl")  # compile the grammar, encode the shared prefix, warm the caches
+            results.setdefault("prompts", {})[template] = prompt_tokens(predictor, dump)
             for batch in (1, 8, 32):
                 predictor.batch_size = batch
-                summary = run_job(predictor, dump, batch, tmp / f"b{batch}.jsonl")
+                with ForwardTimer(predictor.model) as timer:
+                    summary = run_job(predictor, dump, batch, tmp / f"{template}-b{batch}.jsonl")
                 outside = (summary.wall_s - summary.model_s) / summary.rows * 1000
                 batches.append({"template": template, "batch": batch, "rows": summary.rows, "ok": summary.ok,
                                 "rows_per_s": round(summary.rows / summary.wall_s, 2), "model_s": round(summary.model_s, 2),
                                 "main_thread_outside_model_ms_per_row": round(outside, 2),
                                 "prepare_ms_per_row": round(summary.prepare_s / summary.rows * 1000, 2)})
-            results.setdefault("batching", []).extend(batches)
+                if batch == 8:
+                    results["phases"].append({
+                        "template": template, "batch": batch, "model_s": round(summary.model_s, 2),
+                        "prefill_s": round(timer.prefill_s, 2), "prefill_ms_per_batch": round(timer.prefill_s / timer.prefills * 1000),
+                        "decode_s": round(timer.decode_s, 2), "decode_steps": timer.steps,
+                        "decode_ms_per_step": round(timer.decode_s / timer.steps * 1000, 2),
+                        "generate_loop_s": round(summary.model_s - timer.prefill_s - timer.decode_s, 2)})
+            results["batching"].extend(batches)
             results[f"speedup_32_vs_1/{template}"] = round(batches[2]["rows_per_s"] / batches[0]["rows_per_s"], 2)
+            if template != "listing_compact_v1":  # the prefix cache off, same rows, same batch: the outputs must agree
+                predictor.batch_size, predictor.prefix_cache = 8, False
+                summary = run_job(predictor, dump, 8, tmp / f"{template}-b8-plain.jsonl")
+                agree, rows = same_outputs(tmp / f"{template}-b8.jsonl", tmp / f"{template}-b8-plain.jsonl")
+                on = next(b for b in batches if b["batch"] == 8)["rows_per_s"]
+                results["prefix_cache"].append({"template": template, "batch": 8, "rows_per_s_off": round(summary.rows / summary.wall_s, 2),
+                                                "rows_per_s_on": on, "identical_rows": agree, "rows": rows})
 
         predictor = load("tiny:qwen2_vl", schema, True, 8, 256, template="listing_compact_v1")
         constrained_s, constrained_steps = decode_steps(predictor, dump, 8, tmp)
@@ -182,6 +261,44 @@ def cpu(args: argparse.Namespace) -> dict:
         template = tmp / "short.yaml"
         template.write_text("version: short\nsystem: Label the listing as JSON.\nuser: 'Title: $title'\nbudget: {schema: none}\n")
         results["memory"] = [memory_run(tmp, n, schema, template) for n in args.memory_rows]
+    return results
+
+
+def real_size(args: argparse.Namespace) -> dict:
+    """One batch of ``args.rows`` on the one-layer real-size model, per template and prefix-cache setting."""
+    sys.path.insert(0, str(HERE))
+    from train_step import REAL_VOCAB_TINY, build_config
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmllm.models.generative import GenerativePredictor
+    from mmllm.prompts import PromptTemplate
+    from mmllm.schema import LabelSchema
+    from mmllm.tiny import resolve
+
+    processor = AutoProcessor.from_pretrained(resolve(REAL_VOCAB_TINY))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(build_config("qwen2_5_vl_3b", text_layers=1, vision_depth=1),
+                                                    dtype=torch.float32, attn_implementation="sdpa").eval()
+    schema = LabelSchema.from_yaml(ROOT / "examples/toys_schema.yaml")
+    results: dict = {"real_size": [], "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6)}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        for template, cached in (("listing_v1", False), ("listing_v1", True), ("listing_v2", False), ("listing_v2", True)):
+            predictor = GenerativePredictor(model, processor, schema, PromptTemplate.load(template), constrained=True,
+                                            batch_size=args.rows, prefix_cache=cached)
+            predictor._grammar_factory()  # compiled and encoded once per loaded model, outside the timing
+            predictor._prefix_cache()
+            with ForwardTimer(model) as timer:
+                summary = run_job(predictor, dump, args.rows, tmp / f"{template}-{cached}.jsonl")
+            results["real_size"].append({
+                "template": template, "prefix_cache": cached, "batch": args.rows, "rows": summary.rows,
+                "rows_per_s": round(summary.rows / summary.wall_s, 3), "model_s": round(summary.model_s, 1),
+                "prefill_s": round(timer.prefill_s, 1), "decode_s": round(timer.decode_s, 1), "decode_steps": timer.steps,
+                "shared_prefix_tokens": prompt_tokens(predictor, dump)["shared_prefix_tokens"] if cached else 0})
+            if cached:
+                agree, rows = same_outputs(tmp / f"{template}-True.jsonl", tmp / f"{template}-False.jsonl")
+                results["real_size"][-1]["identical_rows"] = f"{agree}/{rows}"
     return results
 
 
@@ -208,14 +325,19 @@ def gpu(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--rows", type=int, default=64, help="rows for the batching and decoding comparisons")
+    parser.add_argument("--real-size", action="store_true", help="one batch on the one-layer real-size model (CPU)")
+    parser.add_argument("--rows", type=int, help="rows for the batching and decoding comparisons "
+                                                 "(default 64; --real-size: 8, one batch)")
     parser.add_argument("--memory-rows", type=int, nargs="+", default=[1000, 50000])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    args.rows = args.rows or (8 if args.real_size else 64)
     os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
     if args.gpu and not torch.cuda.is_available():
         print("--gpu needs a CUDA device", file=sys.stderr)
         return 2
+    if args.real_size:
+        return report_real_size(args, real_size(args))
     results = gpu(args) if args.gpu else cpu(args)
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{device}, torch {torch.__version__}")
@@ -229,6 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in results.items():
             if key.startswith("speedup"):
                 print(f"speed-up batch 32 vs 1 ({key.split('/')[1]}): {value}x")
+        print(f"\nbatch 8, where the model time goes   {'prompt':>7} {'shared':>7} {'model s':>8} {'prefill s':>9} "
+              f"{'ms/prefill':>10} {'decode s':>8} {'steps':>6} {'ms/step':>8} {'loop s':>7}")
+        for p in results["phases"]:
+            tokens = results["prompts"][p["template"]]
+            print(f"{p['template']:<35} {tokens['mean_prompt_tokens']:>7} {tokens['shared_prefix_tokens']:>7} {p['model_s']:>8} "
+                  f"{p['prefill_s']:>9} {p['prefill_ms_per_batch']:>10} {p['decode_s']:>8} {p['decode_steps']:>6} "
+                  f"{p['decode_ms_per_step']:>8} {p['generate_loop_s']:>7}")
+        for p in results["prefix_cache"]:
+            print(f"prefix cache, batch 8, {p['template']}: {p['rows_per_s_off']} -> {p['rows_per_s_on']} rows/s "
+                  f"({p['rows_per_s_on'] / p['rows_per_s_off']:.2f}x), identical outputs {p['identical_rows']}/{p['rows']} rows")
+        v1, v2 = (next(b["rows_per_s"] for b in results["batching"] if b["template"] == t and b["batch"] == 8)
+                  for t in ("listing_v1", "listing_v2"))
+        print(f"batch 8: listing_v2 with its prefix cached vs listing_v1: {v2 / v1:.2f}x")
         print(f"decoding step: constrained {c['constrained_ms_per_step']} ms, unconstrained {c['unconstrained_ms_per_step']} ms "
               f"-> overhead {c['overhead']:+.1%}")
         print("memory: " + ", ".join(f"{m['rows']:,} rows -> peak {m['peak_mib']} MiB ({m['rows_per_s']} rows/s, {m['lines']:,} lines)"
@@ -237,6 +372,23 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput", "date": time.strftime("%Y-%m-%d"), "device": device,
                                "torch": torch.__version__, **results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def report_real_size(args: argparse.Namespace, results: dict) -> int:
+    device = f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    print(f"\n{device}, torch {torch.__version__}; Qwen2.5-VL-3B widths, 1 text layer, {results['params_m']}M parameters")
+    print(f"{'template':<12} {'prefix cache':>12} {'shared':>7} {'batch':>5} {'rows/s':>7} {'model s':>8} {'prefill s':>9} "
+          f"{'decode s':>8} {'steps':>6} {'identical':>9}")
+    for r in results["real_size"]:
+        print(f"{r['template']:<12} {'on' if r['prefix_cache'] else 'off':>12} {r['shared_prefix_tokens']:>7} {r['batch']:>5} "
+              f"{r['rows_per_s']:>7} {r['model_s']:>8} {r['prefill_s']:>9} {r['decode_s']:>8} {r['decode_steps']:>6} "
+              f"{r.get('identical_rows', ''):>9}")
+    out = args.out or HERE / "results" / "label_throughput_real_size.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "label_throughput", "mode": "real_size", "date": time.strftime("%Y-%m-%d"),
+                               "device": device, "torch": torch.__version__, **results}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -70,9 +70,11 @@ class PromptTemplate:
         for key in ("version", "system", "user"):
             if not isinstance(data.get(key), str) or not data[key].strip():
                 raise ValueError(f"{path}: '{key}' must be a non-empty string")
-        used = {m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(data["user"])} - {None}
-        if used - PLACEHOLDERS:
-            raise ValueError(f"{path}: unknown placeholder(s) {sorted(used - PLACEHOLDERS)}; known: {sorted(PLACEHOLDERS)}")
+        for key in ("system", "user"):
+            used = {m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(data[key])} - {None}
+            if used - PLACEHOLDERS:
+                raise ValueError(f"{path}: {key}: unknown placeholder(s) {sorted(used - PLACEHOLDERS)}; "
+                                 f"known: {sorted(PLACEHOLDERS)}")
         try:
             budget = PromptBudget(**(data.get("budget") or {}))
         except TypeError as exc:
@@ -98,15 +100,18 @@ def build_messages(
 ) -> list[dict[str, Any]]:
     """Chat messages for one listing; ``n_images`` image entries go before the user text.
 
+    Both texts take the placeholders: a template that puts the schema (``$categories``,
+    ``$attributes``) in the system text and the listing in the user text renders the same first
+    tokens for every row, which labelling encodes once (``listing_v2``, :mod:`mmllm.models.prefix_cache`).
     ``answer`` adds the assistant turn (training); without it the conversation ends at the
     user turn and the caller asks for a generation prompt.
     """
     n_images = len(listing.images) if n_images is None else n_images
-    user_text = string.Template(template.user).substitute(render_fields(listing, schema, template.budget))
+    fields = render_fields(listing, schema, template.budget)
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
-    content.append({"type": "text", "text": user_text})
+    content.append({"type": "text", "text": string.Template(template.user).substitute(fields)})
     messages = [
-        {"role": "system", "content": [{"type": "text", "text": template.system}]},
+        {"role": "system", "content": [{"type": "text", "text": string.Template(template.system).substitute(fields)}]},
         {"role": "user", "content": content},
     ]
     if answer is not None:

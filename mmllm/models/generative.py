@@ -25,6 +25,7 @@ from mmllm.collator import encode_prompts, set_pixel_budget
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models.heads import mark_untrained, prompt_vectors
+from mmllm.models.prefix_cache import PrefixCache, base_model, reset_rope_deltas, shared_prefix_ids
 from mmllm.predictor import encoded_batches
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema
@@ -185,6 +186,8 @@ class GenerativePredictor:
     With ``constrained=True`` decoding follows the schema's grammar (:mod:`mmllm.constrained`),
     so every answer validates; without it, invalid answers come back with the reason.
     Attributes in ``untrained`` (no training row stated them) are answered null.
+    With ``prefix_cache`` the prompt text every row shares is encoded once, on the first batch, and
+    reused by every batch (:mod:`mmllm.models.prefix_cache`); the answers are the same either way.
     """
 
     model: Any
@@ -196,8 +199,11 @@ class GenerativePredictor:
     batch_size: int = 4
     constrained: bool = False
     untrained: tuple[str, ...] = ()
+    prefix_cache: bool = True
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
+    # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
+    _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
     takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels"})  # see mmllm.predictor
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -217,10 +223,22 @@ class GenerativePredictor:
         if self.constrained:
             grammar = self._grammar_factory()
             kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens), "logits_processor": [grammar.processor()]}
+        prefix = self._prefix_cache()
+        inputs = (prefix.lay_out(enc) if prefix is not None else None) or enc
+        reset_rope_deltas(base_model(self.model))  # positions come from this batch, never the last one
         with torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id):
-            out = self.model.generate(**enc, **kwargs)
+            out = self.model.generate(**inputs, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _prefix_cache(self) -> PrefixCache | None:
+        """The shared prefix of this template's prompts, encoded on first use (``None``: off or none)."""
+        if not self.prefix_cache:
+            return None
+        key = (self.model, self.schema, self.template)
+        if self._prefix is None or any(a is not b for a, b in zip(self._prefix[0], key)):
+            self._prefix = (key, PrefixCache.build(self.model, shared_prefix_ids(self.processor, self.schema, self.template)))
+        return self._prefix[1]
 
     def generate(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[str]:
         """Raw answer texts, in input order (broken images are dropped with a warning)."""

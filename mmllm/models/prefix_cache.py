@@ -1,0 +1,145 @@
+"""The shared prompt prefix, encoded once per loaded model and reused by every batch (a prefix KV cache).
+
+A template that puts its row-independent text first (instructions, taxonomy, attribute list:
+``listing_v2``) renders the same first tokens for every listing. :func:`shared_prefix_ids` finds
+them once, from the tokenizer alone: the longest token prefix common to probe listings that differ
+in every field, with and without images. :class:`PrefixCache` runs the model over those tokens
+once and, for each batch, hands ``generate`` their keys and values expanded to the batch, so a
+batch's prefill covers only what follows the prefix.
+
+The processor left-pads a batch: ``[pad | prefix | row]``. A cache shared by every row needs the
+prefix at the same positions in every row, so :meth:`PrefixCache.lay_out` moves each row's padding
+behind the prefix: ``[prefix | pad | row]``. Padding is masked out and positions (1-D, or the 3-D
+mrope positions of the Qwen-VL families) are counted over the attention mask, so every real token
+keeps the position and the context it has in the left-padded layout: the answers are the plain
+path's. A batch the layout cannot serve (a row that does not start with the prefix, padding that
+is not on the left, an input it does not know) gets ``None`` and takes the plain path.
+
+The keys and values are those of the weights when the cache was built: a model trained further
+needs a new cache (the predictor builds one per template, schema and model it is given).
+
+Shared tokens of the shipped templates (toy tokenizer, toy schema): ``listing_compact_v1`` 69 of
+~400 (the system text); ``listing_v1`` 102 of ~2,750, because it puts the listing before the
+taxonomy; ``listing_v2`` 2,387 of ~2,750.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmllm.catalog import Listing
+from mmllm.prompts import PromptTemplate, build_messages
+from mmllm.schema import LabelSchema
+
+# batch keys laid out with the tokens ([B, T]); the others (pixels, image grids) are per image
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
+# Probe listings for the shared prefix: every field differs between them, and each field starts
+# with another kind of character (letter, digit, punctuation, non-ASCII), so a token that would
+# merge across the end of the shared text differs between probes and is left out of the prefix.
+PROBES = (
+    (Listing("probe-a", "alpha", "first", {"Colour": "red"}), 0),
+    (Listing("probe-b", "7 boats", "(second)", {"9": "x y"}), 1),
+    (Listing("probe-c", "\u00dcber - toy", "", {}), 2),
+    (Listing("probe-d", "-", "zz", {"k": ["a", "b"]}), 0),
+)
+
+
+def shared_prefix_ids(processor: Any, schema: LabelSchema, template: PromptTemplate) -> list[int]:
+    """The token ids every rendered prompt of ``template`` starts with, whatever the listing.
+
+    Stops before any vision token, so the images of a row always fall after the prefix."""
+    tokenizer = processor.tokenizer
+    encoded = []
+    for listing, n_images in PROBES:
+        text = processor.apply_chat_template(build_messages(listing, schema, template, n_images=n_images),
+                                             tokenize=False, add_generation_prompt=True)
+        encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    length = 0
+    while all(len(ids) > length for ids in encoded) and len({ids[length] for ids in encoded}) == 1:
+        length += 1
+    vision = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    prefix = encoded[0][:length]
+    return next((prefix[:i] for i, token in enumerate(prefix) if token in vision), prefix)
+
+
+@dataclass
+class PrefixCache:
+    """The shared prefix's token ids and, per decoder layer, its keys and values ([1, H_kv, P, D])."""
+
+    ids: torch.Tensor  # [P]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    cache_arg: str  # how generate takes a cache: "cache" (transformers 5.24) or "past_key_values" (5.17)
+
+    @classmethod
+    def build(cls, model: Any, ids: list[int]) -> "PrefixCache | None":
+        """Run ``model`` once over ``ids``; ``None`` when the model's cache is not one this layout serves."""
+        from transformers import DynamicCache
+
+        hf_model = base_model(model)
+        takes = inspect.signature(hf_model.forward).parameters
+        cache_arg = "cache" if "cache" in takes else "past_key_values"
+        cache = DynamicCache(config=hf_model.config)
+        if not ids or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            return None  # e.g. sliding-window layers keep only a window: the prefix would fall out of it
+        device = next(model.parameters()).device
+        tokens = torch.tensor([ids], device=device)  # [1, P]
+        # the output layer at the last position only: over a 2,400-token prefix and a 151,936-entry
+        # vocabulary, every position would be a 1.5 GB float32 tensor nobody reads
+        only_last = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+        reset_rope_deltas(hf_model)
+        with torch.no_grad():
+            model(input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=True, **{cache_arg: cache}, **only_last)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if not layers or any(keys.shape[-2] != len(ids) for keys, _ in layers):
+            return None
+        return cls(tokens[0], layers, cache_arg)
+
+    def lay_out(self, enc: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """``generate`` arguments for a left-padded batch: ``[prefix | pad | row]`` and the prefix's cache.
+
+        ``None`` when the batch cannot be served (the caller then generates as usual)."""
+        if set(enc) - set(TOKEN_KEYS) - set(IMAGE_KEYS) or "attention_mask" not in enc:
+            return None
+        mask = enc["attention_mask"]  # [B, T]
+        batch, length = mask.shape
+        n = self.ids.shape[0]
+        pads = (mask == 0).sum(dim=1, keepdim=True)  # [B, 1]
+        position = torch.arange(length, device=mask.device).expand(batch, length)  # [B, T]
+        if not torch.equal(mask.bool(), position >= pads) or bool((length - pads <= n).any()):
+            return None  # padding not (only) on the left, or a row with nothing after the prefix
+        # new slot j takes old slot: the prefix (after the row's pads) first, then the pads, then the rest
+        order = torch.where(position < n, position + pads, torch.where(position < n + pads, position - n, position))
+        laid = {k: (v.gather(1, order) if k in TOKEN_KEYS else v) for k, v in enc.items()}
+        if not torch.equal(laid["input_ids"][:, :n], self.ids.expand(batch, n)):
+            return None
+        return {**laid, self.cache_arg: self.batch_cache(batch)}
+
+    def batch_cache(self, batch: int) -> Any:
+        """A fresh cache holding the prefix for ``batch`` rows (generate appends to it, so one per call)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(self.layers):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+        return cache
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def reset_rope_deltas(hf_model: Any) -> None:
+    """Forget the mrope offsets a Qwen-VL model keeps from its last call.
+
+    Given a cache, ``generate`` would reuse them (transformers 5.17 for every batch, 5.24 for a
+    batch without images) instead of computing this batch's from its tokens and images."""
+    inner = getattr(hf_model, "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None

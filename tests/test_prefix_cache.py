@@ -1,0 +1,187 @@
+"""The shared prompt prefix encoded once and reused by every batch (#16): the prefix a template
+shares, the batch layout, and answers identical to the plain path for every family, with and without
+images, constrained or not, one row or several, and under LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from mmllm.catalog import Listing, load_listings
+from mmllm.collator import load_listing_images
+from mmllm.images import ImagePolicy
+from mmllm.models.generative import GenerativePredictor, LoraSettings, attach_lora, load_processor
+from mmllm.models.prefix_cache import PrefixCache, shared_prefix_ids
+from mmllm.prompts import PromptTemplate, build_messages
+
+from listings import small_schema, toy_row, write_catalog
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    """Six rows, every other one with a picture, titles of different lengths: batches are padded."""
+    path = write_catalog(tmp_path_factory.mktemp("cat"), n=6, row=toy_row(text_only_every=2))
+    return path, load_listings(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            folder = tiny_checkpoint(arch)
+            built[arch] = (AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(),
+                           load_processor(folder))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture
+def served(monkeypatch) -> list[bool]:
+    """Whether :meth:`PrefixCache.lay_out` served each batch it was asked for."""
+    calls: list[bool] = []
+    original = PrefixCache.lay_out
+
+    def spy(self, enc):
+        out = original(self, enc)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(PrefixCache, "lay_out", spy)
+    return calls
+
+
+def _answers(predictor: GenerativePredictor, rows, policy: ImagePolicy, batch_size: int, cached: bool) -> list[str]:
+    predictor.prefix_cache, predictor.batch_size = cached, batch_size
+    return predictor.generate(rows, policy)
+
+
+def test_listing_v2_shares_the_instructions_and_the_schema_listing_v1_only_its_system_text(loaded):
+    _, processor = loaded("qwen2_vl")
+    schema = small_schema()
+    v1 = processor.tokenizer.decode(shared_prefix_ids(processor, schema, PromptTemplate.load("listing_v1")))
+    v2 = processor.tokenizer.decode(shared_prefix_ids(processor, schema, PromptTemplate.load("listing_v2")))
+    for prefix in (v1, v2):
+        assert prefix.endswith("<|im_start|>user\n")
+        assert "<|vision_start|>" not in prefix and "Title:" not in prefix
+    assert "Taxonomy:" not in v1 and "Games > Chess" not in v1
+    assert "- Games > Chess | Card Games" in v2 and "- piece_count (integer): pieces in the box" in v2
+
+
+def test_every_rendered_prompt_starts_with_the_prefix(loaded, catalog):
+    _, processor = loaded("qwen2_5_vl")
+    _, rows = catalog
+    schema, template = small_schema(), PromptTemplate.load("listing_v2")
+    prefix = shared_prefix_ids(processor, schema, template)
+    for listing in rows:
+        text = processor.apply_chat_template(build_messages(listing, schema, template, n_images=len(listing.images)),
+                                             tokenize=False, add_generation_prompt=True)
+        assert processor.tokenizer(text, add_special_tokens=False)["input_ids"][: len(prefix)] == prefix
+
+
+def test_the_layout_moves_each_rows_padding_behind_the_prefix():
+    cache = PrefixCache(torch.tensor([7, 8]), [(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))], "cache")
+    enc = {"input_ids": torch.tensor([[0, 0, 7, 8, 5], [7, 8, 1, 2, 3]]),
+           "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
+    laid = cache.lay_out(enc)
+    assert laid["input_ids"].tolist() == [[7, 8, 0, 0, 5], [7, 8, 1, 2, 3]]
+    assert laid["attention_mask"].tolist() == [[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
+    assert laid["cache"].get_seq_length() == 2 and laid["cache"].layers[0].keys.shape == (2, 1, 2, 4)
+
+
+@pytest.mark.parametrize("enc", [
+    {"input_ids": torch.tensor([[7, 8, 5, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])},  # right padding
+    {"input_ids": torch.tensor([[7, 9, 5]]), "attention_mask": torch.tensor([[1, 1, 1]])},  # another start
+    {"input_ids": torch.tensor([[0, 7, 8]]), "attention_mask": torch.tensor([[0, 1, 1]])},  # nothing after it
+    {"input_ids": torch.tensor([[7, 8, 5]]), "attention_mask": torch.tensor([[1, 1, 1]]), "extra": torch.ones(1, 3)},
+])
+def test_a_batch_the_layout_cannot_serve_takes_the_plain_path(enc):
+    cache = PrefixCache(torch.tensor([7, 8]), [(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))], "cache")
+    assert cache.lay_out(enc) is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_cached_answers_equal_the_plain_paths(arch, constrained, loaded, catalog, served):
+    model, processor = loaded(arch)
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=16, constrained=constrained)
+    for batch_size in (1, 4):  # batches of one, then of four rows with and without pictures (padded)
+        plain = _answers(predictor, rows, policy, batch_size, cached=False)
+        assert _answers(predictor, rows, policy, batch_size, cached=True) == plain
+    assert served == [True] * (6 + 2)
+    assert any(len(r.images) for r in rows) and any(not r.images for r in rows)
+
+
+def test_listing_v1_shares_its_system_text_with_the_same_answers(loaded, catalog, served):
+    model, processor = loaded("qwen2_5_vl")
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v1"),
+                                    max_new_tokens=12)
+    assert _answers(predictor, rows, policy, 3, cached=True) == _answers(predictor, rows, policy, 3, cached=False)
+    assert served == [True, True]
+
+
+def test_the_prefix_is_encoded_once_per_template_and_model(loaded, catalog, monkeypatch):
+    model, processor = loaded("qwen2_vl")
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    built = []
+    original = PrefixCache.build.__func__
+    monkeypatch.setattr(PrefixCache, "build", classmethod(lambda cls, m, ids: built.append(len(ids)) or original(cls, m, ids)))
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=4, batch_size=2)
+    predictor.generate(rows, policy)
+    assert len(built) == 1  # three batches, one encoding
+    predictor.template = PromptTemplate.load("listing_compact_v1")
+    predictor.generate(rows[:2], policy)
+    assert len(built) == 2 and built[1] < built[0]
+
+
+def test_a_lora_model_gets_the_same_answers_from_the_cache(tiny_checkpoint, catalog, served):
+    folder = tiny_checkpoint("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    model = attach_lora(model, LoraSettings(rank=4, dropout=0.0)).eval()
+    with torch.no_grad():  # a non-zero adapter, so the prefix's keys and values depend on it
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, load_processor(folder), small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=12)
+    assert _answers(predictor, rows, policy, 3, cached=True) == _answers(predictor, rows, policy, 3, cached=False)
+    assert served == [True, True]
+
+
+def test_encoded_batches_of_another_layout_are_answered_on_the_plain_path(loaded, catalog, served):
+    model, processor = loaded("qwen2_vl")
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=8)
+    images = [load_listing_images(r, policy, 4) for r in rows[:2]]
+    texts = [processor.apply_chat_template(build_messages(r, predictor.schema, predictor.template, n_images=len(i)),
+                                           tokenize=False, add_generation_prompt=True) for r, i in zip(rows[:2], images)]
+    other = processor(text=texts, images=[i for row in images for i in row] or None, padding=True,
+                      padding_side="right", return_tensors="pt")
+    assert predictor.generate_encoded(dict(other))  # right-padded: refused by the layout, answered anyway
+    assert served == [False]
+
+
+def test_placeholders_in_the_system_text_are_filled_and_checked(tmp_path):
+    listing = Listing("x", "Red kite", "Flies.", {"Pieces": "1"})
+    messages = build_messages(listing, small_schema(), PromptTemplate.load("listing_v2"), n_images=0)
+    system = messages[0]["content"][0]["text"]
+    assert "$categories" not in system and "- Outdoor > Kites" in system
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: bad\nsystem: 'Pick from $taxonomy'\nuser: 'Title: $title'\n")
+    with pytest.raises(ValueError, match=r"system: unknown placeholder\(s\) \['taxonomy'\]"):
+        PromptTemplate.load(bad)
+
