@@ -212,7 +212,8 @@ class GenerativePredictor:
 
     def __post_init__(self) -> None:
         # resolved once: at a 151k vocabulary a lookup through get_vocab() costs ~0.2 s a call
-        self._stops = stop_ids(self.processor.tokenizer)
+        # (a predictor that only parses answers, as the demo's record view, has no processor)
+        self._stops = stop_ids(self.processor.tokenizer) if self.processor is not None else []
 
     def generate_encoded(self, enc: dict[str, torch.Tensor]) -> list[str]:
         """Decode one encoded batch; raw answer texts in batch order."""
