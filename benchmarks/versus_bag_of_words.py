@@ -11,6 +11,8 @@ precision / recall / F1, is in the JSON). A user checks the claim on their own d
     python benchmarks/versus_bag_of_words.py --train my_train.jsonl --dev my_dev.jsonl --schema my.yaml
     python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl [--dev-percent 20]   # hash split by id
         [--config finetune/fusion_minilm_cpu.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
+    python benchmarks/versus_bag_of_words.py --train T --dev D --labels labels.jsonl --only category --quick
+        # a labels file written by `mmllm label` stands for the recipe (what `make run` prints)
 
 With ``--catalog`` the rows are split by a hash of their id (stable across runs and machines); a
 missing ``--schema`` is drafted from the training rows by ``mmllm schema infer``'s function.
@@ -65,7 +67,25 @@ def scores(gold: list[Any], pred: list[Any], name: str) -> dict[str, float]:
     return {"accuracy": round(right / max(len(pairs), 1), 4), "rows": len(pairs)}
 
 
-def bag_of_words(train: list[dict], dev: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+def from_labels(path: Path, dev: list[dict], names: list[str]) -> dict[str, Any]:
+    """The model side read from a labels file (``mmllm label`` output) instead of a training run."""
+    records = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[str(record.get("id"))] = record
+    missing = [str(r["id"]) for r in dev if str(r["id"]) not in records]
+    if missing:
+        raise SystemExit(f"{path}: no record for {len(missing)} dev rows (first: id {missing[0]})")
+    result = {}
+    for name in names:
+        got = [(records[str(r["id"])].get("category") if name == "category"
+                else (records[str(r["id"])].get("attributes") or {}).get(name)) for r in dev]
+        result[name] = scores([gold_of(r, name) for r in dev], got, name)
+    return {"seed": str(path), "scores": result, "grounded": {}}
+
+
+def bag_of_words(train: list[dict], dev: list[dict], names: list[str], quick: bool = False) -> dict[str, dict[str, float]]:
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -86,7 +106,7 @@ def bag_of_words(train: list[dict], dev: list[dict], names: list[str]) -> dict[s
             continue
         folds = max(2, min(3, min(y.count(c) for c in set(y))))
         search = GridSearchCV(LogisticRegression(max_iter=3000), {"C": [1.0, 10.0, 100.0]}, cv=folds,
-                              scoring="accuracy") if folds >= 2 and len(keep) >= 30 else None
+                              scoring="accuracy") if folds >= 2 and len(keep) >= 30 and not quick else None
         model = (search or LogisticRegression(C=10.0, max_iter=3000)).fit(x_train[keep], y)
         pred = model.predict(x_dev)
         answers = [_typed(p, name, train) for p in pred]
@@ -149,6 +169,9 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     p.add_argument("--skip-recipe", action="store_true", help="the bag of words only")
+    p.add_argument("--labels", type=Path, help="a labels file for the dev rows (mmllm label): the model side, no training")
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="compare these labels only (e.g. category)")
+    p.add_argument("--quick", action="store_true", help="TF-IDF + LR at C=10 (no cross-validated search of C)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "versus_bag_of_words.json")
     args = p.parse_args()
     if bool(args.catalog) == bool(args.train and args.dev):
@@ -178,9 +201,9 @@ def main() -> int:
             schema, _ = infer_schema([r["label"] for r in train], name="drafted", rows=train)
             schema_path = work / "schema.yaml"
             schema.to_yaml(schema_path)
-        names = targets(schema)
+        names = [n for n in targets(schema) if not args.only or n in args.only]
         print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
-        baseline = bag_of_words(train, dev, names)
+        baseline = bag_of_words(train, dev, names, args.quick)
         attribute_names = [n for n in names if n != "category"]
         baseline_published: dict[str, dict[str, float]] = {}
         if attribute_names:
@@ -193,7 +216,7 @@ def main() -> int:
                                   for n, v in published["per_attribute"].items()}
         for n in names:
             baseline[n].pop("answers", None)
-        runs = [] if args.skip_recipe else [
+        runs = [from_labels(args.labels, dev, names)] if args.labels else [] if args.skip_recipe else [
             recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev)
             for seed in args.seeds]
     header = f"{'model':<22}" + "".join(f" | {n[:22]:>22}" for n in names)
@@ -206,10 +229,10 @@ def main() -> int:
             cells.append(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" if n == "category" else f"{s['accuracy']:.3f}")
         return f"{title:<22}" + "".join(f" | {c:>22}" for c in cells)
 
-    lines.append(row("TF-IDF + LR", baseline))
+    lines.append(row("TF-IDF + LR" + (" (C=10)" if args.quick else ""), baseline))
     for run in runs:
-        lines.append(row(f"recipe, seed {run['seed']}", run["scores"]))
-    if runs:
+        lines.append(row("the labels file" if args.labels else f"recipe, seed {run['seed']}", run["scores"]))
+    if len(runs) > 1:
         mean = {n: {k: round(sum(r["scores"][n][k] for r in runs) / len(runs), 4)
                     for k in runs[0]["scores"][n] if k != "rows"} for n in names}
         lines.append(row(f"recipe, mean of {len(runs)}", mean))
@@ -220,7 +243,7 @@ def main() -> int:
         print("\npublished attributes, precision / recall / F1 over every dev row (gold null: an answer is invented)")
         print(f"{'model':<24}" + "".join(f" | {n[:22]:>22}" for n in attribute_names))
         published_rows = [("TF-IDF + LR", baseline_published)] + [(f"recipe grounded, seed {r['seed']}", r["grounded"])
-                                                                     for r in runs]
+                                                                     for r in runs if r["grounded"]]
         for title, result in published_rows:
             cells = [f"{result[n]['precision']:.2f} / {result[n]['recall']:.2f} / {result[n]['f1']:.2f}"
                      for n in attribute_names]

@@ -1,8 +1,10 @@
 """The fusion recipe (``task: fusion``): pretrained text / image encoders + a small attribute
 network, fused, with the classify recipe's heads, loss and calibration - the CPU baseline.
 
-The story: checked inputs (``common.setup``) -> encoders, feature cache and fusion model -> fill
-the cache once (frozen encoders) -> train the heads (``heads_training``) -> the model folder:
+The story: checked inputs (``common.setup``) -> encoders -> the name-anchored tuning of the text
+encoder on the training titles (``anchor``, when ``anchor.epochs`` > 0) -> feature cache and fusion
+model -> fill the cache once (frozen encoders) -> the anchor's neighbour memory -> train the heads
+(``heads_training``; at prediction they vote with the anchor's members) -> the model folder:
 ``fusion.safetensors`` + ``fusion.json``, label schema, resolved config, metrics, model card ->
 the grounded-attribute choice fitted on it (``grounding.json``, :mod:`mmllm.grounding`).
 """
@@ -14,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from mmllm import model_dir
 from mmllm.config import help_field
 from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
+from mmllm.models.fusion.anchor import Anchor, AnchorConfig, fingerprint, memory_sample, tune_encoder
 from mmllm.progress import Progress
 from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
@@ -48,7 +53,13 @@ class FusionRecipeConfig:
     eval: HeadsEvalConfig = field(default_factory=HeadsEvalConfig)
     heads: heads.HeadsConfig = field(default_factory=heads.HeadsConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
+
+    def __post_init__(self) -> None:
+        if self.anchor.epochs and not self.fusion.freeze:
+            raise ValueError("anchor.epochs > 0 tunes the text encoder before the heads and needs fusion.freeze: true "
+                             "(freeze: false fine-tunes it end to end instead)")
 
 
 def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
@@ -59,11 +70,14 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     encoders = fusion.Encoders(fc.text_encoder, fc.image_encoder, fc.max_text_tokens,
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
+    anchor = None
+    if cfg.anchor.epochs and encoders.text is not None and "text" in fc.modalities:
+        anchor = _tune(s, encoders, specs[0].classes, cfg)
     featurizer = fusion.Featurizer(encoders, fc, cache, remember_rows=True)  # every epoch reads the same rows
     names = None
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
         names = encoders.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])
-    model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names)
+    model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names, anchor)
     max_images = cfg.model.max_images if encoders.image is not None else 0
     collate = fusion.FusionCollator(featurizer, s.schema, specs, s.train_policy, max_images)
     dev_collate = fusion.FusionCollator(featurizer, s.schema, specs, s.dev_policy, max_images)
@@ -78,17 +92,58 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                     progress.update(len(rows[start:start + fc.encode_batch]))
         say(s.accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
                            f"in {time.perf_counter() - started:.1f} s")
+    if anchor is not None:
+        _remember(anchor, featurizer, s.train_rows, specs[0].classes, cfg)
     summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
                                      cfg.heads)
     if summary["interrupted"]:
         return summary
     if s.accelerator.is_main_process:
-        unwrapped.save(s.out_dir)
+        unwrapped.save(s.out_dir, tuned_text=encoders if anchor is not None else None)
         model_dir.write_folder(s.out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,
-                               model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
+                               model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities,
+                                      "anchor_members": cfg.anchor.members if anchor is not None else ["heads"]},
                                training=summary, trained_fields=s.trained)
         fit_grounding(s, cfg.grounding, fusion.FusionPredictor(unwrapped, featurizer, s.schema, max_images,
                                                                untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary
+
+
+def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionRecipeConfig) -> Anchor:
+    """Name-anchored tuning of the text encoder on the training titles (in place); the anchor
+    module with the tuned class vectors (its neighbour memory is filled after the cache)."""
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in s.train_rows if (r.label or {}).get("category") in index]
+    started = time.perf_counter()
+    with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
+                  enabled=s.accelerator.is_main_process) as progress:
+        vectors, scale = tune_encoder(encoders, [r.title for r in rows], [index[r.label["category"]] for r in rows],
+                                      [fusion.category_name(c) for c in classes], cfg.anchor, cfg.train.seed, progress)
+    encoders.text_id = fingerprint(encoders.text)  # tuned features never mix with the frozen encoder's in the cache
+    views = ["title", "text"] if cfg.fusion.title_view else ["text"]
+    size = len(memory_sample([index[r.label["category"]] for r in rows], cfg.anchor.memory_rows, cfg.train.seed))
+    anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, size, views)
+    anchor.class_vectors.copy_(vectors.cpu())
+    anchor.scale.fill_(scale)
+    say(s.accelerator, f"text encoder tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs in "
+                       f"{time.perf_counter() - started:.1f} s ({encoders.text_id})")
+    return anchor
+
+
+def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], classes: list[str],
+              cfg: FusionRecipeConfig) -> None:
+    """The neighbour memory: the tuned vectors of the training rows (cached features) and their category."""
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in rows if (r.label or {}).get("category") in index]
+    targets = [index[r.label["category"]] for r in rows]
+    kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
+    vectors = []
+    for start in range(0, len(kept), cfg.fusion.encode_batch):
+        part = [rows[i] for i in kept[start:start + cfg.fusion.encode_batch]]
+        batch = featurizer(part, [[] for _ in part])
+        views = {v: (batch[f"{v}_tokens"], batch[f"{v}_mask"]) for v in anchor.views}
+        vectors.append(Anchor.row_vectors(views, anchor.views))
+    anchor.memory.copy_(torch.cat(vectors))
+    anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))

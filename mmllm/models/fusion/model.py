@@ -39,6 +39,7 @@ from mmllm.catalog import Listing
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.predictor import predict_in_batches
+from mmllm.models.fusion.anchor import Anchor, AnchorConfig
 from mmllm.models.fusion.encoders import AttributeEncoder, Encoders, Featurizer
 from mmllm.models.fusion.layers import FUSIONS
 from mmllm.models.heads import HeadSpec, encode_targets, head_probabilities, json_number, pool, prediction_record
@@ -97,7 +98,8 @@ class FusionModel(nn.Module):
     """Projections of each modality to ``hidden`` -> fusion -> one head per schema field."""
 
     def __init__(self, cfg: FusionConfig, specs: list[HeadSpec], text_dim: int, image_dim: int,
-                 encoders: Encoders | None = None, label_vectors: torch.Tensor | None = None) -> None:
+                 encoders: Encoders | None = None, label_vectors: torch.Tensor | None = None,
+                 anchor: Anchor | None = None) -> None:
         super().__init__()
         self.cfg, self.specs = cfg, specs
         self.modalities = [m for m in MODALITIES if m in cfg.modalities and (m != "image" or image_dim)]
@@ -124,6 +126,7 @@ class FusionModel(nn.Module):
             shape = (len(specs[0].classes), text_dim)
             self.label_vectors = torch.zeros(shape) if label_vectors is None else label_vectors.float()
             self.label_scale = nn.Parameter(torch.tensor(float(cfg.label_prior_scale)))
+        self.anchor = anchor  # name-anchored members (tuned encoder): they vote beside the heads at prediction
         self.temperature = 1.0
         self.last_weights: torch.Tensor | None = None
 
@@ -208,13 +211,21 @@ class FusionModel(nn.Module):
         logits = {name: head(fused) for name, head in self.heads.items()}
         if self.label_vectors is not None and views:
             logits["category"] = logits["category"] + self.label_prior(views)
+        if self.anchor is not None and not self.training and views:  # training fits the heads alone
+            logits["category"] = self.anchor.mix(logits["category"], views)
         return logits
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, tuned_text: Encoders | None = None) -> None:
+        """Weights (safetensors) + ``fusion.json``; a fine-tuned text encoder (end to end, or
+        ``tuned_text`` by the anchor) is saved beside them as ``text_encoder/``."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoders.")}
         save_file(state, str(folder / FUSION_FILE))
         text_id, image_id = self.cfg.text_encoder, self.cfg.image_encoder
+        if tuned_text is not None and tuned_text.text is not None:
+            tuned_text.text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+            tuned_text.tokenizer.save_pretrained(folder / "text_encoder")
+            text_id = "text_encoder"
         if self.encoders is not None:  # fine-tuned end to end: the encoders travel with the model
             if self.encoders.text is not None:
                 self.encoders.text.save_pretrained(folder / "text_encoder")
@@ -228,7 +239,8 @@ class FusionModel(nn.Module):
                   "text_dim": self.proj["text"][1].in_features if "text" in self.proj else 0,
                   "image_dim": self.proj["image"][1].in_features if "image" in self.proj else 0,
                   "temperature": self.temperature, "modalities": self.modalities,
-                  "heads": [s.__dict__ for s in self.specs]}
+                  "heads": [s.__dict__ for s in self.specs],
+                  "anchor": self.anchor.settings() if self.anchor is not None else None}
         (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2, default=json_number))
 
 
@@ -247,7 +259,12 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
     specs = [HeadSpec(**{**h, "edges": [float(e) for e in h["edges"]]}) for h in config["heads"]]
     encoders = Encoders(cfg.text_encoder, cfg.image_encoder, cfg.max_text_tokens,
                         "text" in config["modalities"], "image" in config["modalities"])
-    model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"])
+    anchor = None
+    if config.get("anchor"):
+        saved_anchor = dict(config["anchor"])
+        views, size = saved_anchor.pop("views"), saved_anchor.pop("memory_size")
+        anchor = Anchor(AnchorConfig(**saved_anchor), len(specs[0].classes), config["text_dim"], size, views)
+    model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor)
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
     model.temperature = float(config["temperature"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

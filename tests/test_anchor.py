@@ -1,0 +1,154 @@
+"""The name-anchored text encoder (mmllm/models/fusion/anchor.py): tuning, the members' votes, the
+neighbour memory, and the model folder that carries the tuned encoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmllm.models import fusion
+from mmllm.models.fusion.anchor import Anchor, AnchorConfig, fingerprint, memory_sample, tune_encoder
+
+from helpers import ROOT
+
+CLASSES = ["Jigsaws & Puzzles > Jigsaws", "Games > Board Games", "Sports Toys & Outdoor > Kites",
+           "Arts & Crafts > Colouring Pens & Markers"]
+# the titles never name their category: tuning has to learn the mapping, the names only start it
+TITLES = [("Ravensburger 1000 piece picture of a harbour at dusk", 0), ("500 pc landscape of alpine lakes", 0),
+          ("Family strategy race around the world with dice and cards", 1), ("Trivia night edition, 2-6 players", 1),
+          ("Delta stunt flyer with 30 m line and tail", 2), ("Rainbow octopus flyer for the beach, ripstop nylon", 2),
+          ("Felt tips, 24 washable colours", 3), ("Fine liners pack, bright shades", 3)]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return fusion.Encoders("minilm", "none", 64, use_text=True, use_image=False)
+
+
+def test_tuning_learns_the_rows_and_keeps_an_unseen_category_at_its_name(minilm):
+    import copy
+
+    encoders = copy.deepcopy(minilm)
+    names = [fusion.category_name(c) for c in CLASSES] + [fusion.category_name("Dolls & Accessories > Doll Houses")]
+    titles, targets = [t for t, _ in TITLES], [y for _, y in TITLES]
+    before = fingerprint(encoders.text)
+    frozen = encoders.sentence_vectors(names)
+    counted = []
+
+    class Count:
+        def update(self, n):
+            counted.append(n)
+
+    cfg = AnchorConfig(epochs=8, lr=1e-4, class_lr=1e-2, batch_size=4)
+    vectors, scale = tune_encoder(encoders, titles, targets, names, cfg, seed=0, progress=Count())
+    assert sum(counted) == 8 * len(titles) and vectors.shape == (5, encoders.text_dim)
+    assert torch.allclose(vectors.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert fingerprint(encoders.text) != before and fingerprint(minilm.text) == before  # tuned in place, a copy here
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(torch.stack([
+            encoders.sentence_vectors([t])[0] for t in titles]), dim=-1)
+    assert (z @ vectors.T).argmax(-1).tolist() == targets  # every training title lands on its category
+    # the category without rows only ever got pushed away as a negative: still nearest its own name
+    assert int((vectors[4] @ frozen.T).argmax()) == 4 and float(vectors[4] @ frozen[4]) > 0.6
+    # deterministic for a seed
+    again, _ = tune_encoder(copy.deepcopy(minilm), titles, targets, names, cfg, seed=0)
+    assert torch.allclose(again, vectors, atol=1e-5)
+
+
+def _anchor(members=("heads", "names", "neighbours"), k=2):
+    cfg = AnchorConfig(epochs=1, members=list(members), neighbours=k, neighbour_temperature=0.05)
+    anchor = Anchor(cfg, classes=3, dim=2, memory_rows=4, views=["title", "text"])
+    anchor.class_vectors.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    anchor.scale.fill_(10.0)
+    # memory rows: [title | text] unit vectors; two of class 2 near (0.6, 0.8), one of class 0, one of class 1
+    rows = torch.tensor([[0.6, 0.8, 0.6, 0.8], [0.8, 0.6, 0.8, 0.6], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    anchor.memory.copy_(rows)
+    anchor.memory_labels.copy_(torch.tensor([2, 2, 0, 1]))
+    return anchor
+
+
+def _views(title, text):
+    one = torch.ones(1, 1, dtype=torch.long)
+    return {"title": (torch.tensor([[title]]), one), "text": (torch.tensor([[text]]), one)}
+
+
+def test_members_vote_and_mix_is_the_log_of_their_mean():
+    anchor = _anchor()
+    views = _views([0.7, 0.7], [0.7, 0.7])  # unnormalized on purpose: the anchor normalizes
+    heads = torch.tensor([[0.0, 0.0, 0.0]])
+    votes = anchor.members(heads, views)
+    assert set(votes) == {"heads", "names", "neighbours"}
+    for p in votes.values():
+        assert torch.allclose(p.sum(-1), torch.ones(1), atol=1e-6)
+    assert torch.allclose(votes["heads"], torch.full((1, 3), 1 / 3))
+    # names: cos to (1,0) and (0,1) equal, (-1,0) far
+    names = votes["names"][0].tolist()
+    assert names[0] == pytest.approx(names[1], abs=1e-6) and names[2] < 1e-4
+    # neighbours: the two nearest memory rows are both class 2
+    assert votes["neighbours"][0].tolist() == pytest.approx([0.0, 0.0, 1.0], abs=1e-6)
+    mixed = anchor.mix(heads, views)
+    mean = torch.stack(list(votes.values())).mean(0)
+    assert torch.allclose(torch.softmax(mixed, -1), mean, atol=1e-6)
+    only_heads = _anchor(members=("heads",)).mix(heads, views)
+    assert torch.allclose(torch.softmax(only_heads, -1), votes["heads"], atol=1e-6)
+
+
+def test_anchor_config_is_checked():
+    with pytest.raises(ValueError, match="anchor.members must include heads"):
+        AnchorConfig(members=["names"])
+    with pytest.raises(ValueError, match="anchor.members"):
+        AnchorConfig(members=["heads", "votes"])
+    with pytest.raises(ValueError, match="anchor.epochs must be >= 0"):
+        AnchorConfig(epochs=-1)
+    from mmllm.finetune import load_recipe_config
+
+    with pytest.raises(ValueError, match="needs fusion.freeze: true"):
+        load_recipe_config(ROOT / "finetune/fusion_minilm_cpu.yaml", ["fusion.freeze=false"])
+
+
+def test_memory_sample_is_stratified_and_bounded():
+    targets = [0] * 90 + [1] * 9 + [2]
+    assert memory_sample(targets, 1000, seed=0) == list(range(100))
+    kept = memory_sample(targets, 20, seed=0)
+    assert len(kept) <= 20 and len(set(kept)) == len(kept)
+    classes = [targets[i] for i in kept]
+    assert classes.count(2) == 1 and classes.count(1) >= 1 and classes.count(0) >= 15
+    assert kept == memory_sample(targets, 20, seed=0)
+
+
+@pytest.mark.slow
+def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path):
+    """The default recipe with the anchor: the tuned encoder is saved as safetensors in the folder,
+    a fresh load predicts exactly what the trained model predicts, and the members vote."""
+    from mmllm.catalog import iter_catalog
+    from mmllm.finetune import finetune, load_recipe_config
+    from mmllm.images import ImagePolicy
+    from listings import load_model_dir
+
+    out = tmp_path / "model"
+    cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
+                             [f"train.output_dir={out}", "data.max_train_rows=48", "data.max_dev_rows=12",
+                              "train.epochs=2", "train.batch_size=16", "fusion.max_text_tokens=48", "eval.loss_rows=12",
+                              "anchor.epochs=2", "grounding.enabled=false"])
+    finetune(cfg)
+    saved = json.loads((out / "fusion.json").read_text())
+    assert saved["fusion"]["text_encoder"] == "text_encoder" and saved["anchor"]["memory_size"] == 48
+    assert saved["anchor"]["members"] == ["heads", "names", "neighbours"]
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    assert not list((out / "text_encoder").glob("*.bin"))
+    rows = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl")))[:6]
+    predictor = load_model_dir(out, device="cpu")
+    inner = getattr(predictor, "inner", predictor)
+    assert inner.model.anchor is not None and fingerprint(inner.featurizer.encoders.text) != fingerprint(
+        fusion.Encoders("minilm", "none", 48, use_image=False).text)
+    enc = inner.encode(rows, [[] for _ in rows])
+    with torch.no_grad():
+        views = inner.model.text_views(enc)
+        votes = inner.model.anchor.members(torch.zeros(len(rows), len(inner.model.specs[0].classes)), views)
+    assert set(votes) == {"heads", "names", "neighbours"}
+    records = predictor.predict(rows, ImagePolicy(root=ROOT))
+    assert all(r["status"] == "ok" for r in records)
+    again = load_model_dir(out, device="cpu").predict(rows, ImagePolicy(root=ROOT))
+    assert [r["top_k"] for r in again] == [r["top_k"] for r in records]
