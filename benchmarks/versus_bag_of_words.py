@@ -77,12 +77,17 @@ def from_labels(path: Path, dev: list[dict], names: list[str]) -> dict[str, Any]
     missing = [str(r["id"]) for r in dev if str(r["id"]) not in records]
     if missing:
         raise SystemExit(f"{path}: no record for {len(missing)} dev rows (first: id {missing[0]})")
+    return {"seed": str(path), "scores": answer_scores(records, dev, names), "grounded": {}}
+
+
+def answer_scores(records: dict[str, dict], dev: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per label, the scores of a model's records (by row id) against the dev rows' gold."""
     result = {}
     for name in names:
         got = [(records[str(r["id"])].get("category") if name == "category"
                 else (records[str(r["id"])].get("attributes") or {}).get(name)) for r in dev]
         result[name] = scores([gold_of(r, name) for r in dev], got, name)
-    return {"seed": str(path), "scores": result, "grounded": {}}
+    return result
 
 
 def bag_of_words(train: list[dict], dev: list[dict], names: list[str], quick: bool = False) -> dict[str, dict[str, float]]:
@@ -143,12 +148,7 @@ def recipe(train_path: Path, dev_path: Path, schema_path: Path, config: str, see
     own = model_dir.load(out, device="cpu", grounded=False).predict(rows, ImagePolicy(root=dev_path.parent))
     grounder = Grounder.load(out, LabelSchema.from_yaml(out / "label_schema.yaml"))
     published = [grounder.ground(row, p) for row, p in zip(rows, own)] if grounder else own
-    by_id = {p["id"]: p for p in own}
-    result, grounded = {}, {}
-    for name in names:
-        got = [(by_id[r["id"]].get("category") if name == "category"
-                else (by_id[r["id"]].get("attributes") or {}).get(name)) for r in dev]
-        result[name] = scores([gold_of(r, name) for r in dev], got, name)
+    result, grounded = answer_scores({str(p["id"]): p for p in own}, dev, names), {}
     attribute_names = [n for n in names if n != "category"]
     if attribute_names:
         gold = [(r.label or {}).get("attributes") or {} for r in rows]

@@ -70,9 +70,9 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     encoders = fusion.Encoders(fc.text_encoder, fc.image_encoder, fc.max_text_tokens,
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
-    anchor = None
+    anchor, memory_rows = None, []
     if cfg.anchor.epochs and encoders.text is not None and "text" in fc.modalities:
-        anchor = _tune(s, encoders, specs[0].classes, cfg)
+        anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg)
     featurizer = fusion.Featurizer(encoders, fc, cache, remember_rows=True)  # every epoch reads the same rows
     names = None
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
@@ -93,7 +93,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
         say(s.accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
                            f"in {time.perf_counter() - started:.1f} s")
     if anchor is not None:
-        _remember(anchor, featurizer, s.train_rows, specs[0].classes, cfg)
+        _remember(anchor, featurizer, memory_rows, fc.encode_batch)
     summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
                                      cfg.heads)
     if summary["interrupted"]:
@@ -102,8 +102,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
         unwrapped.save(s.out_dir, tuned_text=encoders if anchor is not None else None)
         model_dir.write_folder(s.out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,
-                               model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities,
-                                      "anchor_members": cfg.anchor.members if anchor is not None else ["heads"]},
+                               model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
                                training=summary, trained_fields=s.trained)
         fit_grounding(s, cfg.grounding, fusion.FusionPredictor(unwrapped, featurizer, s.schema, max_images,
                                                                untrained=s.untrained))
@@ -111,39 +110,36 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     return summary
 
 
-def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionRecipeConfig) -> Anchor:
+def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionRecipeConfig) -> tuple[Anchor, list[Any]]:
     """Name-anchored tuning of the text encoder on the training titles (in place); the anchor
-    module with the tuned class vectors (its neighbour memory is filled after the cache)."""
+    module with the tuned class vectors and its memory's labels, and the rows whose vectors fill
+    that memory once the cache holds them (``_remember``)."""
     index = {c: i for i, c in enumerate(classes)}
     rows = [r for r in s.train_rows if (r.label or {}).get("category") in index]
+    targets = [index[r.label["category"]] for r in rows]
     started = time.perf_counter()
     with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
                   enabled=s.accelerator.is_main_process) as progress:
-        vectors, scale = tune_encoder(encoders, [r.title for r in rows], [index[r.label["category"]] for r in rows],
+        vectors, scale = tune_encoder(encoders, [r.title for r in rows], targets,
                                       [fusion.category_name(c) for c in classes], cfg.anchor, cfg.train.seed, progress)
     encoders.text_id = fingerprint(encoders.text)  # tuned features never mix with the frozen encoder's in the cache
+    kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
     views = ["title", "text"] if cfg.fusion.title_view else ["text"]
-    size = len(memory_sample([index[r.label["category"]] for r in rows], cfg.anchor.memory_rows, cfg.train.seed))
-    anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, size, views)
+    anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, len(kept), views)
     anchor.class_vectors.copy_(vectors.cpu())
     anchor.scale.fill_(scale)
+    anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))
     say(s.accelerator, f"text encoder tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs in "
                        f"{time.perf_counter() - started:.1f} s ({encoders.text_id})")
-    return anchor
+    return anchor, [rows[i] for i in kept]
 
 
-def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], classes: list[str],
-              cfg: FusionRecipeConfig) -> None:
-    """The neighbour memory: the tuned vectors of the training rows (cached features) and their category."""
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows if (r.label or {}).get("category") in index]
-    targets = [index[r.label["category"]] for r in rows]
-    kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
+def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], batch_size: int) -> None:
+    """The neighbour memory: the tuned vectors of its rows, read from the filled feature cache."""
     vectors = []
-    for start in range(0, len(kept), cfg.fusion.encode_batch):
-        part = [rows[i] for i in kept[start:start + cfg.fusion.encode_batch]]
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
         batch = featurizer(part, [[] for _ in part])
         views = {v: (batch[f"{v}_tokens"], batch[f"{v}_mask"]) for v in anchor.views}
         vectors.append(Anchor.row_vectors(views, anchor.views))
     anchor.memory.copy_(torch.cat(vectors))
-    anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))

@@ -163,7 +163,7 @@ class Anchor(nn.Module):
         rows = self.row_vectors(views, self.views)
         dim = self.class_vectors.shape[1]
         if "names" in self.cfg.members:
-            title = rows[:, :dim]  # the view the vectors were tuned on
+            title = rows[:, :dim]  # the first view: the title the vectors were tuned on (the text without title_view)
             out["names"] = torch.softmax(self.scale * title @ self.class_vectors.T, -1)
         if "neighbours" in self.cfg.members and self.memory.shape[0]:
             sims = rows @ self.memory.T / len(self.views)  # mean cosine over the views, [B, N]

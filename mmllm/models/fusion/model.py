@@ -222,15 +222,12 @@ class FusionModel(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoders.")}
         save_file(state, str(folder / FUSION_FILE))
         text_id, image_id = self.cfg.text_encoder, self.cfg.image_encoder
-        if tuned_text is not None and tuned_text.text is not None:
-            tuned_text.text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-            tuned_text.tokenizer.save_pretrained(folder / "text_encoder")
+        trained_text = tuned_text if tuned_text is not None else self.encoders  # either travels with the model
+        if trained_text is not None and trained_text.text is not None:
+            trained_text.text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+            trained_text.tokenizer.save_pretrained(folder / "text_encoder")
             text_id = "text_encoder"
-        if self.encoders is not None:  # fine-tuned end to end: the encoders travel with the model
-            if self.encoders.text is not None:
-                self.encoders.text.save_pretrained(folder / "text_encoder")
-                self.encoders.tokenizer.save_pretrained(folder / "text_encoder")
-                text_id = "text_encoder"
+        if self.encoders is not None:  # fine-tuned end to end: the image encoder too
             if self.encoders.image is not None:
                 self.encoders.image.save_pretrained(folder / "image_encoder")
                 self.encoders.image_processor.save_pretrained(folder / "image_encoder")
