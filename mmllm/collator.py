@@ -42,6 +42,7 @@ def set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
 def load_listing_images(listing: Listing, policy: ImagePolicy, max_images: int) -> list[Image.Image]:
     """The listing's first ``max_images`` images; a broken one is dropped with a warning."""
     images = []
+    policy = policy.for_source(listing.source)
     for ref in listing.images[:max_images]:
         try:
             images.append(load_image(ref, policy))

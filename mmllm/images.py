@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -66,6 +66,9 @@ class ImagePolicy:
     allowed_formats: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
     """PIL format names that may be decoded. Checked after the header is parsed and before
     any pixel data is decoded, so exotic decoders (EPS runs Ghostscript) stay unused."""
+    source_roots: tuple[tuple[str, Path], ...] = ()
+    """When ``root`` is unset and rows come from several catalog files: (file name, its folder) pairs,
+    so each row's images resolve in its own catalog's folder (:meth:`for_source`)."""
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_pixels <= 0 or self.remote_timeout_s <= 0:
@@ -73,6 +76,13 @@ class ImagePolicy:
         if self.root is not None:
             object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "allowed_formats", frozenset(f.upper() for f in self.allowed_formats))
+
+    def for_source(self, source: str) -> "ImagePolicy":
+        """The policy for a row read from catalog ``source`` (its file name): its folder as the root."""
+        if self.root is not None or not self.source_roots:
+            return self
+        root = dict(self.source_roots).get(source)
+        return replace(self, root=root, source_roots=()) if root is not None else self
 
 
 class ImageError(ValueError):

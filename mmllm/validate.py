@@ -55,13 +55,19 @@ def checked_rows(
     policy: ImagePolicy | None = None,
     schema: LabelSchema | None = None,
     progress: Progress | None = None,
+    outside: Counter | None = None,
 ) -> Iterator[Listing | RowError]:
-    """The reader's rows with image and label checks applied (each bad row once)."""
+    """The reader's rows with image and label checks applied (each bad row once). With ``outside``,
+    the gold categories not in the schema's taxonomy are counted there (one per row)."""
     for row in reader:
         if isinstance(row, Listing):
             bad = (check_images(row, policy, reader.unit) if policy and row.images else None) or (
                 check_label(row, schema, reader.unit) if schema else None
             )
+            if outside is not None and schema is not None and row.label:
+                category = row.label.get("category")
+                if isinstance(category, str) and category.strip() and schema.canonical_category(category) is None:
+                    outside[category.strip()] += 1
             row = bad or row
         if progress is not None:
             done, _ = reader.progress()
@@ -85,6 +91,7 @@ class CatalogStats:
     seller_attributes: Counter = field(default_factory=Counter)
     label_attributes: Counter = field(default_factory=Counter)
     errors_by_field: Counter = field(default_factory=Counter)
+    outside_taxonomy: Counter = field(default_factory=Counter)  # gold categories the schema lacks (with --schema)
 
     def add(self, row: Listing | RowError) -> None:
         self.rows += 1
@@ -120,6 +127,7 @@ class CatalogStats:
             "label_attribute_coverage": {k: _share(v, self.labelled) for k, v in self.label_attributes.most_common()},
             "seller_attribute_coverage": {k: _share(v, self.valid) for k, v in self.seller_attributes.most_common()},
             "errors_by_field": dict(self.errors_by_field.most_common()),
+            "outside_taxonomy": dict(self.outside_taxonomy.most_common()),
         }
 
     def format(self, top: int = 15) -> str:
@@ -142,6 +150,8 @@ class CatalogStats:
             ("seller attribute coverage (share of valid rows)",
              [(k, f"{v:.1%}") for k, v in list(d["seller_attribute_coverage"].items())[:top]]),
             ("bad rows by field", [(k, f"{v:,}") for k, v in self.errors_by_field.most_common(top)]),
+            ("categories outside the schema's taxonomy (rows)",
+             [(k, f"{v:,}") for k, v in self.outside_taxonomy.most_common(top)]),
         ]
         for title, items in sections:
             if items:
@@ -186,7 +196,8 @@ def run_validate(args: argparse.Namespace) -> int:
     shown = 0
     try:
         with _progress(reader, args, "validate") as progress:
-            for row in checked_rows(reader, policy=policy, schema=schema, progress=progress):
+            for row in checked_rows(reader, policy=policy, schema=schema, progress=progress,
+                                    outside=stats.outside_taxonomy):
                 stats.add(row)
                 if isinstance(row, RowError):
                     if shown < args.show:
@@ -202,6 +213,13 @@ def run_validate(args: argparse.Namespace) -> int:
     if reader.unknown_fields:
         names = ", ".join(f"{k} ({v:,} rows)" for k, v in reader.unknown_fields.most_common(10))
         print(f"note: ignored field(s) outside the row contract: {names}")
+    if stats.outside_taxonomy:
+        counts = stats.outside_taxonomy
+        shown_categories = ", ".join(f"'{c}' ({n:,})" for c, n in counts.most_common(10))
+        more = f" and {len(counts) - 10:,} more" if len(counts) > 10 else ""
+        print(f"{sum(counts.values()):,} rows have a category outside schema '{schema.name}' "
+              f"({len(counts):,} categories): {shown_categories}{more}; training skips them: add the categories "
+              "to the taxonomy or relabel the rows")
     images_note = "rows only" if args.no_images else f"{stats.images:,} images opened"
     verdict = "OK" if stats.invalid == 0 else "FAILED"
     print(f"{verdict}: {stats.valid:,} valid, {stats.invalid:,} invalid of {stats.rows:,} rows ({images_note}) in {args.catalog}")
@@ -212,7 +230,7 @@ def run_stats(args: argparse.Namespace) -> int:
     reader, schema = _open(args)
     stats = CatalogStats(source=str(args.catalog))
     with _progress(reader, args, "stats") as progress:
-        for row in checked_rows(reader, schema=schema, progress=progress):
+        for row in checked_rows(reader, schema=schema, progress=progress, outside=stats.outside_taxonomy):
             stats.add(row)
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False))

@@ -125,3 +125,17 @@ def test_console_script_is_installed():
     assert result.returncode == 0
     for verb in ("catalog", "schema", "finetune", "label", "evaluate", "search", "demo", "tiny"):
         assert verb in result.stdout
+
+
+def test_validate_and_stats_count_categories_outside_the_schema(tmp_path, capsys):
+    catalog = tmp_path / "shop.jsonl"
+    labels = ["Games > Chess", "Garden > Hoses", "Garden > Hoses", "Kitchen > Pans", None]
+    catalog.write_text("".join(json.dumps(row(i, label={"category": c, "attributes": {}} if c else None)) + "\n"
+                               for i, c in enumerate(labels)))
+    assert main(["catalog", "validate", str(catalog), "--schema", str(TOYS_SCHEMA), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert ("3 rows have a category outside schema 'toys' (2 categories): 'Garden > Hoses' (2), 'Kitchen > Pans' (1); "
+            "training skips them") in out
+    assert "FAILED: 2 valid, 3 invalid of 5 rows" in out
+    assert main(["catalog", "stats", str(catalog), "--schema", str(TOYS_SCHEMA), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["outside_taxonomy"] == {"Garden > Hoses": 2, "Kitchen > Pans": 1}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +35,9 @@ log = logging.getLogger("mmllm.finetune")
 class DataConfig:
     """Where the listings, the label schema and the prompt template come from."""
 
-    train: str | None = help_field("examples/amazon_uk_toys/train.jsonl", "labelled catalog to train on (any catalog format)")
+    train: str | list[str] | None = help_field("examples/amazon_uk_toys/train.jsonl",
+                                               "labelled catalog(s) to train on (any catalog format): a path, a glob "
+                                               "or a list of them, read in order")
     dev: str | None = help_field("examples/amazon_uk_toys/dev.jsonl", "labelled catalog for evaluation; null = none")
     schema: str = help_field("examples/toys_schema.yaml", "label schema YAML (taxonomy + attributes)")
     template: str = help_field("listing_v1", "prompt template: a version in prompts/ or a YAML path")
@@ -43,8 +46,10 @@ class DataConfig:
     max_dev_rows: int | None = help_field(None, "use only the first N dev rows")
 
     def __post_init__(self) -> None:
-        if self.train is None or not str(self.train).strip():
-            raise ValueError("data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+        if self.train is None or not [t for t in ([self.train] if isinstance(self.train, str) else self.train)
+                                      if str(t).strip()]:
+            raise ValueError("data.train is not set: give the labelled catalog to train on (data.train=PATH, "
+                             "or data.train=[A, B] for several)")
         for name in ("max_train_rows", "max_dev_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
@@ -101,15 +106,22 @@ def setup(cfg: RecipeConfig) -> Setup:
                          f"{'it' if len(untrained) == 1 else 'them'}")
     policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
     return Setup(accelerator, schema, template, train_rows, dev_rows, trained,
-                 policy_for(cfg.data.train, policy), policy_for(cfg.data.dev, policy), out_dir)
+                 policy_for(train_sources(cfg.data.train), policy), policy_for(cfg.data.dev, policy), out_dir)
 
 
 def load_inputs(cfg: RecipeConfig) -> tuple[LabelSchema, PromptTemplate, list[Listing], list[Listing]]:
     """Schema, template, training and dev rows, and a check of the output folder: everything that
     can fail on the user's inputs, done before a model is built or anything is written."""
-    for key, source in (("data.train", cfg.data.train), ("data.dev", cfg.data.dev)):
-        if source and not Path(source).exists():
-            raise InputError(f"{key}: {source} does not exist; give a labelled catalog ({key}=PATH)")
+    sources = train_sources(cfg.data.train)
+    if not cfg.data.image_root:  # rows know their catalog by file name: two folders' "train.jsonl" would mix up images
+        folders: dict[str, Path] = {}
+        for source in sources:
+            folder = folders.setdefault(Path(source).name, Path(source).resolve().parent)
+            if folder != Path(source).resolve().parent:
+                raise InputError(f"data.train: two catalogs are named {Path(source).name} ({folder} and "
+                                 f"{Path(source).resolve().parent}); rename one, or set data.image_root")
+    if cfg.data.dev and not Path(cfg.data.dev).exists():
+        raise InputError(f"data.dev: {cfg.data.dev} does not exist; give a labelled catalog (data.dev=PATH)")
     try:
         schema = LabelSchema.from_yaml(cfg.data.schema)
     except SchemaError as exc:
@@ -119,50 +131,97 @@ def load_inputs(cfg: RecipeConfig) -> tuple[LabelSchema, PromptTemplate, list[Li
     except (OSError, ValueError) as exc:
         raise InputError(f"data.template: {exc}") from None
     _check_output_dir(Path(cfg.train.output_dir), cfg.train.resume)
-    train_rows = load_training_rows(cfg.data.train, schema, cfg.data.max_train_rows, key="data.train")
+    train_rows = load_training_rows(sources, schema, cfg.data.max_train_rows, key="data.train")
     dev_rows = load_training_rows(cfg.data.dev, schema, cfg.data.max_dev_rows, key="data.dev") if cfg.data.dev else []
     return schema, template, train_rows, dev_rows
 
 
-def load_training_rows(source: str, schema: LabelSchema, limit: int | None, key: str = "data.train") -> list[Listing]:
-    """Labelled listings whose label fits the schema; bad rows are reported and skipped.
+def train_sources(train: str | list[str] | None) -> list[str]:
+    """``data.train`` as the list of catalog files it names: paths and globs (each glob sorted), in order.
 
-    Raises :class:`InputError` naming ``key`` when the catalog cannot be read or no row is usable.
+    Raises :class:`InputError` for a path that does not exist, a glob that matches nothing or a file named twice.
+    """
+    import glob
+
+    items = [train] if isinstance(train, str) else list(train or [])
+    sources: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if glob.has_magic(item):
+            matched = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matched:
+                raise InputError(f"data.train: the pattern {item} matches no file")
+            sources.extend(matched)
+        elif not Path(item).exists():
+            raise InputError(f"data.train: {item} does not exist; give a labelled catalog (data.train=PATH)")
+        else:
+            sources.append(item)
+    if not sources:
+        raise InputError("data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+    seen = [str(Path(s).resolve()) for s in sources]
+    twice = sorted({s for s in seen if seen.count(s) > 1})
+    if twice:
+        raise InputError(f"data.train: {twice[0]} is named twice; its rows would count double")
+    return sources
+
+
+def load_training_rows(source: str | list[str], schema: LabelSchema, limit: int | None,
+                       key: str = "data.train") -> list[Listing]:
+    """Labelled listings whose label fits the schema, from one catalog or several; bad rows are reported
+    (each, and counted by cause: a category outside the taxonomy counted per category) and skipped.
+
+    Raises :class:`InputError` naming ``key`` when a catalog cannot be read or no row is usable.
     """
     rows: list[Listing] = []
     skipped: list[str] = []
-    try:
-        for row in iter_catalog(source):
-            if limit is not None and len(rows) >= limit:
-                break
-            if isinstance(row, RowError):
-                skipped.append(str(row))
-                continue
-            try:
-                target_text(row, schema)
-            except ValueError as exc:
-                skipped.append(str(exc))
-                continue
-            rows.append(row)
-    except CatalogError as exc:
-        raise InputError(f"{key}: {exc}") from None
+    outside: Counter[str] = Counter()  # categories not in the schema: reported with counts, never relabelled
+    sources = [source] if isinstance(source, str) else list(source)
+    for path in sources:
+        try:
+            for row in iter_catalog(path):
+                if limit is not None and len(rows) >= limit:
+                    break
+                if isinstance(row, RowError):
+                    skipped.append(str(row))
+                    continue
+                try:
+                    target_text(row, schema)
+                except ValueError as exc:
+                    skipped.append(str(exc))
+                    category = (row.label or {}).get("category")
+                    if isinstance(category, str) and schema.canonical_category(category) is None:
+                        outside[category.strip()] += 1
+                    continue
+                rows.append(row)
+        except CatalogError as exc:
+            raise InputError(f"{key}: {exc}") from None
+    where = sources[0] if len(sources) == 1 else f"{len(sources)} catalogs ({', '.join(sources)})"
     if not rows and not skipped:
-        raise InputError(f"{key}: {source} holds no rows")
+        raise InputError(f"{key}: {where} holds no rows")
     if not rows:
-        raise InputError(f"{key}: {source} has no usable labelled rows ({len(skipped)} skipped; first: {skipped[0]}); "
+        raise InputError(f"{key}: {where} has no usable labelled rows ({len(skipped)} skipped; first: {skipped[0]}); "
                          "check it with `mmllm catalog validate --schema`")
     for line in skipped[:20]:
         log.warning("skipped: %s", line)
     if len(skipped) > 20:
         log.warning("... and %d more skipped rows (run `mmllm catalog validate --schema`)", len(skipped) - 20)
+    if outside:
+        shown = ", ".join(f"'{c}' ({n})" for c, n in outside.most_common(10))
+        log.warning("%s: %d of %d labelled rows have a category outside schema '%s' and are not trained on: %s%s",
+                    key, sum(outside.values()), len(rows) + len(skipped), schema.name, shown,
+                    f" and {len(outside) - 10} more categories" if len(outside) > 10 else "")
     return rows
 
 
-def policy_for(source: str | None, policy: ImagePolicy) -> ImagePolicy:
-    """Images resolve in data.image_root, or else in the catalog file's own folder."""
+def policy_for(source: str | list[str] | None, policy: ImagePolicy) -> ImagePolicy:
+    """Images resolve in data.image_root, or else in the folder of the catalog file each row came from."""
     if policy.root is not None or source is None:
         return policy
-    return replace(policy, root=Path(source).resolve().parent)
+    sources = [source] if isinstance(source, str) else list(source)
+    if len(sources) == 1:
+        return replace(policy, root=Path(sources[0]).resolve().parent)
+    return replace(policy, source_roots=tuple((Path(s).name, Path(s).resolve().parent) for s in sources))
 
 
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
