@@ -1,7 +1,7 @@
 """The ``mmllm`` command: one verb per job, each a thin layer over a module.
 
     mmllm catalog validate|stats FILE     check / describe a catalog dump
-    mmllm schema infer|check|json-schema  draft, check or export a label schema
+    mmllm schema infer|import|export|check|json-schema   draft, import (Shopify / Google taxonomy), check or export a schema
     mmllm tiny OUT --arch ...             tiny random checkpoint (tests and smoke runs only)
     mmllm finetune|label|evaluate|search|demo ...   the jobs (also `python -m mmllm.<job>`)
 
@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=_fraction, default=0.8,
                    help="share of rows (0-1) where a seller-table key's value must equal the gold for it to be proposed")
     p.set_defaults(run=_schema_infer)
+    p = schema.add_parser("import", help="a label schema from a Shopify or Google product taxonomy file")
+    p.add_argument("taxonomy", type=Path, help="taxonomy text file: 'gid://shopify/TaxonomyCategory/ID : A > B' "
+                                               "or 'ID - A > B' lines")
+    p.add_argument("-o", "--out", type=Path, required=True, help="write the schema YAML here (never overwritten)")
+    p.add_argument("--format", choices=["shopify", "google"], help="the file's format (default: detected)")
+    p.add_argument("--depth", type=int, help="cut the tree at this many levels (categories: the leaves of the cut tree)")
+    p.add_argument("--under", metavar="PATH", help="keep only the subtree under this path (e.g. 'Toys & Games')")
+    p.add_argument("--attributes", type=Path, help="YAML with an 'attributes' mapping (as in a schema) to add")
+    p.add_argument("--name", help="schema name (default: the file's name)")
+    p.set_defaults(run=_schema_import)
+    p = schema.add_parser("export", help="write an imported schema's taxonomy back as Shopify or Google lines")
+    p.add_argument("schema", type=Path)
+    p.add_argument("--format", choices=["shopify", "google"], help="default: the format it was imported from")
+    p.set_defaults(run=_schema_export)
     p = schema.add_parser("check", help="load a schema and summarize it")
     p.add_argument("schema", type=Path)
     p.set_defaults(run=_schema_check)
@@ -177,6 +191,46 @@ def _schema_check(args: argparse.Namespace) -> int:
     for a in schema.attributes:
         extra = f" {list(a.values)}" if a.values else ""
         print(f"  {a.name:<22} {a.type:<8} {a.description}{extra}")
+    return 0
+
+
+def _schema_import(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mmllm.taxonomies import read_taxonomy, taxonomy_schema
+
+    if args.out.exists():
+        return _fail(f"{args.out} exists; choose another --out (a schema file is never overwritten)")
+    fmt, nodes = read_taxonomy(args.taxonomy, args.format)
+    attributes = None
+    if args.attributes:
+        try:
+            data = yaml.safe_load(args.attributes.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            return _fail(f"{args.attributes}: cannot read the attributes: {exc}")
+        if not isinstance(data, dict) or not isinstance(data.get("attributes"), dict):
+            return _fail(f"{args.attributes}: expected a mapping with an 'attributes' mapping (as in a label schema)")
+        try:
+            attributes = data["attributes"]
+            taxonomy_schema(nodes[:1], name="check", fmt=fmt, attributes=attributes)
+        except SchemaError as exc:
+            return _fail(f"{args.attributes}: {exc}")
+    schema = taxonomy_schema(nodes, name=args.name or args.taxonomy.stem, fmt=fmt, source=args.taxonomy.name,
+                             depth=args.depth, under=args.under, attributes=attributes)
+    header = (f"# Imported by `mmllm schema import {args.taxonomy}` ({fmt} format"
+              + (f", --depth {args.depth}" if args.depth else "") + (f", --under {args.under!r}" if args.under else "")
+              + ").\n# category_ids: the taxonomy's id of every kept node; labels records carry it as category_id.\n")
+    schema.to_yaml(args.out, header=header)
+    print(f"wrote {args.out}: {len(schema.categories)} categories ({len(schema.category_ids)} nodes with ids), "
+          f"{len(schema.attributes)} attributes, from {len(nodes)} {fmt} taxonomy lines")
+    return 0
+
+
+def _schema_export(args: argparse.Namespace) -> int:
+    from mmllm.schema import LabelSchema
+    from mmllm.taxonomies import write_taxonomy
+
+    sys.stdout.write(write_taxonomy(LabelSchema.from_yaml(args.schema), args.format))
     return 0
 
 

@@ -197,7 +197,11 @@ class LabelSchema:
     name: str = "schema"
     version: str = "1"
     description: str = ""
+    category_ids: dict[str, str] = field(default_factory=dict)
+    """A standard taxonomy's id of each node (``mmllm schema import``): every category's, and its parents'."""
+    taxonomy_format: str = ""  # "shopify" / "google" when imported: the format the ids are written in
     _by_key: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    _id_by_key: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.categories:
@@ -212,6 +216,13 @@ class LabelSchema:
         names = [a.name for a in self.attributes]
         if len(set(names)) != len(names):
             raise SchemaError(f"schema '{self.name}': attribute names repeat: {names}")
+        if self.category_ids:
+            ids = {_clean_path(str(k)): str(v) for k, v in self.category_ids.items()}
+            missing = [c for c in self.categories if c not in ids]
+            if missing:
+                raise SchemaError(f"schema '{self.name}': category '{missing[0]}' has no id in category_ids")
+            object.__setattr__(self, "category_ids", ids)
+            self._id_by_key.update((_category_key(path), i) for path, i in ids.items())
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -236,7 +247,8 @@ class LabelSchema:
     def from_dict(cls, data: Any) -> "LabelSchema":
         if not isinstance(data, Mapping):
             raise SchemaError("a label schema is a mapping with 'taxonomy' and 'attributes'")
-        unknown = set(data) - {"name", "version", "description", "taxonomy", "attributes"}
+        unknown = set(data) - {"name", "version", "description", "taxonomy", "attributes", "category_ids",
+                               "taxonomy_format"}
         if unknown:
             raise SchemaError(f"unknown top-level key(s) {sorted(unknown)}")
         specs = data.get("attributes") or {}
@@ -279,6 +291,8 @@ class LabelSchema:
             name=str(data.get("name", "schema")),
             version=str(data.get("version", "1")),
             description=str(data.get("description", "")).strip(),
+            category_ids=_category_ids(data.get("category_ids")),
+            taxonomy_format=str(data.get("taxonomy_format") or ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,6 +318,8 @@ class LabelSchema:
             "description": self.description,
             "taxonomy": list(self.categories),
             "attributes": attrs,
+            **({"taxonomy_format": self.taxonomy_format} if self.taxonomy_format else {}),
+            **({"category_ids": dict(self.category_ids)} if self.category_ids else {}),
         }
 
     def to_yaml(self, path: str | Path, header: str = "") -> None:
@@ -320,6 +336,10 @@ class LabelSchema:
             if a.name == name:
                 return a
         raise KeyError(name)
+
+    def category_id(self, category: str | None) -> str | None:
+        """The standard taxonomy's id of a category or of a parent node (an imported schema), or None."""
+        return self._id_by_key.get(_category_key(category)) if isinstance(category, str) else None
 
     def canonical_category(self, category: str) -> str | None:
         """The taxonomy's spelling of ``category`` (spacing and case forgiven), or None."""
@@ -453,6 +473,14 @@ def _flatten_taxonomy(node: Any, prefix: str = "") -> list[str]:
             out.extend(_flatten_taxonomy(child, path))
         return out
     raise SchemaError(f"taxonomy entries are paths or nested mappings, got {type(node).__name__}")
+
+
+def _category_ids(data: Any) -> dict[str, str]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping) or any(isinstance(v, (list, dict)) or v is None for v in data.values()):
+        raise SchemaError("'category_ids' maps each category path to its id (a string)")
+    return {str(k): str(v) for k, v in data.items()}
 
 
 def _clean_path(path: str) -> str:

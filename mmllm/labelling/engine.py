@@ -240,7 +240,11 @@ def finish(predictor: Any, prepared: Prepared, emit: Callable[[Record], None], o
     if summary is not None:
         summary.model_s += time.perf_counter() - started
         summary.prepare_s += prepared.seconds
+    schema = getattr(predictor, "schema", None)
+    ids = getattr(schema, "category_ids", None)
     for listing, prediction in zip(prepared.listings, predictions):
+        if ids and prediction.get("category"):  # an imported standard taxonomy: its id beside the path
+            prediction = {**prediction, "category_id": schema.category_id(prediction["category"])}
         emit({"id": listing.id, **prediction, "source": listing.source, "line": listing.line})
 
 
