@@ -6,6 +6,10 @@
 Category: accuracy, macro-F1, weighted-F1, accuracy per taxonomy level, hierarchical F1 (credit
 for the shared prefix of the ``" > "`` path: precision / recall over the path's ancestor sets,
 Kiritchenko et al. 2006), top-k accuracy when predictions carry ranked ``top_k`` categories.
+The hierarchical F1 is the one MLPerf Inference's product-catalogue task reports: per row the
+longest common prefix of the two paths (= the shared ancestors), summed over rows, over the summed
+predicted path lengths (precision) and gold path lengths (recall); an unparsable answer predicts
+nothing and scores 0 (``tests/test_evaluate.py`` checks it by hand), so a figure sits beside theirs.
 Attributes: per attribute precision, recall and F1 (numbers match within ``--tolerance``),
 coverage (the model states a value where the gold has one) and invention (it states one where
 the gold has none). JSON validity, error rows and rows missing from the predictions. Headline
@@ -239,7 +243,8 @@ def category_metrics(gold: Sequence[str | None], pred: Sequence[str | None]) -> 
 
 
 def hierarchical_prf(gold: Sequence[str | None], pred: Sequence[str | None]) -> dict[str, float]:
-    """Precision / recall / F1 over ancestor sets: "A > B" vs "A > C" shares {"A"} (1 of 2)."""
+    """Precision / recall / F1 over ancestor sets: "A > B" vs "A > C" shares {"A"} (1 of 2). Micro-summed over
+    rows, which is MLPerf's product-catalogue hierarchical F1 (longest common prefix / path lengths)."""
     shared = predicted = relevant = 0
     for g, p in zip(gold, pred):
         if g is None:

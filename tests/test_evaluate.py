@@ -52,6 +52,31 @@ def test_category_metrics_by_hand():
     assert h["f1"] == pytest.approx(2 * (5 / 6) * (5 / 8) / (5 / 6 + 5 / 8))
 
 
+def test_hierarchical_f1_is_mlperfs_product_catalogue_definition(tmp_path):
+    """MLPerf Inference's product-catalogue task: per row, the longest common prefix of the " > " paths;
+    precision = that length summed over rows / the predicted path lengths summed, recall = / the gold path
+    lengths summed; an unparsable answer predicts nothing (0 shared, 0 predicted). By hand, on paths of
+    different depths, through `mmllm evaluate` itself."""
+    gold = [("r1", "A > B > C", {}), ("r2", "A > B > C", {}), ("r3", "A > D", {}), ("r4", "E", {}),
+            ("r5", "E > F > G > H", {})]
+    preds = [{"id": "r1", "category": "A > B > C", "attributes": {}, "status": "ok"},      # lcp 3, |p| 3, |g| 3
+             {"id": "r2", "category": "A > X", "attributes": {}, "status": "ok"},          # lcp 1, |p| 2, |g| 3
+             {"id": "r3", "category": "A > D > Z", "attributes": {}, "status": "ok"},      # lcp 2, |p| 3, |g| 2
+             {"id": "r4", "category": "Q > R", "attributes": {}, "status": "ok"},          # lcp 0, |p| 2, |g| 1
+             {"id": "r5", "status": "invalid", "raw": "{not json", "error": "invalid JSON"}]  # 0, 0, |g| 4
+    lcp, predicted, relevant = 3 + 1 + 2 + 0 + 0, 3 + 2 + 3 + 2 + 0, 3 + 3 + 2 + 1 + 4
+    precision, recall = lcp / predicted, lcp / relevant
+    pred_path, gold_path = write(tmp_path, preds, gold)
+    out = tmp_path / "report"
+    assert main(["--pred", str(pred_path), "--gold", str(gold_path), "--report", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    h = metrics["category"]["hierarchical"]
+    assert h["precision"] == pytest.approx(precision) and h["recall"] == pytest.approx(recall)
+    assert h["f1"] == pytest.approx(2 * precision * recall / (precision + recall)) == metrics["hierarchical_f1"]
+    assert metrics["category"]["per_level_accuracy"] == {"1": 3 / 5, "2": 2 / 4, "3": 1 / 3, "4": 0.0}
+    assert "| 1 | 0.6000 |" in (out / "report.md").read_text()
+
+
 def test_hierarchical_partial_credit_and_empty_predictions():
     assert hierarchical_prf(["A > B > C"], ["A > B > D"]) == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
     assert hierarchical_prf(["A > B"], [None]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
