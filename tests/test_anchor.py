@@ -119,20 +119,24 @@ def test_memory_sample_is_stratified_and_bounded():
 
 
 @pytest.mark.slow
-def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path):
+def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     """The default recipe with the anchor: the tuned encoder is saved as safetensors in the folder,
-    a fresh load predicts exactly what the trained model predicts, and the members vote."""
+    a fresh load predicts exactly what the trained model predicts, and the members vote. With a shared
+    cache (fusion.cache_dir), a second run into another folder reads the tuning instead of redoing it."""
     from mmllm.catalog import iter_catalog
     from mmllm.finetune import finetune, load_recipe_config
     from mmllm.images import ImagePolicy
     from listings import load_model_dir
 
     out = tmp_path / "model"
-    cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
-                             [f"train.output_dir={out}", "data.max_train_rows=48", "data.max_dev_rows=12",
-                              "train.epochs=2", "train.batch_size=16", "fusion.max_text_tokens=48", "eval.loss_rows=12",
-                              "anchor.epochs=2", "grounding.enabled=false"])
+    settings = ["data.max_train_rows=48", "data.max_dev_rows=12", "train.epochs=2", "train.batch_size=16",
+                "fusion.max_text_tokens=48", "eval.loss_rows=12", "anchor.epochs=2", "grounding.enabled=false",
+                f"fusion.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", [f"train.output_dir={out}", *settings])
     finetune(cfg)
+    assert "text encoder tuned on 48 titles x 2 epochs" in capsys.readouterr().out
+    stores = [p for p in (tmp_path / "cache" / "tuned").iterdir()]
+    assert len(stores) == 1 and {f.name for f in stores[0].iterdir()} == {"encoder.safetensors", "anchor.safetensors"}
     saved = json.loads((out / "fusion.json").read_text())
     assert saved["fusion"]["text_encoder"] == "text_encoder" and saved["anchor"]["memory_size"] == 48
     assert saved["anchor"]["members"] == ["heads", "names", "neighbours"]
@@ -152,3 +156,15 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path):
     assert all(r["status"] == "ok" for r in records)
     again = load_model_dir(out, device="cpu").predict(rows, ImagePolicy(root=ROOT))
     assert [r["top_k"] for r in again] == [r["top_k"] for r in records]
+    # a rerun with the same data, tuning settings and seed (another head setting, another folder): read, not tuned
+    capsys.readouterr()
+    second = tmp_path / "second"
+    finetune(load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
+                                [f"train.output_dir={second}", *settings, "anchor.neighbours=5"]))
+    captured = capsys.readouterr()
+    assert "text encoder read from the tuning cache" in captured.out
+    assert "tune text encoder" not in captured.out + captured.err
+    assert "encoder features: 0 computed" in captured.out  # the tuned weights are the same: so are their features
+    reread = load_model_dir(second, device="cpu")
+    assert fingerprint(getattr(reread, "inner", reread).featurizer.encoders.text) == fingerprint(
+        inner.featurizer.encoders.text)

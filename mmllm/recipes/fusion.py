@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 
 from mmllm import model_dir
 from mmllm.config import help_field
 from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
-from mmllm.models.fusion.anchor import Anchor, AnchorConfig, fingerprint, memory_sample, tune_encoder
+from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, memory_sample, save_tuned, tune_encoder,
+                                        tuned_store)
+from mmllm.models.fusion.lexicon import Lexicon, LexiconConfig, Vectorizer, fit_lexicon
 from mmllm.progress import Progress
 from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
@@ -54,6 +57,7 @@ class FusionRecipeConfig:
     heads: heads.HeadsConfig = field(default_factory=heads.HeadsConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    lexicon: LexiconConfig = field(default_factory=LexiconConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def __post_init__(self) -> None:
@@ -72,7 +76,8 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
     anchor, memory_rows = None, []
     if cfg.anchor.epochs and encoders.text is not None and "text" in fc.modalities:
-        anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg)
+        # the tuned weights are kept only in a shared cache (fusion.cache_dir), not in each output folder
+        anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg, Path(fc.cache_dir) if fc.cache_dir else None)
     featurizer = fusion.Featurizer(encoders, fc, cache, remember_rows=True)  # every epoch reads the same rows
     names = None
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
@@ -94,12 +99,14 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                            f"in {time.perf_counter() - started:.1f} s")
     if anchor is not None:
         _remember(anchor, featurizer, memory_rows, fc.encode_batch)
+    if cfg.lexicon.enabled:
+        model.lexicon = _lexicon(s, specs, featurizer, cfg)
     summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
                                      cfg.heads)
     if summary["interrupted"]:
         return summary
     if s.accelerator.is_main_process:
-        unwrapped.save(s.out_dir, tuned_text=encoders if anchor is not None else None)
+        unwrapped.save(s.out_dir, tuned_text=encoders if anchor is not None else None, vectorizer=featurizer.lexicon)
         model_dir.write_folder(s.out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,
                                model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
@@ -110,18 +117,31 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     return summary
 
 
-def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionRecipeConfig) -> tuple[Anchor, list[Any]]:
+def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionRecipeConfig,
+          cache_folder: Path | None) -> tuple[Anchor, list[Any]]:
     """Name-anchored tuning of the text encoder on the training titles (in place); the anchor
     module with the tuned class vectors and its memory's labels, and the rows whose vectors fill
-    that memory once the cache holds them (``_remember``)."""
+    that memory once the cache holds them (``_remember``). With a shared cache folder, the tuned
+    weights are kept under ``tuned/`` by a hash of everything the tuning reads: a rerun (another head
+    setting, another output folder) reads them instead of tuning again."""
     index = {c: i for i, c in enumerate(classes)}
     rows = [r for r in s.train_rows if (r.label or {}).get("category") in index]
     targets = [index[r.label["category"]] for r in rows]
     started = time.perf_counter()
-    with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
-                  enabled=s.accelerator.is_main_process) as progress:
-        vectors, scale = tune_encoder(encoders, [r.title for r in rows], targets,
-                                      [fusion.category_name(c) for c in classes], cfg.anchor, cfg.train.seed, progress)
+    names = [fusion.category_name(c) for c in classes]
+    titles = [r.title for r in rows]
+    stored = tuned_store(cache_folder, encoders.text_id, titles, targets, names, cfg.anchor, cfg.train.seed)
+    if stored is not None and stored.is_dir():  # the same titles, categories, settings and seed: tuned before
+        encoders.text.load_state_dict(load_file(str(stored / "encoder.safetensors")))
+        saved = load_file(str(stored / "anchor.safetensors"))
+        vectors, scale, how = saved["class_vectors"], float(saved["scale"]), "read from the tuning cache"
+    else:
+        with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
+                      enabled=s.accelerator.is_main_process) as progress:
+            vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress)
+        how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs"
+        if stored is not None and s.accelerator.is_main_process:
+            save_tuned(stored, encoders.text, vectors, scale)
     encoders.text_id = fingerprint(encoders.text)  # tuned features never mix with the frozen encoder's in the cache
     kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
     views = ["title", "text"] if cfg.fusion.title_view else ["text"]
@@ -129,9 +149,24 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     anchor.class_vectors.copy_(vectors.cpu())
     anchor.scale.fill_(scale)
     anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))
-    say(s.accelerator, f"text encoder tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs in "
-                       f"{time.perf_counter() - started:.1f} s ({encoders.text_id})")
+    say(s.accelerator, f"text encoder {how} in {time.perf_counter() - started:.1f} s ({encoders.text_id})")
     return anchor, [rows[i] for i in kept]
+
+
+def _lexicon(s: Any, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer, cfg: FusionRecipeConfig) -> Lexicon:
+    """The convex bag-of-words member: TF-IDF of the training rows, one logistic regression per softmax
+    head; the featurizer adds its columns to every batch from now on (dev evaluation, prediction)."""
+    started = time.perf_counter()
+    vectorizer = Vectorizer.fit(s.train_rows, cfg.lexicon)
+    targets = heads.encode_targets(specs, [r.label for r in s.train_rows], s.schema)
+    softmax = [(sp.name, len(sp.classes)) for sp in specs if sp.kind == "softmax" and sp.classes]
+    lexicon, chosen = fit_lexicon(vectorizer.matrix(s.train_rows), targets, softmax, cfg.lexicon, cfg.train.seed,
+                                  say=lambda text: say(s.accelerator, text))
+    featurizer.lexicon = vectorizer
+    picked = ", ".join(f"{n} C={c:g}" for n, c in chosen.items())
+    say(s.accelerator, f"lexical member: {vectorizer.size:,} n-grams, {len(chosen)} heads ({picked}) "
+                       f"in {time.perf_counter() - started:.1f} s")
+    return lexicon
 
 
 def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], batch_size: int) -> None:

@@ -24,11 +24,14 @@ classes, and averaging them needs no held-out rows (README: the ablation and the
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from mmllm.config import help_field
@@ -122,6 +125,36 @@ def fingerprint(module: nn.Module) -> str:
     return "tuned:" + h.hexdigest()[:16]
 
 
+TUNING_FIELDS = ("epochs", "lr", "class_lr", "batch_size", "max_title_tokens", "scale", "label_smoothing")
+
+
+def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], targets: Sequence[int],
+                class_names: Sequence[str], cfg: AnchorConfig, seed: int) -> Path | None:
+    """Where a tuning's result is kept in a feature-cache folder: ``tuned/<hash>`` of the base encoder,
+    the (title, category) pairs, the category names, the tuning settings and the seed (the members and
+    the neighbour settings act at prediction only and are not part of it). None without a folder."""
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    settings = {"encoder": encoder_id, "seed": seed, "torch": torch.__version__.split("+")[0],
+                **{k: getattr(cfg, k) for k in TUNING_FIELDS}}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for part in (class_names, titles, [str(t) for t in targets]):
+        h.update(json.dumps(list(part), ensure_ascii=False).encode())
+    return Path(folder) / "tuned" / h.hexdigest()[:24]
+
+
+def save_tuned(store: Path, text: nn.Module, vectors: torch.Tensor, scale: float) -> None:
+    """Write a tuning's result (safetensors), whole or not at all: a stopped write leaves no store."""
+    partial = store.with_name(store.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()},
+              str(partial / "encoder.safetensors"))
+    save_file({"class_vectors": vectors.detach().cpu().contiguous(), "scale": torch.tensor(float(scale))},
+              str(partial / "anchor.safetensors"))
+    partial.rename(store)
+
+
 def memory_sample(targets: Sequence[int], limit: int, seed: int) -> list[int]:
     """Row indices kept for the neighbour vote: all of them up to ``limit``, else a class-stratified
     sample (every class keeps at least one row, the rest in proportion)."""
@@ -174,10 +207,12 @@ class Anchor(nn.Module):
             out["neighbours"] = votes / votes.sum(-1, keepdim=True)
         return out
 
-    def mix(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Log of the mean of the members' distributions: the category logits at prediction."""
+    def mix(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Log of the mean of the members' distributions (and of ``extra`` ones: the lexical member's):
+        the category logits at prediction."""
         members = self.members(head_logits, views)
-        mean = torch.stack(list(members.values())).mean(0)
+        mean = torch.stack([*members.values(), *(e.float() for e in extra)]).mean(0)
         return torch.log(mean.clamp_min(1e-12)).to(head_logits.dtype)
 
     def settings(self) -> dict[str, Any]:
