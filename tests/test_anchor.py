@@ -80,6 +80,9 @@ def test_members_vote_and_mix_is_the_log_of_their_mean():
     heads = torch.tensor([[0.0, 0.0, 0.0]])
     votes = anchor.members(heads, views)
     assert set(votes) == {"heads", "names", "neighbours"}
+    assert inner.model.lexicon is not None and "lexicon_ids" in enc  # it votes too (FusionModel.forward)
+    lexical = inner.model.lexicon(enc["lexicon_ids"], enc["lexicon_weights"])
+    assert lexical["category"].shape == (len(rows), len(inner.model.specs[0].classes))
     for p in votes.values():
         assert torch.allclose(p.sum(-1), torch.ones(1), atol=1e-6)
     assert torch.allclose(votes["heads"], torch.full((1, 3), 1 / 3))
@@ -131,7 +134,7 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     out = tmp_path / "model"
     settings = ["data.max_train_rows=48", "data.max_dev_rows=12", "train.epochs=2", "train.batch_size=16",
                 "fusion.max_text_tokens=48", "eval.loss_rows=12", "anchor.epochs=2", "grounding.enabled=false",
-                f"fusion.cache_dir={tmp_path / 'cache'}"]
+                f"fusion.cache_dir={tmp_path / 'cache'}", "lexicon.enabled=true"]
     cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", [f"train.output_dir={out}", *settings])
     finetune(cfg)
     assert "text encoder tuned on 48 titles x 2 epochs" in capsys.readouterr().out
@@ -141,6 +144,8 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     assert saved["fusion"]["text_encoder"] == "text_encoder" and saved["anchor"]["memory_size"] == 48
     assert saved["anchor"]["members"] == ["heads", "names", "neighbours"]
     assert (out / "text_encoder" / "model.safetensors").is_file()
+    # the lexical member: its vocabulary beside the weights, one regression per head that has two classes
+    assert (out / "lexicon.json").is_file() and "category" in saved["lexicon"]
     assert not list((out / "text_encoder").glob("*.bin"))
     rows = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl")))[:6]
     predictor = load_model_dir(out, device="cpu")
@@ -152,6 +157,9 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
         views = inner.model.text_views(enc)
         votes = inner.model.anchor.members(torch.zeros(len(rows), len(inner.model.specs[0].classes)), views)
     assert set(votes) == {"heads", "names", "neighbours"}
+    assert inner.model.lexicon is not None and "lexicon_ids" in enc  # it votes too (FusionModel.forward)
+    lexical = inner.model.lexicon(enc["lexicon_ids"], enc["lexicon_weights"])
+    assert lexical["category"].shape == (len(rows), len(inner.model.specs[0].classes))
     records = predictor.predict(rows, ImagePolicy(root=ROOT))
     assert all(r["status"] == "ok" for r in records)
     again = load_model_dir(out, device="cpu").predict(rows, ImagePolicy(root=ROOT))

@@ -173,6 +173,7 @@ class Featurizer:
     cfg: FeatureSettings  # a FusionConfig
     cache: FeatureCache | None = None  # frozen mode: features; None with freeze=false: raw inputs
     remember_rows: bool = False  # keep each row's hashed features (training: every epoch reads the same rows)
+    lexicon: Any = None  # the lexical member's Vectorizer: adds its TF-IDF columns to each batch
     _rows: dict[int, tuple[Listing, Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -194,6 +195,8 @@ class Featurizer:
                 for i, (a, w) in enumerate(bags):
                     ids[i, : len(a)], weights[i, : len(w)] = torch.tensor(a, dtype=torch.long), torch.tensor(w)
                 batch.update(lexical_ids=ids, lexical_weights=weights)
+        if self.lexicon is not None:
+            batch["lexicon_ids"], batch["lexicon_weights"] = self.lexicon.batch(listings)
         if "image" in use and self.encoders.image is not None:
             if self.cfg.freeze:
                 feats = self._cached(listings, "image", [_hash_images(r, im) for r, im in zip(listings, images)],

@@ -41,6 +41,7 @@ from mmllm.images import ImagePolicy
 from mmllm.predictor import predict_in_batches
 from mmllm.models.fusion.anchor import Anchor, AnchorConfig
 from mmllm.models.fusion.encoders import AttributeEncoder, Encoders, Featurizer
+from mmllm.models.fusion.lexicon import LEXICON_FILE, Lexicon, Vectorizer
 from mmllm.models.fusion.layers import FUSIONS
 from mmllm.models.heads import HeadSpec, encode_targets, head_probabilities, json_number, pool, prediction_record
 from mmllm.schema import LabelSchema
@@ -99,7 +100,7 @@ class FusionModel(nn.Module):
 
     def __init__(self, cfg: FusionConfig, specs: list[HeadSpec], text_dim: int, image_dim: int,
                  encoders: Encoders | None = None, label_vectors: torch.Tensor | None = None,
-                 anchor: Anchor | None = None) -> None:
+                 anchor: Anchor | None = None, lexicon: Lexicon | None = None) -> None:
         super().__init__()
         self.cfg, self.specs = cfg, specs
         self.modalities = [m for m in MODALITIES if m in cfg.modalities and (m != "image" or image_dim)]
@@ -127,6 +128,7 @@ class FusionModel(nn.Module):
             self.label_vectors = torch.zeros(shape) if label_vectors is None else label_vectors.float()
             self.label_scale = nn.Parameter(torch.tensor(float(cfg.label_prior_scale)))
         self.anchor = anchor  # name-anchored members (tuned encoder): they vote beside the heads at prediction
+        self.lexicon = lexicon  # the convex bag-of-words member (``lexicon``): votes on every head it fits
         self.temperature = 1.0
         self.last_weights: torch.Tensor | None = None
 
@@ -211,14 +213,23 @@ class FusionModel(nn.Module):
         logits = {name: head(fused) for name, head in self.heads.items()}
         if self.label_vectors is not None and views:
             logits["category"] = logits["category"] + self.label_prior(views)
+        lexical = {}
+        if self.lexicon is not None and not self.training and "lexicon_ids" in batch:  # the convex member votes
+            lexical = {n: torch.softmax(v.float(), -1) for n, v in
+                       self.lexicon(batch["lexicon_ids"], batch["lexicon_weights"]).items()}
         if self.anchor is not None and not self.training and views:  # training fits the heads alone
-            logits["category"] = self.anchor.mix(logits["category"], views)
+            extra = [lexical.pop("category")] if "category" in lexical else []
+            logits["category"] = self.anchor.mix(logits["category"], views, extra)
+        for name, q in lexical.items():  # mean of the two distributions, as log-probabilities
+            mean = (torch.softmax(logits[name].float(), -1) + q) / 2
+            logits[name] = torch.log(mean.clamp_min(1e-12)).to(logits[name].dtype)
         return logits
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: Path, tuned_text: Encoders | None = None) -> None:
+    def save(self, folder: Path, tuned_text: Encoders | None = None, vectorizer: Vectorizer | None = None) -> None:
         """Weights (safetensors) + ``fusion.json``; a fine-tuned text encoder (end to end, or
-        ``tuned_text`` by the anchor) is saved beside them as ``text_encoder/``."""
+        ``tuned_text`` by the anchor) is saved beside them as ``text_encoder/``; the lexical member's
+        vocabulary (``vectorizer``) as ``lexicon.json``."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoders.")}
         save_file(state, str(folder / FUSION_FILE))
         text_id, image_id = self.cfg.text_encoder, self.cfg.image_encoder
@@ -237,8 +248,13 @@ class FusionModel(nn.Module):
                   "image_dim": self.proj["image"][1].in_features if "image" in self.proj else 0,
                   "temperature": self.temperature, "modalities": self.modalities,
                   "heads": [s.__dict__ for s in self.specs],
-                  "anchor": self.anchor.settings() if self.anchor is not None else None}
+                  "anchor": self.anchor.settings() if self.anchor is not None else None,
+                  "lexicon": self.lexicon.shapes() if self.lexicon is not None else None}
         (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2, default=json_number))
+        if self.lexicon is not None:
+            if vectorizer is None:
+                raise ValueError("a model with a lexical member is saved with its vectorizer")
+            (folder / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False))
 
 
 def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = None,
@@ -261,13 +277,17 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
         saved_anchor = dict(config["anchor"])
         views, size = saved_anchor.pop("views"), saved_anchor.pop("memory_size")
         anchor = Anchor(AnchorConfig(**saved_anchor), len(specs[0].classes), config["text_dim"], size, views)
-    model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor)
+    lexicon = vectorizer = None
+    if config.get("lexicon"):
+        lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()})
+        vectorizer = Vectorizer.from_dict(json.loads((folder / LEXICON_FILE).read_text(encoding="utf-8")))
+    model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon)
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
     model.temperature = float(config["temperature"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     encoders.to(device).eval()
-    return FusionPredictor(model, Featurizer(encoders, cfg), schema,
+    return FusionPredictor(model, Featurizer(encoders, cfg, lexicon=vectorizer), schema,
                            max_images=4 if encoders.image is not None else 0, untrained=tuple(untrained))
 
 

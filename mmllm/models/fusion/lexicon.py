@@ -1,0 +1,263 @@
+"""The lexical member: a convex bag-of-words model beside the fusion heads, one per softmax head.
+
+Why: on catalogs where the answer is a word of the listing (a brand in the title, a size, a named
+product line), TF-IDF + logistic regression is a strong, stable baseline, and the fusion heads, which read
+the words through a small jointly trained hashed bag, do not always match it (README: the other-schema
+catalog). So the recipe fits that model itself and lets it vote:
+
+* :class:`Vectorizer`: TF-IDF over word uni/bigrams and within-word character 3-5 grams of the title,
+  the description (its first ``max_chars``) and the seller table, vocabulary from the training rows
+  (characters: ``min_df`` rows or more), sublinear term frequency, smooth idf, each block L2-normalized;
+* :func:`fit_lexicon`: multinomial logistic regression per softmax head (category, enum, boolean,
+  numeric bins; with the heads' own classes, ``<not stated>`` included), L2-penalized as scikit-learn's
+  ``C`` (loss = mean cross-entropy + ||W||^2 / (2 C N)), trained to convergence by full-batch L-BFGS;
+  with several ``C`` candidates one is chosen per head by k-fold cross-validation on the training rows
+  (log-loss), never on dev;
+* :class:`Lexicon`: the weights as buffers, saved with the fusion weights (the vocabulary in
+  ``lexicon.json``). At prediction (``FusionModel.forward`` in eval mode) each head's distribution is
+  the mean of its own softmax and this model's (for the category, one more member of the anchor's vote).
+
+A head whose weight matrix would exceed ``max_parameters`` (a taxonomy of thousands of categories over a
+large vocabulary) is left out, and the recipe says so.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mmllm.catalog import Listing
+from mmllm.config import help_field
+
+_WORD = re.compile(r"\w\w+", re.UNICODE)
+LEXICON_FILE = "lexicon.json"
+
+
+@dataclass
+class LexiconConfig:
+    """The fusion recipe's ``lexicon:`` section: the convex bag-of-words member."""
+
+    enabled: bool = help_field(False, "fit TF-IDF + logistic regression per softmax head and let it vote beside "
+                                      "the heads (mean of the distributions) at prediction")
+    c: list[float] = help_field(default_factory=lambda: [10.0],
+                                help="inverse L2 strength (scikit-learn's C); several = chosen per head by k-fold "
+                                     "cross-validation on the training rows")
+    folds: int = help_field(3, "folds of that cross-validation")
+    max_iter: int = help_field(100, "L-BFGS iterations per fit")
+    max_chars: int = help_field(600, "characters of the description read")
+    min_df: int = help_field(2, "rows a character n-gram must occur in to enter the vocabulary")
+    max_features: int = help_field(200_000, "largest vocabulary (the most frequent n-grams)")
+    max_parameters: int = help_field(50_000_000, "largest weight matrix of one head (vocabulary x classes)")
+
+    def __post_init__(self) -> None:
+        if not self.c or any(c <= 0 for c in self.c):
+            raise ValueError(f"lexicon.c must be one or more numbers > 0, got {self.c}")
+        for name in ("folds", "max_iter", "max_chars", "min_df", "max_features", "max_parameters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lexicon.{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.c) > 1 and self.folds < 2:
+            raise ValueError("lexicon.folds must be >= 2 to choose among several lexicon.c")
+
+
+def listing_text(listing: Listing, max_chars: int) -> str:
+    table = " ".join(f"{k} {v}" for k, v in (listing.attributes or {}).items())
+    return " ".join(p for p in (listing.title or "", (listing.description or "")[:max_chars], table) if p).lower()
+
+
+def _grams(text: str) -> tuple[list[str], list[str]]:
+    words = _WORD.findall(text)
+    word_grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    chars = []
+    for w, count in Counter(words).items():
+        padded = f" {w} "
+        for n in (3, 4, 5):
+            chars.extend([padded[i:i + n] for i in range(len(padded) - n + 1)] * count)
+    return word_grams, chars
+
+
+@dataclass
+class Vectorizer:
+    """TF-IDF of word uni/bigrams + character 3-5 grams; each block L2-normalized, concatenated."""
+
+    words: dict[str, int]
+    chars: dict[str, int]
+    idf: list[float]
+    max_chars: int = 600
+    _cache: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.words) + len(self.chars)
+
+    @classmethod
+    def fit(cls, listings: Sequence[Listing], cfg: LexiconConfig) -> "Vectorizer":
+        word_df: Counter[str] = Counter()
+        char_df: Counter[str] = Counter()
+        for listing in listings:
+            w, c = _grams(listing_text(listing, cfg.max_chars))
+            word_df.update(set(w))
+            char_df.update(set(c))
+        char_df = Counter({g: n for g, n in char_df.items() if n >= cfg.min_df})
+        kept = sorted([*(("w", g, n) for g, n in word_df.items()), *(("c", g, n) for g, n in char_df.items())],
+                      key=lambda x: (-x[2], x[0], x[1]))[: cfg.max_features]
+        words = {g: i for i, (_, g, _) in enumerate(sorted((k for k in kept if k[0] == "w"), key=lambda x: x[1]))}
+        chars = {g: len(words) + i for i, (_, g, _) in enumerate(sorted((k for k in kept if k[0] == "c"),
+                                                                        key=lambda x: x[1]))}
+        n = len(listings)
+        idf = [0.0] * (len(words) + len(chars))
+        for table, df in ((words, word_df), (chars, char_df)):
+            for g, i in table.items():
+                idf[i] = math.log((1 + n) / (1 + df[g])) + 1.0
+        return cls(words, chars, idf, cfg.max_chars)
+
+    def row(self, listing: Listing) -> tuple[list[int], list[float]]:
+        """One listing's (column ids, weights), memoized by its text."""
+        text = listing_text(listing, self.max_chars)
+        hit = self._cache.get(text)
+        if hit is not None:
+            return hit
+        ids: list[int] = []
+        weights: list[float] = []
+        for grams, table in zip(_grams(text), (self.words, self.chars)):
+            counts = Counter(table[g] for g in grams if g in table)
+            block = [(i, (1.0 + math.log(k)) * self.idf[i]) for i, k in sorted(counts.items())]
+            norm = math.sqrt(sum(v * v for _, v in block)) or 1.0
+            ids += [i for i, _ in block]
+            weights += [v / norm for _, v in block]
+        if len(self._cache) < 200_000:
+            self._cache[text] = (ids, weights)
+        return ids, weights
+
+    def batch(self, listings: Sequence[Listing]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded [B, L] column ids and weights (padding: id 0, weight 0)."""
+        rows = [self.row(r) for r in listings]
+        width = max([len(ids) for ids, _ in rows] + [1])
+        ids, weights = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width)
+        for i, (a, w) in enumerate(rows):
+            if a:
+                ids[i, : len(a)], weights[i, : len(w)] = torch.tensor(a), torch.tensor(w)
+        return ids, weights
+
+    def matrix(self, listings: Sequence[Listing]) -> torch.Tensor:
+        """[N, V] sparse (COO) TF-IDF matrix of the listings."""
+        rows, cols, vals = [], [], []
+        for r, listing in enumerate(listings):
+            ids, weights = self.row(listing)
+            rows += [r] * len(ids)
+            cols += ids
+            vals += weights
+        return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long), torch.tensor(vals),
+                                       (len(listings), self.size), check_invariants=False).coalesce()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"words": sorted(self.words, key=self.words.get), "chars": sorted(self.chars, key=self.chars.get),
+                "idf": list(self.idf), "max_chars": self.max_chars}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Vectorizer":
+        words = {g: i for i, g in enumerate(data["words"])}
+        chars = {g: len(words) + i for i, g in enumerate(data["chars"])}
+        return cls(words, chars, [float(v) for v in data["idf"]], int(data["max_chars"]))
+
+
+def _fit_one(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, mean CE + ||W||^2 / (2 C N), full-batch L-BFGS: (W [V, C], b [C]).
+    The gradient is written out (X^T (softmax - onehot) / N + W / (C N)) over CSR copies of X and X^T:
+    sparse autograd would be several times slower."""
+    n = y.shape[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        xc, xt = x.to_sparse_csr(), x.t().coalesce().to_sparse_csr()
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-6, tolerance_change=1e-9)
+    penalty = 1.0 / (2.0 * c * n)
+    rows = torch.arange(n)
+
+    @torch.no_grad()
+    def closure() -> torch.Tensor:
+        logp = torch.log_softmax(xc @ w + b, -1)
+        loss = -logp[rows, y].mean() + penalty * (w * w).sum()
+        residual = logp.exp()
+        residual[rows, y] -= 1.0
+        residual /= n
+        w.grad = xt @ residual + 2.0 * penalty * w
+        b.grad = residual.sum(0)
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def _rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    return torch.index_select(x, 0, torch.tensor(keep, dtype=torch.long)).coalesce()
+
+
+def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequence[tuple[str, int]],
+                cfg: LexiconConfig, seed: int, say: Any = print) -> tuple["Lexicon", dict[str, float]]:
+    """One logistic regression per (head name, classes) over ``x`` [N, V] with ``targets[f"target_{name}"]``
+    (-100 = no target); returns the module and the ``C`` chosen per head."""
+    chosen: dict[str, float] = {}
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, classes in heads:
+        y = targets[f"target_{name}"]
+        keep = [i for i, t in enumerate(y.tolist()) if t >= 0]
+        if len({int(y[i]) for i in keep}) < 2:
+            continue  # one class or none: nothing to weigh against the heads
+        if x.shape[1] * classes > cfg.max_parameters:
+            say(f"lexicon: {name} left out ({x.shape[1]:,} n-grams x {classes:,} classes > lexicon.max_parameters)")
+            continue
+        xs, ys = _rows(x, keep), y[keep]
+        c = cfg.c[0]
+        if len(cfg.c) > 1:
+            order = list(range(len(keep)))
+            random.Random(seed).shuffle(order)
+            folds = [order[f::cfg.folds] for f in range(cfg.folds)]
+            losses = {}
+            for candidate in cfg.c:
+                total = 0.0
+                for f, held in enumerate(folds):
+                    fit_on = [i for g, part in enumerate(folds) if g != f for i in part]
+                    w, b = _fit_one(_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter)
+                    logits = torch.sparse.mm(_rows(xs, held), w) + b
+                    total += float(nn.functional.cross_entropy(logits, ys[held], reduction="sum"))
+                losses[candidate] = total / len(keep)
+            c = min(losses, key=losses.get)
+        weights[name] = _fit_one(xs, ys, classes, c, cfg.max_iter)
+        chosen[name] = c
+    lexicon = Lexicon({n: (w.shape[0], w.shape[1]) for n, (w, _) in weights.items()})
+    for name, (w, b) in weights.items():
+        getattr(lexicon, f"weight_{name}").copy_(w)
+        getattr(lexicon, f"bias_{name}").copy_(b)
+    return lexicon, chosen
+
+
+class Lexicon(nn.Module):
+    """The fitted regressions as buffers: ``forward(ids, weights)`` -> logits per head."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]]) -> None:
+        super().__init__()
+        self.names = list(shapes)
+        for name, (size, classes) in shapes.items():
+            self.register_buffer(f"weight_{name}", torch.zeros(size, classes))
+            self.register_buffer(f"bias_{name}", torch.zeros(classes))
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {n: list(getattr(self, f"weight_{n}").shape) for n in self.names}
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.names:
+            table = getattr(self, f"weight_{name}")
+            bag = nn.functional.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+            out[name] = bag + getattr(self, f"bias_{name}")
+        return out

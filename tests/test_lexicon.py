@@ -1,0 +1,71 @@
+"""The lexical member (mmllm/models/fusion/lexicon.py): TF-IDF by hand, logistic regression that matches
+scikit-learn's objective, C chosen by cross-validation on the training rows, and the batch path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmllm.catalog import Listing
+from mmllm.models.fusion.lexicon import LexiconConfig, Vectorizer, fit_lexicon, listing_text
+
+BRANDS = ["hornby", "lego", "corgi"]
+
+
+def _rows(n: int) -> list[Listing]:
+    fillers = ["train set", "city bricks", "die cast bus", "gift box", "starter pack"]
+    return [Listing(id=f"r{i}", title=f"{BRANDS[i % 3].title()} {fillers[i % 5]} number {i}") for i in range(n)]
+
+
+def test_tfidf_by_hand():
+    rows = [Listing(id="a", title="red car"), Listing(id="b", title="red red bus")]
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True, min_df=2))
+    assert set(vec.words) == {"red", "car", "bus", "red car", "red red", "red bus"}
+    assert set(vec.chars) == {" re", "red", "ed ", " red", "red ", " red "}  # in both rows: min_df 2
+    idf_red, idf_car = math.log(3 / 3) + 1, math.log(3 / 2) + 1
+    ids, weights = vec.row(rows[1])
+    got = dict(zip(ids, weights))
+    # words block: red (tf 2, sublinear 1 + ln 2), bus, "red red", "red bus" (tf 1, idf of a one-row n-gram)
+    block = {"red": (1 + math.log(2)) * idf_red, "bus": idf_car, "red red": idf_car, "red bus": idf_car}
+    norm = math.sqrt(sum(v * v for v in block.values()))
+    for gram, value in block.items():
+        assert got[vec.words[gram]] == pytest.approx(value / norm)
+    chars = [got[i] for i in vec.chars.values()]
+    assert sum(v * v for v in chars) == pytest.approx(1.0)  # each block unit length
+    again = Vectorizer.from_dict(vec.to_dict())
+    assert again.row(rows[1]) == (ids, weights) and listing_text(Listing(id="c", title="Red", description="Bus stop", attributes={"Size": "L"}), 3) == "red bus size l"
+
+
+def test_regression_learns_the_words_and_cross_validation_picks_c():
+    rows = _rows(60)
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True))
+    y = torch.tensor([i % 3 for i in range(60)])
+    cfg = LexiconConfig(enabled=True, c=[0.001, 10.0], folds=3)
+    lexicon, chosen = fit_lexicon(vec.matrix(rows), {"target_brand": y, "target_none": torch.full((60,), -100)},
+                                  [("brand", 3), ("none", 2)], cfg, seed=0, say=lambda text: None)
+    assert chosen == {"brand": 10.0} and lexicon.names == ["brand"]  # a head without targets is left out
+    test = [Listing(id="t", title=f"{b.title()} something new") for b in BRANDS]
+    ids, weights = vec.batch(test)
+    logits = lexicon(ids, weights)["brand"]
+    assert logits.argmax(-1).tolist() == [0, 1, 2]
+    # the batch path is the sparse product
+    dense = vec.matrix(test).to_dense() @ lexicon.weight_brand + lexicon.bias_brand
+    assert torch.allclose(logits, dense, atol=1e-5)
+    # the objective is scikit-learn's: at the optimum the gradient of mean CE + ||W||^2 / (2 C N) vanishes
+    w = lexicon.weight_brand.clone().requires_grad_(True)
+    b = lexicon.bias_brand.clone().requires_grad_(True)
+    x = vec.matrix(rows)
+    loss = torch.nn.functional.cross_entropy(torch.sparse.mm(x, w) + b, y) + (w * w).sum() / (2 * 10.0 * 60)
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="lexicon.c must be"):
+        LexiconConfig(c=[])
+    with pytest.raises(ValueError, match="lexicon.folds must be >= 2"):
+        LexiconConfig(c=[1.0, 10.0], folds=1)
+    with pytest.raises(ValueError, match="lexicon.max_chars must be >= 1"):
+        LexiconConfig(max_chars=0)
