@@ -20,22 +20,26 @@ def _rows(n: int) -> list[Listing]:
 
 
 def test_tfidf_by_hand():
-    rows = [Listing(id="a", title="red car"), Listing(id="b", title="red red bus")]
+    rows = [Listing(id="a", title="red car"), Listing(id="b", title="red red bus"), Listing(id="c", title="blue car")]
     vec = Vectorizer.fit(rows, LexiconConfig(enabled=True, min_df=2))
-    assert set(vec.words) == {"red", "car", "bus", "red car", "red red", "red bus"}
-    assert set(vec.chars) == {" re", "red", "ed ", " red", "red ", " red "}  # in both rows: min_df 2
-    idf_red, idf_car = math.log(3 / 3) + 1, math.log(3 / 2) + 1
+    assert set(vec.words) == {"red", "car"}  # in two rows or more: min_df 2
+    assert set(vec.chars) == {" re", "red", "ed ", " red", "red ", " red ", " ca", "car", "ar ", " car", "car ",
+                              " car "}
     ids, weights = vec.row(rows[1])
     got = dict(zip(ids, weights))
-    # words block: red (tf 2, sublinear 1 + ln 2), bus, "red red", "red bus" (tf 1, idf of a one-row n-gram)
-    block = {"red": (1 + math.log(2)) * idf_red, "bus": idf_car, "red red": idf_car, "red bus": idf_car}
-    norm = math.sqrt(sum(v * v for v in block.values()))
-    for gram, value in block.items():
-        assert got[vec.words[gram]] == pytest.approx(value / norm)
-    chars = [got[i] for i in vec.chars.values()]
-    assert sum(v * v for v in chars) == pytest.approx(1.0)  # each block unit length
+    # "red red bus": the words block holds red alone (tf 2, sublinear 1 + ln 2, idf ln(4/3) + 1): unit length
+    assert got[vec.words["red"]] == pytest.approx(1.0)
+    # the characters block: the six grams of " red " (tf 2 each, the same idf): each 1 / sqrt(6)
+    assert [got[vec.chars[g]] for g in (" re", "red", "ed ", " red", "red ", " red ")] == pytest.approx(
+        [1 / math.sqrt(6)] * 6)
+    assert vec.idf[vec.words["red"]] == pytest.approx(math.log(4 / 3) + 1)
+    car = dict(zip(*vec.row(Listing(id="d", title="car red"))))
+    # two words with one idf each: ln(4/3) + 1 both, so 1 / sqrt(2) each after normalization
+    assert car[vec.words["car"]] == pytest.approx(1 / math.sqrt(2)) == pytest.approx(car[vec.words["red"]])
     again = Vectorizer.from_dict(vec.to_dict())
-    assert again.row(rows[1]) == (ids, weights) and listing_text(Listing(id="c", title="Red", description="Bus stop", attributes={"Size": "L"}), 3) == "red bus size l"
+    assert again.row(rows[1]) == (ids, weights)
+    assert listing_text(Listing(id="c", title="Red", description="Bus stop", attributes={"Size": "L"}), 3) == (
+        "red bus size l")
 
 
 def test_regression_learns_the_words_and_cross_validation_picks_c():

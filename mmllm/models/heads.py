@@ -291,6 +291,7 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
     Heads in ``untrained`` never saw a labelled row: their attributes are null, listed in ``untrained``."""
     attributes: dict[str, Any] = {a.name: None for a in schema.attributes}
     confidence: dict[str, float] = {}  # the head's probability of the answer it gives
+    alternatives: dict[str, list[dict[str, Any]]] = {}  # enum / boolean heads: their top-k values (null = not stated)
     category_spec = specs[0]
     p = probs["category"][row]
     top = torch.topk(p, min(top_k, p.numel()))
@@ -307,12 +308,18 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
         else:
             attributes[spec.name] = spec.values[int(q.argmax())]
             confidence[spec.name] = round(float(q.max()), 6)
+            if schema.attribute(spec.name).type in ("enum", "boolean"):  # the alternatives, for a reviewer
+                ranked = torch.topk(q, min(top_k, q.numel()))
+                alternatives[spec.name] = [{"value": spec.values[int(i)], "score": round(float(v), 6)}
+                                           for v, i in zip(ranked.values, ranked.indices)]
     answer = {"category": category_spec.classes[int(top.indices[0])], "attributes": attributes}
     result = schema.validate(answer)
     record = {**(result.value or answer), "status": "ok" if result.ok else "invalid",
               "confidence": round(float(top.values[0]), 6), "attribute_confidence": confidence,
               "top_k": [{"category": category_spec.classes[int(i)], "score": round(float(v), 6)}
                         for v, i in zip(top.values, top.indices)]}
+    if alternatives:
+        record["attribute_top_k"] = alternatives
     if not result.ok:
         record["error"] = result.reason()
     if untrained:

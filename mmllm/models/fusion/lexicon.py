@@ -7,7 +7,7 @@ catalog). So the recipe fits that model itself and lets it vote:
 
 * :class:`Vectorizer`: TF-IDF over word uni/bigrams and within-word character 3-5 grams of the title,
   the description (its first ``max_chars``) and the seller table, vocabulary from the training rows
-  (characters: ``min_df`` rows or more), sublinear term frequency, smooth idf, each block L2-normalized;
+  (n-grams in ``min_df`` rows or more), sublinear term frequency, smooth idf, each block L2-normalized;
 * :func:`fit_lexicon`: multinomial logistic regression per softmax head (category, enum, boolean,
   numeric bins; with the heads' own classes, ``<not stated>`` included), L2-penalized as scikit-learn's
   ``C`` (loss = mean cross-entropy + ||W||^2 / (2 C N)), trained to convergence by full-batch L-BFGS;
@@ -53,7 +53,7 @@ class LexiconConfig:
     folds: int = help_field(3, "folds of that cross-validation")
     max_iter: int = help_field(100, "L-BFGS iterations per fit")
     max_chars: int = help_field(600, "characters of the description read")
-    min_df: int = help_field(2, "rows a character n-gram must occur in to enter the vocabulary")
+    min_df: int = help_field(2, "rows an n-gram must occur in to enter the vocabulary")
     max_features: int = help_field(200_000, "largest vocabulary (the most frequent n-grams)")
     max_parameters: int = help_field(50_000_000, "largest weight matrix of one head (vocabulary x classes)")
 
@@ -105,6 +105,7 @@ class Vectorizer:
             w, c = _grams(listing_text(listing, cfg.max_chars))
             word_df.update(set(w))
             char_df.update(set(c))
+        word_df = Counter({g: n for g, n in word_df.items() if n >= cfg.min_df})
         char_df = Counter({g: n for g, n in char_df.items() if n >= cfg.min_df})
         kept = sorted([*(("w", g, n) for g, n in word_df.items()), *(("c", g, n) for g, n in char_df.items())],
                       key=lambda x: (-x[2], x[0], x[1]))[: cfg.max_features]
