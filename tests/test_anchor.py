@@ -137,7 +137,8 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
                 f"fusion.cache_dir={tmp_path / 'cache'}", "lexicon.enabled=true"]
     cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", [f"train.output_dir={out}", *settings])
     finetune(cfg)
-    assert "text encoder tuned on 48 titles x 2 epochs" in capsys.readouterr().out
+    first = capsys.readouterr().out
+    assert "text encoder tuned on 48 titles x 2 epochs" in first and "lexical member fitted" in first
     stores = [p for p in (tmp_path / "cache" / "tuned").iterdir()]
     assert len(stores) == 1 and {f.name for f in stores[0].iterdir()} == {"encoder.safetensors", "anchor.safetensors"}
     saved = json.loads((out / "fusion.json").read_text())
@@ -170,7 +171,7 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     finetune(load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
                                 [f"train.output_dir={second}", *settings, "anchor.neighbours=5"]))
     captured = capsys.readouterr()
-    assert "text encoder read from the tuning cache" in captured.out
+    assert "text encoder read from the tuning cache" in captured.out and "lexical member read from the cache" in captured.out
     assert "tune text encoder" not in captured.out + captured.err
     assert "encoder features: 0 computed" in captured.out  # the tuned weights are the same: so are their features
     reread = load_model_dir(second, device="cpu")

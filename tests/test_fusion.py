@@ -209,3 +209,29 @@ def test_category_name_prior_ranks_named_categories_without_training():
         torch.nn.init.zeros_(head.bias)
     with torch.no_grad():
         assert torch.count_nonzero(off(**batch)["category"]) == 0  # nothing but the (zeroed) heads
+
+
+def test_prior_correction_is_the_balanced_posterior():
+    """fusion.prior_correction: at prediction the category's log-probabilities lose tau x log(training share);
+    training is untouched. By hand on a model whose heads see only the attribute modality."""
+    cfg = fusion.FusionConfig(modalities=["attributes"], hidden=H, dropout=0.0, label_prior=False, lexical=False,
+                              prior_correction=1.0, title_view=False)
+    specs = [heads.HeadSpec("category", "softmax", ["A", "B", "C"])]
+    model = fusion.FusionModel(cfg, specs, text_dim=8, image_dim=0)
+    model.set_prior([98, 1, 0])  # add-one smoothed: 99 / 102, 2 / 102, 1 / 102
+    assert torch.allclose(model.log_prior.exp(), torch.tensor([99, 2, 1]) / 102.0)
+    batch = {"attr_names": torch.tensor([[1, 2]]), "attr_values": torch.tensor([[3, 0]]),
+             "attr_features": torch.zeros(1, 2, 4), "attr_mask": torch.ones(1, 2, dtype=torch.long)}
+    model.train()
+    raw = model(**batch)["category"]
+    model.eval()
+    adjusted = model(**batch)["category"]
+    expected = torch.log_softmax(raw, -1) - torch.log(torch.tensor([99, 2, 1]) / 102.0)
+    assert torch.allclose(adjusted, expected, atol=1e-5)
+    # a row the heads find equally likely everywhere goes to the rarest category
+    with torch.no_grad():
+        model.heads["category"].weight.zero_()
+        model.heads["category"].bias.zero_()
+    assert int(model(**batch)["category"].argmax()) == 2
+    with pytest.raises(ValueError, match="fusion.prior_correction must be >= 0"):
+        fusion.FusionConfig(prior_correction=-1.0)

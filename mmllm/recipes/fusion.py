@@ -12,6 +12,7 @@ the grounded-attribute choice fitted on it (``grounding.json``, :mod:`mmllm.grou
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,8 @@ from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
 from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, memory_sample, save_tuned, tune_encoder,
                                         tuned_store)
-from mmllm.models.fusion.lexicon import Lexicon, LexiconConfig, Vectorizer, fit_lexicon
+from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit_lexicon, lexicon_store, load_lexicon,
+                                         save_lexicon)
 from mmllm.progress import Progress
 from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
@@ -83,6 +85,9 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
         names = encoders.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])
     model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names, anchor)
+    if fc.prior_correction:
+        seen = Counter((r.label or {}).get("category") for r in s.train_rows)
+        model.set_prior([seen[c] for c in specs[0].classes])
     max_images = cfg.model.max_images if encoders.image is not None else 0
     collate = fusion.FusionCollator(featurizer, s.schema, specs, s.train_policy, max_images)
     dev_collate = fusion.FusionCollator(featurizer, s.schema, specs, s.dev_policy, max_images)
@@ -157,14 +162,23 @@ def _lexicon(s: Any, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
     """The convex bag-of-words member: TF-IDF of the training rows, one logistic regression per softmax
     head; the featurizer adds its columns to every batch from now on (dev evaluation, prediction)."""
     started = time.perf_counter()
-    vectorizer = Vectorizer.fit(s.train_rows, cfg.lexicon)
     targets = heads.encode_targets(specs, [r.label for r in s.train_rows], s.schema)
     softmax = [(sp.name, len(sp.classes)) for sp in specs if sp.kind == "softmax" and sp.classes]
-    lexicon, chosen = fit_lexicon(vectorizer.matrix(s.train_rows), targets, softmax, cfg.lexicon, cfg.train.seed,
-                                  say=lambda text: say(s.accelerator, text))
+    store = lexicon_store(Path(cfg.fusion.cache_dir) if cfg.fusion.cache_dir else None, s.train_rows, targets,
+                          softmax, cfg.lexicon, cfg.train.seed)
+    if store is not None and store.is_dir():  # the same rows, targets, settings and seed: fitted before
+        lexicon, vectorizer, chosen = load_lexicon(store)
+        how = "read from the cache"
+    else:
+        vectorizer = Vectorizer.fit(s.train_rows, cfg.lexicon)
+        lexicon, chosen = fit_lexicon(vectorizer.matrix(s.train_rows), targets, softmax, cfg.lexicon, cfg.train.seed,
+                                      say=lambda text: say(s.accelerator, text))
+        how = "fitted"
+        if store is not None and s.accelerator.is_main_process:
+            save_lexicon(store, lexicon, vectorizer, chosen)
     featurizer.lexicon = vectorizer
     picked = ", ".join(f"{n} C={c:g}" for n, c in chosen.items())
-    say(s.accelerator, f"lexical member: {vectorizer.size:,} n-grams, {len(chosen)} heads ({picked}) "
+    say(s.accelerator, f"lexical member {how}: {vectorizer.size:,} n-grams, {len(chosen)} heads ({picked}) "
                        f"in {time.perf_counter() - started:.1f} s")
     return lexicon
 

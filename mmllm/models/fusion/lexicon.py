@@ -23,15 +23,19 @@ large vocabulary) is left out, and the recipe says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.catalog import Listing
@@ -262,3 +266,41 @@ class Lexicon(nn.Module):
             bag = nn.functional.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")
             out[name] = bag + getattr(self, f"bias_{name}")
         return out
+
+
+# ---------------------------------------------------------------------- the shared cache
+def lexicon_store(folder: Path | None, listings: Sequence[Listing], targets: dict[str, torch.Tensor],
+                  heads: Sequence[tuple[str, int]], cfg: LexiconConfig, seed: int) -> Path | None:
+    """Where a fit is kept in a shared cache folder: ``lexicon/<hash>`` of the rows' texts, the targets,
+    the heads, the settings and the seed. None without a folder."""
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    h.update(json.dumps({"settings": {k: getattr(cfg, k) for k in ("c", "folds", "max_iter", "max_chars", "min_df",
+                                                                     "max_features", "max_parameters")},
+                         "seed": seed, "heads": [list(x) for x in heads], "torch": torch.__version__.split("+")[0]},
+                        sort_keys=True).encode())
+    for listing in listings:
+        h.update(listing_text(listing, cfg.max_chars).encode())
+        h.update(b"\x00")
+    for name, _ in heads:
+        h.update(json.dumps(targets[f"target_{name}"].tolist()).encode())
+    return Path(folder) / "lexicon" / h.hexdigest()[:24]
+
+
+def save_lexicon(store: Path, lexicon: "Lexicon", vectorizer: Vectorizer, chosen: dict[str, float]) -> None:
+    """Write a fit (safetensors + JSON), whole or not at all."""
+    partial = store.with_name(store.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lexicon.state_dict().items()}, str(partial / "weights.safetensors"))
+    (partial / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False), encoding="utf-8")
+    (partial / "chosen.json").write_text(json.dumps({"chosen": chosen, "shapes": lexicon.shapes()}), encoding="utf-8")
+    partial.rename(store)
+
+
+def load_lexicon(store: Path) -> tuple["Lexicon", Vectorizer, dict[str, float]]:
+    meta = json.loads((store / "chosen.json").read_text(encoding="utf-8"))
+    lexicon = Lexicon({n: tuple(shape) for n, shape in meta["shapes"].items()})
+    lexicon.load_state_dict(load_file(str(store / "weights.safetensors")))
+    vectorizer = Vectorizer.from_dict(json.loads((store / LEXICON_FILE).read_text(encoding="utf-8")))
+    return lexicon, vectorizer, {k: float(v) for k, v in meta["chosen"].items()}

@@ -77,6 +77,9 @@ class FusionConfig:
     label_prior: bool = help_field(True, "add the text encoder's cosine between the listing and each category's "
                                          "name to the category logits (rare and unseen categories get a signal)")
     label_prior_scale: float = help_field(5.0, "initial (learned) scale of that cosine, per text view")
+    prior_correction: float = help_field(0.0, "at prediction, subtract this x log(training share of each category) "
+                                              "from the category's log-probabilities (logit adjustment): 1 = the "
+                                              "balanced posterior, for a skewed training catalog; 0 = off")
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modalities if m not in MODALITIES]
@@ -91,6 +94,8 @@ class FusionConfig:
         for name in ("dropout", "modality_dropout", "token_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"fusion.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.prior_correction < 0:
+            raise ValueError(f"fusion.prior_correction must be >= 0, got {self.prior_correction}")
         if self.method == "coattention" and self.hidden % self.heads:
             raise ValueError(f"fusion.hidden ({self.hidden}) must be a multiple of fusion.heads ({self.heads})")
 
@@ -127,6 +132,8 @@ class FusionModel(nn.Module):
             shape = (len(specs[0].classes), text_dim)
             self.label_vectors = torch.zeros(shape) if label_vectors is None else label_vectors.float()
             self.label_scale = nn.Parameter(torch.tensor(float(cfg.label_prior_scale)))
+        if cfg.prior_correction and specs and specs[0].name == "category":  # filled by set_prior (training counts)
+            self.register_buffer("log_prior", torch.zeros(len(specs[0].classes)))
         self.anchor = anchor  # name-anchored members (tuned encoder): they vote beside the heads at prediction
         self.lexicon = lexicon  # the convex bag-of-words member (``lexicon``): votes on every head it fits
         self.temperature = 1.0
@@ -223,7 +230,15 @@ class FusionModel(nn.Module):
         for name, q in lexical.items():  # mean of the two distributions, as log-probabilities
             mean = (torch.softmax(logits[name].float(), -1) + q) / 2
             logits[name] = torch.log(mean.clamp_min(1e-12)).to(logits[name].dtype)
+        if self.cfg.prior_correction and not self.training:  # the balanced posterior (logit adjustment)
+            category = torch.log_softmax(logits["category"].float(), -1) - self.cfg.prior_correction * self.log_prior
+            logits["category"] = category.to(logits["category"].dtype)
         return logits
+
+    def set_prior(self, counts: Sequence[int]) -> None:
+        """The training share of each category (add-one smoothed), for ``prior_correction``."""
+        counts_t = torch.tensor([float(c) + 1.0 for c in counts])
+        self.log_prior.copy_(torch.log(counts_t / counts_t.sum()))
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: Path, tuned_text: Encoders | None = None, vectorizer: Vectorizer | None = None) -> None:
