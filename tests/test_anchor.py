@@ -80,9 +80,6 @@ def test_members_vote_and_mix_is_the_log_of_their_mean():
     heads = torch.tensor([[0.0, 0.0, 0.0]])
     votes = anchor.members(heads, views)
     assert set(votes) == {"heads", "names", "neighbours"}
-    assert inner.model.lexicon is not None and "lexicon_ids" in enc  # it votes too (FusionModel.forward)
-    lexical = inner.model.lexicon(enc["lexicon_ids"], enc["lexicon_weights"])
-    assert lexical["category"].shape == (len(rows), len(inner.model.specs[0].classes))
     for p in votes.values():
         assert torch.allclose(p.sum(-1), torch.ones(1), atol=1e-6)
     assert torch.allclose(votes["heads"], torch.full((1, 3), 1 / 3))

@@ -215,7 +215,7 @@ def test_prior_correction_is_the_balanced_posterior():
     """fusion.prior_correction: at prediction the category's log-probabilities lose tau x log(training share);
     training is untouched. By hand on a model whose heads see only the attribute modality."""
     cfg = fusion.FusionConfig(modalities=["attributes"], hidden=H, dropout=0.0, label_prior=False, lexical=False,
-                              prior_correction=1.0, title_view=False)
+                              prior_correction=1.0, title_view=False, token_dropout=0.0, modality_dropout=0.0)
     specs = [heads.HeadSpec("category", "softmax", ["A", "B", "C"])]
     model = fusion.FusionModel(cfg, specs, text_dim=8, image_dim=0)
     model.set_prior([98, 1, 0])  # add-one smoothed: 99 / 102, 2 / 102, 1 / 102
