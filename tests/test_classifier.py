@@ -137,15 +137,19 @@ def test_temperature_scaling_reduces_overconfidence():
 
 
 @pytest.mark.slow
-def test_learns_from_image_and_title_together_and_reloads(tmp_path):
-    train = write_catalog(tmp_path / "train", 48, colour_row(seed=1), schema=COLOUR_SCHEMA)
+def test_learns_from_image_and_title_together_and_reloads(tmp_path, caplog):
+    """Trained on two catalogs in two folders (data.train as a list): each row's picture is found in its own
+    catalog's folder, or the colour half of the category could not be learned."""
+    train = write_catalog(tmp_path / "train", 24, colour_row(seed=1), schema=COLOUR_SCHEMA)
+    more = write_catalog(tmp_path / "more", 24, colour_row(seed=3), schema=COLOUR_SCHEMA, name="more.jsonl")
     held_out = write_catalog(tmp_path / "dev", 16, colour_row(seed=2), schema=COLOUR_SCHEMA)
     cfg = load_recipe_config(ROOT / "finetune/tiny_cpu_classify.yaml", [
-        f"data.train={train}", f"data.dev={held_out}", f"data.schema={train.parent / 'schema.yaml'}",
+        f"data.train=[{train}, {more}]", f"data.dev={held_out}", f"data.schema={train.parent / 'schema.yaml'}",
         "data.max_train_rows=null", "data.max_dev_rows=null", f"train.output_dir={tmp_path / 'model'}",
         "train.max_steps=150", "train.batch_size=8", "train.lr=0.01", "lora.rank=16", "lora.alpha=32",
         "train.save_every=0", "train.log_every=50", "eval.every=0"])
     summary = finetune(cfg)
+    assert not [m for m in caplog.messages if "image dropped" in m]
     assert summary["category_acc"] >= 0.9, summary
     assert summary["temperature"] > 0 and "ece_calibrated" in summary
     out = tmp_path / "model"
