@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m mmllm catalog validate examples/drawn/catalog.jsonl --schema examples/toys_schema.yaml
 	# the fusion model (MiniLM tuned on the training titles, anchored at the category names; its
-	# features cached in runs/feature_cache; seller-table MLP; attention fusion; heads, name and
-	# neighbour votes) trained on the Amazon UK train split, then batch labelling of the held-out dev
+	# features cached in runs/feature_cache; seller-table MLP; attention fusion; heads, name,
+	# neighbour and TF-IDF + LR votes) trained on the Amazon UK train split, then batch labelling of the held-out dev
 	# listings, the evaluation report and the same rows by TF-IDF + logistic regression beside it:
 	# under 5 minutes on 2 CPU cores, offline
 	rm -rf runs/make-run

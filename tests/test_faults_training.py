@@ -78,7 +78,8 @@ def test_unset_train_file_names_data_train(tmp_path, earlier_run, capsys, monkey
     catalog = write_catalog(tmp_path / "data", n=4)
     before = _snapshot(earlier_run)
     line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{"data.train": value}))
-    assert line == (f"error: {TINY}: data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+    assert line == (f"error: {TINY}: data.train is not set: give the labelled catalog to train on (data.train=PATH, "
+                    "or data.train=[A, B] for several)")
     assert _snapshot(earlier_run) == before
 
 
