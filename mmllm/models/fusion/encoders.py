@@ -153,6 +153,9 @@ class FeatureCache:
         return None
 
     def put(self, key: str, value: torch.Tensor) -> None:
+        # kept as the disk holds it (fp16): a run that computes the features and one that reads them
+        # train on the same numbers, so a cold run and a warm one give the same model
+        value = value.to(torch.float16).float()
         self.memory[key] = value
         if self.folder is not None:
             path = self._path(key)
