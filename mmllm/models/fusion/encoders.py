@@ -178,6 +178,7 @@ class Featurizer:
     remember_rows: bool = False  # keep each row's hashed features (training: every epoch reads the same rows)
     lexicon: Any = None  # the lexical member's Vectorizer: adds its TF-IDF columns to each batch
     _rows: dict[int, tuple[Listing, Any, Any]] = field(default_factory=dict, init=False, repr=False)
+    _lexicon_rows: dict[int, tuple[Listing, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         use = set(self.cfg.modalities)
@@ -198,8 +199,9 @@ class Featurizer:
                 for i, (a, w) in enumerate(bags):
                     ids[i, : len(a)], weights[i, : len(w)] = torch.tensor(a, dtype=torch.long), torch.tensor(w)
                 batch.update(lexical_ids=ids, lexical_weights=weights)
-        if self.lexicon is not None:
-            batch["lexicon_ids"], batch["lexicon_weights"] = self.lexicon.batch(listings)
+        if self.lexicon is not None:  # training reads the same rows every epoch: their TF-IDF rows are remembered
+            rows = [self._lexicon_row(r) for r in listings] if self.remember_rows else None
+            batch["lexicon_ids"], batch["lexicon_weights"] = self.lexicon.batch(listings, rows)
         if "image" in use and self.encoders.image is not None:
             if self.cfg.freeze:
                 feats = self._cached(listings, "image", [_hash_images(r, im) for r, im in zip(listings, images)],
@@ -235,6 +237,14 @@ class Featurizer:
         if self.cfg.method == "coattention":
             return feats
         return [f.mean(0, keepdim=True) if f.shape[0] else f for f in feats]
+
+    def _lexicon_row(self, listing: Listing) -> Any:
+        kept = self._lexicon_rows.get(id(listing))
+        if kept is not None and kept[0] is listing:
+            return kept[1]
+        row = self.lexicon.row(listing)
+        self._lexicon_rows[id(listing)] = (listing, row)
+        return row
 
     def _row(self, listing: Listing) -> tuple[Any, Any]:
         """The row's hashed lexical bag and seller-table tokens (remembered with ``remember_rows``)."""

@@ -30,7 +30,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -95,7 +95,6 @@ class Vectorizer:
     chars: dict[str, int]
     idf: list[float]
     max_chars: int = 600
-    _cache: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
@@ -124,11 +123,8 @@ class Vectorizer:
         return cls(words, chars, idf, cfg.max_chars)
 
     def row(self, listing: Listing) -> tuple[list[int], list[float]]:
-        """One listing's (column ids, weights), memoized by its text."""
+        """One listing's (column ids, weights)."""
         text = listing_text(listing, self.max_chars)
-        hit = self._cache.get(text)
-        if hit is not None:
-            return hit
         ids: list[int] = []
         weights: list[float] = []
         for grams, table in zip(_grams(text), (self.words, self.chars)):
@@ -137,13 +133,12 @@ class Vectorizer:
             norm = math.sqrt(sum(v * v for _, v in block)) or 1.0
             ids += [i for i, _ in block]
             weights += [v / norm for _, v in block]
-        if len(self._cache) < 200_000:
-            self._cache[text] = (ids, weights)
         return ids, weights
 
-    def batch(self, listings: Sequence[Listing]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded [B, L] column ids and weights (padding: id 0, weight 0)."""
-        rows = [self.row(r) for r in listings]
+    def batch(self, listings: Sequence[Listing], rows: Sequence[tuple[list[int], list[float]]] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded [B, L] column ids and weights (padding: id 0, weight 0); ``rows``: the listings' rows, if known."""
+        rows = [self.row(r) for r in listings] if rows is None else rows
         width = max([len(ids) for ids, _ in rows] + [1])
         ids, weights = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width)
         for i, (a, w) in enumerate(rows):
