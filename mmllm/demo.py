@@ -1,6 +1,7 @@
-"""The Gradio demo: one listing in, its prediction out; a batch tab for small dumps.
+"""The Gradio demo: one listing in, its prediction out; a batch tab for small dumps; a review tab.
 
     mmllm demo --model MODEL_DIR_OR_ID [--index INDEX_DIR] [--schema S.yaml] [--port 7860]
+        [--review labels.jsonl --review-dump dump.jsonl [--corrections C.jsonl] [--reviewer NAME]]
     python demo/app.py --model ...                            (the same, from a checkout)
 
 It runs the predictor `mmllm label` runs (:func:`mmllm.label.load_predictor`), so whatever a model
@@ -12,6 +13,9 @@ where in the title and description the listing states them; records without evid
 fitted before grounding) show the model's own answers. Every problem with the input is answered in
 the status line, never with a stack trace; unexpected failures are logged with their traceback on
 the server.
+
+The review tab (:mod:`mmllm.review_tab`) steps through a labels file's review queue (``mmllm label
+--review-below``) and saves each accepted or corrected label at once as a training row.
 
 ``build_app(predictor, ...)`` builds the Blocks app without launching it and ``launch(app, ...)``
 serves it with the upload limits, so tests construct and drive it in-process.
@@ -36,13 +40,16 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, detect_format, parse_row
-from mmllm.evidence import TEXT_FIELDS  # the fields an evidence span points into
 from mmllm.grounding import GroundedPredictor
 from mmllm.images import ImageError, ImagePolicy, load_image, resolve_image_path
 from mmllm.label import load_predictor
 from mmllm.labelling.engine import LabelOptions, Summary, error_record, run_local
-from mmllm.labelling.output import Output
+from mmllm.labelling.output import Output, OutputError
+from mmllm.labelling.review import ReviewSession
 from mmllm.predictor import model_kind
+from mmllm.review_tab import ReviewDesk, build_review_tab
+from mmllm.record_view import (ATTRIBUTE_HEADERS, attribute_rows, attribute_summary, category_view, cell,
+                               evidence_highlights, seller_rows)
 
 log = logging.getLogger("mmllm.demo")
 
@@ -53,8 +60,6 @@ FORM_ID = "demo"
 # record keys with their own widget; any other key goes to "other outputs"
 SHOWN_KEYS = {"id", "category", "attributes", "status", "error", "confidence", "top_k", "modality_weights", "raw",
               "source", "line", "evidence", "attribute_confidence", "conflicts", "withheld"}
-ATTRIBUTE_HEADERS = ["attribute", "value", "source", "evidence", "confidence", "note"]
-SECTION_BREAK = "\n\n"  # between the title and the description in the highlighted text
 MB = 2**20
 
 
@@ -244,9 +249,9 @@ class Demo:
         return ListingView(
             status=f"{verdict} ({'; '.join(notes)})",
             record={k: v for k, v in record.items() if k != "raw"},
-            category=_category_view(record),
+            category=category_view(record),
             attributes=attribute_rows(record),
-            seller=[[name, _cell(value)] for name, value in listing.attributes.items()],
+            seller=[[name, cell(value)] for name, value in listing.attributes.items()],
             highlights=evidence_highlights(listing.title, listing.description, record),
             modality_weights=record.get("modality_weights"),
             raw=raw,
@@ -275,7 +280,7 @@ class Demo:
                 paths.append(str(resolve_image_path(ref, policy)))  # refuses '..', absolute paths and symlinks out
             except ImageError as exc:
                 log.warning("example %r: image skipped: %s", listing.id, exc)
-        return paths, listing.title, listing.description, _seller_rows(listing.attributes)
+        return paths, listing.title, listing.description, seller_rows(listing.attributes)
 
     # ---------------------------------------------------------------- batch
     def label_dump(self, path: str | None, progress: Callable[..., Any] | None = None) -> BatchView:
@@ -352,158 +357,8 @@ def _table_to_attributes(table: Any) -> dict[str, Any]:
     return attributes
 
 
-def _seller_rows(attributes: dict[str, Any]) -> list[list[Any]]:
-    return [[name, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)]
-            for name, value in attributes.items()]
-
-
 def _size(n: float) -> str:
     return f"{n / MB:.3g} MB" if n >= MB else f"{n / 1024:.3g} KB"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def _category_view(record: dict[str, Any]) -> dict[str, float] | str | None:
-    """Scores when the model gives them (top-k, or one confidence), else the category alone."""
-    if record.get("top_k"):
-        return {item["category"]: float(item["score"]) for item in record["top_k"]}
-    if record.get("category") and record.get("confidence") is not None:
-        return {record["category"]: float(record["confidence"])}
-    return record.get("category")
-
-
-# ---------------------------------------------------------------------- evidence display
-def attribute_rows(record: dict[str, Any]) -> list[list[str]]:
-    """One row per attribute (:data:`ATTRIBUTE_HEADERS`): the value, where it comes from, the text that
-    says so, its confidence, and a note naming what was withheld, what lost and who agrees.
-
-    A withheld value shows as null (``-``) with ``withheld: VALUE (CONFIDENCE)`` in its note, so a
-    reviewer sees what was not published and why. A record without ``evidence`` (a folder fitted
-    before grounding) is the model's own answer throughout: every row's source is ``model``."""
-    attributes = record.get("attributes") if isinstance(record.get("attributes"), dict) else {}
-    grounded = isinstance(record.get("evidence"), dict)
-    evidence, withheld, conflicts, confidence = (_mapping(record.get(key)) for key in
-                                                 ("evidence", "withheld", "conflicts", "attribute_confidence"))
-    rows = []
-    for name in [*attributes, *(n for n in withheld if n not in attributes)]:
-        value = attributes.get(name)
-        held = withheld.get(name) if value is None else None
-        found = held if isinstance(held, dict) else evidence.get(name)
-        notes = []
-        if isinstance(held, dict):
-            notes.append(f"withheld: {_cell(held.get('value'))}{_parenthesized(held.get('confidence'))}")
-        if isinstance(found, dict):
-            source, text = evidence_source(found), _text(found.get("text"))
-            score = found.get("confidence", confidence.get(name))
-            notes += _agreeing(found)
-        else:
-            source, text, score = ("model" if value is not None or not grounded else ""), "", confidence.get(name)
-        for other in conflicts.get(name) or []:
-            if isinstance(other, dict):
-                notes.append(f"{evidence_source(other)} said {_cell(other.get('value'))}"
-                             f"{_parenthesized(other.get('probability'))}")
-        rows.append([name, _cell(value), source, text, _score(score), "; ".join(notes)])
-    return rows
-
-
-def evidence_source(evidence: dict[str, Any]) -> str:
-    """Where one value comes from, in words: ``table: Manufacturer recommended age``, ``title: n_pieces``,
-    ``context: batteries_required=false`` or ``model``."""
-    source = str(evidence.get("source") or "model")
-    if source == "context":
-        said = _mapping(evidence.get("from"))
-        return f"context: {', '.join(f'{k}={_cell(v)}' for k, v in said.items())}" if said else "context"
-    key = evidence.get("key")
-    return f"{source}: {key}" if key else source
-
-
-def evidence_highlights(title: str, description: str, record: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """The title, :data:`SECTION_BREAK` and the description as ``gr.HighlightedText`` segments, each
-    evidence span labelled with its attribute (``piece_count``; ``piece_count (withheld)`` and
-    ``piece_count (conflict)`` for values not published). Text covered by several spans ("ages 6-12"
-    for two attributes) is labelled with all of them, joined by ", ". A span that is malformed or
-    falls outside its text is ignored: the record may come from another version of the listing."""
-    marks: dict[str, list[tuple[int, int, str]]] = {name: [] for name in TEXT_FIELDS}
-    for label, found in _evidence_entries(record):
-        for item in [found, *(found.get("also") if isinstance(found.get("also"), list) else [])]:
-            where = _span(item)
-            if where is not None:
-                marks[where[0]].append((where[1], where[2], label))
-    parts = [_segments(text, marks[name]) for name, text in zip(TEXT_FIELDS, (title or "", description or "")) if text]
-    out: list[tuple[str, str | None]] = []
-    for n, part in enumerate(parts):
-        out += ([(SECTION_BREAK, None)] if n else []) + part
-    return out
-
-
-def attribute_summary(record: dict[str, Any]) -> str:
-    """The batch preview's cell: each published value with its source, then the withheld attributes."""
-    attributes = record.get("attributes") if isinstance(record.get("attributes"), dict) else {}
-    evidence = _mapping(record.get("evidence"))
-    shown = [f"{name}={_cell(value)} ({_mapping(evidence.get(name)).get('source') or 'model'})"
-             for name, value in attributes.items() if value is not None]
-    withheld = list(_mapping(record.get("withheld")))
-    return ", ".join(shown) + (f"; withheld: {', '.join(withheld)}" if withheld else "")
-
-
-def _evidence_entries(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, evidence) of every value the record names: published, withheld, outvoted."""
-    out = [(name, e) for name, e in _mapping(record.get("evidence")).items() if isinstance(e, dict)]
-    out += [(f"{name} (withheld)", e) for name, e in _mapping(record.get("withheld")).items() if isinstance(e, dict)]
-    for name, others in _mapping(record.get("conflicts")).items():
-        out += [(f"{name} (conflict)", e) for e in (others if isinstance(others, list) else []) if isinstance(e, dict)]
-    return out
-
-
-def _span(evidence: Any) -> tuple[str, int, int] | None:
-    """(field, start, end) of an evidence entry that points into the title or description, else None."""
-    if not isinstance(evidence, dict) or evidence.get("source") not in TEXT_FIELDS:
-        return None
-    span = evidence.get("span")
-    if not (isinstance(span, (list, tuple)) and len(span) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) for n in span)):
-        return None
-    return evidence["source"], span[0], span[1]
-
-
-def _segments(text: str, marks: list[tuple[int, int, str]]) -> list[tuple[str, str | None]]:
-    """``text`` cut at every span boundary; each piece labelled with the spans covering it."""
-    marks = [(start, end, label) for start, end, label in marks if 0 <= start < end <= len(text)]
-    cuts = sorted({0, len(text), *(m[0] for m in marks), *(m[1] for m in marks)})
-    out = []
-    for start, end in zip(cuts, cuts[1:]):
-        labels = dict.fromkeys(label for a, b, label in marks if a <= start and end <= b)  # ordered, no repeats
-        out.append((text[start:end], ", ".join(labels) or None))
-    return out
-
-
-def _agreeing(evidence: dict[str, Any]) -> list[str]:
-    """The note's part naming the other sources that state the same value."""
-    notes = [f"also {evidence_source(other)}" for other in evidence.get("also") or [] if isinstance(other, dict)]
-    model = evidence.get("model")
-    if isinstance(model, dict) and model.get("agrees"):
-        notes.append(f"model agrees{_parenthesized(model.get('probability'))}")
-    return notes
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _score(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
-
-
-def _parenthesized(value: Any) -> str:
-    return f" ({_score(value)})" if _score(value) else ""
 
 
 def load_examples(path: Path | None, limit: int = 50) -> list[Listing]:
@@ -533,9 +388,9 @@ def guarded(fn: Callable[..., Any], on_error: Callable[[str], tuple[Any, ...]]) 
 # ---------------------------------------------------------------------- the app
 def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | None = DEFAULT_EXAMPLES,
               image_root: Path | None = None, similar: SimilarListings | None = None,
-              title: str = "mmllm demo") -> gr.Blocks:
+              review: ReviewDesk | None = None, title: str = "mmllm demo") -> gr.Blocks:
     """The Blocks app over ``predictor`` (not launched). ``image_root``: where images of an uploaded
-    dump resolve (default: the examples' folder)."""
+    dump resolve (default: the examples' folder); ``review``: the review tab's queue and corrections."""
     examples_root = examples.resolve().parent if examples else None
     demo = Demo(predictor, limits, load_examples(examples), examples_root, image_root or examples_root, similar)
     schema = demo.schema
@@ -597,6 +452,9 @@ def build_app(predictor: Any, *, limits: Limits = Limits(), examples: Path | Non
             preview = gr.Dataframe(headers=["line", "id", "status", "category", "attributes (source)", "error"],
                                    interactive=False, wrap=True,
                                    label="Rows", elem_id="batch-preview")
+
+        with gr.Tab("Review", elem_id="review-tab"):
+            build_review_tab(review, app)
 
         gr.Markdown(f"Uploads: images up to {_size(limits.max_image_bytes)} and "
                     f"{limits.max_image_pixels / 1e6:.0f} megapixels (JPEG, PNG, WebP, GIF, BMP, TIFF).")
@@ -662,15 +520,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code}
+    if bool(args.review) != bool(args.review_dump):
+        print("error: --review and --review-dump go together: the labels file and the dump(s) it labelled", file=sys.stderr)
+        return 2
     try:
         predictor = load_predictor(**model_args)
         similar = SimilarListings.load(args.index, predictor, args.model, args.k) if args.index else None
-    except (FileNotFoundError, ValueError, KeyError) as exc:  # OptionError and SchemaError are ValueErrors
+        session = (ReviewSession.open(args.review, args.review_dump, predictor.schema, args.corrections)
+                   if args.review else None)
+    except (FileNotFoundError, ValueError, KeyError, OutputError, CatalogError) as exc:  # OptionError and SchemaError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    review = ReviewDesk(session, args.reviewer) if session else None
+    if session:
+        print(f"review: {len(session.queue):,} rows in the queue, {session.decided:,} decided; corrections go to "
+              f"{session.corrections.path}", file=sys.stderr)
     examples = None if args.examples == "none" else Path(args.examples)
     app = build_app(predictor, limits=limits, examples=examples, image_root=args.image_root, similar=similar,
-                    title=f"mmllm demo: {Path(args.model).name}")
+                    review=review, title=f"mmllm demo: {Path(args.model).name}")
     launch(app, host=args.host, port=args.port, limits=limits)
     return 0
 
@@ -695,6 +562,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")
     p.add_argument("--template", help="prompt template (zero-shot with a base checkpoint only; default listing_v1)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint")
+    p.add_argument("--review", type=Path, help="labels file (mmllm label --out) whose review queue the review tab steps through")
+    p.add_argument("--review-dump", type=Path, nargs="+", help="the dump(s) --review labelled (photos, text, table)")
+    p.add_argument("--corrections", type=Path,
+                   help="where decisions are appended (default: DUMP.corrections.jsonl beside the first dump)")
+    p.add_argument("--reviewer", default="", help="name saved with each decision")
     return p
 
 

@@ -25,9 +25,15 @@ Bad input lines do not stop a run; each is a warning naming file, line, id and f
 malformed prediction (a category that is not a string, attributes that are not an object) is
 an invalid answer, so it scores as wrong; a gold row that cannot be scored is left out.
 
+Selective prediction, when predictions carry a ``confidence``: the risk-coverage curve (the
+accuracy of the rows kept when only the most confident share is kept, :mod:`mmllm.confidence`),
+accuracy at 50% / 80% / 100% coverage, and with ``--target-accuracy A`` the lowest threshold whose
+kept rows reach A ("keep rows with confidence >= t: 41% of them, accuracy 0.95 [CI]"). A row
+without a confidence (missing, failed) is kept last and counts as wrong.
+
 The report folder gets ``report.md``, ``metrics.json`` and PNG plots: the confusion matrix of the
-most frequent categories, per-class F1, a reliability diagram when predictions carry
-probabilities, and the training curves when ``--model`` points at a model folder.
+most frequent categories, per-class F1, a reliability diagram and the risk-coverage curve when
+predictions carry probabilities, and the training curves when ``--model`` points at a model folder.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmllm.catalog import CatalogReader, RowError
+from mmllm.confidence import Curve, operating_point, risk_coverage
 from mmllm.evidence import candidates, values_match
 from mmllm.schema import SEPARATOR, LabelSchema
 
@@ -357,6 +364,34 @@ def evaluate_rows(rows: Rows, attribute_names: Sequence[str], tolerance: float) 
     }
 
 
+COVERAGES = (0.5, 0.8, 1.0)
+
+
+def selective_metrics(rows: Rows, targets: Sequence[float] = ()) -> dict[str, Any] | None:
+    """The risk-coverage curve of the category over the labelled rows, the accuracy at
+    :data:`COVERAGES` and an operating point per target accuracy; ``None`` when no prediction has a
+    confidence."""
+    keep = [i for i, g in enumerate(rows.gold_category) if g is not None]
+    if not any(rows.confidence[i] is not None for i in keep):
+        return None
+    curve = selective_curve(rows)
+    points = {}
+    for target in targets:
+        point = operating_point(curve, target)
+        points[f"{target:g}"] = None if point is None else {
+            "threshold": point.threshold, "coverage": round(point.coverage, 4), "accuracy": round(point.accuracy, 4),
+            "kept": point.kept, "ci": [round(point.low, 4), round(point.high, 4)], "sentence": point.sentence()}
+    return {"rows": curve.rows, "scored": sum(rows.confidence[i] is not None for i in keep),
+            "accuracy_at_coverage": {f"{c:.0%}": round(curve.accuracy_at(c), 4) for c in COVERAGES},
+            "area_under_curve": round(curve.area(), 4), "targets": points}
+
+
+def selective_curve(rows: Rows) -> Curve:
+    keep = [i for i, g in enumerate(rows.gold_category) if g is not None]
+    return risk_coverage([rows.confidence[i] for i in keep],
+                         [rows.pred_category[i] == rows.gold_category[i] for i in keep])
+
+
 def bootstrap(rows: Rows, attribute_names: Sequence[str], tolerance: float, *, samples: int = 1000, seed: int = 0,
               other: Rows | None = None) -> dict[str, Any]:
     """Seeded percentile bootstrap over rows for the headline metrics (paired when ``other`` is given)."""
@@ -389,6 +424,9 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
         plot_situations(situations, out / "attribute_situations.png")
     if any(c is not None for c in rows.confidence):
         plots.append(plot_calibration(rows, out / "calibration.png"))
+    selective = metrics.get("selective")
+    if selective:  # shown in its own section
+        plot_risk_coverage(selective_curve(rows), selective, out / "risk_coverage.png")
     if model_dir is not None and (Path(model_dir) / "training_curves.png").exists():
         shutil.copyfile(Path(model_dir) / "training_curves.png", out / "training_curves.png")
         plots.append("training_curves.png")
@@ -414,6 +452,16 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
     levels = metrics["category"]["per_level_accuracy"]
     lines += ["", "## Category accuracy per taxonomy level", "", "| level | accuracy |", "|---|---|",
               *(f"| {level} | {acc:.4f} |" for level, acc in levels.items())]
+    if selective:
+        lines += ["", "## Selective prediction", "", f"Rows sorted by the confidence of their category; keeping only the "
+                  f"most confident share (coverage) keeps this accuracy. {selective['scored']} of {selective['rows']} "
+                  "labelled rows carry a confidence (the others are kept last).", "",
+                  "| coverage | accuracy |", "|---|---|",
+                  *(f"| {c} | {a:.4f} |" for c, a in selective["accuracy_at_coverage"].items()),
+                  f"| area under the curve | {selective['area_under_curve']:.4f} |"]
+        for target, point in selective["targets"].items():
+            lines += ["", f"Target accuracy {target}: " + (point["sentence"] if point else "no share of the rows reaches it.")]
+        lines += ["", "![risk_coverage](risk_coverage.png)"]
     lines += ["", "## Attributes", "", "| attribute | precision | recall | F1 | coverage | invented | gold values |",
               "|---|---|---|---|---|---|---|"]
     for name, m in metrics["attributes"]["per_attribute"].items():
@@ -541,6 +589,26 @@ def plot_calibration(rows: Rows, path: Path, bins: int = 10) -> str:
     return path.name
 
 
+def plot_risk_coverage(curve: Curve, selective: dict[str, Any], path: Path) -> str:
+    plt, (fig, ax) = _figure(6, 4.5)
+    ax.step([0.0, *curve.coverage], [curve.accuracy[0], *curve.accuracy], where="pre", label="kept rows")
+    ax.axhline(curve.accuracy[-1], linestyle="--", color="grey", label=f"all rows ({curve.accuracy[-1]:.3f})")
+    for target, point in selective["targets"].items():
+        if point:
+            ax.plot([point["coverage"]], [point["accuracy"]], "o", label=f"target {target}: t = {point['threshold']:.3g}, "
+                                                                          f"{point['coverage']:.0%} kept")
+    ax.set_xlabel("coverage (share of rows kept, most confident first)")
+    ax.set_ylabel("accuracy of the kept rows")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    ax.set_title("Risk-coverage: category")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
 def plot_situations(situations: dict[str, Any], path: Path) -> str:
     names = list(situations["per_attribute"])
     x = np.arange(len(names))
@@ -610,7 +678,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.0, help="numbers within this absolute difference match")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-accuracy", type=float, action="append", default=[], metavar="A",
+                   help="report the confidence threshold whose kept rows reach accuracy A (repeatable)")
     args = p.parse_args(argv)
+    for target in args.target_accuracy:
+        if not 0 < target <= 1:
+            print(f"error: --target-accuracy {target}: must be in (0, 1]", file=sys.stderr)
+            return 2
     model_schema = args.model / "label_schema.yaml" if args.model else None
     schema_path = args.schema or (model_schema if model_schema and model_schema.exists() else None)
     try:  # SchemaError and CatalogError are ValueErrors: one line each, like a missing file
@@ -627,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_rows(rows, names, args.tolerance)
     metrics["attribute_situations"] = situation_metrics(rows, names, args.tolerance) if declares_evidence(schema) else None
     metrics["attribute_sources"] = source_metrics(rows, names, args.tolerance)
+    metrics["selective"] = selective_metrics(rows, args.target_accuracy)
     intervals = bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed)
     comparison = None
     if other is not None:
@@ -642,6 +717,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, m in metrics["attribute_situations"]["total"].items():
             print(f"{s:<12} {m['rows']:>6} {m['answered']:>8} {_cell(m['precision']):>9} {_cell(m['recall']):>7} "
                   f"{_cell(m['f1']):>6} {_cell(m.get('invented')):>8}")
+    if metrics["selective"]:
+        at = metrics["selective"]["accuracy_at_coverage"]
+        print("\ncategory accuracy at coverage " + ", ".join(f"{c}: {a:.4f}" for c, a in at.items()))
+        for target, point in metrics["selective"]["targets"].items():
+            print(f"target accuracy {target}: " + (point["sentence"] if point else "no share of the rows reaches it"))
+    elif args.target_accuracy:
+        print("\n--target-accuracy: the predictions carry no confidence; nothing to threshold", file=sys.stderr)
     print(f"rows {metrics['rows']}, missing {metrics['missing_rows']}, errors {metrics['error_rows']}, "
           f"invalid {metrics['invalid_rows']}; report: {args.report / 'report.md'}")
     return 0

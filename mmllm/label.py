@@ -3,6 +3,7 @@
     python -m mmllm.label DUMP [DUMP ...] --model MODEL_DIR_OR_ID --out labels.jsonl
         [--errors errors.jsonl] [--batch-size 8] [--resume] [--shard I/N] [--limit N]
         [--engine local|ray] [--no-constrained] [--schema S.yaml --template listing_v1]
+        [--review-below T | --review-target-accuracy A] [--review-out queue.jsonl]
 
 Every input row produces exactly one line in ``--out``: the prediction (``status: ok``), an
 answer that failed validation (``status: invalid``, unconstrained decoding only) or an error
@@ -11,6 +12,13 @@ last two also in ``--errors``. Lines are written whole; ``--resume`` skips rows 
 (by id; rows without a usable id by file and line), so an interrupted run - kill -9 included -
 ends with exactly one line per row. The labeller never writes to its inputs, locks ``--out`` for
 the run, and resumes only the job that wrote ``--out`` (see :mod:`mmllm.labelling.output`).
+
+A review queue: ``--review-below T`` flags every record whose category confidence is under T (or
+that has none, or is invalid) with ``review: true`` and its ``review_reason``;
+``--review-target-accuracy A`` takes T from the model folder's ``calibration.json``: the lowest
+threshold whose kept dev rows reached accuracy A. At the end of the run the flagged records are
+written, least confident first, to ``--review-out`` (default ``OUT.review.jsonl``), the queue the
+demo's review tab steps through (:mod:`mmllm.labelling.review`).
 
 The work itself is :mod:`mmllm.labelling.engine` (local threads) or
 :mod:`mmllm.labelling.ray_engine` (Ray Data actors); this module is the command line.
@@ -29,7 +37,9 @@ from typing import Any, Sequence
 from mmllm.catalog import CatalogError, detect_format
 from mmllm.labelling.engine import LabelOptions, run_local
 from mmllm import model_dir
+from mmllm.confidence import CALIBRATION_FILE, Calibration
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
+from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
 from mmllm.predictor import OptionError, Predictor, configure
 from mmllm.schema import SchemaError
@@ -76,17 +86,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("two dumps share a file name; records name their dump by file name")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         return _fail(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
+    try:
+        review_below = _review_threshold(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    queue = (args.review_out or default_queue_path(args.out)) if review_below is not None else None
     opts = LabelOptions(batch_size=args.batch_size, workers=args.workers, limit=args.limit, shard=args.shard,
                         resume=args.resume, image_root=args.image_root.resolve() if args.image_root else None,
                         allow_remote=args.allow_remote, quiet=args.quiet,
-                        roots={d.name: d.resolve().parent for d in dumps})
+                        roots={d.name: d.resolve().parent for d in dumps}, review_below=review_below)
     model_args = {"model": args.model, "schema": args.schema, "template": args.template,
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded}
     try:
         output = Output(args.out, args.errors, args.resume, inputs=dumps, resume_changed=args.resume_changed,
-                        manifest=job_manifest(dumps, args.model, _settings(args)))
+                        manifest=job_manifest(dumps, args.model, _settings(args, review_below)),
+                        extra_writes={"--review-out": queue} if queue else None)
+        if queue is not None:
+            check_queue_path(queue)
     except (OutputError, WriteError) as exc:
         return _fail(str(exc))
     except OSError as exc:
@@ -112,7 +130,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         output.close()
     print(summary.line())
+    if queue is not None:
+        flagged = write_queue(args.out, queue)
+        print(f"review queue: {flagged:,} rows below confidence {review_below:.4g}, least confident first: {queue}")
     return 1 if summary.failed else 0
+
+
+def _review_threshold(args: argparse.Namespace) -> float | None:
+    """``--review-below`` as given, or the threshold the model folder's calibration gives for
+    ``--review-target-accuracy``."""
+    if args.review_target_accuracy is None:
+        return args.review_below
+    if not is_model_dir(args.model):
+        raise ValueError("--review-target-accuracy needs a fine-tuned model folder (its calibration.json); "
+                         "with a base checkpoint give --review-below T")
+    calibration = Calibration.load(args.model)
+    if calibration is None or calibration.curve is None:
+        raise ValueError(f"{args.model} has no {CALIBRATION_FILE} with a dev curve (the folder was trained without "
+                         "dev rows, or before calibration existed): give --review-below T, or retrain with data.dev")
+    point = calibration.threshold_for(args.review_target_accuracy)
+    if point is None:
+        best = max(calibration.curve.accuracy)
+        raise ValueError(f"no share of the dev rows reached accuracy {args.review_target_accuracy} with {args.model} "
+                         f"(best: {best:.3f}); lower the target or give --review-below T")
+    print(f"--review-target-accuracy {args.review_target_accuracy}: on dev, {point.sentence()}; the rest go to review",
+          file=sys.stderr)
+    return point.threshold
 
 
 def _fail(message: str) -> int:
@@ -120,7 +163,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, review_below: float | None = None) -> dict[str, Any]:
     """What, besides inputs and model, decides which rows a job labels and what it answers."""
     files = {}
     for name in ("schema", "template"):
@@ -130,7 +173,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         elif value:
             files[name] = value
     ungrounded = {"grounded": False} if args.ungrounded else {}  # absent = grounded, as jobs before it were
-    return {"shard": f"{args.shard[0]}/{args.shard[1]}", "constrained": not args.no_constrained, **ungrounded, **files}
+    review = {"review_below": review_below} if review_below is not None else {}  # absent = no flags, as before
+    return {"shard": f"{args.shard[0]}/{args.shard[1]}", "constrained": not args.no_constrained, **ungrounded,
+            **review, **files}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,6 +211,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs (refused by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    review = p.add_mutually_exclusive_group()
+    review.add_argument("--review-below", type=_probability, metavar="T",
+                        help="flag records with category confidence below T for review (review: true)")
+    review.add_argument("--review-target-accuracy", type=_probability, metavar="A",
+                        help="flag for review what the model folder's dev calibration says keeps the rest at accuracy A")
+    p.add_argument("--review-out", type=Path, help="the review queue (default: OUT.review.jsonl)")
     return p
 
 
@@ -180,6 +231,16 @@ def _at_least(low: float, kind: type = int) -> Any:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value
     return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def _shard(text: str) -> tuple[int, int]:

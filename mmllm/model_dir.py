@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mmllm.confidence import CALIBRATION_FILE, Calibration
 from mmllm.grounding import GROUNDING_FILE, Grounder, GroundedPredictor
 from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
 from mmllm.schema import LabelSchema
@@ -228,7 +229,7 @@ def _load_model(folder: Path, device: str, trust_remote_code: bool, resolve: Cal
     if meta["kind"] == "classifier":
         return ClassifierPredictor(model, processor, schema, template, cfg.max_images, untrained=untrained)
     return GenerativePredictor(model=model, processor=processor, schema=schema, template=template,
-                               max_images=cfg.max_images, untrained=untrained)
+                               max_images=cfg.max_images, untrained=untrained, calibration=Calibration.load(folder))
 
 
 def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] = _as_is) -> Path:
@@ -246,8 +247,8 @@ def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] 
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     predictor.processor.save_pretrained(out)
-    for name in (SCHEMA_FILE, TEMPLATE_FILE, GROUNDING_FILE):
-        if name != GROUNDING_FILE or (folder / name).is_file():
+    for name in (SCHEMA_FILE, TEMPLATE_FILE, GROUNDING_FILE, CALIBRATION_FILE):
+        if name in (SCHEMA_FILE, TEMPLATE_FILE) or (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
     write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
                **{k: meta[k] for k in ("trained_fields",) if k in meta})

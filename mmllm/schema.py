@@ -450,6 +450,50 @@ def extract_json_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
     return obj, None
 
 
+def answer_spans(text: str) -> dict[str, tuple[int, int]]:
+    """Character spans of the values in an answer's first JSON object: ``category`` and each
+    attribute's value (keyed by its name), as ``[start, end)`` into ``text``. Values found before
+    the JSON breaks are kept; a generative model's value probabilities are read over these spans.
+    Keys: ``category`` (and any other top-level value) and ``attributes.NAME``."""
+    spans: dict[str, tuple[int, int]] = {}
+    start = text.find("{") if isinstance(text, str) else -1
+    if start >= 0:
+        try:
+            _object_spans(text, start, spans, "", nested="attributes")
+        except (ValueError, IndexError):
+            pass
+    return spans
+
+
+def _object_spans(text: str, i: int, spans: dict[str, tuple[int, int]], prefix: str, nested: str | None) -> int:
+    """Walk one JSON object from its ``{`` at ``i``; record its values' spans; return the index after ``}``."""
+    decoder = json.JSONDecoder()
+    ws = " \t\n\r"
+    i += 1
+    while True:
+        while text[i] in ws:
+            i += 1
+        if text[i] == "}":
+            return i + 1
+        if text[i] == ",":
+            i += 1
+            continue
+        key, i = json.decoder.scanstring(text, i + 1)  # i was at the opening quote
+        while text[i] in ws:
+            i += 1
+        if text[i] != ":":
+            raise ValueError("expected ':'")
+        i += 1
+        while text[i] in ws:
+            i += 1
+        if key == nested and text[i] == "{":
+            i = _object_spans(text, i, spans, f"{key}.", nested=None)
+            continue
+        _, end = decoder.raw_decode(text, i)
+        spans[prefix + key] = (i, end)
+        i = end
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """One line: where in the file and what (PyYAML's own text spans several lines)."""
     mark = getattr(exc, "problem_mark", None)

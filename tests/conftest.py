@@ -41,3 +41,36 @@ def mmllm_cache(tmp_path_factory, monkeypatch) -> Path:
     cache = tmp_path_factory.getbasetemp() / "mmllm-cache"
     monkeypatch.setenv("MMLLM_CACHE", str(cache))
     return cache
+
+
+# ---------------------------------------------------------------------- the demo's browser tests
+CHROMIUM = Path(os.environ.get("MMLLM_CHROMIUM", "/usr/bin/chromium"))
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.is_file():
+        return f"{CHROMIUM} is missing (apt-get install chromium; `make test` installs it when run as root)"
+    for module in ("playwright", "gradio", "jsonschema"):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"the {module} package is missing (pip install -e '.[dev,demo]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium through playwright, for the demo's browser tests; without it (or the
+    packages) they are skipped locally and FAIL under CI=true."""
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"the demo's browser test must run in CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # executable_path: Debian's chromium; `playwright install` would download a browser
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()

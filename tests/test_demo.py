@@ -1,7 +1,7 @@
 """The demo's handlers without a browser: form -> listing, errors as messages, display of any record, batch tab.
 
 The predictors here are stand-ins with the label interface (``encode`` / ``predict_encoded``, or the
-generative ``generate_encoded`` / ``record``); tests/test_demo_browser.py drives the real app with a
+generative ``generate_scored`` / ``record``); tests/test_demo_browser.py drives the real app with a
 tiny model in Chromium.
 """
 
@@ -62,8 +62,8 @@ class TextPredictor(GenerativePredictor):
     def encode(self, listings, images):
         return {"rows": len(listings)}
 
-    def generate_encoded(self, enc):
-        return [self.text] * enc["rows"]
+    def generate_scored(self, enc):
+        return [(self.text, None)] * enc["rows"]  # no token scores: no confidence
 
 
 def png(path: Path, size=(48, 32), colour="red") -> str:

@@ -26,7 +26,6 @@ except ImportError:  # the browser fixture skips the tests (or fails them under 
 from helpers import ROOT, TOYS_SCHEMA
 
 DRAWN = ROOT / "examples" / "drawn"
-CHROMIUM = Path(os.environ.get("MMLLM_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOT = ROOT / "benchmarks" / "results" / "demo_screenshot.png"
 UPLOAD_LIMIT = 2 * 2**20  # images; dumps get half of it
 TIMEOUT_MS = 60_000  # one constrained answer of the tiny model takes about 2 s on 2 cores
@@ -36,33 +35,6 @@ pytestmark = [
     # gradio's queue calls pandas options that pandas 3 deprecates; nothing here to fix
     pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
 ]
-
-
-def _missing() -> str | None:
-    if not CHROMIUM.is_file():
-        return f"{CHROMIUM} is missing (apt-get install chromium; `make test` installs it when run as root)"
-    for module in ("playwright", "gradio", "jsonschema"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"the {module} package is missing (pip install -e '.[dev,demo]')"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    reason = _missing()
-    if reason:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"the demo's browser test must run in CI: {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        # executable_path: Debian's chromium; `playwright install` would download a browser
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

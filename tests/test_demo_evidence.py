@@ -12,7 +12,8 @@ from helpers import TOYS_SCHEMA, require_gradio
 gr = require_gradio()  # before mmllm.demo, which imports gradio
 
 from mmllm.catalog import Listing, parse_row
-from mmllm.demo import Demo, attribute_rows, attribute_summary, build_app, evidence_highlights, evidence_source
+from mmllm.demo import Demo, build_app
+from mmllm.record_view import attribute_rows, attribute_summary, evidence_highlights, evidence_source
 from mmllm.grounding import AttributeChoice, GroundedPredictor, Grounder, GroundingConfig, fit_grounder
 from mmllm.schema import LabelSchema
 

@@ -106,7 +106,12 @@ def test_batched_output_equals_one_by_one(tmp_path, tiny_checkpoint):
     assert label(dump, tmp_path / "b8.jsonl", model, "--batch-size", "8") == 0
     one = {r["id"]: r for r in read(tmp_path / "b1.jsonl")}
     eight = {r["id"]: r for r in read(tmp_path / "b8.jsonl")}
-    assert one == eight
+    scores = ("confidence", "attribute_confidence")  # padded batches differ in the last float digits only
+    assert {i: {k: v for k, v in r.items() if k not in scores} for i, r in one.items()} == \
+           {i: {k: v for k, v in r.items() if k not in scores} for i, r in eight.items()}
+    for i, r in one.items():
+        assert r["confidence"] == pytest.approx(eight[i]["confidence"], rel=1e-3, abs=1e-6)
+        assert r["attribute_confidence"] == pytest.approx(eight[i]["attribute_confidence"], rel=1e-3, abs=1e-6)
 
 
 def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint, capsys):

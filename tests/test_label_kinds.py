@@ -9,6 +9,7 @@ import json
 import pytest
 
 from mmllm.cli import main as mmllm
+from mmllm.confidence import Calibration
 from mmllm.model_dir import read_meta
 from mmllm.schema import LabelSchema
 
@@ -62,8 +63,15 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
         assert schema.validate({"category": record["category"], "attributes": record["attributes"]}).ok, record
     if kind != "base checkpoint":
         assert read_meta(model)["kind"] == kind
-    if kind in ("classifier", "fusion"):  # heads give calibrated scores
-        assert all(0 <= r["confidence"] <= 1 and r["top_k"][0]["category"] == r["category"] for r in records)
+    # every kind scores its answer: the heads' calibrated probability, a generative model's category path
+    # probability under the grammar (Platt-calibrated on dev in a trained folder)
+    assert all(0 < r["confidence"] <= 1 for r in records)
+    if kind in ("classifier", "fusion"):
+        assert all(r["top_k"][0]["category"] == r["category"] for r in records)
+    if kind != "base checkpoint":  # and every trained folder holds its dev calibration and risk-coverage curve
+        calibration = Calibration.load(model)
+        assert calibration.method == ("platt" if kind.startswith("generative") else "temperature")
+        assert calibration.curve.rows == 8 and calibration.curve.coverage[-1] == 1.0
     if kind == "fusion":
         assert all(set(r["modality_weights"]) == {"text", "attributes"} for r in records)
     if kind != "base checkpoint":  # every trained kind's folder has its grounding: the seller's "Pieces" is published
@@ -107,3 +115,28 @@ def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tm
     err = capsys.readouterr().err
     assert code == 2 and message.format(model=folders[kind]) in err and "Traceback" not in err
     assert out.read_text() == ""  # nothing labelled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["generative-lora", "fusion"])
+def test_review_queue_from_a_target_accuracy_and_the_curve_in_evaluate(trained, tmp_path, capsys, kind):
+    catalog, folders = trained
+    model, out = folders[kind], tmp_path / "labels.jsonl"
+    point = Calibration.load(model).threshold_for(0.5)
+    assert point is not None  # the dev rows are the training rows here: some share reaches 0.5
+    code = mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--quiet",
+                  "--review-target-accuracy", "0.5"])
+    captured = capsys.readouterr()
+    assert code == 0 and f"keep rows with confidence >= {point.threshold:.4g}" in captured.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    low = [r for r in records if r["confidence"] < point.threshold]
+    assert all(r["review"] is (r["confidence"] < point.threshold) for r in records)
+    queue = [json.loads(line) for line in (tmp_path / "labels.review.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in queue] == [r["id"] for r in sorted(low, key=lambda r: r["confidence"])]
+    assert f"review queue: {len(low)} rows" in captured.out
+    report = tmp_path / "report"
+    assert mmllm(["evaluate", "--pred", str(out), "--gold", str(catalog), "--report", str(report),
+                  "--bootstrap", "20", "--target-accuracy", "0.5"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())["metrics"]["selective"]
+    assert metrics["scored"] == 8 and (report / "risk_coverage.png").stat().st_size > 0
+    assert "## Selective prediction" in (report / "report.md").read_text()

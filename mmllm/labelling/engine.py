@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, RowError
 from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.labelling.review import flag
 from mmllm.progress import Progress
 
 Record = dict[str, Any]
@@ -45,6 +46,7 @@ class LabelOptions:
     log_every_s: float = 30.0
     log_every_rows: int = 1000
     roots: dict[str, Path] = field(default_factory=dict)  # dump file name -> its folder (image root)
+    review_below: float | None = None  # flag records under this category confidence for review (labelling.review)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "window", "workers"):
@@ -245,6 +247,8 @@ def finish(predictor: Any, prepared: Prepared, emit: Callable[[Record], None], o
     for listing, prediction in zip(prepared.listings, predictions):
         if ids and prediction.get("category"):  # an imported standard taxonomy: its id beside the path
             prediction = {**prediction, "category_id": schema.category_id(prediction["category"])}
+        if opts.review_below is not None:
+            prediction = {**prediction, **flag(prediction, opts.review_below)}
         emit({"id": listing.id, **prediction, "source": listing.source, "line": listing.line})
 
 

@@ -197,7 +197,8 @@ class Output:
     """
 
     def __init__(self, path: Path, errors: Path | None, resume: bool, *, inputs: Sequence[Path] = (),
-                 manifest: dict[str, Any] | None = None, resume_changed: bool = False) -> None:
+                 manifest: dict[str, Any] | None = None, resume_changed: bool = False,
+                 extra_writes: dict[str, Path] | None = None) -> None:
         self.path, self.errors_path = Path(path), Path(errors) if errors else None
         self.done = DoneRows()
         self.notes: list[str] = []
@@ -206,7 +207,8 @@ class Output:
         self._out_fd: int | None = None
         self._err_fd: int | None = None
         sidecars = sidecar_paths(self.path) if manifest is not None else {}
-        writes = {"--out": self.path, **({"--errors": self.errors_path} if self.errors_path else {}), **sidecars}
+        writes = {"--out": self.path, **({"--errors": self.errors_path} if self.errors_path else {}), **sidecars,
+                  **(extra_writes or {})}  # files the caller writes itself (the review queue): checked the same way
         self._missing_errors: list[dict[str, Any]] = []
         check_paths(inputs, writes)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models.heads import mark_untrained, prompt_vectors
 from mmllm.models.prefix_cache import PrefixCache, base_model, reset_rope_deltas, shared_prefix_ids
-from mmllm.predictor import encoded_batches
+from mmllm.predictor import encoded_batches, predict_in_batches
 from mmllm.prompts import PromptTemplate
-from mmllm.schema import LabelSchema
+from mmllm.schema import LabelSchema, answer_spans
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,7 @@ class GenerativePredictor:
     constrained: bool = False
     untrained: tuple[str, ...] = ()
     prefix_cache: bool = True
+    calibration: Any = None  # mmllm.confidence.Calibration: Platt maps of the raw scores (None: raw)
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
@@ -217,20 +218,29 @@ class GenerativePredictor:
 
     def generate_encoded(self, enc: dict[str, torch.Tensor]) -> list[str]:
         """Decode one encoded batch; raw answer texts in batch order."""
+        return [text for text, _ in self.generate_scored(enc)]
+
+    def generate_scored(self, enc: dict[str, torch.Tensor]) -> list[tuple[str, list[tuple[int, int, float]] | None]]:
+        """Decode one encoded batch: per row the answer text and, per generated token, its character
+        span in that text and its log-probability as decoded (under the grammar, when constrained:
+        the distribution renormalized over the tokens the grammar allows)."""
         device = next(self.model.parameters()).device
         tokenizer = self.processor.tokenizer
         enc = {k: v.to(device) for k, v in enc.items()}
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        recorder = ChosenLogprobs()
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "logits_processor": [recorder]}
         if self.constrained:
             grammar = self._grammar_factory()
-            kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens), "logits_processor": [grammar.processor()]}
+            kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens),
+                      "logits_processor": [grammar.processor(), recorder]}  # the recorder sees the masked scores
         prefix = self._prefix_cache()
         inputs = (prefix.lay_out(enc) if prefix is not None else None) or enc
         reset_rope_deltas(base_model(self.model))  # positions come from this batch, never the last one
         with torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id):
             out = self.model.generate(**inputs, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
-        return tokenizer.batch_decode(new, skip_special_tokens=True)
+        logprobs = recorder.result(new.shape[1])  # [B, new tokens]
+        return [token_spans(tokenizer, ids, lp, self._stops) for ids, lp in zip(new.tolist(), logprobs.tolist())]
 
     def _prefix_cache(self) -> PrefixCache | None:
         """The shared prefix of this template's prompts, encoded on first use (``None``: off or none)."""
@@ -247,13 +257,13 @@ class GenerativePredictor:
 
     def predict(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[dict[str, Any]]:
         """One prediction record per listing: ``{"id", "category", "attributes", "status", ...}``."""
-        return [self.record(listing.id, text) for listing, text in zip(listings, self.generate(listings, image_policy))]
+        return predict_in_batches(self, listings, image_policy)
 
     def predict_encoded(self, enc: dict[str, torch.Tensor], raw: bool = False) -> list[dict[str, Any]]:
         """Records (without id) for an encoded batch; ``raw`` keeps the decoded text of every row."""
         records = []
-        for text in self.generate_encoded(enc):
-            record = {k: v for k, v in self.record(None, text).items() if k != "id"}
+        for text, tokens in self.generate_scored(enc):
+            record = {k: v for k, v in self.record(None, text, tokens).items() if k != "id"}
             records.append({**record, "raw": text} if raw else record)
         return records
 
@@ -261,11 +271,18 @@ class GenerativePredictor:
         """Similar-product vectors: the pooled prompt state (the answer is never generated)."""
         return prompt_vectors(self.model, enc, pooling)
 
-    def record(self, listing_id: str, text: str) -> dict[str, Any]:
-        """A prediction record from raw answer text, validated by the schema."""
+    def record(self, listing_id: str | None, text: str,
+               tokens: Sequence[tuple[int, int, float]] | None = None) -> dict[str, Any]:
+        """A prediction record from raw answer text, validated by the schema. With the answer's
+        ``tokens`` (spans and log-probabilities, :meth:`generate_scored`) it carries ``confidence``
+        (the category path's probability) and ``attribute_confidence`` (each stated value's), mapped
+        through the folder's calibration when there is one."""
         result = self.schema.parse(text)
         if result.ok:
-            return mark_untrained({"id": listing_id, **result.value, "status": "ok"}, self.untrained)
+            record = mark_untrained({"id": listing_id, **result.value, "status": "ok"}, self.untrained)
+            if tokens is not None:
+                record.update(answer_confidence(text, tokens, record, self.calibration))
+            return record
         return mark_untrained({"id": listing_id, "category": None, "attributes": {}, "status": "invalid",
                                "error": result.reason(), "raw": text}, self.untrained)
 
@@ -277,6 +294,70 @@ class GenerativePredictor:
             vocab = self.model.get_output_embeddings().weight.shape[0]  # padded past len(tokenizer)
             self._grammar = GrammarFactory(self.schema, tokenizer, vocab, self._stops)
         return self._grammar
+
+
+# ---------------------------------------------------------------------- answer scores
+class ChosenLogprobs:
+    """A logits processor, last in the list, that records each step's log-probability of the
+    token greedy decoding picks: the maximum of the (grammar-masked) scores it is handed, minus their
+    log-sum-exp. O(batch) memory per step, where ``output_scores`` would keep [steps x batch x vocab]."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = scores.float()
+        self.steps.append(s.max(-1).values - torch.logsumexp(s, -1))  # [B]
+        return scores
+
+    def result(self, steps: int) -> torch.Tensor:
+        """[B, steps] log-probabilities (0 past the last recorded step)."""
+        if not self.steps:
+            return torch.zeros(0, steps)
+        out = torch.stack(self.steps[:steps], 1).cpu()
+        return torch.nn.functional.pad(out, (0, steps - out.shape[1]))
+
+
+def token_spans(tokenizer: Any, ids: list[int], logprobs: list[float], stops: Sequence[int]) -> tuple[str, list[tuple[int, int, float]]]:
+    """The decoded answer and, per token up to the first stop, its ``[start, end)`` characters in it."""
+    cut = next((i for i, t in enumerate(ids) if t in stops or t == tokenizer.pad_token_id), len(ids))
+    ids = ids[:cut]
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True) if ids else []
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    spans, before = [], 0
+    for prefix, lp in zip(prefixes, logprobs):
+        end = max(before, min(len(prefix), len(text)))  # a split UTF-8 character decodes late, never early
+        spans.append((before, end, float(lp)))
+        before = end
+    return text, spans
+
+
+def answer_confidence(text: str, tokens: Sequence[tuple[int, int, float]], record: dict[str, Any],
+                      calibration: Any = None) -> dict[str, Any]:
+    """``confidence`` (the category path) and ``attribute_confidence`` (each non-null value): the
+    product of the probabilities of the tokens that overlap the value in the answer text (a string
+    without its quotes: a token that only closes or opens it decides layout, not the value)."""
+    spans = answer_spans(text)
+
+    def probability(key: str) -> float | None:
+        if key not in spans:
+            return None
+        lo, hi = spans[key]
+        if text[lo] == '"' and hi - lo >= 2:
+            lo, hi = lo + 1, hi - 1
+        return float(np.exp(sum(lp for start, end, lp in tokens if start < hi and end > lo)))
+
+    out: dict[str, Any] = {}
+    p = probability("category")
+    if p is not None:
+        out["confidence"] = round(calibration.category(p) if calibration is not None else p, 6)
+    attribute_confidence = {}
+    for name, value in (record.get("attributes") or {}).items():
+        q = probability(f"attributes.{name}") if value is not None else None
+        if q is not None:
+            attribute_confidence[name] = round(calibration.attributes(q) if calibration is not None else q, 6)
+    out["attribute_confidence"] = attribute_confidence
+    return out
 
 
 def stop_ids(tokenizer: Any) -> list[int]:

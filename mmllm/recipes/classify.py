@@ -17,7 +17,7 @@ from mmllm.grounding import GroundingConfig
 from mmllm.models import classifier, heads
 from mmllm.models.classifier import ClassifyConfig
 from mmllm.models.generative import LoraSettings, ModelConfig
-from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
+from mmllm.recipes.common import DataConfig, fit_after_training, say, setup
 from mmllm.recipes.generate import build_backbone, save_model_dir
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
 from mmllm.training import TrainConfig
@@ -55,7 +55,7 @@ def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
     save_model_dir(s, cfg, unwrapped.backbone, processor, summary, kind="classifier")
     if s.accelerator.is_main_process:
         unwrapped.save_heads(s.out_dir)
-        fit_grounding(s, cfg.grounding, classifier.ClassifierPredictor(unwrapped, processor, s.schema, s.template,
+        fit_after_training(s, cfg.grounding, classifier.ClassifierPredictor(unwrapped, processor, s.schema, s.template,
                                                                        cfg.model.max_images, untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary

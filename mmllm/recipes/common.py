@@ -19,6 +19,7 @@ import torch
 
 from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
 from mmllm.config import help_field
+from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.images import ImagePolicy
 from mmllm.model_dir import CARD_FILE, METRICS_FILE, trained_field_counts, untrained_attributes
@@ -281,24 +282,74 @@ def say(accelerator: Any, text: str) -> None:
         print(text, flush=True)
 
 
-def fit_grounding(s: Setup, cfg: GroundingConfig, predictor: Any) -> dict[str, Any]:
-    """Fit the grounded-attribute choice (:mod:`mmllm.grounding`) for the trained model: stage A on
-    the training rows, stage B and the answer thresholds on the model's predictions for the dev rows.
-    Writes ``grounding.json`` into the model folder (the per-attribute report is in it too) and adds
-    the thresholds to the model card; returns the report."""
-    if not cfg.enabled or not s.accelerator.is_main_process:
-        return {}
-    if not any(a.evidence is not None for a in s.schema.attributes) and not s.dev_rows:
-        say(s.accelerator, "grounding: the schema declares no evidence and there are no dev rows; skipped")
-        return {}
+def fit_after_training(s: Setup, cfg: GroundingConfig, predictor: Any, *, platt: bool = False) -> None:
+    """What every recipe fits on the trained model's dev answers, predicted once: the confidence
+    calibration (``calibration.json``: a Platt map for a generative model, ``platt``; the heads'
+    temperature is already in their weights) and then the grounded-attribute choice (``grounding.json``)."""
+    if not s.accelerator.is_main_process:
+        return
     rows = s.dev_rows[: cfg.dev_rows] if cfg.dev_rows else s.dev_rows
     records: list[dict[str, Any]] = []
     if rows:
-        with Progress("grounding: dev predictions", total_rows=len(rows), unit="listings") as progress:
+        with Progress("dev predictions (calibration, grounding)", total_rows=len(rows), unit="listings") as progress:
             for start in range(0, len(rows), 64):
                 chunk = rows[start:start + 64]
                 records += predict_in_batches(predictor, chunk, s.dev_policy)
                 progress.update(len(chunk))
+    if rows:
+        records = fit_calibration(s, predictor, rows, records, platt=platt)
+    fit_grounding(s, cfg, rows, records)
+
+
+def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list[dict[str, Any]], *,
+                    platt: bool) -> list[dict[str, Any]]:
+    """``calibration.json`` from the dev answers; with ``platt`` the maps are fitted, handed to the
+    predictor (``predictor.calibration``) and applied to ``records``, which are returned."""
+    correct = [r.get("category") is not None and r.get("category") == row.label.get("category")
+               for row, r in zip(rows, records)]
+    attribute_scores, attribute_correct = [], []
+    if platt:
+        for row, record in zip(rows, records):
+            gold = (s.schema.validate(row.label).value or {}).get("attributes", {})
+            for name, score in (record.get("attribute_confidence") or {}).items():
+                if (record.get("attributes") or {}).get(name) is not None:
+                    attribute_scores.append(score)
+                    attribute_correct.append(record["attributes"][name] == gold.get(name))
+        category = Platt.fit([r["confidence"] for r in records if r.get("confidence") is not None],
+                             [c for r, c in zip(records, correct) if r.get("confidence") is not None])
+        calibration = Calibration("platt", category, Platt.fit(attribute_scores, attribute_correct))
+        predictor.calibration = calibration
+        records = [calibrated(r, calibration) for r in records]
+    else:
+        calibration = Calibration("temperature")
+    calibration.curve = risk_coverage([r.get("confidence") for r in records], correct)
+    calibration.save(s.out_dir)
+    points = ", ".join(f"{c:.0%}: {calibration.curve.accuracy_at(c):.3f}" for c in (0.5, 0.8, 1.0))
+    say(s.accelerator, f"calibration ({CALIBRATION_FILE}, {calibration.method}): dev accuracy at coverage {points}")
+    return records
+
+
+def calibrated(record: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """A generative record with its raw scores mapped through the Platt maps."""
+    out = dict(record)
+    if record.get("confidence") is not None:
+        out["confidence"] = round(calibration.category(record["confidence"]), 6)
+    if record.get("attribute_confidence"):
+        out["attribute_confidence"] = {k: round(calibration.attributes(v), 6)
+                                       for k, v in record["attribute_confidence"].items()}
+    return out
+
+
+def fit_grounding(s: Setup, cfg: GroundingConfig, rows: list[Listing], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fit the grounded-attribute choice (:mod:`mmllm.grounding`) for the trained model: stage A on
+    the training rows, stage B and the answer thresholds on the model's predictions for the dev rows.
+    Writes ``grounding.json`` into the model folder (the per-attribute report is in it too) and adds
+    the thresholds to the model card; returns the report."""
+    if not cfg.enabled:
+        return {}
+    if not any(a.evidence is not None for a in s.schema.attributes) and not rows:
+        say(s.accelerator, "grounding: the schema declares no evidence and there are no dev rows; skipped")
+        return {}
     grounder, report = fit_grounder(s.schema, s.train_rows, rows, records, cfg, s.untrained)
     grounder.save(s.out_dir)
     lines = [f"{'attribute':<22} {'threshold':>9} {'dev answered':>12} {'dev precision':>13} {'model answers':>13}"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from mmllm import model_dir
@@ -30,7 +31,7 @@ from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, memor
 from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit_lexicon, lexicon_store, load_lexicon,
                                          save_lexicon)
 from mmllm.progress import Progress
-from mmllm.recipes.common import DataConfig, fit_grounding, say, setup
+from mmllm.recipes.common import DataConfig, fit_after_training, say, setup
 from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
 from mmllm.training import TrainConfig
 
@@ -80,6 +81,9 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     if cfg.anchor.epochs and encoders.text is not None and "text" in fc.modalities:
         # the tuned weights are kept only in a shared cache (fusion.cache_dir), not in each output folder
         anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg, Path(fc.cache_dir) if fc.cache_dir else None)
+        # tuning draws random numbers (dropout), reading its cached result draws none: from here on a cold
+        # run and a warm one start from the same state, so they train the same heads
+        set_seed(cfg.train.seed)
     featurizer = fusion.Featurizer(encoders, fc, cache, remember_rows=True)  # every epoch reads the same rows
     names = None
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
@@ -116,7 +120,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,
                                model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
                                training=summary, trained_fields=s.trained)
-        fit_grounding(s, cfg.grounding, fusion.FusionPredictor(unwrapped, featurizer, s.schema, max_images,
+        fit_after_training(s, cfg.grounding, fusion.FusionPredictor(unwrapped, featurizer, s.schema, max_images,
                                                                untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary

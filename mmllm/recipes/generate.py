@@ -10,6 +10,7 @@ the grounded-attribute choice fitted on the model's dev answers (``grounding.jso
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -23,7 +24,7 @@ from mmllm.config import help_field, to_dict
 from mmllm.grounding import GroundingConfig
 from mmllm.images import ImagePolicy
 from mmllm.models.generative import GenerativePredictor, LoraSettings, ModelConfig, attach_lora, load_base_model, load_processor
-from mmllm.recipes.common import DataConfig, Setup, fit_grounding, record_final, run_summary, say, setup
+from mmllm.recipes.common import DataConfig, Setup, fit_after_training, record_final, run_summary, say, setup
 from mmllm.training import TrainConfig, causal_lm_loss, train_loop
 
 
@@ -77,10 +78,13 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         final = evaluate(s.accelerator.unwrap_model(model), result.steps)
         record_final(s.accelerator, s.out_dir, summary, final)
     save_model_dir(s, cfg, model, processor, summary)
-    if s.accelerator.is_main_process:  # the constrained answers checked against what each listing states
-        fit_grounding(s, cfg.grounding, GenerativePredictor(
+    if s.accelerator.is_main_process:
+        # the dev answers decoded as `mmllm label` decodes them (under the grammar where xgrammar is
+        # installed): their scores are Platt-calibrated, then checked against what each listing states
+        fit_after_training(s, cfg.grounding, GenerativePredictor(
             s.accelerator.unwrap_model(model), processor, s.schema, s.template, cfg.model.max_images,
-            cfg.eval.max_new_tokens, cfg.eval.batch_size, untrained=s.untrained))
+            cfg.eval.max_new_tokens, cfg.eval.batch_size, untrained=s.untrained,
+            constrained=importlib.util.find_spec("xgrammar") is not None), platt=True)
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary
 

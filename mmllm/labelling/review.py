@@ -1,0 +1,243 @@
+"""The human review loop: which labelled rows a person checks, in which order, and what they decide.
+
+No model labels a whole catalog right. A team publishes what it can trust and sends the rest to
+people, and what the people decide becomes training data:
+
+- **Flags** (:func:`flag`): ``mmllm label --review-below T`` (or ``--review-target-accuracy A``,
+  turned into T by the model folder's ``calibration.json``, :mod:`mmllm.confidence`) marks every
+  record ``review: true`` whose category confidence is below T, has none, or is invalid, with the
+  reason in ``review_reason``.
+- **The queue** (:func:`write_queue`): the flagged records of a labels file, least confident first,
+  rewritten whole (write a temporary file, then rename) at the end of every run, resumed or not.
+- **Corrections** (:class:`Corrections`): each decision - the model's label accepted, or a label
+  corrected with the schema's own pickers - is one catalog row with its gold ``label`` (and a
+  ``review`` record of who decided what against which prediction), appended and flushed at once.
+  The file is append-only and locked while open; reopening it skips the rows already decided, so a
+  reload or a crash loses nothing and decides nothing twice. It is a catalog like any other: put it
+  in any recipe's ``data.train`` (image paths stay relative to the dump's folder, so it is written
+  there by default).
+- **The session** (:class:`ReviewSession`): a labels file, its dump(s) and the corrections file,
+  for the demo's review tab (:mod:`mmllm.demo`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from mmllm.catalog import CatalogReader, Listing
+from mmllm.labelling.output import OutputError, check_paths, read_records
+from mmllm.schema import LabelSchema
+
+QUEUE_SUFFIX = ".review.jsonl"
+CORRECTIONS_SUFFIX = ".corrections.jsonl"
+DECISIONS = ("accepted", "corrected")
+
+
+# ---------------------------------------------------------------------- flags and the queue
+def flag(record: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """``{"review": bool[, "review_reason": str]}`` for one label record (errors are not reviewed:
+    they have no prediction to check and are in ``--errors``)."""
+    if record.get("status") == "invalid":
+        return {"review": True, "review_reason": "invalid answer"}
+    confidence = record.get("confidence")
+    if confidence is None:
+        return {"review": True, "review_reason": "no confidence"}
+    if confidence < threshold:
+        return {"review": True, "review_reason": f"confidence {confidence:.3g} < {threshold:.4g}"}
+    return {"review": False}
+
+
+def queue_order(record: dict[str, Any]) -> tuple[float, str, int]:
+    """Least confident first (no confidence: first of all); then by file and line, for a stable order."""
+    confidence = record.get("confidence")
+    return (-math.inf if confidence is None else float(confidence), str(record.get("source")), record.get("line") or 0)
+
+
+def default_queue_path(out: Path) -> Path:
+    return out.with_name(out.name + QUEUE_SUFFIX) if not out.name.endswith(".jsonl") else \
+        out.with_name(out.name[: -len(".jsonl")] + QUEUE_SUFFIX)
+
+
+def check_queue_path(queue: Path) -> None:
+    """A queue path may be new, empty, or a queue this module wrote; anything else is the user's file."""
+    if not queue.exists() or queue.stat().st_size == 0:
+        return
+    try:
+        records, _ = read_records(queue, "--review-out")
+    except OutputError:
+        records = None
+    if records is None or any(r.get("review") is not True for r in records):
+        raise OutputError(f"--review-out {queue} exists and is not a review queue written by `mmllm label`; "
+                          "choose another path")
+
+
+def write_queue(out: Path, queue: Path) -> int:
+    """The flagged records of ``out``, least confident first, as ``queue``; returns how many."""
+    records, _ = read_records(out, "--out")
+    flagged = sorted((r for r in records if r.get("review") is True), key=queue_order)
+    tmp = queue.with_name(queue.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in flagged:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, queue)  # a kill leaves the old queue or the new one
+    return len(flagged)
+
+
+# ---------------------------------------------------------------------- corrections
+class CorrectionError(ValueError):
+    """A decision that cannot be saved (a label outside the schema, a row decided already)."""
+
+
+class Corrections:
+    """The append-only file of reviewed rows (catalog rows with a gold ``label``), locked while open."""
+
+    def __init__(self, path: Path, schema: LabelSchema, *, inputs: Sequence[Path] = ()) -> None:
+        self.path, self.schema = Path(path), schema
+        check_paths(inputs, {"corrections file": self.path})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.decided: dict[str, str] = {}  # id -> decision
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise OutputError(f"corrections file {self.path} is open in another review session; close it first") from None
+        self._read_back()
+
+    def _read_back(self) -> None:
+        whole = 0
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line (a kill mid-write): cut below
+                try:
+                    row = json.loads(raw)
+                    self.decided[str(row["id"])] = row["review"]["decision"]
+                except (ValueError, KeyError, TypeError):
+                    os.close(self._fd)
+                    raise OutputError(f"corrections file {self.path} line {number} is not a reviewed row: it is not "
+                                      "a file `mmllm demo` wrote; choose another path") from None
+                whole += len(raw)
+        if os.fstat(self._fd).st_size != whole:
+            os.ftruncate(self._fd, whole)
+
+    def save(self, listing: Listing, label: dict[str, Any], decision: str, prediction: dict[str, Any],
+             reviewer: str = "") -> dict[str, Any]:
+        """Append the reviewed row; refuses a label the schema rejects or a row decided already."""
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+        result = self.schema.validate(label)
+        if not result.ok:
+            raise CorrectionError(f"row {listing.id!r}: the label does not fit schema '{self.schema.name}': {result.reason()}")
+        row = {"id": listing.id, "title": listing.title, "description": listing.description,
+               "attributes": listing.attributes, "images": list(listing.images), "label": result.value,
+               "review": {"decision": decision, "reviewer": reviewer, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                          "predicted": {k: prediction.get(k) for k in ("category", "attributes", "confidence")},
+                          "labels_source": prediction.get("source"), "labels_line": prediction.get("line")}}
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            if listing.id in self.decided:
+                raise CorrectionError(f"row {listing.id!r} was already {self.decided[listing.id]} in {self.path.name}")
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)  # saved at once: a browser reload or a crash keeps it
+            except OSError as exc:
+                os.ftruncate(self._fd, start)
+                raise CorrectionError(f"writing {self.path} failed: {exc.strerror or exc}") from exc
+            self.decided[listing.id] = decision
+        return row
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ---------------------------------------------------------------------- a review session
+@dataclass
+class ReviewItem:
+    listing: Listing
+    record: dict[str, Any]
+    position: int  # 0-based place in the queue
+
+
+@dataclass
+class ReviewSession:
+    """The rows to review (a labels file's flagged records, least confident first; all its ok and
+    invalid records when none is flagged), their listings from the dump(s), and the corrections."""
+
+    schema: LabelSchema
+    queue: list[dict[str, Any]]
+    listings: dict[str, Listing]
+    corrections: Corrections
+    roots: dict[str, Path] = field(default_factory=dict)  # dump file name -> its folder (images resolve there)
+
+    @classmethod
+    def open(cls, labels: Path, dumps: Sequence[Path], schema: LabelSchema, corrections: Path | None = None) -> "ReviewSession":
+        labels, dumps = Path(labels), [Path(d) for d in dumps]
+        records, _ = read_records(labels, "labels file")
+        reviewable = [r for r in records if r.get("status") in ("ok", "invalid") and r.get("id") is not None]
+        flagged = [r for r in reviewable if r.get("review") is True]
+        queue = sorted(flagged if any("review" in r for r in reviewable) else reviewable, key=queue_order)
+        wanted = {str(r["id"]) for r in queue}
+        listings = {row.id: row for row in _rows(dumps) if row.id in wanted}
+        missing = [r["id"] for r in queue if str(r["id"]) not in listings]
+        if missing:
+            raise OutputError(f"{len(missing)} queued row(s) are not in {', '.join(d.name for d in dumps)} "
+                              f"(first: {missing[0]!r}); give the dump(s) {labels.name} was labelled from")
+        path = corrections or dumps[0].with_name(dumps[0].name.split(".")[0] + CORRECTIONS_SUFFIX)
+        store = Corrections(path, schema, inputs=[labels, *dumps])
+        return cls(schema, queue, listings, store, {d.name: d.resolve().parent for d in dumps})
+
+    def next_item(self, skipped: Iterable[str] = ()) -> ReviewItem | None:
+        """The first queued row neither decided nor skipped in this browser session."""
+        skip = set(skipped)
+        for position, record in enumerate(self.queue):
+            key = str(record["id"])
+            if key not in self.corrections.decided and key not in skip:
+                return ReviewItem(self.listings[key], record, position)
+        return None
+
+    def item(self, row_id: str) -> ReviewItem:
+        for position, record in enumerate(self.queue):
+            if str(record["id"]) == row_id:
+                return ReviewItem(self.listings[row_id], record, position)
+        raise CorrectionError(f"row {row_id!r} is not in the review queue")
+
+    def accept(self, row_id: str, reviewer: str = "") -> dict[str, Any]:
+        """The prediction as it stands becomes the row's gold label."""
+        item = self.item(row_id)
+        label = {"category": item.record.get("category"), "attributes": item.record.get("attributes") or {}}
+        if item.record.get("status") != "ok" or not label["category"]:
+            raise CorrectionError(f"row {row_id!r}: the model gave no valid answer to accept; correct it instead")
+        return self.corrections.save(item.listing, label, "accepted", item.record, reviewer)
+
+    def correct(self, row_id: str, label: dict[str, Any], reviewer: str = "") -> dict[str, Any]:
+        item = self.item(row_id)
+        return self.corrections.save(item.listing, label, "corrected", item.record, reviewer)
+
+    @property
+    def decided(self) -> int:
+        return sum(str(r["id"]) in self.corrections.decided for r in self.queue)
+
+    def close(self) -> None:
+        self.corrections.close()
+
+
+def _rows(dumps: Sequence[Path]) -> Iterable[Listing]:
+    for dump in dumps:
+        for row in CatalogReader(dump, check_duplicates=False):
+            if isinstance(row, Listing):
+                yield row

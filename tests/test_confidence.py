@@ -1,0 +1,103 @@
+"""Calibration maps, the risk-coverage curve and the threshold for a target accuracy (mmllm.confidence),
+and the value spans a generative answer's probabilities are read over (schema.answer_spans)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, operating_point, risk_coverage, wilson
+from mmllm.schema import answer_spans
+
+
+def test_platt_recovers_the_map_that_generated_the_outcomes():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.01, 0.99, 20000)
+    truth = 1 / (1 + np.exp(-(2.0 * np.log(scores / (1 - scores)) - 1.0)))
+    correct = rng.uniform(size=scores.size) < truth
+    platt = Platt.fit(scores.tolist(), correct.tolist())
+    assert platt.a == pytest.approx(2.0, abs=0.1) and platt.b == pytest.approx(-1.0, abs=0.1)
+    assert platt.rows == 20000
+    # monotone: the order of the rows (and so the curve) never changes
+    mapped = [platt(s) for s in np.sort(scores)[::500]]
+    assert mapped == sorted(mapped)
+    assert platt(0.5) == pytest.approx(1 / (1 + math.exp(1.0)), abs=0.03)
+
+
+def test_platt_is_the_identity_when_there_is_nothing_to_fit():
+    assert Platt.fit([0.2, 0.9], [True, False]).identity  # too few rows
+    assert Platt.fit([0.1 * i for i in range(1, 10)], [True] * 9).identity  # one outcome only
+    assert Platt()(0.3) == pytest.approx(0.3) and Platt()(None) is None
+
+
+def test_platt_stays_finite_when_dev_separates_perfectly():
+    platt = Platt.fit([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9], [False] * 4 + [True] * 4)
+    assert math.isfinite(platt.a) and math.isfinite(platt.b) and platt.a > 1
+    assert platt(0.9) > 0.9 and platt(0.1) < 0.1
+
+
+def test_risk_coverage_by_hand_ties_kept_together_and_unscored_rows_last():
+    confidence = [0.9, 0.8, 0.8, 0.3, None]
+    correct = [True, False, True, True, False]
+    curve = risk_coverage(confidence, correct)
+    assert curve.thresholds == [0.9, 0.8, 0.3, -math.inf]
+    assert curve.coverage == [0.2, 0.6, 0.8, 1.0]
+    assert curve.accuracy == [1.0, pytest.approx(2 / 3), 0.75, 0.6]
+    assert curve.kept == [1, 3, 4, 5]
+    assert curve.accuracy_at(0.5) == pytest.approx(2 / 3)  # the point at or just above 50%
+    assert curve.accuracy_at(1.0) == 0.6
+    assert curve.area() == pytest.approx(0.2 * 1 + 0.4 * 2 / 3 + 0.2 * 0.75 + 0.2 * 0.6)
+
+
+def test_operating_point_is_the_lowest_threshold_reaching_the_target():
+    curve = risk_coverage([0.9, 0.8, 0.8, 0.3, None], [True, False, True, True, False])
+    point = operating_point(curve, 0.75)
+    assert (point.threshold, point.coverage, point.kept, point.accuracy) == (0.3, 0.8, 4, 0.75)
+    assert (point.low, point.high) == pytest.approx(wilson(3, 4))
+    assert operating_point(curve, 0.99).threshold == 0.9
+    assert operating_point(risk_coverage([0.5, 0.4], [False, False]), 0.5) is None
+    with pytest.raises(ValueError, match="target accuracy"):
+        operating_point(curve, 1.5)
+    assert "keep rows with confidence >= 0.3: 80% of them (4), accuracy 0.750" in point.sentence()
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson(8, 10)  # p = 0.8, z = 1.96
+    z = 1.96
+    centre = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert (low, high) == pytest.approx((centre - half, centre + half))
+
+
+def test_calibration_file_round_trips_and_names_a_broken_file(tmp_path):
+    curve = risk_coverage([0.9, 0.7, 0.4, None], [True, True, False, False])
+    calibration = Calibration("platt", Platt(1.5, -0.2, 40), Platt(0.8, 0.1, 90), curve)
+    calibration.save(tmp_path)
+    again = Calibration.load(tmp_path)
+    assert again.method == "platt" and again.category == Platt(1.5, -0.2, 40) and again.attributes == Platt(0.8, 0.1, 90)
+    assert again.curve == curve
+    assert again.threshold_for(1.0).threshold == 0.7
+    assert Calibration.load(tmp_path / "nowhere") is None
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match=f"{CALIBRATION_FILE}: not a readable calibration file"):
+        Calibration.load(tmp_path)
+
+
+def test_answer_spans_point_at_each_value():
+    text = 'Sure: {"category": "Games > Chess", "attributes": {"piece_count": 32, "material": ["wood", "glass"], ' \
+           '"assembly_required": null}} done'
+    spans = answer_spans(text)
+    shown = {key: text[a:b] for key, (a, b) in spans.items()}
+    assert shown == {"category": '"Games > Chess"', "attributes.piece_count": "32",
+                     "attributes.material": '["wood", "glass"]', "attributes.assembly_required": "null"}
+
+
+def test_answer_spans_keep_what_was_read_before_the_json_breaks():
+    text = '{"category":"Games > Chess","attributes":{"piece_count":3'
+    spans = answer_spans(text)
+    assert {key: text[a:b] for key, (a, b) in spans.items()} == {"category": '"Games > Chess"', "attributes.piece_count": "3"}
+    assert answer_spans("no json here") == {}
+    assert answer_spans('{"category": "A \\" quoted"}') == {"category": (13, 26)}

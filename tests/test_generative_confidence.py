@@ -1,0 +1,100 @@
+"""A generative model's confidence: each generated token's log-probability as decoded (under the grammar
+when constrained), the value spans of the answer, the category path probability as their product, and
+the Platt map of the model folder's calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from mmllm.catalog import load_listings
+from mmllm.confidence import Calibration, Platt
+from mmllm.models.generative import (ChosenLogprobs, GenerativePredictor, answer_confidence, greedy_generation,
+                                     load_processor, stop_ids)
+from mmllm.prompts import PromptTemplate
+from mmllm.schema import answer_spans
+
+from listings import small_schema, toy_row, write_catalog
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    folder = tiny_checkpoint("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, load_processor(folder)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return load_listings(write_catalog(tmp_path_factory.mktemp("cat"), n=3, row=toy_row(text_only_every=1)))
+
+
+def predictor(loaded, **kwargs) -> GenerativePredictor:
+    model, processor = loaded
+    return GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v1"), **kwargs)
+
+
+def test_recorded_log_probabilities_are_the_models_own_step_by_step(loaded, rows):
+    """Unconstrained greedy decoding: the recorder's value at each step is log_softmax of a plain forward
+    pass over the prompt and the tokens before it, at the token generated; the predictor's token spans
+    carry the same values and tile the answer text."""
+    model, processor = loaded
+    p = predictor(loaded, max_new_tokens=8, constrained=False, prefix_cache=False)
+    enc = p.encode(rows[:1], [[]])
+    recorder = ChosenLogprobs()
+    with torch.no_grad(), greedy_generation(model, stop_ids(processor.tokenizer), processor.tokenizer.pad_token_id):
+        # (no min_new_tokens: its processor would mask the stop tokens before the recorder sees the scores)
+        out = model.generate(**enc, max_new_tokens=8, logits_processor=[recorder])
+    prompt = enc["input_ids"].shape[1]
+    ids = out[0, prompt:].tolist()
+    with torch.no_grad():
+        logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits[0].float()
+    reference = [torch.log_softmax(logits[prompt - 1 + i], -1)[t].item() for i, t in enumerate(ids)]
+    assert recorder.result(len(ids))[0].tolist() == pytest.approx(reference, abs=1e-4)
+
+    text, tokens = p.generate_scored(enc)[0]
+    assert 1 <= len(tokens) <= len(ids)  # cut at a stop token, if the random model writes one
+    assert [lp for _, _, lp in tokens] == pytest.approx(reference[: len(tokens)], abs=1e-4)
+    assert tokens[0][0] == 0 and tokens[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(tokens, tokens[1:]))
+
+
+def test_constrained_answers_carry_the_category_path_probability(loaded, rows):
+    p = predictor(loaded, max_new_tokens=40, constrained=True)
+    enc = p.encode(rows, [[] for _ in rows])
+    for text, tokens in p.generate_scored(enc):
+        record = p.record("x", text, tokens)
+        assert record["status"] == "ok"
+        lo, hi = answer_spans(text)["category"]
+        inside = [lp for a, b, lp in tokens if a < hi - 1 and b > lo + 1]  # the value without its quotes
+        assert record["confidence"] == pytest.approx(math.exp(sum(inside)), abs=1e-6)
+        assert 0 < record["confidence"] <= 1
+        assert set(record["attribute_confidence"]) == {k for k, v in record["attributes"].items() if v is not None}
+        # under the grammar each step renormalizes over the allowed tokens: no token is less likely than
+        # it is without the grammar, and the whole answer is no more likely than its category
+        assert all(lp <= 1e-6 for _, _, lp in tokens)
+        assert math.exp(sum(lp for _, _, lp in tokens)) <= record["confidence"] + 1e-6
+
+
+def test_answer_confidence_by_hand_and_through_a_calibration():
+    text = '{"category":"Games > Chess","attributes":{"piece_count":12,"material":null}}'
+    c0 = text.index("Games")
+    n0 = text.index("12")
+    tokens = [(0, c0, 0.0), (c0, c0 + 5, math.log(0.5)), (c0 + 5, c0 + 13, math.log(0.8)), (c0 + 13, n0, 0.0),
+              (n0, n0 + 2, math.log(0.25)), (n0 + 2, len(text), 0.0)]
+    record = {"category": "Games > Chess", "attributes": {"piece_count": 12, "material": None}}
+    out = answer_confidence(text, tokens, record)
+    assert out == {"confidence": pytest.approx(0.4), "attribute_confidence": {"piece_count": pytest.approx(0.25)}}
+    calibration = Calibration("platt", Platt(2.0, 0.5, 50), Platt(1.0, 1.0, 50))
+    mapped = answer_confidence(text, tokens, record, calibration)
+    assert mapped["confidence"] == pytest.approx(Platt(2.0, 0.5)(0.4), abs=1e-6)
+    assert mapped["attribute_confidence"]["piece_count"] == pytest.approx(Platt(1.0, 1.0)(0.25), abs=1e-6)
+
+
+def test_an_invalid_answer_has_no_confidence(loaded):
+    p = predictor(loaded)
+    record = p.record("x", "not json at all", [(0, 15, -0.1)])
+    assert record["status"] == "invalid" and "confidence" not in record

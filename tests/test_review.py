@@ -1,0 +1,230 @@
+"""The review loop's files (mmllm.labelling.review): flags, the queue, the corrections a person saves
+(append-only, resumable, never twice), and the session the demo's review tab steps through."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmllm.catalog import load_listings
+from mmllm.labelling.output import OutputError
+from mmllm.labelling.review import (Corrections, CorrectionError, ReviewSession, check_queue_path, default_queue_path,
+                                    flag, write_queue)
+
+from listings import small_schema, toy_row, write_catalog
+
+
+def record(i: int, confidence: float | None, *, status: str = "ok", **extra) -> dict:
+    out = {"id": f"item-{i}", "category": "Games > Chess", "attributes": {"piece_count": 10 + i, "material": None},
+           "status": status, "confidence": confidence, "source": "catalog.jsonl", "line": i + 1, **extra}
+    return out
+
+
+def write_labels(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_flags_name_their_reason():
+    assert flag(record(0, 0.9), 0.5) == {"review": False}
+    assert flag(record(0, 0.2), 0.5) == {"review": True, "review_reason": "confidence 0.2 < 0.5"}
+    assert flag(record(0, None), 0.5) == {"review": True, "review_reason": "no confidence"}
+    assert flag(record(0, 0.99, status="invalid"), 0.5) == {"review": True, "review_reason": "invalid answer"}
+
+
+def test_queue_is_the_flagged_rows_least_confident_first_and_never_a_users_file(tmp_path):
+    rows = [record(0, 0.7, review=True), record(1, 0.95, review=False), record(2, None, review=True),
+            record(3, 0.1, review=True)]
+    out = write_labels(tmp_path / "labels.jsonl", rows)
+    queue = default_queue_path(out)
+    assert queue.name == "labels.review.jsonl"
+    assert write_queue(out, queue) == 3
+    assert [json.loads(line)["id"] for line in queue.read_text().splitlines()] == ["item-2", "item-3", "item-0"]
+    check_queue_path(queue)  # our own queue: rewritten freely
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text('{"my": "data"}\n')
+    with pytest.raises(OutputError, match="not a review queue written by `mmllm label`"):
+        check_queue_path(mine)
+
+
+def test_corrections_are_appended_validated_and_never_decided_twice(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    listings = load_listings(catalog)
+    path = tmp_path / "d" / "catalog.corrections.jsonl"
+    store = Corrections(path, small_schema(), inputs=[catalog])
+    row = store.save(listings[0], {"category": "Outdoor > Kites", "attributes": {"piece_count": 12}}, "corrected",
+                     record(0, 0.3), reviewer="ana")
+    assert row["label"] == {"category": "Outdoor > Kites", "attributes": {"piece_count": 12, "material": None}}
+    assert row["review"]["decision"] == "corrected" and row["review"]["predicted"]["category"] == "Games > Chess"
+    with pytest.raises(CorrectionError, match="already corrected"):
+        store.save(listings[0], {"category": "Games > Chess", "attributes": {}}, "accepted", record(0, 0.3))
+    with pytest.raises(CorrectionError, match=r"row 'item-1'.*category"):
+        store.save(listings[1], {"category": "Nowhere > Else", "attributes": {}}, "corrected", record(1, 0.3))
+    with pytest.raises(OutputError, match="open in another review session"):
+        Corrections(path, small_schema())
+    store.close()
+    # a catalog like any other: the reviewed row, with its gold label, reads back as training data
+    again = load_listings(path)
+    assert [(r.id, r.label["category"]) for r in again] == [("item-0", "Outdoor > Kites")]
+    assert again[0].images == listings[0].images and again[0].title == listings[0].title
+
+
+def test_a_torn_last_line_is_cut_and_decided_rows_are_remembered(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    listings = load_listings(catalog)
+    path = tmp_path / "d" / "catalog.corrections.jsonl"
+    store = Corrections(path, small_schema())
+    store.save(listings[0], {"category": "Games > Chess", "attributes": {}}, "accepted", record(0, 0.3))
+    store.close()
+    with open(path, "a") as f:
+        f.write('{"id": "item-1", "title": "half a li')  # killed mid-write
+    store = Corrections(path, small_schema())
+    assert store.decided == {"item-0": "accepted"}
+    store.save(listings[1], {"category": "Vehicles > Cars", "attributes": {}}, "corrected", record(1, 0.2))
+    store.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["item-0", "item-1"]
+
+
+def test_a_file_that_is_not_ours_is_refused_and_inputs_are_never_written(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 2, toy_row())
+    with pytest.raises(OutputError, match="would write over the input"):
+        Corrections(catalog, small_schema(), inputs=[catalog])
+    other = tmp_path / "notes.jsonl"
+    other.write_text('{"id": "x"}\n')
+    with pytest.raises(OutputError, match="line 1 is not a reviewed row"):
+        Corrections(other, small_schema())
+    assert other.read_text() == '{"id": "x"}\n'
+
+
+def test_session_steps_through_the_queue_and_resumes_after_a_reload(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 5, toy_row())
+    labels = write_labels(tmp_path / "labels.jsonl", [
+        record(0, 0.9, review=False), record(1, 0.4, review=True), record(2, 0.1, review=True),
+        record(3, None, status="invalid", review=True), {"id": "item-4", "status": "error", "stage": "image",
+                                                          "error": "x", "source": "catalog.jsonl", "line": 5}])
+    session = ReviewSession.open(labels, [catalog], small_schema())
+    assert session.corrections.path == tmp_path / "d" / "catalog.corrections.jsonl"
+    assert [r["id"] for r in session.queue] == ["item-3", "item-2", "item-1"]
+    first = session.next_item()
+    assert (first.listing.id, first.position) == ("item-3", 0)
+    with pytest.raises(CorrectionError, match="no valid answer to accept"):
+        session.accept("item-3")
+    session.correct("item-3", {"category": "Vehicles > Cars", "attributes": {"piece_count": 13}})
+    assert session.next_item().listing.id == "item-2"
+    assert session.next_item(skipped=["item-2"]).listing.id == "item-1"
+    session.close()
+    # a reload (a new session on the same files) starts where the reviewer stopped
+    session = ReviewSession.open(labels, [catalog], small_schema())
+    assert session.decided == 1 and session.next_item().listing.id == "item-2"
+    session.accept("item-2")
+    session.accept("item-1")
+    assert session.next_item() is None and session.decided == 3
+    session.close()
+    rows = [json.loads(line) for line in session.corrections.path.read_text().splitlines()]
+    assert [(r["id"], r["review"]["decision"], r["label"]["category"]) for r in rows] == [
+        ("item-3", "corrected", "Vehicles > Cars"), ("item-2", "accepted", "Games > Chess"),
+        ("item-1", "accepted", "Games > Chess")]
+
+
+def test_session_without_flags_reviews_every_answer_and_names_missing_rows(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    labels = write_labels(tmp_path / "labels.jsonl", [record(0, 0.9), record(1, 0.4), record(2, 0.6)])
+    session = ReviewSession.open(labels, [catalog], small_schema(), corrections=tmp_path / "c.jsonl")
+    assert [r["id"] for r in session.queue] == ["item-1", "item-2", "item-0"]
+    session.close()
+    stranger = write_labels(tmp_path / "other.jsonl", [record(7, 0.2)])
+    with pytest.raises(OutputError, match="1 queued row.*not in catalog.jsonl.*'item-7'"):
+        ReviewSession.open(stranger, [catalog], small_schema(), corrections=tmp_path / "c2.jsonl")
+
+
+@pytest.mark.slow
+def test_corrections_retrain_a_model_that_fixes_them_and_keeps_dev(tmp_path):
+    """The loop end to end: label a dump, review its queue (accept where the model was right, correct the
+    rest), put the corrections file in data.train, retrain: the corrected rows come out right and the dev
+    accuracy does not drop."""
+    from mmllm.cli import main as mmllm
+    from mmllm.review_tab import ReviewDesk
+
+    from helpers import ROOT
+
+    train = write_catalog(tmp_path / "train", 24, toy_row())
+    dev = write_catalog(tmp_path / "dev", 8, toy_row(), start=24)
+    schema_path = train.parent / "schema.yaml"
+
+    def gadget(folder, i):  # words the training rows never use: the first model can only guess
+        return {"id": f"g{i}", "title": f"Zorblax gadget {i} with sprocket", "description": "A curious thing.",
+                "attributes": {"Pieces": str(3 + i)}, "images": []}
+
+    dump = write_catalog(tmp_path / "shop", 6, gadget, name="dump.jsonl")
+
+    def finetune(out, *train_files):
+        listed = ",".join(str(f) for f in train_files)
+        assert mmllm(["finetune", "--config", str(ROOT / "finetune" / "fusion_minilm_cpu.yaml"),
+                      f"data.train=[{listed}]", f"data.dev={dev}", f"data.schema={schema_path}",
+                      "fusion.max_text_tokens=32", "fusion.hidden=16", "fusion.attr_buckets=64",
+                      "train.save_every=0", f"train.output_dir={out}"]) == 0
+
+    def label(model, catalog, out):
+        assert mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--quiet",
+                      "--review-below", "1"]) == 0
+        return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+    def accuracy(records, catalog):
+        gold = {r.id: r.label["category"] for r in load_listings(catalog)}
+        return sum(records[i]["category"] == c for i, c in gold.items()) / len(gold)
+
+    finetune(tmp_path / "first", train)
+    first = label(tmp_path / "first", dump, tmp_path / "first.jsonl")
+    first_dev = accuracy(label(tmp_path / "first", dev, tmp_path / "first_dev.jsonl"), dev)
+    # the reviewer's truth: every gadget is a kite-like outdoor toy (the category the model chose least)
+    predicted = [r["category"] for r in first.values()]
+    truth = min(small_schema().categories, key=predicted.count)
+    session = ReviewSession.open(tmp_path / "first.jsonl", [dump], small_schema())
+    desk = ReviewDesk(session, reviewer="test")
+    corrected = 0
+    while (view := desk.current()).row_id is not None:
+        if first[view.row_id]["category"] == truth:
+            desk.accept(view.row_id)
+        else:
+            desk.correct(view.row_id, [truth, *view.editors[1:]])
+            corrected += 1
+    session.close()
+    assert corrected >= 5 and len(session.corrections.decided) == 6
+
+    finetune(tmp_path / "second", train, session.corrections.path)
+    second = label(tmp_path / "second", dump, tmp_path / "second.jsonl")
+    assert all(r["category"] == truth for r in second.values()), {i: r["category"] for i, r in second.items()}
+    second_dev = accuracy(label(tmp_path / "second", dev, tmp_path / "second_dev.jsonl"), dev)
+    assert second_dev >= first_dev
+
+
+def test_the_review_desk_shows_a_row_and_turns_its_editors_into_a_label(tmp_path):
+    from mmllm.review_tab import NULL, ReviewDesk
+
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    labels = write_labels(tmp_path / "labels.jsonl", [
+        record(0, 0.3, review=True, review_reason="confidence 0.3 < 0.5",
+               top_k=[{"category": "Games > Chess", "score": 0.3}, {"category": "Outdoor > Kites", "score": 0.25}]),
+        record(1, 0.9, review=False)])
+    desk = ReviewDesk(ReviewSession.open(labels, [catalog], small_schema()), reviewer="ana")
+    view = desk.current()
+    assert view.row_id == "item-0" and "Row **1** of 1" in view.progress and "confidence 0.3 < 0.5" in view.progress
+    assert view.title == "Red toy number 0" and view.seller == [["Pieces", "10"]]
+    assert view.category == {"Games > Chess": 0.3, "Outdoor > Kites": 0.25}
+    assert [row[:3] for row in view.attributes] == [["piece_count", "10", "model"], ["material", "-", "model"]]
+    assert view.editors == ["Games > Chess", 10, []]  # category, piece_count (integer), material (list)
+    assert len(view.pictures) == 1 and view.pictures[0][1] == "img/0.png"
+    # editors -> label: empty means not stated; an integer box refuses a fraction; a category is required
+    assert desk.label_from(["Outdoor > Kites", 12.0, ["wood"]]) == {
+        "category": "Outdoor > Kites", "attributes": {"piece_count": 12, "material": ["wood"]}}
+    assert desk.label_from(["Outdoor > Kites", None, []])["attributes"] == {"piece_count": None, "material": None}
+    with pytest.raises(CorrectionError, match="piece_count: 2.5 is not a whole number"):
+        desk.label_from(["Outdoor > Kites", 2.5, []])
+    with pytest.raises(CorrectionError, match="Pick a category"):
+        desk.label_from([NULL, 3, []])
+    view, message = desk.correct("item-0", ["Outdoor > Kites", 12, ["wood"]])
+    assert message == "Saved: **item-0** corrected to Outdoor > Kites." and view.row_id is None
+    assert "**Queue done**: 1 of 1 rows decided" in view.progress
+    desk.session.close()
