@@ -76,11 +76,11 @@ class Platt:
         return cls(float(w[0]), float(w[1]), len(y))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "platt", **asdict(self)}
+        return {"method": "identity"} if self.identity else {"method": "platt", **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Platt":
-        if not data:
+        if not data or data.get("method") == "identity":
             return cls()
         return cls(float(data["a"]), float(data["b"]), int(data.get("rows", 0)))
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 from mmllm.catalog import load_listings
 from mmllm.confidence import Calibration, Platt
 from mmllm.models.generative import (ChosenLogprobs, GenerativePredictor, answer_confidence, greedy_generation,
-                                     load_processor, stop_ids)
+                                     load_processor, stop_ids, token_spans)
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import answer_spans
 
@@ -98,3 +98,19 @@ def test_an_invalid_answer_has_no_confidence(loaded):
     p = predictor(loaded)
     record = p.record("x", "not json at all", [(0, 15, -0.1)])
     assert record["status"] == "invalid" and "confidence" not in record
+
+
+@pytest.mark.parametrize("text", ['{"category":"Games > Chess","attributes":{"piece_count":12}}',
+                                  '{"category":"Pokémon > Cartes","attributes":{"brand":"日本語"}}'])
+def test_token_spans_tile_the_answer_whatever_its_characters(loaded, text):
+    """ASCII answers are measured token by token; a character split over byte-level tokens (é, 日) is
+    given to the token that completes it, and the spans still tile the text."""
+    tokenizer = loaded[1].tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stop = stop_ids(tokenizer)[0]
+    decoded, spans = token_spans(tokenizer, [*ids, stop, stop], [-0.5] * (len(ids) + 2), [stop])
+    assert decoded == text and len(spans) == len(ids)  # cut at the stop
+    assert spans[0][0] == 0 and spans[-1][1] == len(text) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    lo, hi = answer_spans(text)["category"]
+    covering = "".join(text[a:b] for a, b, _ in spans if a < hi - 1 and b > lo + 1)  # what the confidence reads
+    assert text[lo + 1:hi - 1] in covering

@@ -11,6 +11,7 @@ Model folders (the files, loading any kind, merging) are :mod:`mmllm.model_dir`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -322,11 +323,15 @@ def token_spans(tokenizer: Any, ids: list[int], logprobs: list[float], stops: Se
     """The decoded answer and, per token up to the first stop, its ``[start, end)`` characters in it."""
     cut = next((i for i, t in enumerate(ids) if t in stops or t == tokenizer.pad_token_id), len(ids))
     ids = ids[:cut]
-    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True) if ids else []
     text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)  # one call, linear in the answer
+    if "".join(pieces) == text:
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+    else:  # a character split over tokens decodes whole only with its neighbours: measure prefixes instead
+        ends = [len(p) for p in tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True)]
     spans, before = [], 0
-    for prefix, lp in zip(prefixes, logprobs):
-        end = max(before, min(len(prefix), len(text)))  # a split UTF-8 character decodes late, never early
+    for end, lp in zip(ends, logprobs):
+        end = max(before, min(end, len(text)))  # a split UTF-8 character decodes late, never early
         spans.append((before, end, float(lp)))
         before = end
     return text, spans
