@@ -100,11 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded}
     try:
+        if queue is not None:  # before anything is opened: a user's file there is refused, not replaced
+            check_queue_path(queue)
         output = Output(args.out, args.errors, args.resume, inputs=dumps, resume_changed=args.resume_changed,
                         manifest=job_manifest(dumps, args.model, _settings(args, review_below)),
                         extra_writes={"--review-out": queue} if queue else None)
-        if queue is not None:
-            check_queue_path(queue)
     except (OutputError, WriteError) as exc:
         return _fail(str(exc))
     except OSError as exc:
@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary.line())
     if queue is not None:
         flagged = write_queue(args.out, queue)
-        print(f"review queue: {flagged:,} rows below confidence {review_below:.4g}, least confident first: {queue}")
+        print(f"review queue: {flagged:,} rows (confidence below {review_below:.4g}, or none, or an invalid answer), "
+              f"least confident first: {queue}")
     return 1 if summary.failed else 0
 
 

@@ -167,3 +167,29 @@ def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoin
     ray_out = {(r["source"], r["line"]): r for r in read(tmp_path / "ray.jsonl")}
     assert len(ray_out) == len(local) == 12
     assert ray_out == local
+
+
+def test_review_flags_and_queue_and_what_is_refused(tmp_path, tiny_checkpoint, capsys):
+    dump = write_catalog(tmp_path / "d", 6, dump_row(), name="dump.jsonl")
+    model = tiny_checkpoint("qwen2_vl")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"my": "notes"}\n')
+    out = tmp_path / "labels.jsonl"
+    # a user's file as the queue, or a target accuracy without a model folder: refused before anything is written
+    assert label(dump, out, model, "--review-below", "0.5", "--review-out", str(mine)) == 2
+    assert "not a review queue written by `mmllm label`" in capsys.readouterr().err
+    assert mine.read_text() == '{"my": "notes"}\n' and not out.exists()
+    assert label(dump, out, model, "--review-target-accuracy", "0.9") == 2
+    assert "--review-target-accuracy needs a fine-tuned model folder" in capsys.readouterr().err
+    assert not out.exists()
+    # a zero-shot generative model's records carry their category path probability: half of them go to review
+    assert label(dump, out, model, "--review-below", "1") == 0
+    records = read(out)
+    threshold = sorted(r["confidence"] for r in records)[3]
+    out2 = tmp_path / "labels2.jsonl"
+    assert label(dump, out2, model, "--review-below", str(threshold)) == 0
+    flagged = [r for r in read(out2) if r["review"]]
+    assert len(flagged) == 3 and all(r["confidence"] < threshold for r in flagged)
+    assert all(r["review_reason"].startswith("confidence ") for r in flagged)
+    queue = [json.loads(line) for line in (tmp_path / "labels2.review.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in queue] == [r["id"] for r in sorted(flagged, key=lambda r: r["confidence"])]
