@@ -72,6 +72,8 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
         calibration = Calibration.load(model)
         assert calibration.method == ("platt" if kind.startswith("generative") else "temperature")
         assert calibration.curve.rows == 8 and calibration.curve.coverage[-1] == 1.0
+        if kind.startswith("generative"):  # the 8 dev answers, right and wrong, fitted the category's map
+            assert calibration.category.rows == 8 and not calibration.category.identity
     if kind == "fusion":
         assert all(set(r["modality_weights"]) == {"text", "attributes"} for r in records)
     if kind != "base checkpoint":  # every trained kind's folder has its grounding: the seller's "Pieces" is published
