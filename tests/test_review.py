@@ -134,6 +134,9 @@ def test_session_without_flags_reviews_every_answer_and_names_missing_rows(tmp_p
     session = ReviewSession.open(labels, [catalog], small_schema(), corrections=tmp_path / "c.jsonl")
     assert [r["id"] for r in session.queue] == ["item-1", "item-2", "item-0"]
     session.close()
+    elsewhere = write_catalog(tmp_path / "e", 1, toy_row(), name="more.jsonl")
+    with pytest.raises(OutputError, match="the dumps lie in 2 folders"):
+        ReviewSession.open(labels, [catalog, elsewhere], small_schema(), corrections=tmp_path / "c3.jsonl")
     stranger = write_labels(tmp_path / "other.jsonl", [record(7, 0.2)])
     with pytest.raises(OutputError, match="1 queued row.*not in catalog.jsonl.*'item-7'"):
         ReviewSession.open(stranger, [catalog], small_schema(), corrections=tmp_path / "c2.jsonl")

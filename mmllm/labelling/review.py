@@ -187,6 +187,10 @@ class ReviewSession:
     @classmethod
     def open(cls, labels: Path, dumps: Sequence[Path], schema: LabelSchema, corrections: Path | None = None) -> "ReviewSession":
         labels, dumps = Path(labels), [Path(d) for d in dumps]
+        folders = {d.resolve().parent for d in dumps}
+        if len(folders) > 1:  # the corrections keep each row's image paths, which resolve in one folder
+            raise OutputError(f"the dumps lie in {len(folders)} folders; review one folder's dumps at a time (the "
+                              "corrections file keeps their image paths, which resolve in its own folder)")
         records, _ = read_records(labels, "labels file")
         reviewable = [r for r in records if r.get("status") in ("ok", "invalid") and r.get("id") is not None]
         flagged = [r for r in reviewable if r.get("review") is True]
