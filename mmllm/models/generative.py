@@ -204,6 +204,7 @@ class GenerativePredictor:
     calibration: Any = None  # mmllm.confidence.Calibration: Platt maps of the raw scores (None: raw)
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
+    _greedy: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (model, its greedy config)
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
     _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
     takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels"})  # see mmllm.predictor
@@ -237,7 +238,9 @@ class GenerativePredictor:
         prefix = self._prefix_cache()
         inputs = (prefix.lay_out(enc) if prefix is not None else None) or enc
         reset_rope_deltas(base_model(self.model))  # positions come from this batch, never the last one
-        with torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id):
+        if self._greedy is None or self._greedy[0] is not self.model:  # built once per loaded model
+            self._greedy = (self.model, greedy_config(self.model, self._stops, tokenizer.pad_token_id))
+        with torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[1]):
             out = self.model.generate(**inputs, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         logprobs = recorder.result(new.shape[1])  # [B, new tokens]
@@ -380,21 +383,27 @@ def stop_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def greedy_config(model: Any, stops: list[int], pad_token_id: int | None) -> Any:
+    """The clean greedy ``GenerationConfig`` for ``model``: no sampling, no penalties, our stop ids."""
+    from transformers import GenerationConfig
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=pad_token_id,
+                            eos_token_id=stops, bos_token_id=getattr(hf_model.generation_config, "bos_token_id", None))
+
+
 @contextmanager
-def greedy_generation(model: Any, stops: list[int], pad_token_id: int | None) -> Iterator[None]:
+def greedy_generation(model: Any, stops: list[int], pad_token_id: int | None, config: Any = None) -> Iterator[None]:
     """Plain greedy decoding for the duration of a ``generate`` call, whatever the checkpoint ships.
 
     A checkpoint's ``generation_config.json`` (Qwen's: sampling flags, ``repetition_penalty``
     1.05) fills every value a caller leaves unset, so a penalty would act on repeated JSON pieces
     (``null``, ``true``, ``","``) ahead of the grammar, and the ignored sampling flags print a
-    warning. The model's own config is swapped for a clean one and restored afterwards."""
-    from transformers import GenerationConfig
-
+    warning. The model's own config is swapped for a clean one (``config``, built once by the
+    caller, or :func:`greedy_config`) and restored afterwards; ``generate`` copies what it is given."""
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     shipped = hf_model.generation_config
-    hf_model.generation_config = GenerationConfig(
-        do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=pad_token_id, eos_token_id=stops,
-        bos_token_id=getattr(shipped, "bos_token_id", None))
+    hf_model.generation_config = config if config is not None else greedy_config(model, stops, pad_token_id)
     try:
         yield
     finally:
