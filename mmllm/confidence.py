@@ -31,7 +31,8 @@ import numpy as np
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "mmllm-calibration/1"
 MIN_ROWS = 8  # fewer dev rows (or one class only): the identity map, said so in the file
-EPS = 1e-6
+EPS = 1e-6  # probabilities are clipped to [EPS, 1 - EPS] before a logit
+PATH_EPS = 1e-12  # ... except a Platt map's: an answer path's probability is often far below 1e-6
 
 
 # ---------------------------------------------------------------------- calibration maps
@@ -44,9 +45,9 @@ class Platt:
     rows: int = 0  # dev rows it was fitted on (0: not fitted, the identity)
 
     def __call__(self, p: float | None) -> float | None:
-        if p is None:
-            return None
-        return float(_sigmoid(self.a * _logit(p) + self.b))
+        if p is None or self.identity:
+            return p
+        return float(sigmoid(self.a * logit(p, PATH_EPS) + self.b))
 
     @property
     def identity(self) -> bool:
@@ -58,21 +59,12 @@ class Platt:
         ``l2 * ((a - 1)^2 + b^2) / 2``: a pull towards the identity worth about one row, which keeps
         the map finite when dev separates perfectly and vanishes as the rows grow.
         Too few rows, or rows of one outcome only, give the identity."""
-        x = np.array([_logit(s) for s in scores], dtype=np.float64)
+        x = np.array([logit(s, PATH_EPS) for s in scores], dtype=np.float64)
         y = np.asarray(correct, dtype=np.float64)
         if len(x) < MIN_ROWS or y.min(initial=1) == y.max(initial=0):
             return cls()
-        w = np.array([1.0, 0.0])  # a, b
-        design = np.stack([x, np.ones_like(x)], axis=1)  # [N, 2]
-        prior = np.array([1.0, 0.0])
-        for _ in range(steps):
-            p = _sigmoid(design @ w)
-            grad = design.T @ (p - y) + l2 * (w - prior)
-            hess = (design.T * (p * (1 - p))) @ design + l2 * np.eye(2)
-            step = np.linalg.solve(hess, grad)
-            w = w - step
-            if np.abs(step).max() < 1e-10:
-                break
+        design = np.stack([x, np.ones_like(x)], axis=1)  # [N, 2]: a, b
+        w = fit_logistic(design, y, np.full(2, l2), prior=np.array([1.0, 0.0]), iterations=steps)
         return cls(float(w[0]), float(w[1]), len(y))
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,13 +77,36 @@ class Platt:
         return cls(float(data["a"]), float(data["b"]), int(data.get("rows", 0)))
 
 
-def _logit(p: float) -> float:
-    p = min(max(float(p), EPS), 1 - EPS)
+def logit(p: float, eps: float = EPS) -> float:
+    p = min(max(float(p), eps), 1 - eps)
     return math.log(p / (1 - p))
 
 
-def _sigmoid(z: Any) -> Any:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+def significant(p: float) -> float:
+    """``p`` to 6 significant digits: a small probability keeps its order (0.000000299, not 0.0)."""
+    return float(f"{p:.6g}")
+
+
+def sigmoid(z: Any) -> Any:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, *, prior: np.ndarray | None = None,
+                 iterations: int = 50) -> np.ndarray:
+    """Logistic regression by Newton's method: the summed log-loss of ``sigmoid(x @ w)`` plus
+    ``sum(penalty * (w - prior)^2) / 2`` (``prior`` zero by default), started at ``prior``.
+    Shared by the Platt maps here and the grounded-attribute choice (:mod:`mmllm.grounding`)."""
+    prior = np.zeros(x.shape[1]) if prior is None else prior
+    w = prior.astype(np.float64).copy()
+    for _ in range(iterations):
+        p = sigmoid(x @ w)
+        grad = x.T @ (p - y) + penalty * (w - prior)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return w
 
 
 # ---------------------------------------------------------------------- selective prediction
@@ -195,6 +210,15 @@ class Calibration:
     category: Platt = field(default_factory=Platt)
     attributes: Platt = field(default_factory=Platt)
     curve: Curve | None = None
+
+    def apply(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with its ``confidence`` and ``attribute_confidence`` mapped by the Platt maps."""
+        out = dict(record)
+        if record.get("confidence") is not None:
+            out["confidence"] = significant(self.category(record["confidence"]))
+        if record.get("attribute_confidence"):
+            out["attribute_confidence"] = {k: significant(self.attributes(v)) for k, v in record["attribute_confidence"].items()}
+        return out
 
     def threshold_for(self, target: float) -> OperatingPoint | None:
         """The dev operating point for a target accuracy (``None``: no dev curve, or never reached)."""

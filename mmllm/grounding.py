@@ -36,7 +36,6 @@ the training run; :class:`GroundedPredictor` applies it to whatever predictor th
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mmllm.catalog import Listing
+from mmllm.confidence import fit_logistic as newton_logistic, logit as _logit, sigmoid as _sigmoid, wilson
 from mmllm.config import help_field
 from mmllm.evidence import Candidate, candidates, stated_keys, value_key, values_match
 from mmllm.schema import LabelSchema
@@ -63,7 +63,8 @@ class GroundingConfig:
     precision: float = help_field(0.9, "target precision of the answered values, per attribute (dev thresholds)")
     l2: float = help_field(1.0, "L2 penalty of the two logistic models")
     z: float = help_field(1.0, "Wilson bound width for the precision target (0 = the raw dev precision)")
-    dev_rows: int | None = help_field(None, "dev rows predicted to fit the choice (generative: each one is a generation)")
+    dev_rows: int | None = help_field(None, "dev rows predicted to fit the choice and the confidence calibration "
+                                            "(generative: each one is a generation)")
 
     def __post_init__(self) -> None:
         if not 0 < self.precision <= 1:
@@ -155,40 +156,16 @@ def choice_features(option: Option, stated_p: float | None) -> np.ndarray:
 # ---------------------------------------------------------------------- logistic regression
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> np.ndarray:
     """L2-penalized logistic regression by Newton's method (the bias, column 0, penalized lightly)."""
-    n, d = x.shape
-    w = np.zeros(d)
-    penalty = np.full(d, l2)
+    penalty = np.full(x.shape[1], l2)
     penalty[0] = l2 * 1e-3
-    for _ in range(iterations):
-        p = _sigmoid(x @ w)
-        grad = x.T @ (p - y) + penalty * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-8:
-            break
-    return w
-
-
-def _sigmoid(z: np.ndarray | float) -> Any:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-
-
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return math.log(p / (1 - p))
+    return newton_logistic(x, y, penalty, iterations=iterations)
 
 
 def wilson_lower(correct: int, n: int, z: float) -> float:
     """Lower Wilson bound of a proportion (z = 0: the proportion itself)."""
     if n == 0:
         return 0.0
-    p = correct / n
-    if z == 0:
-        return p
-    centre = p + z * z / (2 * n)
-    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - margin) / (1 + z * z / n)
+    return correct / n if z == 0 else wilson(correct, n, z)[0]
 
 
 # ---------------------------------------------------------------------- the fitted choice

@@ -101,3 +101,15 @@ def test_answer_spans_keep_what_was_read_before_the_json_breaks():
     assert {key: text[a:b] for key, (a, b) in spans.items()} == {"category": '"Games > Chess"', "attributes.piece_count": "3"}
     assert answer_spans("no json here") == {}
     assert answer_spans('{"category": "A \\" quoted"}') == {"category": (13, 26)}
+
+
+def test_calibration_applies_to_a_record_and_small_probabilities_keep_their_order():
+    calibration = Calibration("platt", Platt(2.0, 0.5, 50), Platt(1.0, 1.0, 50))
+    record = {"category": "A", "confidence": 0.4, "attribute_confidence": {"n": 0.25}, "status": "ok"}
+    out = calibration.apply(record)
+    assert out["confidence"] == pytest.approx(Platt(2.0, 0.5)(0.4), rel=1e-5)
+    assert out["attribute_confidence"] == {"n": pytest.approx(Platt(1.0, 1.0)(0.25), rel=1e-5)}
+    assert out["category"] == "A" and record["confidence"] == 0.4  # the record itself is left as it was
+    tiny = Calibration("platt").apply({"confidence": 2.99e-7, "attribute_confidence": {}})
+    assert tiny["confidence"] == 2.99e-7  # 6 significant digits, not 6 decimals (which would give 0.0)
+    assert Calibration("platt").apply({"confidence": 3.01e-7})["confidence"] > tiny["confidence"]

@@ -89,7 +89,7 @@ def test_answer_confidence_by_hand_and_through_a_calibration():
     out = answer_confidence(text, tokens, record)
     assert out == {"confidence": pytest.approx(0.4), "attribute_confidence": {"piece_count": pytest.approx(0.25)}}
     calibration = Calibration("platt", Platt(2.0, 0.5, 50), Platt(1.0, 1.0, 50))
-    mapped = answer_confidence(text, tokens, record, calibration)
+    mapped = calibration.apply({**record, **out})
     assert mapped["confidence"] == pytest.approx(Platt(2.0, 0.5)(0.4), abs=1e-6)
     assert mapped["attribute_confidence"]["piece_count"] == pytest.approx(Platt(1.0, 1.0)(0.25), abs=1e-6)
 

@@ -23,6 +23,7 @@ import torch
 
 from mmllm.catalog import Listing
 from mmllm.collator import encode_prompts, set_pixel_budget
+from mmllm.confidence import significant
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models.heads import mark_untrained, prompt_vectors
@@ -285,7 +286,9 @@ class GenerativePredictor:
         if result.ok:
             record = mark_untrained({"id": listing_id, **result.value, "status": "ok"}, self.untrained)
             if tokens is not None:
-                record.update(answer_confidence(text, tokens, record, self.calibration))
+                record.update(answer_confidence(text, tokens, record))
+                if self.calibration is not None:
+                    record = self.calibration.apply(record)
             return record
         return mark_untrained({"id": listing_id, "category": None, "attributes": {}, "status": "invalid",
                                "error": result.reason(), "raw": text}, self.untrained)
@@ -340,8 +343,7 @@ def token_spans(tokenizer: Any, ids: list[int], logprobs: list[float], stops: Se
     return text, spans
 
 
-def answer_confidence(text: str, tokens: Sequence[tuple[int, int, float]], record: dict[str, Any],
-                      calibration: Any = None) -> dict[str, Any]:
+def answer_confidence(text: str, tokens: Sequence[tuple[int, int, float]], record: dict[str, Any]) -> dict[str, Any]:
     """``confidence`` (the category path) and ``attribute_confidence`` (each non-null value): the
     product of the probabilities of the tokens that overlap the value in the answer text (a string
     without its quotes: a token that only closes or opens it decides layout, not the value)."""
@@ -358,12 +360,12 @@ def answer_confidence(text: str, tokens: Sequence[tuple[int, int, float]], recor
     out: dict[str, Any] = {}
     p = probability("category")
     if p is not None:
-        out["confidence"] = round(calibration.category(p) if calibration is not None else p, 6)
+        out["confidence"] = significant(p)
     attribute_confidence = {}
     for name, value in (record.get("attributes") or {}).items():
         q = probability(f"attributes.{name}") if value is not None else None
         if q is not None:
-            attribute_confidence[name] = round(calibration.attributes(q) if calibration is not None else q, 6)
+            attribute_confidence[name] = significant(q)
     out["attribute_confidence"] = attribute_confidence
     return out
 

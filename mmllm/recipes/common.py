@@ -296,7 +296,6 @@ def fit_after_training(s: Setup, cfg: GroundingConfig, predictor: Any, *, platt:
                 chunk = rows[start:start + 64]
                 records += predict_in_batches(predictor, chunk, s.dev_policy)
                 progress.update(len(chunk))
-    if rows:
         records = fit_calibration(s, predictor, rows, records, platt=platt)
     fit_grounding(s, cfg, rows, records)
 
@@ -319,7 +318,7 @@ def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list
                              [c for r, c in zip(records, correct) if r.get("confidence") is not None])
         calibration = Calibration("platt", category, Platt.fit(attribute_scores, attribute_correct))
         predictor.calibration = calibration
-        records = [calibrated(r, calibration) for r in records]
+        records = [calibration.apply(r) for r in records]
     else:
         calibration = Calibration("temperature")
     calibration.curve = risk_coverage([r.get("confidence") for r in records], correct)
@@ -327,17 +326,6 @@ def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list
     points = ", ".join(f"{c:.0%}: {calibration.curve.accuracy_at(c):.3f}" for c in (0.5, 0.8, 1.0))
     say(s.accelerator, f"calibration ({CALIBRATION_FILE}, {calibration.method}): dev accuracy at coverage {points}")
     return records
-
-
-def calibrated(record: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
-    """A generative record with its raw scores mapped through the Platt maps."""
-    out = dict(record)
-    if record.get("confidence") is not None:
-        out["confidence"] = round(calibration.category(record["confidence"]), 6)
-    if record.get("attribute_confidence"):
-        out["attribute_confidence"] = {k: round(calibration.attributes(v), 6)
-                                       for k, v in record["attribute_confidence"].items()}
-    return out
 
 
 def fit_grounding(s: Setup, cfg: GroundingConfig, rows: list[Listing], records: list[dict[str, Any]]) -> dict[str, Any]:
