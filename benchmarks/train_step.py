@@ -11,7 +11,8 @@ real catalog rows through the ``listing_v1`` template with one 448x448 picture e
 language model, mmllm's own collators, loss and an AdamW step. What the vocabulary costs
 (logits, their float32 copy, the loss) is as at full size; the other 35 layers are not there.
 Each variant (generative, classification heads) runs in a fresh process, so the peak resident
-memory of one cannot hide the other's.
+memory of one cannot hide the other's; ``--mlp-chunks 1 4`` runs each variant with the language
+model's MLPs whole and in 4 mini-sequence slices (``model.mlp_chunks``, mmllm/models/mini_sequence.py).
 
 GPU mode (``--gpu``): real-size Qwen2.5-VL-3B and Qwen2-VL-2B built from their published
 configs with RANDOM weights (no download), LoRA in bf16 vs QLoRA (4-bit NF4), 448x448 images,
@@ -19,7 +20,7 @@ batch 4, gradient checkpointing, through mmllm's own model builder and loss. Ste
 tokens/s and peak CUDA memory are measured after warm-up steps.
 
     python benchmarks/train_step.py [--steps 8]
-    python benchmarks/train_step.py --real-size [--steps 3] [--variants generative classify]
+    python benchmarks/train_step.py --real-size [--steps 3] [--variants generative classify] [--mlp-chunks 1 4]
     python benchmarks/train_step.py --gpu [--models qwen2_5_vl_3b qwen2_vl_2b] [--modes lora qlora]
 
 Prints a table and writes benchmarks/results/train_step[_real_cpu|_gpu].json.
@@ -157,8 +158,10 @@ def synthetic_batch(image_side: int, batch: int, text_tokens: int, answer_tokens
     return {k: v.to(device) for k, v in batch_inputs.items()}
 
 
-def gpu_run(name: str, mode: str, steps: int, warmup: int, image_side: int, batch: int, prompt_tokens: int) -> dict:
+def gpu_run(name: str, mode: str, steps: int, warmup: int, image_side: int, batch: int, prompt_tokens: int,
+            mlp_chunks: int = 1) -> dict:
     from mmllm.models.generative import LoraSettings, ModelConfig, attach_lora, load_base_model
+    from mmllm.models.mini_sequence import chunk_mlps
     from mmllm.training import causal_lm_loss
     from transformers import AutoModelForImageTextToText
 
@@ -179,6 +182,7 @@ def gpu_run(name: str, mode: str, steps: int, warmup: int, image_side: int, batc
         model = load_base_model(cfg, device_map={"": 0})
     say(f"{name} {mode}: random weights built, saved and loaded in {time.perf_counter() - started:.0f} s")
     model = attach_lora(model, LoraSettings(rank=16, alpha=32), quantized=mode == "qlora", gradient_checkpointing=True)
+    chunk_mlps(model, mlp_chunks)
     model.train()
     torch.cuda.reset_peak_memory_stats()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -202,7 +206,7 @@ def gpu_run(name: str, mode: str, steps: int, warmup: int, image_side: int, batc
     step_s = sum(times) / len(times)
     tokens = int(inputs["attention_mask"].sum())
     result = {
-        "model": name, "mode": mode, "attention": model.config._attn_implementation if hasattr(model, "config") else "?",
+        "model": name, "mode": mode, "mlp_chunks": mlp_chunks, "attention": model.config._attn_implementation if hasattr(model, "config") else "?",
         "batch": batch, "image": f"{image_side}x{image_side}", "seq_len": int(inputs["input_ids"].shape[1]),
         "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "trainable_params_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "loss": round(float(loss_sum.detach() / items), 6),
@@ -301,7 +305,7 @@ def _reset_peak() -> bool:
 
 
 def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, image_side: int,
-                 text_layers: int, vision_depth: int) -> dict:
+                 text_layers: int, vision_depth: int, mlp_chunks: int = 1) -> dict:
     """``steps`` training steps of one variant on the one-layer real-size model, in THIS process.
 
     The peak resident memory is read twice with ``getrusage``: after building (model, LoRA,
@@ -313,6 +317,7 @@ def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, 
     from mmllm.collator import TrainCollator, set_pixel_budget
     from mmllm.models import classifier, heads
     from mmllm.models.generative import LoraSettings, attach_lora
+    from mmllm.models.mini_sequence import chunk_mlps
     from mmllm.prompts import PromptTemplate
     from mmllm.schema import load_schema
     from mmllm.tiny import resolve
@@ -335,6 +340,7 @@ def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, 
     model.get_output_embeddings().register_forward_hook(lambda m, i, o: lm_head_rows.append(o.shape[:-1].numel()))
     # LoRA as the recipes attach it; no dropout, so every step's loss is reproducible to the last digit
     model = attach_lora(model, LoraSettings(rank=16, alpha=32, dropout=0.0), gradient_checkpointing=True)
+    chunk_mlps(model, mlp_chunks)  # 1: whole
 
     schema, template = load_schema(ROOT / "examples/toys_schema.yaml"), PromptTemplate.load("listing_v1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -380,7 +386,7 @@ def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, 
             f"{tokens / elapsed:.0f} tokens/s, peak {per_step[-1]['peak_mb']} MB")
     steps_peak_mb = max(s["peak_mb"] for s in per_step)
     return {
-        "variant": variant, "params_m": round(params / 1e6, 1),
+        "variant": variant, "mlp_chunks": mlp_chunks, "params_m": round(params / 1e6, 1),
         "trainable_params_m": round(sum(p.numel() for p in trainable) / 1e6, 2),
         "batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": tokens,
         "prompt_text_tokens": prompt_tokens, "rendered_tokens": rendered, "image": f"{image_side}x{image_side}",
@@ -401,7 +407,7 @@ print(json.dumps(real_cpu_run(**{kwargs!r})))
 
 
 def real_cpu_benchmark(variants: list[str], steps: int, batch: int, prompt_tokens: int, image_side: int,
-                       text_layers: int, vision_depth: int) -> list[dict]:
+                       text_layers: int, vision_depth: int, mlp_chunks: list[int] = (1,)) -> list[dict]:
     """Each variant in a fresh process (its stdout: one JSON line; its progress: stderr)."""
     # the real-vocabulary tokenizer folder is built once, in a process of its own, so that neither
     # its build nor this process's memory (which a child's ru_maxrss can start from) counts
@@ -409,32 +415,35 @@ def real_cpu_benchmark(variants: list[str], steps: int, batch: int, prompt_token
                     f"from mmllm.tiny import resolve; resolve({REAL_VOCAB_TINY!r})"], check=True)
     rows = []
     for variant in variants:
-        kwargs = dict(variant=variant, steps=steps, batch_size=batch, prompt_tokens=prompt_tokens,
-                      image_side=image_side, text_layers=text_layers, vision_depth=vision_depth)
-        done = subprocess.run([sys.executable, "-c", REAL_CPU_CHILD.format(here=str(HERE), kwargs=kwargs)],
-                              stdout=subprocess.PIPE, text=True)
-        if done.returncode:
-            rows.append({"variant": variant, "error": f"exit {done.returncode} (see the lines above)"})
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for chunks in mlp_chunks:
+            kwargs = dict(variant=variant, steps=steps, batch_size=batch, prompt_tokens=prompt_tokens,
+                          image_side=image_side, text_layers=text_layers, vision_depth=vision_depth, mlp_chunks=chunks)
+            done = subprocess.run([sys.executable, "-c", REAL_CPU_CHILD.format(here=str(HERE), kwargs=kwargs)],
+                                  stdout=subprocess.PIPE, text=True)
+            if done.returncode:
+                rows.append({"variant": variant, "mlp_chunks": chunks, "error": f"exit {done.returncode} (see the lines above)"})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return rows
 
 
 def print_real_cpu(rows: list[dict]) -> None:
     """One line per step, then the memory of each variant."""
-    print(f"{'variant':<11} {'step':>4} {'loss':>10} {'step s':>7} {'tokens/s':>9} {'peak MB':>8} {'LM-head rows':>12}")
+    print(f"{'variant':<11} {'MLP chunks':>10} {'step':>4} {'loss':>10} {'step s':>7} {'tokens/s':>9} {'peak MB':>8} "
+          f"{'LM-head rows':>12}")
     for row in rows:
         for s in row.get("steps", []):
-            print(f"{row['variant']:<11} {s['step']:>4} {s['loss']:>10.6f} {s['step_s']:>7} {s['tokens_per_s']:>9} "
-                  f"{s['peak_mb']:>8} {s['lm_head_rows']:>12}")
+            print(f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {s['step']:>4} {s['loss']:>10.6f} {s['step_s']:>7} "
+                  f"{s['tokens_per_s']:>9} {s['peak_mb']:>8} {s['lm_head_rows']:>12}")
         if "error" in row:
-            print(f"{row['variant']:<11} {row['error']}")
-    print(f"\n{'variant':<11} {'params M':>8} {'batch x seq':>11} {'process peak MB':>15} {'loaded MB':>9} "
-          f"{'steps peak MB':>13} {'delta MB':>8}")
+            print(f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {row['error']}")
+    print(f"\n{'variant':<11} {'MLP chunks':>10} {'params M':>8} {'batch x seq':>11} {'process peak MB':>15} "
+          f"{'loaded MB':>9} {'steps peak MB':>13} {'delta MB':>8}")
     for row in rows:
         if "error" not in row:
-            print(f"{row['variant']:<11} {row['params_m']:>8} {row['batch']:>4} x {row['seq_len']:<4} "
-                  f"{row['process_peak_mb']:>15} {row['loaded_mb']:>9} {row['steps_peak_mb']:>13} {row['delta_mb']:>8}")
+            print(f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {row['params_m']:>8} {row['batch']:>4} x "
+                  f"{row['seq_len']:<4} {row['process_peak_mb']:>15} {row['loaded_mb']:>9} {row['steps_peak_mb']:>13} "
+                  f"{row['delta_mb']:>8}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt text tokens per row, image tokens not counted (real sizes)")
     parser.add_argument("--text-layers", type=int, default=1, help="--real-size: text layers kept")
     parser.add_argument("--vision-depth", type=int, default=1, help="--real-size: vision blocks kept")
+    parser.add_argument("--mlp-chunks", nargs="+", type=int, default=[1],
+                        help="mini-sequence MLP slices (model.mlp_chunks); several = each variant / mode at each")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if any(c < 1 for c in args.mlp_chunks):
+        parser.error("--mlp-chunks must be >= 1")
 
     if args.gpu:
         if not torch.cuda.is_available():
@@ -470,18 +483,21 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"{name} qlora: skipped, bitsandbytes is not installed")
                     rows.append({"model": name, "mode": mode, "error": "skipped: bitsandbytes is not installed"})
                     continue
-                try:
-                    rows.append(gpu_run(name, mode, args.steps or 8, 2, args.image_side, args.batch or 4, args.prompt_tokens))
-                except Exception as exc:  # one failing mode must not lose the others
-                    rows.append({"model": name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                print(json.dumps(rows[-1]), flush=True)
+                for chunks in args.mlp_chunks:
+                    try:
+                        rows.append(gpu_run(name, mode, args.steps or 8, 2, args.image_side, args.batch or 4,
+                                            args.prompt_tokens, chunks))
+                    except Exception as exc:  # one failing mode must not lose the others
+                        rows.append({"model": name, "mode": mode, "mlp_chunks": chunks,
+                                     "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    print(json.dumps(rows[-1]), flush=True)
         device = torch.cuda.get_device_name(0)
-        columns = ["model", "mode", "attention", "batch", "image", "seq_len", "step_s", "tokens_per_s", "peak_mem_gb",
+        columns = ["model", "mode", "mlp_chunks", "attention", "batch", "image", "seq_len", "step_s", "tokens_per_s", "peak_mem_gb",
                    "trainable_params_m", "loss"]
     elif args.real_size:
         os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
         rows = real_cpu_benchmark(args.variants, args.steps or 3, args.batch or 2, args.prompt_tokens, args.image_side,
-                                  args.text_layers, args.vision_depth)
+                                  args.text_layers, args.vision_depth, args.mlp_chunks)
         device = f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     else:
         rows = cpu_benchmark(args.steps or 8)

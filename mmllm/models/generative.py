@@ -57,6 +57,9 @@ class ModelConfig:
         default_factory=lambda: ["model.visual", "visual", "lm_head"],
         help="modules kept out of 4-bit (vision tower, output layer)")
     gradient_checkpointing: bool = help_field(False, "recompute activations: ~30% slower, much less memory")
+    mlp_chunks: int = help_field(1, "run each language-model MLP over this many checkpointed slices of the sequence "
+                                    "while training (mini-sequence, models/mini_sequence.py): long prompts peak "
+                                    "lower, one more MLP forward a step; 1 = whole")
     trust_remote_code: bool = help_field(False, "run code shipped with the checkpoint; only for repos you trust")
     min_pixels: int = help_field(128 * 28 * 28, "smallest image area after resizing (pixels); 28x28 = one token")
     max_pixels: int = help_field(512 * 28 * 28, "largest image area: caps image tokens per image (memory!)")
@@ -67,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"model.min_pixels {self.min_pixels} > model.max_pixels {self.max_pixels}")
         if self.max_images < 0:
             raise ValueError("model.max_images must be >= 0")
+        if self.mlp_chunks < 1:
+            raise ValueError(f"model.mlp_chunks must be >= 1, got {self.mlp_chunks}")
 
 
 @dataclass

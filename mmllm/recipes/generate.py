@@ -24,6 +24,7 @@ from mmllm.config import help_field, to_dict
 from mmllm.grounding import GroundingConfig
 from mmllm.images import ImagePolicy
 from mmllm.models.generative import GenerativePredictor, LoraSettings, ModelConfig, attach_lora, load_base_model, load_processor
+from mmllm.models.mini_sequence import chunk_mlps
 from mmllm.recipes.common import DataConfig, Setup, fit_after_training, record_final, run_summary, say, setup
 from mmllm.training import TrainConfig, causal_lm_loss, train_loop
 
@@ -98,6 +99,10 @@ def build_backbone(model_cfg: ModelConfig, lora: LoraSettings, accelerator: Any)
     model = load_base_model(model_cfg, source=base)
     model = attach_lora(model, lora, quantized=model_cfg.quantization == "4bit",
                         gradient_checkpointing=model_cfg.gradient_checkpointing)
+    if model_cfg.mlp_chunks > 1:
+        chunked = chunk_mlps(model, model_cfg.mlp_chunks)
+        say(accelerator, f"mini-sequence MLPs: {chunked} language-model MLPs run in {model_cfg.mlp_chunks} "
+                         f"checkpointed slices of the sequence while training")
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     return processor, model
