@@ -114,3 +114,30 @@ def test_token_spans_tile_the_answer_whatever_its_characters(loaded, text):
     lo, hi = answer_spans(text)["category"]
     covering = "".join(text[a:b] for a, b, _ in spans if a < hi - 1 and b > lo + 1)  # what the confidence reads
     assert text[lo + 1:hi - 1] in covering
+
+
+def test_token_pieces_are_decoded_once_per_predictor_and_give_the_same_spans(loaded, monkeypatch):
+    """The pieces a predictor has seen are kept (``pieces_seen``): a second answer built of the same
+    tokens decodes none of them again, and the spans are the ones measured without the memo."""
+    tokenizer = loaded[1].tokenizer
+    first = '{"category":"Games > Chess","attributes":{"piece_count":12}}'
+    second = '{"category":"Games > Chess","attributes":{"piece_count":12,"brand":"Pokémon"}}'
+    stop = stop_ids(tokenizer)[0]
+    seen: dict[int, str] = {}
+    decoded_alone = []
+    original = type(tokenizer).batch_decode
+
+    def counting(self, sequences, **kwargs):
+        if all(len(s) == 1 for s in sequences):  # the pieces' call (the prefix fallback passes longer ones)
+            decoded_alone.extend(s[0] for s in sequences)
+        return original(self, sequences, **kwargs)
+
+    for text in (first, second):
+        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], stop]
+        plain = token_spans(tokenizer, ids, [-0.5] * len(ids), [stop])
+        monkeypatch.setattr(type(tokenizer), "batch_decode", counting)
+        assert token_spans(tokenizer, ids, [-0.5] * len(ids), [stop], seen) == plain
+        monkeypatch.setattr(type(tokenizer), "batch_decode", original)
+    first_ids = set(tokenizer(first, add_special_tokens=False)["input_ids"])
+    assert len(decoded_alone) == len(set(decoded_alone)) == len(seen)  # each piece decoded once, ever
+    assert first_ids <= set(seen) and not first_ids & set(decoded_alone[len(first_ids):])
