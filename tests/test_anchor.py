@@ -131,11 +131,13 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     out = tmp_path / "model"
     settings = ["data.max_train_rows=48", "data.max_dev_rows=12", "train.epochs=2", "train.batch_size=16",
                 "fusion.max_text_tokens=48", "eval.loss_rows=12", "anchor.epochs=2", "grounding.enabled=false",
-                f"fusion.cache_dir={tmp_path / 'cache'}", "lexicon.enabled=true"]
+                f"fusion.cache_dir={tmp_path / 'cache'}", "lexicon.enabled=true", "vote.min_rows=3"]
     cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", [f"train.output_dir={out}", *settings])
     finetune(cfg)
     first = capsys.readouterr().out
     assert "text encoder tuned on 48 titles x 2 epochs" in first and "lexical member fitted" in first
+    assert "vote: choosing the weights of heads, lexicon, neighbours on" in first
+    assert not (out / "vote_holdout").exists()  # the side fit leaves nothing in the folder
     stores = [p for p in (tmp_path / "cache" / "tuned").iterdir()]
     assert len(stores) == 1 and {f.name for f in stores[0].iterdir()} == {"encoder.safetensors", "anchor.safetensors"}
     saved = json.loads((out / "fusion.json").read_text())
@@ -158,6 +160,26 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     assert inner.model.lexicon is not None and "lexicon_ids" in enc  # it votes too (FusionModel.forward)
     lexical = inner.model.lexicon(enc["lexicon_ids"], enc["lexicon_weights"])
     assert lexical["category"].shape == (len(rows), len(inner.model.specs[0].classes))
+    # the vote's per-head weights, chosen on held-out training rows, travel in fusion.json
+    vote = saved["vote"]
+    voting = [h["name"] for h in saved["heads"][1:] if h["kind"] == "softmax" and h["classes"]]
+    assert vote["members"] == ["heads", "lexicon", "neighbours"] and vote["weights"]
+    assert set(vote["weights"]) <= set(voting) and set(vote["held_out"]) == set(vote["weights"])
+    for weights in vote["weights"].values():
+        assert set(weights) == {"heads", "lexicon", "neighbours"} and sum(weights.values()) == pytest.approx(1.0)
+    model = inner.model
+    assert model.vote_weights == vote["weights"] and list(model.anchor.attribute_classes) == voting
+    assert (model.anchor.memory_targets >= 0).all()  # every memory row has a class (or <not stated>) per head
+    name = next(n for n in voting if n in model.lexicon.names)
+    with torch.no_grad():  # all the weight on one member: the head answers that member's distribution
+        lexical = torch.softmax(model.lexicon(enc["lexicon_ids"], enc["lexicon_weights"])[name].float(), -1)
+        for member, expected in (("lexicon", lexical), ("heads", None)):
+            model.vote_weights = {name: {"heads": 0.0, "lexicon": 0.0, "neighbours": 0.0, member: 1.0}}
+            logits = model(**enc)
+            if expected is None:  # the head itself, over the fused features (eval mode: no dropout)
+                expected = torch.softmax(model.heads[name](model.fused(enc)).float(), -1)
+            assert torch.allclose(torch.softmax(logits[name].float(), -1), expected, atol=1e-5)
+        model.vote_weights = vote["weights"]
     records = predictor.predict(rows, ImagePolicy(root=ROOT))
     assert all(r["status"] == "ok" for r in records)
     again = load_model_dir(out, device="cpu").predict(rows, ImagePolicy(root=ROOT))

@@ -3,14 +3,17 @@ network, fused, with the classify recipe's heads, loss and calibration - the CPU
 
 The story: checked inputs (``common.setup``) -> encoders -> the name-anchored tuning of the text
 encoder on the training titles (``anchor``, when ``anchor.epochs`` > 0) -> feature cache and fusion
-model -> fill the cache once (frozen encoders) -> the anchor's neighbour memory -> train the heads
-(``heads_training``; at prediction they vote with the anchor's members) -> the model folder:
+model -> fill the cache once (frozen encoders) -> the anchor's neighbour memory -> the lexical member
+-> the vote's per-head weights, chosen on held-out training rows (``vote``) -> train the heads
+(``heads_training``; at prediction they vote with the anchor's and lexical members) -> the model folder:
 ``fusion.safetensors`` + ``fusion.json``, label schema, resolved config, metrics, model card ->
 the grounded-attribute choice fitted on it (``grounding.json``, :mod:`mmllm.grounding`).
 """
 
 from __future__ import annotations
 
+import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,9 +33,10 @@ from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, memor
                                         tuned_store)
 from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit_lexicon, lexicon_store, load_lexicon,
                                          save_lexicon)
+from mmllm.models.fusion.vote import VoteConfig, VoteFit, choose, holdout_split
 from mmllm.progress import Progress
 from mmllm.recipes.common import DataConfig, fit_after_training, say, setup
-from mmllm.recipes.heads_training import HeadsEvalConfig, train_heads
+from mmllm.recipes.heads_training import HeadsEvalConfig, fit_heads, train_heads
 from mmllm.training import TrainConfig
 
 
@@ -61,6 +65,7 @@ class FusionRecipeConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     lexicon: LexiconConfig = field(default_factory=LexiconConfig)
+    vote: VoteConfig = field(default_factory=VoteConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
     def __post_init__(self) -> None:
@@ -78,9 +83,11 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
     anchor, memory_rows = None, []
+    voting = {sp.name: len(sp.classes) for sp in specs[1:] if sp.kind == "softmax" and sp.classes}  # attribute heads
     if cfg.anchor.epochs and encoders.text is not None and "text" in fc.modalities:
         # the tuned weights are kept only in a shared cache (fusion.cache_dir), not in each output folder
-        anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg, Path(fc.cache_dir) if fc.cache_dir else None)
+        anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg, Path(fc.cache_dir) if fc.cache_dir else None,
+                                    voting if "neighbours" in cfg.vote.members else {})
         # tuning draws random numbers (dropout), reading its cached result draws none: from here on a cold
         # run and a warm one start from the same state, so they train the same heads
         set_seed(cfg.train.seed)
@@ -108,9 +115,23 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
         say(s.accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
                            f"in {time.perf_counter() - started:.1f} s")
     if anchor is not None:
-        _remember(anchor, featurizer, memory_rows, fc.encode_batch)
+        _remember(anchor, featurizer, memory_rows, fc.encode_batch, specs, s.schema)
     if cfg.lexicon.enabled:
         model.lexicon = _lexicon(s, specs, featurizer, cfg)
+    model.vote_members = list(cfg.vote.members)
+    if cfg.vote.weights == "holdout":
+        def build() -> fusion.FusionModel:
+            side = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names)
+            if fc.prior_correction:
+                side.log_prior.copy_(model.log_prior)
+            return side
+
+        # the side fit draws random numbers of its own: the final heads train as they would without it
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[s.accelerator.device] if s.accelerator.device.type == "cuda" else []):
+            vote = _fit_vote(s, cfg, specs, featurizer, collate, anchor, memory_rows, build)
+        random.setstate(py_state)
+        model.vote_weights, model.vote_scores = vote.weights, vote.scores
     summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
                                      cfg.heads)
     if summary["interrupted"]:
@@ -128,7 +149,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
 
 
 def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionRecipeConfig,
-          cache_folder: Path | None) -> tuple[Anchor, list[Any]]:
+          cache_folder: Path | None, attribute_classes: dict[str, int]) -> tuple[Anchor, list[Any]]:
     """Name-anchored tuning of the text encoder on the training titles (in place); the anchor
     module with the tuned class vectors and its memory's labels, and the rows whose vectors fill
     that memory once the cache holds them (``_remember``). With a shared cache folder, the tuned
@@ -155,7 +176,7 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     encoders.text_id = fingerprint(encoders.text)  # tuned features never mix with the frozen encoder's in the cache
     kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
     views = ["title", "text"] if cfg.fusion.title_view else ["text"]
-    anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, len(kept), views)
+    anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, len(kept), views, attribute_classes)
     anchor.class_vectors.copy_(vectors.cpu())
     anchor.scale.fill_(scale)
     anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))
@@ -193,12 +214,84 @@ def _text_length(listing: Any) -> int:
     return min(len(listing.title or "") + len(listing.description or ""), 4000)
 
 
-def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], batch_size: int) -> None:
-    """The neighbour memory: the tuned vectors of its rows, read from the filled feature cache."""
+def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], batch_size: int,
+              specs: list[heads.HeadSpec], schema: Any) -> None:
+    """The neighbour memory: the tuned vectors of its rows, read from the filled feature cache, and
+    their class on each attribute head the neighbours vote on."""
+    anchor.memory.copy_(_row_vectors(anchor, featurizer, rows, batch_size))
+    if anchor.attribute_classes:
+        targets = heads.encode_targets(specs, [r.label for r in rows], schema)
+        for j, name in enumerate(anchor.attribute_classes):
+            anchor.memory_targets[:, j] = targets[f"target_{name}"]
+
+
+def _row_vectors(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], batch_size: int) -> torch.Tensor:
+    """[N, V*D] the anchor's view of each row (tuned text vectors, from the feature cache)."""
     vectors = []
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
         batch = featurizer(part, [[] for _ in part])
         views = {v: (batch[f"{v}_tokens"], batch[f"{v}_mask"]) for v in anchor.views}
         vectors.append(Anchor.row_vectors(views, anchor.views))
-    anchor.memory.copy_(torch.cat(vectors))
+    return torch.cat(vectors) if vectors else torch.zeros(0, anchor.memory.shape[1])
+
+
+def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
+              collate: Any, anchor: Anchor | None, memory_rows: list[Any], build: Any) -> VoteFit:
+    """The vote's per-head weights (``vote.py``): hold out ``vote.holdout`` of the training rows, fit
+    each member on the rest (the heads trained again, the lexical member refitted, the neighbours
+    among the rest), and choose each attribute head's weights on the held-out rows."""
+    voting = [sp for sp in specs[1:] if sp.kind == "softmax" and sp.classes]
+    members = [m for m in cfg.vote.members if m == "heads" or (m == "lexicon" and cfg.lexicon.enabled)
+               or (m == "neighbours" and anchor is not None and bool(anchor.attribute_classes))]
+    if not voting or len(members) < 2:
+        return VoteFit()
+    if not cfg.fusion.freeze:
+        say(s.accelerator, "vote: equal weights (fusion.freeze: false tunes the encoders end to end; a side fit "
+                           "would tune the same encoders)")
+        return VoteFit()
+    kept, held = holdout_split([r.id for r in s.train_rows], cfg.vote.holdout)
+    if len(held) < cfg.vote.min_rows or len(kept) < len(held):
+        say(s.accelerator, f"vote: equal weights ({len(held)} held-out training rows, fewer than vote.min_rows)")
+        return VoteFit()
+    started = time.perf_counter()
+    fit_rows, held_rows = [s.train_rows[i] for i in kept], [s.train_rows[i] for i in held]
+    say(s.accelerator, f"vote: choosing the weights of {', '.join(members)} on {len(held_rows)} held-out training rows "
+                       f"(the heads trained on the other {len(fit_rows)})")
+    probs: dict[str, dict[str, torch.Tensor]] = {sp.name: {} for sp in voting}
+    side_dir = s.out_dir / "vote_holdout"
+    try:
+        side = fit_heads(s, build(), fit_rows, specs, collate, heads.count_rows, cfg.train, cfg.heads, side_dir)
+    finally:
+        shutil.rmtree(side_dir, ignore_errors=True)
+    batches = [collate([(r, 0) for r in held_rows[i:i + 64]]) for i in range(0, len(held_rows), 64)]
+    device = s.accelerator.device
+    with torch.no_grad():
+        outputs = [side(**{k: v.to(device) for k, v in b.items()}) for b in batches]
+    for sp in voting:
+        probs[sp.name]["heads"] = torch.cat([torch.softmax(o[sp.name].float().cpu(), -1) for o in outputs])
+    targets = {sp.name: torch.cat([b[f"target_{sp.name}"] for b in batches]) for sp in voting}
+    if "lexicon" in members:
+        vectorizer = Vectorizer.fit(fit_rows, cfg.lexicon)
+        fitted = heads.encode_targets(specs, [r.label for r in fit_rows], s.schema)
+        lexicon, _ = fit_lexicon(vectorizer.matrix(fit_rows), fitted, [(sp.name, len(sp.classes)) for sp in voting],
+                                 cfg.lexicon, cfg.train.seed, say=lambda text: say(s.accelerator, text))
+        ids, weights = vectorizer.batch(held_rows)
+        for name, logits in lexicon(ids, weights).items():
+            probs[name]["lexicon"] = torch.softmax(logits.float(), -1)
+    if "neighbours" in members:
+        held_ids = {r.id for r in held_rows}
+        own = torch.tensor([r.id in held_ids for r in memory_rows])  # [N] memory rows the held-out rows must not see
+        rows = _row_vectors(anchor, featurizer, held_rows, cfg.fusion.encode_batch)
+        votes = anchor.attribute_votes(anchor.nearest(rows, own.unsqueeze(0).expand(len(held_rows), -1)))
+        for name, p in votes.items():
+            probs[name]["neighbours"] = p
+    fit = choose(probs, targets, cfg.vote)
+    for name, score in fit.scores.items():
+        weights = ", ".join(f"{m} {w:.1f}" for m, w in fit.weights[name].items())
+        say(s.accelerator, f"vote: {name}: {weights} (held-out {score['rows']} rows: accuracy "
+                           f"{score['accuracy_equal']:.3f} -> {score['accuracy']:.3f}, log-loss "
+                           f"{score['log_loss_equal']:.3f} -> {score['log_loss']:.3f})")
+    say(s.accelerator, f"vote: weights chosen for {len(fit.weights)} of {len(voting)} attribute heads "
+                       f"in {time.perf_counter() - started:.1f} s")
+    return fit

@@ -5,7 +5,9 @@ the dev rows (Guo et al. 2017). The recipes differ only in the model and collato
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -36,13 +38,7 @@ def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: An
     """Train ``model`` (heads over any encoder) on the run's rows; returns the summary and the
     unwrapped model, in eval mode, with its fitted ``temperature`` when there are dev rows."""
     accelerator, untrained = run.accelerator, set(run.untrained)
-    weights = None
-    if settings.class_weights == "balanced":
-        weights = heads.balanced_weights(specs, heads.encode_targets(specs, [r.label for r in run.train_rows], run.schema))
-
-    def loss_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = heads.classification_loss(m(**batch), batch, specs, settings.label_smoothing, weights)
-        return loss, torch.tensor(count_rows(batch))
+    loss_fn = heads_loss(run, run.train_rows, specs, count_rows, settings)
 
     def evaluate(m: Any, step: int) -> dict[str, Any]:
         accelerator.wait_for_everyone()
@@ -73,6 +69,37 @@ def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: An
         record_final(accelerator, run.out_dir, summary, final)
     unwrapped.eval()
     return summary, unwrapped
+
+
+def heads_loss(run: Setup, rows: list[Listing], specs: list[heads.HeadSpec],
+               count_rows: Callable[[dict[str, torch.Tensor]], int], settings: heads.HeadsConfig) -> Any:
+    """The loss of ``train_loop``: the heads' cross-entropy (class weights from ``rows``), summed over rows."""
+    weights = None
+    if settings.class_weights == "balanced":
+        weights = heads.balanced_weights(specs, heads.encode_targets(specs, [r.label for r in rows], run.schema))
+
+    def loss_fn(m: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = heads.classification_loss(m(**batch), batch, specs, settings.label_smoothing, weights)
+        return loss, torch.tensor(count_rows(batch))
+
+    return loss_fn
+
+
+def fit_heads(run: Setup, model: Any, rows: list[Listing], specs: list[heads.HeadSpec], collate: Any,
+              count_rows: Callable[[dict[str, torch.Tensor]], int], train: TrainConfig, settings: heads.HeadsConfig,
+              out_dir: Path) -> Any:
+    """A side fit: ``model`` trained on ``rows`` alone with the run's settings, no evaluation, no
+    checkpoint, its metrics in ``out_dir`` (the vote's held-out fit); the unwrapped model in eval mode.
+    Stopped by the user (Ctrl-C), it raises KeyboardInterrupt: a side fit has nothing to resume."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    side = dataclasses.replace(train, resume=False, save_every=0)
+    result = train_loop(side, run.accelerator, model, rows, collate, heads_loss(run, rows, specs, count_rows, settings),
+                        out_dir, count_items=count_rows)
+    if result.interrupted:
+        raise KeyboardInterrupt("stopped during a side fit of the heads")
+    unwrapped = run.accelerator.unwrap_model(model)
+    unwrapped.eval()
+    return unwrapped
 
 
 def dev_metrics(model: Any, collate: Any, rows: list[Listing], specs: list[heads.HeadSpec], device: Any,

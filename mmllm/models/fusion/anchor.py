@@ -175,13 +175,19 @@ def memory_sample(targets: Sequence[int], limit: int, seed: int) -> list[int]:
 class Anchor(nn.Module):
     """The tuned class vectors + the neighbour memory; the category vote of every member."""
 
-    def __init__(self, cfg: AnchorConfig, classes: int, dim: int, memory_rows: int, views: Sequence[str]) -> None:
+    def __init__(self, cfg: AnchorConfig, classes: int, dim: int, memory_rows: int, views: Sequence[str],
+                 attribute_classes: dict[str, int] | None = None) -> None:
         super().__init__()
         self.cfg, self.views = cfg, list(views)
         self.register_buffer("class_vectors", torch.zeros(classes, dim))
         self.register_buffer("scale", torch.tensor(float(cfg.scale)))
         self.register_buffer("memory", torch.zeros(memory_rows, len(self.views) * dim))
         self.register_buffer("memory_labels", torch.zeros(memory_rows, dtype=torch.long))
+        # the memory rows' class on each softmax attribute head they vote on (-100: no value), by head order
+        self.attribute_classes = dict(attribute_classes or {})
+        if self.attribute_classes:
+            self.register_buffer("memory_targets", torch.full((memory_rows, len(self.attribute_classes)), -100,
+                                                              dtype=torch.long))
 
     @staticmethod
     def row_vectors(views: dict[str, tuple[torch.Tensor, torch.Tensor]], names: Sequence[str]) -> torch.Tensor:
@@ -189,9 +195,22 @@ class Anchor(nn.Module):
         return torch.cat([nn.functional.normalize(pool(views[v][0].float(), views[v][1], "mean"), dim=-1)
                           for v in names], -1)
 
-    def members(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                ) -> dict[str, torch.Tensor]:
-        """Each member's category distribution [B, C]."""
+    def nearest(self, rows: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest memory rows of each row vector [B, V*D]: (indices [B, k], similarity weights [B, k]).
+        ``exclude`` [B, N] (True = not a neighbour of that row): a held-out row's own memory entry."""
+        sims = rows @ self.memory.T / len(self.views)  # mean cosine over the views, [B, N]
+        if exclude is not None:
+            sims = sims.masked_fill(exclude, -2.0)  # below any cosine: never among the k unless all are excluded
+        k = min(self.cfg.neighbours, sims.shape[1])
+        top, idx = sims.topk(k, dim=-1)
+        weights = torch.exp((top - top[:, :1]) / self.cfg.neighbour_temperature)
+        if exclude is not None:
+            weights = weights * (top > -2.0)
+        return idx, weights
+
+    def members(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                nearest: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each member's category distribution [B, C]; ``nearest``: the rows' neighbours, if known."""
         out = {"heads": torch.softmax(head_logits.float(), -1)}
         rows = self.row_vectors(views, self.views)
         dim = self.class_vectors.shape[1]
@@ -199,22 +218,36 @@ class Anchor(nn.Module):
             title = rows[:, :dim]  # the first view: the title the vectors were tuned on (the text without title_view)
             out["names"] = torch.softmax(self.scale * title @ self.class_vectors.T, -1)
         if "neighbours" in self.cfg.members and self.memory.shape[0]:
-            sims = rows @ self.memory.T / len(self.views)  # mean cosine over the views, [B, N]
-            k = min(self.cfg.neighbours, sims.shape[1])
-            top, idx = sims.topk(k, dim=-1)
-            weights = torch.exp((top - top[:, :1]) / self.cfg.neighbour_temperature)
+            idx, weights = nearest if nearest is not None else self.nearest(rows)
             votes = torch.zeros_like(out["heads"]).scatter_add_(1, self.memory_labels[idx], weights)
             out["neighbours"] = votes / votes.sum(-1, keepdim=True)
         return out
 
+    def attribute_votes(self, nearest: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The neighbours' vote on each attribute head [B, classes]: similarity-weighted counts of the
+        neighbours' values (``<not stated>`` included, when the head has it); uniform when no neighbour
+        has a value."""
+        idx, weights = nearest
+        out = {}
+        for j, (name, classes) in enumerate(self.attribute_classes.items()):
+            labels = self.memory_targets[:, j][idx]  # [B, k]
+            known = (labels >= 0).to(weights.dtype)
+            votes = torch.zeros(idx.shape[0], classes, device=idx.device).scatter_add_(
+                1, labels.clamp_min(0), weights.float() * known)
+            total = votes.sum(-1, keepdim=True)
+            out[name] = torch.where(total > 0, votes / total.clamp_min(1e-12), torch.full_like(votes, 1.0 / classes))
+        return out
+
     def mix(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+            extra: Sequence[torch.Tensor] = (), nearest: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> torch.Tensor:
         """Log of the mean of the members' distributions (and of ``extra`` ones: the lexical member's):
         the category logits at prediction."""
-        members = self.members(head_logits, views)
+        members = self.members(head_logits, views, nearest)
         mean = torch.stack([*members.values(), *(e.float() for e in extra)]).mean(0)
         return torch.log(mean.clamp_min(1e-12)).to(head_logits.dtype)
 
     def settings(self) -> dict[str, Any]:
         """What a loaded model needs to rebuild the module before its weights load."""
-        return {**self.cfg.__dict__, "views": self.views, "memory_size": int(self.memory.shape[0])}
+        return {**self.cfg.__dict__, "views": self.views, "memory_size": int(self.memory.shape[0]),
+                "attribute_classes": self.attribute_classes}

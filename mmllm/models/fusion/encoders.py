@@ -197,7 +197,7 @@ class Featurizer:
                 width = max([len(ids) for ids, _ in bags] + [1])
                 ids, weights = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width)
                 for i, (a, w) in enumerate(bags):
-                    ids[i, : len(a)], weights[i, : len(w)] = torch.tensor(a, dtype=torch.long), torch.tensor(w)
+                    ids[i, : len(a)], weights[i, : len(w)] = a, w
                 batch.update(lexical_ids=ids, lexical_weights=weights)
         if self.lexicon is not None:  # training reads the same rows every epoch: their TF-IDF rows are remembered
             rows = [self._lexicon_row(r) for r in listings] if self.remember_rows else None
@@ -222,9 +222,9 @@ class Featurizer:
             names, values = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width, dtype=torch.long)
             features, mask = torch.zeros(n, width, 4), torch.zeros(n, width, dtype=torch.long)
             for i, (a, b, c) in enumerate(toks):
-                if a:
-                    names[i, : len(a)], values[i, : len(b)] = torch.tensor(a), torch.tensor(b)
-                    features[i, : len(c)], mask[i, : len(a)] = torch.tensor(c), 1
+                if len(a):
+                    names[i, : len(a)], values[i, : len(b)] = a, b
+                    features[i, : len(c)], mask[i, : len(a)] = c, 1
             batch.update(attr_names=names, attr_values=values, attr_features=features, attr_mask=mask)
         # the training loop reports tokens per second from an attention mask
         batch["attention_mask"] = next((batch[k] for k in ("text_mask", "text_attention_mask", "attr_mask") if k in batch),
@@ -242,7 +242,8 @@ class Featurizer:
         kept = self._lexicon_rows.get(id(listing))
         if kept is not None and kept[0] is listing:
             return kept[1]
-        row = self.lexicon.row(listing)
+        ids, weights = self.lexicon.row(listing)
+        row = (torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32))
         self._lexicon_rows[id(listing)] = (listing, row)
         return row
 
@@ -252,9 +253,14 @@ class Featurizer:
         if kept is not None and kept[0] is listing:
             return kept[1], kept[2]
         use = set(self.cfg.modalities)
-        bag = lexical_features(listing, self.cfg.lexical_buckets) if "text" in use and self.cfg.lexical else None
-        table = (attribute_tokens(listing.attributes, self.cfg.attr_buckets, self.cfg.max_attributes)
-                 if "attributes" in use else None)
+        bag = table = None  # as tensors, made once: a training batch copies them, 20 epochs over
+        if "text" in use and self.cfg.lexical:
+            ids, weights = lexical_features(listing, self.cfg.lexical_buckets)
+            bag = (torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32))
+        if "attributes" in use:
+            names, values, features = attribute_tokens(listing.attributes, self.cfg.attr_buckets, self.cfg.max_attributes)
+            table = (torch.tensor(names, dtype=torch.long), torch.tensor(values, dtype=torch.long),
+                     torch.tensor(features, dtype=torch.float32).reshape(len(names), 4))
         if self.remember_rows:
             self._rows[id(listing)] = (listing, bag, table)
         return bag, table

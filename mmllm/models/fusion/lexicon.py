@@ -135,15 +135,17 @@ class Vectorizer:
             weights += [v / norm for _, v in block]
         return ids, weights
 
-    def batch(self, listings: Sequence[Listing], rows: Sequence[tuple[list[int], list[float]]] | None = None
+    def batch(self, listings: Sequence[Listing], rows: Sequence[tuple[Any, Any]] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded [B, L] column ids and weights (padding: id 0, weight 0); ``rows``: the listings' rows, if known."""
+        """Padded [B, L] column ids and weights (padding: id 0, weight 0); ``rows``: the listings' rows
+        (lists or tensors), if known."""
         rows = [self.row(r) for r in listings] if rows is None else rows
         width = max([len(ids) for ids, _ in rows] + [1])
         ids, weights = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width)
         for i, (a, w) in enumerate(rows):
-            if a:
-                ids[i, : len(a)], weights[i, : len(w)] = torch.tensor(a), torch.tensor(w)
+            if len(a):
+                ids[i, : len(a)] = torch.as_tensor(a, dtype=torch.long)
+                weights[i, : len(w)] = torch.as_tensor(w, dtype=torch.float32)
         return ids, weights
 
     def matrix(self, listings: Sequence[Listing]) -> torch.Tensor:

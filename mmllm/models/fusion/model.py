@@ -43,6 +43,8 @@ from mmllm.models.fusion.anchor import Anchor, AnchorConfig
 from mmllm.models.fusion.encoders import AttributeEncoder, Encoders, Featurizer
 from mmllm.models.fusion.lexicon import LEXICON_FILE, Lexicon, Vectorizer
 from mmllm.models.fusion.layers import FUSIONS
+from mmllm.models.fusion.vote import MEMBERS as VOTE_MEMBERS
+from mmllm.models.fusion.vote import mix
 from mmllm.models.heads import HeadSpec, encode_targets, head_probabilities, json_number, pool, prediction_record
 from mmllm.schema import LabelSchema
 
@@ -136,6 +138,10 @@ class FusionModel(nn.Module):
             self.register_buffer("log_prior", torch.zeros(len(specs[0].classes)))
         self.anchor = anchor  # name-anchored members (tuned encoder): they vote beside the heads at prediction
         self.lexicon = lexicon  # the convex bag-of-words member (``lexicon``): votes on every head it fits
+        # who votes on the attribute heads and with what weights ({head: {member: weight}}; none = equal): vote.py
+        self.vote_members: list[str] = list(VOTE_MEMBERS)
+        self.vote_weights: dict[str, dict[str, float]] = {}
+        self.vote_scores: dict[str, dict[str, float]] = {}
         self.temperature = 1.0
         self.last_weights: torch.Tensor | None = None
 
@@ -220,17 +226,31 @@ class FusionModel(nn.Module):
         logits = {name: head(fused) for name, head in self.heads.items()}
         if self.label_vectors is not None and views:
             logits["category"] = logits["category"] + self.label_prior(views)
+        if self.training:  # training fits the heads alone; the members vote at prediction
+            return logits
         lexical = {}
-        if self.lexicon is not None and not self.training and "lexicon_ids" in batch:  # the convex member votes
+        if self.lexicon is not None and "lexicon_ids" in batch:  # the convex member votes
             lexical = {n: torch.softmax(v.float(), -1) for n, v in
                        self.lexicon(batch["lexicon_ids"], batch["lexicon_weights"]).items()}
-        if self.anchor is not None and not self.training and views:  # training fits the heads alone
+        nearest = None
+        if self.anchor is not None and views and self.anchor.memory.shape[0]:
+            nearest = self.anchor.nearest(Anchor.row_vectors(views, self.anchor.views))
+        if self.anchor is not None and views:
             extra = [lexical.pop("category")] if "category" in lexical else []
-            logits["category"] = self.anchor.mix(logits["category"], views, extra)
-        for name, q in lexical.items():  # mean of the two distributions, as log-probabilities
-            mean = (torch.softmax(logits[name].float(), -1) + q) / 2
-            logits[name] = torch.log(mean.clamp_min(1e-12)).to(logits[name].dtype)
-        if self.cfg.prior_correction and not self.training:  # the balanced posterior (logit adjustment)
+            logits["category"] = self.anchor.mix(logits["category"], views, extra, nearest)
+        neighbours = {}
+        if nearest is not None and "neighbours" in self.vote_members:
+            neighbours = self.anchor.attribute_votes(nearest)
+        for name in dict.fromkeys([*lexical, *neighbours]):  # the weighted mean (vote.py), as log-probabilities
+            members = {"heads": torch.softmax(logits[name].float(), -1)}
+            if name in lexical and (name == "category" or "lexicon" in self.vote_members):
+                members["lexicon"] = lexical[name]
+            if name in neighbours:
+                members["neighbours"] = neighbours[name]
+            if len(members) > 1:
+                mean = mix(members, self.vote_weights.get(name))
+                logits[name] = torch.log(mean.clamp_min(1e-12)).to(logits[name].dtype)
+        if self.cfg.prior_correction:  # the balanced posterior (logit adjustment)
             category = torch.log_softmax(logits["category"].float(), -1) - self.cfg.prior_correction * self.log_prior
             logits["category"] = category.to(logits["category"].dtype)
         return logits
@@ -264,7 +284,8 @@ class FusionModel(nn.Module):
                   "temperature": self.temperature, "modalities": self.modalities,
                   "heads": [s.__dict__ for s in self.specs],
                   "anchor": self.anchor.settings() if self.anchor is not None else None,
-                  "lexicon": self.lexicon.shapes() if self.lexicon is not None else None}
+                  "lexicon": self.lexicon.shapes() if self.lexicon is not None else None,
+                  "vote": {"members": self.vote_members, "weights": self.vote_weights, "held_out": self.vote_scores}}
         (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2, default=json_number))
         if self.lexicon is not None:
             if vectorizer is None:
@@ -291,7 +312,9 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
     if config.get("anchor"):
         saved_anchor = dict(config["anchor"])
         views, size = saved_anchor.pop("views"), saved_anchor.pop("memory_size")
-        anchor = Anchor(AnchorConfig(**saved_anchor), len(specs[0].classes), config["text_dim"], size, views)
+        attribute_classes = saved_anchor.pop("attribute_classes", None)  # None: a folder from before the attribute vote
+        anchor = Anchor(AnchorConfig(**saved_anchor), len(specs[0].classes), config["text_dim"], size, views,
+                        attribute_classes)
     lexicon = vectorizer = None
     if config.get("lexicon"):
         lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()})
@@ -299,6 +322,10 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
     model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon)
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
     model.temperature = float(config["temperature"])
+    vote = config.get("vote") or {}  # folders from before the per-head weights: the equal-weight mean
+    model.vote_members = list(vote.get("members", VOTE_MEMBERS))
+    model.vote_weights = {h: dict(w) for h, w in vote.get("weights", {}).items()}
+    model.vote_scores = dict(vote.get("held_out", {}))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     encoders.to(device).eval()
