@@ -89,10 +89,10 @@ def test_each_recipe_config_holds_only_the_keys_its_recipe_reads(capsys):
     fusion = ROOT / "finetune/fusion_minilm_cpu.yaml"
     cfg = load_recipe_config(fusion)
     assert [f.name for f in dataclasses.fields(cfg)] == ["task", "model", "data", "train", "eval", "heads", "fusion", "anchor",
-                                                   "lexicon", "grounding"]
+                                                   "lexicon", "vote", "grounding"]
     assert (cfg.heads.label_smoothing, cfg.heads.bins, cfg.model.max_images) == (0.05, 32, 2)
     with pytest.raises(ConfigError, match=rf"^{fusion}: unknown key 'lora'; known: task, model, data, train, eval, "
-                                          "heads, fusion, anchor, lexicon, grounding$"):
+                                          "heads, fusion, anchor, lexicon, vote, grounding$"):
         load_recipe_config(fusion, ["lora.rank=8"])
     with pytest.raises(ConfigError, match=r"unknown key 'heads.label_smothing'; did you mean 'heads.label_smoothing'\?"):
         load_recipe_config(fusion, ["heads.label_smothing=0.1"])
