@@ -2,6 +2,8 @@
 
 Where things live: ``features`` (hashed seller-table and word features), ``encoders`` (the
 pretrained encoders and the disk cache of their features), ``layers`` (the three fusion methods),
+``anchor`` (the name-anchored text encoder and its names / neighbours members), ``lexicon`` (the
+TF-IDF + logistic-regression member), ``vote`` (how each attribute head's members are mixed),
 ``model`` (the config, the model, its save / load, predictor and collator).
 """
 
