@@ -173,6 +173,29 @@ def recipe(train_path: Path, dev_path: Path, schema_path: Path, config: str, see
     return {"seed": seed, "train_s": summary.get("wall_s"), "scores": result, "grounded": grounded}
 
 
+def rows_fingerprint(train: list[dict], dev: list[dict], names: list[str], quick: bool) -> str:
+    """What a bag-of-words result depends on: the rows (ids, texts, gold), the labels, the C search."""
+    h = hashlib.sha256(json.dumps({"labels": names, "quick": quick}).encode())
+    for part in (train, dev):
+        for r in part:
+            h.update(json.dumps([str(r["id"]), listing_text(r), r.get("label")], sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def read_baseline(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bag of words' scores written by an earlier run on the same rows, labels and C search."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read the bag-of-words baseline ({e}); run this script with --skip-recipe "
+                         f"--out {path} first")
+    if data.get("rows_sha256") != fingerprint:
+        raise SystemExit(f"{path}: its bag of words was fitted on other rows, labels or C search than these; "
+                         "refit it (leave out --baseline)")
+    return data["bag_of_words"], data.get("bag_of_words_published") or {}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=Path)
@@ -187,6 +210,9 @@ def main() -> int:
     p.add_argument("--labels", type=Path, help="a labels file for the dev rows (mmllm label): the model side, no training")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="compare these labels only (e.g. category)")
     p.add_argument("--quick", action="store_true", help="TF-IDF + LR at C=10 (no cross-validated search of C)")
+    p.add_argument("--baseline", type=Path, help="the bag of words' scores from an earlier run's JSON on the same rows "
+                                                 "and labels (--skip-recipe, written while the recipe trained): read "
+                                                 "instead of refitted")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "versus_bag_of_words.json")
     args = p.parse_args()
     if bool(args.catalog) == bool(args.train and args.dev):
@@ -218,10 +244,14 @@ def main() -> int:
             schema.to_yaml(schema_path)
         names = [n for n in targets(schema) if not args.only or n in args.only]
         print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
-        baseline = bag_of_words(train, dev, names, args.quick)
+        fingerprint = rows_fingerprint(train, dev, names, args.quick)
         attribute_names = [n for n in names if n != "category"]
-        baseline_published: dict[str, dict[str, float]] = {}
-        if attribute_names:
+        if args.baseline:
+            baseline, baseline_published = read_baseline(args.baseline, fingerprint)
+        else:
+            baseline = bag_of_words(train, dev, names, args.quick)
+            baseline_published: dict[str, dict[str, float]] = {}
+        if attribute_names and not args.baseline:
             from mmllm.evaluate import attribute_metrics
 
             gold = [(r.get("label") or {}).get("attributes") or {} for r in dev]
@@ -265,6 +295,7 @@ def main() -> int:
             print(f"{title:<24}" + "".join(f" | {c:>22}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": args.config, "train_rows": len(train), "dev_rows": len(dev), "labels": names,
+                                    "rows_sha256": fingerprint,
                                     "bag_of_words": baseline, "bag_of_words_published": baseline_published,
                                     "recipe": runs, "table": lines}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -100,7 +100,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
         seen = Counter((r.label or {}).get("category") for r in s.train_rows)
         model.set_prior([seen[c] for c in specs[0].classes])
     max_images = cfg.model.max_images if encoders.image is not None else 0
-    collate = fusion.FusionCollator(featurizer, s.schema, specs, s.train_policy, max_images)
+    collate = fusion.FusionCollator(featurizer, s.schema, specs, s.train_policy, max_images, members=False)
     dev_collate = fusion.FusionCollator(featurizer, s.schema, specs, s.dev_policy, max_images)
     if fc.freeze:  # fill the feature cache once; epochs (and reruns) read it
         encoders.eval()

@@ -70,7 +70,7 @@ class Encoders(nn.Module):
 
     def __init__(self, text_id: str, image_id: str, max_text_tokens: int, use_text: bool = True, use_image: bool = True) -> None:
         super().__init__()
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # the image processors' import costs 5 s: only with photos
 
         self.text_id, self.image_id = text_id, image_id
         self.text = self.tokenizer = self.image = self.image_processor = None
@@ -82,6 +82,8 @@ class Encoders(nn.Module):
             limit = min(max_text_tokens, getattr(self.text.config, "max_position_embeddings", max_text_tokens))
             self.max_text_tokens = limit
         if use_image and image_id != "none":
+            from transformers import AutoImageProcessor
+
             self.image_processor = AutoImageProcessor.from_pretrained(_resolve(image_id))
             self.image = AutoModel.from_pretrained(_resolve(image_id))
             config = self.image.config
@@ -180,7 +182,10 @@ class Featurizer:
     _rows: dict[int, tuple[Listing, Any, Any]] = field(default_factory=dict, init=False, repr=False)
     _lexicon_rows: dict[int, tuple[Listing, Any]] = field(default_factory=dict, init=False, repr=False)
 
-    def __call__(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]], members: bool = True
+                 ) -> dict[str, torch.Tensor]:
+        """The batch's features; ``members=False`` leaves out the voting members' inputs (the lexical
+        member's TF-IDF columns), which training never reads."""
         use = set(self.cfg.modalities)
         batch: dict[str, torch.Tensor] = {}
         n = len(listings)
@@ -199,7 +204,7 @@ class Featurizer:
                 for i, (a, w) in enumerate(bags):
                     ids[i, : len(a)], weights[i, : len(w)] = a, w
                 batch.update(lexical_ids=ids, lexical_weights=weights)
-        if self.lexicon is not None:  # training reads the same rows every epoch: their TF-IDF rows are remembered
+        if self.lexicon is not None and members:  # remembered rows: their TF-IDF rows are kept too
             rows = [self._lexicon_row(r) for r in listings] if self.remember_rows else None
             batch["lexicon_ids"], batch["lexicon_weights"] = self.lexicon.batch(listings, rows)
         if "image" in use and self.encoders.image is not None:

@@ -388,11 +388,12 @@ class FusionCollator:
     specs: list[HeadSpec]
     image_policy: ImagePolicy
     max_images: int
+    members: bool = True  # the voting members' inputs too (evaluation); training batches go without them
 
     def __call__(self, batch: Sequence[tuple[Listing, int]]) -> dict[str, torch.Tensor]:
         from mmllm.collator import load_listing_images
 
         listings = [listing for listing, _ in batch]
         images = [load_listing_images(r, self.image_policy, self.max_images) if self.max_images else [] for r in listings]
-        return {**self.featurizer(listings, images),
+        return {**self.featurizer(listings, images, self.members),
                 **encode_targets(self.specs, [r.label for r in listings], self.schema)}
