@@ -83,7 +83,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                                "text" in fc.modalities, "image" in fc.modalities)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
     anchor, memory_rows = None, []
-    voting = {sp.name: len(sp.classes) for sp in specs[1:] if sp.kind == "softmax" and sp.classes}  # attribute heads
+    voting = {sp.name: len(sp.classes) for sp in _voting_heads(specs)}
     if cfg.anchor.epochs and encoders.text is not None and "text" in fc.modalities:
         # the tuned weights are kept only in a shared cache (fusion.cache_dir), not in each output folder
         anchor, memory_rows = _tune(s, encoders, specs[0].classes, cfg, Path(fc.cache_dir) if fc.cache_dir else None,
@@ -236,12 +236,17 @@ def _row_vectors(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any],
     return torch.cat(vectors) if vectors else torch.zeros(0, anchor.memory.shape[1])
 
 
+def _voting_heads(specs: list[heads.HeadSpec]) -> list[heads.HeadSpec]:
+    """The attribute heads the vote mixes: every softmax head but the category's."""
+    return [sp for sp in specs[1:] if sp.kind == "softmax" and sp.classes]
+
+
 def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
               collate: Any, anchor: Anchor | None, memory_rows: list[Any], build: Any) -> VoteFit:
     """The vote's per-head weights (``vote.py``): hold out ``vote.holdout`` of the training rows, fit
     each member on the rest (the heads trained again, the lexical member refitted, the neighbours
     among the rest), and choose each attribute head's weights on the held-out rows."""
-    voting = [sp for sp in specs[1:] if sp.kind == "softmax" and sp.classes]
+    voting = _voting_heads(specs)
     members = [m for m in cfg.vote.members if m == "heads" or (m == "lexicon" and cfg.lexicon.enabled)
                or (m == "neighbours" and anchor is not None and bool(anchor.attribute_classes))]
     if not voting or len(members) < 2:
