@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-enum-values", type=int, default=50, help="strings with at most this many distinct values become an enum")
     p.add_argument("--no-table-keys", action="store_true",
                    help="do not propose seller-table keys (evidence.table) from the rows' attribute tables")
+    p.add_argument("--no-text-names", action="store_true",
+                   help="do not propose the enum values named in titles (evidence.text: named_in_title)")
     p.add_argument("--min-agreement", type=_fraction, default=0.8,
-                   help="share of rows (0-1) where a seller-table key's value must equal the gold for it to be proposed")
+                   help="share of rows (0-1) where a seller-table key's value, or an enum value named in the title, "
+                        "must equal the gold for it to be proposed")
     p.set_defaults(run=_schema_infer)
     p = schema.add_parser("import", help="a label schema from a Shopify or Google product taxonomy file")
     p.add_argument("taxonomy", type=Path, help="taxonomy text file: 'gid://shopify/TaxonomyCategory/ID : A > B' "
@@ -129,11 +132,12 @@ def _schema_infer(args: argparse.Namespace) -> int:
         schema, report = infer_schema((row.label for row in listings), name=args.name,
                                       max_enum_values=args.max_enum_values)
     else:
-        # The keys are scored against the attribute types drafted from all labels: keep the seller tables
-        # and labels (not titles, descriptions) for a second look.
-        rows = [{"attributes": row.attributes, "label": row.label} for row in listings]
+        # The keys and names are scored against the attribute types drafted from all labels: keep the seller
+        # tables, titles and labels (not descriptions) for a second look.
+        rows = [{"attributes": row.attributes, "title": row.title, "label": row.label} for row in listings]
         schema, report = infer_schema([row["label"] for row in rows], name=args.name,
-                                      max_enum_values=args.max_enum_values, rows=rows, min_agreement=args.min_agreement)
+                                      max_enum_values=args.max_enum_values, rows=rows, min_agreement=args.min_agreement,
+                                      text_names=not args.no_text_names)
     header = (
         f"# Drafted by `mmllm schema infer {args.catalog}` from {report['rows']} labelled rows.\n"
         "# Review it: merge near-duplicate categories, write descriptions, tighten bounds.\n"
@@ -141,6 +145,8 @@ def _schema_infer(args: argparse.Namespace) -> int:
     if "table_keys" in report:
         header += ("# evidence.table: seller-table keys whose values agreed with the gold labels; check each one,\n"
                    "# and add text patterns (see mmllm/evidence.py).\n")
+    if report.get("text_names"):
+        header += ("# evidence.text named_in_title: the enum values whose names in titles agreed with the gold labels.\n")
     if args.out:
         schema.to_yaml(args.out, header=header)
         print(f"wrote {args.out}: {len(schema.categories)} categories, {len(schema.attributes)} attributes from {report['rows']} rows")
@@ -151,6 +157,9 @@ def _schema_infer(args: argparse.Namespace) -> int:
     if "table_keys" in report:
         # Next to the summary line; on stderr when the YAML itself goes to stdout, so it can be redirected
         print("\n".join(_table_keys_lines(report["table_keys"], args.min_agreement)),
+              file=sys.stdout if args.out else sys.stderr)
+    if "text_names" in report:
+        print("\n".join(_text_names_lines(report["text_names"], args.min_agreement)),
               file=sys.stdout if args.out else sys.stderr)
     return 0
 
@@ -169,6 +178,23 @@ def _table_keys_lines(proposals: list[dict], min_agreement: float) -> list[str]:
         agree = f"{p['agree']}/{p['support']}"
         lines.append(f"  {p['attribute']:<22} {p['key']:<{width}} {p['parser']:<8} {agree:>11} {p['agreement']:>9.0%} "
                      f"{p['chance']:>6.0%} {p['kappa']:>6.2f}  {'yes' if p['proposed'] else 'no'}")
+    return lines
+
+
+def _text_names_lines(proposals: list[dict], min_agreement: float) -> list[str]:
+    from mmllm.schema import MIN_KAPPA, MIN_KEY_ROWS
+
+    lines = [f"enum values named in titles (proposed: agreement >= {min_agreement:.0%} and kappa >= {MIN_KAPPA} "
+             f"over >= {MIN_KEY_ROWS} rows with a gold value):"]
+    if not proposals:
+        return lines + ["  no enum value named in enough titles"]
+    width = max(len(p["value"]) for p in proposals)
+    lines.append(f"  {'attribute':<22} {'value':<{width}} {'titles':>6} {'agree':>11} {'agreement':>9} {'chance':>6} "
+                 f"{'kappa':>6}  proposed")
+    for p in proposals:
+        agree = f"{p['agree']}/{p['support']}"
+        lines.append(f"  {p['attribute']:<22} {p['value']:<{width}} {p['mentions']:>6} {agree:>11} "
+                     f"{p['agreement']:>9.0%} {p['chance']:>6.0%} {p['kappa']:>6.2f}  {'yes' if p['proposed'] else 'no'}")
     return lines
 
 

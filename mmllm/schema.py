@@ -28,8 +28,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mmllm.evidence import (DEFAULT_PARSER, PARSE, EvidenceError, EvidenceSpec, TableRule, table_key, value_key,
-                            values_match)
+from mmllm.evidence import (DEFAULT_PARSER, PARSE, EvidenceError, EvidenceSpec, TableRule, TextRule, table_key,
+                            value_key, values_match)
 
 SEPARATOR = " > "
 ATTRIBUTE_TYPES = ("enum", "integer", "number", "boolean", "string", "list")
@@ -604,6 +604,7 @@ def infer_schema(
     rows: Iterable[Any] | None = None,
     min_rows: int = MIN_KEY_ROWS,
     min_agreement: float = 0.8,
+    text_names: bool = True,
 ) -> tuple[LabelSchema, dict[str, Any]]:
     """Draft a schema from gold labels (``{"category", "attributes"}`` dicts).
 
@@ -617,6 +618,9 @@ def infer_schema(
     With ``rows`` (catalog rows with their seller tables and labels, read after ``labels``), each
     attribute also gets ``evidence.table``: the seller-table keys :func:`propose_table_keys` finds
     agreeing with its gold (often, and beyond chance), and the report gains ``table_keys`` (every key scored, proposed or not).
+    With ``text_names`` too, each enum attribute gets a text rule ``named_in_title`` matching the values
+    :func:`propose_text_names` finds named in titles and agreeing with the gold, and the report gains
+    ``text_names`` (every value named in enough titles, proposed or not).
     """
     categories: Counter[str] = Counter()
     values: dict[str, list[Any]] = defaultdict(list)
@@ -631,10 +635,14 @@ def infer_schema(
     if not categories:
         raise SchemaError("no labelled rows with a category: cannot infer a taxonomy")
     specs = [_infer_attribute(key, vals, max_enum_values) for key, vals in sorted(values.items())]
-    proposals = None
+    proposals = names = None
     if rows is not None:
+        rows = list(rows)
         proposals = propose_table_keys(rows, specs, min_rows=min_rows, min_agreement=min_agreement)
         specs = [_with_table_keys(spec, proposals) for spec in specs]
+        if text_names and any(s.type == "enum" and s.values for s in specs):
+            names = propose_text_names(rows, specs, min_rows=min_rows, min_agreement=min_agreement)
+            specs = [_with_text_names(spec, names) for spec in specs]
     schema = LabelSchema(
         categories=tuple(sorted(categories)),
         attributes=tuple(specs),
@@ -648,6 +656,8 @@ def infer_schema(
     }
     if proposals is not None:
         report["table_keys"] = [p.to_dict() for p in proposals]
+    if names is not None:
+        report["text_names"] = [p.to_dict() for p in names]
     return schema, report
 
 
@@ -782,6 +792,125 @@ def propose_table_keys(
 
 def _kappa(agreement: float, chance: float) -> float:
     return (agreement - chance) / (1 - chance) if chance < 1 else 0.0
+
+
+NAMED_RULE = "named_in_title"
+
+
+@dataclass(frozen=True)
+class TextNameProposal:
+    """How well "the title names this enum value" states the attribute, over the labelled rows.
+
+    ``mentions``: rows whose title names the value (whole words, any case and spacing); ``support``:
+    those with a gold value; ``agree``: those whose gold is the value; ``chance``: the value's share of
+    all gold values (the agreement if naming it were unrelated to the gold).
+    """
+
+    attribute: str
+    value: str
+    mentions: int
+    support: int
+    agree: int
+    chance: float
+    proposed: bool
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / self.support
+
+    @property
+    def kappa(self) -> float:
+        return _kappa(self.agreement, self.chance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attribute": self.attribute, "value": self.value, "mentions": self.mentions, "support": self.support,
+                "agree": self.agree, "agreement": self.agreement, "chance": self.chance, "kappa": self.kappa,
+                "proposed": self.proposed}
+
+
+def name_pattern(values: Iterable[str]) -> str:
+    """A regular expression naming any of ``values`` as whole words (longest first, so "Hot Wheels" wins
+    over a value "Hot"; any spacing between words), captured as the ``value`` group."""
+    alternatives = [r"\s+".join(re.escape(word) for word in v.split())
+                    for v in sorted(values, key=lambda v: (-len(v), v.casefold())) if v.split()]
+    return r"(?<!\w)(?P<value>" + "|".join(alternatives) + r")(?!\w)"
+
+
+def propose_text_names(
+    rows: Iterable[Any],
+    specs: Iterable[AttributeSpec],
+    *,
+    min_rows: int = MIN_KEY_ROWS,
+    min_agreement: float = 0.8,
+    min_kappa: float = MIN_KAPPA,
+) -> list[TextNameProposal]:
+    """Score every enum value named in the titles against the gold: which names state the attribute.
+
+    A brand, a colour or a licence is often written in the title. Naming a value is evidence only where
+    the catalog's gold agrees: a licence ("Star Wars") named in the title of a product the catalog files
+    under its maker is not. A value is proposed when ``support >= min_rows``, ``agreement >=
+    min_agreement`` and ``kappa >= min_kappa``, as :func:`propose_table_keys` judges keys. Returned:
+    every value with ``support >= min_rows``, per attribute in ``specs`` order, proposed first.
+    """
+    specs = [s for s in specs if s.type == "enum" and s.values]
+    compiled = {s.name: re.compile(name_pattern(s.values), re.IGNORECASE | re.ASCII) for s in specs}
+    by_key = {s.name: {" ".join(v.split()).casefold(): v for v in s.values} for s in specs}
+    mentions: Counter[tuple[str, str]] = Counter()
+    support: Counter[tuple[str, str]] = Counter()
+    agree: Counter[tuple[str, str]] = Counter()
+    golds: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        title, label = _title_and_label(row)
+        gold_all = label.get("attributes") if isinstance(label, Mapping) else None
+        if not isinstance(gold_all, Mapping):
+            continue
+        for spec in specs:
+            gold, err = spec.normalize(gold_all.get(spec.name))
+            gold = None if err is not None else gold
+            if gold is not None:
+                golds[spec.name][gold] += 1
+            named = {by_key[spec.name].get(" ".join(m["value"].split()).casefold())
+                     for m in compiled[spec.name].finditer(title)} - {None}
+            for value in named:
+                mentions[spec.name, value] += 1
+                if gold is not None:
+                    support[spec.name, value] += 1
+                    agree[spec.name, value] += gold == value
+    out = []
+    for spec in specs:
+        total = sum(golds[spec.name].values())
+        found = []
+        for value in spec.values:
+            n = support[spec.name, value]
+            if n < min_rows or total == 0:
+                continue
+            chance = golds[spec.name][value] / total
+            k = agree[spec.name, value]
+            proposed = k / n >= min_agreement and _kappa(k / n, chance) >= min_kappa
+            found.append(TextNameProposal(spec.name, value, mentions[spec.name, value], n, k, chance, proposed))
+        out += sorted(found, key=lambda p: (not p.proposed, -p.agreement, -p.support, p.value.casefold()))
+    return out
+
+
+def _with_text_names(spec: AttributeSpec, proposals: Iterable[TextNameProposal]) -> AttributeSpec:
+    """``spec`` with a ``named_in_title`` text rule over its proposed values, or unchanged without any."""
+    mine = [p.value for p in proposals if p.attribute == spec.name and p.proposed]
+    if not mine:
+        return spec
+    rule = TextRule(name=NAMED_RULE, pattern=re.compile(name_pattern(mine), re.IGNORECASE | re.ASCII),
+                    fields=("title",))
+    evidence = spec.evidence or EvidenceSpec()
+    if any(r.name == NAMED_RULE for r in evidence.text):
+        return spec
+    return replace(spec, evidence=replace(evidence, text=evidence.text + (rule,)))
+
+
+def _title_and_label(row: Any) -> tuple[str, Any]:
+    if isinstance(row, Mapping):
+        title, label = row.get("title"), row.get("label")
+    else:
+        title, label = getattr(row, "title", None), getattr(row, "label", None)
+    return (title if isinstance(title, str) else ""), label
 
 
 def _table_and_label(row: Any) -> tuple[Mapping[str, Any] | None, Any]:

@@ -11,7 +11,8 @@ import yaml
 
 from mmllm.catalog import load_listings
 from mmllm.cli import main
-from mmllm.schema import LabelSchema, TableKeyProposal, infer_schema, propose_table_keys
+from mmllm.evidence import candidates
+from mmllm.schema import LabelSchema, TableKeyProposal, infer_schema, name_pattern, propose_table_keys, propose_text_names
 
 from helpers import ROOT
 
@@ -161,3 +162,83 @@ def test_amazon_rows_propose_the_seller_keys():
     look_alike = next(e for e in report["table_keys"]
                       if (e["attribute"], e["key"]) == ("assembly_required", "Batteries Included"))
     assert look_alike["agreement"] >= 0.8 and not look_alike["proposed"]
+
+
+# id: (title, gold brand). Golds: Playmobil 5, Hasbro 3, Star Wars 2, LEGO 1 (11 with a value).
+#   Playmobil: named (any case, any spacing) in b1-b5, gold Playmobil in all 5: agreement 1, chance 5/11,
+#              kappa 1: proposed. "Playmobilish" (b12) is not the whole word.
+#   Star Wars: named in b6-b11 (6 titles), b10's gold is null: support 5, agree 2 (b7, b8): 0.4, not proposed
+#              (the catalog files most Star Wars titles under their maker).
+#   LEGO:      named in b6, b7 only: under 5 rows, not judged.
+BRANDS = {"b1": ("Playmobil City Fire Station", "Playmobil"), "b2": ("PLAYMOBIL  Pirate ship", "Playmobil"),
+          "b3": ("my first playmobil zoo", "Playmobil"), "b4": ("Playmobil horse stable", "Playmobil"),
+          "b5": ("Knights castle (Playmobil)", "Playmobil"), "b6": ("Star Wars Millennium Falcon by LEGO", "LEGO"),
+          "b7": ("LEGO Star Wars X-wing", "Star Wars"), "b8": ("Star Wars lightsaber", "Star Wars"),
+          "b9": ("Star Wars figure", "Hasbro"), "b10": ("Star  Wars mug", None), "b11": ("Star Wars blaster", "Hasbro"),
+          "b12": ("Playmobilish clone toy", "Hasbro")}
+
+
+@pytest.fixture
+def branded(tmp_path):
+    path = tmp_path / "brands.jsonl"
+    lines = [{"id": rid, "title": title, "description": "", "attributes": {}, "images": [],
+              "label": {"category": "Toys", "attributes": {"brand": brand}}} for rid, (title, brand) in BRANDS.items()]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_values_named_in_titles_are_scored_against_the_gold(branded):
+    rows = _rows(branded)
+    schema, _ = infer_schema([r["label"] for r in rows])
+    assert schema.attribute("brand").type == "enum"
+    got = [(p.value, p.mentions, p.support, p.agree, p.chance, p.proposed)
+           for p in propose_text_names(rows, schema.attributes)]
+    assert got == [("Playmobil", 5, 5, 5, pytest.approx(5 / 11), True),
+                   ("Star Wars", 6, 5, 2, pytest.approx(2 / 11), False)]
+    assert propose_text_names(rows, schema.attributes)[0].kappa == pytest.approx(1.0)
+    assert propose_text_names(rows, schema.attributes, min_rows=6) == []
+    # Star Wars passes once 40% agreement is enough, but not when its kappa (0.4 - 2/11) / (9/11) = 0.27 must reach 0.3
+    assert [p.proposed for p in propose_text_names(rows, schema.attributes, min_agreement=0.4, min_kappa=0.25)] == [True, True]
+    assert [p.proposed for p in propose_text_names(rows, schema.attributes, min_agreement=0.4, min_kappa=0.3)] == [True, False]
+
+
+def test_name_pattern_prefers_the_longest_name_and_whole_words():
+    import re
+
+    pattern = re.compile(name_pattern(["Hot", "Hot Wheels", "Q-Workshop"]), re.IGNORECASE | re.ASCII)
+    assert [m["value"] for m in pattern.finditer("hot  WHEELS track, Hot sauce, Q-Workshop dice, Hotshot")] == [
+        "hot  WHEELS", "Hot", "Q-Workshop"]
+
+
+def test_the_drafted_rule_states_the_named_value_with_its_span(branded):
+    from mmllm.catalog import Listing
+
+    rows = _rows(branded)
+    schema, report = infer_schema([r["label"] for r in rows], rows=rows)
+    rule = schema.attribute("brand").evidence.to_dict()["text"]
+    assert [(r["name"], r["fields"]) for r in rule] == [("named_in_title", ["title"])]
+    assert [e["value"] for e in report["text_names"] if e["proposed"]] == ["Playmobil"]
+    # the rule survives the YAML round trip and finds the value, in the schema's spelling, with its span
+    schema = LabelSchema.from_dict(yaml.safe_load(yaml.safe_dump(schema.to_dict())))
+    title = "Star Wars meets PLAYMOBIL: space set"
+    found = candidates(Listing("x", title), schema)["brand"]
+    assert [(c.value, c.source, c.key, c.text, c.span) for c in found] == [
+        ("Playmobil", "title", "named_in_title", "PLAYMOBIL", (16, 25))]
+    assert title[16:25] == "PLAYMOBIL"
+    assert candidates(Listing("y", "Playmobilish Star Wars toy", "Playmobil in the description"), schema)["brand"] == []
+    # without text names: no rule, no report
+    plain, plain_report = infer_schema([r["label"] for r in rows], rows=rows, text_names=False)
+    assert plain.attribute("brand").evidence is None and "text_names" not in plain_report
+
+
+def test_cli_prints_the_named_values(branded, tmp_path, capsys):
+    out = tmp_path / "drafted.yaml"
+    assert main(["schema", "infer", str(branded), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    start = printed.index("enum values named in titles")
+    table = [line.split() for line in printed[start:].splitlines()[2:]]
+    assert table == [["brand", "Playmobil", "5", "5/5", "100%", "45%", "1.00", "yes"],
+                     ["brand", "Star", "Wars", "6", "2/5", "40%", "18%", "0.27", "no"]]
+    assert "named_in_title" in out.read_text()
+    assert main(["schema", "infer", str(branded), "-o", str(out), "--no-text-names"]) == 0
+    assert "enum values named" not in capsys.readouterr().out and "named_in_title" not in out.read_text()
