@@ -37,3 +37,24 @@ def test_a_baseline_is_read_only_for_the_rows_labels_and_search_it_was_fitted_on
             versus.read_baseline(path, other)
     with pytest.raises(SystemExit, match=r"cannot read the bag-of-words baseline .*--skip-recipe"):
         versus.read_baseline(tmp_path / "missing.json", fingerprint)
+
+
+def test_a_labels_file_is_scored_by_its_best_values_and_by_what_it_publishes(tmp_path):
+    versus = _module()
+    dev = [{"id": str(i), "title": f"toy {i}", "label": {"category": "Kites", "attributes": {"brand": gold}}}
+           for i, gold in enumerate(["Acme", "Acme", "Zed", None, None])]
+    # 0: published Acme (right); 1: withheld, its top value Acme (right, best value only);
+    # 2: published Acme (wrong); 3: published Zed where the gold is null (invented); 4: withheld
+    answers = [("Acme", []), (None, [{"value": None}, {"value": "Acme"}]), ("Acme", []), ("Zed", []),
+               (None, [{"value": "Zed"}])]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "category": "Kites", "attributes": {"brand": a},
+                                        "attribute_top_k": {"brand": top}}) + "\n"
+                            for i, (a, top) in enumerate(answers)))
+    run = versus.from_labels(path, dev, ["category", "brand"])
+    assert run["scores"]["brand"] == {"accuracy": pytest.approx(2 / 3, abs=1e-4), "rows": 3}  # 0, 1 of 0, 1, 2
+    # published: 3 answers, 1 right: precision 1/3; 3 gold values, 1 found: recall 1/3
+    assert run["grounded"]["brand"] == {"precision": pytest.approx(1 / 3, abs=1e-4),
+                                        "recall": pytest.approx(1 / 3, abs=1e-4), "f1": pytest.approx(1 / 3, abs=1e-4)}
+    with pytest.raises(SystemExit, match="no record for 1 dev rows"):
+        versus.from_labels(path, dev + [{"id": "9", "label": {"category": "Kites"}}], ["category"])
