@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -312,13 +313,20 @@ def parse_age(text: Any, spec: Any = None) -> Parsed | None:
     return _bounded(Parsed(years, form), spec)
 
 
+def fold(text: str) -> str:
+    """How enum and list values compare with the seller's text: any case, any accents ("POKEMON" is
+    "Pokémon"), any spacing."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return " ".join("".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold().split())
+
+
 def parse_enum(text: Any, spec: Any = None) -> Parsed | None:
     s = _clean(text)
     values = getattr(spec, "values", ()) or ()
     if s is None:
         return None
-    by_key = {v.casefold(): v for v in values}
-    got = by_key.get(s.casefold())
+    by_key = {fold(v): v for v in values}
+    got = by_key.get(fold(s))
     return Parsed(got, "exact") if got is not None else None
 
 
@@ -328,8 +336,8 @@ def parse_list(text: Any, spec: Any = None) -> Parsed | None:
     values = getattr(spec, "values", ()) or ()
     if s is None:
         return None
-    by_key = {v.casefold(): v for v in values}
-    parts = [p.strip().casefold() for p in re.split(r",|/|;|&|\band\b", s) if p.strip()]
+    by_key = {fold(v): v for v in values}
+    parts = [fold(p) for p in re.split(r",|/|;|&|\band\b", s) if p.strip()]
     found = [by_key[p] for p in parts if p in by_key]
     if not found or len(found) != len(parts):
         return None

@@ -28,8 +28,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mmllm.evidence import (DEFAULT_PARSER, PARSE, EvidenceError, EvidenceSpec, TableRule, TextRule, table_key,
-                            value_key, values_match)
+from mmllm.evidence import (DEFAULT_PARSER, PARSE, EvidenceError, EvidenceSpec, TableRule, TextRule, fold,
+                            table_key, value_key, values_match)
 
 SEPARATOR = " > "
 ATTRIBUTE_TYPES = ("enum", "integer", "number", "boolean", "string", "list")
@@ -830,10 +830,19 @@ class TextNameProposal:
 
 def name_pattern(values: Iterable[str]) -> str:
     """A regular expression naming any of ``values`` as whole words (longest first, so "Hot Wheels" wins
-    over a value "Hot"; any spacing between words), captured as the ``value`` group."""
-    alternatives = [r"\s+".join(re.escape(word) for word in v.split())
+    over a value "Hot"; any spacing between words; "Pokemon" names "Pokémon"), captured as the
+    ``value`` group."""
+    alternatives = [r"\s+".join("".join(_accents(ch) for ch in word) for word in v.split())
                     for v in sorted(values, key=lambda v: (-len(v), v.casefold())) if v.split()]
     return r"(?<!\w)(?P<value>" + "|".join(alternatives) + r")(?!\w)"
+
+
+def _accents(ch: str) -> str:
+    """One character of a value's name as a pattern: itself, or an accented letter or its bare letter."""
+    bare = fold(ch)
+    if not (bare and bare != ch.casefold() and bare.isascii() and len(bare) == 1):
+        return re.escape(ch)
+    return "[" + "".join(dict.fromkeys(ch.lower() + ch.upper() + bare)) + "]"  # the ASCII flag folds ASCII case only
 
 
 def propose_text_names(
@@ -854,7 +863,7 @@ def propose_text_names(
     """
     specs = [s for s in specs if s.type == "enum" and s.values]
     compiled = {s.name: re.compile(name_pattern(s.values), re.IGNORECASE | re.ASCII) for s in specs}
-    by_key = {s.name: {" ".join(v.split()).casefold(): v for v in s.values} for s in specs}
+    by_key = {s.name: {fold(v): v for v in s.values} for s in specs}
     mentions: Counter[tuple[str, str]] = Counter()
     support: Counter[tuple[str, str]] = Counter()
     agree: Counter[tuple[str, str]] = Counter()
@@ -869,7 +878,7 @@ def propose_text_names(
             gold = None if err is not None else gold
             if gold is not None:
                 golds[spec.name][gold] += 1
-            named = {by_key[spec.name].get(" ".join(m["value"].split()).casefold())
+            named = {by_key[spec.name].get(fold(m["value"]))
                      for m in compiled[spec.name].finditer(title)} - {None}
             for value in named:
                 mentions[spec.name, value] += 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mmllm.catalog import Listing
-from mmllm.evidence import candidates, parse_age, parse_boolean, parse_integer, parse_list, parse_number
+from mmllm.evidence import candidates, fold, parse_age, parse_boolean, parse_enum, parse_integer, parse_list, parse_number
 from mmllm.schema import LabelSchema, SchemaError
 from helpers import TOYS_SCHEMA
 
@@ -75,6 +75,16 @@ def test_list_parser_needs_every_part_allowed(toys):
 
 def _found(listing: Listing, schema: LabelSchema) -> dict[str, list[tuple]]:
     return {name: [(c.value, c.source, c.key) for c in cs] for name, cs in candidates(listing, schema).items() if cs}
+
+
+def test_enum_values_compare_in_any_case_accents_and_spacing():
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(values=("Pokémon", "Hot Wheels", "LEGO"))
+    assert fold(" POKÉMON ") == fold("pokemon") == "pokemon"
+    assert [parse_enum(t, spec).value for t in ("pokemon", "POKÉMON", "hot  wheels", "Lego")] == [
+        "Pokémon", "Pokémon", "Hot Wheels", "LEGO"]
+    assert parse_enum("Pokemons", spec) is None and parse_enum("Hot", spec) is None
 
 
 def test_the_lego_title_states_pieces_and_age_with_exact_spans(toys):

@@ -205,9 +205,12 @@ def test_values_named_in_titles_are_scored_against_the_gold(branded):
 def test_name_pattern_prefers_the_longest_name_and_whole_words():
     import re
 
-    pattern = re.compile(name_pattern(["Hot", "Hot Wheels", "Q-Workshop"]), re.IGNORECASE | re.ASCII)
+    pattern = re.compile(name_pattern(["Hot", "Hot Wheels", "Q-Workshop", "Pokémon"]), re.IGNORECASE | re.ASCII)
     assert [m["value"] for m in pattern.finditer("hot  WHEELS track, Hot sauce, Q-Workshop dice, Hotshot")] == [
         "hot  WHEELS", "Hot", "Q-Workshop"]
+    # titles drop accents and shout: all three name the value (the ASCII flag alone would miss the last)
+    assert [m["value"] for m in pattern.finditer("Pokemon tin, POKÉMON cards, pokÉmon, Pokemonster")] == [
+        "Pokemon", "POKÉMON", "pokÉmon"]
 
 
 def test_the_drafted_rule_states_the_named_value_with_its_span(branded):
