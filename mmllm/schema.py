@@ -28,8 +28,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mmllm.evidence import (DEFAULT_PARSER, PARSE, EvidenceError, EvidenceSpec, TableRule, TextRule, fold,
-                            table_key, value_key, values_match)
+from mmllm.evidence import (DEFAULT_PARSER, MAX_TEXT, PARSE, EvidenceError, EvidenceSpec, TableRule, TextRule,
+                            fold, table_key, value_key, values_match)
 
 SEPARATOR = " > "
 ATTRIBUTE_TYPES = ("enum", "integer", "number", "boolean", "string", "list")
@@ -801,7 +801,7 @@ NAMED_RULE = "named_in_title"
 class TextNameProposal:
     """How well "the title names this enum value" states the attribute, over the labelled rows.
 
-    ``mentions``: rows whose title names the value (whole words, any case and spacing); ``support``:
+    ``mentions``: rows whose title names the value (whole words, any case, accents and spacing); ``support``:
     those with a gold value; ``agree``: those whose gold is the value; ``chance``: the value's share of
     all gold values (the agreement if naming it were unrelated to the gold).
     """
@@ -919,7 +919,7 @@ def _title_and_label(row: Any) -> tuple[str, Any]:
         title, label = row.get("title"), row.get("label")
     else:
         title, label = getattr(row, "title", None), getattr(row, "label", None)
-    return (title if isinstance(title, str) else ""), label
+    return (title[:MAX_TEXT] if isinstance(title, str) else ""), label  # patterns run on bounded text
 
 
 def _table_and_label(row: Any) -> tuple[Mapping[str, Any] | None, Any]:
