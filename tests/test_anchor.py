@@ -169,6 +169,9 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
         assert set(weights) == {"heads", "lexicon", "neighbours"} and sum(weights.values()) == pytest.approx(1.0)
     model = inner.model
     assert model.vote_weights == vote["weights"] and list(model.anchor.attribute_classes) == voting
+    # the abstaining heads' lexical regressions are hurdles, and load as such
+    assert saved["lexicon_hurdle"] and set(saved["lexicon_hurdle"]) <= set(voting)
+    assert model.lexicon.hurdle == saved["lexicon_hurdle"]
     assert (model.anchor.memory_targets >= 0).all()  # every memory row has a class (or <not stated>) per head
     name = next(n for n in voting if n in model.lexicon.names)
     with torch.no_grad():  # all the weight on one member: the head answers that member's distribution

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mmllm.catalog import Listing
-from mmllm.models.fusion.lexicon import LexiconConfig, Vectorizer, fit_lexicon, listing_text
+from mmllm.models.fusion.lexicon import (LexiconConfig, Vectorizer, _fit_one, fit_lexicon, listing_text, load_lexicon,
+                                        save_lexicon)
 
 BRANDS = ["hornby", "lego", "corgi"]
 
@@ -64,6 +65,38 @@ def test_regression_learns_the_words_and_cross_validation_picks_c():
     loss = torch.nn.functional.cross_entropy(torch.sparse.mm(x, w) + b, y) + (w * w).sum() / (2 * 10.0 * 60)
     loss.backward()
     assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
+
+
+def test_an_abstaining_head_is_a_hurdle_whether_then_which(tmp_path):
+    # 90 rows: every third row states no brand (class 0, its title says "unbranded"); the others name theirs
+    rows = [Listing(id=f"h{i}", title=(f"{BRANDS[i % 3].title()} set number {i}" if i % 3 else f"unbranded set {i}"))
+            for i in range(90)]
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True))
+    y = torch.tensor([0 if i % 3 == 0 else 1 + i % 3 for i in range(90)])  # classes: <not stated>, hornby, lego, corgi
+    x = vec.matrix(rows)
+    cfg = LexiconConfig(enabled=True)
+    lexicon, _ = fit_lexicon(x, {"target_brand": y}, [("brand", 4)], cfg, seed=0, say=lambda text: None,
+                             abstaining={"brand"})
+    assert lexicon.hurdle == ["brand"]
+    probs = lexicon(*vec.batch(rows))["brand"].exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(90), atol=1e-5)
+    assert (probs.argmax(-1) == y).all()
+    # which value: exactly a regression over the values fitted on the rows that state one
+    stated = [i for i in range(90) if i % 3]
+    w, b = _fit_one(torch.index_select(x, 0, torch.tensor(stated)).coalesce(), y[stated] - 1, 3, 10.0, cfg.max_iter)
+    expected = torch.softmax(x.to_dense() @ w + b, -1)
+    assert torch.allclose(probs[:, 1:] / probs[:, 1:].sum(-1, keepdim=True), expected, atol=1e-4)
+    # whether: a binary regression on every row (its probability of "not stated" is the sigmoid of column 0)
+    gate_w, gate_b = _fit_one(x, (y > 0).long(), 2, 10.0, cfg.max_iter)
+    gate = torch.softmax(x.to_dense() @ gate_w + gate_b, -1)[:, 0]
+    assert torch.allclose(probs[:, 0], gate, atol=1e-4)
+    # kept and read back as a hurdle; without the abstaining flag (or with hurdle: false) the plain regression
+    save_lexicon(tmp_path / "fit", lexicon, vec, {"brand": 10.0})
+    again, _, _ = load_lexicon(tmp_path / "fit")
+    assert again.hurdle == ["brand"] and torch.allclose(again(*vec.batch(rows))["brand"].exp(), probs)
+    plain, _ = fit_lexicon(x, {"target_brand": y}, [("brand", 4)], LexiconConfig(enabled=True, hurdle=False), seed=0,
+                           say=lambda text: None, abstaining={"brand"})
+    assert plain.hurdle == [] and plain.weight_brand.shape == lexicon.weight_brand.shape
 
 
 def test_config_is_checked():

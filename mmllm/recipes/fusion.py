@@ -190,15 +190,16 @@ def _lexicon(s: Any, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
     started = time.perf_counter()
     targets = heads.encode_targets(specs, [r.label for r in s.train_rows], s.schema)
     softmax = [(sp.name, len(sp.classes)) for sp in specs if sp.kind == "softmax" and sp.classes]
+    abstaining = {sp.name for sp in specs if sp.abstains}
     store = lexicon_store(Path(cfg.fusion.cache_dir) if cfg.fusion.cache_dir else None, s.train_rows, targets,
-                          softmax, cfg.lexicon, cfg.train.seed)
+                          softmax, cfg.lexicon, cfg.train.seed, abstaining)
     if store is not None and store.is_dir():  # the same rows, targets, settings and seed: fitted before
         lexicon, vectorizer, chosen = load_lexicon(store)
         how = "read from the cache"
     else:
         vectorizer = Vectorizer.fit(s.train_rows, cfg.lexicon)
         lexicon, chosen = fit_lexicon(vectorizer.matrix(s.train_rows), targets, softmax, cfg.lexicon, cfg.train.seed,
-                                      say=lambda text: say(s.accelerator, text))
+                                      say=lambda text: say(s.accelerator, text), abstaining=abstaining)
         how = "fitted"
         if store is not None and s.accelerator.is_main_process:
             save_lexicon(store, lexicon, vectorizer, chosen)
@@ -280,7 +281,8 @@ def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], feat
         vectorizer = Vectorizer.fit(fit_rows, cfg.lexicon)
         fitted = heads.encode_targets(specs, [r.label for r in fit_rows], s.schema)
         lexicon, _ = fit_lexicon(vectorizer.matrix(fit_rows), fitted, [(sp.name, len(sp.classes)) for sp in voting],
-                                 cfg.lexicon, cfg.train.seed, say=lambda text: say(s.accelerator, text))
+                                 cfg.lexicon, cfg.train.seed, say=lambda text: say(s.accelerator, text),
+                                 abstaining={sp.name for sp in voting if sp.abstains})
         ids, weights = vectorizer.batch(held_rows)
         for name, logits in lexicon(ids, weights).items():
             probs[name]["lexicon"] = torch.softmax(logits.float(), -1)

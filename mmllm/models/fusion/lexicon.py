@@ -12,7 +12,9 @@ catalog). So the recipe fits that model itself and lets it vote:
   numeric bins; with the heads' own classes, ``<not stated>`` included), L2-penalized as scikit-learn's
   ``C`` (loss = mean cross-entropy + ||W||^2 / (2 C N)), trained to convergence by full-batch L-BFGS;
   with several ``C`` candidates one is chosen per head by k-fold cross-validation on the training rows
-  (log-loss), never on dev;
+  (log-loss), never on dev; a head that abstains (``<not stated>`` trained on gold nulls) is a hurdle
+  model (``hurdle: true``): "is a value stated" on every row, "which value" on the rows that state one,
+  as a bag of words trained on the labelled values would learn it;
 * :class:`Lexicon`: the weights as buffers, saved with the fusion weights (the vocabulary in
   ``lexicon.json``). At prediction (``FusionModel.forward`` in eval mode) each head's distribution is
   the mean of its own softmax and this model's (for the category, one more member of the anchor's vote).
@@ -32,7 +34,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +62,8 @@ class LexiconConfig:
     min_df: int = help_field(2, "rows an n-gram must occur in to enter the vocabulary")
     max_features: int = help_field(200_000, "largest vocabulary (the most frequent n-grams)")
     max_parameters: int = help_field(50_000_000, "largest weight matrix of one head (vocabulary x classes)")
+    hurdle: bool = help_field(True, "a head that abstains (<not stated> trained on gold nulls) gets two regressions: "
+                                    "whether a value is stated (every row), which value (the rows that state one)")
 
     def __post_init__(self) -> None:
         if not self.c or any(c <= 0 for c in self.c):
@@ -204,12 +208,42 @@ def _rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return torch.index_select(x, 0, torch.tensor(keep, dtype=torch.long)).coalesce()
 
 
+def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: LexiconConfig,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One regression, its ``C`` chosen by k-fold cross-validated log-loss when there are several."""
+    c = cfg.c[0]
+    if len(cfg.c) > 1:
+        order = list(range(ys.shape[0]))
+        random.Random(seed).shuffle(order)
+        folds = [order[f::cfg.folds] for f in range(cfg.folds)]
+        losses = {}
+        for candidate in cfg.c:
+            total = 0.0
+            for f, held in enumerate(folds):
+                fit_on = [i for g, part in enumerate(folds) if g != f for i in part]
+                w, b = _fit_one(_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter)
+                logits = torch.sparse.mm(_rows(xs, held), w) + b
+                total += float(nn.functional.cross_entropy(logits, ys[held], reduction="sum"))
+            losses[candidate] = total / ys.shape[0]
+        c = min(losses, key=losses.get)
+    w, b = _fit_one(xs, ys, classes, c, cfg.max_iter)
+    return w, b, c
+
+
 def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequence[tuple[str, int]],
-                cfg: LexiconConfig, seed: int, say: Any = print) -> tuple["Lexicon", dict[str, float]]:
+                cfg: LexiconConfig, seed: int, say: Any = print,
+                abstaining: Collection[str] = ()) -> tuple["Lexicon", dict[str, float]]:
     """One logistic regression per (head name, classes) over ``x`` [N, V] with ``targets[f"target_{name}"]``
-    (-100 = no target); returns the module and the ``C`` chosen per head."""
+    (-100 = no target); returns the module and the ``C`` chosen per head.
+
+    A head named in ``abstaining`` (class 0 = "<not stated>", the target of a gold null) is, with
+    ``cfg.hurdle``, a hurdle model: a binary regression of "stated or not" on every row and a regression
+    over the values on the rows that state one, so which value it is is learned as the bag of words
+    learns it, not against the 70% of rows (a catalog's brands) that state none. Its column 0 holds the
+    log-odds of "not stated", the others the values' logits (``Lexicon.forward`` joins them)."""
     chosen: dict[str, float] = {}
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hurdle = []
     for name, classes in heads:
         y = targets[f"target_{name}"]
         keep = [i for i, t in enumerate(y.tolist()) if t >= 0]
@@ -219,24 +253,19 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
             say(f"lexicon: {name} left out ({x.shape[1]:,} n-grams x {classes:,} classes > lexicon.max_parameters)")
             continue
         xs, ys = _rows(x, keep), y[keep]
-        c = cfg.c[0]
-        if len(cfg.c) > 1:
-            order = list(range(len(keep)))
-            random.Random(seed).shuffle(order)
-            folds = [order[f::cfg.folds] for f in range(cfg.folds)]
-            losses = {}
-            for candidate in cfg.c:
-                total = 0.0
-                for f, held in enumerate(folds):
-                    fit_on = [i for g, part in enumerate(folds) if g != f for i in part]
-                    w, b = _fit_one(_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter)
-                    logits = torch.sparse.mm(_rows(xs, held), w) + b
-                    total += float(nn.functional.cross_entropy(logits, ys[held], reduction="sum"))
-                losses[candidate] = total / len(keep)
-            c = min(losses, key=losses.get)
-        weights[name] = _fit_one(xs, ys, classes, c, cfg.max_iter)
+        stated = [i for i, t in enumerate(ys.tolist()) if t > 0]
+        if (cfg.hurdle and name in abstaining and 0 < len(stated) < len(keep)
+                and len({int(ys[i]) for i in stated}) >= 2):
+            gate_w, gate_b, gate_c = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
+            value_w, value_b, c = _choose_and_fit(_rows(xs, stated), ys[stated] - 1, classes - 1, cfg, seed)
+            weights[name] = (torch.cat([gate_w[:, :1] - gate_w[:, 1:], value_w], 1),
+                             torch.cat([gate_b[:1] - gate_b[1:], value_b]))
+            hurdle.append(name)
+        else:
+            w, b, c = _choose_and_fit(xs, ys, classes, cfg, seed)
+            weights[name] = (w, b)
         chosen[name] = c
-    lexicon = Lexicon({n: (w.shape[0], w.shape[1]) for n, (w, _) in weights.items()})
+    lexicon = Lexicon({n: (w.shape[0], w.shape[1]) for n, (w, _) in weights.items()}, hurdle=hurdle)
     for name, (w, b) in weights.items():
         getattr(lexicon, f"weight_{name}").copy_(w)
         getattr(lexicon, f"bias_{name}").copy_(b)
@@ -244,11 +273,13 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
 
 
 class Lexicon(nn.Module):
-    """The fitted regressions as buffers: ``forward(ids, weights)`` -> logits per head."""
+    """The fitted regressions as buffers: ``forward(ids, weights)`` -> logits per head (a ``hurdle``
+    head's are log-probabilities: column 0 the log-odds of "not stated", the rest the values' logits)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, int]], hurdle: Sequence[str] = ()) -> None:
         super().__init__()
         self.names = list(shapes)
+        self.hurdle = [n for n in hurdle if n in shapes]
         for name, (size, classes) in shapes.items():
             self.register_buffer(f"weight_{name}", torch.zeros(size, classes))
             self.register_buffer(f"bias_{name}", torch.zeros(classes))
@@ -261,21 +292,27 @@ class Lexicon(nn.Module):
         for name in self.names:
             table = getattr(self, f"weight_{name}")
             bag = nn.functional.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")
-            out[name] = bag + getattr(self, f"bias_{name}")
+            z = bag + getattr(self, f"bias_{name}")
+            if name in self.hurdle:  # P(not stated), then P(stated) x P(value | stated)
+                gate = z[:, :1]
+                z = torch.cat([nn.functional.logsigmoid(gate),
+                               nn.functional.logsigmoid(-gate) + torch.log_softmax(z[:, 1:], -1)], -1)
+            out[name] = z
         return out
 
 
 # ---------------------------------------------------------------------- the shared cache
 def lexicon_store(folder: Path | None, listings: Sequence[Listing], targets: dict[str, torch.Tensor],
-                  heads: Sequence[tuple[str, int]], cfg: LexiconConfig, seed: int) -> Path | None:
+                  heads: Sequence[tuple[str, int]], cfg: LexiconConfig, seed: int,
+                  abstaining: Collection[str] = ()) -> Path | None:
     """Where a fit is kept in a shared cache folder: ``lexicon/<hash>`` of the rows' texts, the targets,
     the heads, the settings and the seed. None without a folder."""
     if folder is None:
         return None
     h = hashlib.sha256()
     h.update(json.dumps({"settings": {k: getattr(cfg, k) for k in ("c", "folds", "max_iter", "max_chars", "min_df",
-                                                                     "max_features", "max_parameters")},
-                         "seed": seed, "heads": [list(x) for x in heads], "torch": torch.__version__.split("+")[0]},
+                                                                     "max_features", "max_parameters", "hurdle")},
+                         "abstaining": sorted(abstaining), "seed": seed, "heads": [list(x) for x in heads], "torch": torch.__version__.split("+")[0]},
                         sort_keys=True).encode())
     for listing in listings:
         h.update(listing_text(listing, cfg.max_chars).encode())
@@ -291,13 +328,14 @@ def save_lexicon(store: Path, lexicon: "Lexicon", vectorizer: Vectorizer, chosen
     partial.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lexicon.state_dict().items()}, str(partial / "weights.safetensors"))
     (partial / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False), encoding="utf-8")
-    (partial / "chosen.json").write_text(json.dumps({"chosen": chosen, "shapes": lexicon.shapes()}), encoding="utf-8")
+    (partial / "chosen.json").write_text(json.dumps({"chosen": chosen, "shapes": lexicon.shapes(),
+                                                     "hurdle": lexicon.hurdle}), encoding="utf-8")
     partial.rename(store)
 
 
 def load_lexicon(store: Path) -> tuple["Lexicon", Vectorizer, dict[str, float]]:
     meta = json.loads((store / "chosen.json").read_text(encoding="utf-8"))
-    lexicon = Lexicon({n: tuple(shape) for n, shape in meta["shapes"].items()})
+    lexicon = Lexicon({n: tuple(shape) for n, shape in meta["shapes"].items()}, hurdle=meta.get("hurdle", ()))
     lexicon.load_state_dict(load_file(str(store / "weights.safetensors")))
     vectorizer = Vectorizer.from_dict(json.loads((store / LEXICON_FILE).read_text(encoding="utf-8")))
     return lexicon, vectorizer, {k: float(v) for k, v in meta["chosen"].items()}

@@ -285,6 +285,7 @@ class FusionModel(nn.Module):
                   "heads": [s.__dict__ for s in self.specs],
                   "anchor": self.anchor.settings() if self.anchor is not None else None,
                   "lexicon": self.lexicon.shapes() if self.lexicon is not None else None,
+                  "lexicon_hurdle": self.lexicon.hurdle if self.lexicon is not None else [],
                   "vote": {"members": self.vote_members, "weights": self.vote_weights, "held_out": self.vote_scores}}
         (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2, default=json_number))
         if self.lexicon is not None:
@@ -317,7 +318,8 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
                         attribute_classes)
     lexicon = vectorizer = None
     if config.get("lexicon"):
-        lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()})
+        lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()},
+                          hurdle=config.get("lexicon_hurdle", ()))  # none in folders from before the hurdle
         vectorizer = Vectorizer.from_dict(json.loads((folder / LEXICON_FILE).read_text(encoding="utf-8")))
     model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon)
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
