@@ -165,36 +165,34 @@ def _schema_infer(args: argparse.Namespace) -> int:
 
 
 def _table_keys_lines(proposals: list[dict], min_agreement: float) -> list[str]:
-    from mmllm.schema import MIN_KAPPA, MIN_KEY_ROWS
-
-    lines = [f"seller-table keys (proposed: agreement >= {min_agreement:.0%} and kappa >= {MIN_KAPPA} "
-             f"over >= {MIN_KEY_ROWS} rows):"]
-    if not proposals:
-        return lines + ["  none agreed with the gold labels on enough rows"]
-    width = max(len(p["key"]) for p in proposals)
-    lines.append(f"  {'attribute':<22} {'key':<{width}} {'parser':<8} {'agree':>11} {'agreement':>9} {'chance':>6} "
-                 f"{'kappa':>6}  proposed")
-    for p in proposals:
-        agree = f"{p['agree']}/{p['support']}"
-        lines.append(f"  {p['attribute']:<22} {p['key']:<{width}} {p['parser']:<8} {agree:>11} {p['agreement']:>9.0%} "
-                     f"{p['chance']:>6.0%} {p['kappa']:>6.2f}  {'yes' if p['proposed'] else 'no'}")
-    return lines
+    return _proposal_lines(proposals, f"seller-table keys (proposed: {{rule}} over >= {{rows}} rows):",
+                           "none agreed with the gold labels on enough rows", "key", ("parser", "parser", "<8"),
+                           min_agreement)
 
 
 def _text_names_lines(proposals: list[dict], min_agreement: float) -> list[str]:
+    return _proposal_lines(proposals, "enum values named in titles (proposed: {rule} over >= {rows} rows with a gold "
+                                      "value):", "no enum value named in enough titles", "value",
+                           ("titles", "mentions", ">6"), min_agreement)
+
+
+def _proposal_lines(proposals: list[dict], title: str, empty: str, name: str, extra: tuple[str, str, str],
+                    min_agreement: float) -> list[str]:
+    """The table ``schema infer`` prints for its proposals: what is proposed (``name``: the key or the
+    value, ``extra``: one more column as header, report field, alignment), its agreement and kappa."""
     from mmllm.schema import MIN_KAPPA, MIN_KEY_ROWS
 
-    lines = [f"enum values named in titles (proposed: agreement >= {min_agreement:.0%} and kappa >= {MIN_KAPPA} "
-             f"over >= {MIN_KEY_ROWS} rows with a gold value):"]
+    lines = [title.format(rule=f"agreement >= {min_agreement:.0%} and kappa >= {MIN_KAPPA}", rows=MIN_KEY_ROWS)]
     if not proposals:
-        return lines + ["  no enum value named in enough titles"]
-    width = max(len(p["value"]) for p in proposals)
-    lines.append(f"  {'attribute':<22} {'value':<{width}} {'titles':>6} {'agree':>11} {'agreement':>9} {'chance':>6} "
+        return lines + [f"  {empty}"]
+    width = max(len(p[name]) for p in proposals)
+    header, field, align = extra
+    lines.append(f"  {'attribute':<22} {name:<{width}} {header:{align}} {'agree':>11} {'agreement':>9} {'chance':>6} "
                  f"{'kappa':>6}  proposed")
     for p in proposals:
         agree = f"{p['agree']}/{p['support']}"
-        lines.append(f"  {p['attribute']:<22} {p['value']:<{width}} {p['mentions']:>6} {agree:>11} "
-                     f"{p['agreement']:>9.0%} {p['chance']:>6.0%} {p['kappa']:>6.2f}  {'yes' if p['proposed'] else 'no'}")
+        lines.append(f"  {p['attribute']:<22} {p[name]:<{width}} {p[field]:{align}} {agree:>11} {p['agreement']:>9.0%} "
+                     f"{p['chance']:>6.0%} {p['kappa']:>6.2f}  {'yes' if p['proposed'] else 'no'}")
     return lines
 
 

@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -691,8 +691,36 @@ def _round_up(x: float) -> int:
     return int(10 * power)
 
 
+class _Agreement:
+    """What a proposal (a table key, a value named in titles) shares: its agreement with the gold over
+    ``support`` rows, beyond ``chance``; ``to_dict`` for the report."""
+
+    support: int
+    agree: int
+    chance: float
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / self.support
+
+    @property
+    def kappa(self) -> float:
+        """Agreement beyond chance (1: always agrees; 0: no better than chance, or nothing to tell apart)."""
+        return _kappa(self.agreement, self.chance)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in asdict(self).items():  # the fields in order, each ratio after what it is made of
+            out[name] = value
+            if name == "agree":
+                out["agreement"] = self.agreement
+            elif name == "chance":
+                out["kappa"] = self.kappa
+        return out
+
+
 @dataclass(frozen=True)
-class TableKeyProposal:
+class TableKeyProposal(_Agreement):
     """How well one seller-table key states one attribute, over the labelled rows that have both.
 
     ``support``: rows where the key is present and the gold value is not null; ``agree``: those whose
@@ -708,20 +736,6 @@ class TableKeyProposal:
     agree: int
     chance: float
     proposed: bool
-
-    @property
-    def agreement(self) -> float:
-        return self.agree / self.support
-
-    @property
-    def kappa(self) -> float:
-        """Agreement beyond chance (1: always agrees; 0: no better than chance, or nothing to tell apart)."""
-        return _kappa(self.agreement, self.chance)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"attribute": self.attribute, "key": self.key, "parser": self.parser, "support": self.support,
-                "agree": self.agree, "agreement": self.agreement, "chance": self.chance, "kappa": self.kappa,
-                "proposed": self.proposed}
 
 
 def propose_table_keys(
@@ -798,7 +812,7 @@ NAMED_RULE = "named_in_title"
 
 
 @dataclass(frozen=True)
-class TextNameProposal:
+class TextNameProposal(_Agreement):
     """How well "the title names this enum value" states the attribute, over the labelled rows.
 
     ``mentions``: rows whose title names the value (whole words, any case, accents and spacing); ``support``:
@@ -813,19 +827,6 @@ class TextNameProposal:
     agree: int
     chance: float
     proposed: bool
-
-    @property
-    def agreement(self) -> float:
-        return self.agree / self.support
-
-    @property
-    def kappa(self) -> float:
-        return _kappa(self.agreement, self.chance)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"attribute": self.attribute, "value": self.value, "mentions": self.mentions, "support": self.support,
-                "agree": self.agree, "agreement": self.agreement, "chance": self.chance, "kappa": self.kappa,
-                "proposed": self.proposed}
 
 
 def name_pattern(values: Iterable[str]) -> str:
