@@ -256,7 +256,7 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
         stated = [i for i, t in enumerate(ys.tolist()) if t > 0]
         if (cfg.hurdle and name in abstaining and 0 < len(stated) < len(keep)
                 and len({int(ys[i]) for i in stated}) >= 2):
-            gate_w, gate_b, gate_c = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
+            gate_w, gate_b, _ = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
             value_w, value_b, c = _choose_and_fit(_rows(xs, stated), ys[stated] - 1, classes - 1, cfg, seed)
             weights[name] = (torch.cat([gate_w[:, :1] - gate_w[:, 1:], value_w], 1),
                              torch.cat([gate_b[:1] - gate_b[1:], value_b]))
