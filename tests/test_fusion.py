@@ -175,6 +175,13 @@ def test_train_save_load_in_new_process(tmp_path):
     assert there == json.loads(json.dumps(here))
 
 
+def _zero_heads(model: fusion.FusionModel) -> None:
+    """Every head's weights and bias at zero: what remains of the logits is the name priors."""
+    for head in model.heads.values():
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+
+
 def test_category_name_prior_ranks_named_categories_without_training():
     """With the heads at zero the category logits are the prior alone: a listing that says what it is
     lands on that category although no row was ever labelled with it; off, the prior is gone."""
@@ -193,9 +200,7 @@ def test_category_name_prior_ranks_named_categories_without_training():
     cfg = fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H)
     batch = fusion.Featurizer(enc, cfg, fusion.FeatureCache(None))(rows, [[] for _ in rows])
     model = fusion.FusionModel(cfg, specs, enc.text_dim, 0, label_vectors=names).eval()
-    for head in model.heads.values():
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+    _zero_heads(model)
     with torch.no_grad():
         top = model(**batch)["category"].argmax(-1).tolist()
     predicted = [specs[0].classes[i] for i in top]
@@ -204,9 +209,7 @@ def test_category_name_prior_ranks_named_categories_without_training():
     off = fusion.FusionModel(fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H, label_prior=False),
                              specs, enc.text_dim, 0).eval()
     assert "label_vectors" not in off.state_dict()
-    for head in off.heads.values():
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+    _zero_heads(off)
     with torch.no_grad():
         assert torch.count_nonzero(off(**batch)["category"]) == 0  # nothing but the (zeroed) heads
 
@@ -235,3 +238,47 @@ def test_prior_correction_is_the_balanced_posterior():
     assert int(model(**batch)["category"].argmax()) == 2
     with pytest.raises(ValueError, match="fusion.prior_correction must be >= 0"):
         fusion.FusionConfig(prior_correction=-1.0)
+
+
+def test_value_name_prior_ranks_named_values_without_training(tmp_path):
+    """fusion.value_prior: with the heads at zero an enum / list head's logits are the prior alone, so the
+    value a listing names wins although no row was labelled with it; "<not stated>" gets no prior; the
+    vectors travel with the weights; off, there is none."""
+    schema = LabelSchema.from_dict({
+        "name": "shop", "taxonomy": ["Toys > Building", "Toys > Puzzles"],
+        "attributes": {"brand": {"type": "enum", "values": ["LEGO", "Hasbro", "Ravensburger", "Crayola"]},
+                       "skills": {"type": "list", "values": ["Fine Motor Skills", "Counting", "Reading"]},
+                       "batteries_required": {"type": "boolean"}}})
+    specs = heads.head_specs(schema, [], null_class=True)
+    enc = fusion.Encoders("minilm", "none", 64, use_image=False).eval()
+    cases = {"LEGO City police station building set": ("LEGO", "Fine Motor Skills"),
+             "Ravensburger jigsaw puzzle that trains fine motor skills": ("Ravensburger", "Fine Motor Skills"),
+             "Crayola washable markers for colouring and reading books": ("Crayola", "Reading"),
+             "Hasbro counting game: count the numbers 1 to 10": ("Hasbro", "Counting")}
+    rows = [Listing(id=f"r{i}", title=t, description="") for i, t in enumerate(cases)]
+    from mmllm.recipes.fusion import _value_vectors
+
+    values = _value_vectors(schema, specs, enc)
+    assert sorted(values) == ["brand", "skills"]  # a boolean's "True" / "False" carry no meaning
+    assert values["brand"].shape == (5, enc.text_dim) and float(values["brand"][0].abs().sum()) == 0.0
+    cfg = fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H, label_prior=False, value_prior=True)
+    batch = fusion.Featurizer(enc, cfg, fusion.FeatureCache(None))(rows, [[] for _ in rows])
+    model = fusion.FusionModel(cfg, specs, enc.text_dim, 0, value_vectors=values).eval()
+    _zero_heads(model)
+    with torch.no_grad():
+        out = model(**batch)
+    brand = specs[1].classes
+    assert torch.count_nonzero(out["brand"][:, 0]) == 0  # "<not stated>": no prior
+    assert [brand[i] for i in out["brand"][:, 1:].argmax(-1).add(1).tolist()] == [b for b, _ in cases.values()]
+    assert [specs[2].classes[i] for i in out["skills"].argmax(-1).tolist()] == [s for _, s in cases.values()]
+    assert torch.count_nonzero(out["batteries_required"]) == 0
+    model.save(tmp_path)
+    assert json.loads((tmp_path / fusion.FUSION_CONFIG).read_text())["value_prior_heads"] == ["brand", "skills"]
+    loaded = fusion.load_fusion(tmp_path, schema, device="cpu").model
+    with torch.no_grad():
+        again = loaded(**batch)
+    for name in ("brand", "skills"):
+        assert torch.allclose(again[name], out[name], atol=1e-5)
+    off = fusion.FusionModel(fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H, label_prior=False),
+                             specs, enc.text_dim, 0, value_vectors=values)
+    assert len(off.value_priors) == 0 and not any("value_priors" in k for k in off.state_dict())

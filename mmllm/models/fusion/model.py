@@ -18,7 +18,9 @@ the same text encoder ("Harry Potter (Characters & Brands)"), and a learned scal
 between each text view and each category name is added to the category logits. A catalog team
 has a taxonomy of hundreds of categories and a handful of labelled rows for most of them: the
 prior lets a category with one labelled row, or none, still win when the listing says what it
-is. The category vectors are a buffer saved with the weights.
+is. The category vectors are a buffer saved with the weights. ``value_prior`` does the same for the
+values of enum and list attributes, where a value's name carries meaning (a brand, "3y-5y", "Fine
+Motor Skills"): one :class:`NamePrior` per such head, its "<not stated>" class left at zero.
 
 Heads, targets, loss, calibration and the prediction record come from ``mmllm.models.heads``.
 """
@@ -79,6 +81,9 @@ class FusionConfig:
     label_prior: bool = help_field(True, "add the text encoder's cosine between the listing and each category's "
                                          "name to the category logits (rare and unseen categories get a signal)")
     label_prior_scale: float = help_field(5.0, "initial (learned) scale of that cosine, per text view")
+    value_prior: bool = help_field(False, "the same for enum and list attributes: add a learned scale x the cosine "
+                                          "between the listing and each value's name (\"LEGO\", \"3y-5y\", \"Fine "
+                                          "Motor Skills\") to that head's logits")
     prior_correction: float = help_field(0.0, "at prediction, subtract this x log(training share of each category) "
                                               "from the category's log-probabilities (logit adjustment): 1 = the "
                                               "balanced posterior, for a skewed training catalog; 0 = off")
@@ -102,12 +107,32 @@ class FusionConfig:
             raise ValueError(f"fusion.hidden ({self.hidden}) must be a multiple of fusion.heads ({self.heads})")
 
 
+def name_cosines(views: dict[str, tuple[torch.Tensor, torch.Tensor]], vectors: torch.Tensor) -> torch.Tensor:
+    """[B, C] the sum over text views of cos(mean-pooled listing view, each name vector [C, D])."""
+    return torch.stack([nn.functional.normalize(pool(t, mask, "mean"), dim=-1) @ vectors.T
+                        for t, mask in views.values()]).sum(0)
+
+
+class NamePrior(nn.Module):
+    """A learned scale x the cosine between the listing and each class's name (unit vectors [C, D]
+    from the text encoder, a buffer saved with the weights; a zero row gives its class no prior)."""
+
+    def __init__(self, vectors: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("vectors", vectors.float())
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, views: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return self.scale * name_cosines(views, self.vectors)
+
+
 class FusionModel(nn.Module):
     """Projections of each modality to ``hidden`` -> fusion -> one head per schema field."""
 
     def __init__(self, cfg: FusionConfig, specs: list[HeadSpec], text_dim: int, image_dim: int,
                  encoders: Encoders | None = None, label_vectors: torch.Tensor | None = None,
-                 anchor: Anchor | None = None, lexicon: Lexicon | None = None) -> None:
+                 anchor: Anchor | None = None, lexicon: Lexicon | None = None,
+                 value_vectors: dict[str, torch.Tensor | None] | None = None) -> None:
         super().__init__()
         self.cfg, self.specs = cfg, specs
         self.modalities = [m for m in MODALITIES if m in cfg.modalities and (m != "image" or image_dim)]
@@ -134,6 +159,12 @@ class FusionModel(nn.Module):
             shape = (len(specs[0].classes), text_dim)
             self.label_vectors = torch.zeros(shape) if label_vectors is None else label_vectors.float()
             self.label_scale = nn.Parameter(torch.tensor(float(cfg.label_prior_scale)))
+        # value-name priors ({head: [C, D] or None = zeros until the weights load}), for the heads the recipe names
+        sizes = {sp.name: len(sp.classes) for sp in specs}
+        self.value_priors = nn.ModuleDict({
+            name: NamePrior(torch.zeros(sizes[name], text_dim) if v is None else v, cfg.label_prior_scale)
+            for name, v in (value_vectors or {}).items()
+            if cfg.value_prior and "text" in self.modalities and name in self.heads})
         if cfg.prior_correction and specs and specs[0].name == "category":  # filled by set_prior (training counts)
             self.register_buffer("log_prior", torch.zeros(len(specs[0].classes)))
         self.anchor = anchor  # name-anchored members (tuned encoder): they vote beside the heads at prediction
@@ -217,8 +248,7 @@ class FusionModel(nn.Module):
 
     def label_prior(self, views: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """[B, C] learned scale x the sum over text views of cos(listing view, category name)."""
-        sims = [nn.functional.normalize(pool(t, mask, "mean"), dim=-1) @ self.label_vectors.T for t, mask in views.values()]
-        return self.label_scale * torch.stack(sims).sum(0)
+        return self.label_scale * name_cosines(views, self.label_vectors)
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         views = self.text_views(batch)
@@ -226,6 +256,9 @@ class FusionModel(nn.Module):
         logits = {name: head(fused) for name, head in self.heads.items()}
         if self.label_vectors is not None and views:
             logits["category"] = logits["category"] + self.label_prior(views)
+        if views:
+            for name, prior in self.value_priors.items():
+                logits[name] = logits[name] + prior(views)
         if self.training:  # training fits the heads alone; the members vote at prediction
             return logits
         lexical = {}
@@ -286,6 +319,7 @@ class FusionModel(nn.Module):
                   "anchor": self.anchor.settings() if self.anchor is not None else None,
                   "lexicon": self.lexicon.shapes() if self.lexicon is not None else None,
                   "lexicon_hurdle": self.lexicon.hurdle if self.lexicon is not None else [],
+                  "value_prior_heads": list(self.value_priors),
                   "vote": {"members": self.vote_members, "weights": self.vote_weights, "held_out": self.vote_scores}}
         (folder / FUSION_CONFIG).write_text(json.dumps(config, indent=2, default=json_number))
         if self.lexicon is not None:
@@ -321,7 +355,8 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
         lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()},
                           hurdle=config.get("lexicon_hurdle", ()))  # none in folders from before the hurdle
         vectorizer = Vectorizer.from_dict(json.loads((folder / LEXICON_FILE).read_text(encoding="utf-8")))
-    model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon)
+    model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon,
+                        value_vectors=dict.fromkeys(config.get("value_prior_heads", ())))  # none before the prior
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
     model.temperature = float(config["temperature"])
     vote = config.get("vote") or {}  # folders from before the per-head weights: the equal-weight mean
