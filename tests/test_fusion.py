@@ -256,9 +256,7 @@ def test_value_name_prior_ranks_named_values_without_training(tmp_path):
              "Crayola washable markers for colouring and reading books": ("Crayola", "Reading"),
              "Hasbro counting game: count the numbers 1 to 10": ("Hasbro", "Counting")}
     rows = [Listing(id=f"r{i}", title=t, description="") for i, t in enumerate(cases)]
-    from mmllm.recipes.fusion import _value_vectors
-
-    values = _value_vectors(schema, specs, enc)
+    values = fusion.value_name_vectors(schema, specs, enc)
     assert sorted(values) == ["brand", "skills"]  # a boolean's "True" / "False" carry no meaning
     assert values["brand"].shape == (5, enc.text_dim) and float(values["brand"][0].abs().sum()) == 0.0
     cfg = fusion.FusionConfig(modalities=["text"], lexical=False, hidden=H, label_prior=False, value_prior=True)

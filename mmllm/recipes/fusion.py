@@ -95,7 +95,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     names = None
     if fc.label_prior and encoders.text is not None:  # the taxonomy's own words, embedded once
         names = encoders.sentence_vectors([fusion.category_name(c) for c in specs[0].classes])
-    values = _value_vectors(s.schema, specs, encoders) if fc.value_prior and encoders.text is not None else {}
+    values = fusion.value_name_vectors(s.schema, specs, encoders) if fc.value_prior and encoders.text is not None else {}
     model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names, anchor,
                                value_vectors=values)
     if fc.prior_correction:
@@ -211,21 +211,6 @@ def _lexicon(s: Any, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
     say(s.accelerator, f"lexical member {how}: {vectorizer.size:,} n-grams, {len(chosen)} heads ({picked}) "
                        f"in {time.perf_counter() - started:.1f} s")
     return lexicon
-
-
-def _value_vectors(schema: Any, specs: list[heads.HeadSpec], encoders: fusion.Encoders) -> dict[str, torch.Tensor]:
-    """The value-name prior's vectors (``fusion.value_prior``): per enum / list attribute head, each value's
-    name embedded by the text encoder, "<not stated>" a zero row (no prior)."""
-    named = {a.name for a in schema.attributes if a.type in ("enum", "list")}
-    out = {}
-    for sp in specs[1:]:
-        if sp.name in named:
-            texts = [str(c).replace("_", " ") for c in sp.classes]
-            vectors = encoders.sentence_vectors(texts)
-            if sp.classes and sp.classes[0] == heads.NOT_STATED:
-                vectors[0] = 0.0
-            out[sp.name] = vectors
-    return out
 
 
 def _text_length(listing: Any) -> int:

@@ -19,11 +19,12 @@ from mmllm.models.fusion.model import (
     FusionModel,
     FusionPredictor,
     load_fusion,
+    value_name_vectors,
 )
 
 __all__ = [
     "FUSIONS", "FUSION_CONFIG", "FUSION_FILE", "MODALITIES",
     "AttentionFusion", "AttributeEncoder", "CoAttentionFusion", "ConcatFusion", "Encoders", "FeatureCache",
     "FeatureSettings", "Featurizer", "FusionCollator", "FusionConfig", "FusionModel", "FusionPredictor",
-    "attribute_tokens", "category_name", "lexical_features", "load_fusion",
+    "attribute_tokens", "category_name", "lexical_features", "load_fusion", "value_name_vectors",
 ]

@@ -47,7 +47,8 @@ from mmllm.models.fusion.lexicon import LEXICON_FILE, Lexicon, Vectorizer
 from mmllm.models.fusion.layers import FUSIONS
 from mmllm.models.fusion.vote import MEMBERS as VOTE_MEMBERS
 from mmllm.models.fusion.vote import mix
-from mmllm.models.heads import HeadSpec, encode_targets, head_probabilities, json_number, pool, prediction_record
+from mmllm.models.heads import (NOT_STATED, HeadSpec, encode_targets, head_probabilities, json_number, pool,
+                                prediction_record)
 from mmllm.schema import LabelSchema
 
 FUSION_FILE = "fusion.safetensors"
@@ -124,6 +125,20 @@ class NamePrior(nn.Module):
 
     def forward(self, views: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         return self.scale * name_cosines(views, self.vectors)
+
+
+def value_name_vectors(schema: LabelSchema, specs: list[HeadSpec], encoders: Encoders) -> dict[str, torch.Tensor]:
+    """The value-name priors' vectors (``value_prior``): per enum / list attribute head, each value's name
+    embedded by the text encoder [C, D]; "<not stated>" a zero row (no prior). Booleans and numbers have none."""
+    named = {a.name for a in schema.attributes if a.type in ("enum", "list")}
+    out = {}
+    for sp in specs[1:]:
+        if sp.name in named:
+            vectors = encoders.sentence_vectors([str(c).replace("_", " ") for c in sp.classes])
+            if sp.classes and sp.classes[0] == NOT_STATED:
+                vectors[0] = 0.0
+            out[sp.name] = vectors
+    return out
 
 
 class FusionModel(nn.Module):
