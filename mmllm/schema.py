@@ -762,9 +762,9 @@ def propose_table_keys(
     agree: Counter[tuple[str, str, str]] = Counter()
     spellings: dict[str, Counter[str]] = defaultdict(Counter)
     for row in rows:
-        table, label = _table_and_label(row)
+        table, label = _field_and_label(row, "attributes")
         gold = label.get("attributes") if isinstance(label, Mapping) else None
-        if not table or not isinstance(gold, Mapping):
+        if not isinstance(table, Mapping) or not table or not isinstance(gold, Mapping):
             continue
         keyed: dict[str, Any] = {}
         for key, text in table.items():
@@ -797,7 +797,7 @@ def propose_table_keys(
                 continue  # never states this attribute: not a candidate at all
             parsed = parsed_seen[attribute, norm, parser]
             chance = sum(n * golds[v] for v, n in parsed.items()) / support**2
-            proposed = k / support >= min_agreement and _kappa(k / support, chance) >= min_kappa
+            proposed = _proposed(k, support, chance, min_agreement, min_kappa)
             found.append(TableKeyProposal(attribute, spellings[norm].most_common(1)[0][0], parser, support, k, chance,
                                           proposed))
         out += sorted(found, key=lambda p: (not p.proposed, -p.agreement, -p.support, p.key.casefold()))
@@ -806,6 +806,12 @@ def propose_table_keys(
 
 def _kappa(agreement: float, chance: float) -> float:
     return (agreement - chance) / (1 - chance) if chance < 1 else 0.0
+
+
+def _proposed(agree: int, support: int, chance: float, min_agreement: float, min_kappa: float) -> bool:
+    """The rule every proposal (a table key, a value named in titles) passes: agreement with the gold
+    over its rows at least ``min_agreement``, and beyond chance by at least ``min_kappa``."""
+    return agree / support >= min_agreement and _kappa(agree / support, chance) >= min_kappa
 
 
 NAMED_RULE = "named_in_title"
@@ -870,7 +876,8 @@ def propose_text_names(
     agree: Counter[tuple[str, str]] = Counter()
     golds: dict[str, Counter[str]] = defaultdict(Counter)
     for row in rows:
-        title, label = _title_and_label(row)
+        title, label = _field_and_label(row, "title")
+        title = title[:MAX_TEXT] if isinstance(title, str) else ""  # patterns run on bounded text
         gold_all = label.get("attributes") if isinstance(label, Mapping) else None
         if not isinstance(gold_all, Mapping):
             continue
@@ -896,7 +903,7 @@ def propose_text_names(
                 continue
             chance = golds[spec.name][value] / total
             k = agree[spec.name, value]
-            proposed = k / n >= min_agreement and _kappa(k / n, chance) >= min_kappa
+            proposed = _proposed(k, n, chance, min_agreement, min_kappa)
             found.append(TextNameProposal(spec.name, value, mentions[spec.name, value], n, k, chance, proposed))
         out += sorted(found, key=lambda p: (not p.proposed, -p.agreement, -p.support, p.value.casefold()))
     return out
@@ -905,30 +912,19 @@ def propose_text_names(
 def _with_text_names(spec: AttributeSpec, proposals: Iterable[TextNameProposal]) -> AttributeSpec:
     """``spec`` with a ``named_in_title`` text rule over its proposed values, or unchanged without any."""
     mine = [p.value for p in proposals if p.attribute == spec.name and p.proposed]
-    if not mine:
+    evidence = spec.evidence or EvidenceSpec()
+    if not mine or any(r.name == NAMED_RULE for r in evidence.text):
         return spec
     rule = TextRule(name=NAMED_RULE, pattern=re.compile(name_pattern(mine), re.IGNORECASE | re.ASCII),
                     fields=("title",))
-    evidence = spec.evidence or EvidenceSpec()
-    if any(r.name == NAMED_RULE for r in evidence.text):
-        return spec
     return replace(spec, evidence=replace(evidence, text=evidence.text + (rule,)))
 
 
-def _title_and_label(row: Any) -> tuple[str, Any]:
+def _field_and_label(row: Any, name: str) -> tuple[Any, Any]:
+    """A catalog row's field ``name`` (unchecked) and its label, from a dict or a listing object."""
     if isinstance(row, Mapping):
-        title, label = row.get("title"), row.get("label")
-    else:
-        title, label = getattr(row, "title", None), getattr(row, "label", None)
-    return (title[:MAX_TEXT] if isinstance(title, str) else ""), label  # patterns run on bounded text
-
-
-def _table_and_label(row: Any) -> tuple[Mapping[str, Any] | None, Any]:
-    if isinstance(row, Mapping):
-        table, label = row.get("attributes"), row.get("label")
-    else:
-        table, label = getattr(row, "attributes", None), getattr(row, "label", None)
-    return (table if isinstance(table, Mapping) else None), label
+        return row.get(name), row.get("label")
+    return getattr(row, name, None), getattr(row, "label", None)
 
 
 def _with_table_keys(spec: AttributeSpec, proposals: Iterable[TableKeyProposal]) -> AttributeSpec:

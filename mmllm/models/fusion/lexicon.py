@@ -312,7 +312,8 @@ def lexicon_store(folder: Path | None, listings: Sequence[Listing], targets: dic
     h = hashlib.sha256()
     h.update(json.dumps({"settings": {k: getattr(cfg, k) for k in ("c", "folds", "max_iter", "max_chars", "min_df",
                                                                      "max_features", "max_parameters", "hurdle")},
-                         "abstaining": sorted(abstaining), "seed": seed, "heads": [list(x) for x in heads], "torch": torch.__version__.split("+")[0]},
+                         "abstaining": sorted(abstaining), "seed": seed, "heads": [list(x) for x in heads],
+                         "torch": torch.__version__.split("+")[0]},
                         sort_keys=True).encode())
     for listing in listings:
         h.update(listing_text(listing, cfg.max_chars).encode())
