@@ -239,10 +239,8 @@ def test_bomb_refused_from_header_without_decoding(root: Path, monkeypatch):
     assert (root / "bomb.png").stat().st_size < 50_000
     decoded = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))
-    start = time.perf_counter()
     err = refused("bomb", "bomb.png", ImagePolicy(root=root, max_pixels=1_000_000))
-    assert time.perf_counter() - start < 1.0
-    assert not decoded
+    assert not decoded  # refused from the header: no pixel was decoded (a duration would depend on the machine)
     assert "6000x6000" in str(err)
 
 
