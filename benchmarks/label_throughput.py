@@ -10,6 +10,8 @@ CPU mode (default), a tiny random Qwen2-VL (``tiny:qwen2_vl``) zero-shot with th
   ``generate``'s own loop (grammar, stopping) around them; the shared prompt prefix per template;
 * the prefix cache off vs on at batch 8 for both zero-shot templates, with the outputs compared
   row by row (they must be identical);
+* the masked SDPA kernel vs each row of the padded batch alone (``sdpa_unpadded``, the CPU default:
+  ``mmllm/models/unpadded_attention.py``) at batch 8 for every template, outputs compared the same way;
 * constrained vs unconstrained decoding: time per decoding step (the answers differ in length,
   so per-step time is the fair comparison);
 * time per row outside the model: reading, images, prompt, tokens (worker threads) and
@@ -20,8 +22,9 @@ CPU mode (default), a tiny random Qwen2-VL (``tiny:qwen2_vl``) zero-shot with th
 Real-size CPU mode (``--real-size``): the Qwen2.5-VL-3B widths with one text layer and one vision
 block (446M parameters, random weights, the 151,936-row output layer) and the real-size-vocabulary
 tiny tokenizer; one batch of 8 rows, constrained, ``listing_v1`` and ``listing_v2`` with the prefix
-cache off and on: where prefill and decoding costs stand when the weights, not the attention, are
-the work (a few minutes).
+cache off and on, and ``listing_v1`` once more with the masked SDPA kernel instead of each row alone
+(``mmllm/models/unpadded_attention.py``): where prefill and decoding costs stand when the weights,
+not the attention, are the work (several minutes).
 
 GPU mode (``--gpu``): a real-size Qwen2-VL-2B built from its config with random weights, rows/s,
 prefill seconds and ms per decoding step at batch 1 / 8 / 32; constrained when xgrammar is installed,
@@ -219,8 +222,10 @@ TEMPLATES = ("listing_compact_v1", "listing_v1", "listing_v2")
 
 
 def cpu(args: argparse.Namespace) -> dict:
+    from mmllm.models import unpadded_attention
+
     schema = ROOT / "examples/toys_schema.yaml"
-    results: dict = {"batching": [], "phases": [], "prefix_cache": []}
+    results: dict = {"batching": [], "phases": [], "prefix_cache": [], "attention": []}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
@@ -254,6 +259,18 @@ def cpu(args: argparse.Namespace) -> dict:
                 on = next(b for b in batches if b["batch"] == 8)["rows_per_s"]
                 results["prefix_cache"].append({"template": template, "batch": 8, "rows_per_s_off": round(summary.rows / summary.wall_s, 2),
                                                 "rows_per_s_on": on, "identical_rows": agree, "rows": rows})
+            # the masked SDPA kernel instead of each row alone (mmllm/models/unpadded_attention.py), same rows, batch 8
+            predictor.batch_size, predictor.prefix_cache = 8, template != "listing_compact_v1"
+            predictor.model.set_attn_implementation("sdpa")
+            with ForwardTimer(predictor.model) as timer:
+                summary = run_job(predictor, dump, 8, tmp / f"{template}-b8-sdpa.jsonl")
+            predictor.model.set_attn_implementation(unpadded_attention.NAME)
+            agree, rows = same_outputs(tmp / f"{template}-b8.jsonl", tmp / f"{template}-b8-sdpa.jsonl")
+            unpadded = next(p for p in results["phases"] if p["template"] == template)
+            results["attention"].append({"template": template, "batch": 8, "rows_per_s_sdpa": round(summary.rows / summary.wall_s, 2),
+                                         "rows_per_s_unpadded": next(b for b in batches if b["batch"] == 8)["rows_per_s"],
+                                         "prefill_s_sdpa": round(timer.prefill_s, 2), "prefill_s_unpadded": unpadded["prefill_s"],
+                                         "identical_rows": agree, "rows": rows})
 
         predictor = load("tiny:qwen2_vl", schema, True, 8, 256, template="listing_compact_v1")
         constrained_s, constrained_steps = decode_steps(predictor, dump, 8, tmp)
@@ -278,34 +295,40 @@ def real_size(args: argparse.Namespace) -> dict:
     from train_step import REAL_VOCAB_TINY, build_config
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmllm.models.generative import GenerativePredictor
+    from mmllm.models.generative import GenerativePredictor, resolve_attention
     from mmllm.prompts import PromptTemplate
     from mmllm.schema import LabelSchema
     from mmllm.tiny import resolve
 
     processor = AutoProcessor.from_pretrained(resolve(REAL_VOCAB_TINY))
+    attention = resolve_attention("auto")  # on CPU: each row of the padded batch alone (models/unpadded_attention.py)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(build_config("qwen2_5_vl_3b", text_layers=1, vision_depth=1),
-                                                    dtype=torch.float32, attn_implementation="sdpa").eval()
+                                                    dtype=torch.float32, attn_implementation=attention).eval()
     schema = LabelSchema.from_yaml(ROOT / "examples/toys_schema.yaml")
     results: dict = {"real_size": [], "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6)}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
-        for template, cached in (("listing_v1", False), ("listing_v1", True), ("listing_v2", False), ("listing_v2", True)):
+        runs = (("listing_v1", False, "sdpa"), ("listing_v1", False, attention), ("listing_v1", True, attention),
+                ("listing_v2", False, attention), ("listing_v2", True, attention))
+        for template, cached, kernel in runs:  # the masked kernel once, for a same-run comparison
+            model.set_attn_implementation(kernel)
             predictor = GenerativePredictor(model, processor, schema, PromptTemplate.load(template), constrained=True,
                                             batch_size=args.rows, prefix_cache=cached)
             predictor._grammar_factory()  # compiled and encoded once per loaded model, outside the timing
             predictor._prefix_cache()
+            name = f"{template}-{cached}-{kernel}"
             with ForwardTimer(model) as timer:
-                summary = run_job(predictor, dump, args.rows, tmp / f"{template}-{cached}.jsonl")
+                summary = run_job(predictor, dump, args.rows, tmp / f"{name}.jsonl")
             results["real_size"].append({
-                "template": template, "prefix_cache": cached, "batch": args.rows, "rows": summary.rows,
+                "template": template, "prefix_cache": cached, "attention": kernel, "batch": args.rows, "rows": summary.rows,
                 "rows_per_s": round(summary.rows / summary.wall_s, 3), "model_s": round(summary.model_s, 1),
                 "prefill_s": round(timer.prefill_s, 1), "decode_s": round(timer.decode_s, 1), "decode_steps": timer.steps,
                 "shared_prefix_tokens": prompt_tokens(predictor, dump)["shared_prefix_tokens"] if cached else 0})
-            if cached:
-                agree, rows = same_outputs(tmp / f"{template}-True.jsonl", tmp / f"{template}-False.jsonl")
+            baseline = f"{template}-False-{attention}" if cached else (f"{template}-False-sdpa" if kernel != "sdpa" else None)
+            if baseline and (tmp / f"{baseline}.jsonl").exists():
+                agree, rows = same_outputs(tmp / f"{name}.jsonl", tmp / f"{baseline}.jsonl")
                 results["real_size"][-1]["identical_rows"] = f"{agree}/{rows}"
     return results
 
@@ -379,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in results["prefix_cache"]:
             print(f"prefix cache, batch 8, {p['template']}: {p['rows_per_s_off']} -> {p['rows_per_s_on']} rows/s "
                   f"({p['rows_per_s_on'] / p['rows_per_s_off']:.2f}x), identical outputs {p['identical_rows']}/{p['rows']} rows")
+        for p in results["attention"]:
+            print(f"attention, batch 8, {p['template']}: masked sdpa {p['rows_per_s_sdpa']} -> each row alone {p['rows_per_s_unpadded']} "
+                  f"rows/s ({p['rows_per_s_unpadded'] / p['rows_per_s_sdpa']:.2f}x; prefill {p['prefill_s_sdpa']} -> "
+                  f"{p['prefill_s_unpadded']} s), identical outputs {p['identical_rows']}/{p['rows']} rows")
         v1, v2 = (next(b["rows_per_s"] for b in results["batching"] if b["template"] == t and b["batch"] == 8)
                   for t in ("listing_v1", "listing_v2"))
         print(f"batch 8: listing_v2 with its prefix cached vs listing_v1: {v2 / v1:.2f}x")
@@ -397,10 +424,10 @@ def main(argv: list[str] | None = None) -> int:
 def report_real_size(args: argparse.Namespace, results: dict) -> int:
     device = f"CPU {platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{device}, torch {torch.__version__}; Qwen2.5-VL-3B widths, 1 text layer, {results['params_m']}M parameters")
-    print(f"{'template':<12} {'prefix cache':>12} {'shared':>7} {'batch':>5} {'rows/s':>7} {'model s':>8} {'prefill s':>9} "
+    print(f"{'template':<12} {'attention':>13} {'prefix cache':>12} {'shared':>7} {'batch':>5} {'rows/s':>7} {'model s':>8} {'prefill s':>9} "
           f"{'decode s':>8} {'steps':>6} {'identical':>9}")
     for r in results["real_size"]:
-        print(f"{r['template']:<12} {'on' if r['prefix_cache'] else 'off':>12} {r['shared_prefix_tokens']:>7} {r['batch']:>5} "
+        print(f"{r['template']:<12} {r['attention']:>13} {'on' if r['prefix_cache'] else 'off':>12} {r['shared_prefix_tokens']:>7} {r['batch']:>5} "
               f"{r['rows_per_s']:>7} {r['model_s']:>8} {r['prefill_s']:>9} {r['decode_s']:>8} {r['decode_steps']:>6} "
               f"{r.get('identical_rows', ''):>9}")
     out = args.out or HERE / "results" / "label_throughput_real_size.json"

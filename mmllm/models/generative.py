@@ -26,6 +26,7 @@ from mmllm.collator import encode_prompts, set_pixel_budget
 from mmllm.confidence import significant
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
+from mmllm.models import unpadded_attention
 from mmllm.models.heads import mark_untrained, prompt_vectors
 from mmllm.models.prefix_cache import PrefixCache, base_model, reset_rope_deltas, shared_prefix_ids
 from mmllm.predictor import encoded_batches, predict_in_batches
@@ -48,8 +49,9 @@ class ModelConfig:
     base: str = help_field("Qwen/Qwen2.5-VL-3B-Instruct", "hub id or local folder of the base vision-language model")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = help_field(
         "auto", "weights dtype; auto = bfloat16 on a GPU that has it, float32 on CPU")
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = help_field(
-        "auto", "attention kernel; auto = flash_attention_2 when installed on GPU, else sdpa")
+    attn_implementation: Literal["auto", "sdpa", "sdpa_unpadded", "flash_attention_2", "eager"] = help_field(
+        "auto", "attention kernel; auto = flash_attention_2 when installed on GPU, else sdpa; on CPU sdpa_unpadded "
+                "(each row of a padded batch through SDPA's causal kernel: models/unpadded_attention.py)")
     quantization: Literal["none", "4bit"] = help_field("none", "4bit = QLoRA: NF4 base weights via bitsandbytes")
     # transformers 5.2x matches these from the start of the module path or as a suffix (older
     # versions: as a substring), so the vision tower is named both ways
@@ -99,16 +101,17 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_attention(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
+    """The attention kernel to load with; ``sdpa_unpadded`` is registered with transformers here."""
+    if name == "auto":
+        name = unpadded_attention.NAME
+        if torch.cuda.is_available():
+            try:
+                import flash_attn  # noqa: F401
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+                name = "flash_attention_2"
+            except ImportError:
+                name = "sdpa"  # on a GPU a mask costs SDPA little (memory-efficient kernel)
+    return unpadded_attention.register() if name == unpadded_attention.NAME else name
 
 
 def load_processor(source: str | Path, cfg: ModelConfig | None = None) -> Any:

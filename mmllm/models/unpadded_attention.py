@@ -1,0 +1,132 @@
+"""Attention for padded batches: each row's real tokens through SDPA's causal kernel, no mask.
+
+A batch of prompts of different lengths is padded, and a padded batch hands SDPA a mask. On CPU
+a mask keeps SDPA off its causal kernel, which skips the scores above the diagonal: for 8 ``listing_v1`` prompts of ~2,750 tokens it spends 0.40 s a layer there at the tiny
+checkpoint's widths (4 heads of 16) against 0.13 s through the causal (flash) kernel, which needs no
+mask, and 3.8 s against 2.6 s at Qwen2.5-VL-3B's (16 heads of 128) (2 CPU cores, torch 2.14). Small
+models and long prompts gain most: the tiny benchmark's prefill halves, a 3B model's moves by less
+than its weights' noise (``benchmarks/label_throughput.py``, README "What labelling costs").
+
+:func:`unpadded_sdpa` reads the mask once per forward pass (the plan is shared by every layer),
+finds each row's real keys and real queries, checks that the mask restricted to them is exactly
+causal (the last query sees every key, each earlier one a key less) and that no real query sees a
+padding key, and then runs each row alone through ``is_causal`` SDPA, as the flash-attention
+``varlen`` kernels do on a GPU. Queries that follow a cache (prefill after a cached prompt prefix,
+:mod:`mmllm.models.prefix_cache`) are aligned to the end of the keys by zero queries in front; where
+those would cost more than the mask (the causal kernel's work, half of each row's keys squared, above
+the masked kernel's, batch x queries x keys: ``listing_v2``'s 2,400 cached tokens before ~370 new
+ones), the batch keeps the masked kernel.
+Padding queries get zeros: nothing real reads them (their keys are masked for every real query).
+Every other call (decoding steps, masks of other shapes, a mask that is not exactly causal over
+the real tokens, the vision tower) goes to transformers' own SDPA unchanged.
+
+Registered under :data:`NAME` with transformers' attention and mask interfaces (:func:`register`);
+``model.attn_implementation: auto`` picks it on CPU (:func:`mmllm.models.generative.resolve_attention`).
+Real rows' outputs equal the masked path's to float rounding (``tests/test_unpadded_attention.py``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NAME = "sdpa_unpadded"
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One row of a batch: its real queries and keys (indices) and how many keys precede its first query."""
+
+    queries: torch.Tensor  # [n_q] indices into the query axis
+    keys: torch.Tensor  # [n_k] indices into the key axis
+    lead: int  # n_k - n_q: keys each real query sees beyond its own causal window start (a cached prefix)
+
+
+_last: tuple[Any, list[RowPlan] | None] | None = None  # (weak ref to the mask, its plan): layers share one mask
+
+
+def plan_rows(mask: torch.Tensor, batch: int) -> list[RowPlan] | None:
+    """Per-row plans for a boolean ``[B or 1, 1, Q, K]`` mask (True = attend), or ``None`` when the mask
+    is not exactly causal over each row's real tokens (then the caller takes the masked path).
+
+    A key is real when the last query sees it (with padding on the left the last query is real;
+    on the right it is padding that sees every real key), a query when its own key is; each real
+    query must see exactly the real keys up to its own position, checked over the whole mask."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch):
+        return None
+    q_len, k_len = mask.shape[-2:]
+    if q_len < 2 or q_len > k_len:
+        return None
+    offset = k_len - q_len  # query i sits at key position i + offset (keys before it came from a cache)
+    rows = mask[:, 0]  # [B or 1, Q, K]
+    real_keys = rows[:, -1]  # [B or 1, K]
+    real_queries = real_keys[:, offset:]  # [B or 1, Q]
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(diagonal=offset)
+    plans = []
+    for b in range(batch):
+        r = min(b, len(rows) - 1)
+        keys, queries = real_keys[r].nonzero().flatten(), real_queries[r].nonzero().flatten()
+        if len(queries) == 0:
+            return None
+        lo, hi = int(queries[0]), int(queries[-1]) + 1
+        if hi - lo != len(queries):  # real queries in one run (any padding side, a cached prefix before them)
+            return None
+        if not torch.equal(rows[r, lo:hi], causal[lo:hi] & real_keys[r]):  # one pass over the row's real queries
+            return None
+        plans.append(RowPlan(queries, keys, len(keys) - len(queries)))
+    if sum(len(p.keys) ** 2 for p in plans) / 2 > batch * q_len * k_len:
+        return None  # a long cached prefix before few queries: the zero queries would cost more than the mask saves
+    return plans
+
+
+def _plan_for(mask: torch.Tensor, batch: int) -> list[RowPlan] | None:
+    """The plan of ``mask``, computed once for all the layers of one forward pass."""
+    global _last
+    if _last is not None and _last[0]() is mask:
+        return _last[1]
+    plans = plan_rows(mask, batch)
+    _last = (weakref.ref(mask), plans)
+    return plans
+
+
+def unpadded_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: ``query`` [B, H, Q, D], ``key`` / ``value`` [B, H_kv, K, D];
+    returns ``([B, Q, H, D], None)`` as ``sdpa_attention_forward`` does, which takes every call this
+    one does not serve."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plans = None
+    if (attention_mask is not None and query.shape[2] > 1 and is_causal is not False and getattr(module, "is_causal", True)
+            and kwargs.get("position_bias") is None and not kwargs.get("output_attentions")):
+        plans = _plan_for(attention_mask, query.shape[0])
+    if plans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    out = query.new_zeros(query.shape)  # padding queries stay 0
+    for b, plan in enumerate(plans):
+        q = query[b:b + 1].index_select(2, plan.queries)
+        k = key[b:b + 1].index_select(2, plan.keys)
+        v = value[b:b + 1].index_select(2, plan.keys)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if plan.lead:  # is_causal aligns queries to the first key: zero queries in front align them to the last
+            q = torch.cat([q.new_zeros(1, q.shape[1], plan.lead, q.shape[3]), q], dim=2)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        out[b:b + 1, :, plan.queries] = o[:, :, plan.lead:]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make :data:`NAME` an attention implementation transformers can load a model with (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, unpadded_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
