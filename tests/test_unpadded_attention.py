@@ -139,7 +139,7 @@ def plans_used(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("template,cached,served", [
-    ("listing_v1", False, [3, 3]),  # both padded batches' prefill, every row; no decoding step
+    ("listing_v1", False, [3, 3]),  # each padded batch's prefill once (both layers share the plan), every row; no step
     ("listing_v1", True, [3, 3]),  # after its cached system text (aligned by zero queries)
     ("listing_v2", True, []),  # a long cached prefix before short rows: the masked kernel is cheaper
 ])

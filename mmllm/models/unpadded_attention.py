@@ -1,7 +1,8 @@
 """Attention for padded batches: each row's real tokens through SDPA's causal kernel, no mask.
 
 A batch of prompts of different lengths is padded, and a padded batch hands SDPA a mask. On CPU
-a mask keeps SDPA off its causal kernel, which skips the scores above the diagonal: for 8 ``listing_v1`` prompts of ~2,750 tokens it spends 0.40 s a layer there at the tiny
+a mask keeps SDPA off its causal kernel, which skips the scores above the diagonal: for 8
+``listing_v1`` prompts of ~2,750 tokens it spends 0.40 s a layer there at the tiny
 checkpoint's widths (4 heads of 16) against 0.13 s through the causal (flash) kernel, which needs no
 mask, and 3.8 s against 2.6 s at Qwen2.5-VL-3B's (16 heads of 128) (2 CPU cores, torch 2.14). Small
 models and long prompts gain most: the tiny benchmark's prefill halves, a 3B model's moves by less
@@ -85,8 +86,9 @@ def plan_rows(mask: torch.Tensor, batch: int) -> list[RowPlan] | None:
 def _plan_for(mask: torch.Tensor, batch: int) -> list[RowPlan] | None:
     """The plan of ``mask``, computed once for all the layers of one forward pass."""
     global _last
-    if _last is not None and _last[0]() is mask:
-        return _last[1]
+    last = _last  # read once: another thread (the demo's) may replace it between two reads
+    if last is not None and last[0]() is mask:
+        return last[1]
     plans = plan_rows(mask, batch)
     _last = (weakref.ref(mask), plans)
     return plans
@@ -101,8 +103,9 @@ def unpadded_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plans = None
-    if (attention_mask is not None and query.shape[2] > 1 and is_causal is not False and getattr(module, "is_causal", True)
-            and kwargs.get("position_bias") is None and not kwargs.get("output_attentions")):
+    causal = is_causal is not False and getattr(module, "is_causal", True)
+    if (attention_mask is not None and query.shape[2] > 1 and causal and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions")):
         plans = _plan_for(attention_mask, query.shape[0])
     if plans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
