@@ -5,6 +5,8 @@ a training step give what they give with plain SDPA."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -104,7 +106,13 @@ def test_decoding_steps_and_unmasked_calls_go_to_transformers_sdpa(monkeypatch):
     assert calls == [1, 4]
 
 
-def test_auto_picks_it_on_cpu_and_registers_it_with_transformers():
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """No CUDA device, whatever machine the tests run on: ``auto`` resolves as on CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_auto_picks_it_on_cpu_and_registers_it_with_transformers(on_cpu, monkeypatch):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -112,6 +120,9 @@ def test_auto_picks_it_on_cpu_and_registers_it_with_transformers():
     assert AttentionInterface._global_mapping["sdpa_unpadded"] is unpadded_sdpa
     assert AttentionMaskInterface._global_mapping["sdpa_unpadded"] is sdpa_mask
     assert resolve_attention("eager") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without flash-attn: plain SDPA
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert resolve_attention("auto") == "sdpa"
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +154,8 @@ def plans_used(monkeypatch) -> list[int]:
     ("listing_v1", True, [3, 3]),  # after its cached system text (aligned by zero queries)
     ("listing_v2", True, []),  # a long cached prefix before short rows: the masked kernel is cheaper
 ])
-def test_labelling_answers_equal_plain_sdpas(arch, template, cached, served, tiny_checkpoint, catalog, plans_used):
+def test_labelling_answers_equal_plain_sdpas(arch, template, cached, served, tiny_checkpoint, catalog, plans_used,
+                                           on_cpu):
     folder = tiny_checkpoint(arch)
     model = load_base_model(ModelConfig(base=str(folder), dtype="float32")).eval()
     assert model.config._attn_implementation == "sdpa_unpadded"
@@ -162,7 +174,7 @@ def test_labelling_answers_equal_plain_sdpas(arch, template, cached, served, tin
     assert [r["confidence"] for r in unpadded] == pytest.approx([r["confidence"] for r in plain], rel=1e-4)
 
 
-def test_a_right_padded_training_step_has_the_same_loss_and_gradients(tiny_checkpoint, catalog, plans_used):
+def test_a_right_padded_training_step_has_the_same_loss_and_gradients(tiny_checkpoint, catalog, plans_used, on_cpu):
     folder = tiny_checkpoint("qwen2_5_vl")
     model = load_base_model(ModelConfig(base=str(folder), dtype="float32"))
     path, rows = catalog

@@ -43,7 +43,7 @@ class RowPlan:
 
     queries: torch.Tensor  # [n_q] indices into the query axis
     keys: torch.Tensor  # [n_k] indices into the key axis
-    lead: int  # n_k - n_q: keys each real query sees beyond its own causal window start (a cached prefix)
+    lead: int  # n_k - n_q: the real keys before the first real query's own (a cached prefix)
 
 
 _last: tuple[Any, list[RowPlan] | None] | None = None  # (weak ref to the mask, its plan): layers share one mask
@@ -100,7 +100,7 @@ def unpadded_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """transformers' attention signature: ``query`` [B, H, Q, D], ``key`` / ``value`` [B, H_kv, K, D];
     returns ``([B, Q, H, D], None)`` as ``sdpa_attention_forward`` does, which takes every call this
     one does not serve."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     plans = None
     causal = is_causal is not False and getattr(module, "is_causal", True)
@@ -117,7 +117,7 @@ def unpadded_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         k = key[b:b + 1].index_select(2, plan.keys)
         v = value[b:b + 1].index_select(2, plan.keys)
         if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         if plan.lead:  # is_causal aligns queries to the first key: zero queries in front align them to the last
             q = torch.cat([q.new_zeros(1, q.shape[1], plan.lead, q.shape[3]), q], dim=2)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
