@@ -11,8 +11,10 @@ cannot see. This layer sits between any :class:`~mmllm.predictor.Predictor` and 
 2. **Candidate reliability** (stage A, fitted on the *training* rows, which need no model): an
    L2-regularized logistic model of "this stated value is the gold value" from the evidence alone -
    source, table key or pattern, the parser's form ("4 - 10 years" is a ``range``), how many sources
-   agree or conflict, how complete the seller table is. A catalog whose tables or patterns are
-   unreliable learns to trust them less.
+   agree or conflict, how complete the seller table is, and how likely a listing like this one is to
+   have a value at all (:mod:`mmllm.applicability`, a bag of words, out-of-fold on these rows: "200
+   pieces" of jump rings is no piece count this catalog records). A catalog whose tables or patterns
+   are unreliable learns to trust them less.
    For boolean and enum attributes the listing's *other* stated fields also propose a value
    (``context``: "Batteries Required: No" and "Assembly Required: No" but nothing about whether
    batteries are included), from one logistic model per value on the training rows that do not
@@ -20,7 +22,8 @@ cannot see. This layer sits between any :class:`~mmllm.predictor.Predictor` and 
 3. **The choice** (stage B, fitted on the *dev* rows, which the model never trained on, with the
    model's predictions there): a small logistic model over stage A's score, whether the model agrees
    with the option, the model's probability, whether the option is the model's alone (completion),
-   and the context's probability. The option with the highest probability wins.
+   the context's probability, and the model's own probability that the listing has a value at all
+   (``attribute_applies``, from heads trained on gold nulls; absent for a generative record). The option with the highest probability wins.
 4. **Answer or abstain.** Per attribute a threshold on that probability, fitted on dev so that the
    answered values reach the target precision (a Wilson lower bound, so a handful of dev rows cannot
    set it); below it the value is ``null`` and the best option is kept under ``withheld`` for review.
@@ -42,6 +45,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mmllm.applicability import APPLICABILITY_FILE, APPLICABILITY_WEIGHTS, Applicability, fit_applicability
+from mmllm.bag_of_words import TfidfConfig
 from mmllm.catalog import Listing
 from mmllm.confidence import fit_logistic as newton_logistic, logit as _logit, sigmoid as _sigmoid, wilson
 from mmllm.config import help_field
@@ -49,10 +54,12 @@ from mmllm.evidence import Candidate, candidates, stated_keys, value_key, values
 from mmllm.schema import LabelSchema
 
 GROUNDING_FILE = "grounding.json"
+GROUNDING_FILES = (GROUNDING_FILE, APPLICABILITY_FILE, APPLICABILITY_WEIGHTS)  # what a folder's grounding is
 FORMAT = 1
 SOURCE_ORDER = {"table": 0, "title": 1, "description": 2, "model": 3}
 B_FEATURES = ("bias", "stated_logit", "stated", "model_agrees", "model_agrees_p", "unstated_model", "unstated_model_p",
-              "model_has_p", "context", "context_logit")
+              "model_has_p", "context", "context_logit", "applies_known", "stated_applies_logit",
+              "unstated_applies_logit")
 
 
 @dataclass
@@ -65,6 +72,14 @@ class GroundingConfig:
     z: float = help_field(1.0, "Wilson bound width for the precision target (0 = the raw dev precision)")
     dev_rows: int | None = help_field(None, "dev rows predicted to fit the choice and the confidence calibration "
                                             "(generative: each one is a generation)")
+    applicability: bool = help_field(True, "fit, per attribute, a bag of words of whether a listing has a value at "
+                                           "all (title, description, seller table; out-of-fold on the training rows) "
+                                           "and give stage A its probability: '200 pieces' of jump rings is not a "
+                                           "piece count this catalog records, '894 pieces' of a LEGO set is")
+    applicability_c: list[float] = help_field(default_factory=lambda: [3.0, 10.0, 30.0],
+                                              help="inverse L2 strength of those regressions (scikit-learn's C); "
+                                                   "several = chosen per attribute by the out-of-fold log-loss")
+    applicability_folds: int = help_field(5, "folds of the out-of-fold probabilities on the training rows")
 
     def __post_init__(self) -> None:
         if not 0 < self.precision <= 1:
@@ -73,6 +88,9 @@ class GroundingConfig:
             raise ValueError("grounding.l2 and grounding.z must be >= 0")
         if self.dev_rows is not None and self.dev_rows < 1:
             raise ValueError(f"grounding.dev_rows must be >= 1 or null, got {self.dev_rows}")
+        if not self.applicability_c or min(self.applicability_c) <= 0 or self.applicability_folds < 2:
+            raise ValueError("grounding.applicability_c must be one or more numbers > 0 and "
+                             "grounding.applicability_folds >= 2")
 
 
 # ---------------------------------------------------------------------- options
@@ -87,13 +105,19 @@ class Option:
     context_p: float | None = None  # completion from the listing's other stated fields (stage A')
     context: dict[str, Any] = field(default_factory=dict)  # those fields: attribute -> stated value
     stated_p: float | None = None  # stage A's probability that the stated value is the gold one
+    applies_p: float | None = None  # the model's probability that the listing has a value at all (None: unknown)
+    applies_words: float | None = None  # the same from the listing's words (applicability), for a stated value
 
     def primary(self) -> Candidate | None:
         return min(self.stated, key=lambda c: SOURCE_ORDER[c.source]) if self.stated else None
 
 
 def options_for(stated: Sequence[Candidate], model_value: Any, model_p: float | None,
-                context: tuple[Any, float, dict[str, Any]] | None = None) -> list[Option]:
+                context: tuple[Any, float, dict[str, Any]] | None = None,
+                applies_p: float | None = None) -> list[Option]:
+    """The distinct values of one attribute for one listing: each stated value, the context's completion
+    (only when nothing is stated) and the model's answer, merged where they agree. ``applies_p``: the
+    model's probability that the listing has a value for the attribute at all, on every option."""
     by_key: dict[str, Option] = {}
     for c in stated:
         by_key.setdefault(value_key(c.value), Option(c.value)).stated.append(c)
@@ -103,12 +127,18 @@ def options_for(stated: Sequence[Candidate], model_value: Any, model_p: float | 
     if model_value is not None:
         option = by_key.setdefault(value_key(model_value), Option(model_value))
         option.model_agrees, option.model_p = True, model_p
+    for option in by_key.values():
+        option.applies_p = applies_p
     return list(by_key.values())
 
 
-def stated_features(option: Option, options: Sequence[Option], table_keys: int, attr_type: str) -> dict[str, float]:
-    """Stage A's features: the evidence alone (no model), so they mean the same on train and dev."""
+def stated_features(option: Option, options: Sequence[Option], table_keys: int, attr_type: str,
+                    applies: float | None = None) -> dict[str, float]:
+    """Stage A's features: the evidence alone (no model), so they mean the same on train and dev;
+    ``applies``: the applicability model's probability that the listing has a value at all."""
     f: dict[str, float] = {"bias": 1.0}
+    if applies is not None:
+        f["applies_logit"] = _logit(applies, 1e-3)
     for c in option.stated:
         f[f"source={c.source}"] = 1.0
         f[f"{c.source}:{c.key}"] = 1.0
@@ -147,9 +177,12 @@ def choice_features(option: Option, stated_p: float | None) -> np.ndarray:
     logit = _logit(stated_p) if (option.stated and stated_p is not None) else 0.0
     unstated_model = float(option.model_agrees and not option.stated)
     context = option.context_p is not None
+    applies = option.applies_p is not None
+    applies_logit = _logit(option.applies_p, 1e-3) if applies else 0.0  # bounded: +-6.9
     return np.array([1.0, logit, float(bool(option.stated)), float(option.model_agrees),
                      float(option.model_agrees) * (p or 0.0), unstated_model, unstated_model * (p or 0.0),
-                     float(p is not None), float(context), _logit(option.context_p) if context else 0.0],
+                     float(p is not None), float(context), _logit(option.context_p) if context else 0.0,
+                     float(applies), float(bool(option.stated)) * applies_logit, unstated_model * applies_logit],
                     dtype=np.float64)
 
 
@@ -211,18 +244,22 @@ class AttributeChoice:
             if option.context_p is not None:
                 return option.context_p
             return self.model_precision if (option.model_agrees and self.model_precision is not None) else 0.0
-        return float(_sigmoid(choice_features(option, stated_p) @ np.asarray(self.choice_weights)))
+        x = choice_features(option, stated_p)
+        weights = np.zeros(len(x))
+        weights[:len(self.choice_weights)] = self.choice_weights[:len(x)]  # a folder fitted before a feature: 0
+        return float(_sigmoid(x @ weights))
 
 
 class Grounder:
     """Chooses, per attribute, among the stated values, the model's answer and ``null``."""
 
     def __init__(self, schema: LabelSchema, choices: Mapping[str, AttributeChoice], precision: float = 0.9,
-                 untrained: Sequence[str] = ()) -> None:
+                 untrained: Sequence[str] = (), applicability: Applicability | None = None) -> None:
         self.schema = schema
         self.choices = dict(choices)
         self.precision = precision
         self.untrained = set(untrained)
+        self.applicability = applicability
 
     # ------------------------------------------------------------------ scoring
     def scored(self, listing: Listing, record: Mapping[str, Any]) -> dict[str, list[tuple[float, Option]]]:
@@ -231,6 +268,9 @@ class Grounder:
         keys = stated_keys(listing.attributes or {}, self.schema.attributes)
         model_attrs = record.get("attributes") or {}
         confidence = record.get("attribute_confidence") or {}
+        applies = record.get("attribute_applies") or {}
+        applies_text = ({k: v[0] for k, v in self.applicability.predict([listing]).items()}
+                        if self.applicability is not None else {})
         out = {}
         for spec in self.schema.attributes:
             choice = self.choices.get(spec.name)
@@ -243,11 +283,13 @@ class Grounder:
                 best = choice.context_option(features, _values(spec))
                 context = (best[0], best[1], said) if best is not None else None
             options = options_for(stated.get(spec.name, []), model_attrs.get(spec.name), confidence.get(spec.name),
-                                  context)
+                                  context, applies.get(spec.name))
             scored = []
             for option in options:
                 if option.stated:
-                    option.stated_p = choice.stated_p(stated_features(option, options, keys, spec.type))
+                    option.applies_words = applies_text.get(spec.name)
+                    option.stated_p = choice.stated_p(stated_features(option, options, keys, spec.type,
+                                                                      option.applies_words))
                 scored.append((choice.probability(option, option.stated_p), option))
             scored.sort(key=lambda t: -t[0])
             out[spec.name] = scored
@@ -286,10 +328,16 @@ class Grounder:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "precision": self.precision, "untrained": sorted(self.untrained),
-                "attributes": {name: vars(c) for name, c in self.choices.items()}}
+        out = {"format": FORMAT, "precision": self.precision, "untrained": sorted(self.untrained),
+               "attributes": {name: vars(c) for name, c in self.choices.items()}}
+        if self.applicability is not None:
+            out["applicability"] = APPLICABILITY_FILE
+        return out
 
     def save(self, folder: str | Path) -> Path:
+        """``grounding.json`` (+ the applicability model's two files, when there is one) in ``folder``."""
+        if self.applicability is not None:
+            self.applicability.save(folder)
         path = Path(folder) / GROUNDING_FILE
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
         return path
@@ -309,9 +357,10 @@ class Grounder:
                 if name not in schema.attribute_names:
                     raise ValueError(f"attribute '{name}' is not in the schema")
                 choices[name] = AttributeChoice(**c)
+            applicability = Applicability.load(path.parent) if data.get("applicability") else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a grounding file: {exc}") from None
-        return cls(schema, choices, float(data.get("precision", 0.9)), data.get("untrained", ()))
+        return cls(schema, choices, float(data.get("precision", 0.9)), data.get("untrained", ()), applicability)
 
 
 def _values(spec: Any) -> list[Any]:
@@ -334,6 +383,9 @@ def _evidence(option: Option) -> dict[str, Any]:
         out["also"] = also
     if option.model_agrees:
         out["model"] = {"agrees": True, "probability": None if option.model_p is None else round(option.model_p, 4)}
+    applies = {k: round(v, 4) for k, v in (("words", option.applies_words), ("model", option.applies_p)) if v is not None}
+    if applies:  # how likely this listing is to have a value at all: why the same pattern is published or not
+        out["applies"] = applies
     return out
 
 
@@ -348,6 +400,12 @@ def fit_grounder(schema: LabelSchema, train: Sequence[Listing], dev: Sequence[Li
     """Fit stage A on the labelled ``train`` listings and stage B + thresholds on ``dev`` (the model's
     ``dev_records``, aligned). Returns the grounder and a report per attribute."""
     choices: dict[str, AttributeChoice] = {}
+    applicability, out_of_fold = None, {}
+    if cfg.applicability and train:
+        golds = {spec.name: [_gold(row, spec.name) is not None for row in train]
+                 for spec in schema.attributes if spec.name not in untrained}
+        applicability, out_of_fold = fit_applicability(train, golds, TfidfConfig(), c=cfg.applicability_c,
+                                                       folds=cfg.applicability_folds)
     train_stated = [candidates(row, schema) for row in train]
     train_keys = [stated_keys(row.attributes or {}, schema.attributes) for row in train]
     for spec in schema.attributes:
@@ -356,11 +414,12 @@ def fit_grounder(schema: LabelSchema, train: Sequence[Listing], dev: Sequence[Li
             continue
         choice = AttributeChoice(name, trained_rows=sum(_gold(r, name) is not None for r in train))
         rows_f, rows_y = [], []
-        for row, stated, keys in zip(train, train_stated, train_keys):
+        applies = out_of_fold.get(name)
+        for i, (row, stated, keys) in enumerate(zip(train, train_stated, train_keys)):
             gold = _gold(row, name)
             options = options_for(stated[name], None, None)
             for option in options:
-                rows_f.append(stated_features(option, options, keys, spec.type))
+                rows_f.append(stated_features(option, options, keys, spec.type, applies[i] if applies else None))
                 rows_y.append(float(gold is not None and values_match(option.value, gold)))
         if rows_f:
             vocab = sorted({k for f in rows_f for k in f})
@@ -371,10 +430,13 @@ def fit_grounder(schema: LabelSchema, train: Sequence[Listing], dev: Sequence[Li
             choice.stated_options = len(rows_f)
         choice.context_weights = _fit_context(schema, spec, train, train_stated, train_keys, cfg.l2)
         choices[name] = choice
-    grounder = Grounder(schema, choices, cfg.precision, untrained)
+    grounder = Grounder(schema, choices, cfg.precision, untrained,
+                        applicability if applicability is not None and applicability.weights else None)
     _fit_choice(grounder, dev, dev_records, cfg)
     report = {name: {**{k: v for k, v in vars(c).items() if k not in ("name", "stated_weights", "choice_weights")},
-                     "combined": c.choice_weights is not None} for name, c in choices.items()}
+                     "combined": c.choice_weights is not None,
+                     "applicability_c": None if applicability is None else applicability.c.get(name)}
+              for name, c in choices.items()}
     return grounder, report
 
 

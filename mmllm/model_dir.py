@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mmllm.confidence import CALIBRATION_FILE, Calibration
-from mmllm.grounding import GROUNDING_FILE, Grounder, GroundedPredictor
+from mmllm.grounding import GROUNDING_FILES, Grounder, GroundedPredictor
 from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
 from mmllm.schema import LabelSchema
 
@@ -247,7 +247,7 @@ def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] 
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     predictor.processor.save_pretrained(out)
-    for name in (SCHEMA_FILE, TEMPLATE_FILE, GROUNDING_FILE, CALIBRATION_FILE):
+    for name in (SCHEMA_FILE, TEMPLATE_FILE, *GROUNDING_FILES, CALIBRATION_FILE):
         if name in (SCHEMA_FILE, TEMPLATE_FILE) or (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
     write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,

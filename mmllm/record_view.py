@@ -145,6 +145,10 @@ def _agreeing(evidence: dict[str, Any]) -> list[str]:
     model = evidence.get("model")
     if isinstance(model, dict) and model.get("agrees"):
         notes.append(f"model agrees{_parenthesized(model.get('probability'))}")
+    applies = _mapping(evidence.get("applies"))
+    said = [f"{who} {p:.2f}" for who, p in applies.items() if isinstance(p, (int, float)) and not isinstance(p, bool)]
+    if said:  # how likely a listing like this one is to have a value at all
+        notes.append("a value expected: " + ", ".join(said))
     return notes
 
 

@@ -47,7 +47,8 @@ RECORD = {
         "batteries_included": {"source": "context", "from": {"batteries_required": False}, "probability": 0.93,
                                "confidence": 0.95},
         "piece_count": {"source": "title", "key": "n_pieces", "text": "894 pieces", "form": "plain",
-                        "span": span(TITLE, "894 pieces"), "confidence": 0.93},
+                        "span": span(TITLE, "894 pieces"), "confidence": 0.93,
+                        "applies": {"words": 0.62, "model": 0.571}},
     },
     "conflicts": {"piece_count": [{"value": 900, "source": "description", "key": "n_pieces", "text": "900 pieces",
                                    "form": "plain", "span": span(DESCRIPTION, "900 pieces")},
@@ -69,7 +70,7 @@ def test_each_value_shows_its_source_text_confidence_and_what_was_withheld_or_ou
          "model agrees (0.95)"],
         ["batteries_included", "true", "context: batteries_required=false", "", "0.95", ""],
         ["piece_count", "894", "title: n_pieces", "894 pieces", "0.93",
-         "description: n_pieces said 900; model said 352 (0.40)"],
+         "a value expected: words 0.62, model 0.57; description: n_pieces said 900; model said 352 (0.40)"],
         ["material", "-", "", "", "", ""],  # nothing stated, nothing published
     ]
 

@@ -173,3 +173,17 @@ def test_config_bounds(bad):
     key, value = bad.split("=")
     with pytest.raises(ValueError, match=f"grounding.{key}"):
         GroundingConfig(**{key: float(value) if key != "dev_rows" else int(value)})
+
+
+def test_a_choice_fitted_before_the_applicability_features_reads_them_as_zero():
+    """A folder's stage B written with the first ten features (before ``applies_known`` and the two
+    applicability logits) gives the same probabilities it gave then, whatever the record says now."""
+    from mmllm.grounding import B_FEATURES, AttributeChoice, Option, choice_features
+
+    old = [0.3, 1.1, 0.5, 0.2, 0.4, -0.6, 0.7, 0.1, 0.9, 0.8]
+    assert len(B_FEATURES) > len(old)
+    choice = AttributeChoice("pieces", choice_weights=old)
+    option = Option(500, model_agrees=True, model_p=0.8, applies_p=0.95)
+    x = choice_features(option, None)
+    expected = 1 / (1 + np.exp(-float(x[:len(old)] @ np.array(old))))
+    assert x[len(old):].any() and choice.probability(option, None) == pytest.approx(expected)

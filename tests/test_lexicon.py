@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmllm.catalog import Listing
-from mmllm.models.fusion.lexicon import (LexiconConfig, Vectorizer, _fit_one, fit_lexicon, listing_text, load_lexicon,
-                                        save_lexicon)
+from mmllm.bag_of_words import Vectorizer, fit_logistic_regression, listing_text
+from mmllm.models.fusion.lexicon import LexiconConfig, fit_lexicon, load_lexicon, save_lexicon
 
 BRANDS = ["hornby", "lego", "corgi"]
 
@@ -83,11 +83,11 @@ def test_an_abstaining_head_is_a_hurdle_whether_then_which(tmp_path):
     assert (probs.argmax(-1) == y).all()
     # which value: exactly a regression over the values fitted on the rows that state one
     stated = [i for i in range(90) if i % 3]
-    w, b = _fit_one(torch.index_select(x, 0, torch.tensor(stated)).coalesce(), y[stated] - 1, 3, 10.0, cfg.max_iter)
+    w, b = fit_logistic_regression(torch.index_select(x, 0, torch.tensor(stated)).coalesce(), y[stated] - 1, 3, 10.0, cfg.max_iter)
     expected = torch.softmax(x.to_dense() @ w + b, -1)
     assert torch.allclose(probs[:, 1:] / probs[:, 1:].sum(-1, keepdim=True), expected, atol=1e-4)
     # whether: a binary regression on every row (its probability of "not stated" is the sigmoid of column 0)
-    gate_w, gate_b = _fit_one(x, (y > 0).long(), 2, 10.0, cfg.max_iter)
+    gate_w, gate_b = fit_logistic_regression(x, (y > 0).long(), 2, 10.0, cfg.max_iter)
     gate = torch.softmax(x.to_dense() @ gate_w + gate_b, -1)[:, 0]
     assert torch.allclose(probs[:, 0], gate, atol=1e-4)
     # kept and read back as a hurdle; without the abstaining flag (or with hurdle: false) the plain regression

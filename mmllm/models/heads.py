@@ -292,6 +292,7 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
     attributes: dict[str, Any] = {a.name: None for a in schema.attributes}
     confidence: dict[str, float] = {}  # the head's probability of the answer it gives
     alternatives: dict[str, list[dict[str, Any]]] = {}  # enum / boolean heads: their top-k values (null = not stated)
+    applies: dict[str, float] = {}  # heads trained on gold nulls: the probability that the listing has a value at all
     category_spec = specs[0]
     p = probs["category"][row]
     top = torch.topk(p, min(top_k, p.numel()))
@@ -308,6 +309,8 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
         else:
             attributes[spec.name] = spec.values[int(q.argmax())]
             confidence[spec.name] = round(float(q.max()), 6)
+            if spec.abstains and spec.values and spec.values[0] is None:
+                applies[spec.name] = round(float(1.0 - q[0]), 6)
             if schema.attribute(spec.name).type in ("enum", "boolean"):  # the alternatives, for a reviewer
                 ranked = torch.topk(q, min(top_k, q.numel()))
                 alternatives[spec.name] = [{"value": spec.values[int(i)], "score": round(float(v), 6)}
@@ -320,6 +323,8 @@ def prediction_record(specs: list[HeadSpec], probs: dict[str, torch.Tensor], row
                         for v, i in zip(top.values, top.indices)]}
     if alternatives:
         record["attribute_top_k"] = alternatives
+    if applies:
+        record["attribute_applies"] = applies
     if not result.ok:
         record["error"] = result.reason()
     if untrained:

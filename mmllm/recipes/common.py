@@ -340,11 +340,13 @@ def fit_grounding(s: Setup, cfg: GroundingConfig, rows: list[Listing], records: 
         return {}
     grounder, report = fit_grounder(s.schema, s.train_rows, rows, records, cfg, s.untrained)
     grounder.save(s.out_dir)
-    lines = [f"{'attribute':<22} {'threshold':>9} {'dev answered':>12} {'dev precision':>13} {'model answers':>13}"]
+    lines = [f"{'attribute':<22} {'threshold':>9} {'dev answered':>12} {'dev precision':>13} {'model answers':>13} "
+             f"{'applies C':>9}"]
     for name, r in report.items():
+        c = r.get("applicability_c")
         lines.append(f"{name:<22} {r['threshold']:>9.3f} {r['dev_answered']:>12} "
                      f"{'-' if r['dev_precision'] is None else format(r['dev_precision'], '.3f'):>13} "
-                     f"{'learned' if r['combined'] else 'no':>13}")
+                     f"{'learned' if r['combined'] else 'no':>13} {'-' if c is None else format(c, 'g'):>9}")
     say(s.accelerator, f"grounding ({GROUNDING_FILE}): target precision {cfg.precision}\n" + "\n".join(lines))
     if (s.out_dir / CARD_FILE).is_file():
         with open(s.out_dir / CARD_FILE, "a", encoding="utf-8") as f:

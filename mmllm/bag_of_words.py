@@ -1,0 +1,170 @@
+"""Bag of words: TF-IDF of a listing's word n-grams and character n-grams, and L2-penalized logistic
+regression trained to convergence over it.
+
+The convex lexical model a catalog team would try first, shared by the fusion recipe's lexical member
+(``models.fusion.lexicon``) and the grounding layer's attribute applicability (``applicability``):
+
+* :class:`Vectorizer`: TF-IDF over word uni/bigrams and within-word character 3-5 grams of the title,
+  the description (its first ``max_chars``) and the seller table, vocabulary from the rows it is fitted
+  on (n-grams in ``min_df`` rows or more, the ``max_features`` most frequent), sublinear term frequency,
+  smooth idf, each block L2-normalized;
+* :func:`fit_logistic_regression`: multinomial logistic regression, L2-penalized as scikit-learn's ``C``
+  (loss = mean cross-entropy + ||W||^2 / (2 C N)), full-batch L-BFGS.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from mmllm.catalog import Listing
+
+_WORD = re.compile(r"\w\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class TfidfConfig:
+    """What :meth:`Vectorizer.fit` reads (any object with these fields will do)."""
+
+    max_chars: int = 600  # characters of the description read
+    min_df: int = 2  # rows an n-gram must occur in to enter the vocabulary
+    max_features: int = 200_000  # largest vocabulary (the most frequent n-grams)
+
+
+def listing_text(listing: Listing, max_chars: int) -> str:
+    table = " ".join(f"{k} {v}" for k, v in (listing.attributes or {}).items())
+    return " ".join(p for p in (listing.title or "", (listing.description or "")[:max_chars], table) if p).lower()
+
+
+def _grams(text: str) -> tuple[list[str], list[str]]:
+    words = _WORD.findall(text)
+    word_grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    chars = []
+    for w, count in Counter(words).items():
+        padded = f" {w} "
+        for n in (3, 4, 5):
+            chars.extend([padded[i:i + n] for i in range(len(padded) - n + 1)] * count)
+    return word_grams, chars
+
+
+@dataclass
+class Vectorizer:
+    """TF-IDF of word uni/bigrams + character 3-5 grams; each block L2-normalized, concatenated."""
+
+    words: dict[str, int]
+    chars: dict[str, int]
+    idf: list[float]
+    max_chars: int = 600
+
+    @property
+    def size(self) -> int:
+        return len(self.words) + len(self.chars)
+
+    @classmethod
+    def fit(cls, listings: Sequence[Listing], cfg: TfidfConfig, chars: bool = True) -> "Vectorizer":
+        """The vocabulary and idf of ``listings``; ``chars=False``: word n-grams only (a smaller model)."""
+        word_df: Counter[str] = Counter()
+        char_df: Counter[str] = Counter()
+        for listing in listings:
+            w, c = _grams(listing_text(listing, cfg.max_chars))
+            word_df.update(set(w))
+            if chars:
+                char_df.update(set(c))
+        word_df = Counter({g: n for g, n in word_df.items() if n >= cfg.min_df})
+        char_df = Counter({g: n for g, n in char_df.items() if n >= cfg.min_df})
+        kept = sorted([*(("w", g, n) for g, n in word_df.items()), *(("c", g, n) for g, n in char_df.items())],
+                      key=lambda x: (-x[2], x[0], x[1]))[: cfg.max_features]
+        words = {g: i for i, (_, g, _) in enumerate(sorted((k for k in kept if k[0] == "w"), key=lambda x: x[1]))}
+        chars = {g: len(words) + i for i, (_, g, _) in enumerate(sorted((k for k in kept if k[0] == "c"),
+                                                                        key=lambda x: x[1]))}
+        n = len(listings)
+        idf = [0.0] * (len(words) + len(chars))
+        for table, df in ((words, word_df), (chars, char_df)):
+            for g, i in table.items():
+                idf[i] = math.log((1 + n) / (1 + df[g])) + 1.0
+        return cls(words, chars, idf, cfg.max_chars)
+
+    def row(self, listing: Listing) -> tuple[list[int], list[float]]:
+        """One listing's (column ids, weights)."""
+        text = listing_text(listing, self.max_chars)
+        ids: list[int] = []
+        weights: list[float] = []
+        for grams, table in zip(_grams(text), (self.words, self.chars)):
+            counts = Counter(table[g] for g in grams if g in table)
+            block = [(i, (1.0 + math.log(k)) * self.idf[i]) for i, k in sorted(counts.items())]
+            norm = math.sqrt(sum(v * v for _, v in block)) or 1.0
+            ids += [i for i, _ in block]
+            weights += [v / norm for _, v in block]
+        return ids, weights
+
+    def batch(self, listings: Sequence[Listing], rows: Sequence[tuple[Any, Any]] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded [B, L] column ids and weights (padding: id 0, weight 0); ``rows``: the listings' rows
+        (lists or tensors), if known."""
+        rows = [self.row(r) for r in listings] if rows is None else rows
+        width = max([len(ids) for ids, _ in rows] + [1])
+        ids, weights = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width)
+        for i, (a, w) in enumerate(rows):
+            if len(a):
+                ids[i, : len(a)] = torch.as_tensor(a, dtype=torch.long)
+                weights[i, : len(w)] = torch.as_tensor(w, dtype=torch.float32)
+        return ids, weights
+
+    def matrix(self, listings: Sequence[Listing]) -> torch.Tensor:
+        """[N, V] sparse (COO) TF-IDF matrix of the listings."""
+        rows, cols, vals = [], [], []
+        for r, listing in enumerate(listings):
+            ids, weights = self.row(listing)
+            rows += [r] * len(ids)
+            cols += ids
+            vals += weights
+        return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long), torch.tensor(vals),
+                                       (len(listings), self.size), check_invariants=False).coalesce()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"words": sorted(self.words, key=self.words.get), "chars": sorted(self.chars, key=self.chars.get),
+                "idf": list(self.idf), "max_chars": self.max_chars}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Vectorizer":
+        words = {g: i for i, g in enumerate(data["words"])}
+        chars = {g: len(words) + i for i, g in enumerate(data["chars"])}
+        return cls(words, chars, [float(v) for v in data["idf"]], int(data["max_chars"]))
+
+
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, mean CE + ||W||^2 / (2 C N), full-batch L-BFGS: (W [V, C], b [C]).
+    The gradient is written out (X^T (softmax - onehot) / N + W / (C N)) over CSR copies of X and X^T:
+    sparse autograd would be several times slower."""
+    n = y.shape[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        xc, xt = x.to_sparse_csr(), x.t().coalesce().to_sparse_csr()
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-6, tolerance_change=1e-9)
+    penalty = 1.0 / (2.0 * c * n)
+    rows = torch.arange(n)
+
+    @torch.no_grad()
+    def closure() -> torch.Tensor:
+        logp = torch.log_softmax(xc @ w + b, -1)
+        loss = -logp[rows, y].mean() + penalty * (w * w).sum()
+        residual = logp.exp()
+        residual[rows, y] -= 1.0
+        residual /= n
+        w.grad = xt @ residual + 2.0 * penalty * w
+        b.grad = residual.sum(0)
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
