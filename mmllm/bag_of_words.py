@@ -138,7 +138,8 @@ class Vectorizer:
         return cls(words, chars, [float(v) for v in data["idf"]], int(data["max_chars"]))
 
 
-def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
+                            max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, mean CE + ||W||^2 / (2 C N), full-batch L-BFGS: (W [V, C], b [C]).
     The gradient is written out (X^T (softmax - onehot) / N + W / (C N)) over CSR copies of X and X^T:
     sparse autograd would be several times slower."""

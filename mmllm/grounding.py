@@ -383,7 +383,8 @@ def _evidence(option: Option) -> dict[str, Any]:
         out["also"] = also
     if option.model_agrees:
         out["model"] = {"agrees": True, "probability": None if option.model_p is None else round(option.model_p, 4)}
-    applies = {k: round(v, 4) for k, v in (("words", option.applies_words), ("model", option.applies_p)) if v is not None}
+    applies = {k: round(v, 4) for k, v in (("words", option.applies_words), ("model", option.applies_p))
+               if v is not None}
     if applies:  # how likely this listing is to have a value at all: why the same pattern is published or not
         out["applies"] = applies
     return out

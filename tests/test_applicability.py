@@ -37,10 +37,13 @@ def _rows(n: int, seed: int) -> list[Listing]:
     for i in range(n):
         pieces = rng.choice([100, 250, 500, 1000])
         if i % 2 == 0:
-            title, category, gold = f"{rng.choice(ANIMALS).title()} jigsaw puzzle, {pieces} pieces", "Toys > Jigsaws", pieces
+            title = f"{rng.choice(ANIMALS).title()} jigsaw puzzle, {pieces} pieces"
+            category, gold = "Toys > Jigsaws", pieces
         else:
-            title, category, gold = f"{rng.choice(COLOURS).title()} craft beads kit, {pieces} pieces", "Toys > Crafts", None
-        rows.append(Listing(f"s{seed}-{i}", title, "", {}, label={"category": category, "attributes": {"pieces": gold}}))
+            title = f"{rng.choice(COLOURS).title()} craft beads kit, {pieces} pieces"
+            category, gold = "Toys > Crafts", None
+        label = {"category": category, "attributes": {"pieces": gold}}
+        rows.append(Listing(f"s{seed}-{i}", title, "", {}, label=label))
     return rows
 
 
