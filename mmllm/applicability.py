@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmllm.bag_of_words import TfidfConfig, Vectorizer, fit_logistic_regression
@@ -70,7 +71,10 @@ class Applicability:
         try:
             meta = json.loads((folder / APPLICABILITY_FILE).read_text(encoding="utf-8"))
             vectorizer = Vectorizer.from_dict(meta["vectorizer"])
-            tensors = load_file(str(folder / APPLICABILITY_WEIGHTS))
+            try:
+                tensors = load_file(str(folder / APPLICABILITY_WEIGHTS))
+            except SafetensorError as exc:  # a damaged weights file: named, not a bare header error
+                raise ValueError(f"{folder / APPLICABILITY_WEIGHTS}: {exc}") from None
             weight, bias, names = tensors["weight"], tensors["bias"], list(meta["attributes"])
             if weight.shape != (len(names), vectorizer.size) or bias.shape != (len(names),):
                 raise ValueError(f"weights {tuple(weight.shape)} do not fit {len(names)} attributes x "
@@ -123,7 +127,9 @@ def _out_of_fold(x: torch.Tensor, y: torch.Tensor, fold_of: Sequence[int], folds
         if not held:
             continue
         yk = y[kept]
-        if int(yk.sum()) in (0, len(kept)):
+        if not kept:  # every row in this fold (duplicate ids): the overall rate, never an empty mean
+            p = [float(y.float().mean())] * len(held)
+        elif int(yk.sum()) in (0, len(kept)):
             p = [float(yk.float().mean())] * len(held)  # one class in the other folds: its rate
         else:
             wf, bf = _binary(_rows(x, kept), yk, c, max_iter)

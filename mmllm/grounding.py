@@ -77,7 +77,8 @@ class GroundingConfig:
                                            "and give stage A its probability: '200 pieces' of jump rings is not a "
                                            "piece count this catalog records, '894 pieces' of a LEGO set is")
     applicability_c: list[float] = help_field(default_factory=lambda: [3.0, 10.0, 30.0],
-                                              help="inverse L2 strength of those regressions (scikit-learn's C); "
+                                              help="inverse L2 strength of those regressions (loss = mean CE + ||W||^2 / (2 C N) "
+                                                   "over the two classes' weights); "
                                                    "several = chosen per attribute by the out-of-fold log-loss")
     applicability_folds: int = help_field(5, "folds of the out-of-fold probabilities on the training rows")
 
@@ -376,7 +377,10 @@ def _evidence(option: Option) -> dict[str, Any]:
             out["model"] = {"agrees": True, "probability": model_p}
         return out
     if primary is None:
-        return {"source": "model", "probability": model_p}
+        out = {"source": "model", "probability": model_p}
+        if option.applies_p is not None:  # stage B read it: why a model-only value is published or withheld
+            out["applies"] = {"model": round(option.applies_p, 4)}
+        return out
     out = primary.evidence()
     also = [c.evidence() for c in option.stated if c is not primary]
     if also:
