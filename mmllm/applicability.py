@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmllm.bag_of_words import TfidfConfig, Vectorizer, fit_logistic_regression
+from mmllm.bag_of_words import TfidfConfig, Vectorizer, fit_logistic_regression, select_rows
 
 APPLICABILITY_FILE = "applicability.json"
 APPLICABILITY_WEIGHTS = "applicability.safetensors"
@@ -132,8 +132,8 @@ def _out_of_fold(x: torch.Tensor, y: torch.Tensor, fold_of: Sequence[int], folds
         elif int(yk.sum()) in (0, len(kept)):
             p = [float(yk.float().mean())] * len(held)  # one class in the other folds: its rate
         else:
-            wf, bf = _binary(_rows(x, kept), yk, c, max_iter)
-            p = torch.sigmoid(torch.sparse.mm(_rows(x, held), wf[:, None])[:, 0] + bf).tolist()
+            wf, bf = _binary(select_rows(x, kept), yk, c, max_iter)
+            p = torch.sigmoid(torch.sparse.mm(select_rows(x, held), wf[:, None])[:, 0] + bf).tolist()
         for i, v in zip(held, p):
             oof[i] = v
     return oof
@@ -146,8 +146,3 @@ def _log_loss(p: Sequence[float], y: Sequence[int]) -> float:
 def _binary(x: torch.Tensor, y: torch.Tensor, c: float, max_iter: int) -> tuple[torch.Tensor, float]:
     w, b = fit_logistic_regression(x, y, 2, c, max_iter)
     return w[:, 1] - w[:, 0], float(b[1] - b[0])
-
-
-def _rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    return torch.index_select(x, 0, torch.tensor(keep, dtype=torch.long)).coalesce()
-

@@ -139,3 +139,23 @@ def test_heads_that_abstain_say_how_likely_a_value_is():
     record = prediction_record(specs, probs, 0, schema)
     assert record["attributes"]["pieces"] is None
     assert record["attribute_applies"] == {"pieces": pytest.approx(0.3)}
+
+
+def test_a_grounder_saves_and_reloads_its_applicability_model(tmp_path):
+    """The three files are written, the reloaded grounder grounds every row the same, and a damaged
+    weights file is an error naming it."""
+    from mmllm.grounding import GROUNDING_FILES, Grounder
+
+    schema = LabelSchema.from_dict(SCHEMA)
+    train, dev, test = _rows(200, 1), _rows(120, 2), _rows(40, 3)
+    grounder, _ = fit_grounder(schema, train, dev, _records(dev, False), GroundingConfig(precision=0.9))
+    assert grounder.applicability is not None and "pieces" in grounder.applicability.weights
+    grounder.save(tmp_path)
+    assert all((tmp_path / name).is_file() for name in GROUNDING_FILES)
+    again = Grounder.load(tmp_path, schema)
+    records = _records(test, False)
+    assert [again.ground(r, rec) for r, rec in zip(test, records)] == [grounder.ground(r, rec)
+                                                                       for r, rec in zip(test, records)]
+    (tmp_path / APPLICABILITY_WEIGHTS).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=APPLICABILITY_WEIGHTS):
+        Grounder.load(tmp_path, schema)

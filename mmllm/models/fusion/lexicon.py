@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmllm.bag_of_words import Vectorizer, fit_logistic_regression, listing_text
+from mmllm.bag_of_words import Vectorizer, fit_logistic_regression, listing_text, select_rows
 from mmllm.catalog import Listing
 from mmllm.config import help_field
 
@@ -72,10 +72,6 @@ class LexiconConfig:
             raise ValueError("lexicon.folds must be >= 2 to choose among several lexicon.c")
 
 
-def _rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    return torch.index_select(x, 0, torch.tensor(keep, dtype=torch.long)).coalesce()
-
-
 def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: LexiconConfig,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One regression, its ``C`` chosen by k-fold cross-validated log-loss when there are several."""
@@ -89,8 +85,9 @@ def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: Lexic
             total = 0.0
             for f, held in enumerate(folds):
                 fit_on = [i for g, part in enumerate(folds) if g != f for i in part]
-                w, b = fit_logistic_regression(_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter)
-                logits = torch.sparse.mm(_rows(xs, held), w) + b
+                w, b = fit_logistic_regression(select_rows(xs, fit_on), ys[fit_on], classes, candidate,
+                                               cfg.max_iter)
+                logits = torch.sparse.mm(select_rows(xs, held), w) + b
                 total += float(nn.functional.cross_entropy(logits, ys[held], reduction="sum"))
             losses[candidate] = total / ys.shape[0]
         c = min(losses, key=losses.get)
@@ -120,12 +117,12 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
         if x.shape[1] * classes > cfg.max_parameters:
             say(f"lexicon: {name} left out ({x.shape[1]:,} n-grams x {classes:,} classes > lexicon.max_parameters)")
             continue
-        xs, ys = _rows(x, keep), y[keep]
+        xs, ys = select_rows(x, keep), y[keep]
         stated = [i for i, t in enumerate(ys.tolist()) if t > 0]
         if (cfg.hurdle and name in abstaining and 0 < len(stated) < len(keep)
                 and len({int(ys[i]) for i in stated}) >= 2):
             gate_w, gate_b, _ = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
-            value_w, value_b, c = _choose_and_fit(_rows(xs, stated), ys[stated] - 1, classes - 1, cfg, seed)
+            value_w, value_b, c = _choose_and_fit(select_rows(xs, stated), ys[stated] - 1, classes - 1, cfg, seed)
             weights[name] = (torch.cat([gate_w[:, :1] - gate_w[:, 1:], value_w], 1),
                              torch.cat([gate_b[:1] - gate_b[1:], value_b]))
             hurdle.append(name)
