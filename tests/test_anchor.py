@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mmllm.models import fusion
-from mmllm.models.fusion.anchor import Anchor, AnchorConfig, fingerprint, memory_sample, tune_encoder
+from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, lr_factor, memory_sample, tune_encoder,
+                                        tuned_store)
 
 from helpers import ROOT
 
@@ -57,6 +58,44 @@ def test_tuning_learns_the_rows_and_keeps_an_unseen_category_at_its_name(minilm)
     assert torch.allclose(again, vectors, atol=1e-5)
 
 
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    constant = AnchorConfig(epochs=1)
+    assert [lr_factor(constant, k, 20) for k in (0, 10, 19)] == [1.0, 1.0, 1.0]
+    linear = AnchorConfig(epochs=1, schedule="linear", warmup=0.1)  # 2 warm-up steps of 20
+    factors = [lr_factor(linear, k, 20) for k in range(20)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[2:] == pytest.approx([(20 - k) / 18 for k in range(2, 20)])  # 1.0 down to 1/18, then 0
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    no_warmup = AnchorConfig(epochs=1, schedule="linear", warmup=0.0)
+    assert lr_factor(no_warmup, 0, 10) == 1.0 and lr_factor(no_warmup, 9, 10) == pytest.approx(0.1)
+
+
+def test_averaging_keeps_the_mean_of_the_last_steps_weights(minilm):
+    import copy
+
+    names = [fusion.category_name(c) for c in CLASSES]
+    titles, targets = [t for t, _ in TITLES], [y for _, y in TITLES]
+    encoders = copy.deepcopy(minilm)
+    weight = next(p for p in encoders.text.parameters() if p.requires_grad)
+    seen = []
+
+    class Snapshot:  # called after each step (and after the running mean is updated, before it is copied back)
+        def update(self, n):
+            seen.append(weight.detach().clone())
+
+    cfg = AnchorConfig(epochs=2, lr=1e-4, class_lr=1e-2, batch_size=4, average=0.5)  # 4 steps, the last 2 averaged
+    tune_encoder(encoders, titles, targets, names, cfg, seed=0, progress=Snapshot())
+    assert len(seen) == 4 and not torch.equal(seen[2], seen[3])
+    assert torch.allclose(weight, (seen[2] + seen[3]) / 2, atol=1e-7)
+    plain = copy.deepcopy(minilm)
+    tune_encoder(plain, titles, targets, names, AnchorConfig(epochs=2, lr=1e-4, class_lr=1e-2, batch_size=4), seed=0)
+    assert torch.allclose(next(p for p in plain.text.parameters() if p.requires_grad), seen[3], atol=1e-6)  # same path, last step kept
+    # a stored tuning is keyed by its schedule and averaging; the defaults keep the keys stored before them
+    key = lambda **kw: tuned_store(ROOT, "minilm", titles, targets, names, AnchorConfig(epochs=2, **kw), 0)
+    assert len({key(), key(average=0.5), key(schedule="linear")}) == 3
+    assert key() == key(warmup=0.3)  # the warm-up acts only under the linear schedule
+
+
 def _anchor(members=("heads", "names", "neighbours"), k=2):
     cfg = AnchorConfig(epochs=1, members=list(members), neighbours=k, neighbour_temperature=0.05)
     anchor = Anchor(cfg, classes=3, dim=2, memory_rows=4, views=["title", "text"])
@@ -102,6 +141,10 @@ def test_anchor_config_is_checked():
         AnchorConfig(members=["heads", "votes"])
     with pytest.raises(ValueError, match="anchor.epochs must be >= 0"):
         AnchorConfig(epochs=-1)
+    with pytest.raises(ValueError, match="anchor.average must be in"):
+        AnchorConfig(average=1.0)
+    with pytest.raises(ValueError, match="anchor.warmup must be in"):
+        AnchorConfig(warmup=-0.1)
     from mmllm.finetune import load_recipe_config
 
     with pytest.raises(ValueError, match="needs fusion.freeze: true"):

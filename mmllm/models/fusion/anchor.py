@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -52,6 +53,12 @@ class AnchorConfig:
     max_title_tokens: int = help_field(48, "title tokens read while tuning")
     scale: float = help_field(20.0, "initial (learned) scale of the cosine classifier")
     label_smoothing: float = help_field(0.05, "label smoothing of the tuning loss")
+    schedule: Literal["constant", "linear"] = help_field(
+        "constant", "learning rate over the tuning steps: constant, or linear = a warm-up then a linear decay to 0 "
+                    "(sentence-transformers' default)")
+    warmup: float = help_field(0.1, "share of the tuning steps spent warming up (schedule: linear)")
+    average: float = help_field(0.0, "share of the last tuning steps whose weights are averaged into the result "
+                                     "(tail / stochastic weight averaging); 0 = the last step's weights")
     members: list[str] = help_field(default_factory=lambda: list(MEMBERS),
                                     help="what votes on the category: heads, names, neighbours (mean of their "
                                          "distributions)")
@@ -69,6 +76,10 @@ class AnchorConfig:
         for name in ("lr", "class_lr", "scale", "neighbour_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"anchor.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.average < 1:
+            raise ValueError(f"anchor.average must be in [0, 1), got {self.average}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"anchor.warmup must be in [0, 1), got {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"anchor.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         unknown = [m for m in self.members if m not in MEMBERS]
@@ -100,6 +111,12 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
                                    {"params": [vectors, scale], "lr": cfg.class_lr}], weight_decay=0.01,
                                   fused=fused_adamw(start.device) or None)
     y = torch.tensor(list(targets), dtype=torch.long, device=start.device)
+    total = cfg.epochs * math.ceil(len(titles) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total))
+    tuned = [p for p in text.parameters() if p.requires_grad] + [vectors, scale]
+    first_averaged = total - round(cfg.average * total) if cfg.average else total
+    mean: list[torch.Tensor] = []
+    step = 0
     text.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(titles), generator=generator).tolist()
@@ -111,10 +128,33 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
+            step += 1
+            if step > first_averaged:  # a running mean of the weights after each of the last steps
+                with torch.no_grad():
+                    if not mean:
+                        mean = [p.detach().clone() for p in tuned]
+                    else:
+                        for m, p in zip(mean, tuned):
+                            m.add_(p.detach() - m, alpha=1.0 / (step - first_averaged))
             if progress is not None:
                 progress.update(len(idx))
+    if mean:
+        with torch.no_grad():
+            for m, p in zip(mean, tuned):
+                p.copy_(m)
     text.eval()
     return nn.functional.normalize(vectors.detach(), dim=-1), float(scale.detach())
+
+
+def lr_factor(cfg: AnchorConfig, step: int, total: int) -> float:
+    """The tuning learning rate at ``step`` of ``total``, as a share of ``cfg.lr``."""
+    if cfg.schedule == "constant":
+        return 1.0
+    warm = max(1, round(cfg.warmup * total)) if cfg.warmup else 0
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -145,6 +185,8 @@ def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], tar
     h = hashlib.sha256()
     settings = {"encoder": encoder_id, "seed": seed, "torch": torch.__version__.split("+")[0],
                 **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu"}
+    if cfg.schedule != "constant" or cfg.average:  # (the defaults keep the keys of tunings stored before these)
+        settings.update(schedule=cfg.schedule, warmup=cfg.warmup, average=cfg.average)
     h.update(json.dumps(settings, sort_keys=True).encode())
     for part in (class_names, titles, [str(t) for t in targets]):
         h.update(json.dumps(list(part), ensure_ascii=False).encode())
