@@ -10,6 +10,9 @@ play. Here both at once:
   START at the encoder's embedding of the category name ("Jigsaws (Jigsaws & Puzzles)"), trained
   jointly with the encoder by cross-entropy on the training titles. A category with few rows
   keeps its name's meaning; one with no row at all keeps its name's vector and can still win.
+  With ``average`` the result is the mean of the weights over the last steps (stochastic weight
+  averaging): at a constant rate the last step's weights are wherever the seed's last batches left
+  them, and the default recipe's seeds swung 4.6 points of accuracy; averaged, 1.2 (README).
 * ``Anchor``: what the fusion model keeps of it, saved with its weights: the tuned class vectors
   and scale (member ``names``: softmax of scale x cos(title, class)), and the training rows' tuned
   title / text vectors with their category (member ``neighbours``: a k-nearest-neighbour vote,
