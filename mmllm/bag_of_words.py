@@ -169,8 +169,6 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: f
     return w.detach(), b.detach()
 
 
-
-
 def select_rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
     """Rows ``keep`` of a sparse (COO) matrix, coalesced."""
     return torch.index_select(x, 0, torch.tensor(keep, dtype=torch.long)).coalesce()

@@ -89,7 +89,8 @@ def test_averaging_keeps_the_mean_of_the_last_steps_weights(minilm):
     assert torch.allclose(weight, (seen[2] + seen[3]) / 2, atol=1e-7)
     plain = copy.deepcopy(minilm)
     tune_encoder(plain, titles, targets, names, AnchorConfig(epochs=2, lr=1e-4, class_lr=1e-2, batch_size=4), seed=0)
-    assert torch.allclose(next(p for p in plain.text.parameters() if p.requires_grad), seen[3], atol=1e-6)  # same path, last step kept
+    last = next(p for p in plain.text.parameters() if p.requires_grad)
+    assert torch.allclose(last, seen[3], atol=1e-6)  # the same path; without averaging the last step is kept
     # a stored tuning is keyed by its schedule and averaging; the defaults keep the keys stored before them
     key = lambda **kw: tuned_store(ROOT, "minilm", titles, targets, names, AnchorConfig(epochs=2, **kw), 0)
     assert len({key(), key(average=0.5), key(schedule="linear")}) == 3

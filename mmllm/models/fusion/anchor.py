@@ -117,7 +117,7 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     total = cfg.epochs * math.ceil(len(titles) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total))
     tuned = [p for p in text.parameters() if p.requires_grad] + [vectors, scale]
-    first_averaged = total - round(cfg.average * total) if cfg.average else total
+    first_averaged = total - round(cfg.average * total)  # steps after this one are averaged
     mean: list[torch.Tensor] = []
     step = 0
     text.train()
