@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmllm.models import fusion
-from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, lr_factor, memory_sample, tune_encoder,
-                                        tuned_store)
+from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, fingerprint, lr_factor, memory_sample,
+                                        tune_encoder, tuned_store)
 
 from helpers import ROOT
 
@@ -95,6 +95,81 @@ def test_averaging_keeps_the_mean_of_the_last_steps_weights(minilm):
     key = lambda **kw: tuned_store(ROOT, "minilm", titles, targets, names, AnchorConfig(epochs=2, **kw), 0)
     assert len({key(), key(average=0.5), key(schedule="linear")}) == 3
     assert key() == key(warmup=0.3)  # the warm-up acts only under the linear schedule
+
+
+# an enum attribute across the categories: the maker, named in none of the titles but in its value's name
+MAKERS = ["Acme Toys", "Zenith Games"]
+MAKER_OF = [0, 1, 1, -100, 0, 1, 0, -100]  # -100: the row states no maker
+
+
+def test_attribute_tasks_are_learned_beside_the_category_and_change_nothing_at_weight_zero(minilm):
+    import copy
+
+    names = [fusion.category_name(c) for c in CLASSES]
+    titles, targets = [t for t, _ in TITLES], [y for _, y in TITLES]
+    task = TuningTask("maker", [f"{m} (maker)" for m in MAKERS], MAKER_OF)
+    cfg = AnchorConfig(epochs=6, lr=1e-4, class_lr=1e-2, batch_size=4)
+    plain, with_task_off = copy.deepcopy(minilm), copy.deepcopy(minilm)
+    v_plain, s_plain = tune_encoder(plain, titles, targets, names, cfg, seed=0)
+    v_off, s_off = tune_encoder(with_task_off, titles, targets, names, cfg, seed=0, tasks=[task])
+    assert torch.equal(v_plain, v_off) and s_plain == s_off  # attribute_weight 0: the task is not trained
+    assert fingerprint(plain.text) == fingerprint(with_task_off.text)
+
+    def maker_margin(encoders):  # how far apart the two makers' titles sit, against titles of the other maker
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(encoders.sentence_vectors(titles), dim=-1)
+        known = [i for i, m in enumerate(MAKER_OF) if m >= 0]
+        same = [float(z[i] @ z[j]) for i in known for j in known if i < j and MAKER_OF[i] == MAKER_OF[j]
+                and targets[i] != targets[j]]
+        other = [float(z[i] @ z[j]) for i in known for j in known if i < j and MAKER_OF[i] != MAKER_OF[j]
+                 and targets[i] != targets[j]]
+        return sum(same) / len(same) - sum(other) / len(other)
+
+    tasked = copy.deepcopy(minilm)
+    cfg_on = AnchorConfig(epochs=6, lr=1e-4, class_lr=1e-2, batch_size=4, attribute_weight=1.0)
+    v_on, _ = tune_encoder(tasked, titles, targets, names, cfg_on, seed=0, tasks=[task])
+    assert fingerprint(tasked.text) != fingerprint(plain.text)
+    # the tuned titles of one maker move together across categories; the category is still learned
+    assert maker_margin(tasked) > maker_margin(plain) + 0.02
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(tasked.sentence_vectors(titles), dim=-1)
+    assert (z @ v_on.T).argmax(-1).tolist() == targets
+    # a stored tuning is keyed by its tasks only when they are trained
+    key = lambda c, tasks: tuned_store(ROOT, "minilm", titles, targets, names, c, 0, tasks)
+    assert key(cfg, [task]) == key(cfg, [])
+    changed = TuningTask("maker", task.value_names, [0] * len(titles))
+    assert len({key(cfg_on, []), key(cfg_on, [task]), key(cfg_on, [changed])}) == 3
+    assert key(cfg_on, []) == key(cfg, [])
+    with pytest.raises(ValueError, match="anchor.attribute_weight must be >= 0"):
+        AnchorConfig(attribute_weight=-1.0)
+
+
+def test_tuning_tasks_hold_out_the_rows_the_vote_scores():
+    from types import SimpleNamespace
+
+    from mmllm.finetune import load_recipe_config
+    from mmllm.models.fusion.vote import holdout_split
+    from mmllm.recipes.fusion import _tuning_tasks
+    from mmllm.schema import LabelSchema
+
+    schema = LabelSchema.from_dict({"name": "t", "taxonomy": ["A", "B"], "attributes": {
+        "maker": {"type": "enum", "values": ["Acme", "Zenith"], "description": "who makes it"},
+        "batteries": {"type": "boolean", "description": "needs batteries"}}})
+    golds = ["Acme", "Zenith", None, "Other", "Zenith"] * 8
+    rows = [SimpleNamespace(id=f"row{i}", label={"category": "A", "attributes": {"maker": g} if g else {}})
+            for i, g in enumerate(golds)]
+    cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", ["anchor.attribute_weight=1.0"])
+    (task,) = _tuning_tasks(schema, rows, cfg)  # the boolean is not a task: its value names mean nothing
+    assert task.name == "maker" and task.value_names == ["Acme (maker)", "Zenith (maker)"]
+    _, held = holdout_split([r.id for r in rows], cfg.vote.holdout)
+    assert held and len(held) < len(rows)
+    expected = [-100 if i in held or g not in ("Acme", "Zenith") else ["Acme", "Zenith"].index(g)
+                for i, g in enumerate(golds)]
+    assert task.targets == expected and any(t >= 0 for t in expected)
+    cfg_equal = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
+                                   ["anchor.attribute_weight=1.0", "vote.weights=equal"])
+    (every,) = _tuning_tasks(schema, rows, cfg_equal)  # no held-out fit: every row that states a maker is read
+    assert sum(t >= 0 for t in every.targets) == sum(g in ("Acme", "Zenith") for g in golds)
 
 
 def _anchor(members=("heads", "names", "neighbours"), k=2):

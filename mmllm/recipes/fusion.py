@@ -29,8 +29,8 @@ from mmllm.config import help_field
 from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
-from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, fingerprint, memory_sample, save_tuned, tune_encoder,
-                                        tuned_store)
+from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, fingerprint, memory_sample, save_tuned,
+                                        tune_encoder, tuned_store)
 from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit_lexicon, lexicon_store, load_lexicon,
                                          save_lexicon)
 from mmllm.models.fusion.vote import VoteConfig, VoteFit, choose, holdout_split
@@ -164,7 +164,8 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     started = time.perf_counter()
     names = [fusion.category_name(c) for c in classes]
     titles = [r.title for r in rows]
-    stored = tuned_store(cache_folder, encoders.text_id, titles, targets, names, cfg.anchor, cfg.train.seed)
+    tasks = _tuning_tasks(s.schema, rows, cfg) if cfg.anchor.attribute_weight > 0 else []
+    stored = tuned_store(cache_folder, encoders.text_id, titles, targets, names, cfg.anchor, cfg.train.seed, tasks)
     if stored is not None and stored.is_dir():  # the same titles, categories, settings and seed: tuned before
         encoders.text.load_state_dict(load_file(str(stored / "encoder.safetensors")))
         saved = load_file(str(stored / "anchor.safetensors"))
@@ -172,8 +173,10 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     else:
         with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
                       enabled=s.accelerator.is_main_process) as progress:
-            vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress)
+            vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress, tasks)
         how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs"
+        if tasks:
+            how += " with " + ", ".join(f"{t.name} ({sum(v >= 0 for v in t.targets)} rows)" for t in tasks)
         if stored is not None and s.accelerator.is_main_process:
             save_tuned(stored, encoders.text, vectors, scale)
     encoders.text_id = fingerprint(encoders.text)  # tuned features never mix with the frozen encoder's in the cache
@@ -185,6 +188,26 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))
     say(s.accelerator, f"text encoder {how} in {time.perf_counter() - started:.1f} s ({encoders.text_id})")
     return anchor, [rows[i] for i in kept]
+
+
+def _tuning_tasks(schema: Any, rows: list[Any], cfg: FusionRecipeConfig) -> list[TuningTask]:
+    """The enum attributes the tuning learns beside the category (``anchor.attribute_weight``): each value
+    read as "<value> (<attribute>)", each row's value index. The rows the vote holds out to choose its
+    weights are left out (-100), so the members it scores there have not seen their values."""
+    held: set[str] = set()
+    if cfg.vote.weights == "holdout":
+        _, held_idx = holdout_split([r.id for r in rows], cfg.vote.holdout)
+        held = {rows[i].id for i in held_idx}
+    tasks = []
+    for attr in schema.attributes:
+        if attr.type != "enum" or not attr.values:
+            continue
+        index = {str(v): i for i, v in enumerate(attr.values)}
+        gold = [((r.label or {}).get("attributes") or {}).get(attr.name) for r in rows]
+        targets = [index.get(str(g), -100) if g is not None and r.id not in held else -100 for g, r in zip(gold, rows)]
+        label = attr.name.replace("_", " ")
+        tasks.append(TuningTask(attr.name, [f"{v} ({label})" for v in attr.values], targets))
+    return tasks
 
 
 def _lexicon(s: Any, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer, cfg: FusionRecipeConfig) -> Lexicon:

@@ -13,6 +13,10 @@ play. Here both at once:
   With ``average`` the result is the mean of the weights over the last steps (stochastic weight
   averaging): at a constant rate the last step's weights are wherever the seed's last batches left
   them, and the default recipe's seeds swung 4.6 points of accuracy; averaged, 1.2 (README).
+  With ``attribute_weight`` the schema's enum attributes (a brand, a price band) are learned at the
+  same time, each a cosine classifier whose vectors start at the value names ("LEGO (brand)"), on
+  the rows that state a value; off in the default recipe (README: measured on the other-schema
+  catalog, the brand and price band a few rows up, the category's macro-F1 down).
 * ``Anchor``: what the fusion model keeps of it, saved with its weights: the tuned class vectors
   and scale (member ``names``: softmax of scale x cos(title, class)), and the training rows' tuned
   title / text vectors with their category (member ``neighbours``: a k-nearest-neighbour vote,
@@ -62,6 +66,9 @@ class AnchorConfig:
     warmup: float = help_field(0.1, "share of the tuning steps spent warming up (schedule: linear)")
     average: float = help_field(0.0, "share of the last tuning steps whose weights are averaged into the result "
                                      "(tail / stochastic weight averaging); 0 = the last step's weights")
+    attribute_weight: float = help_field(0.0, "weight of the enum attributes in the tuning loss: each is one more "
+                                              "cosine classifier over its values, whose vectors start at the value "
+                                              "names, trained on the rows that state a value; 0 = the category alone")
     members: list[str] = help_field(default_factory=lambda: list(MEMBERS),
                                     help="what votes on the category: heads, names, neighbours (mean of their "
                                          "distributions)")
@@ -83,6 +90,8 @@ class AnchorConfig:
             raise ValueError(f"anchor.average must be in [0, 1), got {self.average}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"anchor.warmup must be in [0, 1), got {self.warmup}")
+        if self.attribute_weight < 0:
+            raise ValueError(f"anchor.attribute_weight must be >= 0, got {self.attribute_weight}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"anchor.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         unknown = [m for m in self.members if m not in MEMBERS]
@@ -99,21 +108,42 @@ def _embed(encoders: Any, texts: Sequence[str], max_tokens: int) -> torch.Tensor
     return nn.functional.normalize(pool(tokens, enc["attention_mask"], "mean"), dim=-1)
 
 
+@dataclass
+class TuningTask:
+    """One more label the tuning learns beside the category (``attribute_weight``): an enum attribute's
+    value names and each title's value index (-100 where the row states none, or must not be seen)."""
+
+    name: str
+    value_names: list[str]
+    targets: list[int]
+
+
 def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], class_names: Sequence[str],
-                 cfg: AnchorConfig, seed: int, progress: Any = None) -> tuple[torch.Tensor, float]:
+                 cfg: AnchorConfig, seed: int, progress: Any = None, tasks: Sequence[TuningTask] = ()
+                 ) -> tuple[torch.Tensor, float]:
     """Fine-tune ``encoders.text`` in place on (title, category index) pairs; returns the tuned
-    class vectors [C, D] (unit length) and the learned scale. ``progress.update(n)`` per step."""
+    class vectors [C, D] (unit length) and the learned scale. ``tasks`` (with ``cfg.attribute_weight``):
+    enum attributes learned at the same time, each a cosine classifier of its own whose loss (over the
+    batch's rows that state a value) is added with that weight. ``progress.update(n)`` per step."""
     text = encoders.text
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        start = torch.cat([_embed(encoders, class_names[i:i + 64], 64) for i in range(0, len(class_names), 64)])
+    tasks = [t for t in tasks if cfg.attribute_weight > 0 and any(v >= 0 for v in t.targets)]
+
+    def start_vectors(names: Sequence[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([_embed(encoders, names[i:i + 64], 64) for i in range(0, len(names), 64)])
+
+    start = start_vectors(class_names)
     vectors = nn.Parameter(start.clone())
     scale = nn.Parameter(torch.tensor(float(cfg.scale), device=start.device))
+    task_vectors = [nn.Parameter(start_vectors(t.value_names).clone()) for t in tasks]
+    task_scales = [nn.Parameter(torch.tensor(float(cfg.scale), device=start.device)) for _ in tasks]
     optimizer = torch.optim.AdamW([{"params": [p for p in text.parameters() if p.requires_grad], "lr": cfg.lr},
-                                   {"params": [vectors, scale], "lr": cfg.class_lr}], weight_decay=0.01,
-                                  fused=fused_adamw(start.device) or None)
+                                   {"params": [vectors, scale, *task_vectors, *task_scales], "lr": cfg.class_lr}],
+                                  weight_decay=0.01, fused=fused_adamw(start.device) or None)
     y = torch.tensor(list(targets), dtype=torch.long, device=start.device)
+    task_y = [torch.tensor(t.targets, dtype=torch.long, device=start.device) for t in tasks]
     total = cfg.epochs * math.ceil(len(titles) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total))
     tuned = [p for p in text.parameters() if p.requires_grad] + [vectors, scale]
@@ -128,6 +158,12 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
             z = _embed(encoders, [titles[j] for j in idx], cfg.max_title_tokens)
             logits = scale * z @ nn.functional.normalize(vectors, dim=-1).T
             loss = nn.functional.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
+            for t_vectors, t_scale, t_y in zip(task_vectors, task_scales, task_y):
+                stated = t_y[idx] >= 0
+                if stated.any():
+                    t_logits = t_scale * z[stated] @ nn.functional.normalize(t_vectors, dim=-1).T
+                    loss = loss + cfg.attribute_weight * nn.functional.cross_entropy(
+                        t_logits, t_y[idx][stated], label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -179,7 +215,8 @@ def fused_adamw(device: torch.device) -> bool:
 
 
 def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], targets: Sequence[int],
-                class_names: Sequence[str], cfg: AnchorConfig, seed: int) -> Path | None:
+                class_names: Sequence[str], cfg: AnchorConfig, seed: int, tasks: Sequence[TuningTask] = ()
+                ) -> Path | None:
     """Where a tuning's result is kept in a feature-cache folder: ``tuned/<hash>`` of the base encoder,
     the (title, category) pairs, the category names, the tuning settings and the seed (the members and
     the neighbour settings act at prediction only and are not part of it). None without a folder."""
@@ -190,6 +227,10 @@ def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], tar
                 **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu"}
     if cfg.schedule != "constant" or cfg.average:  # (the defaults keep the keys of tunings stored before these)
         settings.update(schedule=cfg.schedule, warmup=cfg.warmup, average=cfg.average)
+    tasks = [t for t in tasks if cfg.attribute_weight > 0 and any(v >= 0 for v in t.targets)]
+    if tasks:  # (as above: a tuning without attribute tasks keeps its key)
+        settings.update(attribute_weight=cfg.attribute_weight,
+                        tasks=[[t.name, list(t.value_names), [int(v) for v in t.targets]] for t in tasks])
     h.update(json.dumps(settings, sort_keys=True).encode())
     for part in (class_names, titles, [str(t) for t in targets]):
         h.update(json.dumps(list(part), ensure_ascii=False).encode())
