@@ -8,8 +8,10 @@ category accuracy and macro-F1, and accuracy on every enum / boolean attribute o
 gold value, from each side's best value (the model's own answer, or where its head abstains its most
 probable stated value, ``best_value``: the bag of words is trained on those rows only and never
 abstains). Then what each side would publish, precision / recall / F1 over every row, gold nulls
-counting as invented (the recipe's grounded answers, abstaining where unsure). A user checks the
-claim on their own data:
+counting as invented (the recipe's grounded answers, abstaining where unsure). And whether a difference
+is more than the rows' noise: per label and seed, the rows only one side gets right and the exact
+two-sided McNemar p-value of that split (a binomial test on those rows; the rows both get right or both
+get wrong say nothing about which side is better). A user checks the claim on their own data:
 
     python benchmarks/versus_bag_of_words.py --train my_train.jsonl --dev my_dev.jsonl --schema my.yaml
     python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl [--dev-percent 20]   # hash split by id
@@ -110,13 +112,29 @@ def best_value(record: dict, name: str) -> Any:
 
 
 def answer_scores(records: dict[str, dict], dev: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
-    """Per label, the scores of a model's records (by row id) against the dev rows' gold."""
+    """Per label, the scores of a model's records (by row id) against the dev rows' gold, and the answers
+    themselves in dev order (``answers``, for the paired comparison)."""
     result = {}
     for name in names:
         got = [(records[str(r["id"])].get("category") if name == "category"
                 else best_value(records[str(r["id"])], name)) for r in dev]
-        result[name] = scores([gold_of(r, name) for r in dev], got, name)
+        result[name] = {**scores([gold_of(r, name) for r in dev], got, name), "answers": got}
     return result
+
+
+def mcnemar(gold: list[Any], ours: list[Any], theirs: list[Any]) -> dict[str, Any]:
+    """The paired comparison of two sides' answers on the rows with a gold value: how many rows only
+    ``ours`` gets right, how many only ``theirs``, and the exact two-sided McNemar p-value of that split
+    (under "neither side is better" each such row is a fair coin)."""
+    import math
+
+    right = lambda a, g: str(a).casefold() == str(g).casefold()
+    pairs = [(right(a, g), right(b, g)) for g, a, b in zip(gold, ours, theirs) if g is not None]
+    only_ours = sum(a and not b for a, b in pairs)
+    only_theirs = sum(b and not a for a, b in pairs)
+    n, k = only_ours + only_theirs, min(only_ours, only_theirs)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"rows": len(pairs), "only_recipe": only_ours, "only_bag_of_words": only_theirs, "p_value": round(p, 6)}
 
 
 def bag_of_words(train: list[dict], dev: list[dict], names: list[str], quick: bool = False) -> dict[str, dict[str, float]]:
@@ -205,6 +223,29 @@ def read_baseline(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[st
     return data["bag_of_words"], data.get("bag_of_words_published") or {}
 
 
+def paired_table(runs: list[dict[str, Any]], baseline: dict[str, Any], dev: list[dict], names: list[str],
+                 title: str | None = None) -> list[str]:
+    """The paired comparison of every run with the bag of words, per label (``mcnemar``; also kept in each
+    run as ``paired``); a baseline file written before the answers were kept says so."""
+    if not runs:
+        return []
+    if not all(isinstance(baseline[n].get("answers"), dict) for n in names):
+        return ["\npaired comparison: the baseline file keeps no answers (written by an older version); refit it"]
+    lines = ["\npaired, rows only the recipe gets right / only TF-IDF + LR does, exact McNemar p (two-sided; "
+             "p < 0.05: more than the rows' noise)"]
+    for run in runs:
+        run["paired"] = {}
+        cells = []
+        for n in names:
+            theirs = [baseline[n]["answers"].get(str(r["id"])) for r in dev]
+            test = mcnemar([gold_of(r, n) for r in dev], run["scores"][n]["answers"], theirs)
+            run["paired"][n] = test
+            p = "p < 0.001" if test["p_value"] < 0.001 else f"p = {test['p_value']:.3f}"
+            cells.append(f"{n}: +{test['only_recipe']} / -{test['only_bag_of_words']}, {p}")
+        lines.append(f"{title or 'recipe, seed ' + str(run['seed'])}: " + "; ".join(cells))
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=Path)
@@ -264,8 +305,9 @@ def main() -> int:
             baseline_published = published_scores([(r.get("label") or {}).get("attributes") or {} for r in dev],
                                                   [{n: baseline[n]["answers"][i] for n in attribute_names}
                                                    for i in range(len(dev))], attribute_names)
-        for n in names:
-            baseline[n].pop("answers", None)
+        if not args.baseline:  # the answers by row id, for the paired comparison (a baseline file keeps them)
+            for n in names:
+                baseline[n]["answers"] = {str(r["id"]): a for r, a in zip(dev, baseline[n]["answers"])}
         runs = [from_labels(args.labels, dev, names)] if args.labels else [] if args.skip_recipe else [
             recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev)
             for seed in args.seeds]
@@ -284,10 +326,13 @@ def main() -> int:
         lines.append(row("the labels file" if args.labels else f"recipe, seed {run['seed']}", run["scores"]))
     if len(runs) > 1:
         mean = {n: {k: round(sum(r["scores"][n][k] for r in runs) / len(runs), 4)
-                    for k in runs[0]["scores"][n] if k != "rows"} for n in names}
+                    for k in runs[0]["scores"][n] if k not in ("rows", "answers")} for n in names}
         lines.append(row(f"recipe, mean of {len(runs)}", mean))
     print("category: accuracy / macro-F1; attributes: accuracy on rows with a gold value (each side's best value)")
     print("\n".join(lines))
+    paired_lines = paired_table(runs, baseline, dev, names, "the labels file" if args.labels else None)
+    if paired_lines:
+        print("\n".join(paired_lines))
     attribute_names = [n for n in names if n != "category"]
     if attribute_names:  # what a catalog would publish: every row's answer, gold nulls count as invented
         print("\npublished attributes, precision / recall / F1 over every dev row (gold null: an answer is invented)")
@@ -303,7 +348,7 @@ def main() -> int:
     args.out.write_text(json.dumps({"config": args.config, "train_rows": len(train), "dev_rows": len(dev), "labels": names,
                                     "rows_sha256": fingerprint,
                                     "bag_of_words": baseline, "bag_of_words_published": baseline_published,
-                                    "recipe": runs, "table": lines}, indent=1) + "\n")
+                                    "recipe": runs, "table": lines, "paired": paired_lines}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -52,9 +52,36 @@ def test_a_labels_file_is_scored_by_its_best_values_and_by_what_it_publishes(tmp
                                         "attribute_top_k": {"brand": top}}) + "\n"
                             for i, (a, top) in enumerate(answers)))
     run = versus.from_labels(path, dev, ["category", "brand"])
-    assert run["scores"]["brand"] == {"accuracy": pytest.approx(2 / 3, abs=1e-4), "rows": 3}  # 0, 1 of 0, 1, 2
+    assert run["scores"]["brand"] == {"accuracy": pytest.approx(2 / 3, abs=1e-4), "rows": 3,  # 0, 1 of 0, 1, 2
+                                      "answers": ["Acme", "Acme", "Acme", "Zed", "Zed"]}  # the best values, dev order
     # published: 3 answers, 1 right: precision 1/3; 3 gold values, 1 found: recall 1/3
     assert run["grounded"]["brand"] == {"precision": pytest.approx(1 / 3, abs=1e-4),
                                         "recall": pytest.approx(1 / 3, abs=1e-4), "f1": pytest.approx(1 / 3, abs=1e-4)}
     with pytest.raises(SystemExit, match="no record for 1 dev rows"):
         versus.from_labels(path, dev + [{"id": "9", "label": {"category": "Kites"}}], ["category"])
+
+
+def test_the_paired_comparison_counts_the_rows_only_one_side_gets_right():
+    versus = _module()
+    gold = ["A", "A", "B", "B", "C", None, "A", "B"]
+    ours = ["A", "A", "B", "X", "C", "A", "A", "B"]  # right on 0, 1, 2, 4, 6, 7 (row 5 has no gold)
+    theirs = ["a", "X", "X", "B", "X", "A", "X", "X"]  # right on 0 (case folded) and 3
+    test = versus.mcnemar(gold, ours, theirs)
+    # only ours: 1, 2, 4, 6, 7 (5 rows); only theirs: 3 (1 row); 6 discordant rows, P(<= 1 of 6) = 7/64, two-sided
+    assert test == {"rows": 7, "only_recipe": 5, "only_bag_of_words": 1, "p_value": round(14 / 64, 6)}
+    assert versus.mcnemar(gold, ours, ours)["p_value"] == 1.0  # no discordant row: nothing to tell them apart
+    lopsided = versus.mcnemar(["A"] * 12, ["A"] * 12, ["X"] * 12)
+    assert lopsided["only_recipe"] == 12 and lopsided["p_value"] == round(2 / 2 ** 12, 6)
+    assert versus.paired_table([{"seed": 1, "scores": {"category": {"answers": ["A"] * 12}}}],
+                               {"category": {"answers": {str(i): "X" for i in range(12)}}},
+                               [{"id": str(i), "label": {"category": "A"}} for i in range(12)],
+                               ["category"])[-1] == "recipe, seed 1: category: +12 / -0, p < 0.001"
+
+    dev = [{"id": str(i), "label": {"category": g}} for i, g in enumerate(gold)]
+    run = {"seed": 0, "scores": {"category": {"answers": ours}}}
+    baseline = {"category": {"answers": {str(i): a for i, a in enumerate(theirs)}}}
+    lines = versus.paired_table([run], baseline, dev, ["category"])
+    assert run["paired"]["category"]["only_recipe"] == 5
+    assert lines[-1] == "recipe, seed 0: category: +5 / -1, p = 0.219"
+    old_file = {"category": {"accuracy": 0.5}}  # a baseline file from before the answers were kept
+    assert "keeps no answers" in versus.paired_table([run], old_file, dev, ["category"])[0]
