@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -61,6 +62,12 @@ def gold_of(row: dict, name: str) -> Any:
     return label.get("category") if name == "category" else (label.get("attributes") or {}).get(name)
 
 
+def same(answer: Any, gold: Any, name: str) -> bool:
+    """An answer equals the gold: the category exactly (as ``category_metrics`` counts it), an attribute
+    case folded ("Lego" is LEGO)."""
+    return answer == gold if name == "category" else str(answer).casefold() == str(gold).casefold()
+
+
 def scores(gold: list[Any], pred: list[Any], name: str) -> dict[str, float]:
     from mmllm.evaluate import category_metrics
 
@@ -68,7 +75,7 @@ def scores(gold: list[Any], pred: list[Any], name: str) -> dict[str, float]:
     if name == "category":
         metrics = category_metrics([g for g, _ in pairs], [p for _, p in pairs])
         return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4), "rows": len(pairs)}
-    right = sum(str(p).casefold() == str(g).casefold() for g, p in pairs)
+    right = sum(same(p, g, name) for g, p in pairs)
     return {"accuracy": round(right / max(len(pairs), 1), 4), "rows": len(pairs)}
 
 
@@ -122,14 +129,11 @@ def answer_scores(records: dict[str, dict], dev: list[dict], names: list[str]) -
     return result
 
 
-def mcnemar(gold: list[Any], ours: list[Any], theirs: list[Any]) -> dict[str, Any]:
+def mcnemar(gold: list[Any], ours: list[Any], theirs: list[Any], name: str) -> dict[str, Any]:
     """The paired comparison of two sides' answers on the rows with a gold value: how many rows only
     ``ours`` gets right, how many only ``theirs``, and the exact two-sided McNemar p-value of that split
     (under "neither side is better" each such row is a fair coin)."""
-    import math
-
-    right = lambda a, g: str(a).casefold() == str(g).casefold()
-    pairs = [(right(a, g), right(b, g)) for g, a, b in zip(gold, ours, theirs) if g is not None]
+    pairs = [(same(a, g, name), same(b, g, name)) for g, a, b in zip(gold, ours, theirs) if g is not None]
     only_ours = sum(a and not b for a, b in pairs)
     only_theirs = sum(b and not a for a, b in pairs)
     n, k = only_ours + only_theirs, min(only_ours, only_theirs)
@@ -238,7 +242,7 @@ def paired_table(runs: list[dict[str, Any]], baseline: dict[str, Any], dev: list
         cells = []
         for n in names:
             theirs = [baseline[n]["answers"].get(str(r["id"])) for r in dev]
-            test = mcnemar([gold_of(r, n) for r in dev], run["scores"][n]["answers"], theirs)
+            test = mcnemar([gold_of(r, n) for r in dev], run["scores"][n]["answers"], theirs, n)
             run["paired"][n] = test
             p = "p < 0.001" if test["p_value"] < 0.001 else f"p = {test['p_value']:.3f}"
             cells.append(f"{n}: +{test['only_recipe']} / -{test['only_bag_of_words']}, {p}")

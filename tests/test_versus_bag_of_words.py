@@ -65,23 +65,25 @@ def test_the_paired_comparison_counts_the_rows_only_one_side_gets_right():
     versus = _module()
     gold = ["A", "A", "B", "B", "C", None, "A", "B"]
     ours = ["A", "A", "B", "X", "C", "A", "A", "B"]  # right on 0, 1, 2, 4, 6, 7 (row 5 has no gold)
-    theirs = ["a", "X", "X", "B", "X", "A", "X", "X"]  # right on 0 (case folded) and 3
-    test = versus.mcnemar(gold, ours, theirs)
+    theirs = ["a", "X", "X", "B", "X", "A", "X", "X"]  # right on 0 (an attribute: case folded) and 3
+    test = versus.mcnemar(gold, ours, theirs, "brand")
     # only ours: 1, 2, 4, 6, 7 (5 rows); only theirs: 3 (1 row); 6 discordant rows, P(<= 1 of 6) = 7/64, two-sided
     assert test == {"rows": 7, "only_recipe": 5, "only_bag_of_words": 1, "p_value": round(14 / 64, 6)}
-    assert versus.mcnemar(gold, ours, ours)["p_value"] == 1.0  # no discordant row: nothing to tell them apart
-    lopsided = versus.mcnemar(["A"] * 12, ["A"] * 12, ["X"] * 12)
+    assert versus.mcnemar(gold, ours, ours, "brand")["p_value"] == 1.0  # no discordant row: nothing to tell them apart
+    lopsided = versus.mcnemar(["A"] * 12, ["A"] * 12, ["X"] * 12, "brand")
     assert lopsided["only_recipe"] == 12 and lopsided["p_value"] == round(2 / 2 ** 12, 6)
     assert versus.paired_table([{"seed": 1, "scores": {"category": {"answers": ["A"] * 12}}}],
                                {"category": {"answers": {str(i): "X" for i in range(12)}}},
                                [{"id": str(i), "label": {"category": "A"}} for i in range(12)],
                                ["category"])[-1] == "recipe, seed 1: category: +12 / -0, p < 0.001"
 
-    dev = [{"id": str(i), "label": {"category": g}} for i, g in enumerate(gold)]
-    run = {"seed": 0, "scores": {"category": {"answers": ours}}}
-    baseline = {"category": {"answers": {str(i): a for i, a in enumerate(theirs)}}}
-    lines = versus.paired_table([run], baseline, dev, ["category"])
-    assert run["paired"]["category"]["only_recipe"] == 5
-    assert lines[-1] == "recipe, seed 0: category: +5 / -1, p = 0.219"
-    old_file = {"category": {"accuracy": 0.5}}  # a baseline file from before the answers were kept
-    assert "keeps no answers" in versus.paired_table([run], old_file, dev, ["category"])[0]
+    # the category is counted as category_metrics counts it, exactly: their "a" on row 0 is wrong there
+    assert versus.mcnemar(gold, ours, theirs, "category")["only_recipe"] == 6
+    dev = [{"id": str(i), "label": {"category": "Kites", "attributes": {"brand": g}}} for i, g in enumerate(gold)]
+    run = {"seed": 0, "scores": {"brand": {"answers": ours}}}
+    baseline = {"brand": {"answers": {str(i): a for i, a in enumerate(theirs)}}}
+    lines = versus.paired_table([run], baseline, dev, ["brand"])
+    assert run["paired"]["brand"]["only_recipe"] == 5
+    assert lines[-1] == "recipe, seed 0: brand: +5 / -1, p = 0.219"
+    old_file = {"brand": {"accuracy": 0.5}}  # a baseline file from before the answers were kept
+    assert "keeps no answers" in versus.paired_table([run], old_file, dev, ["brand"])[0]

@@ -194,17 +194,14 @@ def _tuning_tasks(schema: Any, rows: list[Any], cfg: FusionRecipeConfig) -> list
     """The enum attributes the tuning learns beside the category (``anchor.attribute_weight``): each value
     read as "<value> (<attribute>)", each row's value index. The rows the vote holds out to choose its
     weights are left out (-100), so the members it scores there have not seen their values."""
-    held: set[str] = set()
-    if cfg.vote.weights == "holdout":
-        _, held_idx = holdout_split([r.id for r in rows], cfg.vote.holdout)
-        held = {rows[i].id for i in held_idx}
+    held = set(holdout_split([r.id for r in rows], cfg.vote.holdout)[1]) if cfg.vote.weights == "holdout" else set()
     tasks = []
     for attr in schema.attributes:
         if attr.type != "enum" or not attr.values:
             continue
         index = {str(v): i for i, v in enumerate(attr.values)}
         gold = [((r.label or {}).get("attributes") or {}).get(attr.name) for r in rows]
-        targets = [index.get(str(g), -100) if g is not None and r.id not in held else -100 for g, r in zip(gold, rows)]
+        targets = [-100 if g is None or i in held else index.get(str(g), -100) for i, g in enumerate(gold)]
         label = attr.name.replace("_", " ")
         tasks.append(TuningTask(attr.name, [f"{v} ({label})" for v in attr.values], targets))
     return tasks

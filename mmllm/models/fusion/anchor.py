@@ -118,6 +118,11 @@ class TuningTask:
     targets: list[int]
 
 
+def trained_tasks(tasks: Sequence[TuningTask], cfg: AnchorConfig) -> list[TuningTask]:
+    """The tasks a tuning actually trains: none at ``attribute_weight: 0``, and none without a stated value."""
+    return [t for t in tasks if cfg.attribute_weight > 0 and any(v >= 0 for v in t.targets)]
+
+
 def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], class_names: Sequence[str],
                  cfg: AnchorConfig, seed: int, progress: Any = None, tasks: Sequence[TuningTask] = ()
                  ) -> tuple[torch.Tensor, float]:
@@ -128,7 +133,7 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     text = encoders.text
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    tasks = [t for t in tasks if cfg.attribute_weight > 0 and any(v >= 0 for v in t.targets)]
+    tasks = trained_tasks(tasks, cfg)
 
     def start_vectors(names: Sequence[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -227,7 +232,7 @@ def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], tar
                 **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu"}
     if cfg.schedule != "constant" or cfg.average:  # (the defaults keep the keys of tunings stored before these)
         settings.update(schedule=cfg.schedule, warmup=cfg.warmup, average=cfg.average)
-    tasks = [t for t in tasks if cfg.attribute_weight > 0 and any(v >= 0 for v in t.targets)]
+    tasks = trained_tasks(tasks, cfg)
     if tasks:  # (as above: a tuning without attribute tasks keeps its key)
         settings.update(attribute_weight=cfg.attribute_weight,
                         tasks=[[t.name, list(t.value_names), [int(v) for v in t.targets]] for t in tasks])
