@@ -44,7 +44,7 @@ def build_backbone(gpu: bool, tmp: Path) -> str:
     """A model folder: the tiny checkpoint on CPU; a real-size Qwen2-VL-2B with random weights on GPU."""
     from mmllm.tiny import resolve
 
-    return str(random_model_dir(tmp / "model")) if gpu else resolve("tiny:qwen2_vl")
+    return str(random_model_dir()) if gpu else resolve("tiny:qwen2_vl")
 
 
 def main(argv: list[str] | None = None) -> int:

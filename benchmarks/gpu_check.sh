@@ -8,8 +8,9 @@
 #      batch 4, one 448x448 picture and a 1,400-token prompt per row: tokens/s, peak memory, loss
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)
 #   3. classification heads vs generation on the same backbone, 16 rows: rows/s
-# Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) can be carried in
-# wheels/ (ignored by git); without them QLoRA is skipped and classify_vs_generate generates unconstrained.
+# Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
+# benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
+# the labelling steps generate unconstrained.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MMLLM_CACHE="${TMPDIR:-/tmp}/mmllm-cache"
@@ -40,24 +41,46 @@ step() {
   echo "== $label: $((SECONDS - t0))s"
 }
 
-if ls wheels/*.whl >/dev/null 2>&1; then
-  timeout 60 python -m pip install -q --no-index --find-links wheels bitsandbytes xgrammar || echo "wheel install failed"
+# Wheels carried from a machine with the registries (benchmarks/gpu_wheels.sh), installed into folders
+# of their own: wheels/core (bitsandbytes, xgrammar) always; wheels/hf (transformers, peft, accelerate
+# at the locked versions) only where they import beside this machine's torch, else its own copies.
+site="${TMPDIR:-/tmp}/mmllm-gpu-site"
+install() {  # install FOLDER: the wheels of wheels/FOLDER into $site/FOLDER
+  rm -rf "${site:?}/$1"
+  timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/$1" wheels/"$1"/*.whl
+}
+if ls wheels/core/*.whl >/dev/null 2>&1; then
+  if install core; then export PYTHONPATH="$PYTHONPATH:$site/core"; else echo "!! wheels/core: install failed"; fi
+fi
+if ls wheels/hf/*.whl >/dev/null 2>&1; then
+  if install hf && PYTHONPATH="$site/hf:$PYTHONPATH" python3 -c \
+      "import peft, accelerate, transformers; from transformers import AutoModelForImageTextToText; import mmllm.label" 2>"$site/hf.err"; then
+    export PYTHONPATH="$site/hf:$PYTHONPATH"
+    echo "wheels/hf: the locked transformers / peft / accelerate are used"
+  else
+    echo "!! wheels/hf: not used, this machine's own copies are (the import failed: $(tail -1 "$site/hf.err" 2>/dev/null))"
+  fi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python - <<'EOF'
-import importlib.util
-import torch, transformers, peft
-print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
+python3 - <<'EOF'
+import importlib
+import accelerate, torch, transformers, peft
+print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
+      "accelerate", accelerate.__version__)
 without = {"bitsandbytes": "QLoRA is skipped", "xgrammar": "generation runs unconstrained",
            "flash_attn": "attention runs on SDPA"}
 for name, consequence in without.items():
-    print(name, "installed" if importlib.util.find_spec(name) else f"missing: {consequence}")
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "installed"))
+    except Exception as error:  # not there, or there but unusable (a library it needs is missing)
+        print(name, f"unusable ({type(error).__name__}: {error}): {consequence}")
 EOF
 
-step 150 "train step" python benchmarks/train_step.py --gpu --models qwen2_5_vl_3b --modes lora qlora \
+step 150 "train step" python3 benchmarks/train_step.py --gpu --models qwen2_5_vl_3b --modes lora qlora \
   --steps 3 --batch 4 --image-side 448 --out "$out/train_step_gpu.json"
-step 140 "labelling throughput" python benchmarks/label_throughput.py --gpu --rows 16 \
+step 140 "labelling throughput" python3 benchmarks/label_throughput.py --gpu --rows 16 \
   --out "$out/label_throughput_gpu.json"
-step 130 "classify vs generate" python benchmarks/classify_vs_generate.py --gpu --rows 16 --max-new-tokens 64 \
+step 130 "classify vs generate" python3 benchmarks/classify_vs_generate.py --gpu --rows 16 --max-new-tokens 64 \
   --out "$out/classify_vs_generate_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"

@@ -78,8 +78,10 @@ def make_dump(folder: Path, rows: int, with_images: bool) -> Path:
     return folder / "dump.jsonl"
 
 
-def random_model_dir(out: Path) -> Path:
-    """A real-size Qwen2-VL-2B with random weights, on the GPU, saved to ``out``.
+def random_model_dir(out: Path | None = None) -> Path:
+    """A real-size Qwen2-VL-2B with random weights, built on the GPU and saved to ``out`` (default: a
+    folder under ``MMLLM_CACHE``, which ``classify_vs_generate.py --gpu`` then reuses: a folder
+    finished earlier, its ``.complete`` marker written last, is not built again).
 
     It borrows the tiny checkpoint's tokenizer and processor: the real vocabulary cannot be
     downloaded here, and speed depends on shapes, not on words.
@@ -90,6 +92,9 @@ def random_model_dir(out: Path) -> Path:
 
     from mmllm.tiny import resolve
 
+    out = out or Path(os.environ.get("MMLLM_CACHE", tempfile.gettempdir())) / "random-qwen2_vl_2b-tiny-tokenizer"
+    if (out / ".complete").exists():
+        return out
     tiny = Path(resolve("tiny:qwen2_vl"))
     config = build_config("qwen2_vl_2b")
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -102,6 +107,7 @@ def random_model_dir(out: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
         if (tiny / name).exists():
             (out / name).write_bytes((tiny / name).read_bytes())
+    (out / ".complete").write_text("qwen2_vl_2b")
     return out
 
 
@@ -338,14 +344,14 @@ def gpu(args: argparse.Namespace) -> dict:
     results: dict = {"batching": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
         tmp = Path(tmp_name)
-        random_model_dir(tmp / "model")
+        model_dir = random_model_dir()
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
         # the GPU machine may lack xgrammar (wheels/ can carry it): then the answers are decoded freely
         constrained = importlib.util.find_spec("xgrammar") is not None
         if not constrained:
             print("note: xgrammar is not installed: labelling runs unconstrained", file=sys.stderr)
         results["constrained"] = constrained
-        predictor = load(str(tmp / "model"), schema, constrained, 1, 256)
+        predictor = load(str(model_dir), schema, constrained, 1, 256)
         from mmllm.collator import set_pixel_budget
 
         set_pixel_budget(predictor.processor, 128 * 28 * 28, 448 * 448)  # real photos: up to 256 image tokens

@@ -158,30 +158,44 @@ def synthetic_batch(image_side: int, batch: int, text_tokens: int, answer_tokens
     return {k: v.to(device) for k, v in batch_inputs.items()}
 
 
+def saved_random_model(name: str, folder: Path) -> Path:
+    """The real-size ``name`` with random weights (bf16, built on the GPU), saved as safetensors in
+    ``folder``; a folder finished by an earlier call (its ``.complete`` marker) is reused."""
+    from transformers import AutoModelForImageTextToText
+
+    if (folder / ".complete").exists():
+        return folder
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(build_config(name), dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    (folder / ".complete").write_text(name)
+    say(f"{name}: random weights built and saved in {time.perf_counter() - started:.0f} s")
+    return folder
+
+
 def gpu_run(name: str, mode: str, steps: int, warmup: int, image_side: int, batch: int, prompt_tokens: int,
             mlp_chunks: int = 1) -> dict:
     from mmllm.models.generative import LoraSettings, ModelConfig, attach_lora, load_base_model
     from mmllm.models.mini_sequence import chunk_mlps
     from mmllm.training import causal_lm_loss
-    from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        # random weights saved once, then loaded through mmllm's own builder (QLoRA quantizes on load)
-        with torch.device("cuda"):
-            model = AutoModelForImageTextToText.from_config(build_config(name), dtype=torch.bfloat16)
-        model.save_pretrained(tmp, safe_serialization=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        cfg = ModelConfig(base=tmp, dtype="bfloat16", attn_implementation="auto",
-                          quantization="4bit" if mode == "qlora" else "none", gradient_checkpointing=True)
-        model = load_base_model(cfg, device_map={"": 0})
-    say(f"{name} {mode}: random weights built, saved and loaded in {time.perf_counter() - started:.0f} s")
-    model = attach_lora(model, LoraSettings(rank=16, alpha=32), quantized=mode == "qlora", gradient_checkpointing=True)
+    # random weights saved once per model (every mode loads the same folder), then loaded through
+    # mmllm's own builder (QLoRA quantizes on load)
+    folder = saved_random_model(name, Path(os.environ.get("MMLLM_CACHE", tempfile.gettempdir())) / f"random-{name}")
+    cfg = ModelConfig(base=str(folder), dtype="bfloat16", attn_implementation="auto",
+                      quantization="4bit" if mode == "qlora" else "none", gradient_checkpointing=True)
+    model = load_base_model(cfg, device_map={"": 0})
+    say(f"{name} {mode}: random weights ready and loaded in {time.perf_counter() - started:.0f} s")
+    model = attach_lora(model, LoraSettings(rank=16, alpha=32), gradient_checkpointing=True)
     chunk_mlps(model, mlp_chunks)
     model.train()
     torch.cuda.reset_peak_memory_stats()
@@ -491,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append({"model": name, "mode": mode, "mlp_chunks": chunks,
                                      "error": f"{type(exc).__name__}: {exc}"[:300]})
                     print(json.dumps(rows[-1]), flush=True)
+                    write_results(args, rows, torch.cuda.get_device_name(0))  # kept if a later run is cut short
         device = torch.cuda.get_device_name(0)
         columns = ["model", "mode", "mlp_chunks", "attention", "batch", "image", "seq_len", "step_s", "tokens_per_s", "peak_mem_gb",
                    "trainable_params_m", "loss"]
@@ -511,14 +526,18 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(columns))
         for row in rows:
             print(" | ".join(str(row.get(c, row.get("error", ""))) for c in columns))
+    print(f"wrote {write_results(args, rows, device)}")
+    return 0
+
+
+def write_results(args: argparse.Namespace, rows: list[dict], device: str) -> Path:
     name = "train_step_gpu.json" if args.gpu else "train_step_real_cpu.json" if args.real_size else "train_step.json"
     out = args.out or HERE / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "train_step", "mode": "gpu" if args.gpu else "real_size_cpu" if args.real_size else "cpu",
                                "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
                                "transformers": transformers.__version__, "results": rows}, indent=2))
-    print(f"wrote {out}")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

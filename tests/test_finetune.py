@@ -214,6 +214,31 @@ def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_checkpoint):
     assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_size > 0
 
 
+def test_a_4bit_base_keeps_its_other_weights_in_bf16_and_trains_lora_only(tiny_checkpoint):
+    """peft's kbit preparation would copy the vision tower and the embedding to float32 (on the GPU,
+    Qwen2.5-VL-3B QLoRA peaked at 9.93 GiB with it); attach_lora leaves them as loaded."""
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the 'qlora' extra)")
+    model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_5_vl")), dtype="bfloat16", quantization="4bit"))
+    loaded = {n: p.dtype for n, p in model.named_parameters()}
+    peft_model = attach_lora(model, LoraSettings(rank=4, dropout=0.0), gradient_checkpointing=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in peft_model.modules())
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad and param.dtype == torch.float32, name
+        else:
+            assert not param.requires_grad, name
+            assert param.dtype == loaded[name.replace("base_model.model.", "", 1).replace(".base_layer", "")], name
+    assert {p.dtype for n, p in peft_model.named_parameters() if ".visual." in n} == {torch.bfloat16}
+    assert peft_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 1000, (2, 12))
+    peft_model.train()
+    out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    out.loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(out.loss) and grads and all(g is not None for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
 @pytest.mark.slow
 def test_merge_writes_a_standalone_model_that_answers_the_same(tmp_path):
     from transformers import AutoModelForImageTextToText

@@ -153,13 +153,20 @@ def load_base_model(cfg: ModelConfig, *, source: str | None = None, device_map: 
     return AutoModelForImageTextToText.from_pretrained(source or cfg.base, **kwargs)
 
 
-def attach_lora(model: Any, cfg: LoraSettings, *, quantized: bool = False, gradient_checkpointing: bool = False) -> Any:
-    """Wrap the model with a trainable LoRA adapter; everything else stays frozen."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def attach_lora(model: Any, cfg: LoraSettings, *, gradient_checkpointing: bool = False) -> Any:
+    """Wrap the model with a trainable LoRA adapter; everything else stays frozen.
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    A 4-bit (QLoRA) base is prepared like a bf16 one: frozen, and nothing cast. peft's
+    ``prepare_model_for_kbit_training`` would copy every weight left out of 4-bit to float32; on
+    Qwen2.5-VL-3B that is the vision tower and the 151,936-row embedding, about 2 GB more on the GPU
+    than they take in bf16, for no gain: Qwen's RMSNorm already computes in float32, and the LoRA
+    weights peft adds are float32 whatever the base.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     target = f"(?:{cfg.target})|(?:{VISION_LORA})" if cfg.vision else cfg.target

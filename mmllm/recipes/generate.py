@@ -97,8 +97,7 @@ def build_backbone(model_cfg: ModelConfig, lora: LoraSettings, accelerator: Any)
     base = resolve(model_cfg.base)
     processor = load_processor(base, model_cfg)
     model = load_base_model(model_cfg, source=base)
-    model = attach_lora(model, lora, quantized=model_cfg.quantization == "4bit",
-                        gradient_checkpointing=model_cfg.gradient_checkpointing)
+    model = attach_lora(model, lora, gradient_checkpointing=model_cfg.gradient_checkpointing)
     if model_cfg.mlp_chunks > 1:
         chunked = chunk_mlps(model, model_cfg.mlp_chunks)
         say(accelerator, f"mini-sequence MLPs: {chunked} language-model MLPs run in {model_cfg.mlp_chunks} "
