@@ -131,3 +131,30 @@ def test_labelling_is_plain_greedy_whatever_the_checkpoint_generation_config_say
     assert text == expected
     assert not [r for r in caplog.records if "generation" in r.getMessage().lower()]
     assert model.generation_config is shipped and shipped.repetition_penalty == 50.0  # the checkpoint's own, restored
+
+
+@pytest.mark.slow
+def test_decode_profile_splits_a_labelling_pass_into_forward_passes_operators_and_host_functions(tmp_path):
+    """benchmarks/decode_profile.py (its --gpu mode found the H200 idle 78% of a labelling pass):
+    on CPU it profiles the tiny model through the real labelling job."""
+    import json
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import decode_profile
+
+    out = tmp_path / "profile.json"
+    assert decode_profile.main(["--rows", "3", "--batch", "2", "--top", "5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    p = result["profiler"]
+    # 3 rows at batch 2 = 2 batches: one prefill each, then one forward pass per decoding step
+    assert p["forward_passes"] == p["decode_steps"] + 2 and p["decode_steps"] >= 2
+    assert p["decode_ms_per_step"] == pytest.approx(p["decode_s"] / p["decode_steps"] * 1000, rel=0.01, abs=0.01)
+    assert p["operators"] > p["forward_passes"] and 0 < p["operator_s"] <= p["wall_s"] * 2  # 2 intra-op threads at most
+    assert p["prefill_s"] > 0 and p["decode_s"] > 0 and p["prefill_s"] + p["decode_s"] <= p["model_s"] + 1e-3
+    top = result["host"]["top_own_time"]
+    assert len(top) == 5 and all(r["calls"] >= 1 and r["own_s"] <= r["cumulative_s"] + 1e-6 for r in top)
+    assert [r["own_s"] for r in top] == sorted((r["own_s"] for r in top), reverse=True)
+    assert result["constrained"] is True and result["rows"] == 3
