@@ -3,11 +3,13 @@
 # configs with random weights (no download). Writes JSON under $OUT (or benchmarks/results).
 #   bash benchmarks/gpu_check.sh
 # Sized for one H200 and 8 minutes in all, model builds included: every step has its own timeout
-# (150 + 140 + 130 s), cut short so that none runs past the whole check's BUDGET_S (450 s).
+# (150 + 140 + 130 + 100 s), cut short so that none runs past the whole check's BUDGET_S (450 s);
+# on an H200 (2026-12-04) steps 1-3 took 255 s together, and step 4 alone 85 s (its profiler pass is slow: 170,000 kernel events).
 #   1. training: Qwen2.5-VL-3B LoRA in bf16, then QLoRA (skipped, with a note, without bitsandbytes),
 #      batch 4, one 448x448 picture and a 1,400-token prompt per row: tokens/s, peak memory, loss
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)
 #   3. classification heads vs generation on the same backbone, 16 rows: rows/s
+#   4. one labelling pass at batch 8 profiled: device kernel time against the host's (decode_profile.py)
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
 # the labelling steps generate unconstrained.
@@ -83,4 +85,6 @@ step 140 "labelling throughput" python3 benchmarks/label_throughput.py --gpu --r
   --out "$out/label_throughput_gpu.json"
 step 130 "classify vs generate" python3 benchmarks/classify_vs_generate.py --gpu --rows 16 --max-new-tokens 64 \
   --out "$out/classify_vs_generate_gpu.json"
+step 100 "decode profile" python3 benchmarks/decode_profile.py --gpu --rows 8 --batch 8 \
+  --out "$out/decode_profile_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"
