@@ -492,8 +492,12 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab:
     processor = _build_processor(arch, tokenizer)
     config = _build_config(arch, tokenizer, vocab)
 
-    torch.manual_seed(seed)
-    model = _MODEL_CLASSES[arch](config).eval()
+    # seeded on a forked generator: building must not move the caller's random state (a recipe that
+    # seeds, then resolves "tiny:ARCH" for the first time, would otherwise start its LoRA from other
+    # random numbers than the same recipe finding the checkpoint already built)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _MODEL_CLASSES[arch](config).eval()
     # Greedy by default so that generate() in tests is reproducible; the real
     # checkpoints stop on either end token, as here.
     model.generation_config = GenerationConfig(

@@ -151,6 +151,16 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, tiny_checkpoint):
     assert (first / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
 
 
+def test_building_leaves_the_callers_random_state_alone(tmp_path):
+    """A recipe seeds, then resolves tiny:ARCH; building it the first time must not reseed the caller
+    (test_finetune's resume test, run alone, trained from other LoRA weights when it did)."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    build_tiny_checkpoint(tmp_path / "built", "qwen2_vl", seed=0)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_unknown_arch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="qwen2_vl"):
         build_tiny_checkpoint(tmp_path, arch="llava")

@@ -167,7 +167,7 @@ def attach_lora(model: Any, cfg: LoraSettings, *, gradient_checkpointing: bool =
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     target = f"(?:{cfg.target})|(?:{VISION_LORA})" if cfg.vision else cfg.target
     names = [n for n, _ in model.named_modules()]
