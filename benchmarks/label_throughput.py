@@ -78,35 +78,43 @@ def make_dump(folder: Path, rows: int, with_images: bool) -> Path:
     return folder / "dump.jsonl"
 
 
-def random_model_dir(out: Path | None = None) -> Path:
-    """A real-size Qwen2-VL-2B with random weights, built on the GPU and saved to ``out`` (default: a
-    folder under ``MMLLM_CACHE``, which ``classify_vs_generate.py --gpu`` then reuses: a folder
-    finished earlier, its ``.complete`` marker written last, is not built again).
+def random_model_dir(out: Path | None = None, *, text_layers: int | None = None, vision_depth: int | None = None,
+                     device: str = "cuda") -> Path:
+    """A real-size Qwen2-VL-2B with random weights (bf16), built on ``device`` and saved to ``out``
+    (default: a folder under ``MMLLM_CACHE``, which ``classify_vs_generate.py --gpu`` and
+    ``decode_profile.py --gpu`` then reuse: a folder finished earlier, its ``.complete`` marker written
+    last, is not built again). ``text_layers`` / ``vision_depth`` keep fewer layers (the CPU test).
 
-    It borrows the tiny checkpoint's tokenizer and processor: the real vocabulary cannot be
-    downloaded here, and speed depends on shapes, not on words.
+    It borrows the tokenizer and processor of ``tiny:qwen2_vl:real``: the real vocabulary's size
+    (151,665 tokens, so the grammar's mask and the answer's decoding cost what they cost with the real
+    one) and its special tokens at the real ids; the real tokenizer cannot be downloaded here, and
+    speed depends on shapes, not on words.
     """
     sys.path.insert(0, str(HERE))
-    from train_step import build_config
+    from train_step import IDS, build_config
     from transformers import AutoModelForImageTextToText
 
     from mmllm.tiny import resolve
 
-    out = out or Path(os.environ.get("MMLLM_CACHE", tempfile.gettempdir())) / "random-qwen2_vl_2b-tiny-tokenizer"
+    out = out or Path(os.environ.get("MMLLM_CACHE", tempfile.gettempdir())) / "random-qwen2_vl_2b-real-vocab"
     if (out / ".complete").exists():
         return out
-    tiny = Path(resolve("tiny:qwen2_vl"))
-    config = build_config("qwen2_vl_2b")
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(config, key, json.loads((tiny / "config.json").read_text())[key])
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    source = Path(resolve("tiny:qwen2_vl:real"))
+    ids = json.loads((source / "config.json").read_text())
+    wrong = {k: ids.get(k) for k, v in IDS.items() if ids.get(k) != v}
+    if wrong:
+        raise ValueError(f"{source}: special tokens not at the real ids: {wrong}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(build_config("qwen2_vl_2b", text_layers, vision_depth),
+                                                        dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
-        if (tiny / name).exists():
-            (out / name).write_bytes((tiny / name).read_bytes())
+        if (source / name).exists():
+            (out / name).write_bytes((source / name).read_bytes())
     (out / ".complete").write_text("qwen2_vl_2b")
     return out
 

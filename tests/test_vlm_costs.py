@@ -158,3 +158,35 @@ def test_decode_profile_splits_a_labelling_pass_into_forward_passes_operators_an
     assert len(top) == 5 and all(r["calls"] >= 1 and r["own_s"] <= r["cumulative_s"] + 1e-6 for r in top)
     assert [r["own_s"] for r in top] == sorted((r["own_s"] for r in top), reverse=True)
     assert result["constrained"] is True and result["rows"] == 3
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmarks_random_model_folder_labels_at_the_real_vocabulary(tmp_path):
+    """label_throughput / classify_vs_generate / decode_profile --gpu build a random Qwen2-VL-2B with
+    the real-size-vocabulary tokenizer; here the same builder at one layer on CPU, labelled end to end."""
+    import json
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import label_throughput
+
+    folder = label_throughput.random_model_dir(tmp_path / "model", text_layers=1, vision_depth=1, device="cpu")
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    assert (text["hidden_size"], text["vocab_size"], text["num_hidden_layers"]) == (1536, 151936, 1)
+    assert config["vision_config"]["depth"] == 1 and config["image_token_id"] == 151655
+    built = (folder / "model.safetensors").stat().st_mtime_ns
+    assert label_throughput.random_model_dir(folder) == folder  # finished: reused, not built again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == built
+
+    dump = label_throughput.make_dump(tmp_path / "rows", 3, with_images=True)
+    schema = tmp_path / "schema.yaml"
+    small_schema().to_yaml(schema)  # four categories, short answers: a short test
+    predictor = label_throughput.load(str(folder), schema, True, 3, 64, template="listing_compact_v1")
+    assert len(predictor.processor.tokenizer) > 151_000  # the grammar masks the real vocabulary's size
+    summary = label_throughput.run_job(predictor, dump, 3, tmp_path / "labels.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert summary.rows == 3 and sorted(r["id"] for r in records) == ["row-0", "row-1", "row-2"]
+    assert all(r["status"] == "ok" and 0 <= r["confidence"] <= 1 for r in records)  # constrained: always valid
