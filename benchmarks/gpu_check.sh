@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh
 # Sized for one H200 and 8 minutes in all, model builds included: every step has its own timeout
 # (150 + 140 + 130 + 100 s), cut short so that none runs past the whole check's BUDGET_S (450 s);
-# on an H200 (2026-12-04) steps 1-3 took 255 s together, and step 4 alone 85 s (its profiler pass is slow: 170,000 kernel events).
+# on an H200 (2026-12-04) steps 1-3 took 218 s (the whole check 255 s), and step 4, run on its own, 85 s
+# with its model build (its profiler pass is slow: 170,000 device events).
 #   1. training: Qwen2.5-VL-3B LoRA in bf16, then QLoRA (skipped, with a note, without bitsandbytes),
 #      batch 4, one 448x448 picture and a 1,400-token prompt per row: tokens/s, peak memory, loss
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)

@@ -6,7 +6,7 @@
 # Two sets, which gpu_check.sh installs into separate folders on the PYTHONPATH:
 #   wheels/core: what the GPU machine lacks outright (bitsandbytes for QLoRA, xgrammar for constrained
 #                decoding, and their needs). bitsandbytes is slimmed to its CUDA 13 and CPU libraries
-#                (43 MB -> ~6 MB; its other CUDA and ROCm builds are of no use there).
+#                (43 -> 7 MiB; its other CUDA and ROCm builds are of no use there).
 #   wheels/hf:   transformers, peft, accelerate and the hub client at the locked versions; gpu_check.sh
 #                uses them only if they import there, else the machine's own copies, and says which.
 set -euo pipefail

@@ -96,7 +96,8 @@ def random_model_dir(out: Path | None = None, *, text_layers: int | None = None,
 
     from mmllm.tiny import resolve
 
-    out = out or Path(os.environ.get("MMLLM_CACHE", tempfile.gettempdir())) / "random-qwen2_vl_2b-real-vocab"
+    cut = "" if text_layers is None and vision_depth is None else f"-{text_layers}-layers-{vision_depth}-blocks"
+    out = out or Path(os.environ.get("MMLLM_CACHE", tempfile.gettempdir())) / f"random-qwen2_vl_2b{cut}-real-vocab"
     if (out / ".complete").exists():
         return out
     source = Path(resolve("tiny:qwen2_vl:real"))

@@ -160,7 +160,8 @@ def synthetic_batch(image_side: int, batch: int, text_tokens: int, answer_tokens
 
 def saved_random_model(name: str, folder: Path) -> Path:
     """The real-size ``name`` with random weights (bf16, built on the GPU), saved as safetensors in
-    ``folder``; a folder finished by an earlier call (its ``.complete`` marker) is reused."""
+    ``folder``; a folder finished by an earlier call (its ``.complete`` marker) is reused. It stays on disk
+    (7.5 GB for Qwen2.5-VL-3B; gpu_check.sh puts it under its own MMLLM_CACHE): delete it when done."""
     from transformers import AutoModelForImageTextToText
 
     if (folder / ".complete").exists():

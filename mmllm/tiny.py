@@ -495,8 +495,8 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab:
     # seeded on a forked generator: building must not move the caller's random state (a recipe that
     # seeds, then resolves "tiny:ARCH" for the first time, would otherwise start its LoRA from other
     # random numbers than the same recipe finding the checkpoint already built)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator, restored on exit; CUDA's is never touched
+        torch.default_generator.manual_seed(seed)
         model = _MODEL_CLASSES[arch](config).eval()
     # Greedy by default so that generate() in tests is reproducible; the real
     # checkpoints stop on either end token, as here.

@@ -239,6 +239,18 @@ def test_a_4bit_base_keeps_its_other_weights_in_bf16_and_trains_lora_only(tiny_c
     assert any(float(g.abs().sum()) > 0 for g in grads)
 
 
+def test_a_float16_4bit_base_keeps_peft_preparation_float32_outside_4bit(tiny_checkpoint):
+    """float16 (GPUs without bf16) keeps the float32 copies: float16's range, and a trained merger
+    whose gradients float16 mixed precision must unscale."""
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the 'qlora' extra)")
+    model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_5_vl")), dtype="float16", quantization="4bit"))
+    peft_model = attach_lora(model, LoraSettings(rank=4, train_merger=True), gradient_checkpointing=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in peft_model.modules())
+    assert {p.dtype for n, p in peft_model.named_parameters() if ".visual." in n} == {torch.float32}
+    trainable = {n: p.dtype for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("merger" in n and "lora_" not in n for n in trainable) and set(trainable.values()) == {torch.float32}
+
+
 @pytest.mark.slow
 def test_merge_writes_a_standalone_model_that_answers_the_same(tmp_path):
     from transformers import AutoModelForImageTextToText

@@ -135,7 +135,7 @@ def test_labelling_is_plain_greedy_whatever_the_checkpoint_generation_config_say
 
 @pytest.mark.slow
 def test_decode_profile_splits_a_labelling_pass_into_forward_passes_operators_and_host_functions(tmp_path):
-    """benchmarks/decode_profile.py (its --gpu mode found the H200 idle 78% of a labelling pass):
+    """benchmarks/decode_profile.py (its --gpu mode found the H200 busy 22% of a profiled labelling pass):
     on CPU it profiles the tiny model through the real labelling job."""
     import json
     import sys
@@ -152,7 +152,7 @@ def test_decode_profile_splits_a_labelling_pass_into_forward_passes_operators_an
     # 3 rows at batch 2 = 2 batches: one prefill each, then one forward pass per decoding step
     assert p["forward_passes"] == p["decode_steps"] + 2 and p["decode_steps"] >= 2
     assert p["decode_ms_per_step"] == pytest.approx(p["decode_s"] / p["decode_steps"] * 1000, rel=0.01, abs=0.01)
-    assert p["operators"] > p["forward_passes"] and 0 < p["operator_s"] <= p["wall_s"] * 2  # 2 intra-op threads at most
+    assert p["operators"] > p["forward_passes"] and 0 < p["operator_s"] <= p["wall_s"] * 2  # operators of other threads (image preparation) overlap
     assert p["prefill_s"] > 0 and p["decode_s"] > 0 and p["prefill_s"] + p["decode_s"] <= p["model_s"] + 1e-3
     top = result["host"]["top_own_time"]
     assert len(top) == 5 and all(r["calls"] >= 1 and r["own_s"] <= r["cumulative_s"] + 1e-6 for r in top)
