@@ -149,17 +149,18 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     whose next token is an answer token in any row of the batch), so a 1,400-token prompt over a
     151,936-entry vocabulary never becomes a [batch, tokens, vocabulary] float32 tensor: the
     answer is a few dozen tokens. Models whose forward takes no ``logits_to_keep`` get every
-    position, with the same loss.
+    position, with the same loss. No decoding cache is built (``use_cache=False``): training never
+    reads one, and under gradient checkpointing transformers would turn it off with a warning.
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     shift_labels = labels[:, 1:]  # the logit at position t predicts token t + 1
     if _takes_logits_to_keep(model):
         keep = (shift_labels != -100).any(0).nonzero().squeeze(-1)  # [K] positions, shared by the batch
-        logits = model(**inputs, logits_to_keep=keep).logits  # [B, K, V]
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # [B, K, V]
         shift_labels = shift_labels[:, keep.to(shift_labels.device)]
     else:
-        logits = model(**inputs).logits[:, :-1]  # [B, T - 1, V]
+        logits = model(**inputs, use_cache=False).logits[:, :-1]  # [B, T - 1, V]
     shift_labels = shift_labels.to(logits.device)
     loss = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"

@@ -190,3 +190,27 @@ def test_the_gpu_benchmarks_random_model_folder_labels_at_the_real_vocabulary(tm
     records = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
     assert summary.rows == 3 and sorted(r["id"] for r in records) == ["row-0", "row-1", "row-2"]
     assert all(r["status"] == "ok" and 0 <= r["confidence"] <= 1 for r in records)  # constrained: always valid
+
+
+def test_no_forward_outside_generation_builds_a_decoding_cache(loaded, catalog):
+    """The heads, the search vectors and the training loss run the decoder once over the prompt: a cache
+    would keep every layer's keys and values to the end of the pass (GBs at real size and batch)."""
+    from mmllm.models.classifier import ListingClassifier
+    from mmllm.models.heads import HeadSpec, decoder, hidden_size, prompt_vectors
+
+    model, processor = loaded
+    path, rows = catalog
+    batch = TrainCollator(processor, small_schema(), PromptTemplate.load("listing_v1"), ImagePolicy(root=path.parent))(
+        [(r, 0) for r in rows[:2]])
+    outputs = []
+    hook = decoder(model).register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        loss, _ = causal_lm_loss(model, batch)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        prompt_vectors(model, inputs)
+        heads = ListingClassifier(model, hidden_size(model), [HeadSpec("category", "softmax", ["a", "b"])])
+        heads(**inputs)
+    finally:
+        hook.remove()
+    assert torch.isfinite(loss) and len(outputs) == 3
+    assert all(out.get("past_key_values") is None for out in outputs)

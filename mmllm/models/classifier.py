@@ -60,7 +60,8 @@ class ListingClassifier(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = {k: v for k, v in inputs.items() if not k.startswith(("target_", "mask_"))}
-        hidden = decoder(self.backbone)(**inputs).last_hidden_state  # [B, T, H]: no LM head, no logits
+        # no LM head, no logits, and no cache: every layer's keys and values would be kept to the end of the pass
+        hidden = decoder(self.backbone)(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
         pooled = pool(hidden, inputs["attention_mask"], self.pooling).float()  # [B, H]
         return {name: head(pooled) for name, head in self.heads.items()}
 

@@ -154,7 +154,7 @@ def prompt_vectors(model: Any, enc: Mapping[str, torch.Tensor], pooling: str = "
     """
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    hidden = decoder(model)(**enc).last_hidden_state  # [B, T, H]
+    hidden = decoder(model)(**enc, use_cache=False).last_hidden_state  # [B, T, H]; no cache: nothing is generated
     pooled = torch.nn.functional.normalize(pool(hidden.float(), enc["attention_mask"], pooling), dim=-1)
     return pooled.cpu().numpy().astype(np.float32, copy=False)
 
