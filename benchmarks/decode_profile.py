@@ -45,7 +45,7 @@ def device_time(profile, gpu: bool) -> tuple[float, int]:
     if gpu:
         kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         return sum(e.time_range.elapsed_us() for e in kernels) / 1e6, len(kernels)
-    ops = [e for e in profile.key_averages()]
+    ops = profile.key_averages()
     return sum(e.self_cpu_time_total for e in ops) / 1e6, sum(e.count for e in ops)
 
 
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="generation budget (constrained decoding raises it to the longest valid answer)")
     parser.add_argument("--template", default="listing_v1")
     parser.add_argument("--top", type=int, default=20, help="host functions listed")
     parser.add_argument("--out", type=Path)

@@ -91,8 +91,7 @@ def random_model_dir(out: Path | None = None, *, text_layers: int | None = None,
     speed depends on shapes, not on words.
     """
     sys.path.insert(0, str(HERE))
-    from train_step import IDS, build_config
-    from transformers import AutoModelForImageTextToText
+    from train_step import IDS, saved_random_model
 
     from mmllm.tiny import resolve
 
@@ -105,19 +104,11 @@ def random_model_dir(out: Path | None = None, *, text_layers: int | None = None,
     wrong = {k: ids.get(k) for k, v in IDS.items() if ids.get(k) != v}
     if wrong:
         raise ValueError(f"{source}: special tokens not at the real ids: {wrong}")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(build_config("qwen2_vl_2b", text_layers, vision_depth),
-                                                        dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
-        if (source / name).exists():
+        if (source / name).exists():  # first: the weights' .complete marker is what makes the folder finished
             (out / name).write_bytes((source / name).read_bytes())
-    (out / ".complete").write_text("qwen2_vl_2b")
-    return out
+    return saved_random_model("qwen2_vl_2b", out, text_layers, vision_depth, device)
 
 
 def load(model: str, schema: Path, constrained: bool, batch: int, max_new_tokens: int, template: str | None = None):

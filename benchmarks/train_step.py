@@ -158,22 +158,25 @@ def synthetic_batch(image_side: int, batch: int, text_tokens: int, answer_tokens
     return {k: v.to(device) for k, v in batch_inputs.items()}
 
 
-def saved_random_model(name: str, folder: Path) -> Path:
-    """The real-size ``name`` with random weights (bf16, built on the GPU), saved as safetensors in
-    ``folder``; a folder finished by an earlier call (its ``.complete`` marker) is reused. It stays on disk
-    (7.5 GB for Qwen2.5-VL-3B; gpu_check.sh puts it under its own MMLLM_CACHE): delete it when done."""
+def saved_random_model(name: str, folder: Path, text_layers: int | None = None, vision_depth: int | None = None,
+                       device: str = "cuda") -> Path:
+    """The real-size ``name`` with random weights (bf16, built on ``device``; ``text_layers`` /
+    ``vision_depth`` as in :func:`build_config`), saved as safetensors in ``folder``; a folder finished by
+    an earlier call (its ``.complete`` marker, written last) is reused. It stays on disk (7.5 GB for
+    Qwen2.5-VL-3B; gpu_check.sh puts it under its own MMLLM_CACHE): delete it when done."""
     from transformers import AutoModelForImageTextToText
 
     if (folder / ".complete").exists():
         return folder
     started = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(build_config(name), dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(build_config(name, text_layers, vision_depth), dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     (folder / ".complete").write_text(name)
     say(f"{name}: random weights built and saved in {time.perf_counter() - started:.0f} s")
     return folder
