@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -323,8 +324,9 @@ def _reset_peak() -> bool:
 
 
 def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, image_side: int,
-                 text_layers: int, vision_depth: int, mlp_chunks: int = 1) -> dict:
-    """``steps`` training steps of one variant on the one-layer real-size model, in THIS process.
+                 text_layers: int, vision_depth: int, mlp_chunks: int = 1, malloc_fix: bool = True) -> dict:
+    """``steps`` training steps of one variant on the one-layer real-size model, in THIS process;
+    ``malloc_fix=False`` leaves glibc's dynamic mmap threshold as it is (mmllm.host_memory).
 
     The peak resident memory is read twice with ``getrusage``: after building (model, LoRA,
     optimizer, batch) and, after restarting the count, over the steps; ``delta_mb`` is the steps'
@@ -333,6 +335,7 @@ def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmllm.collator import TrainCollator, set_pixel_budget
+    from mmllm.host_memory import return_large_frees_to_os
     from mmllm.models import classifier, heads
     from mmllm.models.generative import LoraSettings, attach_lora
     from mmllm.models.mini_sequence import chunk_mlps
@@ -342,6 +345,8 @@ def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, 
     from mmllm.training import causal_lm_loss
 
     started = time.perf_counter()
+    if malloc_fix:
+        return_large_frees_to_os()  # as mmllm.training.train_loop does on the CPU
     processor = AutoProcessor.from_pretrained(resolve(REAL_VOCAB_TINY))
     set_pixel_budget(processor, *REAL_PIXELS)
     tokenizer = processor.tokenizer
@@ -404,7 +409,8 @@ def real_cpu_run(variant: str, steps: int, batch_size: int, prompt_tokens: int, 
             f"{tokens / elapsed:.0f} tokens/s, peak {per_step[-1]['peak_mb']} MB")
     steps_peak_mb = max(s["peak_mb"] for s in per_step)
     return {
-        "variant": variant, "mlp_chunks": mlp_chunks, "params_m": round(params / 1e6, 1),
+        "variant": variant, "mlp_chunks": mlp_chunks, "malloc": "fixed" if malloc_fix else "default",
+        "params_m": round(params / 1e6, 1),
         "trainable_params_m": round(sum(p.numel() for p in trainable) / 1e6, 2),
         "batch": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "tokens": tokens,
         "prompt_text_tokens": prompt_tokens, "rendered_tokens": rendered, "image": f"{image_side}x{image_side}",
@@ -425,41 +431,46 @@ print(json.dumps(real_cpu_run(**{kwargs!r})))
 
 
 def real_cpu_benchmark(variants: list[str], steps: int, batch: int, prompt_tokens: int, image_side: int,
-                       text_layers: int, vision_depth: int, mlp_chunks: list[int] = (1,)) -> list[dict]:
-    """Each variant in a fresh process (its stdout: one JSON line; its progress: stderr)."""
+                       text_layers: int, vision_depth: int, mlp_chunks: list[int] = (1,),
+                       mallocs: list[str] = ("fixed",)) -> list[dict]:
+    """Each variant in a fresh process (its stdout: one JSON line; its progress: stderr); ``mallocs``:
+    ``fixed`` (glibc's mmap threshold fixed, as mmllm trains on the CPU) and / or ``default``."""
     # the real-vocabulary tokenizer folder is built once, in a process of its own, so that neither
     # its build nor this process's memory (which a child's ru_maxrss can start from) counts
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                     f"from mmllm.tiny import resolve; resolve({REAL_VOCAB_TINY!r})"], check=True)
     rows = []
-    for variant in variants:
-        for chunks in mlp_chunks:
-            kwargs = dict(variant=variant, steps=steps, batch_size=batch, prompt_tokens=prompt_tokens,
-                          image_side=image_side, text_layers=text_layers, vision_depth=vision_depth, mlp_chunks=chunks)
-            done = subprocess.run([sys.executable, "-c", REAL_CPU_CHILD.format(here=str(HERE), kwargs=kwargs)],
-                                  stdout=subprocess.PIPE, text=True)
-            if done.returncode:
-                rows.append({"variant": variant, "mlp_chunks": chunks, "error": f"exit {done.returncode} (see the lines above)"})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for variant, chunks, malloc in itertools.product(variants, mlp_chunks, mallocs):
+        kwargs = dict(variant=variant, steps=steps, batch_size=batch, prompt_tokens=prompt_tokens, image_side=image_side,
+                      text_layers=text_layers, vision_depth=vision_depth, mlp_chunks=chunks, malloc_fix=malloc == "fixed")
+        done = subprocess.run([sys.executable, "-c", REAL_CPU_CHILD.format(here=str(HERE), kwargs=kwargs)],
+                              stdout=subprocess.PIPE, text=True)
+        if done.returncode:
+            rows.append({"variant": variant, "mlp_chunks": chunks, "malloc": malloc,
+                         "error": f"exit {done.returncode} (see the lines above)"})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return rows
 
 
 def print_real_cpu(rows: list[dict]) -> None:
     """One line per step, then the memory of each variant."""
-    print(f"{'variant':<11} {'MLP chunks':>10} {'step':>4} {'loss':>10} {'step s':>7} {'tokens/s':>9} {'peak MB':>8} "
-          f"{'LM-head rows':>12}")
+    def name(row: dict) -> str:
+        return f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {row.get('malloc', 'default'):>7}"
+
+    print(f"{'variant':<11} {'MLP chunks':>10} {'malloc':>7} {'step':>4} {'loss':>10} {'step s':>7} {'tokens/s':>9} "
+          f"{'peak MB':>8} {'LM-head rows':>12}")
     for row in rows:
         for s in row.get("steps", []):
-            print(f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {s['step']:>4} {s['loss']:>10.6f} {s['step_s']:>7} "
+            print(f"{name(row)} {s['step']:>4} {s['loss']:>10.6f} {s['step_s']:>7} "
                   f"{s['tokens_per_s']:>9} {s['peak_mb']:>8} {s['lm_head_rows']:>12}")
         if "error" in row:
-            print(f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {row['error']}")
-    print(f"\n{'variant':<11} {'MLP chunks':>10} {'params M':>8} {'batch x seq':>11} {'process peak MB':>15} "
+            print(f"{name(row)} {row['error']}")
+    print(f"\n{'variant':<11} {'MLP chunks':>10} {'malloc':>7} {'params M':>8} {'batch x seq':>11} {'process peak MB':>15} "
           f"{'loaded MB':>9} {'steps peak MB':>13} {'delta MB':>8}")
     for row in rows:
         if "error" not in row:
-            print(f"{row['variant']:<11} {row.get('mlp_chunks', 1):>10} {row['params_m']:>8} {row['batch']:>4} x "
+            print(f"{name(row)} {row['params_m']:>8} {row['batch']:>4} x "
                   f"{row['seq_len']:<4} {row['process_peak_mb']:>15} {row['loaded_mb']:>9} {row['steps_peak_mb']:>13} "
                   f"{row['delta_mb']:>8}")
 
@@ -485,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-depth", type=int, default=1, help="--real-size: vision blocks kept")
     parser.add_argument("--mlp-chunks", nargs="+", type=int, default=[1],
                         help="mini-sequence MLP slices (model.mlp_chunks); several = each variant / mode at each")
+    parser.add_argument("--malloc", nargs="+", choices=["fixed", "default"], default=["fixed"],
+                        help="--real-size: glibc's mmap threshold fixed as mmllm trains (mmllm/host_memory.py), "
+                             "or glibc's dynamic default; both = each variant at each")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.mlp_chunks):
@@ -516,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.real_size:
         os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
         rows = real_cpu_benchmark(args.variants, args.steps or 3, args.batch or 2, args.prompt_tokens, args.image_side,
-                                  args.text_layers, args.vision_depth, args.mlp_chunks)
+                                  args.text_layers, args.vision_depth, args.mlp_chunks, args.malloc)
         device = f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     else:
         rows = cpu_benchmark(args.steps or 8)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmllm.config import help_field
+from mmllm.host_memory import return_large_frees_to_os
 from mmllm.progress import Progress
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -205,6 +206,8 @@ def train_loop(
     rows for classification), so every item weighs the same across micro-batches and processes.
     """
     plan = StepPlan(len(rows), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    if accelerator.device.type == "cpu":
+        return_large_frees_to_os()  # freed activations leave the heap: ~850 MB less at a real-size step (host_memory)
     total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
     # on the CPU the fused kernel takes a fifth of the default per-tensor loop's time (51 -> 10 ms a step

@@ -1,0 +1,42 @@
+"""Freed blocks of a few MB go back to the operating system (mmllm.host_memory), each case in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from mmllm.host_memory import return_large_frees_to_os
+if {fixed}:
+    assert return_large_frees_to_os()
+
+def anonymous_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+before = anonymous_mib()
+a = torch.ones(5_000_000); del a  # 20 MB, mapped; freeing it raises glibc's threshold to 20 MB
+b = torch.ones(5_000_000)  # so the next 20 MB come from the heap ...
+c = torch.ones(1_000)  # ... under a small block that stays
+del b
+print(anonymous_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what this changes")
+def test_a_freed_20_mb_tensor_stays_resident_under_glibcs_default_and_not_after_the_fix():
+    def retained(fixed: bool) -> float:
+        done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), fixed=fixed)],
+                              capture_output=True, text=True, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+
+    assert retained(False) > 15  # the freed block is still resident memory
+    assert retained(True) < 5  # it was unmapped when freed
