@@ -11,6 +11,9 @@
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)
 #   3. classification heads vs generation on the same backbone, 16 rows: rows/s
 #   4. one labelling pass at batch 8 profiled: device kernel time against the host's (decode_profile.py)
+#   5. labelling at batch 8 with a static decoding cache, which generate compiles into CUDA graphs
+#      (mmllm label --static-cache), against the growing cache: rows/s, the answers compared
+# STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: all of them).
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
 # the labelling steps generate unconstrained.
@@ -21,11 +24,17 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 BUDGET_S="${BUDGET_S:-450}"
+STEPS=" ${STEPS:-1 2 3 4 5} "
 start=$SECONDS
 
-# step SECONDS LABEL COMMAND...: run COMMAND for at most SECONDS (less if the budget is nearly spent)
+# step NUMBER SECONDS LABEL COMMAND...: run COMMAND for at most SECONDS (less if the budget is nearly
+# spent), if NUMBER is in STEPS
 step() {
-  local limit=$1 label=$2; shift 2
+  local number=$1 limit=$2 label=$3; shift 3
+  if [[ "$STEPS" != *" $number "* ]]; then
+    echo "== $label: not in STEPS"
+    return
+  fi
   local left=$((BUDGET_S - (SECONDS - start)))
   ((limit > left)) && limit=$left
   if ((limit < 20)); then
@@ -80,12 +89,14 @@ for name, consequence in without.items():
         print(name, f"unusable ({type(error).__name__}: {error}): {consequence}")
 EOF
 
-step 150 "train step" python3 benchmarks/train_step.py --gpu --models qwen2_5_vl_3b --modes lora qlora \
+step 1 150 "train step" python3 benchmarks/train_step.py --gpu --models qwen2_5_vl_3b --modes lora qlora \
   --steps 3 --batch 4 --image-side 448 --out "$out/train_step_gpu.json"
-step 140 "labelling throughput" python3 benchmarks/label_throughput.py --gpu --rows 16 \
+step 2 140 "labelling throughput" python3 benchmarks/label_throughput.py --gpu --rows 16 \
   --out "$out/label_throughput_gpu.json"
-step 130 "classify vs generate" python3 benchmarks/classify_vs_generate.py --gpu --rows 16 --max-new-tokens 64 \
+step 3 130 "classify vs generate" python3 benchmarks/classify_vs_generate.py --gpu --rows 16 --max-new-tokens 64 \
   --out "$out/classify_vs_generate_gpu.json"
-step 100 "decode profile" python3 benchmarks/decode_profile.py --gpu --rows 8 --batch 8 \
+step 4 100 "decode profile" python3 benchmarks/decode_profile.py --gpu --rows 8 --batch 8 \
   --out "$out/decode_profile_gpu.json"
+step 5 240 "static cache" python3 benchmarks/label_throughput.py --gpu --static-cache --rows 16 \
+  --out "$out/label_throughput_static_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"

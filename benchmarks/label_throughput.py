@@ -182,7 +182,7 @@ def same_outputs(a: Path, b: Path) -> tuple[int, int]:
     return sum(left[k] == right.get(k) for k in left), len(left)
 
 
-def decode_steps(predictor, dump: Path, batch: int, tmp: Path) -> tuple[float, int]:
+def decode_steps(predictor, dump: Path, batch: int, tmp: Path, out: Path | None = None) -> tuple[float, int]:
     """(seconds inside generate, decoding steps) for labelling ``dump``; steps counted by a hook."""
     steps = {"n": 0}
     original = predictor.model.generate
@@ -194,7 +194,7 @@ def decode_steps(predictor, dump: Path, batch: int, tmp: Path) -> tuple[float, i
 
     predictor.model.generate = counting_generate
     try:
-        summary = run_job(predictor, dump, batch, tmp / "steps.jsonl")
+        summary = run_job(predictor, dump, batch, out or tmp / "steps.jsonl")
     finally:
         predictor.model.generate = original
     return summary.model_s, steps["n"]
@@ -368,6 +368,55 @@ def gpu(args: argparse.Namespace) -> dict:
     return results
 
 
+def gpu_static(args: argparse.Namespace) -> dict:
+    """Batch 8 with a static decoding cache (``GenerativePredictor.static_cache``: on a GPU generate
+    compiles the decoding step and replays it as a CUDA graph) against the growing cache: rows/s of
+    the first pass (which compiles) and of a second one, and the answers compared row by row."""
+    from mmllm.collator import set_pixel_budget
+
+    schema = ROOT / "examples/toys_schema.yaml"
+    results: dict = {"passes": []}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
+        tmp = Path(tmp_name)
+        dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        constrained = importlib.util.find_spec("xgrammar") is not None
+        results["constrained"] = constrained
+        predictor = load(str(random_model_dir()), schema, constrained, 8, 256)
+        set_pixel_budget(predictor.processor, 128 * 28 * 28, 448 * 448)
+        results["backend"] = "inductor"  # transformers' default compile of the decoding step; cudagraphs if it fails
+        for cache, passes in (("dynamic", 2), ("static", 2)):
+            predictor.static_cache = cache == "static"
+            for n in range(passes):
+                out = tmp / f"{cache}{n}.jsonl"
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                try:
+                    model_s, steps = decode_steps(predictor, dump, 8, tmp, out)
+                except Exception as error:  # the compiler may be unusable here (no C compiler for Triton)
+                    if cache != "static" or results["backend"] != "inductor":
+                        raise
+                    print(f"compiled decoding failed ({type(error).__name__}: {str(error)[:300]}); "
+                          "retrying with the cudagraphs backend (no code generation)", file=sys.stderr, flush=True)
+                    results["backend"], results["inductor_error"] = "cudagraphs", f"{type(error).__name__}: {str(error)[:300]}"
+                    from transformers import CompileConfig
+
+                    torch._dynamo.reset()
+                    predictor._greedy[1].compile_config = CompileConfig(backend="cudagraphs", mode=None)
+                    started = time.perf_counter()
+                    model_s, steps = decode_steps(predictor, dump, 8, tmp, out)
+                wall = time.perf_counter() - started
+                row = {"cache": cache, "pass": n + 1, "rows": args.rows, "rows_per_s": round(args.rows / wall, 2),
+                       "model_s": round(model_s, 2), "decode_steps": steps,
+                       "model_ms_per_step": round(model_s / max(steps, 1) * 1000, 2)}
+                if cache == "static":
+                    row["identical_rows"], _ = same_outputs(tmp / "dynamic1.jsonl", out)
+                results["passes"].append(row)
+                print(f"{cache} cache, pass {n + 1}: {row}", file=sys.stderr, flush=True)
+        results["static_len"] = predictor._static_len
+        results["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true")
@@ -375,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, help="rows for the batching and decoding comparisons "
                                                  "(default 64; --real-size: 8, one batch)")
     parser.add_argument("--memory-rows", type=int, nargs="+", default=[1000, 50000])
+    parser.add_argument("--static-cache", action="store_true",
+                        help="with --gpu: batch 8 with a static decoding cache (compiled, CUDA graphs) vs the growing one")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.static_cache and not args.gpu:
+        parser.error("--static-cache compares compiled decoding on a GPU: add --gpu")
     args.rows = args.rows or (8 if args.real_size else 64)
     os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
     if args.gpu and not torch.cuda.is_available():
@@ -384,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.real_size:
         return report_real_size(args, real_size(args))
+    if args.static_cache:
+        return report_static(args, gpu_static(args))
     results = gpu(args) if args.gpu else cpu(args)
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{device}, torch {torch.__version__}")
@@ -422,6 +477,22 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or HERE / "results" / ("label_throughput_gpu.json" if args.gpu else "label_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput", "date": time.strftime("%Y-%m-%d"), "device": device,
+                               "torch": torch.__version__, **results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def report_static(args: argparse.Namespace, results: dict) -> int:
+    device = torch.cuda.get_device_name(0)
+    print(f"\n{device}, torch {torch.__version__}, batch 8, constrained {results['constrained']}, "
+          f"static cache {results['static_len']} tokens, compiled with {results['backend']}, peak {results['peak_mem_gb']} GiB")
+    print(f"{'cache':<8} {'pass':>4} {'rows/s':>7} {'model s':>8} {'steps':>6} {'ms/step':>8} {'identical':>9}")
+    for r in results["passes"]:
+        print(f"{r['cache']:<8} {r['pass']:>4} {r['rows_per_s']:>7} {r['model_s']:>8} {r['decode_steps']:>6} "
+              f"{r['model_ms_per_step']:>8} {r.get('identical_rows', ''):>9}")
+    out = args.out or HERE / "results" / "label_throughput_static_gpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "label_throughput_static", "date": time.strftime("%Y-%m-%d"), "device": device,
                                "torch": torch.__version__, **results}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -38,6 +38,7 @@ from mmllm.catalog import CatalogError, detect_format
 from mmllm.labelling.engine import LabelOptions, run_local
 from mmllm import model_dir
 from mmllm.confidence import CALIBRATION_FILE, Calibration
+from mmllm.host_memory import return_large_frees_to_os
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
@@ -49,7 +50,7 @@ from mmllm.schema import SchemaError
 def load_predictor(model: str, *, schema: str | None = None, template: str | None = None,
                    constrained: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
-                   trust_remote_code: bool = False, grounded: bool = True) -> Predictor:
+                   trust_remote_code: bool = False, grounded: bool = True, static_cache: bool | None = None) -> Predictor:
     """A model folder of any kind, or a base checkpoint (zero-shot), set up for labelling.
 
     ``None`` means "not given". Generative models decode under the schema's grammar unless
@@ -67,12 +68,14 @@ def load_predictor(model: str, *, schema: str | None = None, template: str | Non
     if constrained is None and "constrained" in predictor.takes:
         constrained = True  # labelling default: every answer validates
     return configure(predictor, source=model, batch_size=batch_size, constrained=constrained,
-                     max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
+                     max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
+                     static_cache=static_cache)
 
 
 # ---------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return_large_frees_to_os()  # a CPU prefill's activations of tens of MB leave the heap when freed (host_memory)
     dumps = [Path(d) for d in args.dumps]
     for dump in dumps:
         if not dump.exists():
@@ -98,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_args = {"model": args.model, "schema": args.schema, "template": args.template,
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
-                  "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded}
+                  "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded,
+                  "static_cache": args.static_cache or None}
     try:
         if queue is not None:  # before anything is opened: a user's file there is refused, not replaced
             check_queue_path(queue)
@@ -204,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus-per-actor", type=_at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
     p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
+    p.add_argument("--static-cache", action="store_true",
+                   help="generative models: decode into a cache allocated at full length; on a GPU the decoding step is "
+                        "then compiled and replayed as a CUDA graph (the first batches compile: worth it for large dumps)")
     p.add_argument("--ungrounded", action="store_true",
                    help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")

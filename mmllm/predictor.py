@@ -32,6 +32,7 @@ OPTIONS = {
     "constrained": "schema-constrained decoding (generative models only; heads always answer inside the schema)",
     "max_new_tokens": "the generation budget (generative models only)",
     "pixels": "image pixel bounds (models that read images through a Qwen-VL processor)",
+    "static_cache": "a static decoding cache, compiled on a GPU (generative models only)",
 }
 
 
@@ -55,12 +56,12 @@ class Predictor(Protocol):
 
 def configure(predictor: Predictor, *, source: str, batch_size: int | None = None, constrained: bool | None = None,
               max_new_tokens: int | None = None, min_pixels: int | None = None,
-              max_pixels: int | None = None) -> Predictor:
+              max_pixels: int | None = None, static_cache: bool | None = None) -> Predictor:
     """Apply the options the user gave (``None``: not given); refuse one the model does not take."""
     from mmllm.collator import set_pixel_budget
 
     given = {"constrained": constrained is not None, "max_new_tokens": max_new_tokens is not None,
-             "pixels": bool(min_pixels or max_pixels)}
+             "pixels": bool(min_pixels or max_pixels), "static_cache": bool(static_cache)}
     for option, asked in given.items():
         if asked and option not in predictor.takes:
             flag = {"pixels": "--min-pixels / --max-pixels", "constrained": "--no-constrained"}.get(
@@ -73,6 +74,8 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
         predictor.constrained = constrained
     if max_new_tokens is not None:
         predictor.max_new_tokens = max_new_tokens
+    if static_cache:
+        predictor.static_cache = True
     if min_pixels or max_pixels:
         size = predictor.processor.image_processor.size
         set_pixel_budget(predictor.processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])

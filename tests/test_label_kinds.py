@@ -109,6 +109,8 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
                                            "the generation budget"),
     ("classifier", ["--no-constrained"], "error: --no-constrained: {model} is a classifier model and does not take "
                                          "schema-constrained decoding"),
+    ("fusion", ["--static-cache"], "error: --static-cache: {model} is a fusion model and does not take a static "
+                                   "decoding cache"),
 ])
 def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tmp_path, capsys, kind, flags, message):
     catalog, folders = trained
@@ -117,6 +119,22 @@ def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tm
     err = capsys.readouterr().err
     assert code == 2 and message.format(model=folders[kind]) in err and "Traceback" not in err
     assert out.read_text() == ""  # nothing labelled
+
+
+@pytest.mark.slow
+def test_a_static_decoding_cache_labels_as_the_growing_one_does(trained, tmp_path):
+    catalog, folders = trained
+    records = {}
+    for flags in ([], ["--static-cache"]):
+        out = tmp_path / f"labels{len(flags)}.jsonl"
+        assert mmllm(["label", str(catalog), "--model", str(folders["generative-lora"]), "--out", str(out), "--quiet",
+                      "--batch-size", "3", *flags]) == 0
+        records[bool(flags)] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records[True]) == len(records[False]) > 3
+    for static, growing in zip(records[True], records[False]):
+        assert static["id"] == growing["id"] and static["category"] == growing["category"]
+        assert static["attributes"] == growing["attributes"]
+        assert static["confidence"] == pytest.approx(growing["confidence"], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The shared prompt prefix encoded once and reused by every batch (#16): the prefix a template
 shares, the batch layout, and answers identical to the plain path for every family, with and without
-images, constrained or not, one row or several, and under LoRA."""
+images, constrained or not, one row or several, and under LoRA; and the static decoding cache (the
+one a GPU compiles), with and without the prefix, against the growing one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mmllm.collator import load_listing_images
 from mmllm.images import ImagePolicy
 from mmllm.models.generative import GenerativePredictor, LoraSettings, attach_lora, load_processor
 from mmllm.models.prefix_cache import PrefixCache, shared_prefix_ids
+from mmllm.predictor import encoded_batches
 from mmllm.prompts import PromptTemplate, build_messages
 
 from listings import small_schema, toy_row, write_catalog
@@ -45,8 +47,8 @@ def served(monkeypatch) -> list[bool]:
     calls: list[bool] = []
     original = PrefixCache.lay_out
 
-    def spy(self, enc):
-        out = original(self, enc)
+    def spy(self, enc, *args):
+        out = original(self, enc, *args)
         calls.append(out is not None)
         return out
 
@@ -116,6 +118,47 @@ def test_cached_answers_equal_the_plain_paths(arch, constrained, loaded, catalog
         assert _answers(predictor, rows, policy, batch_size, cached=True) == plain
     assert served == [True] * (6 + 2)
     assert any(len(r.images) for r in rows) and any(not r.images for r in rows)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, monkeypatch):
+    from transformers import StaticCache
+
+    model, processor = loaded(arch)
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    caches: list[tuple[str, int | None]] = []  # the cache each generate call decoded into, and its length
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        caches.append((type(cache).__name__, cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=16, batch_size=4)
+
+    def scored() -> list:  # per row: the answer, and each token's span and log-probability
+        return [row for _, enc in encoded_batches(predictor, rows, policy) for row in predictor.generate_scored(enc)]
+
+    for prefix in (False, True):
+        predictor.prefix_cache, predictor.static_cache = prefix, False
+        growing = scored()
+        predictor.static_cache = True
+        static = scored()
+        assert [text for text, _ in static] == [text for text, _ in growing]
+        for (_, a), (_, b) in zip(static, growing):
+            assert [span[:2] for span in a] == [span[:2] for span in b]
+            assert [span[2] for span in a] == pytest.approx([span[2] for span in b], abs=1e-5)
+    assert len({text for text, _ in growing}) > 1  # rows with and without pictures answer differently
+    # plain: no cache handed over (generate makes a growing one); with the prefix: a DynamicCache holding it
+    assert [name for name, _ in caches] == ["NoneType", "NoneType", "StaticCache", "StaticCache",
+                                            "DynamicCache", "DynamicCache", "StaticCache", "StaticCache"]
+    lengths = [n for _, n in caches if n is not None]
+    longest_prompt = max(len(ids) for ids in predictor.encode(rows, [[] for _ in rows])["input_ids"])
+    assert all(n % 256 == 0 for n in lengths) and lengths == sorted(lengths)  # rounded up, never shorter
+    assert lengths[-1] >= longest_prompt + predictor.max_new_tokens
 
 
 def test_listing_v1_shares_its_system_text_with_the_same_answers(loaded, catalog, served):

@@ -11,6 +11,7 @@ Model folders (the files, loading any kind, merging) are :mod:`mmllm.model_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from contextlib import contextmanager
@@ -28,12 +29,15 @@ from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import unpadded_attention
 from mmllm.models.heads import mark_untrained, prompt_vectors
-from mmllm.models.prefix_cache import PrefixCache, base_model, reset_rope_deltas, shared_prefix_ids
+from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, reset_rope_deltas, shared_prefix_ids,
+                                       static_cache)
 from mmllm.predictor import encoded_batches, predict_in_batches
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema, answer_spans
 
 log = logging.getLogger(__name__)
+
+STATIC_CACHE_STEP = 256  # a static decoding cache's length is a multiple of this (see GenerativePredictor)
 
 # Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
 LANGUAGE_LORA = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -213,6 +217,11 @@ class GenerativePredictor:
     Attributes in ``untrained`` (no training row stated them) are answered null.
     With ``prefix_cache`` the prompt text every row shares is encoded once, on the first batch, and
     reused by every batch (:mod:`mmllm.models.prefix_cache`); the answers are the same either way.
+    With ``static_cache`` the keys and values go to a cache allocated at its full length before decoding
+    (transformers' ``StaticCache``) instead of one that grows by a copy every step: on a GPU
+    ``generate`` then compiles the decoding step and replays it as a CUDA graph (a step of a 2B
+    model launches ~1,400 kernels, and eager decoding waits on the host). Its length is rounded up to
+    :data:`STATIC_CACHE_STEP` tokens and never shrinks, so batches share one compiled step.
     """
 
     model: Any
@@ -225,14 +234,16 @@ class GenerativePredictor:
     constrained: bool = False
     untrained: tuple[str, ...] = ()
     prefix_cache: bool = True
+    static_cache: bool = False
     calibration: Any = None  # mmllm.confidence.Calibration: Platt maps of the raw scores (None: raw)
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
     _greedy: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (model, its greedy config)
     _pieces: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # token id -> its text alone
+    _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
     _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
-    takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels"})  # see mmllm.predictor
+    takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels", "static_cache"})  # see mmllm.predictor
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         """CPU work of a batch (prompts, tokens, pixels): safe to run in a worker thread."""
@@ -261,16 +272,27 @@ class GenerativePredictor:
             kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens),
                       "logits_processor": [grammar.processor(), recorder]}  # the recorder sees the masked scores
         prefix = self._prefix_cache()
-        inputs = (prefix.lay_out(enc) if prefix is not None else None) or enc
+        static_len = self._static_cache_len(enc["input_ids"].shape[1], kwargs["max_new_tokens"]) if self.static_cache else None
+        inputs = (prefix.lay_out(enc, static_len) if prefix is not None else None) or enc
+        if static_len is not None and inputs is enc:
+            inputs = {**enc, cache_argument(self.model): static_cache(self.model, static_len)}
         reset_rope_deltas(base_model(self.model))  # positions come from this batch, never the last one
         if self._greedy is None or self._greedy[0] is not self.model:  # built once per loaded model
             self._greedy = (self.model, greedy_config(self.model, self._stops, tokenizer.pad_token_id))
-        with torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[1]):
+        with (torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[1]),
+              growing_cache_kernels(device, static_len is None)):
             out = self.model.generate(**inputs, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         logprobs = recorder.result(new.shape[1])  # [B, new tokens]
         return [token_spans(tokenizer, ids, lp, self._stops, self._pieces)
                 for ids, lp in zip(new.tolist(), logprobs.tolist())]
+
+    def _static_cache_len(self, prompt: int, new_tokens: int) -> int:
+        """The static cache's length for a batch: room for its prompt and answers, rounded up, never
+        shorter than an earlier batch's (a new length recompiles the decoding step)."""
+        need = -(-(prompt + new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+        self._static_len = max(self._static_len, need)
+        return self._static_len
 
     def _prefix_cache(self) -> PrefixCache | None:
         """The shared prefix of this template's prompts, encoded on first use (``None``: off or none)."""
@@ -418,6 +440,21 @@ def stop_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def growing_cache_kernels(device: torch.device, growing: bool) -> Any:
+    """SDPA without its cuDNN kernel while a CUDA decoding cache grows; elsewhere nothing changes.
+
+    cuDNN plans its attention per shape, and a growing cache gives every decoding step a key length
+    it has not seen: on an H200 (torch 2.11, random Qwen2-VL-2B, 16 rows at batch 8) a first pass
+    took 31.4 s with it and 11.2 s without, and a second pass over the same rows, every shape known,
+    6.7 s against 7.1 s (``benchmarks/gpu_check.sh``, README "The GPU check"). A static cache has one
+    key length, so it keeps every kernel."""
+    if device.type != "cuda" or not growing:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def greedy_config(model: Any, stops: list[int], pad_token_id: int | None) -> Any:

@@ -75,6 +75,7 @@ class PrefixCache:
     ids: torch.Tensor  # [P]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     cache_arg: str  # how generate takes a cache: "cache" (transformers 5.24) or "past_key_values" (5.17)
+    text_config: Any = None  # the decoder's config, which sizes a static cache
 
     @classmethod
     def build(cls, model: Any, ids: list[int]) -> "PrefixCache | None":
@@ -83,7 +84,7 @@ class PrefixCache:
 
         hf_model = base_model(model)
         takes = inspect.signature(hf_model.forward).parameters
-        cache_arg = "cache" if "cache" in takes else "past_key_values"
+        cache_arg = cache_argument(model)
         cache = DynamicCache(config=hf_model.config)
         if not ids or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
             return None  # e.g. sliding-window layers keep only a window: the prefix would fall out of it
@@ -98,10 +99,11 @@ class PrefixCache:
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         if not layers or any(keys.shape[-2] != len(ids) for keys, _ in layers):
             return None
-        return cls(tokens[0], layers, cache_arg)
+        return cls(tokens[0], layers, cache_arg, hf_model.config.get_text_config(decoder=True))
 
-    def lay_out(self, enc: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-        """``generate`` arguments for a left-padded batch: ``[prefix | pad | row]`` and the prefix's cache.
+    def lay_out(self, enc: dict[str, torch.Tensor], static_len: int | None = None) -> dict[str, Any] | None:
+        """``generate`` arguments for a left-padded batch: ``[prefix | pad | row]`` and the prefix's cache
+        (a static one of ``static_len`` tokens when given, else one that grows).
 
         ``None`` when the batch cannot be served (the caller then generates as usual)."""
         if set(enc) - set(TOKEN_KEYS) - set(IMAGE_KEYS) or "attention_mask" not in enc:
@@ -118,16 +120,29 @@ class PrefixCache:
         laid = {k: (v.gather(1, order) if k in TOKEN_KEYS else v) for k, v in enc.items()}
         if not torch.equal(laid["input_ids"][:, :n], self.ids.expand(batch, n)):
             return None
-        return {**laid, self.cache_arg: self.batch_cache(batch)}
+        return {**laid, self.cache_arg: self.batch_cache(batch, static_len)}
 
-    def batch_cache(self, batch: int) -> Any:
-        """A fresh cache holding the prefix for ``batch`` rows (generate appends to it, so one per call)."""
-        from transformers import DynamicCache
+    def batch_cache(self, batch: int, static_len: int | None = None) -> Any:
+        """A fresh cache holding the prefix for ``batch`` rows (generate appends to it, so one per call);
+        with ``static_len``, a static cache of that many tokens."""
+        from transformers import DynamicCache, StaticCache
 
-        cache = DynamicCache()
+        cache = DynamicCache() if static_len is None else StaticCache(config=self.text_config, max_cache_len=static_len)
         for index, (keys, values) in enumerate(self.layers):
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
         return cache
+
+
+def cache_argument(model: Any) -> str:
+    """The name ``generate`` takes a cache under: ``cache`` (transformers 5.24) or ``past_key_values`` (5.17)."""
+    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+
+
+def static_cache(model: Any, length: int) -> Any:
+    """An empty cache of ``length`` tokens for ``model``'s decoder, allocated on its first update."""
+    from transformers import StaticCache
+
+    return StaticCache(config=base_model(model).config.get_text_config(decoder=True), max_cache_len=length)
 
 
 def base_model(model: Any) -> Any:
