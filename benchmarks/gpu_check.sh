@@ -3,9 +3,10 @@
 # configs with random weights (no download). Writes JSON under $OUT (or benchmarks/results).
 #   bash benchmarks/gpu_check.sh
 # Sized for one H200 and 8 minutes in all, model builds included: every step has its own timeout
-# (150 + 140 + 130 + 100 s), cut short so that none runs past the whole check's BUDGET_S (450 s);
-# on an H200 (2026-12-04) steps 1-3 took 218 s (the whole check 255 s), and step 4, run on its own, 85 s
-# with its model build (its profiler pass is slow: 170,000 device events).
+# (150 + 140 + 130 + 100 + 150 s), cut short so that none runs past the whole check's BUDGET_S (450 s);
+# on an H200 (2026-12-04) steps 1-3 took 218 s (the whole check 255 s), step 4, run on its own, 85 s
+# with its model build (its profiler pass is slow: 170,000 device events), and steps 2, 3 and 5 311 s
+# (step 2 132 s, 106 s since the growing cache decodes without cuDNN; step 5 102 s, a minute of it compiling).
 #   1. training: Qwen2.5-VL-3B LoRA in bf16, then QLoRA (skipped, with a note, without bitsandbytes),
 #      batch 4, one 448x448 picture and a 1,400-token prompt per row: tokens/s, peak memory, loss
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)
@@ -97,6 +98,6 @@ step 3 130 "classify vs generate" python3 benchmarks/classify_vs_generate.py --g
   --out "$out/classify_vs_generate_gpu.json"
 step 4 100 "decode profile" python3 benchmarks/decode_profile.py --gpu --rows 8 --batch 8 \
   --out "$out/decode_profile_gpu.json"
-step 5 240 "static cache" python3 benchmarks/label_throughput.py --gpu --static-cache --rows 16 \
+step 5 150 "static cache" python3 benchmarks/label_throughput.py --gpu --static-cache --rows 16 \
   --out "$out/label_throughput_static_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"

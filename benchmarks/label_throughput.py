@@ -28,13 +28,15 @@ not the attention, are the work (several minutes).
 
 GPU mode (``--gpu``): a real-size Qwen2-VL-2B built from its config with random weights, rows/s,
 prefill seconds and ms per decoding step at batch 1 / 8 / 32; constrained when xgrammar is installed,
-else unconstrained (said, and recorded as ``constrained`` in the JSON).
+else unconstrained (said, and recorded as ``constrained`` in the JSON). With ``--static-cache``: batch 8
+with the static decoding cache, which generate compiles into CUDA graphs, against the growing cache,
+two passes over the same rows each (the first compiles), the answers compared row by row.
 
     python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
     python benchmarks/label_throughput.py --real-size [--rows 8]
-    python benchmarks/label_throughput.py --gpu
+    python benchmarks/label_throughput.py --gpu [--static-cache]
 
-Prints a table and writes benchmarks/results/label_throughput[_gpu].json.
+Prints a table and writes benchmarks/results/label_throughput[_gpu|_static_gpu].json.
 """
 
 from __future__ import annotations
