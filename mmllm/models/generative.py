@@ -353,15 +353,18 @@ class GenerativePredictor:
 # ---------------------------------------------------------------------- answer scores
 class ChosenLogprobs:
     """A logits processor, last in the list, that records each step's log-probability of the
-    token greedy decoding picks: the maximum of the (grammar-masked) scores it is handed, minus their
-    log-sum-exp. O(batch) memory per step, where ``output_scores`` would keep [steps x batch x vocab]."""
+    token greedy decoding picks: the largest log-softmax of the (grammar-masked) scores it is handed.
+    O(batch) memory per step, where ``output_scores`` would keep [steps x batch x vocab].
+
+    One fused pass: at a 151,936-entry vocabulary and batch 8 on 2 CPU cores, ``log_softmax`` then
+    ``amax`` takes 0.39-0.40 ms a step, where the maximum (``max`` also finds its index) minus
+    ``logsumexp`` took 1.5 ms, and 3.0 ms over grammar-masked scores (ad-hoc timing, 2026-12-04)."""
 
     def __init__(self) -> None:
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        s = scores.float()
-        self.steps.append(s.max(-1).values - torch.logsumexp(s, -1))  # [B]
+        self.steps.append(torch.log_softmax(scores.float(), -1).amax(-1))  # [B]
         return scores
 
     def result(self, steps: int) -> torch.Tensor:
