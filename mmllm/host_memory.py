@@ -12,8 +12,8 @@ live tensors above the weights at the worst moment.
 :func:`return_large_frees_to_os` fixes the threshold (which also stops the raising), so every block
 of :data:`MMAP_THRESHOLD` or more is mapped on its own and unmapped when freed. Smaller blocks keep
 the heap. The price is a fresh mapping (and page faults) per large block: microseconds against the
-milliseconds of arithmetic such a tensor takes. ``mmllm.training.train_loop`` calls it on the CPU,
-as does ``python -m mmllm.label``. Other C libraries are left alone.
+milliseconds of arithmetic such a tensor takes. ``mmllm.training.train_loop`` calls it on the CPU, and
+the labelling engines before they label (``run_local``, each Ray actor). Other C libraries are left alone.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ from mmllm.catalog import CatalogError, detect_format
 from mmllm.labelling.engine import LabelOptions, run_local
 from mmllm import model_dir
 from mmllm.confidence import CALIBRATION_FILE, Calibration
-from mmllm.host_memory import return_large_frees_to_os
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
@@ -75,7 +74,6 @@ def load_predictor(model: str, *, schema: str | None = None, template: str | Non
 # ---------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return_large_frees_to_os()  # a CPU prefill's activations of tens of MB leave the heap when freed (host_memory)
     dumps = [Path(d) for d in args.dumps]
     for dump in dumps:
         if not dump.exists():

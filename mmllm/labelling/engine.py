@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, RowError
+from mmllm.host_memory import return_large_frees_to_os
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.labelling.review import flag
 from mmllm.progress import Progress
@@ -269,6 +270,7 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
     after it is written (the demo's progress); ``model_lock`` serialises the model with other users.
     A write error (:class:`~mmllm.labelling.output.WriteError`) ends the run.
     """
+    return_large_frees_to_os()  # a CPU prefill's activations of tens of MB leave the heap when freed (host_memory)
     summary = Summary()
     started = time.perf_counter()
     text_dumps = all(p.is_file() and p.suffix in (".jsonl", ".csv", ".tsv", ".ndjson", ".json") for p in dumps)
