@@ -7,15 +7,20 @@ are length-bounded). Because the grammar is finite and every token carries at le
 an answer always completes within :func:`max_answer_tokens` new tokens, so even an untrained
 model produces output that validates, every time.
 
-xgrammar was chosen by measurement (``benchmarks/label_throughput.py``: its per-step mask costs
-well under a millisecond here) and because it plugs into ``transformers`` ``generate`` as a
-logits processor with no other change.
+xgrammar was chosen by measurement (``benchmarks/label_throughput.py``: filling its per-step mask
+costs microseconds here) and because its matchers fit ``transformers`` ``generate`` as a logits
+processor with no other change. :class:`GrammarProcessor` is that processor, written for batches:
+the tokens the rows took at the last step come to the host in one copy per step (xgrammar's own
+``contrib.hf`` processor reads them one ``.item()`` at a time, each a device synchronization on a
+GPU), and on the CPU the mask is applied by vectorized tensor operations, 1.3 ms a step for 8 rows
+of 151,936 scores on 2 cores where xgrammar's CPU kernel took 5.4 ms (ad-hoc timing, 2026-12-04).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 from mmllm.schema import AttributeSpec, LabelSchema
@@ -59,10 +64,46 @@ class GrammarFactory:
         self.compiled = xgr.GrammarCompiler(info, max_threads=2).compile_grammar(answer_grammar(schema))
         self.max_tokens = max_answer_tokens(schema)
 
-    def processor(self) -> Any:
+    def processor(self) -> "GrammarProcessor":
+        return GrammarProcessor(self.compiled)  # stateful: one per generate call
+
+
+class GrammarProcessor:
+    """A logits processor for one ``generate`` call: each row's grammar matcher accepts the token
+    the row took at the last step and marks the tokens it allows next; every other score becomes
+    ``-inf``. A row whose answer is complete keeps its last mask (``generate`` pads it from then on)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.matchers: list[Any] = []
+        self.bitmask: Any = None  # int32 [B, ceil(vocab / 32)], bit j of word k: token 32k + j is allowed
+        self._bits: Any = None  # the 8 bits of a byte, to unpack the mask on the CPU
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
         import xgrammar as xgr
 
-        return xgr.contrib.hf.LogitsProcessor(self.compiled)  # stateful: one per generate call
+        if not self.matchers:  # the first step: the prompt has no answer token yet
+            self.matchers = [xgr.GrammarMatcher(self.compiled) for _ in range(input_ids.shape[0])]
+            self.bitmask = xgr.allocate_token_bitmask(input_ids.shape[0], self.compiled.tokenizer_info.vocab_size)
+            if scores.device.type == "cuda":
+                self.bitmask = self.bitmask.pin_memory()  # so its copy to the device does not wait
+        else:
+            for row, (matcher, token) in enumerate(zip(self.matchers, input_ids[:, -1].tolist())):  # one copy
+                if not matcher.is_terminated() and not matcher.accept_token(token):
+                    raise RuntimeError(f"row {row}: token {token} is not allowed by the answer grammar")
+        for row, matcher in enumerate(self.matchers):
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(self.bitmask, row)
+        if scores.device.type != "cpu" or sys.byteorder != "little":
+            xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device, non_blocking=True))
+            return scores
+        if self._bits is None:
+            self._bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+        batch, vocab = scores.shape
+        # the int32 words as their (little-endian) bytes, each byte as its 8 bits: token order
+        allowed = (self.bitmask.view(torch.uint8).unsqueeze(-1) & self._bits).view(batch, -1)[:, :vocab]
+        return torch.where(allowed.bool(), scores, float("-inf"))
 
 
 # ---------------------------------------------------------------------- value rules
