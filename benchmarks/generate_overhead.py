@@ -1,0 +1,112 @@
+"""What one ``generate`` call costs outside the model, at the real-size vocabulary (issue #16).
+
+The tiny Qwen2-VL with the real-size toy tokenizer (``tiny:qwen2_vl:real``: 151,665 tokens, a
+151,936-row output layer, small elsewhere) labels the same 8 Amazon rows (``listing_compact_v1``,
+one batch) many times; each call's wall time is split three ways:
+
+* the model's forward passes (timed by hooks around the model);
+* ``generate``'s own work around them: its set-up, its loop, the logits processors (the grammar's
+  mask, the confidence recorder) and the greedy pick, per step over the whole vocabulary;
+* mmllm's own work around ``generate`` (``GenerativePredictor.generate_scored``: moving the batch,
+  the prefix layout, the grammar's processor, the answer's token spans and log-probabilities).
+
+Unconstrained with 1 and 8 new tokens (answers of a fixed length: what a call costs before its
+steps, and what each step adds), and constrained (the grammar raises the budget to its bound and the
+random model's answers run long).
+
+    python benchmarks/generate_overhead.py [--calls 20]
+
+Prints a table and writes benchmarks/results/generate_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def measure(constrained: bool, new_tokens: int, calls: int, rows: int = 8) -> dict:
+    """Mean milliseconds per call: whole, in forward passes, in generate around them, in mmllm around generate."""
+    from mmllm.catalog import load_listings
+    from mmllm.label import load_predictor
+
+    listings = load_listings(ROOT / "examples/amazon_uk_toys/dev.jsonl")[:rows]
+    predictor = load_predictor("tiny:qwen2_vl:real", schema=str(ROOT / "examples/toys_schema.yaml"),
+                               template="listing_compact_v1", batch_size=rows, constrained=constrained,
+                               max_new_tokens=new_tokens)
+    enc = predictor.encode(listings, [[] for _ in listings])
+    model = predictor.model
+    spent = {"forward": 0.0, "generate": 0.0, "passes": 0}
+
+    def before(module, args, kwargs):
+        spent["started"] = time.perf_counter()
+
+    def after(module, args, output):
+        spent["forward"] += time.perf_counter() - spent["started"]
+        spent["passes"] += 1
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+    generate = model.generate
+
+    def timed_generate(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            spent["generate"] += time.perf_counter() - started
+
+    model.generate = timed_generate
+    try:
+        predictor.generate_scored(enc)  # warm-up: the grammar, the prefix cache, the answer pieces
+        spent.update(forward=0.0, generate=0.0, passes=0)
+        started = time.perf_counter()
+        for _ in range(calls):
+            predictor.generate_scored(enc)
+        whole = time.perf_counter() - started
+    finally:
+        model.generate = generate
+        for hook in hooks:
+            hook.remove()
+    ms = 1000 / calls
+    return {"constrained": constrained, "max_new_tokens": new_tokens, "rows": rows, "calls": calls,
+            "steps_per_call": round(spent["passes"] / calls, 1), "call_ms": round(whole * ms, 2),
+            "forward_ms": round(spent["forward"] * ms, 2),
+            "generate_outside_forward_ms": round((spent["generate"] - spent["forward"]) * ms, 2),
+            "mmllm_outside_generate_ms": round((whole - spent["generate"]) * ms, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per setting (after one warm-up call)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MMLLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "mmllm-bench-cache"))
+    rows = [measure(False, 1, args.calls), measure(False, 8, args.calls), measure(True, 8, max(args.calls // 10, 2))]
+    device = f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"\n{device}; tiny:qwen2_vl:real (151,936 output rows), batch 8, listing_compact_v1; ms per generate call")
+    print(f"{'decoding':<14} {'new tokens':>10} {'steps':>6} {'call':>8} {'forward':>8} {'generate, rest':>14} "
+          f"{'mmllm, rest':>11}")
+    for r in rows:
+        print(f"{'constrained' if r['constrained'] else 'free':<14} {r['max_new_tokens']:>10} {r['steps_per_call']:>6} "
+              f"{r['call_ms']:>8} {r['forward_ms']:>8} {r['generate_outside_forward_ms']:>14} "
+              f"{r['mmllm_outside_generate_ms']:>11}")
+    out = args.out or HERE / "results" / "generate_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "generate_overhead", "date": time.strftime("%Y-%m-%d"), "device": device,
+                               "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
