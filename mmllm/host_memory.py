@@ -19,6 +19,8 @@ the labelling engines before they label (``run_local``, each Ray actor). Other C
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
@@ -27,9 +29,11 @@ MMAP_THRESHOLD = 4 * 2**20  # bytes: blocks at least this large are mapped and u
 
 def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process; ``False`` where the C
-    library is not glibc (nothing is changed there)."""
-    if not sys.platform.startswith("linux"):
+    library is not glibc or another allocator is preloaded (nothing is changed there)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False  # another allocator serves malloc: glibc's mallopt would answer yes and change nothing
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.gnu_get_libc_version  # glibc only: musl's libc.so.6 stand-in has no mallopt to set

@@ -207,8 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
     p.add_argument("--static-cache", action="store_true",
-                   help="generative models: decode into a cache allocated at full length; on a GPU the decoding step is "
-                        "then compiled and replayed as a CUDA graph (the first batches compile: worth it for large dumps)")
+                   help="generative models on a GPU: decode into a cache allocated at full length, so the decoding step "
+                        "is compiled and replayed as a CUDA graph (the first batch compiles, about a minute: worth it for "
+                        "large dumps); greedy answers may differ where two tokens are near ties")
     p.add_argument("--ungrounded", action="store_true",
                    help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")

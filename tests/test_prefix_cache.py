@@ -128,11 +128,13 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
     path, rows = catalog
     policy = ImagePolicy(root=path.parent)
     caches: list[tuple[str, int | None]] = []  # the cache each generate call decoded into, and its length
+    needed: list[int] = []  # each call's prompt (pictures' tokens included) plus its budget
     original = type(model).generate
 
     def spy(self, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         caches.append((type(cache).__name__, cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None))
+        needed.append(kwargs["input_ids"].shape[1] + kwargs["max_new_tokens"])
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", spy)
@@ -155,10 +157,54 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
     # plain: no cache handed over (generate makes a growing one); with the prefix: a DynamicCache holding it
     assert [name for name, _ in caches] == ["NoneType", "NoneType", "StaticCache", "StaticCache",
                                             "DynamicCache", "DynamicCache", "StaticCache", "StaticCache"]
-    lengths = [n for _, n in caches if n is not None]
-    longest_prompt = max(len(ids) for ids in predictor.encode(rows, [[] for _ in rows])["input_ids"])
-    assert all(n % 256 == 0 for n in lengths) and lengths == sorted(lengths)  # rounded up, never shorter
-    assert lengths[-1] >= longest_prompt + predictor.max_new_tokens
+    # rounded up to 256 tokens, and never shorter than an earlier batch's (the growing calls count: they
+    # are the same batches); pictures make some batches longer than others
+    expected, longest = [], 0
+    for (name, _), need in zip(caches, needed):
+        longest = max(longest, -(-need // 256) * 256) if name == "StaticCache" else longest
+        if name == "StaticCache":
+            expected.append(longest)
+    assert [n for _, n in caches if n is not None] == expected and all(n >= need for n, need in zip(expected, needed))
+
+
+def test_the_static_length_is_rounded_up_and_never_shrinks(loaded):
+    model, processor = loaded("qwen2_vl")
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"))
+    assert [predictor._static_cache_len(prompt, 16) for prompt in (240, 241, 100, 600, 300)] == [256, 512, 512, 768, 768]
+
+
+def test_a_static_cache_that_fails_to_compile_falls_back_to_the_growing_one(loaded, catalog, monkeypatch, caplog):
+    from torch._dynamo.exc import TorchRuntimeError
+    from transformers import StaticCache
+
+    model, processor = loaded("qwen2_vl")
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=8, batch_size=3, prefix_cache=False)
+    growing = predictor.generate(rows, policy)
+    original, calls = type(model).generate, []
+
+    def failing_compile(self, *args, **kwargs):
+        static = isinstance(kwargs.get("cache", kwargs.get("past_key_values")), StaticCache)
+        calls.append(static)
+        if static:
+            raise TorchRuntimeError("backend='inductor' raised: no C compiler")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", failing_compile)
+    predictor.static_cache = True
+    assert predictor.generate(rows, policy) == growing
+    assert calls == [True, False, False]  # one failure, then the growing cache for every batch
+    assert not predictor.static_cache and "compiling the decoding step failed" in caplog.text
+
+    def other_error(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(model), "generate", other_error)
+    predictor.static_cache = True
+    with pytest.raises(RuntimeError, match="out of memory"):  # anything else is the batch's own failure
+        predictor.generate(rows, policy)
 
 
 def test_listing_v1_shares_its_system_text_with_the_same_answers(loaded, catalog, served):

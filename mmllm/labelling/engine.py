@@ -270,7 +270,7 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
     after it is written (the demo's progress); ``model_lock`` serialises the model with other users.
     A write error (:class:`~mmllm.labelling.output.WriteError`) ends the run.
     """
-    return_large_frees_to_os()  # a CPU prefill's activations of tens of MB leave the heap when freed (host_memory)
+    return_large_frees_to_os()  # host blocks of MBs (a CPU prefill's activations, images) leave the heap when freed
     summary = Summary()
     started = time.perf_counter()
     text_dumps = all(p.is_file() and p.suffix in (".jsonl", ".csv", ".tsv", ".ndjson", ".json") for p in dumps)

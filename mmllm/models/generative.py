@@ -29,8 +29,8 @@ from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import unpadded_attention
 from mmllm.models.heads import mark_untrained, prompt_vectors
-from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, reset_rope_deltas, shared_prefix_ids,
-                                       static_cache)
+from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, new_static_cache, reset_rope_deltas,
+                                       shared_prefix_ids)
 from mmllm.predictor import encoded_batches, predict_in_batches
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema, answer_spans
@@ -221,7 +221,10 @@ class GenerativePredictor:
     (transformers' ``StaticCache``) instead of one that grows by a copy every step: on a GPU
     ``generate`` then compiles the decoding step and replays it as a CUDA graph (a step of a 2B
     model launches ~1,400 kernels, and eager decoding waits on the host). Its length is rounded up to
-    :data:`STATIC_CACHE_STEP` tokens and never shrinks, so batches share one compiled step.
+    :data:`STATIC_CACHE_STEP` tokens and never shrinks, so batches share one compiled step (one very
+    long prompt makes every later batch attend over its length). If compiling fails, the job goes on
+    with the growing cache (said once). On a CPU nothing is compiled, and the static cache's masks keep
+    prefill off the unpadded kernel (:mod:`mmllm.models.unpadded_attention`): it is for GPUs.
     """
 
     model: Any
@@ -241,6 +244,7 @@ class GenerativePredictor:
     _greedy: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (model, its greedy config)
     _pieces: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # token id -> its text alone
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
+    _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
     _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
     takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels", "static_cache"})  # see mmllm.predictor
@@ -275,13 +279,27 @@ class GenerativePredictor:
         static_len = self._static_cache_len(enc["input_ids"].shape[1], kwargs["max_new_tokens"]) if self.static_cache else None
         inputs = (prefix.lay_out(enc, static_len) if prefix is not None else None) or enc
         if static_len is not None and inputs is enc:
-            inputs = {**enc, cache_argument(self.model): static_cache(self.model, static_len)}
+            inputs = {**enc, cache_argument(self.model): new_static_cache(self.model, static_len)}
+        if static_len is not None and device.type != "cuda" and not self._said_static:
+            self._said_static = True
+            log.warning("static cache on %s: nothing is compiled there, and prefill takes the masked attention kernel; "
+                        "it pays on a GPU", device.type)
         reset_rope_deltas(base_model(self.model))  # positions come from this batch, never the last one
         if self._greedy is None or self._greedy[0] is not self.model:  # built once per loaded model
             self._greedy = (self.model, greedy_config(self.model, self._stops, tokenizer.pad_token_id))
-        with (torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[1]),
-              growing_cache_kernels(device, static_len is None)):
-            out = self.model.generate(**inputs, **kwargs)
+        try:
+            with (torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[1]),
+                  growing_cache_kernels(device, static_len is None)):
+                out = self.model.generate(**inputs, **kwargs)
+        except Exception as exc:
+            if static_len is None or not compile_failed(exc):
+                raise
+            # the compiler is unusable here (no C compiler for Triton, an unsupported operator): every
+            # later batch would fail the same way, so the job goes on with the growing cache
+            log.warning("static cache: compiling the decoding step failed (%s: %s); decoding with the growing cache "
+                        "from now on", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.static_cache = False
+            return self.generate_scored(enc)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         logprobs = recorder.result(new.shape[1])  # [B, new tokens]
         return [token_spans(tokenizer, ids, lp, self._stops, self._pieces)
@@ -443,6 +461,16 @@ def stop_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def compile_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) comes from ``torch.compile`` (dynamo, inductor)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def growing_cache_kernels(device: torch.device, growing: bool) -> Any:

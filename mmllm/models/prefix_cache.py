@@ -134,11 +134,13 @@ class PrefixCache:
 
 
 def cache_argument(model: Any) -> str:
-    """The name ``generate`` takes a cache under: ``cache`` (transformers 5.24) or ``past_key_values`` (5.17)."""
+    """The name ``generate`` takes a cache under: ``cache`` (transformers 5.24) or ``past_key_values`` (5.17,
+    below the pinned range, but what a GPU machine runs when the locked wheels do not import there:
+    benchmarks/gpu_check.sh)."""
     return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
 
 
-def static_cache(model: Any, length: int) -> Any:
+def new_static_cache(model: Any, length: int) -> Any:
     """An empty cache of ``length`` tokens for ``model``'s decoder, allocated on its first update."""
     from transformers import StaticCache
 
