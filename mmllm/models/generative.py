@@ -277,9 +277,10 @@ class GenerativePredictor:
                       "logits_processor": [grammar.processor(), recorder]}  # the recorder sees the masked scores
         prefix = self._prefix_cache()
         static_len = self._static_cache_len(enc["input_ids"].shape[1], kwargs["max_new_tokens"]) if self.static_cache else None
-        inputs = (prefix.lay_out(enc, static_len) if prefix is not None else None) or enc
-        if static_len is not None and inputs is enc:
-            inputs = {**enc, cache_argument(self.model): new_static_cache(self.model, static_len)}
+        empty = new_static_cache(self.model, static_len) if static_len is not None else None
+        inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
+        if empty is not None and inputs is enc:
+            inputs = {**enc, cache_argument(self.model): empty}
         if static_len is not None and device.type != "cuda" and not self._said_static:
             self._said_static = True
             log.warning("static cache on %s: nothing is compiled there, and prefill takes the masked attention kernel; "
@@ -479,7 +480,7 @@ def growing_cache_kernels(device: torch.device, growing: bool) -> Any:
     cuDNN plans its attention per shape, and a growing cache gives every decoding step a key length
     it has not seen: on an H200 (torch 2.11, random Qwen2-VL-2B, 16 rows at batch 8) a first pass
     took 31.4 s with it and 11.2 s without, and a second pass over the same rows, every shape known,
-    6.7 s against 7.1 s (``benchmarks/gpu_check.sh``, README "The GPU check"). A static cache has one
+    6.7 s against 7.1 s (two passes in a fresh process each, an ad-hoc script; README "The GPU check"). A static cache has one
     key length, so it keeps every kernel."""
     if device.type != "cuda" or not growing:
         return contextlib.nullcontext()

@@ -75,7 +75,6 @@ class PrefixCache:
     ids: torch.Tensor  # [P]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     cache_arg: str  # how generate takes a cache: "cache" (transformers 5.24) or "past_key_values" (5.17)
-    text_config: Any = None  # the decoder's config, which sizes a static cache
 
     @classmethod
     def build(cls, model: Any, ids: list[int]) -> "PrefixCache | None":
@@ -99,11 +98,11 @@ class PrefixCache:
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         if not layers or any(keys.shape[-2] != len(ids) for keys, _ in layers):
             return None
-        return cls(tokens[0], layers, cache_arg, hf_model.config.get_text_config(decoder=True))
+        return cls(tokens[0], layers, cache_arg)
 
-    def lay_out(self, enc: dict[str, torch.Tensor], static_len: int | None = None) -> dict[str, Any] | None:
+    def lay_out(self, enc: dict[str, torch.Tensor], empty: Any = None) -> dict[str, Any] | None:
         """``generate`` arguments for a left-padded batch: ``[prefix | pad | row]`` and the prefix's cache
-        (a static one of ``static_len`` tokens when given, else one that grows).
+        (written into ``empty``, an unused cache such as :func:`new_static_cache`'s, else a growing one).
 
         ``None`` when the batch cannot be served (the caller then generates as usual)."""
         if set(enc) - set(TOKEN_KEYS) - set(IMAGE_KEYS) or "attention_mask" not in enc:
@@ -120,14 +119,14 @@ class PrefixCache:
         laid = {k: (v.gather(1, order) if k in TOKEN_KEYS else v) for k, v in enc.items()}
         if not torch.equal(laid["input_ids"][:, :n], self.ids.expand(batch, n)):
             return None
-        return {**laid, self.cache_arg: self.batch_cache(batch, static_len)}
+        return {**laid, self.cache_arg: self.batch_cache(batch, empty)}
 
-    def batch_cache(self, batch: int, static_len: int | None = None) -> Any:
-        """A fresh cache holding the prefix for ``batch`` rows (generate appends to it, so one per call);
-        with ``static_len``, a static cache of that many tokens."""
-        from transformers import DynamicCache, StaticCache
+    def batch_cache(self, batch: int, empty: Any = None) -> Any:
+        """A cache holding the prefix for ``batch`` rows (generate appends to it, so one per call):
+        ``empty`` filled, or a fresh growing one."""
+        from transformers import DynamicCache
 
-        cache = DynamicCache() if static_len is None else StaticCache(config=self.text_config, max_cache_len=static_len)
+        cache = DynamicCache() if empty is None else empty
         for index, (keys, values) in enumerate(self.layers):
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
         return cache
