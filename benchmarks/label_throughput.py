@@ -29,8 +29,9 @@ not the attention, are the work (several minutes).
 GPU mode (``--gpu``): a real-size Qwen2-VL-2B built from its config with random weights, rows/s,
 prefill seconds and ms per decoding step at batch 1 / 8 / 32; constrained when xgrammar is installed,
 else unconstrained (said, and recorded as ``constrained`` in the JSON). With ``--static-cache``: batch 8
-with the static decoding cache, which generate compiles into CUDA graphs, against the growing cache,
-two passes over the same rows each (the first compiles), the answers compared row by row.
+with the static decoding cache against the growing cache, its decoding step compiled each way of
+``--compile`` (none; the eager kernels captured as CUDA graphs; inductor's own kernels), two passes
+over the same rows each (the first compiles), the answers compared row by row.
 
     python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
     python benchmarks/label_throughput.py --real-size [--rows 8]
@@ -371,13 +372,16 @@ def gpu(args: argparse.Namespace) -> dict:
 
 
 def gpu_static(args: argparse.Namespace) -> dict:
-    """Batch 8 with a static decoding cache (``GenerativePredictor.static_cache``: on a GPU generate
-    compiles the decoding step and replays it as a CUDA graph) against the growing cache: rows/s of
-    the first pass (which compiles) and of a second one, and the answers compared row by row."""
+    """Batch 8 with a static decoding cache (``GenerativePredictor.static_cache``) in each way of
+    compiling its decoding step (``--compile``: ``eager`` none, ``cudagraphs`` the eager kernels
+    captured as CUDA graphs, ``inductor`` transformers' default, kernels of its own) against the
+    growing cache: rows/s of a first pass (which compiles) and a second one, the answers compared row
+    by row with the growing cache's second pass, and whether any CUDA graph was skipped."""
     from mmllm.collator import set_pixel_budget
+    from torch._dynamo.utils import counters
 
     schema = ROOT / "examples/toys_schema.yaml"
-    results: dict = {"passes": []}
+    results: dict = {"passes": [], "compile": list(args.compile)}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
@@ -385,36 +389,33 @@ def gpu_static(args: argparse.Namespace) -> dict:
         results["constrained"] = constrained
         predictor = load(str(random_model_dir()), schema, constrained, 8, 256)
         set_pixel_budget(predictor.processor, 128 * 28 * 28, 448 * 448)
-        results["backend"] = "inductor"  # transformers' default compile of the decoding step; cudagraphs if it fails
-        for cache, passes in (("dynamic", 2), ("static", 2)):
+        hf_model = predictor.model.get_base_model() if hasattr(predictor.model, "get_base_model") else predictor.model
+        for cache, compile in [("growing", None)] + [("static", c) for c in args.compile]:
             predictor.static_cache = cache == "static"
-            for n in range(passes):
-                out = tmp / f"{cache}{n}.jsonl"
+            predictor.static_compile = compile or predictor.static_compile
+            torch._dynamo.reset()  # each way compiles from scratch
+            if hasattr(hf_model, "_compiled_call"):
+                del hf_model._compiled_call
+            counters.clear()
+            for n in range(1 if compile == "eager" else 2):  # nothing to compile: one pass says it
+                out = tmp / f"{cache}-{compile}{n}.jsonl"
                 torch.cuda.synchronize()
                 started = time.perf_counter()
                 model_s, steps = decode_steps(predictor, dump, 8, tmp, out)
-                if cache == "static" and not predictor.static_cache and results["backend"] == "inductor":
-                    # the predictor fell back to the growing cache (its warning says why: the compiler may
-                    # be unusable here, no C compiler for Triton): again with cudagraphs, no code generation
-                    from transformers import CompileConfig
-
-                    print("compiled decoding failed; retrying with the cudagraphs backend", file=sys.stderr, flush=True)
-                    results["backend"] = "cudagraphs"
-                    torch._dynamo.reset()
-                    predictor._greedy[1].compile_config = CompileConfig(backend="cudagraphs", mode=None)
-                    predictor.static_cache = True
-                    started = time.perf_counter()
-                    model_s, steps = decode_steps(predictor, dump, 8, tmp, out)
-                if cache == "static" and not predictor.static_cache:  # never report growing-cache passes as static
-                    raise RuntimeError(f"compiling the decoding step failed with {results['backend']} too")
                 wall = time.perf_counter() - started
-                row = {"cache": cache, "pass": n + 1, "rows": args.rows, "rows_per_s": round(args.rows / wall, 2),
-                       "model_s": round(model_s, 2), "decode_steps": steps,
+                row = {"cache": cache, "compile": compile or "-", "pass": n + 1, "rows": args.rows,
+                       "rows_per_s": round(args.rows / wall, 2), "model_s": round(model_s, 2), "decode_steps": steps,
                        "model_ms_per_step": round(model_s / max(steps, 1) * 1000, 2)}
                 if cache == "static":
-                    row["identical_rows"], _ = same_outputs(tmp / "dynamic1.jsonl", out)
+                    if not predictor.static_cache:  # the predictor fell back to the growing cache (its warning says why)
+                        row["failed"] = True
+                        results["passes"].append(row)
+                        print(f"static cache, {compile}: compiling failed", file=sys.stderr, flush=True)
+                        break
+                    row["identical_rows"], _ = same_outputs(tmp / "growing-None1.jsonl", out)
+                    row["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
                 results["passes"].append(row)
-                print(f"{cache} cache, pass {n + 1}: {row}", file=sys.stderr, flush=True)
+                print(f"{cache} cache {compile or ''}, pass {n + 1}: {row}", file=sys.stderr, flush=True)
         results["static_len"] = predictor._static_len
         results["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return results
@@ -428,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(default 64; --real-size: 8, one batch)")
     parser.add_argument("--memory-rows", type=int, nargs="+", default=[1000, 50000])
     parser.add_argument("--static-cache", action="store_true",
-                        help="with --gpu: batch 8 with a static decoding cache (compiled, CUDA graphs) vs the growing one")
+                        help="with --gpu: batch 8 with a static decoding cache, compiled each way of --compile, "
+                             "vs the growing one")
+    parser.add_argument("--compile", nargs="+", choices=["eager", "cudagraphs", "inductor"],
+                        default=["eager", "cudagraphs", "inductor"], help="with --static-cache: the ways compared")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.static_cache and not args.gpu:
@@ -488,11 +492,13 @@ def main(argv: list[str] | None = None) -> int:
 def report_static(args: argparse.Namespace, results: dict) -> int:
     device = torch.cuda.get_device_name(0)
     print(f"\n{device}, torch {torch.__version__}, batch 8, constrained {results['constrained']}, "
-          f"static cache {results['static_len']} tokens, compiled with {results['backend']}, peak {results['peak_mem_gb']} GiB")
-    print(f"{'cache':<8} {'pass':>4} {'rows/s':>7} {'model s':>8} {'steps':>6} {'ms/step':>8} {'identical':>9}")
+          f"static cache {results['static_len']} tokens, peak {results['peak_mem_gb']} GiB")
+    print(f"{'cache':<8} {'compile':<10} {'pass':>4} {'rows/s':>7} {'model s':>8} {'steps':>6} {'ms/step':>8} "
+          f"{'identical':>9} {'graph skips':>11}")
     for r in results["passes"]:
-        print(f"{r['cache']:<8} {r['pass']:>4} {r['rows_per_s']:>7} {r['model_s']:>8} {r['decode_steps']:>6} "
-              f"{r['model_ms_per_step']:>8} {r.get('identical_rows', ''):>9}")
+        print(f"{r['cache']:<8} {r['compile']:<10} {r['pass']:>4} {r['rows_per_s']:>7} {r['model_s']:>8} "
+              f"{r['decode_steps']:>6} {r['model_ms_per_step']:>8} {'failed' if r.get('failed') else r.get('identical_rows', ''):>9} "
+              f"{r.get('cudagraph_skips', ''):>11}")
     out = args.out or HERE / "results" / "label_throughput_static_gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput_static", "date": time.strftime("%Y-%m-%d"), "device": device,

@@ -49,7 +49,7 @@ from mmllm.schema import SchemaError
 def load_predictor(model: str, *, schema: str | None = None, template: str | None = None,
                    constrained: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
-                   trust_remote_code: bool = False, grounded: bool = True, static_cache: bool | None = None) -> Predictor:
+                   trust_remote_code: bool = False, grounded: bool = True, static_cache: str | None = None) -> Predictor:
     """A model folder of any kind, or a base checkpoint (zero-shot), set up for labelling.
 
     ``None`` means "not given". Generative models decode under the schema's grammar unless
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded,
-                  "static_cache": args.static_cache or None}
+                  "static_cache": args.static_cache}
     try:
         if queue is not None:  # before anything is opened: a user's file there is refused, not replaced
             check_queue_path(queue)
@@ -206,10 +206,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus-per-actor", type=_at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
     p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
-    p.add_argument("--static-cache", action="store_true",
+    p.add_argument("--static-cache", nargs="?", const="cudagraphs", choices=["cudagraphs", "inductor", "eager"],
+                   metavar="COMPILE",
                    help="generative models on a GPU: decode into a cache allocated at full length, so the decoding step "
-                        "is compiled and replayed as a CUDA graph (the first batch compiles, about a minute: worth it for "
-                        "large dumps); greedy answers may differ where two tokens are near ties")
+                        "is captured once and replayed as a CUDA graph (the first batch captures it: worth it for large "
+                        "dumps). COMPILE: cudagraphs (default: the eager kernels recorded, the same answers), inductor "
+                        "(fused kernels of its own: faster, rounds differently, so near ties can tip), eager (no graphs)")
     p.add_argument("--ungrounded", action="store_true",
                    help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")

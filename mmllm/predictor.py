@@ -56,8 +56,9 @@ class Predictor(Protocol):
 
 def configure(predictor: Predictor, *, source: str, batch_size: int | None = None, constrained: bool | None = None,
               max_new_tokens: int | None = None, min_pixels: int | None = None,
-              max_pixels: int | None = None, static_cache: bool | None = None) -> Predictor:
-    """Apply the options the user gave (``None``: not given); refuse one the model does not take."""
+              max_pixels: int | None = None, static_cache: str | None = None) -> Predictor:
+    """Apply the options the user gave (``None``: not given); refuse one the model does not take.
+    ``static_cache``: how its decoding step is compiled (``cudagraphs``, ``inductor``, ``eager``)."""
     from mmllm.collator import set_pixel_budget
 
     given = {"constrained": constrained is not None, "max_new_tokens": max_new_tokens is not None,
@@ -75,7 +76,7 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
     if max_new_tokens is not None:
         predictor.max_new_tokens = max_new_tokens
     if static_cache:
-        predictor.static_cache = True
+        predictor.static_cache, predictor.static_compile = True, static_cache
     if min_pixels or max_pixels:
         size = predictor.processor.image_processor.size
         set_pixel_budget(predictor.processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])

@@ -173,6 +173,38 @@ def test_the_static_length_is_rounded_up_and_never_shrinks(loaded):
     assert [predictor._static_cache_len(prompt, 16) for prompt in (240, 241, 100, 600, 300)] == [256, 512, 512, 768, 768]
 
 
+def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(loaded, catalog, monkeypatch, caplog):
+    from mmllm.models.generative import greedy_config
+    from mmllm.predictor import configure
+
+    model, processor = loaded("qwen2_vl")
+    ways = {way: greedy_config(model, [1], 0, way) for way in (None, "cudagraphs", "inductor", "eager")}
+    assert [(c.compile_config.backend, c.compile_config.mode) for c in (ways["cudagraphs"], ways["inductor"])] == [
+        ("cudagraphs", "default"), ("inductor", "reduce-overhead")]  # cudagraphs takes no mode: "default" passes none
+    assert ways["eager"].disable_compile and ways["eager"].compile_config is None
+    assert ways[None].compile_config is None and not ways[None].disable_compile  # unset: False or None
+    with pytest.raises(ValueError, match="one of cudagraphs, inductor, eager"):
+        greedy_config(model, [1], 0, "max-autotune")
+    with pytest.raises(ValueError, match="static_compile 'fast'"):
+        GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"), static_compile="fast")
+
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=4, batch_size=3)
+    configure(predictor, source="m", static_cache="inductor")
+    assert predictor.static_cache and predictor.static_compile == "inductor"
+    seen, original = [], type(model).generate
+
+    def spy(self, *args, **kwargs):  # the config generate reads: the model's own, swapped for the call
+        seen.append((self.generation_config.compile_config, self.generation_config.disable_compile))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    path, rows = catalog
+    predictor.generate(rows[:3], ImagePolicy(root=path.parent))
+    # on a CPU nothing is compiled, so nothing is said to generate (a compile setting there only draws a warning)
+    assert [(config, bool(off)) for config, off in seen] == [(None, False)] and "compile_config" not in caplog.text
+
+
 def test_a_static_cache_that_fails_to_compile_falls_back_to_the_growing_one(loaded, catalog, monkeypatch, caplog):
     from torch._dynamo.exc import TorchRuntimeError
     from transformers import StaticCache

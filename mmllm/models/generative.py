@@ -37,6 +37,7 @@ from mmllm.schema import LabelSchema, answer_spans
 
 log = logging.getLogger(__name__)
 
+STATIC_COMPILE = ("cudagraphs", "inductor", "eager")  # how a static cache's decoding step is compiled (GenerativePredictor)
 STATIC_CACHE_STEP = 256  # a static decoding cache's length is a multiple of this (see GenerativePredictor)
 
 # Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
@@ -220,7 +221,10 @@ class GenerativePredictor:
     With ``static_cache`` the keys and values go to a cache allocated at its full length before decoding
     (transformers' ``StaticCache``) instead of one that grows by a copy every step: on a GPU
     ``generate`` then compiles the decoding step and replays it as a CUDA graph (a step of a 2B
-    model launches ~1,400 kernels, and eager decoding waits on the host). Its length is rounded up to
+    model launches ~1,400 kernels, and eager decoding waits on the host). ``static_compile`` says how
+    (:data:`STATIC_COMPILE`): ``cudagraphs`` records the eager kernels themselves, ``inductor`` generates
+    fused kernels of its own (they round differently, so near ties can tip), ``eager`` compiles
+    nothing. Its length is rounded up to
     :data:`STATIC_CACHE_STEP` tokens and never shrinks, so batches share one compiled step (one very
     long prompt makes every later batch attend over its length). If compiling fails, the job goes on
     with the growing cache (said once). On a CPU nothing is compiled, and the static cache's masks keep
@@ -238,10 +242,11 @@ class GenerativePredictor:
     untrained: tuple[str, ...] = ()
     prefix_cache: bool = True
     static_cache: bool = False
+    static_compile: str = "cudagraphs"  # how a static cache's decoding step is compiled on a GPU: STATIC_COMPILE
     calibration: Any = None  # mmllm.confidence.Calibration: Platt maps of the raw scores (None: raw)
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
-    _greedy: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (model, its greedy config)
+    _greedy: tuple[Any, str | None, Any] | None = field(default=None, init=False, repr=False)  # (model, compile, config)
     _pieces: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # token id -> its text alone
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
     _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
@@ -257,6 +262,8 @@ class GenerativePredictor:
         # resolved once: at a 151k vocabulary a lookup through get_vocab() costs ~0.2 s a call
         # (a predictor that only parses answers, as the demo's record view, has no processor)
         self._stops = stop_ids(self.processor.tokenizer) if self.processor is not None else []
+        if self.static_compile not in STATIC_COMPILE:
+            raise ValueError(f"static_compile {self.static_compile!r}: one of {', '.join(STATIC_COMPILE)}")
 
     def generate_encoded(self, enc: dict[str, torch.Tensor]) -> list[str]:
         """Decode one encoded batch; raw answer texts in batch order."""
@@ -286,11 +293,13 @@ class GenerativePredictor:
             log.warning("static cache on %s: nothing is compiled there, and prefill takes the masked attention kernel; "
                         "it pays on a GPU", device.type)
         reset_rope_deltas(base_model(self.model))  # positions come from this batch, never the last one
-        if self._greedy is None or self._greedy[0] is not self.model:  # built once per loaded model
-            self._greedy = (self.model, greedy_config(self.model, self._stops, tokenizer.pad_token_id))
+        compile = self.static_compile if static_len is not None and device.type == "cuda" else None
+        if self._greedy is None or self._greedy[0] is not self.model or self._greedy[1] != compile:
+            self._greedy = (self.model, compile,  # built once per loaded model and way of decoding
+                            greedy_config(self.model, self._stops, tokenizer.pad_token_id, compile))
         try:
-            with (torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[1]),
-                  growing_cache_kernels(device, static_len is None)):
+            with (torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[2]),
+                  decoding_kernels(device)):
                 out = self.model.generate(**inputs, **kwargs)
         except Exception as exc:
             if static_len is None or not compile_failed(exc):
@@ -474,28 +483,40 @@ def compile_failed(exc: BaseException) -> bool:
     return False
 
 
-def growing_cache_kernels(device: torch.device, growing: bool) -> Any:
-    """SDPA without its cuDNN kernel while a CUDA decoding cache grows; elsewhere nothing changes.
+def decoding_kernels(device: torch.device) -> Any:
+    """SDPA without its cuDNN kernel while a CUDA model decodes; elsewhere nothing changes.
 
     cuDNN plans its attention per shape, and a growing cache gives every decoding step a key length
     it has not seen: on an H200 (torch 2.11, random Qwen2-VL-2B, 16 rows at batch 8) a first pass
     took 31.4 s with it and 11.2 s without, and a second pass over the same rows, every shape known,
-    6.7 s against 7.1 s (two passes in a fresh process each, an ad-hoc script; README "The GPU check"). A static cache has one
-    key length, so it keeps every kernel."""
-    if device.type != "cuda" or not growing:
+    6.7 s against 7.1 s (two passes in a fresh process each, an ad-hoc script; README "The GPU check").
+    A static cache has one key length, but it keeps the same kernels, so that its answers are the
+    growing cache's: a kernel of another family sums in another order."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def greedy_config(model: Any, stops: list[int], pad_token_id: int | None) -> Any:
-    """The clean greedy ``GenerationConfig`` for ``model``: no sampling, no penalties, our stop ids."""
-    from transformers import GenerationConfig
+def greedy_config(model: Any, stops: list[int], pad_token_id: int | None, compile: str | None = None) -> Any:
+    """The clean greedy ``GenerationConfig`` for ``model``: no sampling, no penalties, our stop ids, and,
+    for a static cache on a GPU, how ``generate`` compiles the decoding step (:data:`STATIC_COMPILE`):
+    ``cudagraphs`` captures the eager kernels into CUDA graphs (no code generation, the same arithmetic),
+    ``inductor`` transformers' default (fused kernels, CUDA graphs), ``eager`` no compile. ``None``:
+    nothing said (a growing cache is never compiled; a compile setting there only draws a warning)."""
+    from transformers import CompileConfig, GenerationConfig
 
+    if compile is not None and compile not in STATIC_COMPILE:
+        raise ValueError(f"static cache compile {compile!r}: one of {', '.join(STATIC_COMPILE)}")
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    how: dict[str, Any] = {}
+    if compile == "eager":
+        how["disable_compile"] = True
+    elif compile is not None:
+        how["compile_config"] = CompileConfig(backend=compile, mode="reduce-overhead" if compile == "inductor" else "default")
     return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=pad_token_id,
-                            eos_token_id=stops, bos_token_id=getattr(hf_model.generation_config, "bos_token_id", None))
+                            eos_token_id=stops, bos_token_id=getattr(hf_model.generation_config, "bos_token_id", None), **how)
 
 
 @contextmanager
