@@ -6,14 +6,16 @@
 # (150 + 140 + 130 + 100 + 240 s), cut short so that none runs past the whole check's BUDGET_S (450 s);
 # on an H200 (2026-12-04) steps 1-3 took 218 s (the whole check 255 s), step 4, run on its own, 85 s
 # with its model build (its profiler pass is slow: 170,000 device events), and steps 2, 3 and 5 311 s
-# (step 2 132 s, 106 s since the growing cache decodes without cuDNN; step 5 102 s, a minute of it compiling).
+# (step 2 132 s, 106 s since the growing cache decodes without cuDNN; step 5 102 s, a minute of it compiling);
+# steps 2 and 5 with step 5's three ways of compiling: 194 s (step 2 68 s, step 5 86 s).
 #   1. training: Qwen2.5-VL-3B LoRA in bf16, then QLoRA (skipped, with a note, without bitsandbytes),
 #      batch 4, one 448x448 picture and a 1,400-token prompt per row: tokens/s, peak memory, loss
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)
 #   3. classification heads vs generation on the same backbone, 16 rows: rows/s
 #   4. one labelling pass at batch 8 profiled: device kernel time against the host's (decode_profile.py)
-#   5. labelling at batch 8 with a static decoding cache, which generate compiles into CUDA graphs
-#      (mmllm label --static-cache), against the growing cache: rows/s, the answers compared
+#   5. labelling at batch 8 with a static decoding cache (mmllm label --static-cache), its decoding step
+#      compiled each way (eager, the eager kernels as CUDA graphs, inductor), against the growing
+#      cache: rows/s, the answers compared
 # STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: all of them).
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and

@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText
 from mmllm.catalog import Listing, load_listings
 from mmllm.collator import load_listing_images
 from mmllm.images import ImagePolicy
+from mmllm.models import cuda_graphs
 from mmllm.models.generative import GenerativePredictor, LoraSettings, attach_lora, load_processor
 from mmllm.models.prefix_cache import PrefixCache, shared_prefix_ids
 from mmllm.predictor import encoded_batches
@@ -180,7 +181,7 @@ def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(lo
     model, processor = loaded("qwen2_vl")
     ways = {way: greedy_config(model, [1], 0, way) for way in (None, "cudagraphs", "inductor", "eager")}
     assert [(c.compile_config.backend, c.compile_config.mode) for c in (ways["cudagraphs"], ways["inductor"])] == [
-        ("cudagraphs", "default"), ("inductor", "reduce-overhead")]  # cudagraphs takes no mode: "default" passes none
+        (cuda_graphs.cudagraphs, "default"), ("inductor", "reduce-overhead")]  # cudagraphs takes no mode: "default" passes none
     assert ways["eager"].disable_compile and ways["eager"].compile_config is None
     assert ways[None].compile_config is None and not ways[None].disable_compile  # unset: False or None
     with pytest.raises(ValueError, match="one of cudagraphs, inductor, eager"):
@@ -306,3 +307,16 @@ def test_placeholders_in_the_system_text_are_filled_and_checked(tmp_path):
     with pytest.raises(ValueError, match=r"system: unknown placeholder\(s\) \['taxonomy'\]"):
         PromptTemplate.load(bad)
 
+
+
+def test_both_caches_decode_on_a_gpu_without_cudnns_attention_and_nothing_changes_elsewhere():
+    from mmllm.models.generative import decoding_kernels
+
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    assert cudnn  # PyTorch's default: the test below would show nothing otherwise
+    with decoding_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+    with decoding_kernels(torch.device("cuda", 0)):  # entering it needs no GPU: it sets SDPA's flags
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn

@@ -29,6 +29,7 @@ from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import unpadded_attention
 from mmllm.models.heads import mark_untrained, prompt_vectors
+from mmllm.models import cuda_graphs
 from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, new_static_cache, reset_rope_deltas,
                                        shared_prefix_ids)
 from mmllm.predictor import encoded_batches, predict_in_batches
@@ -513,8 +514,10 @@ def greedy_config(model: Any, stops: list[int], pad_token_id: int | None, compil
     how: dict[str, Any] = {}
     if compile == "eager":
         how["disable_compile"] = True
+    elif compile == "cudagraphs":  # the stock backend would copy every weight before every replay
+        how["compile_config"] = CompileConfig(backend=cuda_graphs.cudagraphs, mode="default")
     elif compile is not None:
-        how["compile_config"] = CompileConfig(backend=compile, mode="reduce-overhead" if compile == "inductor" else "default")
+        how["compile_config"] = CompileConfig(backend=compile, mode="reduce-overhead")
     return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=pad_token_id,
                             eos_token_id=stops, bos_token_id=getattr(hf_model.generation_config, "bos_token_id", None), **how)
 
