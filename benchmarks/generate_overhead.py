@@ -14,7 +14,11 @@ Unconstrained with 1 and 8 new tokens (answers of a fixed length: what a call co
 steps, and what each step adds), and constrained (the grammar raises the budget to its bound and the
 random model's answers run long).
 
-    python benchmarks/generate_overhead.py [--calls 20]
+Under the labelling engine's malloc setting (``mmllm.host_memory.reuse_step_buffers``) unless
+``--malloc`` says otherwise: a step's scores over the vocabulary are blocks of MBs, and mapping them
+afresh every step (the training setting) costs page faults.
+
+    python benchmarks/generate_overhead.py [--calls 20] [--malloc labelling|training|default]
 
 Prints a table and writes benchmarks/results/generate_overhead.json.
 """
@@ -88,12 +92,20 @@ def measure(constrained: bool, new_tokens: int, calls: int, rows: int = 8) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20, help="timed calls per setting (after one warm-up call)")
+    parser.add_argument("--malloc", choices=["labelling", "training", "default"], default="labelling",
+                        help="glibc malloc setting (mmllm.host_memory): labelling, as mmllm label sets it; training, "
+                             "as train_loop sets it on the CPU; default, glibc's own (one setting per process)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    from mmllm.host_memory import return_large_frees_to_os, reuse_step_buffers
+
+    if args.malloc != "default":
+        {"labelling": reuse_step_buffers, "training": return_large_frees_to_os}[args.malloc]()
     os.environ.setdefault("MMLLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "mmllm-bench-cache"))
     rows = [measure(False, 1, args.calls), measure(False, 8, args.calls), measure(True, 8, max(args.calls // 10, 2))]
     device = f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"\n{device}; tiny:qwen2_vl:real (151,936 output rows), batch 8, listing_compact_v1; ms per generate call")
+    print(f"\n{device}; tiny:qwen2_vl:real (151,936 output rows), batch 8, listing_compact_v1, malloc {args.malloc}; "
+          "ms per generate call")
     print(f"{'decoding':<14} {'new tokens':>10} {'steps':>6} {'call':>8} {'forward':>8} {'generate, rest':>14} "
           f"{'mmllm, rest':>11}")
     for r in rows:
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or HERE / "results" / "generate_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "generate_overhead", "date": time.strftime("%Y-%m-%d"), "device": device,
-                               "torch": torch.__version__, "rows": rows}, indent=2))
+                               "torch": torch.__version__, "malloc": args.malloc, "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -1,19 +1,26 @@
-"""Host memory: blocks of a few MB and more, once freed, go back to the operating system.
+"""Host memory: how glibc's ``malloc`` treats blocks of megabytes, set per kind of work.
 
-glibc's ``malloc`` takes a block below its mmap threshold from the heap, and each time a larger
-mmapped block is freed it raises that threshold to the block's size (from 128 KiB up to 32 MiB).
-A training step on the CPU allocates and frees activations of tens of MB: after the first frees,
-blocks of up to 32 MiB come from the heap, whose freed space glibc keeps for reuse and cannot hand
-back while anything above it lives, so the process's resident memory climbs well past what the step
-holds at any moment. On the one-layer real-size Qwen2.5-VL-3B step of ``benchmarks/train_step.py
---real-size`` (2 CPU cores) that was ~850 MB of a 4.6 GB peak; PyTorch's own profiler saw 1.1 GB of
-live tensors above the weights at the worst moment.
+glibc takes a block below its mmap threshold from the heap and maps a larger one on its own (unmapped
+when freed); each time a mapped block is freed it raises that threshold to the block's size (from
+128 KiB up to 32 MiB), and it hands the heap's free top back to the system above a trim threshold.
+Two kinds of work want opposite things:
 
-:func:`return_large_frees_to_os` fixes the threshold (which also stops the raising), so every block
-of :data:`MMAP_THRESHOLD` or more is mapped on its own and unmapped when freed. Smaller blocks keep
-the heap. The price is a fresh mapping (and page faults) per large block: microseconds against the
-milliseconds of arithmetic such a tensor takes. ``mmllm.training.train_loop`` calls it on the CPU, and
-the labelling engines before they label (``run_local``, each Ray actor). Other C libraries are left alone.
+* **Training** (:func:`return_large_frees_to_os`). A step on the CPU allocates and frees activations
+  of tens of MB: after the first frees, blocks of up to 32 MiB come from the heap, whose freed space
+  glibc keeps and cannot hand back while anything above it lives, so the resident memory climbs well
+  past what the step holds at any moment. On the one-layer real-size Qwen2.5-VL-3B step of
+  ``benchmarks/train_step.py --real-size`` (2 CPU cores) the peak fell from 4,730 to 3,864 MB with
+  the threshold fixed at 4 MiB (every larger block mapped and unmapped on its own), the loss unchanged.
+* **Labelling** (:func:`reuse_step_buffers`). Every decoding step allocates the same blocks again:
+  the scores over the vocabulary (batch 8 x 151,936 float32 = 4.9 MB, and their masked and
+  normalized copies). Mapped afresh, each costs ~1,200 page faults, more than the arithmetic on it:
+  with the training threshold, a constrained ``generate`` call at the real vocabulary
+  (``benchmarks/generate_overhead.py``, 2 cores) took 2,304 ms against 1,641 ms when blocks up to
+  64 MiB come from the heap and up to 256 MiB of free heap top is kept for the next step; blocks
+  above 64 MiB (a CPU prefill's activations) are still mapped and returned. A batch of 8 on the
+  one-layer real-size model then peaked at 6,463 MiB against 6,294 MiB (2026-12-04, ad-hoc script).
+
+Each sets fixed values (which also stops the raising); other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -23,13 +30,27 @@ import os
 import platform
 import sys
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
-MMAP_THRESHOLD = 4 * 2**20  # bytes: blocks at least this large are mapped and unmapped on their own
+M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 * 2**20  # training: blocks at least this large are mapped and unmapped on their own
+STEP_MMAP_THRESHOLD = 64 * 2**20  # labelling: blocks below this come from the heap, reused step after step
+STEP_TRIM_THRESHOLD = 256 * 2**20  # labelling: free heap top kept for the next step, up to this
 
 
 def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes for this process; ``False`` where the C
-    library is not glibc or another allocator is preloaded (nothing is changed there)."""
+    """Training: fix glibc's mmap threshold at ``threshold`` bytes for this process; ``False`` where
+    the C library is not glibc or another allocator is preloaded (nothing is changed there)."""
+    return _mallopt({M_MMAP_THRESHOLD: threshold})
+
+
+def reuse_step_buffers(mmap_threshold: int = STEP_MMAP_THRESHOLD, trim_threshold: int = STEP_TRIM_THRESHOLD) -> bool:
+    """Labelling: blocks below ``mmap_threshold`` from the heap, and up to ``trim_threshold`` bytes of
+    free heap kept, so a decoding step's buffers are reused instead of mapped again; ``False`` where
+    nothing is changed (as :func:`return_large_frees_to_os`)."""
+    return _mallopt({M_MMAP_THRESHOLD: mmap_threshold, M_TRIM_THRESHOLD: trim_threshold})
+
+
+def _mallopt(values: dict[int, int]) -> bool:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
@@ -40,4 +61,4 @@ def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
+    return all([mallopt(parameter, int(value)) == 1 for parameter, value in values.items()])

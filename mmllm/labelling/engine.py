@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, RowError
-from mmllm.host_memory import return_large_frees_to_os
+from mmllm.host_memory import reuse_step_buffers
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.labelling.review import flag
 from mmllm.progress import Progress
@@ -270,7 +270,7 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
     after it is written (the demo's progress); ``model_lock`` serialises the model with other users.
     A write error (:class:`~mmllm.labelling.output.WriteError`) ends the run.
     """
-    return_large_frees_to_os()  # host blocks of MBs (a CPU prefill's activations, images) leave the heap when freed
+    reuse_step_buffers()  # a decoding step's blocks of MBs are reused, not mapped afresh; larger ones go back (host_memory)
     summary = Summary()
     started = time.perf_counter()
     text_dumps = all(p.is_file() and p.suffix in (".jsonl", ".csv", ".tsv", ".ndjson", ".json") for p in dumps)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmllm.catalog import Listing, RowError
-from mmllm.host_memory import return_large_frees_to_os
+from mmllm.host_memory import reuse_step_buffers
 from mmllm.labelling.engine import LabelOptions, Summary, error_record, iter_rows, label_batch
 from mmllm.labelling.output import DoneRows, Output
 from mmllm.progress import Progress
@@ -37,7 +37,7 @@ class LabelActor:
     """One model replica; turns a batch of payloads into one record each."""
 
     def __init__(self, load: Any, model_args: dict[str, Any], opts: LabelOptions) -> None:
-        return_large_frees_to_os()  # as run_local does: each actor is a process of its own
+        reuse_step_buffers()  # as run_local does: each actor is a process of its own
         self.predictor = load(**model_args)
         self.opts = opts
 
