@@ -33,15 +33,18 @@ print(anonymous_mib() - before)
 """
 
 
+def last_line(code: str) -> str:
+    """What a fresh Python process running ``code`` prints last, under glibc's own defaults: no
+    tunables, no allocator preloaded in front of it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return done.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what this changes")
 def test_a_freed_20_mb_tensor_stays_resident_under_glibcs_default_and_not_after_the_fix():
-    # glibc's own defaults: no tunables, no allocator preloaded in front of it
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
-
     def retained(fixed: bool) -> float:
-        done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), fixed=fixed)],
-                              capture_output=True, text=True, check=True, env=env)
-        return float(done.stdout.strip().splitlines()[-1])
+        return float(last_line(CHILD.format(root=str(ROOT), fixed=fixed)))
 
     assert retained(False) > 15  # the freed block is still resident memory
     assert retained(True) < 5  # it was unmapped when freed
@@ -65,12 +68,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what this changes")
 def test_labelling_reuses_a_decoding_steps_blocks_where_the_training_setting_maps_them_afresh():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
-
     def page_faults(policy: str) -> int:
-        done = subprocess.run([sys.executable, "-c", STEP_CHILD.format(root=str(ROOT), policy=policy)],
-                              capture_output=True, text=True, check=True, env=env)
-        return int(done.stdout.strip().splitlines()[-1])
+        return int(last_line(STEP_CHILD.format(root=str(ROOT), policy=policy)))
 
     # mapped afresh, each 4.9 MB block is ~1,190 pages touched for the first time: 40 steps, ~47,000 faults
     assert page_faults("return_large_frees_to_os") > 20_000
