@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [d.name for d in dumps]
     if len(set(names)) != len(names):
         return _fail("two dumps share a file name; records name their dump by file name")
+    if args.static_compile and not args.static_cache:
+        return _fail("--static-compile says how a static cache is compiled: add --static-cache")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         return _fail(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
     try:
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded,
-                  "static_cache": args.static_cache}
+                  "static_cache": (args.static_compile or "cudagraphs") if args.static_cache else None}
     try:
         if queue is not None:  # before anything is opened: a user's file there is refused, not replaced
             check_queue_path(queue)
@@ -206,12 +208,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus-per-actor", type=_at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
     p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
-    p.add_argument("--static-cache", nargs="?", const="cudagraphs", choices=["cudagraphs", "inductor", "eager"],
-                   metavar="COMPILE",
+    p.add_argument("--static-cache", action="store_true",
                    help="generative models on a GPU: decode into a cache allocated at full length, so the decoding step "
                         "is captured once and replayed as a CUDA graph (the first batch captures it: worth it for large "
-                        "dumps). COMPILE: cudagraphs (default: the eager kernels recorded, the same answers), inductor "
-                        "(fused kernels of its own: faster, rounds differently, so near ties can tip), eager (no graphs)")
+                        "dumps)")
+    p.add_argument("--static-compile", choices=["cudagraphs", "inductor", "eager"],
+                   help="with --static-cache, how the step is compiled: cudagraphs (default: the eager kernels recorded, "
+                        "the growing cache's kernels), inductor (fused kernels of its own: faster, rounds differently, so "
+                        "near ties can tip), eager (no graphs)")
     p.add_argument("--ungrounded", action="store_true",
                    help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")

@@ -200,3 +200,27 @@ def test_review_flags_and_queue_and_what_is_refused(tmp_path, tiny_checkpoint, c
     assert all(r["review_reason"].startswith("confidence ") for r in flagged)
     queue = [json.loads(line) for line in (tmp_path / "labels2.review.jsonl").read_text().splitlines()]
     assert [r["id"] for r in queue] == [r["id"] for r in sorted(flagged, key=lambda r: r["confidence"])]
+
+
+def test_the_static_caches_compile_reaches_the_predictor_and_needs_the_static_cache(tmp_path, tiny_checkpoint, capsys,
+                                                                                     monkeypatch):
+    import mmllm.label as label_module
+
+    dump = write_catalog(tmp_path / "d", 3, dump_row(), name="dump.jsonl")
+    out = tmp_path / "labels.jsonl"
+    assert label(dump, out, tiny_checkpoint("qwen2_vl"), "--static-compile", "inductor") == 2
+    assert "--static-compile says how a static cache is compiled: add --static-cache" in capsys.readouterr().err
+    assert not out.exists()
+    loaded = []
+    real = label_module.load_predictor
+
+    def spy(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(label_module, "load_predictor", spy)
+    for flags, way in ((["--static-cache"], "cudagraphs"), (["--static-cache", "--static-compile", "eager"], "eager")):
+        out.unlink(missing_ok=True)
+        assert label(dump, out, tiny_checkpoint("qwen2_vl"), "--max-new-tokens", "4", *flags) == 0
+        assert (loaded[-1].static_cache, loaded[-1].static_compile) == (True, way)
+        assert [r["status"] for r in read(out)] == ["ok"] * 3
