@@ -7,7 +7,8 @@
 # on an H200 (2026-12-04) steps 1-3 took 218 s (the whole check 255 s), step 4, run on its own, 85 s
 # with its model build (its profiler pass is slow: 170,000 device events), and steps 2, 3 and 5 311 s
 # (step 2 132 s, 106 s since the growing cache decodes without cuDNN; step 5 102 s, a minute of it compiling);
-# steps 2 and 5 with step 5's three ways of compiling: 194 s (step 2 68 s, step 5 86 s).
+# steps 2 and 5 with step 5's three ways of compiling: 194 s (installing the wheels and checking the
+# packages 40 s, step 2 68 s, step 5 86 s).
 #   1. training: Qwen2.5-VL-3B LoRA in bf16, then QLoRA (skipped, with a note, without bitsandbytes),
 #      batch 4, one 448x448 picture and a 1,400-token prompt per row: tokens/s, peak memory, loss
 #   2. labelling: Qwen2-VL-2B, 16 rows at batch 1 / 8 / 32: rows/s (and ms per decoding step)

@@ -15,12 +15,13 @@ Two kinds of work want opposite things:
   the scores over the vocabulary (batch 8 x 151,936 float32 = 4.9 MB, and their masked and
   normalized copies). Mapped afresh, each costs ~1,200 page faults, more than the arithmetic on it:
   with the training threshold, a constrained ``generate`` call at the real vocabulary
-  (``benchmarks/generate_overhead.py``, 2 cores) took 2,304 ms against 1,641 ms when blocks up to
-  64 MiB come from the heap and up to 256 MiB of free heap top is kept for the next step; blocks
-  above 64 MiB (a CPU prefill's activations) are still mapped and returned. A batch of 8 on the
-  one-layer real-size model then peaked at 6,463 MiB against 6,294 MiB (2026-12-04, ad-hoc script).
+  (``benchmarks/generate_overhead.py --malloc``, 2 cores) took 2,529 ms against 1,586 ms when blocks
+  up to 32 MiB (glibc's documented limit for the threshold on 64-bit) come from the heap and up to
+  256 MiB of free heap top is kept for the next step; larger blocks (a CPU prefill's activations) are
+  still mapped and returned (README "What one training step costs").
 
-Each sets fixed values (which also stops the raising); other C libraries are left alone.
+Each sets both values, fixed (which also stops the raising), so a process that labels and then trains
+(or the reverse) gets the setting of what it does now; other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -33,20 +34,22 @@ import sys
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (glibc's malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 4 * 2**20  # training: blocks at least this large are mapped and unmapped on their own
-STEP_MMAP_THRESHOLD = 64 * 2**20  # labelling: blocks below this come from the heap, reused step after step
+TRIM_THRESHOLD = 128 * 2**10  # training: glibc's default; free heap top above it goes back to the system
+STEP_MMAP_THRESHOLD = 32 * 2**20  # labelling: blocks below this come from the heap (glibc's limit on 64-bit)
 STEP_TRIM_THRESHOLD = 256 * 2**20  # labelling: free heap top kept for the next step, up to this
 
 
 def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Training: fix glibc's mmap threshold at ``threshold`` bytes for this process; ``False`` where
-    the C library is not glibc or another allocator is preloaded (nothing is changed there)."""
-    return _mallopt({M_MMAP_THRESHOLD: threshold})
+    """Training: fix glibc's mmap threshold at ``threshold`` bytes for this process (and its trim
+    threshold at glibc's default); ``False`` where the C library is not glibc or another allocator is
+    preloaded (nothing is changed there), or where glibc refused a value (the others stay set)."""
+    return _mallopt({M_MMAP_THRESHOLD: threshold, M_TRIM_THRESHOLD: TRIM_THRESHOLD})
 
 
 def reuse_step_buffers(mmap_threshold: int = STEP_MMAP_THRESHOLD, trim_threshold: int = STEP_TRIM_THRESHOLD) -> bool:
     """Labelling: blocks below ``mmap_threshold`` from the heap, and up to ``trim_threshold`` bytes of
-    free heap kept, so a decoding step's buffers are reused instead of mapped again; ``False`` where
-    nothing is changed (as :func:`return_large_frees_to_os`)."""
+    free heap kept, so a decoding step's buffers are reused instead of mapped again; ``False`` as for
+    :func:`return_large_frees_to_os`."""
     return _mallopt({M_MMAP_THRESHOLD: mmap_threshold, M_TRIM_THRESHOLD: trim_threshold})
 
 

@@ -41,7 +41,7 @@ from mmllm.confidence import CALIBRATION_FILE, Calibration
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
-from mmllm.predictor import OptionError, Predictor, configure
+from mmllm.predictor import STATIC_COMPILE, OptionError, Predictor, configure
 from mmllm.schema import SchemaError
 
 
@@ -210,9 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
     p.add_argument("--static-cache", action="store_true",
                    help="generative models on a GPU: decode into a cache allocated at full length, so the decoding step "
-                        "is captured once and replayed as a CUDA graph (the first batch captures it: worth it for large "
-                        "dumps)")
-    p.add_argument("--static-compile", choices=["cudagraphs", "inductor", "eager"],
+                        "can be compiled once and replayed as a CUDA graph (--static-compile; the first batch records it: "
+                        "worth it for large dumps)")
+    p.add_argument("--static-compile", choices=STATIC_COMPILE,
                    help="with --static-cache, how the step is compiled: cudagraphs (default: the eager kernels recorded, "
                         "the growing cache's kernels), inductor (fused kernels of its own: faster, rounds differently, so "
                         "near ties can tip), eager (no graphs)")

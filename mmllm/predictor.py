@@ -36,6 +36,9 @@ OPTIONS = {
 }
 
 
+STATIC_COMPILE = ("cudagraphs", "inductor", "eager")  # how a static decoding cache's step is compiled on a GPU
+
+
 class OptionError(ValueError):
     """An option the loaded model does not take."""
 
@@ -76,6 +79,8 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
     if max_new_tokens is not None:
         predictor.max_new_tokens = max_new_tokens
     if static_cache:
+        if static_cache not in STATIC_COMPILE:
+            raise OptionError(f"--static-compile {static_cache!r}: one of {', '.join(STATIC_COMPILE)}")
         predictor.static_cache, predictor.static_compile = True, static_cache
     if min_pixels or max_pixels:
         size = predictor.processor.image_processor.size

@@ -59,3 +59,36 @@ def test_the_backend_compiles_a_module_with_this_torch():
         got = compiled(x)  # on a CPU the stock backend records nothing and runs the traced graph
     assert torch.equal(got, expected)
     torch._dynamo.reset()
+
+
+def test_through_torchs_own_backend_the_recording_is_told_the_weights(monkeypatch):
+    """The stock backend end to end (dynamo, aot_autograd, its compiler), with only its CPU refusal and
+    the recording itself replaced: the patch must reach the recording where torch calls it."""
+    from torch._dynamo.backends import cudagraphs as stock_module
+
+    told = []
+
+    def record(model, inputs, static_input_idxs, *args, **kwargs):
+        told.append((list(static_input_idxs), [tuple(x.shape) if torch.is_tensor(x) else x for x in inputs]))
+        return model  # the traced graph, run as is (boxed, as the stock backend marks it)
+
+    monkeypatch.setattr(stock_module, "check_for_skip", lambda *args: None)  # a GPU's answer
+    monkeypatch.setattr(stock_module, "get_device_index", lambda graph: 0)
+    monkeypatch.setattr(cudagraph_trees, "cudagraphify_impl", record)
+    torch._dynamo.reset()
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.GELU(), torch.nn.Linear(6, 3)).eval()
+    x = torch.randn(4, 8)
+    try:
+        with torch.no_grad():
+            got = torch.compile(layer, backend=cuda_graphs.cudagraphs)(x)
+            expected = layer(x)
+            [(static, shapes)] = told
+            torch._dynamo.reset()
+            torch.compile(layer, backend="cudagraphs")(x)  # the stock backend: no input is fixed
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)
+    weights = {tuple(p.shape) for p in layer.parameters()}
+    assert {shapes[i] for i in static} == weights and len(static) == 4  # both layers' weights and biases
+    assert all(shapes[i] not in weights for i in range(len(shapes)) if i not in static)  # the input is not static
+    assert told[1][0] == []

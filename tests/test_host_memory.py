@@ -71,6 +71,6 @@ def test_labelling_reuses_a_decoding_steps_blocks_where_the_training_setting_map
     def page_faults(policy: str) -> int:
         return int(last_line(STEP_CHILD.format(root=str(ROOT), policy=policy)))
 
-    # mapped afresh, each 4.9 MB block is ~1,190 pages touched for the first time: 40 steps, ~47,000 faults
+    # mapped afresh, each 4.9 MB block is ~1,190 pages touched for the first time: 40 steps, ~47,500 faults
     assert page_faults("return_large_frees_to_os") > 20_000
     assert page_faults("reuse_step_buffers") < 10_000  # the same blocks again from the heap (measured: 0-3 blocks' worth, once)

@@ -176,7 +176,7 @@ def test_the_static_length_is_rounded_up_and_never_shrinks(loaded):
 
 def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(loaded, catalog, monkeypatch, caplog):
     from mmllm.models.generative import greedy_config
-    from mmllm.predictor import configure
+    from mmllm.predictor import OptionError, configure
 
     model, processor = loaded("qwen2_vl")
     ways = {way: greedy_config(model, [1], 0, way) for way in (None, "cudagraphs", "inductor", "eager")}
@@ -191,6 +191,9 @@ def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(lo
 
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=4, batch_size=3)
+    with pytest.raises(OptionError, match="--static-compile True: one of cudagraphs, inductor, eager"):
+        configure(predictor, source="m", static_cache=True)  # the way, not a flag: refused before any batch
+    assert not predictor.static_cache
     configure(predictor, source="m", static_cache="inductor")
     assert predictor.static_cache and predictor.static_compile == "inductor"
     seen, original = [], type(model).generate
@@ -320,3 +323,27 @@ def test_both_caches_decode_on_a_gpu_without_cudnns_attention_and_nothing_change
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_batches_of_one_shape_reuse_one_static_cache_emptied_with_the_growing_caches_answers(loaded, catalog,
+                                                                                             monkeypatch, prefix):
+    model, processor = loaded("qwen2_vl")
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    text_rows = [r for r in rows if not r.images] * 2  # 6 rows without pictures: batches of one shape
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=12, batch_size=3, prefix_cache=prefix)
+    growing = predictor.generate(text_rows, policy)
+    caches, original = [], type(model).generate
+
+    def spy(self, *args, **kwargs):
+        caches.append(kwargs.get("cache", kwargs.get("past_key_values")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    predictor.static_cache = True
+    assert predictor.generate(text_rows, policy) == growing  # the second batch decodes in the first one's cache
+    assert len(caches) == 2 and caches[0] is caches[1]
+    predictor.batch_size = 2  # another shape: another cache
+    assert predictor.generate(text_rows, policy) == growing and caches[2] is not caches[0] and caches[3] is caches[2]

@@ -6,13 +6,17 @@ stock ``cudagraphs`` backend records the eager kernels themselves (no code gener
 arithmetic, so the same greedy answers, where inductor's fused kernels round differently), but since
 dynamo inlines ``nn.Module`` calls it counts no input as fixed: every weight is then copied into the
 graph's own memory before every replay. On an H200 (torch 2.11, random Qwen2-VL-2B, batch 8, a
-static cache) that was 515 copies a step, ~3 ms of device time, and a step of 21 ms against 23 ms
-eager (``benchmarks/label_throughput.py --gpu --static-cache``, 2026-12-04).
+static cache) that was 515 copies a step, ~3 ms of device time, and a step of 21.3 ms against 24.3 ms
+for the static cache uncompiled and 23.5 ms for the growing one (``benchmarks/label_throughput.py --gpu
+--static-cache``, 2026-12-04); with the weights read in place, 20.2 ms against the growing cache's 31.7
+on another machine, the same 16 / 16 answers.
 
 :func:`cudagraphs` is the stock backend told which inputs have fixed addresses: the tracing
 context's static inputs, the ones inductor's own CUDA graphs use (parameters, buffers, and tensors
 marked static, as transformers marks a ``StaticCache``'s keys and values). The graph reads them in
-place; a weight that moves (a new model) is re-recorded, not copied.
+place; a static input at a new address (a new model, a new cache) is re-recorded, not copied, which
+is why :class:`~mmllm.models.generative.GenerativePredictor` keeps one static cache per batch shape.
+Only the forward (inference) graph is changed: a backward graph keeps the stock backend's inputs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def cudagraphs(graph: torch.fx.GraphModule, inputs: Sequence[Any], **_: Any) -> 
 
     def with_static_weights(model: Any, model_inputs: Any, static_input_idxs: Sequence[int], *args: Any,
                             **kwargs: Any) -> Any:
+        if kwargs.get("is_backward"):  # the tracing context's indices are the forward graph's
+            return record(model, model_inputs, static_input_idxs, *args, **kwargs)
         return record(model, model_inputs, static_input_indices(static_input_idxs), *args, **kwargs)
 
     # the stock backend compiles the graph at once (aot_autograd), inside this call and its tracing context

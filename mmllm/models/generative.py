@@ -32,13 +32,12 @@ from mmllm.models.heads import mark_untrained, prompt_vectors
 from mmllm.models import cuda_graphs
 from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, new_static_cache, reset_rope_deltas,
                                        shared_prefix_ids)
-from mmllm.predictor import encoded_batches, predict_in_batches
+from mmllm.predictor import STATIC_COMPILE, encoded_batches, predict_in_batches
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema, answer_spans
 
 log = logging.getLogger(__name__)
 
-STATIC_COMPILE = ("cudagraphs", "inductor", "eager")  # how a static cache's decoding step is compiled (GenerativePredictor)
 STATIC_CACHE_STEP = 256  # a static decoding cache's length is a multiple of this (see GenerativePredictor)
 
 # Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
@@ -250,6 +249,7 @@ class GenerativePredictor:
     _greedy: tuple[Any, str | None, Any] | None = field(default=None, init=False, repr=False)  # (model, compile, config)
     _pieces: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # token id -> its text alone
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
+    _static: tuple[tuple[Any, int, int], Any] | None = field(default=None, init=False, repr=False)  # (model, B, len), cache
     _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
     _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
@@ -285,7 +285,7 @@ class GenerativePredictor:
                       "logits_processor": [grammar.processor(), recorder]}  # the recorder sees the masked scores
         prefix = self._prefix_cache()
         static_len = self._static_cache_len(enc["input_ids"].shape[1], kwargs["max_new_tokens"]) if self.static_cache else None
-        empty = new_static_cache(self.model, static_len) if static_len is not None else None
+        empty = self._reused_static_cache(enc["input_ids"].shape[0], static_len) if static_len is not None else None
         inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
         if empty is not None and inputs is enc:
             inputs = {**enc, cache_argument(self.model): empty}
@@ -322,6 +322,18 @@ class GenerativePredictor:
         need = -(-(prompt + new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
         self._static_len = max(self._static_len, need)
         return self._static_len
+
+    def _reused_static_cache(self, batch: int, length: int) -> Any:
+        """The static cache of the last batch of this shape, emptied, else a new one. Its tensors keep their
+        addresses, so a decoding step recorded as a CUDA graph replays (a cache at new addresses would be
+        recorded again: :mod:`mmllm.models.cuda_graphs`). One is kept: a job's batches share a shape, but
+        for its last."""
+        if self._static is not None and self._static[0][0] is self.model and self._static[0][1:] == (batch, length):
+            self._static[1].reset()
+            return self._static[1]
+        self._static = None  # the old one's memory first
+        self._static = ((self.model, batch, length), new_static_cache(self.model, length))
+        return self._static[1]
 
     def _prefix_cache(self) -> PrefixCache | None:
         """The shared prefix of this template's prompts, encoded on first use (``None``: off or none)."""

@@ -21,6 +21,7 @@ from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
 from mmllm.config import help_field
 from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
+from mmllm.host_memory import reuse_step_buffers
 from mmllm.images import ImagePolicy
 from mmllm.model_dir import CARD_FILE, METRICS_FILE, trained_field_counts, untrained_attributes
 from mmllm.predictor import predict_in_batches
@@ -291,6 +292,7 @@ def fit_after_training(s: Setup, cfg: GroundingConfig, predictor: Any, *, platt:
     rows = s.dev_rows[: cfg.dev_rows] if cfg.dev_rows else s.dev_rows
     records: list[dict[str, Any]] = []
     if rows:
+        reuse_step_buffers()  # labelling now, not training: a decoding step's blocks are reused (host_memory)
         with Progress("dev predictions (calibration, grounding)", total_rows=len(rows), unit="listings") as progress:
             for start in range(0, len(rows), 64):
                 chunk = rows[start:start + 64]
