@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, detect_format, parse_row
 from mmllm.grounding import GroundedPredictor
 from mmllm.images import ImageError, ImagePolicy, load_image, resolve_image_path
+from mmllm.host_memory import reuse_step_buffers
 from mmllm.label import load_predictor
 from mmllm.labelling.engine import LabelOptions, Summary, error_record, run_local
 from mmllm.labelling.output import Output, OutputError
@@ -523,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.review) != bool(args.review_dump):
         print("error: --review and --review-dump go together: the labels file and the dump(s) it labelled", file=sys.stderr)
         return 2
+    reuse_step_buffers()  # the demo labels: a decoding step's blocks are reused, as in mmllm label (host_memory)
     try:
         predictor = load_predictor(**model_args)
         similar = SimilarListings.load(args.index, predictor, args.model, args.k) if args.index else None
