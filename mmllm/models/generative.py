@@ -27,9 +27,8 @@ from mmllm.collator import encode_prompts, set_pixel_budget
 from mmllm.confidence import significant
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
-from mmllm.models import unpadded_attention
+from mmllm.models import cuda_graphs, unpadded_attention
 from mmllm.models.heads import mark_untrained, prompt_vectors
-from mmllm.models import cuda_graphs
 from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, new_static_cache, reset_rope_deltas,
                                        shared_prefix_ids)
 from mmllm.predictor import STATIC_COMPILE, encoded_batches, predict_in_batches
@@ -309,7 +308,7 @@ class GenerativePredictor:
             # later batch would fail the same way, so the job goes on with the growing cache
             log.warning("static cache: compiling the decoding step failed (%s: %s); decoding with the growing cache "
                         "from now on", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.static_cache = False
+            self.static_cache, self._static = False, None  # and its memory
             return self.generate_scored(enc)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         logprobs = recorder.result(new.shape[1])  # [B, new tokens]
