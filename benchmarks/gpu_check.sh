@@ -16,7 +16,7 @@
 #   4. one labelling pass at batch 8 profiled: device kernel time against the host's (decode_profile.py)
 #   5. labelling at batch 8 with a static decoding cache (mmllm label --static-cache), its decoding step
 #      compiled each way (eager, the eager kernels as CUDA graphs, inductor), against the growing
-#      cache: rows/s, the answers compared
+#      cache: rows/s, the answers compared, and one profiled pass per way (copies and device time a step)
 # STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: all of them).
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
@@ -101,6 +101,6 @@ step 3 130 "classify vs generate" python3 benchmarks/classify_vs_generate.py --g
   --out "$out/classify_vs_generate_gpu.json"
 step 4 100 "decode profile" python3 benchmarks/decode_profile.py --gpu --rows 8 --batch 8 \
   --out "$out/decode_profile_gpu.json"
-step 5 240 "static cache" python3 benchmarks/label_throughput.py --gpu --static-cache --rows 16 \
+step 5 240 "static cache" python3 benchmarks/label_throughput.py --gpu --static-cache --profile --rows 16 \
   --out "$out/label_throughput_static_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"

@@ -381,7 +381,7 @@ def gpu_static(args: argparse.Namespace) -> dict:
     from torch._dynamo.utils import counters
 
     schema = ROOT / "examples/toys_schema.yaml"
-    results: dict = {"passes": [], "compile": list(args.compile)}
+    results: dict = {"passes": [], "profiles": [], "compile": list(args.compile)}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
@@ -416,9 +416,40 @@ def gpu_static(args: argparse.Namespace) -> dict:
                     row["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
                 results["passes"].append(row)
                 print(f"{cache} cache {compile or ''}, pass {n + 1}: {row}", file=sys.stderr, flush=True)
+            if args.profile and not (cache == "static" and not predictor.static_cache):
+                results["profiles"].append({"cache": cache, "compile": compile or "-",
+                                            **profiled_pass(predictor, make_dump(tmp / f"p-{cache}-{compile}", 8, True), tmp)})
+                print(f"{cache} cache {compile or ''}, profiled: {results['profiles'][-1]}", file=sys.stderr, flush=True)
         results["static_len"] = predictor._static_len
         results["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return results
+
+
+def profiled_pass(predictor, dump: Path, tmp: Path) -> dict:
+    """One labelling pass over ``dump`` (one batch) under PyTorch's profiler, after the passes that
+    compiled: per decoding step, the copies (``aten::copy_`` and ``aten::_foreach_copy_`` calls and
+    their device time: a CUDA graph's inputs copied in, a cache's writes copied back) and all device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        _, steps = decode_steps(predictor, dump, 8, tmp, tmp / "profiled.jsonl")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    per_step = max(steps, 1)
+    totals = {e.key: e for e in prof.key_averages()}
+
+    def device_ms(key: str) -> float:
+        event = totals.get(key)
+        return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) / 1000 if event else 0.0
+
+    copies = ("aten::copy_", "aten::_foreach_copy_")
+    device_total = sum(device_ms(key) for key in totals)
+    return {"decode_steps": steps,
+            "copy_calls_per_step": round(sum(totals[k].count for k in copies if k in totals) / per_step, 1),
+            "copy_device_ms_per_step": round(sum(device_ms(k) for k in copies) / per_step, 3),
+            "memcpy_calls_per_step": round(totals["cudaMemcpyAsync"].count / per_step, 1) if "cudaMemcpyAsync" in totals else 0,
+            "device_ms_per_step": round(device_total / per_step, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                              "vs the growing one")
     parser.add_argument("--compile", nargs="+", choices=["eager", "cudagraphs", "inductor"],
                         default=["eager", "cudagraphs", "inductor"], help="with --static-cache: the ways compared")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --static-cache: one more pass per way under the profiler: copies and device time per step")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.static_cache and not args.gpu:
@@ -499,6 +532,10 @@ def report_static(args: argparse.Namespace, results: dict) -> int:
         print(f"{r['cache']:<8} {r['compile']:<10} {r['pass']:>4} {r['rows_per_s']:>7} {r['model_s']:>8} "
               f"{r['decode_steps']:>6} {r['model_ms_per_step']:>8} {'failed' if r.get('failed') else r.get('identical_rows', ''):>9} "
               f"{r.get('cudagraph_skips', ''):>11}")
+    for r in results.get("profiles", []):
+        print(f"profiled, {r['cache']} {r['compile']}: {r['copy_calls_per_step']} copies a step "
+              f"({r['copy_device_ms_per_step']} ms of device time; {r['memcpy_calls_per_step']} cudaMemcpyAsync), "
+              f"{r['device_ms_per_step']} ms of device time a step in all")
     out = args.out or HERE / "results" / "label_throughput_static_gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput_static", "date": time.strftime("%Y-%m-%d"), "device": device,
