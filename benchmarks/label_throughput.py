@@ -462,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--static-cache", action="store_true",
                         help="with --gpu: batch 8 with a static decoding cache, compiled each way of --compile, "
                              "vs the growing one")
-    parser.add_argument("--compile", nargs="+", choices=["eager", "cudagraphs", "inductor"],
+    from mmllm.predictor import STATIC_COMPILE
+
+    parser.add_argument("--compile", nargs="+", choices=STATIC_COMPILE,
                         default=["eager", "cudagraphs", "inductor"], help="with --static-cache: the ways compared")
     parser.add_argument("--profile", action="store_true",
                         help="with --static-cache: one more pass per way under the profiler: copies and device time per step")

@@ -311,7 +311,6 @@ def test_placeholders_in_the_system_text_are_filled_and_checked(tmp_path):
         PromptTemplate.load(bad)
 
 
-
 def test_both_caches_decode_on_a_gpu_without_cudnns_attention_and_nothing_changes_elsewhere():
     from mmllm.models.generative import decoding_kernels
 
