@@ -15,7 +15,8 @@ Row contract (README.md, "The catalog")::
     description  string, optional
     attributes   object name -> string / number / bool / list of those: the seller's table
     images       list of paths relative to the dump's folder (may be empty)
-    label        {"category": "A > B", "attributes": {...}}: gold, optional
+    label        {"category": "A > B", "attributes": {...}}: gold, optional; without "attributes"
+                 the row is labelled for its category only (its attributes unknown)
 
 In CSV the nested columns hold JSON text (``images`` may also be one path or ``a.jpg|b.jpg``).
 """
@@ -257,12 +258,20 @@ def _check_label(value: Any, bad) -> dict[str, Any] | None:
     if category is not None and (not isinstance(category, str) or not category.strip()):
         bad("label.category", f"expected a non-empty taxonomy path string, got {_kind(category)}")
     attrs = value.get("attributes")
-    if attrs is None:
-        attrs = {}
-    elif not isinstance(attrs, Mapping):
+    if attrs is None:  # a category-only label: its attributes are unknown, not "not stated"
+        return {"category": category, "attributes": None}
+    if not isinstance(attrs, Mapping):
         bad("label.attributes", f"expected an object, got {_kind(attrs)}")
         attrs = {}
     return {"category": category, "attributes": {k: v for k, v in attrs.items() if v is not None}}
+
+
+def attributes_labelled(label: Mapping[str, Any] | None) -> bool:
+    """Whether a gold label speaks for the attributes: ``"attributes": {...}`` does (a field absent or
+    null in it is "not stated"); a label without ``attributes`` (or with ``null``) gives the category
+    only, and its attributes are unknown: left out of every attribute fit and metric, never taken
+    for "not stated"."""
+    return label is not None and isinstance(label.get("attributes"), Mapping)
 
 
 def _kind(value: Any) -> str:

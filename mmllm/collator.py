@@ -12,6 +12,7 @@ the answer (evaluation and labelling).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from mmllm.augment import AugmentConfig, augment_images, augment_listing
-from mmllm.catalog import Listing
+from mmllm.catalog import Listing, attributes_labelled
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.prompts import PromptTemplate, build_messages, target_text
 from mmllm.schema import LabelSchema
@@ -71,7 +72,7 @@ class TrainCollator:
         self._end_id = end_of_turn_id(self.processor.tokenizer)  # once: not per batch
 
     def __call__(self, batch: Sequence[tuple[Listing, int]]) -> dict[str, torch.Tensor]:
-        texts, answers, images = [], [], []
+        texts, answers, images, cuts = [], [], [], []
         for listing, seed in batch:
             rng = random.Random(seed)
             if self.augment is not None and self.augment.enabled:
@@ -87,14 +88,17 @@ class TrainCollator:
                 raise ValueError("the chat template renders the prompt differently with and without the answer")
             texts.append(full)
             answers.append(full[len(prompt):])  # the answer, its end-of-turn token, and template trailer
+            cuts.append(None if attributes_labelled(listing.label) else _category_end(answers[-1], answer))
             images.extend(pictures)
         enc = self.processor(
             text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt"
         )
-        enc["labels"] = self._labels(enc, answers, [listing.id for listing, _ in batch])
+        enc["labels"] = self._labels(enc, answers, [listing.id for listing, _ in batch], cuts)
         return dict(enc)
 
-    def _labels(self, enc: Any, answers: list[str], ids: list[str]) -> torch.Tensor:
+    def _labels(self, enc: Any, answers: list[str], ids: list[str], cuts: Sequence[int | None] = ()) -> torch.Tensor:
+        """Supervise each answer up to its end-of-turn token; where ``cuts[row]`` is a character count
+        (a label for the category only), only the tokens within it: the category, not the attributes."""
         tokenizer, end_id = self.processor.tokenizer, self._end_id
         labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)  # [B, T]
         lengths = enc["attention_mask"].sum(dim=1).tolist()
@@ -105,8 +109,32 @@ class TrainCollator:
                 raise ValueError(f"listing {ids[row]!r}: the answer does not tokenize the same inside the conversation")
             # supervise up to and including the end-of-turn token, not the template's trailing newline
             stop = answer_ids.index(end_id) + 1 if end_id in answer_ids else len(answer_ids)
+            if row < len(cuts) and cuts[row] is not None:
+                stop = _tokens_within(tokenizer, answer_ids[:stop], cuts[row])
             labels[row, start:start + stop] = enc["input_ids"][row, start:start + stop]
         return labels
+
+
+def _category_end(conversation_answer: str, answer: str) -> int:
+    """Characters of ``conversation_answer`` (the answer as the template renders it) up to the end of
+    the canonical answer's category value, ``{"category":"A > B",`` (the canonical JSON puts it first)."""
+    value = json.loads(answer)["category"]
+    head = '{"category":' + json.dumps(value, ensure_ascii=False, separators=(",", ":")) + ","
+    at = conversation_answer.find(head)
+    if not answer.startswith(head) or at < 0:
+        raise ValueError("the canonical answer does not start with its category")
+    return at + len(head)
+
+
+def _tokens_within(tokenizer: Any, ids: list[int], chars: int) -> int:
+    """How many of the leading ``ids`` decode to at most ``chars`` characters (a token that straddles
+    the end is not supervised)."""
+    count = 0
+    for n in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=False)) > chars:
+            break
+        count = n
+    return count
 
 
 def encode_prompts(

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmllm.catalog import CatalogReader, RowError
+from mmllm.catalog import CatalogReader, RowError, attributes_labelled
 from mmllm.confidence import Curve, operating_point, risk_coverage
 from mmllm.evidence import candidates, values_match
 from mmllm.schema import SEPARATOR, LabelSchema
@@ -69,7 +69,7 @@ class Rows:
     titles: list[str]
     gold_category: list[str | None]
     pred_category: list[str | None]
-    gold_attributes: list[dict[str, Any]]
+    gold_attributes: list[dict[str, Any] | None]  # None: labelled for the category only (attributes unknown)
     pred_attributes: list[dict[str, Any]]
     status: list[str]  # ok / invalid / error / missing
     top_k: list[list[str]]
@@ -113,7 +113,8 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         rows.titles.append(row.title)
         rows.gold_category.append(gold["category"])
         rows.pred_category.append(pred["category"])
-        rows.gold_attributes.append({k: v for k, v in gold["attributes"].items() if v is not None})
+        rows.gold_attributes.append({k: v for k, v in gold["attributes"].items() if v is not None}
+                                    if attributes_labelled(row.label) else None)
         predicted = {k: v for k, v in pred["attributes"].items() if v is not None}
         rows.pred_attributes.append(predicted)
         evidence = record.get("evidence") if status == "ok" else None
@@ -191,7 +192,7 @@ def schema_fit_warnings(rows: Rows, schema: LabelSchema, schema_path: Path, gold
     if categories and not any(schema.canonical_category(c) for c in categories):
         out.append(f"{schema_path}: none of the {len(categories)} gold categories of {gold_source.name} is in its "
                    f"taxonomy (e.g. {sorted(categories)[0]!r}); category scores mean nothing, check --schema")
-    names = {k for attrs in rows.gold_attributes for k in attrs}
+    names = {k for attrs in rows.gold_attributes for k in attrs or {}}
     if names and not names & set(schema.attribute_names):
         out.append(f"{schema_path}: none of the gold attribute names of {gold_source.name} ({', '.join(sorted(names)[:5])}) "
                    f"is in it ({', '.join(schema.attribute_names) or 'none'}); attribute scores mean nothing, check --schema")
@@ -277,6 +278,8 @@ def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequenc
     for name in names:
         c = Counter()
         for g_attrs, p_attrs in zip(gold, pred):
+            if g_attrs is None:
+                continue  # attributes unknown: neither right nor wrong
             g, p = g_attrs.get(name), p_attrs.get(name)
             if g is not None and p is not None and values_match(p, g, tolerance):
                 c["tp"] += 1
@@ -300,6 +303,8 @@ def situation_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dic
     """Per attribute and situation (extraction / completion / unknown), and their micro totals."""
     counts = {name: {s: Counter() for s in SITUATIONS} for name in names}
     for g_attrs, p_attrs, stated in zip(rows.gold_attributes, rows.pred_attributes, rows.stated):
+        if g_attrs is None:
+            continue
         for name in names:
             g, p = g_attrs.get(name), p_attrs.get(name)
             c = counts[name]["unknown" if g is None else "extraction" if name in stated else "completion"]
@@ -329,6 +334,8 @@ def source_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[s
     counts: dict[str, dict[str, Counter]] = {name: {} for name in names}
     sources = rows.sources or [{}] * len(rows.ids)  # Rows built by hand carry none: all unknown
     for g_attrs, p_attrs, where in zip(rows.gold_attributes, rows.pred_attributes, sources):
+        if g_attrs is None:
+            continue
         for name in names:
             g, p = g_attrs.get(name), p_attrs.get(name)
             if p is None:
@@ -697,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if schema is not None:
         rows.warnings.extend(schema_fit_warnings(rows, schema, schema_path, args.gold))
     _print_warnings(list(dict.fromkeys(rows.warnings + (other.warnings if other else []))))  # gold's once
-    names = list(schema.attribute_names) if schema else sorted({k for a in rows.gold_attributes for k in a})
+    names = list(schema.attribute_names) if schema else sorted({k for a in rows.gold_attributes for k in a or {}})
     metrics = evaluate_rows(rows, names, args.tolerance)
     metrics["attribute_situations"] = situation_metrics(rows, names, args.tolerance) if declares_evidence(schema) else None
     metrics["attribute_sources"] = source_metrics(rows, names, args.tolerance)

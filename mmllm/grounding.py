@@ -47,7 +47,7 @@ import numpy as np
 
 from mmllm.applicability import APPLICABILITY_FILE, APPLICABILITY_WEIGHTS, Applicability, fit_applicability
 from mmllm.bag_of_words import TfidfConfig
-from mmllm.catalog import Listing
+from mmllm.catalog import Listing, attributes_labelled
 from mmllm.confidence import fit_logistic as newton_logistic, logit as _logit, sigmoid as _sigmoid, wilson
 from mmllm.config import help_field
 from mmllm.evidence import Candidate, candidates, stated_keys, value_key, values_match
@@ -403,7 +403,12 @@ def fit_grounder(schema: LabelSchema, train: Sequence[Listing], dev: Sequence[Li
                  dev_records: Sequence[Mapping[str, Any]], cfg: GroundingConfig = GroundingConfig(),
                  untrained: Sequence[str] = ()) -> tuple[Grounder, dict[str, Any]]:
     """Fit stage A on the labelled ``train`` listings and stage B + thresholds on ``dev`` (the model's
-    ``dev_records``, aligned). Returns the grounder and a report per attribute."""
+    ``dev_records``, aligned). Returns the grounder and a report per attribute. Rows labelled for
+    their category only (:func:`~mmllm.catalog.attributes_labelled`) say nothing of the attributes and
+    are left out of every fit."""
+    train = [row for row in train if attributes_labelled(row.label)]
+    kept = [(row, record) for row, record in zip(dev, dev_records) if attributes_labelled(row.label)]
+    dev, dev_records = [row for row, _ in kept], [record for _, record in kept]
     choices: dict[str, AttributeChoice] = {}
     applicability, out_of_fold = None, {}
     if cfg.applicability and train:

@@ -370,7 +370,8 @@ class LabelSchema:
 
         Normalization forgives what a reader would: case and spacing of categories and enum
         values, numbers and booleans written as strings, ``3.0`` for an integer 3. Missing
-        attribute keys become ``null``.
+        attribute keys become ``null``, as does every attribute of ``"attributes": null`` (a gold label
+        for the category only: :func:`mmllm.catalog.attributes_labelled` tells the two apart).
         """
         if not isinstance(answer, Mapping):
             return Validation(None, (_wrong_type("answer", "a JSON object", answer, code="not_an_object"),))
@@ -391,7 +392,9 @@ class LabelSchema:
                 more = f" (closest: '{hint[0]}')" if hint else ""
                 errors.append(FieldError("category", "not_in_taxonomy", f"'{category}' is not in the taxonomy{more}"))
             category = canon
-        attrs_in = answer.get("attributes", {})
+        attrs_in = answer.get("attributes")
+        if attrs_in is None:  # missing, or a category-only label: every attribute null
+            attrs_in = {}
         attrs: dict[str, Any] = {}
         if not isinstance(attrs_in, Mapping):
             errors.append(_wrong_type("attributes", "an object", attrs_in))

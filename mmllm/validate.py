@@ -109,7 +109,7 @@ class CatalogStats:
             if row.label.get("category"):
                 self.with_category += 1
                 self.categories[row.label["category"]] += 1
-            self.label_attributes.update(row.label.get("attributes", {}).keys())
+            self.label_attributes.update((row.label.get("attributes") or {}).keys())
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -125,6 +125,27 @@ def test_targets_bins_and_masks():
     assert targets["mask_material"].tolist() == [1.0, 0.0, 0.0] and targets["target_material"][0].tolist() == [1.0, 0.0]
 
 
+def test_a_category_only_label_trains_the_category_and_no_attribute():
+    """``"attributes": {}`` says every attribute is not stated (the abstaining heads learn
+    "<not stated>"); a label without ``attributes`` says nothing of them (masked), as the catalog
+    reads it."""
+    from mmllm.catalog import load_listings
+
+    schema = LabelSchema.from_dict(COLOUR_SCHEMA)
+    rows = load_listings([{"id": "a", "title": "t", "label": {"category": "Red > Wooden", "attributes": {}}},
+                          {"id": "b", "title": "t", "label": {"category": "Blue > Plastic"}},
+                          {"id": "c", "title": "t", "label": {"category": "Blue > Plastic", "attributes": None}},
+                          {"id": "d", "title": "t", "label": {"category": "Red > Wooden",
+                                                              "attributes": {"batteries_required": True, "material": ["wood"]}}}])
+    labels = [r.label for r in rows]
+    assert labels[1]["attributes"] is None and labels[2]["attributes"] is None and labels[0]["attributes"] == {}
+    specs = head_specs(schema, labels, null_class=True)
+    targets = encode_targets(specs, labels, schema)
+    assert targets["target_category"].tolist() == [0, 3, 3, 0]
+    assert targets["target_batteries_required"].tolist() == [0, -100, -100, 2]
+    assert targets["mask_material"].tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
 def test_temperature_scaling_reduces_overconfidence():
     torch.manual_seed(0)
     target = torch.randint(0, 3, (400,))

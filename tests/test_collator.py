@@ -45,6 +45,27 @@ def test_supervised_tokens_are_exactly_the_target_json(tiny_checkpoint, catalog,
     assert int((batch["input_ids"][0] == image_pad).sum()) > 0
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_a_category_only_label_supervises_the_category_alone(tiny_checkpoint, catalog, arch):
+    """A row labelled for its category only teaches the category, not "not stated" for every attribute."""
+    path, rows = catalog
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint(arch))
+    schema = small_schema()
+    collate = TrainCollator(processor, schema, PromptTemplate.load("listing_v1"), ImagePolicy(root=path.parent))
+    only = rows[1].__class__(**{**rows[1].__dict__, "label": {"category": rows[1].label["category"], "attributes": None}})
+    batch = collate([(rows[0], 0), (only, 0)])
+    tok = processor.tokenizer
+    full = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert tok.decode(full) == target_text(rows[0], schema) + "<|im_end|>"  # a whole label: all of it
+    part = batch["labels"][1][batch["labels"][1] != IGNORE_INDEX]
+    text = tok.decode(part)
+    head = '{"category":' + json.dumps(rows[1].label["category"], ensure_ascii=False) + ","
+    assert head.startswith(text) and len(text) >= len(head) - 2  # the category, up to a straddling token
+    assert "attributes" not in text and "<|im_end|>" not in text
+    first = int((batch["labels"][1] != IGNORE_INDEX).nonzero()[0])
+    assert tok.decode(batch["input_ids"][1][first:first + len(part)]) == text  # contiguous, from the answer's start
+
+
 def test_pixel_budget_bounds_image_tokens(tiny_checkpoint, catalog, tmp_path):
     from PIL import Image
 

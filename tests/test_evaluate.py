@@ -117,6 +117,25 @@ def test_alignment_counts_errors_missing_and_stray_rows(tmp_path):
     assert (m["missing_rows"], m["error_rows"]) == (0, 1) and m["json_valid_rate"] == 0.75
 
 
+def test_a_category_only_gold_row_scores_its_category_and_no_attribute(tmp_path):
+    """r3's gold ``{}`` makes its predicted piece count an invented value; a gold row labelled for its
+    category only (no ``attributes``) knows nothing of it: no false positive, no invention."""
+    pred, gold = write(tmp_path, name="p1.jsonl")
+    rows = align(pred, gold, None)
+    stated = evaluate_rows(rows, ["piece_count"], 0.0)
+    per = attribute_metrics(rows.gold_attributes, rows.pred_attributes, ["piece_count"], 0.0)["per_attribute"]["piece_count"]
+    assert stated["attribute_micro_f1"] == pytest.approx(1 / 3) and per["invented"] == 1.0  # tp 1, fp 2, fn 2
+    only = [(i, c, None if i == "r3" else a) for i, c, a in GOLD]
+    pred, gold = write(tmp_path, gold=only, name="p2.jsonl")
+    rows = align(pred, gold, None)
+    assert rows.gold_attributes[rows.ids.index("r3")] is None
+    unknown = evaluate_rows(rows, ["piece_count"], 0.0)
+    assert unknown["attribute_micro_f1"] == pytest.approx(0.4)  # tp 1, fp 1, fn 2
+    assert unknown["category_accuracy"] == stated["category_accuracy"] == 0.5  # r3 still counts for its category
+    per = attribute_metrics(rows.gold_attributes, rows.pred_attributes, ["piece_count"], 0.0)["per_attribute"]["piece_count"]
+    assert per["gold_values"] == 3 and per["invented"] == 0.0  # r1, r2, r4; no gold-absent row is left
+
+
 def test_bootstrap_is_seeded_and_brackets_the_estimate(tmp_path):
     gold = [(f"r{i}", "A > B" if i % 3 else "C > D", {"piece_count": i}) for i in range(60)]
     preds = [{"id": f"r{i}", "category": "A > B", "attributes": {"piece_count": i if i % 2 else 0}, "status": "ok"}

@@ -55,6 +55,25 @@ def fitted() -> tuple[Grounder, dict]:
     return fit_grounder(schema, train, dev, dev_records, GroundingConfig(precision=0.9))
 
 
+def test_rows_labelled_for_their_category_only_leave_the_fit_as_it_was(fitted):
+    """Category-only labels (a big title-level catalog) say nothing of the attributes: the fit is the
+    same with them, where taking their attributes for "not stated" would teach every table key to lie."""
+    schema = LabelSchema.from_dict(SCHEMA)
+    train, _ = _rows(300, seed=1)
+    dev, dev_records = _rows(150, seed=2)
+    extra, extra_records = _rows(200, seed=4)
+    only = [Listing(r.id + "-c", r.title, "", r.attributes, label={"category": "Toys > Cars", "attributes": None})
+            for r in extra]
+    grounder, report = fit_grounder(schema, train + only, dev + only[:100], dev_records + extra_records[:100],
+                                    GroundingConfig(precision=0.9))
+    assert report == fitted[1]
+    assert grounder.to_dict() == fitted[0].to_dict()
+    as_not_stated = [Listing(r.id, r.title, "", r.attributes, label={"category": "Toys > Cars", "attributes": {}})
+                     for r in only]
+    _, poisoned = fit_grounder(schema, train + as_not_stated, dev, dev_records, GroundingConfig(precision=0.9))
+    assert poisoned != fitted[1]  # the same rows read as "not stated" do change it
+
+
 def test_the_choice_learns_which_table_lies_and_which_source_to_trust(fitted):
     grounder, report = fitted
     test, records = _rows(300, seed=3)

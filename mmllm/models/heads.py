@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmllm.catalog import attributes_labelled
 from mmllm.config import help_field
 from mmllm.schema import LabelSchema
 
@@ -165,14 +166,18 @@ def count_rows(batch: dict[str, torch.Tensor]) -> int:
 
 
 def encode_targets(specs: list[HeadSpec], labels: Sequence[dict[str, Any] | None], schema: LabelSchema) -> dict[str, torch.Tensor]:
-    """Per-head targets: class index (-100 = unknown, masked) or a multi-hot row plus a mask."""
+    """Per-head targets: class index (-100 = unknown, masked) or a multi-hot row plus a mask. A label
+    for the category only (:func:`~mmllm.catalog.attributes_labelled`) masks every attribute head."""
     out: dict[str, torch.Tensor] = {}
     normalized = [schema.validate(label, require_category=False).value if label else None for label in labels]
+    labelled = [attributes_labelled(label) for label in labels]
     for spec in specs:
         if spec.kind == "sigmoid":
             hot = torch.zeros(len(labels), len(spec.classes))
             mask = torch.zeros(len(labels))
             for row, label in enumerate(normalized):
+                if not labelled[row]:
+                    continue
                 value = (label or {}).get("attributes", {}).get(spec.name)
                 if value is not None:
                     mask[row] = 1.0
@@ -182,7 +187,7 @@ def encode_targets(specs: list[HeadSpec], labels: Sequence[dict[str, Any] | None
             continue
         index = torch.full((len(labels),), -100, dtype=torch.long)
         for row, label in enumerate(normalized):
-            if label is None:
+            if label is None or (spec.name != "category" and not labelled[row]):
                 continue
             value = label["category"] if spec.name == "category" else label["attributes"].get(spec.name)
             if value is None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mmllm.catalog import CatalogError, Listing, RowError, iter_catalog
+from mmllm.catalog import CatalogError, Listing, RowError, attributes_labelled, iter_catalog
 from mmllm.config import help_field
 from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
@@ -311,6 +311,8 @@ def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list
     attribute_scores, attribute_correct = [], []
     if platt:
         for row, record in zip(rows, records):
+            if not attributes_labelled(row.label):
+                continue  # labelled for the category only: its attributes are unknown
             gold = (s.schema.validate(row.label).value or {}).get("attributes", {})
             for name, score in (record.get("attribute_confidence") or {}).items():
                 if (record.get("attributes") or {}).get(name) is not None:

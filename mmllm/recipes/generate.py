@@ -18,7 +18,7 @@ import torch
 
 from mmllm import model_dir
 from mmllm.augment import AugmentConfig
-from mmllm.catalog import Listing
+from mmllm.catalog import Listing, attributes_labelled
 from mmllm.collator import TrainCollator
 from mmllm.config import help_field, to_dict
 from mmllm.grounding import GroundingConfig
@@ -172,7 +172,7 @@ def generation_metrics(predictor: GenerativePredictor, rows: Sequence[Listing], 
         gold = predictor.schema.validate(row.label).value
         valid += pred["status"] == "ok"
         cat_ok += pred["category"] == gold["category"]
-        for name, value in gold["attributes"].items():
+        for name, value in (gold["attributes"] if attributes_labelled(row.label) else {}).items():
             if value is not None:
                 attr_total += 1
                 attr_ok += pred["attributes"].get(name) == value
