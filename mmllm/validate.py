@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmllm.catalog import CatalogReader, Listing, RowError, RowLimits
+from mmllm.catalog import CatalogReader, Listing, RowError, RowLimits, attributes_labelled
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.progress import Progress
 from mmllm.schema import LabelSchema
@@ -87,6 +87,7 @@ class CatalogStats:
     images: int = 0
     labelled: int = 0
     with_category: int = 0
+    category_only: int = 0  # labels without attributes: the category alone (attributes unknown)
     categories: Counter = field(default_factory=Counter)
     seller_attributes: Counter = field(default_factory=Counter)
     label_attributes: Counter = field(default_factory=Counter)
@@ -109,7 +110,10 @@ class CatalogStats:
             if row.label.get("category"):
                 self.with_category += 1
                 self.categories[row.label["category"]] += 1
-            self.label_attributes.update((row.label.get("attributes") or {}).keys())
+            if attributes_labelled(row.label):
+                self.label_attributes.update(row.label["attributes"].keys())
+            else:
+                self.category_only += 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,8 +127,10 @@ class CatalogStats:
             "labelled": self.labelled,
             "label_coverage": _share(self.labelled, self.valid),
             "with_category": self.with_category,
+            "category_only": self.category_only,
             "categories": dict(self.categories.most_common()),
-            "label_attribute_coverage": {k: _share(v, self.labelled) for k, v in self.label_attributes.most_common()},
+            "label_attribute_coverage": {k: _share(v, self.labelled - self.category_only)
+                                         for k, v in self.label_attributes.most_common()},
             "seller_attribute_coverage": {k: _share(v, self.valid) for k, v in self.seller_attributes.most_common()},
             "errors_by_field": dict(self.errors_by_field.most_common()),
             "outside_taxonomy": dict(self.outside_taxonomy.most_common()),
@@ -141,11 +147,13 @@ class CatalogStats:
             f"with images        {self.with_images:,} ({self.images:,} images)",
             f"without images     {d['without_images']:,}",
             f"labelled           {self.labelled:,} ({d['label_coverage']:.1%} of valid rows)",
+            *([f"  category only    {self.category_only:,} (no attributes in the label: left out of attribute fits)"]
+              if self.category_only else []),
             f"distinct categories {len(self.categories):,}",
         ]
         sections = [
             ("top categories", [(k, f"{v:,}") for k, v in self.categories.most_common(top)]),
-            ("label attribute coverage (share of labelled rows)",
+            ("label attribute coverage (share of rows labelled for attributes)",
              [(k, f"{v:.1%}") for k, v in list(d["label_attribute_coverage"].items())[:top]]),
             ("seller attribute coverage (share of valid rows)",
              [(k, f"{v:.1%}") for k, v in list(d["seller_attribute_coverage"].items())[:top]]),

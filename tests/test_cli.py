@@ -95,6 +95,20 @@ def test_stats_counts(catalog, capsys):
     assert stats["errors_by_field"] == {"title": 1}
 
 
+def test_stats_count_category_only_labels_apart(tmp_path, capsys):
+    rows = [{"id": "a", "title": "chess", "label": {"category": "Games > Chess", "attributes": {"piece_count": 32}}},
+            {"id": "b", "title": "draughts", "label": {"category": "Games > Chequers", "attributes": {}}},
+            {"id": "c", "title": "go", "label": {"category": "Games > Chess"}}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["catalog", "stats", str(path), "--json", "--quiet"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["labelled"] == 3 and stats["category_only"] == 1
+    assert stats["label_attribute_coverage"] == {"piece_count": 0.5}  # of the 2 rows labelled for attributes
+    assert main(["catalog", "stats", str(path), "--quiet"]) == 0
+    assert "category only    1 (no attributes in the label" in capsys.readouterr().out
+
+
 def test_stats_table_on_the_amazon_examples(capsys):
     assert main(["catalog", "stats", str(ROOT / "examples/amazon_uk_toys/train.jsonl"), "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -101,7 +101,10 @@ def setup(cfg: RecipeConfig) -> Setup:
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
     set_seed(cfg.train.seed)
     out_dir = _prepare_output_dir(Path(cfg.train.output_dir), cfg.train.resume, accelerator)
-    say(accelerator, f"{len(train_rows)} training rows, {len(dev_rows)} dev rows; "
+    only = sum(not attributes_labelled(r.label) for r in train_rows)
+    say(accelerator, f"{len(train_rows)} training rows"
+                     + (f" ({only} labelled for the category only: left out of every attribute fit)" if only else "")
+                     + f", {len(dev_rows)} dev rows; "
                      f"{_describe_launch(accelerator.distributed_type.name, accelerator.num_processes)}")
     if untrained:
         say(accelerator, f"no training row states {', '.join(untrained)}: the model will answer null for "
