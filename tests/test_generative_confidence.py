@@ -12,8 +12,8 @@ from transformers import AutoModelForImageTextToText
 
 from mmllm.catalog import load_listings
 from mmllm.confidence import Calibration, Platt
-from mmllm.models.generative import (ChosenLogprobs, GenerativePredictor, answer_confidence, greedy_generation,
-                                     load_processor, stop_ids, token_spans)
+from mmllm.models.generative import (ChosenLogprobs, GenerativePredictor, answer_confidence, answer_decoder,
+                                     greedy_generation, load_processor, stop_ids, token_spans)
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import answer_spans
 
@@ -114,6 +114,32 @@ def test_token_spans_tile_the_answer_whatever_its_characters(loaded, text):
     lo, hi = answer_spans(text)["category"]
     covering = "".join(text[a:b] for a, b, _ in spans if a < hi - 1 and b > lo + 1)  # what the confidence reads
     assert text[lo + 1:hi - 1] in covering
+
+
+@pytest.mark.parametrize("vocab", ["tiny", "real"])
+def test_the_answer_decoder_decodes_what_the_tokenizer_does(tmp_path, vocab):
+    """``answer_decoder`` reads the Rust backend directly (a Qwen tokenizer cleans up no spaces): the same
+    text as ``decode(..., skip_special_tokens=True)`` for any ids (special tokens, split characters),
+    and the spans ``token_spans`` measures with it are the plain ones."""
+    import random
+
+    from transformers import AutoProcessor
+
+    from mmllm.tiny import build_tiny_checkpoint
+
+    tokenizer = AutoProcessor.from_pretrained(build_tiny_checkpoint(tmp_path, "qwen2_vl", vocab=vocab)).tokenizer
+    decode = answer_decoder(tokenizer)
+    assert "backend" in decode.__code__.co_freevars  # the fast path, not a second call of decode
+    rng, stop = random.Random(0), stop_ids(tokenizer)[0]
+    texts = ['{"category":"Pokémon > Cartes","attributes":{"brand":"日本語"}}', "a  b\n c ,. ?"]
+    samples = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    samples += [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(60))] for _ in range(200)]
+    for ids in samples:
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert token_spans(tokenizer, [*ids, stop], [-0.5] * (len(ids) + 1), [stop], {}, decode) == \
+            token_spans(tokenizer, [*ids, stop], [-0.5] * (len(ids) + 1), [stop])
+    tokenizer.clean_up_tokenization_spaces = True  # a tokenizer that post-processes goes through decode
+    assert "backend" not in answer_decoder(tokenizer).__code__.co_freevars
 
 
 def test_token_pieces_are_decoded_once_per_predictor_and_give_the_same_spans(loaded, monkeypatch):
