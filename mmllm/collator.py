@@ -96,7 +96,7 @@ class TrainCollator:
         enc["labels"] = self._labels(enc, answers, [listing.id for listing, _ in batch], cuts)
         return dict(enc)
 
-    def _labels(self, enc: Any, answers: list[str], ids: list[str], cuts: Sequence[int | None] = ()) -> torch.Tensor:
+    def _labels(self, enc: Any, answers: list[str], ids: list[str], cuts: Sequence[int | None]) -> torch.Tensor:
         """Supervise each answer up to its end-of-turn token; where ``cuts[row]`` is a character count
         (a label for the category only), only the tokens within it: the category, not the attributes."""
         tokenizer, end_id = self.processor.tokenizer, self._end_id
@@ -109,7 +109,7 @@ class TrainCollator:
                 raise ValueError(f"listing {ids[row]!r}: the answer does not tokenize the same inside the conversation")
             # supervise up to and including the end-of-turn token, not the template's trailing newline
             stop = answer_ids.index(end_id) + 1 if end_id in answer_ids else len(answer_ids)
-            if row < len(cuts) and cuts[row] is not None:
+            if cuts[row] is not None:
                 stop = _tokens_within(tokenizer, answer_ids[:stop], cuts[row])
             labels[row, start:start + stop] = enc["input_ids"][row, start:start + stop]
         return labels

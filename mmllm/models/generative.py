@@ -247,7 +247,7 @@ class GenerativePredictor:
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
     _greedy: tuple[Any, str | None, Any] | None = field(default=None, init=False, repr=False)  # (model, compile, config)
     _pieces: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # token id -> its text alone
-    _decode: Any = field(default=None, init=False, repr=False)  # answer_decoder(tokenizer), built on first use
+    _decode: Any = field(default=None, init=False, repr=False)  # answer_decoder(tokenizer)
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
     _static: tuple[tuple[Any, int, int], Any] | None = field(default=None, init=False, repr=False)  # (model, B, len), cache
     _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
@@ -263,6 +263,7 @@ class GenerativePredictor:
         # resolved once: at a 151k vocabulary a lookup through get_vocab() costs ~0.2 s a call
         # (a predictor that only parses answers, as the demo's record view, has no processor)
         self._stops = stop_ids(self.processor.tokenizer) if self.processor is not None else []
+        self._decode = answer_decoder(self.processor.tokenizer) if self.processor is not None else None
         if self.static_compile not in STATIC_COMPILE:
             raise ValueError(f"static_compile {self.static_compile!r}: one of {', '.join(STATIC_COMPILE)}")
 
@@ -313,8 +314,6 @@ class GenerativePredictor:
             return self.generate_scored(enc)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
         logprobs = recorder.result(new.shape[1])  # [B, new tokens]
-        if self._decode is None:
-            self._decode = answer_decoder(tokenizer)
         return [token_spans(tokenizer, ids, lp, self._stops, self._pieces, self._decode)
                 for ids, lp in zip(new.tolist(), logprobs.tolist())]
 
