@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
 from mmllm.catalog import load_listings
 from mmllm.confidence import Calibration, Platt
-from mmllm.models.generative import (ChosenLogprobs, GenerativePredictor, answer_confidence, answer_decoder,
-                                     greedy_generation, load_processor, stop_ids, token_spans)
+from mmllm.models.generative import (AnswerTokens, ChosenLogprobs, GenerativePredictor, TokenSpans, answer_confidence,
+                                     answer_decoder, greedy_generation, load_processor, stop_ids)
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import answer_spans
 
@@ -44,7 +45,7 @@ def test_recorded_log_probabilities_are_the_models_own_step_by_step(loaded, rows
     model, processor = loaded
     p = predictor(loaded, max_new_tokens=8, constrained=False, prefix_cache=False)
     enc = p.encode(rows[:1], [[]])
-    recorder = ChosenLogprobs()
+    recorder = ChosenLogprobs(capacity=3)  # 8 steps: its buffer grows twice
     with torch.no_grad(), greedy_generation(model, stop_ids(processor.tokenizer), processor.tokenizer.pad_token_id):
         # (no min_new_tokens: its processor would mask the stop tokens before the recorder sees the scores)
         out = model.generate(**enc, max_new_tokens=8, logits_processor=[recorder])
@@ -58,8 +59,8 @@ def test_recorded_log_probabilities_are_the_models_own_step_by_step(loaded, rows
     text, tokens = p.generate_scored(enc)[0]
     assert 1 <= len(tokens) <= len(ids)  # cut at a stop token, if the random model writes one
     assert [lp for _, _, lp in tokens] == pytest.approx(reference[: len(tokens)], abs=1e-4)
-    assert tokens[0][0] == 0 and tokens[-1][1] == len(text)
-    assert all(a[1] == b[0] for a, b in zip(tokens, tokens[1:]))
+    assert tokens.starts[0] == 0 and tokens.ends[-1] == len(text)
+    assert (tokens.starts[1:] == tokens.ends[:-1]).all()
 
 
 def test_constrained_answers_carry_the_category_path_probability(loaded, rows):
@@ -100,6 +101,25 @@ def test_an_invalid_answer_has_no_confidence(loaded):
     assert record["status"] == "invalid" and "confidence" not in record
 
 
+def spans_of(tokenizer, ids: list[int], stop: int, answers: AnswerTokens | None = None):
+    """One row through :class:`AnswerTokens` (a fresh one unless given), ended by ``stop`` and padded after it."""
+    answers = answers or AnswerTokens(tokenizer, [stop])
+    row = np.array([[*ids, stop, stop]])
+    text, spans = answers(row, np.full(row.shape, -0.5, dtype=np.float32))[0]
+    return text, list(spans)
+
+
+def plain_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int, float]]]:
+    """The reference: the text decoded whole, each token ending where the decoded prefix up to it ends."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    spans, before = [], 0
+    for i in range(len(ids)):
+        end = max(before, min(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)), len(text)))
+        spans.append((before, end, -0.5))
+        before = end
+    return text, spans
+
+
 @pytest.mark.parametrize("text", ['{"category":"Games > Chess","attributes":{"piece_count":12}}',
                                   '{"category":"Pokémon > Cartes","attributes":{"brand":"日本語"}}'])
 def test_token_spans_tile_the_answer_whatever_its_characters(loaded, text):
@@ -107,8 +127,7 @@ def test_token_spans_tile_the_answer_whatever_its_characters(loaded, text):
     given to the token that completes it, and the spans still tile the text."""
     tokenizer = loaded[1].tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    stop = stop_ids(tokenizer)[0]
-    decoded, spans = token_spans(tokenizer, [*ids, stop, stop], [-0.5] * (len(ids) + 2), [stop])
+    decoded, spans = spans_of(tokenizer, ids, stop_ids(tokenizer)[0])
     assert decoded == text and len(spans) == len(ids)  # cut at the stop
     assert spans[0][0] == 0 and spans[-1][1] == len(text) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     lo, hi = answer_spans(text)["category"]
@@ -117,10 +136,12 @@ def test_token_spans_tile_the_answer_whatever_its_characters(loaded, text):
 
 
 @pytest.mark.parametrize("vocab", ["tiny", "real"])
-def test_the_answer_decoder_decodes_what_the_tokenizer_does(tmp_path, vocab, monkeypatch):
-    """``answer_decoder`` reads the Rust backend directly (a Qwen tokenizer cleans up no spaces): the same
-    text as ``decode(..., skip_special_tokens=True)`` for any ids (special tokens, split characters),
-    and the spans ``token_spans`` measures with it are the plain ones."""
+def test_answers_and_spans_are_what_the_tokenizer_decodes(tmp_path, vocab, monkeypatch):
+    """Whatever the ids (special tokens, characters split over tokens, random ids, padded-vocabulary
+    ids past the tokenizer), a batch's answers are ``decode``'s text and each token ends where its
+    decoded prefix ends; rows of a batch are cut at their own stops. ``answer_decoder`` reads the Rust
+    backend directly (a Qwen tokenizer cleans up no spaces), and where every token is whole characters
+    the pieces are joined without decoding the row at all."""
     import random
 
     from transformers import AutoProcessor
@@ -128,31 +149,37 @@ def test_the_answer_decoder_decodes_what_the_tokenizer_does(tmp_path, vocab, mon
     from mmllm.tiny import build_tiny_checkpoint
 
     tokenizer = AutoProcessor.from_pretrained(build_tiny_checkpoint(tmp_path, "qwen2_vl", vocab=vocab)).tokenizer
-    decode = answer_decoder(tokenizer)
     rng, stop = random.Random(0), stop_ids(tokenizer)[0]
-    texts = ['{"category":"Pokémon > Cartes","attributes":{"brand":"日本語"}}', "a  b\n c ,. ?"]
+    texts = ['{"category":"Pokémon > Cartes","attributes":{"brand":"日本語"}}', "a  b\n c ,. ?", " leading space"]
     samples = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    samples += [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(60))] for _ in range(200)]
-    for ids in samples:
-        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
-        assert token_spans(tokenizer, [*ids, stop], [-0.5] * (len(ids) + 1), [stop], {}, decode) == \
-            token_spans(tokenizer, [*ids, stop], [-0.5] * (len(ids) + 1), [stop])
+    samples += [[rng.randrange(len(tokenizer) + 64) for _ in range(rng.randrange(60))] for _ in range(200)]
+    answers = AnswerTokens(tokenizer, [stop])
+    for start in range(0, len(samples), 8):  # batches of 8 rows of different lengths
+        batch = [[t for t in ids if t != stop] for ids in samples[start:start + 8]]
+        width = max(map(len, batch)) + 1
+        rows = np.array([[*ids, *[stop] * (width - len(ids))] for ids in batch])
+        got = answers(rows, np.full(rows.shape, -0.5, dtype=np.float32))
+        assert [(text, list(spans)) for text, spans in got] == [plain_spans(tokenizer, ids) for ids in batch]
+    decode = answer_decoder(tokenizer)
     calls = []
     original = type(tokenizer).decode
     monkeypatch.setattr(type(tokenizer), "decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     assert decode(samples[0]) == texts[0] and not calls  # the backend alone, not decode's type checks
+    assert spans_of(tokenizer, samples[2], stop, answers)[0] == texts[2] and not calls
     tokenizer.clean_up_tokenization_spaces = True  # a tokenizer that post-processes goes through decode
     assert answer_decoder(tokenizer)(samples[0]) == texts[0] and calls == [1]
+    cleaning = AnswerTokens(tokenizer, [stop])
+    assert not cleaning.joins and spans_of(tokenizer, samples[2], stop, cleaning)[0] == texts[2]  # rows decoded
 
 
 def test_token_pieces_are_decoded_once_per_predictor_and_give_the_same_spans(loaded, monkeypatch):
-    """The pieces a predictor has seen are kept (``pieces_seen``): a second answer built of the same
-    tokens decodes none of them again, and the spans are the ones measured without the memo."""
+    """The pieces an :class:`AnswerTokens` has seen are kept: a second answer built of the same tokens
+    decodes none of them again, and the spans are the ones measured without the memo."""
     tokenizer = loaded[1].tokenizer
     first = '{"category":"Games > Chess","attributes":{"piece_count":12}}'
     second = '{"category":"Games > Chess","attributes":{"piece_count":12,"brand":"Pokémon"}}'
     stop = stop_ids(tokenizer)[0]
-    seen: dict[int, str] = {}
+    answers = AnswerTokens(tokenizer, [stop])
     decoded_alone = []
     original = type(tokenizer).batch_decode
 
@@ -161,12 +188,28 @@ def test_token_pieces_are_decoded_once_per_predictor_and_give_the_same_spans(loa
             decoded_alone.extend(s[0] for s in sequences)
         return original(self, sequences, **kwargs)
 
+    monkeypatch.setattr(type(tokenizer), "batch_decode", counting)
     for text in (first, second):
-        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], stop]
-        plain = token_spans(tokenizer, ids, [-0.5] * len(ids), [stop])
-        monkeypatch.setattr(type(tokenizer), "batch_decode", counting)
-        assert token_spans(tokenizer, ids, [-0.5] * len(ids), [stop], seen) == plain
-        monkeypatch.setattr(type(tokenizer), "batch_decode", original)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert spans_of(tokenizer, ids, stop, answers) == plain_spans(tokenizer, ids)
     first_ids = set(tokenizer(first, add_special_tokens=False)["input_ids"])
-    assert len(decoded_alone) == len(set(decoded_alone)) == len(seen)  # each piece decoded once, ever
-    assert first_ids <= set(seen) and not first_ids & set(decoded_alone[len(first_ids):])
+    learned = set(np.flatnonzero(answers.lengths >= 0).tolist())
+    assert len(decoded_alone) == len(set(decoded_alone)) == len(learned)  # each piece decoded once, ever
+    assert first_ids <= learned and not first_ids & set(decoded_alone[len(first_ids):])
+
+
+def test_a_value_reads_the_tokens_that_overlap_it():
+    """``TokenSpans.logprob`` (two binary searches) sums exactly the tokens that overlap a character range,
+    zero-width tokens (special ones decode to nothing) inside it included, for every range of a random
+    tiling of a text."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        widths = rng.choice([0, 1, 1, 2, 3, 5], size=int(rng.integers(1, 30)))
+        ends = np.cumsum(widths)
+        spans = [(int(e - w), int(e), float(lp)) for e, w, lp in zip(ends, widths, rng.uniform(-3, 0, len(widths)))]
+        tokens = TokenSpans.of(spans)
+        assert list(tokens) == spans and TokenSpans.of(tokens) is tokens
+        for lo in range(int(ends[-1]) + 1):
+            for hi in range(lo + 1, int(ends[-1]) + 2):
+                brute = sum(lp for a, b, lp in spans if a < hi and b > lo)
+                assert tokens.logprob(lo, hi) == pytest.approx(brute, abs=1e-9)

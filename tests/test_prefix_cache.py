@@ -121,6 +121,49 @@ def test_cached_answers_equal_the_plain_paths(arch, constrained, loaded, catalog
     assert any(len(r.images) for r in rows) and any(not r.images for r in rows)
 
 
+def test_a_batch_is_laid_out_where_it_is_encoded(loaded, catalog, monkeypatch):
+    """With the prefix cache on, ``encode`` (the labelling engine's workers) lays the tokens out behind the
+    prefix, and generating from that batch lays out nothing; the dict it is reads the processor's own
+    tensors, and a plain copy of it is laid out when it is generated, to the same answers."""
+    import numpy as np
+
+    from mmllm.collator import encode_prompts
+    from mmllm.models import prefix_cache
+    from mmllm.models.prefix_cache import PromptBatch
+
+    model, processor = loaded("qwen2_vl")
+    path, rows = catalog
+    rows = rows[:4]
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=12, constrained=True)
+    images = [load_listing_images(r, ImagePolicy(root=path.parent), 4) for r in rows]
+    enc = predictor.encode(rows, images)
+    plain = encode_prompts(processor, rows, predictor.schema, predictor.template, images)
+    assert isinstance(enc, PromptBatch) and enc.keys() == plain.keys()
+    assert all(torch.equal(enc[k], plain[k]) for k in plain)
+    n = len(enc.prefix)
+    assert n == len(shared_prefix_ids(processor, predictor.schema, predictor.template))
+    laid = enc.laid_out
+    assert (laid["input_ids"][:, :n] == torch.from_numpy(enc.prefix)).all() and laid["attention_mask"][:, :n].all()
+    assert bool((plain["attention_mask"] == 0).any())  # rows were padded: the layout moved something
+    for row in range(len(rows)):  # each row keeps its real tokens, in order
+        keep = laid["attention_mask"][row].bool()
+        assert torch.equal(laid["input_ids"][row][keep], plain["input_ids"][row][plain["attention_mask"][row].bool()])
+    calls = []
+    original = prefix_cache.lay_out_tokens
+    monkeypatch.setattr(prefix_cache, "lay_out_tokens", lambda *a: calls.append(1) or original(*a))
+    answers = predictor.generate_scored(enc)
+    assert not calls
+    assert predictor.generate_scored(dict(enc)) == answers and calls == [1]
+    predictor.prefix_cache = False
+    assert not isinstance(predictor.encode(rows, images), PromptBatch)
+    uncached = predictor.generate_scored(plain)  # the same answers, scores to float rounding
+    assert [text for text, _ in uncached] == [text for text, _ in answers]
+    assert [[(a, b) for a, b, _ in spans] for _, spans in uncached] == [[(a, b) for a, b, _ in spans] for _, spans in answers]
+    assert np.allclose([lp for _, spans in uncached for *_, lp in spans], [lp for _, spans in answers for *_, lp in spans],
+                       atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, monkeypatch):
     from transformers import StaticCache

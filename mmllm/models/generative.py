@@ -11,11 +11,13 @@ Model folders (the files, loading any kind, merging) are :mod:`mmllm.model_dir`.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
@@ -29,8 +31,8 @@ from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs, unpadded_attention
 from mmllm.models.heads import mark_untrained, prompt_vectors
-from mmllm.models.prefix_cache import (PrefixCache, base_model, cache_argument, new_static_cache, reset_rope_deltas,
-                                       shared_prefix_ids)
+from mmllm.models.prefix_cache import (PrefixCache, PromptBatch, base_model, cache_argument, new_static_cache,
+                                       reset_rope_deltas, shared_prefix_ids)
 from mmllm.predictor import STATIC_COMPILE, encoded_batches, predict_in_batches
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import LabelSchema, answer_spans
@@ -246,24 +248,27 @@ class GenerativePredictor:
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
     _greedy: tuple[Any, str | None, Any] | None = field(default=None, init=False, repr=False)  # (model, compile, config)
-    _pieces: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # token id -> its text alone
-    _decode: Any = field(default=None, init=False, repr=False)  # answer_decoder(tokenizer)
+    _answers: AnswerTokens | None = field(default=None, init=False, repr=False)  # ids -> texts and token spans
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
     _static: tuple[tuple[Any, int, int], Any] | None = field(default=None, init=False, repr=False)  # (model, B, len), cache
     _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
     _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
+    _prefix_ids: tuple[tuple[Any, Any], np.ndarray] | None = field(default=None, init=False, repr=False)  # (schema, template)
     takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels", "static_cache"})  # see mmllm.predictor
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
-        """CPU work of a batch (prompts, tokens, pixels): safe to run in a worker thread."""
-        return encode_prompts(self.processor, listings, self.schema, self.template, [list(i)[: self.max_images] for i in images])
+        """CPU work of a batch (prompts, tokens, pixels, and with the prefix cache on, the tokens laid out
+        behind the shared prefix: a :class:`PromptBatch`): safe to run in a worker thread."""
+        enc = encode_prompts(self.processor, listings, self.schema, self.template,
+                             [list(i)[: self.max_images] for i in images])
+        return PromptBatch(enc, self._shared_prefix()) if self.prefix_cache else enc
 
     def __post_init__(self) -> None:
         # resolved once: at a 151k vocabulary a lookup through get_vocab() costs ~0.2 s a call
         # (a predictor that only parses answers, as the demo's record view, has no processor)
         self._stops = stop_ids(self.processor.tokenizer) if self.processor is not None else []
-        self._decode = answer_decoder(self.processor.tokenizer) if self.processor is not None else None
+        self._answers = AnswerTokens(self.processor.tokenizer, self._stops) if self.processor is not None else None
         if self.static_compile not in STATIC_COMPILE:
             raise ValueError(f"static_compile {self.static_compile!r}: one of {', '.join(STATIC_COMPILE)}")
 
@@ -271,25 +276,24 @@ class GenerativePredictor:
         """Decode one encoded batch; raw answer texts in batch order."""
         return [text for text, _ in self.generate_scored(enc)]
 
-    def generate_scored(self, enc: dict[str, torch.Tensor]) -> list[tuple[str, list[tuple[int, int, float]] | None]]:
+    def generate_scored(self, enc: dict[str, torch.Tensor]) -> list[tuple[str, TokenSpans]]:
         """Decode one encoded batch: per row the answer text and, per generated token, its character
         span in that text and its log-probability as decoded (under the grammar, when constrained:
-        the distribution renormalized over the tokens the grammar allows)."""
+        the distribution renormalized over the tokens the grammar allows): :class:`TokenSpans`."""
         device = next(self.model.parameters()).device
         tokenizer = self.processor.tokenizer
-        enc = {k: v.to(device) for k, v in enc.items()}
-        recorder = ChosenLogprobs()
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "logits_processor": [recorder]}
-        if self.constrained:
-            grammar = self._grammar_factory()
-            kwargs = {"max_new_tokens": max(self.max_new_tokens, grammar.max_tokens),
-                      "logits_processor": [grammar.processor(), recorder]}  # the recorder sees the masked scores
+        new_tokens = max(self.max_new_tokens, self._grammar_factory().max_tokens) if self.constrained else self.max_new_tokens
+        recorder = ChosenLogprobs(new_tokens)
+        processors = [self._grammar_factory().processor(), recorder] if self.constrained else [recorder]
+        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "logits_processor": processors}  # the recorder last
         prefix = self._prefix_cache()
-        static_len = self._static_cache_len(enc["input_ids"].shape[1], kwargs["max_new_tokens"]) if self.static_cache else None
+        static_len = self._static_cache_len(enc["input_ids"].shape[1], new_tokens) if self.static_cache else None
         empty = self._reused_static_cache(enc["input_ids"].shape[0], static_len) if static_len is not None else None
+        # laid out where the batch was encoded (the host), then moved: the cache is on the device already
         inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
-        if empty is not None and inputs is enc:
-            inputs = {**enc, cache_argument(self.model): empty}
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if empty is not None and cache_argument(self.model) not in inputs:
+            inputs[cache_argument(self.model)] = empty
         if static_len is not None and device.type != "cuda" and not self._said_static:
             self._said_static = True
             log.warning("static cache on %s: nothing is compiled there, and prefill takes the masked attention kernel; "
@@ -313,9 +317,7 @@ class GenerativePredictor:
             self.static_cache, self._static = False, None  # and its memory
             return self.generate_scored(enc)
         new = out[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
-        logprobs = recorder.result(new.shape[1])  # [B, new tokens]
-        return [token_spans(tokenizer, ids, lp, self._stops, self._pieces, self._decode)
-                for ids, lp in zip(new.tolist(), logprobs.tolist())]
+        return self._answers(new.cpu().numpy(), recorder.result(new.shape[1]).numpy())
 
     def _static_cache_len(self, prompt: int, new_tokens: int) -> int:
         """The static cache's length for a batch: room for its prompt and answers, rounded up, never
@@ -342,8 +344,18 @@ class GenerativePredictor:
             return None
         key = (self.model, self.schema, self.template)
         if self._prefix is None or any(a is not b for a, b in zip(self._prefix[0], key)):
-            self._prefix = (key, PrefixCache.build(self.model, shared_prefix_ids(self.processor, self.schema, self.template)))
+            self._prefix = (key, PrefixCache.build(self.model, self._shared_prefix().tolist()))
         return self._prefix[1]
+
+    def _shared_prefix(self) -> np.ndarray:
+        """The token ids this template's prompts all start with (:func:`shared_prefix_ids`), once per schema
+        and template. Encoding workers may race to it: each computes the same ids."""
+        known = self._prefix_ids
+        if known is None or known[0][0] is not self.schema or known[0][1] is not self.template:
+            known = ((self.schema, self.template),
+                     np.asarray(shared_prefix_ids(self.processor, self.schema, self.template), dtype=np.int64))
+            self._prefix_ids = known
+        return known[1]
 
     def generate(self, listings: Sequence[Listing], image_policy: ImagePolicy) -> list[str]:
         """Raw answer texts, in input order (broken images are dropped with a warning)."""
@@ -366,7 +378,7 @@ class GenerativePredictor:
         return prompt_vectors(self.model, enc, pooling)
 
     def record(self, listing_id: str | None, text: str,
-               tokens: Sequence[tuple[int, int, float]] | None = None) -> dict[str, Any]:
+               tokens: TokenSpans | Sequence[tuple[int, int, float]] | None = None) -> dict[str, Any]:
         """A prediction record from raw answer text, validated by the schema. With the answer's
         ``tokens`` (spans and log-probabilities, :meth:`generate_scored`) it carries ``confidence``
         (the category path's probability) and ``attribute_confidence`` (each stated value's), mapped
@@ -400,20 +412,30 @@ class ChosenLogprobs:
 
     One fused pass: at a 151,936-entry vocabulary and batch 8 on 2 CPU cores, ``log_softmax`` then
     ``amax`` takes 0.39-0.40 ms a step, where the maximum (``max`` also finds its index) minus
-    ``logsumexp`` took 1.5 ms, and 3.0 ms over grammar-masked scores (ad-hoc timing, 2026-12-04)."""
+    ``logsumexp`` took 1.5 ms, and 3.0 ms over grammar-masked scores (ad-hoc timing, 2026-12-04).
+    Each step writes one row of a [steps, batch] buffer allocated for ``capacity`` steps (grown by
+    doubling past it), so the answer's values are one tensor, not a stack of a hundred."""
 
-    def __init__(self) -> None:
-        self.steps: list[torch.Tensor] = []
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = max(1, capacity)
+        self.buffer: torch.Tensor | None = None  # [capacity, B] float32, on the scores' device
+        self.count = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.steps.append(torch.log_softmax(scores.float(), -1).amax(-1))  # [B]
+        if self.buffer is None or self.count == self.buffer.shape[0]:
+            grown = torch.empty(max(self.capacity, 2 * self.count), scores.shape[0], device=scores.device)
+            if self.buffer is not None:
+                grown[: self.count] = self.buffer
+            self.buffer = grown
+        torch.amax(torch.log_softmax(scores.float(), -1), -1, out=self.buffer[self.count])  # [B]
+        self.count += 1
         return scores
 
     def result(self, steps: int) -> torch.Tensor:
-        """[B, steps] log-probabilities (0 past the last recorded step)."""
-        if not self.steps:
+        """[B, steps] log-probabilities on the CPU (0 past the last recorded step)."""
+        if self.buffer is None:
             return torch.zeros(0, steps)
-        out = torch.stack(self.steps[:steps], 1).cpu()
+        out = self.buffer[: min(self.count, steps)].t().cpu()
         return torch.nn.functional.pad(out, (0, steps - out.shape[1]))
 
 
@@ -421,49 +443,149 @@ def answer_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     """``tokenizer.decode(ids, skip_special_tokens=True)`` for a list of ints, built once per predictor.
 
     A fast tokenizer that cleans up no spaces decodes exactly what its Rust backend decodes; calling the
-    backend directly skips ``decode``'s check of every id's type, half of its cost for an answer of
-    ~100 tokens. Any other tokenizer goes through ``decode``."""
+    backend directly skips ``decode``'s check of every id's type, half of its cost for an answer of ~100
+    tokens. (Its ``decode_batch`` hands a batch to a thread pool, which right after ``generate`` competes
+    with PyTorch's threads for the cores.) Any other tokenizer goes through ``decode``."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def token_spans(tokenizer: Any, ids: list[int], logprobs: list[float], stops: Sequence[int],
-                pieces_seen: dict[int, str] | None = None,
-                decode: Callable[[list[int]], str] | None = None) -> tuple[str, list[tuple[int, int, float]]]:
-    """The decoded answer and, per token up to the first stop, its ``[start, end)`` characters in it.
-
-    ``pieces_seen`` (token id -> that token decoded alone, which does not depend on its neighbours) is
-    filled and read across calls: a predictor's answers reuse a few hundred JSON pieces, and decoding
-    them one by one costs ~0.5 ms a row at a 151k vocabulary. ``decode``: :func:`answer_decoder`'s."""
-    ends_at = {*stops, tokenizer.pad_token_id}  # read once: the tokenizer's attribute lookup is slow
-    cut = next((i for i, t in enumerate(ids) if t in ends_at), len(ids))
-    ids = ids[:cut]
-    text = decode(ids) if decode is not None else tokenizer.decode(ids, skip_special_tokens=True)
-    known = {} if pieces_seen is None else pieces_seen
-    missing = list(dict.fromkeys(t for t in ids if t not in known))
-    if missing:  # one call for the new ones, linear in the answer
-        known.update(zip(missing, tokenizer.batch_decode([[t] for t in missing], skip_special_tokens=True)))
-    pieces = [known[t] for t in ids]
-    if "".join(pieces) == text:  # each token's span is its piece: built at C speed (~100 tokens x 8 rows a call)
-        ends = list(itertools.accumulate(map(len, pieces)))
-        return text, list(zip([0, *ends[:-1]], ends, map(float, logprobs[: len(ends)])))
-    # a character split over tokens decodes whole only with its neighbours: measure prefixes instead
-    ends = [len(p) for p in tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True)]
-    spans, before = [], 0
-    for end, lp in zip(ends, logprobs):
-        end = max(before, min(end, len(text)))  # a split UTF-8 character decodes late, never early
-        spans.append((before, end, float(lp)))
-        before = end
-    return text, spans
+def joins_pieces(tokenizer: Any) -> bool:
+    """Whether an answer's text is its tokens' texts, each decoded alone, put end to end, whenever each of
+    those is whole characters. So for a byte-level BPE decoder (Qwen's, GPT-2's) that cleans up nothing:
+    it maps every token to its bytes, independently of its neighbours, and decodes the bytes of the
+    whole answer as UTF-8; the bytes of complete characters decode to the same characters end to end.
+    (Special tokens decode to nothing either way.)"""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return (backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+            and type(backend.decoder).__name__ == "ByteLevel")
 
 
-def answer_confidence(text: str, tokens: Sequence[tuple[int, int, float]], record: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True, eq=False)
+class TokenSpans:
+    """One answer's generated tokens up to its stop: token ``i`` covers characters ``[starts[i], ends[i])``
+    of the answer text and was decoded with log-probability ``logprobs[i]``. The spans tile the text in
+    order (both arrays non-decreasing). Iterating gives ``(start, end, logprob)`` tuples."""
+
+    starts: np.ndarray  # [N] int64
+    ends: np.ndarray  # [N] int64
+    logprobs: np.ndarray  # [N] float
+
+    @classmethod
+    def of(cls, spans: Sequence[tuple[int, int, float]]) -> "TokenSpans":
+        if isinstance(spans, TokenSpans):
+            return spans
+        starts, ends, logprobs = zip(*spans) if len(spans) else ((), (), ())
+        return cls(np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), np.asarray(logprobs, dtype=float))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int, float]]:
+        return zip(self.starts.tolist(), self.ends.tolist(), self.logprobs.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenSpans) and all(
+            np.array_equal(a, b) for a, b in ((self.starts, other.starts), (self.ends, other.ends),
+                                              (self.logprobs, other.logprobs)))
+
+    def logprob(self, lo: int, hi: int) -> float:
+        """The summed log-probability of the tokens that overlap characters ``[lo, hi)`` (0.0: none)."""
+        starts, ends, running = self._lookup
+        first = bisect.bisect_right(ends, lo)  # the first token ending after lo
+        last = bisect.bisect_left(starts, hi)  # past the last token starting before hi
+        return running[last] - running[first] if last > first else 0.0
+
+    @cached_property
+    def _lookup(self) -> tuple[list[int], list[int], list[float]]:
+        """The spans as lists, and the running sums of the log-probabilities: a record reads a few values."""
+        return self.starts.tolist(), self.ends.tolist(), [0.0, *itertools.accumulate(self.logprobs.tolist())]
+
+
+class AnswerTokens:
+    """A batch's generated ids to its answers: per row the decoded text up to the first stop and, per
+    token, its ``[start, end)`` characters in that text and its log-probability.
+
+    Built once per predictor. It keeps every token's text decoded alone (which does not depend on its
+    neighbours), its length and whether it is whole characters, in arrays indexed by token id: a
+    predictor's answers reuse a few hundred JSON pieces, and each is decoded alone once, ever. Where a
+    row's pieces make its text (:func:`joins_pieces`, or checked against the row decoded), the spans are
+    the running sums of the pieces' lengths, for the whole batch in NumPy: no Python loop over the
+    ~1,000 tokens of a batch of 8 under the grammar. A character split over byte-level tokens decodes
+    whole only with its neighbours; that row's spans are measured over its prefixes instead."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ends_at = sorted({*stops, tokenizer.pad_token_id} - {None})
+        self.decode = answer_decoder(tokenizer)
+        self.joins = joins_pieces(tokenizer)
+        self.lengths = np.full(0, -1, dtype=np.int64)  # token id -> len(its text alone); -1: not decoded yet
+        self.pieces = np.empty(0, dtype=object)  # token id -> its text alone
+        self.whole = np.zeros(0, dtype=bool)  # token id -> its text alone is whole characters (no U+FFFD)
+
+    def __call__(self, ids: np.ndarray, logprobs: np.ndarray) -> list[tuple[str, TokenSpans]]:
+        """``ids`` [B, S] generated token ids, ``logprobs`` [B, S] as recorded."""
+        ids = np.asarray(ids, dtype=np.int64)
+        stopped = np.zeros(ids.shape, dtype=bool)
+        for stop in self.ends_at:  # two or three ids: cheaper than isin's sort
+            stopped |= ids == stop
+        cuts = np.where(stopped.any(axis=1), stopped.argmax(axis=1), ids.shape[1])
+        live = np.arange(ids.shape[1]) < cuts[:, None]  # [B, S]: before the row's first stop
+        if ids.size and ids.max() >= len(self.lengths):
+            self._grow(int(ids.max()) + 1)
+        lengths = self.lengths[ids]
+        if (unknown := live & (lengths < 0)).any():
+            self._learn(np.unique(ids[unknown]))
+            lengths = self.lengths[ids]
+        lengths[~live] = 0
+        ends = np.cumsum(lengths, axis=1)
+        starts = ends - lengths
+        whole = (self.whole[ids] | ~live).all(axis=1).tolist()
+        out = []
+        for b, cut in enumerate(cuts.tolist()):
+            joined = "".join(self.pieces[ids[b, :cut]])
+            text = joined if self.joins and whole[b] else self.decode(ids[b, :cut].tolist())
+            if text == joined:  # each token's span is its piece
+                out.append((text, TokenSpans(starts[b, :cut], ends[b, :cut], logprobs[b, :cut])))
+            else:
+                out.append((text, TokenSpans.of(self._prefix_spans(ids[b, :cut].tolist(), text, logprobs[b, :cut].tolist()))))
+        return out
+
+    def _grow(self, size: int) -> None:
+        grow = size - len(self.lengths)
+        self.lengths = np.concatenate([self.lengths, np.full(grow, -1, dtype=np.int64)])
+        self.pieces = np.concatenate([self.pieces, np.full(grow, "", dtype=object)])
+        self.whole = np.concatenate([self.whole, np.zeros(grow, dtype=bool)])
+
+    def _learn(self, new: np.ndarray) -> None:
+        """Decode alone, in one call, each token in ``new``."""
+        texts = self.tokenizer.batch_decode([[t] for t in new.tolist()], skip_special_tokens=True)
+        self.pieces[new] = texts
+        self.lengths[new] = [len(t) for t in texts]
+        self.whole[new] = ["\ufffd" not in t for t in texts]
+
+    def _prefix_spans(self, ids: list[int], text: str, logprobs: list[float]) -> list[tuple[int, int, float]]:
+        """Spans where a character is split over tokens: each token ends where the decoded prefix up to it
+        ends (a split UTF-8 character decodes late, never early)."""
+        ends = [len(p) for p in self.tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))],
+                                                            skip_special_tokens=True)]
+        spans, before = [], 0
+        for end, lp in zip(ends, logprobs):
+            end = max(before, min(end, len(text)))
+            spans.append((before, end, float(lp)))
+            before = end
+        return spans
+
+
+def answer_confidence(text: str, tokens: TokenSpans | Sequence[tuple[int, int, float]],
+                      record: dict[str, Any]) -> dict[str, Any]:
     """``confidence`` (the category path) and ``attribute_confidence`` (each non-null value): the
     product of the probabilities of the tokens that overlap the value in the answer text (a string
     without its quotes: a token that only closes or opens it decides layout, not the value)."""
     spans = answer_spans(text)
+    tokens = TokenSpans.of(tokens)
 
     def probability(key: str) -> float | None:
         if key not in spans:
@@ -471,7 +593,7 @@ def answer_confidence(text: str, tokens: Sequence[tuple[int, int, float]], recor
         lo, hi = spans[key]
         if text[lo] == '"' and hi - lo >= 2:
             lo, hi = lo + 1, hi - 1
-        return float(np.exp(sum(lp for start, end, lp in tokens if start < hi and end > lo)))
+        return float(np.exp(tokens.logprob(lo, hi)))
 
     out: dict[str, Any] = {}
     p = probability("category")
