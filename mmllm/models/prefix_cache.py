@@ -140,7 +140,7 @@ class PromptBatch(dict):
     def __init__(self, tensors: dict[str, torch.Tensor], prefix: np.ndarray | None = None) -> None:
         super().__init__(tensors)
         self.prefix = prefix
-        self.laid_out = lay_out_tokens(tensors, prefix) if prefix is not None else None
+        self.laid_out = lay_out_tokens(tensors, prefix) if prefix is not None and len(prefix) else None
 
 
 def lay_out_tokens(enc: dict[str, torch.Tensor], prefix: np.ndarray) -> dict[str, torch.Tensor] | None:
