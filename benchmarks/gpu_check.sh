@@ -17,7 +17,10 @@
 #   5. labelling at batch 8 with a static decoding cache (mmllm label --static-cache), its decoding step
 #      compiled each way (eager, the eager kernels as CUDA graphs, inductor), against the growing
 #      cache: rows/s, the answers compared, and one profiled pass per way (copies and device time a step)
-# STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: all of them).
+#   6. (only when asked: STEPS="6") listing_v1 at batch 8, this checkout against the code issue #16 was
+#      filed against (wheels/against, from gpu_wheels.sh), alternately, two fresh `mmllm label` runs of each:
+#      rows/s and the answers compared (label_throughput.py --against)
+# STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: 1-5).
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
 # the labelling steps generate unconstrained.
@@ -103,4 +106,11 @@ step 4 100 "decode profile" python3 benchmarks/decode_profile.py --gpu --rows 8 
   --out "$out/decode_profile_gpu.json"
 step 5 240 "static cache" python3 benchmarks/label_throughput.py --gpu --static-cache --profile --rows 16 \
   --out "$out/label_throughput_static_gpu.json"
+against="${TMPDIR:-/tmp}/mmllm-against"
+if [[ "$STEPS" == *" 6 "* ]]; then
+  rm -rf "$against" && mkdir -p "$against"
+  for archive in wheels/against/*.tar.gz; do [[ -e "$archive" ]] && tar -xzf "$archive" -C "$against"; done
+fi
+step 6 240 "against the code of issue #16" python3 benchmarks/label_throughput.py --gpu --against "$against" \
+  --rows 16 --against-runs 2 --out "$out/label_throughput_against_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"

@@ -9,6 +9,8 @@
 #                (43 -> 7 MiB; its other CUDA and ROCm builds are of no use there).
 #   wheels/hf:   transformers, peft, accelerate and the hub client at the locked versions; gpu_check.sh
 #                uses them only if they import there, else the machine's own copies, and says which.
+#   wheels/against: mmllm/ and prompts/ at ba0d89d (git archive), the code issue #16 was filed against,
+#                for gpu_check.sh's step 6 (not wheels, but carried the same way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORE="bitsandbytes xgrammar apache-tvm-ffi pydantic pydantic_core annotated-types typing-inspection typing-extensions"
@@ -59,4 +61,7 @@ with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLA
 slim.replace(wheel)
 print(f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB after slimming")
 EOF
-du -sh wheels/core wheels/hf
+# the code issue #16 was filed against (its throughput point's "today"), for gpu_check.sh's step 6
+rm -rf wheels/against && mkdir -p wheels/against
+git archive --format=tar.gz -o wheels/against/ba0d89d.tar.gz ba0d89d mmllm prompts
+du -sh wheels/core wheels/hf wheels/against

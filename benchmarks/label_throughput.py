@@ -33,11 +33,19 @@ with the static decoding cache against the growing cache, its decoding step comp
 ``--compile`` (none; the eager kernels captured as CUDA graphs; inductor's own kernels), two passes
 over the same rows each (the first compiles), the answers compared row by row.
 
+Against older code (``--against DIR``, on the CPU's tiny checkpoint or with ``--gpu`` the real-size
+model): ``listing_v1`` at batch 8 (the template and batch of issue #16's throughput point) labelled by
+this checkout and by the ``mmllm/`` and ``prompts/`` in DIR, alternately, each run a fresh ``mmllm
+label`` process on the same rows and model folder: the rows/s each run prints and its answers against
+this checkout's. For the code the issue was filed against: ``mkdir -p T && git archive ba0d89d mmllm
+prompts | tar -x -C T`` (``benchmarks/gpu_wheels.sh`` packs it for the GPU machine).
+
     python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
     python benchmarks/label_throughput.py --real-size [--rows 8]
     python benchmarks/label_throughput.py --gpu [--static-cache]
+    python benchmarks/label_throughput.py [--gpu] --against DIR [--rows 32] [--against-runs 2]
 
-Prints a table and writes benchmarks/results/label_throughput[_gpu|_static_gpu].json.
+Prints a table and writes benchmarks/results/label_throughput[_gpu|_static_gpu|_against[_gpu]].json.
 """
 
 from __future__ import annotations
@@ -452,6 +460,82 @@ def profiled_pass(predictor, dump: Path, tmp: Path) -> dict:
             "device_ms_per_step": round(device_total / per_step, 3)}
 
 
+# runs ``mmllm label`` from the checkout given first (its mmllm/ and prompts/), whatever is installed
+AGAINST_CHILD = """
+import runpy, sys
+code = sys.argv[1]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # an editable install's hook
+sys.path.insert(0, code)
+import mmllm
+print("mmllm from", mmllm.__file__, file=sys.stderr, flush=True)
+sys.argv = ["mmllm.label", *sys.argv[2:]]
+runpy.run_module("mmllm.label", run_name="__main__", alter_sys=True)
+"""
+
+
+def against(args: argparse.Namespace) -> dict:
+    """``listing_v1`` at batch 8, labelled by this checkout and by an older one (``--against``: a folder
+    with its ``mmllm/`` and ``prompts/``, e.g. ``git archive ba0d89d mmllm prompts``, the code issue #16
+    was filed against), alternately, ``--against-runs`` times each, each run a fresh ``mmllm label``
+    process on the same model folder and rows: the rows/s each prints, and every run's answers
+    compared with this checkout's first."""
+    import re
+
+    from mmllm.tiny import resolve
+
+    schema = ROOT / "examples/toys_schema.yaml"
+    code_then = args.against.resolve()
+    if not (code_then / "mmllm" / "label.py").exists():
+        raise SystemExit(f"--against {args.against}: no mmllm/label.py there")
+    constrained = importlib.util.find_spec("xgrammar") is not None
+    model = str(random_model_dir()) if args.gpu else resolve("tiny:qwen2_vl")
+    pixels = ["--min-pixels", str(128 * 28 * 28), "--max-pixels", str(448 * 448)] if args.gpu else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT)}
+    results: dict = {"against": str(args.against), "constrained": constrained, "template": "listing_v1", "batch": 8,
+                     "rows": args.rows, "runs": []}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
+        tmp = Path(tmp_name)
+        dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        for turn in range(args.against_runs):
+            for who, code in (("then", code_then), ("now", ROOT)):
+                out = tmp / f"{who}-{turn}.jsonl"
+                command = [sys.executable, "-c", AGAINST_CHILD, str(code), str(dump), "--model", model,
+                           "--schema", str(schema), "--template", "listing_v1", "--batch-size", "8", "--out", str(out),
+                           *pixels, *([] if constrained else ["--no-constrained"])]
+                done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp)
+                origin = re.search(r"mmllm from (\S+)", done.stderr)
+                rate = re.search(r"([0-9][0-9,.]*) rows/s", done.stdout + done.stderr)  # the job's summary line
+                if done.returncode or rate is None or origin is None or not Path(origin.group(1)).resolve().is_relative_to(code):
+                    raise SystemExit(f"{who} run {turn} (exit {done.returncode}, mmllm from "
+                                     f"{origin.group(1) if origin else '?'}):\n{done.stdout[-1000:]}{done.stderr[-2000:]}")
+                results["runs"].append({"code": who, "turn": turn, "rows_per_s": float(rate.group(1).replace(",", ""))})
+                print(f"{who} {turn}: {results['runs'][-1]['rows_per_s']} rows/s", file=sys.stderr, flush=True)
+        for run in results["runs"]:
+            run["identical_rows"], _ = same_outputs(tmp / "now-0.jsonl", tmp / f"{run['code']}-{run['turn']}.jsonl")
+    mean = {who: sum(r["rows_per_s"] for r in results["runs"] if r["code"] == who) / args.against_runs
+            for who in ("then", "now")}
+    results.update(rows_per_s_then=round(mean["then"], 2), rows_per_s_now=round(mean["now"], 2),
+                   speedup=round(mean["now"] / mean["then"], 2))
+    return results
+
+
+def report_against(args: argparse.Namespace, results: dict) -> int:
+    device = torch.cuda.get_device_name(0) if args.gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    print(f"\n{device}, torch {torch.__version__}; listing_v1, batch 8, {results['rows']} rows, "
+          f"constrained {results['constrained']}; this checkout against {results['against']}")
+    print(f"{'code':<5} {'run':>3} {'rows/s':>7} {'identical to now, run 0':>24}")
+    for r in results["runs"]:
+        print(f"{r['code']:<5} {r['turn']:>3} {r['rows_per_s']:>7} {r['identical_rows']:>21}/{results['rows']}")
+    print(f"mean rows/s: {results['rows_per_s_then']} -> {results['rows_per_s_now']} ({results['speedup']}x)")
+    out = args.out or HERE / "results" / ("label_throughput_against_gpu.json" if args.gpu else "label_throughput_against.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "label_throughput", "mode": "against", "date": time.strftime("%Y-%m-%d"),
+                               "device": device, "torch": torch.__version__, **results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true")
@@ -468,15 +552,21 @@ def main(argv: list[str] | None = None) -> int:
                         default=["eager", "cudagraphs", "inductor"], help="with --static-cache: the ways compared")
     parser.add_argument("--profile", action="store_true",
                         help="with --static-cache: one more pass per way under the profiler: copies and device time per step")
+    parser.add_argument("--against", type=Path,
+                        help="an older checkout's folder (its mmllm/ and prompts/): listing_v1 at batch 8 labelled by it "
+                             "and by this one, alternately, in fresh processes: rows/s and the answers compared")
+    parser.add_argument("--against-runs", type=int, default=2, help="with --against: runs of each")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.static_cache and not args.gpu:
         parser.error("--static-cache compares compiled decoding on a GPU: add --gpu")
-    args.rows = args.rows or (8 if args.real_size else 64)
+    args.rows = args.rows or (8 if args.real_size else 32 if args.against else 64)
     os.environ.setdefault("MMLLM_CACHE", str(Path(tempfile.gettempdir()) / "mmllm-bench-cache"))
     if args.gpu and not torch.cuda.is_available():
         print("--gpu needs a CUDA device", file=sys.stderr)
         return 2
+    if args.against:
+        return report_against(args, against(args))
     if args.real_size:
         return report_real_size(args, real_size(args))
     if args.static_cache:
