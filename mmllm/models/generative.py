@@ -550,7 +550,8 @@ class AnswerTokens:
             if text == joined:  # each token's span is its piece
                 out.append((text, TokenSpans(starts[b, :cut], ends[b, :cut], logprobs[b, :cut])))
             else:
-                out.append((text, TokenSpans.of(self._prefix_spans(ids[b, :cut].tolist(), text, logprobs[b, :cut].tolist()))))
+                spans = self._prefix_spans(ids[b, :cut].tolist(), text, logprobs[b, :cut].tolist())
+                out.append((text, TokenSpans.of(spans)))
         return out
 
     def _grow(self, size: int) -> None:
