@@ -48,6 +48,32 @@ def test_fit_weights_finds_the_member_that_knows_and_the_mix_when_both_know_half
         -torch.log(torch.tensor(0.5 * 0.95 + 0.5 * 0.5)).item(), abs=1e-6)
 
 
+def test_within_one_standard_error_the_weights_stay_nearest_equal():
+    """Two members of about the same skill, each sure on different rows: on these 200 rows the log-loss
+    prefers one of them a little, by less than the standard error of the paired difference, so
+    ``within_one_se`` keeps equal weights where ``best`` leans on that member; a member that is clearly
+    better is chosen by both rules."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 2, (200,), generator=g)
+    onehot = torch.nn.functional.one_hot(target, 2).float()
+
+    def member(sure: torch.Tensor) -> torch.Tensor:  # 0.9 on the right class where sure, else 0.6
+        p = torch.where(sure, 0.9, 0.6)[:, None]
+        return onehot * p + (1 - onehot) * (1 - p)
+
+    a, b = member(torch.rand(200, generator=g) < 0.55), member(torch.rand(200, generator=g) < 0.45)
+    members = {"heads": a, "lexicon": b}
+    best = fit_weights(members, target, 0.1, "best")
+    kept = fit_weights(members, target, 0.1, "within_one_se")
+    assert best != {"heads": 0.5, "lexicon": 0.5} and kept == {"heads": 0.5, "lexicon": 0.5}
+    # by hand: equal weights are within one paired standard error of the best point's log-loss
+    lost = [-torch.log(mix(members, w)[torch.arange(200), target]) for w in (best, kept)]
+    gap = lost[1] - lost[0]
+    assert 0 < float(gap.mean()) <= float(gap.std() / 200 ** 0.5)
+    clear = member(torch.ones(200, dtype=torch.bool))  # sure and right on every row
+    assert fit_weights({"heads": a, "lexicon": clear}, target, 0.1, "within_one_se") == {"heads": 0.0, "lexicon": 1.0}
+
+
 def test_choose_skips_heads_with_too_few_stated_rows_and_reports_both_scores():
     target = torch.tensor([0, 1] * 30 + [-100] * 10)
     right = torch.nn.functional.one_hot(target.clamp_min(0), 2).float() * 0.8 + 0.1
@@ -88,6 +114,10 @@ def test_vote_config_is_checked():
     assert cfg.vote.weights == "equal" and cfg.vote.holdout == 0.2
     with pytest.raises(ValueError, match="vote.min_rows"):
         load_recipe_config(ROOT / "finetune/fusion_minilm_cpu.yaml", ["vote.min_rows=0"])
+    assert load_recipe_config(ROOT / "finetune/fusion_minilm_cpu.yaml", []).vote.select == "within_one_se"
+    assert load_recipe_config(ROOT / "finetune/fusion_minilm_cpu.yaml", ["vote.select=best"]).vote.select == "best"
+    with pytest.raises(ValueError, match="vote.select"):
+        load_recipe_config(ROOT / "finetune/fusion_minilm_cpu.yaml", ["vote.select=median"])
 
 
 def test_neighbours_vote_on_attribute_heads_and_a_held_out_row_never_sees_itself():

@@ -12,10 +12,12 @@ come from a fit that did not see the row.
 How (``weights: holdout``, the default): the recipe holds out ``holdout`` of the training rows (by a hash
 of the listing id, so the split does not depend on the file's order), trains the heads again on the rest,
 refits the lexical member on the rest, takes the neighbours among the rest, and here, per attribute head,
-picks the point of a grid over the simplex of member weights with the lowest log-loss on the held-out rows
+scores every point of a grid over the simplex of member weights by its log-loss on the held-out rows
 that state a value (``min_rows`` of them at least, else equal weights). The log-loss, not the accuracy:
-a few hundred rows decide, and the log-loss moves smoothly where the accuracy jumps by one row. The
-final heads and members are then trained on all the training rows and mixed with those weights.
+a few hundred rows decide, and the log-loss moves smoothly where the accuracy jumps by one row. Of the
+points within one standard error of the best (``select: within_one_se``), it keeps the one nearest equal
+weights: held-out rows are a sample, and the best point on them is partly their noise. The final heads
+and members are then trained on all the training rows and mixed with those weights.
 
 The category keeps the equal-weight vote of ``anchor`` (heads, names, neighbours, lexical member): its
 names member is tuned on every training title, so held-out training rows would flatter it.
@@ -51,6 +53,10 @@ class VoteConfig:
     step: float = help_field(0.1, "grid step over the simplex of member weights")
     min_rows: int = help_field(40, "held-out rows stating a value, at least, for a head's weights to be chosen "
                                    "(fewer: equal weights)")
+    select: Literal["within_one_se", "best"] = help_field(
+        "within_one_se", "best = the grid point with the lowest held-out log-loss; within_one_se = of the points "
+                         "whose log-loss is within one standard error of the best's (paired over the held-out rows), "
+                         "the one nearest equal weights (the one-standard-error rule)")
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.members if m not in MEMBERS]
@@ -62,6 +68,8 @@ class VoteConfig:
             raise ValueError(f"vote.step must divide 1 and be in (0, 0.5], got {self.step}")
         if self.min_rows < 1:
             raise ValueError(f"vote.min_rows must be >= 1, got {self.min_rows}")
+        if self.select not in ("within_one_se", "best"):
+            raise ValueError(f"vote.select must be within_one_se or best, got {self.select!r}")
 
 
 def mix(members: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
@@ -89,17 +97,35 @@ def log_loss(probs: torch.Tensor, target: torch.Tensor) -> float:
     return float(-torch.log(probs[torch.arange(len(target)), target].clamp_min(1e-6)).mean())
 
 
-def fit_weights(members: Mapping[str, torch.Tensor], target: torch.Tensor, step: float) -> dict[str, float]:
-    """The grid point with the lowest log-loss of ``target`` [N] under the mixture of ``members``
-    ({name: [N, C] probabilities}); ties go to the point nearest equal weights."""
+def row_losses(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[N] negative log-probability of each row's target (clamped as :func:`log_loss`)."""
+    return -torch.log(probs[torch.arange(len(target)), target].clamp_min(1e-6))
+
+
+def fit_weights(members: Mapping[str, torch.Tensor], target: torch.Tensor, step: float,
+                select: str = "best") -> dict[str, float]:
+    """A grid point of member weights for ``target`` [N] under the mixture of ``members`` ({name: [N, C]
+    probabilities}). ``best``: the lowest log-loss, ties to the point nearest equal weights.
+    ``within_one_se``: of the points whose mean log-loss exceeds the best's by at most the standard error
+    of their paired difference over the rows, the one nearest equal weights (the lower log-loss breaking
+    ties). The weights then leave the plain mean only as far as the rows can tell the points apart: the
+    one-standard-error rule of Breiman et al. (1984), with equal weights as the simplest model, which
+    out of sample is hard to beat when the estimated weights are noisy (the forecast combination puzzle,
+    Stock and Watson 2004)."""
     names = list(members)
     equal = 1 / len(names)
-    best, best_key = {m: equal for m in names}, (math.inf, 0.0)
-    for point in simplex(names, step):
-        key = (round(log_loss(mix(members, point), target), 9), sum((w - equal) ** 2 for w in point.values()))
-        if key < best_key:
-            best, best_key = point, key
-    return best
+    points = simplex(names, step)
+    losses = torch.stack([row_losses(mix(members, point), target) for point in points])  # [P, N]
+    mean = losses.mean(1)
+    spread = torch.tensor([sum((w - equal) ** 2 for w in point.values()) for point in points])
+    best = min(range(len(points)), key=lambda i: (round(float(mean[i]), 9), float(spread[i])))
+    if select == "best" or len(target) < 2:
+        return points[best]
+    if select != "within_one_se":
+        raise ValueError(f"vote.select {select!r}: one of within_one_se, best")
+    error = (losses - losses[best]).std(1) / math.sqrt(len(target))  # [P] paired standard errors
+    within = [i for i in range(len(points)) if float(mean[i] - mean[best]) <= float(error[i]) + 1e-12]
+    return points[min(within, key=lambda i: (round(float(spread[i]), 9), float(mean[i])))]
 
 
 def holdout_split(ids: Sequence[str], share: float) -> tuple[list[int], list[int]]:
@@ -133,7 +159,7 @@ def choose(members: Mapping[str, Mapping[str, torch.Tensor]], targets: Mapping[s
             continue
         kept = {m: p[known] for m, p in probs.items()}
         y = targets[head][known]
-        weights = fit_weights(kept, y, cfg.step)
+        weights = fit_weights(kept, y, cfg.step, cfg.select)
         equal, chosen = mix(kept), mix(kept, weights)
         fit.weights[head] = weights
         fit.scores[head] = {"rows": rows, "log_loss_equal": round(log_loss(equal, y), 4),
