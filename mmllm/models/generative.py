@@ -282,9 +282,10 @@ class GenerativePredictor:
         the distribution renormalized over the tokens the grammar allows): :class:`TokenSpans`."""
         device = next(self.model.parameters()).device
         tokenizer = self.processor.tokenizer
-        new_tokens = max(self.max_new_tokens, self._grammar_factory().max_tokens) if self.constrained else self.max_new_tokens
+        grammar = self._grammar_factory() if self.constrained else None
+        new_tokens = max(self.max_new_tokens, grammar.max_tokens) if grammar is not None else self.max_new_tokens
         recorder = ChosenLogprobs(new_tokens)
-        processors = [self._grammar_factory().processor(), recorder] if self.constrained else [recorder]
+        processors = [grammar.processor(), recorder] if grammar is not None else [recorder]
         kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "logits_processor": processors}  # the recorder last
         prefix = self._prefix_cache()
         static_len = self._static_cache_len(enc["input_ids"].shape[1], new_tokens) if self.static_cache else None
@@ -475,6 +476,7 @@ class TokenSpans:
 
     @classmethod
     def of(cls, spans: Sequence[tuple[int, int, float]]) -> "TokenSpans":
+        """``(start, end, logprob)`` tuples as arrays (a :class:`TokenSpans` is returned as it is)."""
         if isinstance(spans, TokenSpans):
             return spans
         starts, ends, logprobs = zip(*spans) if len(spans) else ((), (), ())
