@@ -137,6 +137,31 @@ def test_cached_features_equal_fresh(tmp_path, tiny_vit):
         assert logits["category"].shape == (5, len(specs[0].classes))
 
 
+def test_each_distinct_token_sequence_is_encoded_once():
+    """A listing without a description reads the same tokens in its title and text views, and a dump
+    repeats titles: the text encoder sees each distinct sequence once, and every row's features are
+    those of encoding its views one by one."""
+    cfg = fusion.FusionConfig(image_encoder="none", max_text_tokens=32, modalities=["text"])
+    enc = fusion.Encoders(cfg.text_encoder, cfg.image_encoder, cfg.max_text_tokens).eval()
+    rows = [Listing(id="a", title="Wooden puzzle", description=""),
+            Listing(id="b", title="Wooden puzzle", description=""),  # another row, the same words
+            Listing(id="c", title="Wooden puzzle", description="Twenty pieces of beech, ages 3 and up"),
+            Listing(id="d", title="Rocking horse " * 30, description="")]  # title view cut at 32 tokens, text too
+    seen = []
+    encode = enc.text_tokens
+    enc.text_tokens = lambda ids, mask: seen.extend(int(m.sum()) for m in mask) or encode(ids, mask)
+    batch = fusion.Featurizer(enc, cfg, fusion.FeatureCache(None))(rows, [[] for _ in rows])
+    # "Wooden puzzle" (rows a, b: both views; row c's title), row c's text, row d's cut title (both views)
+    assert sorted(seen) == sorted([len(enc.token_ids(rows[:1], "title")[0]), len(enc.token_ids(rows[2:3], "text")[0]), 32])
+    for view in ("text", "title"):
+        ids = enc.tokenize(rows, view)
+        mask = ids[f"{view}_attention_mask"]
+        with torch.no_grad():
+            alone = encode(ids[f"{view}_input_ids"], mask)
+        expected = torch.stack([alone[i, : int(m.sum())].mean(0) for i, m in enumerate(mask)])
+        assert torch.allclose(batch[f"{view}_tokens"][:, 0], expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_train_save_load_in_new_process(tmp_path):
     from mmllm.finetune import finetune, load_recipe_config

@@ -89,12 +89,21 @@ class Encoders(nn.Module):
             config = self.image.config
             self.image_dim = getattr(config, "hidden_size", None) or getattr(config, "vision_config", config).hidden_size
 
-    def tokenize(self, listings: Sequence[Listing], view: str = "text") -> dict[str, torch.Tensor]:
-        """``view`` text = title + description, title = the title alone."""
+    def _texts(self, listings: Sequence[Listing], view: str) -> tuple[list[str], int]:
+        """``view`` text = title + description, title = the title alone; and the view's token limit."""
         texts = [row.title if view == "title" else f"{row.title}\n{row.description or ''}" for row in listings]
-        limit = min(64, self.max_text_tokens) if view == "title" else self.max_text_tokens
+        return texts, min(64, self.max_text_tokens) if view == "title" else self.max_text_tokens
+
+    def tokenize(self, listings: Sequence[Listing], view: str = "text") -> dict[str, torch.Tensor]:
+        """One view of the listings as a padded batch of encoder inputs."""
+        texts, limit = self._texts(listings, view)
         enc = self.tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
         return {f"{view}_input_ids": enc["input_ids"], f"{view}_attention_mask": enc["attention_mask"]}
+
+    def token_ids(self, listings: Sequence[Listing], view: str = "text") -> list[list[int]]:
+        """One view of the listings as token ids, unpadded."""
+        texts, limit = self._texts(listings, view)
+        return self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
 
     def text_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, D]
@@ -190,12 +199,12 @@ class Featurizer:
         batch: dict[str, torch.Tensor] = {}
         n = len(listings)
         if "text" in use:
-            for view in ("text", "title") if self.cfg.title_view else ("text",):
-                if self.cfg.freeze:
-                    feats = self._cached(listings, view, [_hash_text(r, view) for r in listings],
-                                         lambda todo, v=view: self._encode_text([listings[i] for i in todo], v))
+            views = ("text", "title") if self.cfg.title_view else ("text",)
+            if self.cfg.freeze:
+                for view, feats in self._text_features(listings, views).items():
                     batch[f"{view}_tokens"], batch[f"{view}_mask"] = _pad(self._pooled(feats))
-                else:
+            else:
+                for view in views:
                     batch.update(self.encoders.tokenize(listings, view))
             if self.cfg.lexical:
                 bags = [self._row(r)[0] for r in listings]
@@ -271,8 +280,7 @@ class Featurizer:
         return bag, table
 
     def _cached(self, listings: Sequence[Listing], what: str, hashes: list[str], encode: Any) -> list[torch.Tensor]:
-        encoder_id = self.encoders.image_id if what == "image" else self.encoders.text_id
-        keys = [_key(f"{what}:{encoder_id}:{self.cfg.max_text_tokens}", h) for h in hashes]
+        keys = [self._key(what, h) for h in hashes]
         cache = self.cache or FeatureCache(None)
         feats = [cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(feats) if f is None]
@@ -282,12 +290,47 @@ class Featurizer:
                 feats[i] = value
         return feats
 
+    def _key(self, what: str, content_hash: str) -> str:
+        encoder_id = self.encoders.image_id if what == "image" else self.encoders.text_id
+        return _key(f"{what}:{encoder_id}:{self.cfg.max_text_tokens}", content_hash)
+
+    def _text_features(self, listings: Sequence[Listing], views: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        """Each view's token features, from the cache or encoded, each distinct token sequence once: a
+        listing without a description reads the same tokens in its title and text views (a title-level
+        catalog costs half), and a title a dump repeats is encoded once."""
+        cache = self.cache or FeatureCache(None)
+        keys = {view: [self._key(view, _hash_text(r, view)) for r in listings] for view in views}
+        found = {view: [cache.get(k) for k in view_keys] for view, view_keys in keys.items()}
+        missing = {view: [i for i, f in enumerate(feats) if f is None] for view, feats in found.items()}
+        missing = {view: rows for view, rows in missing.items() if rows}
+        groups = [self.encoders.token_ids([listings[i] for i in rows], view) for view, rows in missing.items()]
+        for (view, rows), values in zip(missing.items(), self._encode_distinct(groups)):
+            for i, value in zip(rows, values):
+                cache.put(keys[view][i], value)
+                found[view][i] = value
+        return found
+
     @torch.no_grad()
-    def _encode_text(self, listings: Sequence[Listing], view: str) -> list[torch.Tensor]:
-        enc = self.encoders.tokenize(listings, view)
-        mask = enc[f"{view}_attention_mask"]
-        hidden = self.encoders.text_tokens(enc[f"{view}_input_ids"], mask).float()
-        return [hidden[i, : int(m.sum())].clone() for i, m in enumerate(mask)]
+    def _encode_distinct(self, groups: Sequence[Sequence[Sequence[int]]]) -> list[list[torch.Tensor]]:
+        """The text encoder's token features [T, D] of each token sequence of each group (a view of the
+        batch). A group's sequences not met before run in one call, padded to their longest, as the
+        tokenizer would pad the view; one met before, in this group or an earlier one, is a copy."""
+        done: dict[tuple[int, ...], torch.Tensor] = {}
+        pad = self.encoders.tokenizer.pad_token_id or 0
+        device = next(self.encoders.text.parameters()).device
+        for group in groups:
+            new = [ids for ids in dict.fromkeys(map(tuple, group)) if ids not in done]
+            if not new:
+                continue
+            width = max(len(ids) for ids in new)
+            tokens = torch.full((len(new), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(new), width, dtype=torch.long)
+            for row, ids in enumerate(new):
+                tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                mask[row, : len(ids)] = 1
+            hidden = self.encoders.text_tokens(tokens.to(device), mask.to(device)).float()
+            done.update((ids, hidden[row, : len(ids)]) for row, ids in enumerate(new))
+        return [[done[tuple(ids)].clone() for ids in group] for group in groups]
 
     @torch.no_grad()
     def _encode_images(self, images: Sequence[Any]) -> torch.Tensor:
