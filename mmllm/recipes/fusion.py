@@ -81,6 +81,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.heads.bins, cfg.heads.null_class)
     encoders = fusion.Encoders(fc.text_encoder, fc.image_encoder, fc.max_text_tokens,
                                "text" in fc.modalities, "image" in fc.modalities)
+    encoders.to(s.accelerator.device)  # tuning and encoding run where the heads train (their features live on the host)
     cache = fusion.FeatureCache(Path(fc.cache_dir) if fc.cache_dir else s.out_dir / "feature_cache") if fc.freeze else None
     anchor, memory_rows = None, []
     voting = {sp.name: len(sp.classes) for sp in _voting_heads(specs)}

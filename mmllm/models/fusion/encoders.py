@@ -328,7 +328,7 @@ class Featurizer:
             for row, ids in enumerate(new):
                 tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 mask[row, : len(ids)] = 1
-            hidden = self.encoders.text_tokens(tokens.to(device), mask.to(device)).float()
+            hidden = self.encoders.text_tokens(tokens.to(device), mask.to(device)).float().cpu()  # the cache's home
             done.update((ids, hidden[row, : len(ids)]) for row, ids in enumerate(new))
         return [[done[tuple(ids)].clone() for ids in group] for group in groups]
 
@@ -336,7 +336,8 @@ class Featurizer:
     def _encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         if not images:
             return torch.zeros(0, self.encoders.image_dim)
-        tokens = self.encoders.image_tokens(self.encoders.pixels(images)).float()  # [N, P, D]
+        device = next(self.encoders.image.parameters()).device  # on a GPU the processor's pixels are on the host
+        tokens = self.encoders.image_tokens(self.encoders.pixels(images).to(device)).float().cpu()  # [N, P, D]
         return tokens.reshape(-1, tokens.shape[-1])
 
 
