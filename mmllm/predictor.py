@@ -33,7 +33,10 @@ OPTIONS = {
     "max_new_tokens": "the generation budget (generative models only)",
     "pixels": "image pixel bounds (models that read images through a Qwen-VL processor)",
     "static_cache": "a static decoding cache, compiled on a GPU (generative models only)",
+    "encoder_precision": "a lower precision for its encoders (fusion models only)",
 }
+
+ENCODER_PRECISIONS = ("float32", "bfloat16")  # a fusion model's encoders: as trained, or under bf16 autocast
 
 
 STATIC_COMPILE = ("cudagraphs", "inductor", "eager")  # how a static decoding cache's step is compiled on a GPU
@@ -59,13 +62,16 @@ class Predictor(Protocol):
 
 def configure(predictor: Predictor, *, source: str, batch_size: int | None = None, constrained: bool | None = None,
               max_new_tokens: int | None = None, min_pixels: int | None = None,
-              max_pixels: int | None = None, static_cache: str | None = None) -> Predictor:
+              max_pixels: int | None = None, static_cache: str | None = None,
+              encoder_precision: str | None = None) -> Predictor:
     """Apply the options the user gave (``None``: not given); refuse one the model does not take.
-    ``static_cache``: how its decoding step is compiled (``cudagraphs``, ``inductor``, ``eager``)."""
+    ``static_cache``: how its decoding step is compiled (``cudagraphs``, ``inductor``, ``eager``);
+    ``encoder_precision``: one of :data:`ENCODER_PRECISIONS`."""
     from mmllm.collator import set_pixel_budget
 
     given = {"constrained": constrained is not None, "max_new_tokens": max_new_tokens is not None,
-             "pixels": bool(min_pixels or max_pixels), "static_cache": bool(static_cache)}
+             "pixels": bool(min_pixels or max_pixels), "static_cache": bool(static_cache),
+             "encoder_precision": encoder_precision is not None}
     for option, asked in given.items():
         if asked and option not in predictor.takes:
             flag = {"pixels": "--min-pixels / --max-pixels", "constrained": "--no-constrained"}.get(
@@ -82,6 +88,10 @@ def configure(predictor: Predictor, *, source: str, batch_size: int | None = Non
         if static_cache not in STATIC_COMPILE:
             raise OptionError(f"--static-compile {static_cache!r}: one of {', '.join(STATIC_COMPILE)}")
         predictor.static_cache, predictor.static_compile = True, static_cache
+    if encoder_precision is not None:
+        if encoder_precision not in ENCODER_PRECISIONS:
+            raise OptionError(f"--encoder-precision {encoder_precision!r}: one of {', '.join(ENCODER_PRECISIONS)}")
+        predictor.encoder_precision = encoder_precision
     if min_pixels or max_pixels:
         size = predictor.processor.image_processor.size
         set_pixel_budget(predictor.processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])

@@ -162,6 +162,20 @@ def test_each_distinct_token_sequence_is_encoded_once():
         assert torch.allclose(batch[f"{view}_tokens"][:, 0], expected, atol=1e-5)
 
 
+def test_bf16_encoder_features_stay_apart_from_the_trained_ones(tmp_path):
+    """Labelling's --encoder-precision bfloat16: the encoder runs under bf16 autocast (features close to
+    float32's, not equal), and its features never enter or leave a cache as the float32 ones."""
+    cfg = fusion.FusionConfig(image_encoder="none", max_text_tokens=32, modalities=["text"])
+    enc = fusion.Encoders(cfg.text_encoder, cfg.image_encoder, cfg.max_text_tokens).eval()
+    rows = _listings()
+    cache = fusion.FeatureCache(tmp_path)
+    full = fusion.Featurizer(enc, cfg, cache)(rows, [[] for _ in rows])
+    half = fusion.Featurizer(enc, cfg, cache, precision="bfloat16")(rows, [[] for _ in rows])
+    assert cache.misses == 20 and cache.hits == 0  # 5 rows x 2 views, at each precision
+    close = torch.nn.functional.cosine_similarity(full["text_tokens"][:, 0], half["text_tokens"][:, 0], dim=-1)
+    assert (close > 0.99).all() and not torch.equal(full["text_tokens"], half["text_tokens"])
+
+
 @pytest.mark.slow
 def test_train_save_load_in_new_process(tmp_path):
     from mmllm.finetune import finetune, load_recipe_config

@@ -111,6 +111,8 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
                                          "schema-constrained decoding"),
     ("fusion", ["--static-cache"], "error: --static-cache: {model} is a fusion model and does not take a static "
                                    "decoding cache"),
+    ("generative-lora", ["--encoder-precision", "bfloat16"], "error: --encoder-precision: {model} is a generative "
+                                                             "model and does not take a lower precision for its encoders"),
 ])
 def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tmp_path, capsys, kind, flags, message):
     catalog, folders = trained
@@ -119,6 +121,27 @@ def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tm
     err = capsys.readouterr().err
     assert code == 2 and message.format(model=folders[kind]) in err and "Traceback" not in err
     assert out.read_text() == ""  # nothing labelled
+
+
+@pytest.mark.slow
+def test_a_fusion_model_labels_with_bf16_encoders(trained, tmp_path, capsys):
+    """--encoder-precision bfloat16 runs the fusion model's encoders under bf16 autocast: every row is
+    labelled, the scores move a little, and a resume at another precision is refused."""
+    catalog, folders = trained
+    records = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / f"{precision}.jsonl"
+        assert mmllm(["label", str(catalog), "--model", str(folders["fusion"]), "--out", str(out), "--quiet",
+                      "--encoder-precision", precision]) == 0
+        records[precision] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in records["bfloat16"]] == ["ok"] * 8
+    pairs = list(zip(records["float32"], records["bfloat16"]))
+    assert all(a["id"] == b["id"] and abs(a["confidence"] - b["confidence"]) < 0.05 for a, b in pairs)
+    assert any(a["confidence"] != b["confidence"] for a, b in pairs)  # the encoders did run in bf16
+    capsys.readouterr()
+    code = mmllm(["label", str(catalog), "--model", str(folders["fusion"]), "--out", str(tmp_path / "float32.jsonl"),
+                  "--quiet", "--resume", "--encoder-precision", "bfloat16"])
+    assert code == 2 and "encoder_precision was None, now 'bfloat16'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

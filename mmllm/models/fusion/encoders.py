@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,7 @@ class Featurizer:
     cache: FeatureCache | None = None  # frozen mode: features; None with freeze=false: raw inputs
     remember_rows: bool = False  # keep each row's hashed features (training: every epoch reads the same rows)
     lexicon: Any = None  # the lexical member's Vectorizer: adds its TF-IDF columns to each batch
+    precision: str = "float32"  # bfloat16: the encoders run under bf16 autocast (labelling's --encoder-precision)
     _rows: dict[int, tuple[Listing, Any, Any]] = field(default_factory=dict, init=False, repr=False)
     _lexicon_rows: dict[int, tuple[Listing, Any]] = field(default_factory=dict, init=False, repr=False)
 
@@ -292,7 +294,14 @@ class Featurizer:
 
     def _key(self, what: str, content_hash: str) -> str:
         encoder_id = self.encoders.image_id if what == "image" else self.encoders.text_id
-        return _key(f"{what}:{encoder_id}:{self.cfg.max_text_tokens}", content_hash)
+        lower = "" if self.precision == "float32" else f":{self.precision}"  # never mixed with the trained features
+        return _key(f"{what}:{encoder_id}:{self.cfg.max_text_tokens}{lower}", content_hash)
+
+    def _autocast(self, device: torch.device) -> Any:
+        """The encoders' precision: as trained (float32), or bf16 autocast."""
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.precision))
 
     def _text_features(self, listings: Sequence[Listing], views: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         """Each view's token features, from the cache or encoded, each distinct token sequence once: a
@@ -328,7 +337,9 @@ class Featurizer:
             for row, ids in enumerate(new):
                 tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 mask[row, : len(ids)] = 1
-            hidden = self.encoders.text_tokens(tokens.to(device), mask.to(device)).float().cpu()  # the cache's home
+            with self._autocast(device):
+                hidden = self.encoders.text_tokens(tokens.to(device), mask.to(device))
+            hidden = hidden.float().cpu()  # the cache's home
             done.update((ids, hidden[row, : len(ids)]) for row, ids in enumerate(new))
         return [[done[tuple(ids)].clone() for ids in group] for group in groups]
 
@@ -337,7 +348,9 @@ class Featurizer:
         if not images:
             return torch.zeros(0, self.encoders.image_dim)
         device = next(self.encoders.image.parameters()).device  # on a GPU the processor's pixels are on the host
-        tokens = self.encoders.image_tokens(self.encoders.pixels(images).to(device)).float().cpu()  # [N, P, D]
+        with self._autocast(device):
+            tokens = self.encoders.image_tokens(self.encoders.pixels(images).to(device))
+        tokens = tokens.float().cpu()  # [N, P, D]
         return tokens.reshape(-1, tokens.shape[-1])
 
 

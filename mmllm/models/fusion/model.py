@@ -397,7 +397,16 @@ class FusionPredictor:
     batch_size: int = 32
     top_k: int = 5
     untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
-    takes: ClassVar[frozenset[str]] = frozenset()  # no decoding options, no Qwen-VL processor
+    takes: ClassVar[frozenset[str]] = frozenset({"encoder_precision"})  # no decoding options, no Qwen-VL processor
+
+    @property
+    def encoder_precision(self) -> str:
+        """``float32`` (as trained) or ``bfloat16``: the encoders run under bf16 autocast."""
+        return self.featurizer.precision
+
+    @encoder_precision.setter
+    def encoder_precision(self, value: str) -> None:
+        self.featurizer.precision = value
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
