@@ -14,6 +14,7 @@ from mmllm.collator import load_listing_images
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs
 from mmllm.models.generative import GenerativePredictor, LoraSettings, attach_lora, load_processor
+from mmllm.models.growing_cache import GrowingLayer
 from mmllm.models.prefix_cache import PrefixCache, shared_prefix_ids
 from mmllm.predictor import encoded_batches
 from mmllm.prompts import PromptTemplate, build_messages
@@ -173,11 +174,13 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
     policy = ImagePolicy(root=path.parent)
     caches: list[tuple[str, int | None]] = []  # the cache each generate call decoded into, and its length
     needed: list[int] = []  # each call's prompt (pictures' tokens included) plus its budget
+    growing_room: list[int | None] = []  # a growing cache's room, in tokens
     original = type(model).generate
 
     def spy(self, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         caches.append((type(cache).__name__, cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None))
+        growing_room.append(cache.layers[0].capacity if isinstance(cache.layers[0], GrowingLayer) else None)
         needed.append(kwargs["input_ids"].shape[1] + kwargs["max_new_tokens"])
         return original(self, *args, **kwargs)
 
@@ -198,9 +201,12 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
             assert [span[:2] for span in a] == [span[:2] for span in b]
             assert [span[2] for span in a] == pytest.approx([span[2] for span in b], abs=1e-5)
     assert len({text for text, _ in growing}) > 1  # rows with and without pictures answer differently
-    # plain: no cache handed over (generate makes a growing one); with the prefix: a DynamicCache holding it
-    assert [name for name, _ in caches] == ["NoneType", "NoneType", "StaticCache", "StaticCache",
+    # the growing path hands over a cache that grows in place, with room for the prompt and the budget
+    # (with the prefix: holding it already); the static path a StaticCache
+    assert [name for name, _ in caches] == ["DynamicCache", "DynamicCache", "StaticCache", "StaticCache",
                                             "DynamicCache", "DynamicCache", "StaticCache", "StaticCache"]
+    assert [(room, need) for room, need in zip(growing_room, needed) if room is not None] == [
+        (need, need) for (name, _), need in zip(caches, needed) if name == "DynamicCache"]
     # rounded up to 256 tokens, and never shorter than an earlier batch's (the growing calls count: they
     # are the same batches); pictures make some batches longer than others
     expected, longest = [], 0
@@ -209,6 +215,32 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
         if name == "StaticCache":
             expected.append(longest)
     assert [n for _, n in caches if n is not None] == expected and all(n >= need for n, need in zip(expected, needed))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_cache_that_grows_in_place_answers_as_generates_own(arch, loaded, catalog, monkeypatch):
+    """Each decoding step written into the cache in place (mmllm.models.growing_cache) gives the
+    answers, spans and log-probabilities of generate's own cache (a torch.cat a step), to the bit, with
+    and without the prefix cache."""
+    import mmllm.models.generative as generative
+
+    model, processor = loaded(arch)
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=16, batch_size=4)
+
+    def scored() -> list:
+        return [row for _, enc in encoded_batches(predictor, rows, policy) for row in predictor.generate_scored(enc)]
+
+    for prefix in (False, True):
+        predictor.prefix_cache = prefix
+        in_place = scored()
+        with monkeypatch.context() as m:
+            m.setattr(generative, "growing_cache", lambda model, capacity: None)  # generate makes its own
+            appended = scored()
+        assert [text for text, _ in in_place] == [text for text, _ in appended]
+        assert [list(spans) for _, spans in in_place] == [list(spans) for _, spans in appended]
 
 
 def test_the_static_length_is_rounded_up_and_never_shrinks(loaded):

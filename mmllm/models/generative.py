@@ -30,6 +30,7 @@ from mmllm.confidence import significant
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs, unpadded_attention
+from mmllm.models.growing_cache import growing_cache
 from mmllm.models.heads import mark_untrained, prompt_vectors
 from mmllm.models.prefix_cache import (PrefixCache, PromptBatch, base_model, cache_argument, new_static_cache,
                                        reset_rope_deltas, shared_prefix_ids)
@@ -289,7 +290,10 @@ class GenerativePredictor:
         kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "logits_processor": processors}  # the recorder last
         prefix = self._prefix_cache()
         static_len = self._static_cache_len(enc["input_ids"].shape[1], new_tokens) if self.static_cache else None
-        empty = self._reused_static_cache(enc["input_ids"].shape[0], static_len) if static_len is not None else None
+        if static_len is not None:
+            empty = self._reused_static_cache(enc["input_ids"].shape[0], static_len)
+        else:  # room for the prompt and the answer: each step writes its token in place, never a copy of the cache
+            empty = growing_cache(self.model, enc["input_ids"].shape[1] + new_tokens)
         # laid out where the batch was encoded (the host), then moved: the cache is on the device already
         inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
