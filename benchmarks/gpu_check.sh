@@ -20,6 +20,9 @@
 #   6. (only when asked: STEPS="6") listing_v1 at batch 8, this checkout against the code issue #16 was
 #      filed against (wheels/against, from gpu_wheels.sh), alternately, two fresh `mmllm label` runs of each:
 #      rows/s and the answers compared (label_throughput.py --against)
+#   7. (only when asked: STEPS="7") the fusion recipe on the GPU (its text encoder tuned and its features
+#      encoded there, with a small random text encoder from wheels/fusion) on 256 Amazon training rows, then
+#      fusion_label_throughput.py on its folder: labelling rows/s with float32 and bf16 encoders
 # STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: 1-5).
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
@@ -80,6 +83,9 @@ if ls wheels/hf/*.whl >/dev/null 2>&1; then
     echo "!! wheels/hf: not used, this machine's own copies are (the import failed: $(tail -1 "$site/hf.err" 2>/dev/null))"
   fi
 fi
+if ls wheels/plot/*.whl >/dev/null 2>&1 && ! python3 -c "import matplotlib" 2>/dev/null; then
+  if install plot; then export PYTHONPATH="$PYTHONPATH:$site/plot"; else echo "!! wheels/plot: install failed"; fi
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 - <<'EOF'
 import importlib
@@ -113,4 +119,10 @@ if [[ "$STEPS" == *" 6 "* ]]; then
 fi
 step 6 240 "against the code of issue #16" python3 benchmarks/label_throughput.py --gpu --against "$against" \
   --rows 16 --against-runs 2 --out "$out/label_throughput_against_gpu.json"
+fusion="${TMPDIR:-/tmp}/mmllm-gpu-fusion"
+rm -rf "$fusion"
+step 7 240 "the fusion recipe and its labelling on the GPU" bash -c "python3 -m mmllm.finetune \
+  --config finetune/fusion_minilm_cpu.yaml fusion.text_encoder=wheels/fusion/text_encoder data.max_train_rows=256 \
+  train.output_dir=$fusion/model && python3 benchmarks/fusion_label_throughput.py --model $fusion/model --rows 2000 \
+  --out $out/fusion_label_throughput_gpu.json"
 echo "== gpu_check done in $((SECONDS - start))s; results in $out"

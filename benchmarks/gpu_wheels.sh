@@ -11,10 +11,15 @@
 #                uses them only if they import there, else the machine's own copies, and says which.
 #   wheels/against: mmllm/ and prompts/ at ba0d89d (git archive), the code issue #16 was filed against,
 #                for gpu_check.sh's step 6 (not wheels, but carried the same way).
+#   wheels/plot: matplotlib and its needs (a recipe draws its training curves), installed there only when
+#                the machine's Python has no matplotlib; for step 7.
+#   wheels/fusion/text_encoder: a small random BERT (2 layers of 64) with MiniLM's tokenizer, for step 7's
+#                fusion recipe (the bundled MiniLM is 87 MiB, past what a call carries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORE="bitsandbytes xgrammar apache-tvm-ffi pydantic pydantic_core annotated-types typing-inspection typing-extensions"
 HF="transformers tokenizers huggingface-hub hf-xet httpx2 httpcore2 truststore h11 idna anyio accelerate peft safetensors typer"
+PLOT="matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil"
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 
 pin() {  # the locked version of a package, from constraints.txt (names compared as pip does)
@@ -37,9 +42,10 @@ fetch() {  # fetch FOLDER PACKAGE...
   done
 }
 
-rm -rf wheels/core wheels/hf
+rm -rf wheels/core wheels/hf wheels/plot
 fetch wheels/core $CORE
 fetch wheels/hf $HF
+fetch wheels/plot $PLOT
 
 # bitsandbytes: keep the CUDA 13 and CPU libraries only, and drop the others from the wheel's RECORD
 python3 - <<'EOF'
@@ -64,4 +70,18 @@ EOF
 # the code issue #16 was filed against (its throughput point's "today"), for gpu_check.sh's step 6
 rm -rf wheels/against && mkdir -p wheels/against
 git archive --format=tar.gz -o wheels/against/ba0d89d.tar.gz ba0d89d mmllm prompts
-du -sh wheels/core wheels/hf wheels/against
+# a small random text encoder with MiniLM's tokenizer, for gpu_check.sh's step 7 (the fusion recipe)
+rm -rf wheels/fusion && mkdir -p wheels/fusion
+"${PYTHON:-.venv/bin/python}" - <<'EOF'
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from mmllm.models.fusion.encoders import _resolve
+
+tokenizer = AutoTokenizer.from_pretrained(_resolve("minilm"))
+torch.manual_seed(0)
+BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128)).save_pretrained("wheels/fusion/text_encoder")
+tokenizer.save_pretrained("wheels/fusion/text_encoder")
+EOF
+du -sh wheels/core wheels/hf wheels/plot wheels/against wheels/fusion

@@ -116,7 +116,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                     col([(r, 0) for r in rows[start:start + fc.encode_batch]])
                     progress.update(len(rows[start:start + fc.encode_batch]))
         say(s.accelerator, f"encoder features: {cache.misses} computed, {cache.hits} from the cache "
-                           f"in {time.perf_counter() - started:.1f} s")
+                           f"in {time.perf_counter() - started:.1f} s on {s.accelerator.device}")
     if anchor is not None:
         _remember(anchor, featurizer, memory_rows, fc.encode_batch, specs, s.schema)
     if cfg.lexicon.enabled:
@@ -187,7 +187,8 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     anchor.class_vectors.copy_(vectors.cpu())
     anchor.scale.fill_(scale)
     anchor.memory_labels.copy_(torch.tensor([targets[i] for i in kept], dtype=torch.long))
-    say(s.accelerator, f"text encoder {how} in {time.perf_counter() - started:.1f} s ({encoders.text_id})")
+    say(s.accelerator, f"text encoder {how} in {time.perf_counter() - started:.1f} s on "
+                       f"{next(encoders.text.parameters()).device} ({encoders.text_id})")
     return anchor, [rows[i] for i in kept]
 
 
