@@ -26,7 +26,9 @@
 # STEPS="2 5" bash benchmarks/gpu_check.sh runs only those steps (default: 1-5).
 # Wheels for what the GPU machine lacks (bitsandbytes, xgrammar and their deps) are fetched here by
 # benchmarks/gpu_wheels.sh into wheels/ (ignored by git) and carried; without them QLoRA is skipped and
-# the labelling steps generate unconstrained.
+# the labelling steps generate unconstrained. A call carries 64 MiB at most and wheels/ holds ~64 (core
+# 14, hf 24, plot 17, fusion 9, against 0.2): carry what the steps need, wheels/core wheels/hf
+# wheels/against for steps 1-6, wheels/plot wheels/fusion for step 7.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MMLLM_CACHE="${TMPDIR:-/tmp}/mmllm-cache"
