@@ -58,6 +58,31 @@ def test_tuning_learns_the_rows_and_keeps_an_unseen_category_at_its_name(minilm)
     assert torch.allclose(again, vectors, atol=1e-5)
 
 
+def test_bf16_tuning_learns_the_rows_with_float32_weights_and_keys_apart(minilm):
+    """anchor.precision: bfloat16 runs the tuning's forward passes under bf16 autocast: the encoder's
+    weights stay float32 and learn the rows all the same, the result differs from float32's, and the
+    tuning cache keeps the two apart (float32, the default, keeps the key it had without the setting)."""
+    import copy
+
+    names = [fusion.category_name(c) for c in CLASSES]
+    titles, targets = [t for t, _ in TITLES], [y for _, y in TITLES]
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        encoders = copy.deepcopy(minilm)
+        cfg = AnchorConfig(epochs=8, lr=1e-4, class_lr=1e-2, batch_size=4, precision=precision)
+        vectors, _ = tune_encoder(encoders, titles, targets, names, cfg, seed=0)
+        assert all(p.dtype == torch.float32 for p in encoders.text.parameters()) and vectors.dtype == torch.float32
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(torch.stack([encoders.sentence_vectors([t])[0] for t in titles]), dim=-1)
+        assert (z @ vectors.T).argmax(-1).tolist() == targets
+        results[precision] = vectors
+    assert not torch.equal(results["float32"], results["bfloat16"])
+    key = lambda **kw: tuned_store(ROOT, "minilm", titles, targets, names, AnchorConfig(epochs=2, **kw), 0)
+    assert key(precision="float32") == key() != key(precision="bfloat16")
+    with pytest.raises(ValueError, match="anchor.precision"):
+        AnchorConfig(precision="float16")
+
+
 def test_linear_schedule_warms_up_then_decays_to_zero():
     constant = AnchorConfig(epochs=1)
     assert [lr_factor(constant, k, 20) for k in (0, 10, 19)] == [1.0, 1.0, 1.0]

@@ -30,6 +30,7 @@ classes, and averaging them needs no held-out rows (README: the ablation and the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -66,6 +67,9 @@ class AnchorConfig:
     warmup: float = help_field(0.1, "share of the tuning steps spent warming up (schedule: linear)")
     average: float = help_field(0.0, "share of the last tuning steps whose weights are averaged into the result "
                                      "(tail / stochastic weight averaging); 0 = the last step's weights")
+    precision: Literal["float32", "bfloat16"] = help_field(
+        "float32", "the tuning's forward passes: float32, or under bf16 autocast (weights, gradients and optimizer "
+                   "stay float32; ~1.5x the titles/s on a CPU with AVX-512 BF16)")
     attribute_weight: float = help_field(0.0, "weight of the enum attributes in the tuning loss: each is one more "
                                               "cosine classifier over its values, whose vectors start at the value "
                                               "names, trained on the rows that state a value; 0 = the category alone")
@@ -90,6 +94,8 @@ class AnchorConfig:
             raise ValueError(f"anchor.average must be in [0, 1), got {self.average}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"anchor.warmup must be in [0, 1), got {self.warmup}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"anchor.precision must be float32 or bfloat16, got {self.precision!r}")
         if self.attribute_weight < 0:
             raise ValueError(f"anchor.attribute_weight must be >= 0, got {self.attribute_weight}")
         if not 0 <= self.label_smoothing < 1:
@@ -155,12 +161,17 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     first_averaged = total - round(cfg.average * total)  # steps after this one are averaged
     mean: list[torch.Tensor] = []
     step = 0
+    def forward_precision() -> Any:
+        return (torch.autocast(start.device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16"
+                else contextlib.nullcontext())
+
     text.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(titles), generator=generator).tolist()
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            z = _embed(encoders, [titles[j] for j in idx], cfg.max_title_tokens)
+            with forward_precision():
+                z = _embed(encoders, [titles[j] for j in idx], cfg.max_title_tokens).float()
             logits = scale * z @ nn.functional.normalize(vectors, dim=-1).T
             loss = nn.functional.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
             for t_vectors, t_scale, t_y in zip(task_vectors, task_scales, task_y):
@@ -232,6 +243,8 @@ def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], tar
                 **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu"}
     if cfg.schedule != "constant" or cfg.average:  # (the defaults keep the keys of tunings stored before these)
         settings.update(schedule=cfg.schedule, warmup=cfg.warmup, average=cfg.average)
+    if cfg.precision != "float32":  # (as above)
+        settings.update(precision=cfg.precision)
     tasks = trained_tasks(tasks, cfg)
     if tasks:  # (as above: a tuning without attribute tasks keeps its key)
         settings.update(attribute_weight=cfg.attribute_weight,
