@@ -13,7 +13,7 @@ from mmllm.catalog import Listing, load_listings
 from mmllm.collator import load_listing_images
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs
-from mmllm.models.generative import GenerativePredictor, LoraSettings, attach_lora, load_processor
+from mmllm.models.generative import GROWING_ROOM, GenerativePredictor, LoraSettings, attach_lora, load_processor
 from mmllm.models.growing_cache import GrowingLayer
 from mmllm.models.prefix_cache import PrefixCache, shared_prefix_ids
 from mmllm.predictor import encoded_batches
@@ -174,13 +174,14 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
     policy = ImagePolicy(root=path.parent)
     caches: list[tuple[str, int | None]] = []  # the cache each generate call decoded into, and its length
     needed: list[int] = []  # each call's prompt (pictures' tokens included) plus its budget
-    growing_room: list[int | None] = []  # a growing cache's room, in tokens
+    growing_room: list[tuple[int, int] | None] = []  # a growing cache's room, and what it should be
     original = type(model).generate
 
     def spy(self, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         caches.append((type(cache).__name__, cache.layers[0].max_cache_len if isinstance(cache, StaticCache) else None))
-        growing_room.append(cache.layers[0].capacity if isinstance(cache.layers[0], GrowingLayer) else None)
+        growing_room.append((cache.layers[0].capacity, kwargs["input_ids"].shape[1] + min(kwargs["max_new_tokens"],
+                             GROWING_ROOM)) if isinstance(cache.layers[0], GrowingLayer) else None)
         needed.append(kwargs["input_ids"].shape[1] + kwargs["max_new_tokens"])
         return original(self, *args, **kwargs)
 
@@ -205,8 +206,9 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
     # (with the prefix: holding it already); the static path a StaticCache
     assert [name for name, _ in caches] == ["DynamicCache", "DynamicCache", "StaticCache", "StaticCache",
                                             "DynamicCache", "DynamicCache", "StaticCache", "StaticCache"]
-    assert [(room, need) for room, need in zip(growing_room, needed) if room is not None] == [
-        (need, need) for (name, _), need in zip(caches, needed) if name == "DynamicCache"]
+    # (its room: the prompt and at most GROWING_ROOM answer tokens, whatever the grammar's bound)
+    assert [name == "DynamicCache" for name, _ in caches] == [room is not None for room in growing_room]
+    assert all(room == want for room, want in filter(None, growing_room))
     # rounded up to 256 tokens, and never shorter than an earlier batch's (the growing calls count: they
     # are the same batches); pictures make some batches longer than others
     expected, longest = [], 0

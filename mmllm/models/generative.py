@@ -41,6 +41,8 @@ from mmllm.schema import LabelSchema, answer_spans
 log = logging.getLogger(__name__)
 
 STATIC_CACHE_STEP = 256  # a static decoding cache's length is a multiple of this (see GenerativePredictor)
+GROWING_ROOM = 256  # answer tokens a growing cache has room for at first (a grammar's bound can be far more:
+# a longer answer doubles the buffer once, where room for the whole bound would hold memory no answer uses)
 
 # Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
 LANGUAGE_LORA = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -292,8 +294,8 @@ class GenerativePredictor:
         static_len = self._static_cache_len(enc["input_ids"].shape[1], new_tokens) if self.static_cache else None
         if static_len is not None:
             empty = self._reused_static_cache(enc["input_ids"].shape[0], static_len)
-        else:  # room for the prompt and the answer: each step writes its token in place, never a copy of the cache
-            empty = growing_cache(self.model, enc["input_ids"].shape[1] + new_tokens)
+        else:  # room for the prompt and an answer: each step writes its token in place, never a copy of the cache
+            empty = growing_cache(self.model, enc["input_ids"].shape[1] + min(new_tokens, GROWING_ROOM))
         # laid out where the batch was encoded (the host), then moved: the cache is on the device already
         inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -5,8 +5,8 @@ step copies the whole cache of every layer to add one token. Over a ``listing_v1
 tokens with the tiny checkpoint's tokenizer, batch 8) that copy is as long as the step's attention
 itself. :class:`GrowingLayer` keeps the keys and values in a buffer with room for the batch's prompt
 and answer, writes each step's token into it, and hands attention a view of the filled part: the same
-numbers, no copy. Greedy labelling knows the room it needs (the prompt's length plus the generation
-budget); a layer that runs out doubles its buffer, once.
+numbers, no copy. Greedy labelling gives it room for the prompt and an answer (the generation
+budget, capped: ``generative.GROWING_ROOM``); a layer that runs out doubles its buffer.
 
 Anything that replaces a layer's ``keys`` / ``values`` (a crop, a beam reordering, a reset) is adopted
 at the next update, so every ``DynamicLayer`` operation keeps working.
