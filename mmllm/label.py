@@ -221,8 +221,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the growing cache's kernels), inductor (fused kernels of its own: faster, rounds differently, so "
                         "near ties can tip), eager (no graphs)")
     p.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS,
-                   help="fusion models: run the text and image encoders under bfloat16 autocast (1.5x the rows/s on "
-                        "a CPU with AVX-512 BF16; answers may turn at near ties) instead of float32, as trained")
+                   help="fusion models: run the text and image encoders under bfloat16 autocast (1.3-1.5x the rows/s "
+                        "on a CPU with AVX-512 BF16; answers may turn at near ties) instead of float32, as trained")
     p.add_argument("--ungrounded", action="store_true",
                    help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STATIC_CACHE_STEP = 256  # a static decoding cache's length is a multiple of this (see GenerativePredictor)
 GROWING_ROOM = 256  # answer tokens a growing cache has room for at first (a grammar's bound can be far more:
-# a longer answer doubles the buffer once, where room for the whole bound would hold memory no answer uses)
+# a longer answer doubles the buffer, where room for the whole bound would hold memory no answer uses)
 
 # Language-model linear layers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 module paths).
 LANGUAGE_LORA = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"

@@ -161,6 +161,7 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     first_averaged = total - round(cfg.average * total)  # steps after this one are averaged
     mean: list[torch.Tensor] = []
     step = 0
+
     def forward_precision() -> Any:
         return (torch.autocast(start.device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16"
                 else contextlib.nullcontext())
