@@ -30,7 +30,7 @@ from mmllm.confidence import significant
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs, unpadded_attention
-from mmllm.models.growing_cache import growing_cache
+from mmllm.models.growing_cache import growing_cache, growing_layers
 from mmllm.models.heads import mark_untrained, prompt_vectors
 from mmllm.models.prefix_cache import (PrefixCache, PromptBatch, base_model, cache_argument, new_static_cache,
                                        reset_rope_deltas, shared_prefix_ids)
@@ -252,6 +252,7 @@ class GenerativePredictor:
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
     _greedy: tuple[Any, str | None, Any] | None = field(default=None, init=False, repr=False)  # (model, compile, config)
     _answers: AnswerTokens | None = field(default=None, init=False, repr=False)  # ids -> texts and token spans
+    _growing: tuple[Any, int | None] | None = field(default=None, init=False, repr=False)  # (model, its cache layers)
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
     _static: tuple[tuple[Any, int, int], Any] | None = field(default=None, init=False, repr=False)  # (model, B, len), cache
     _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
@@ -295,12 +296,12 @@ class GenerativePredictor:
         if static_len is not None:
             empty = self._reused_static_cache(enc["input_ids"].shape[0], static_len)
         else:  # room for the prompt and an answer: each step writes its token in place, never a copy of the cache
-            empty = growing_cache(self.model, enc["input_ids"].shape[1] + min(new_tokens, GROWING_ROOM))
+            empty = self._growing_cache(enc["input_ids"].shape[1] + min(new_tokens, GROWING_ROOM))
         # laid out where the batch was encoded (the host), then moved: the cache is on the device already
         inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        if empty is not None and cache_argument(self.model) not in inputs:
-            inputs[cache_argument(self.model)] = empty
+        if empty is not None:  # a prefix's layout holds it already
+            inputs.setdefault(cache_argument(self.model), empty)
         if static_len is not None and device.type != "cuda" and not self._said_static:
             self._said_static = True
             log.warning("static cache on %s: nothing is compiled there, and prefill takes the masked attention kernel; "
@@ -332,6 +333,13 @@ class GenerativePredictor:
         need = -(-(prompt + new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
         self._static_len = max(self._static_len, need)
         return self._static_len
+
+    def _growing_cache(self, capacity: int) -> Any:
+        """A cache growing in place with room for ``capacity`` tokens (``None``: the model's decoder has
+        layers it does not serve); its layout read from the model's config once per loaded model."""
+        if self._growing is None or self._growing[0] is not self.model:
+            self._growing = (self.model, growing_layers(self.model))
+        return growing_cache(self._growing[1], capacity) if self._growing[1] is not None else None
 
     def _reused_static_cache(self, batch: int, length: int) -> Any:
         """The static cache of the last batch of this shape, emptied, else a new one. Its tensors keep their

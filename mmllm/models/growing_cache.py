@@ -86,15 +86,21 @@ class GrowingLayer(_dynamic_layer()):
         self._buffers, self.length, self._views = None, 0, (None, None)
 
 
-def growing_cache(model: Any, capacity: int) -> Any:
-    """An empty cache for ``model``'s decoder whose layers grow in place, with room for ``capacity``
-    tokens; ``None`` where the decoder's layers are not all plain growing ones (sliding windows: the
-    caller leaves the cache to ``generate``)."""
+def growing_layers(model: Any) -> int | None:
+    """How many cache layers ``model``'s decoder has, if all are plain growing ones; ``None`` otherwise
+    (sliding windows: the caller leaves the cache to ``generate``). Read from the config: once per model."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=base_model(model).config)
+    layers = DynamicCache(config=base_model(model).config).layers
     plain = _dynamic_layer()
-    if not cache.layers or any(type(layer) is not plain for layer in cache.layers):
-        return None
-    cache.layers = [GrowingLayer(capacity) for _ in cache.layers]
+    return len(layers) if layers and all(type(layer) is plain for layer in layers) else None
+
+
+def growing_cache(layers: int, capacity: int) -> Any:
+    """An empty cache of ``layers`` :class:`GrowingLayer` s (:func:`growing_layers`), each with room for
+    ``capacity`` tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # layers made on first use, unless given: here they are
+    cache.layers = [GrowingLayer(capacity) for _ in range(layers)]
     return cache

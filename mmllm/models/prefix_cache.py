@@ -25,6 +25,7 @@ taxonomy; ``listing_v2`` 2,387 of ~2,750.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,8 +183,14 @@ def _gathered(tensor: torch.Tensor, order: np.ndarray) -> torch.Tensor:
 def cache_argument(model: Any) -> str:
     """The name ``generate`` takes a cache under: ``cache`` (transformers 5.24) or ``past_key_values`` (5.17,
     below the pinned range, but what a GPU machine runs when the locked wheels do not import there:
-    benchmarks/gpu_check.sh)."""
-    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+    benchmarks/gpu_check.sh). Read once per forward function: a signature costs ~30 us, on every batch."""
+    forward = base_model(model).forward
+    return _cache_argument(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def new_static_cache(model: Any, length: int) -> Any:
