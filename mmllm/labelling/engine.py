@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, RowError
 from mmllm.host_memory import reuse_step_buffers
+from mmllm.openmp import single_thread_team
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.labelling.review import flag
 from mmllm.progress import Progress
@@ -294,7 +295,10 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
                 yield row
 
     try:
-        with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="label-prep") as pool:
+        # the workers run torch single-threaded: a team of their own would slow every small operation of the
+        # model in this thread (mmllm/openmp.py)
+        with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="label-prep",
+                                initializer=single_thread_team) as pool:
             queue: deque[Future] = deque()
             try:
                 for batch in length_sorted_batches(good_rows(), opts.batch_size, opts.window):
