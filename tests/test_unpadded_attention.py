@@ -17,7 +17,7 @@ from mmllm.collator import TrainCollator
 from mmllm.images import ImagePolicy
 from mmllm.models import unpadded_attention
 from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor, resolve_attention
-from mmllm.models.unpadded_attention import plan_rows, unpadded_sdpa
+from mmllm.models.unpadded_attention import CausalPadding, causal_padding_mask, plan_rows, unpadded_sdpa
 from mmllm.prompts import PromptTemplate
 from mmllm.training import causal_lm_loss
 
@@ -70,6 +70,55 @@ def test_each_row_alone_gives_the_masked_kernels_outputs_on_its_real_tokens(layo
     assert torch.count_nonzero(got[~real]) == 0  # padding queries: zeros, read by nothing
 
 
+def _arguments(padding: torch.Tensor, q_length: int, **extra) -> dict:
+    """What transformers' create_causal_mask hands a mask function for a prefill (transformers 5.24)."""
+    batch, k_length = padding.shape
+    return dict(batch_size=batch, q_length=q_length, kv_length=k_length, q_offset=k_length - q_length, kv_offset=0,
+                mask_function=causal_mask_function, attention_mask=padding.bool(), allow_is_causal_skip=True,
+                dtype=torch.float32, config=None, use_vmap=False, device="cpu", **extra)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_prefill_mask_stays_its_padding_and_plans_as_the_dense_one(layout):
+    padding, q_length = torch.tensor(LAYOUTS[layout][0]), LAYOUTS[layout][1]
+    batch, k_length = padding.shape
+    mask = causal_padding_mask(**_arguments(padding, q_length))
+    assert isinstance(mask, CausalPadding) and mask._dense is None  # nothing [B, 1, Q, K] built for the plans
+    plans, dense_plans = mask.plans(batch), plan_rows(_mask(padding, q_length), batch)
+    assert mask._dense is None and mask.plans(batch) is plans  # once for every layer
+    assert [(p.queries.tolist(), p.keys.tolist(), p.lead) for p in plans] == [
+        (p.queries.tolist(), p.keys.tolist(), p.lead) for p in dense_plans]
+    assert torch.equal(mask.dense(), sdpa_mask(**_arguments(padding, q_length)))  # built on demand, as transformers does
+    torch.manual_seed(3)
+    query = torch.randn(batch, 4, q_length, 8)
+    key, value = torch.randn(2, batch, 2, k_length, 8)
+    fresh = causal_padding_mask(**_arguments(padding, q_length))
+    assert torch.equal(unpadded_sdpa(Attention(2), query, key, value, fresh, scaling=0.3)[0],
+                       unpadded_sdpa(Attention(2), query, key, value, _mask(padding, q_length), scaling=0.3)[0])
+    assert fresh._dense is None
+
+
+def test_every_other_mask_is_transformers_own():
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    full = torch.ones(2, 6, dtype=torch.long)
+    cases = [_arguments(padding, 1, ),  # a decoding step
+             _arguments(full, 6),  # no padding: SDPA's is_causal (None)
+             {**_arguments(padding, 6), "local_size": 3},  # a sliding window
+             {**_arguments(padding, 6), "mask_function": lambda b, h, q, kv: kv <= q}]  # another pattern
+    for arguments in cases:
+        got, want = causal_padding_mask(**arguments), sdpa_mask(**arguments)
+        assert not isinstance(got, CausalPadding)
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert causal_padding_mask(**_arguments(full, 6)) is None
+    # a mask the plans cannot serve (a row of padding queries only) is handed to SDPA dense
+    padding = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    mask = causal_padding_mask(**_arguments(padding, 3))
+    assert isinstance(mask, CausalPadding) and mask.plans(2) is None
+    query, key, value = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    expected, _ = sdpa_attention_forward(Attention(1), query, key, value, sdpa_mask(**_arguments(padding, 3)))
+    assert torch.equal(unpadded_sdpa(Attention(1), query, key, value, mask)[0], expected)
+
+
 def test_a_mask_that_is_not_causal_over_the_real_tokens_takes_the_masked_kernel():
     torch.manual_seed(1)
     padding = torch.tensor([[0] * 4 + [1] * 20, [1] * 24])
@@ -118,7 +167,7 @@ def test_auto_picks_it_on_cpu_and_registers_it_with_transformers(on_cpu, monkeyp
 
     assert resolve_attention("auto") == "sdpa_unpadded" == unpadded_attention.NAME
     assert AttentionInterface._global_mapping["sdpa_unpadded"] is unpadded_sdpa
-    assert AttentionMaskInterface._global_mapping["sdpa_unpadded"] is sdpa_mask
+    assert AttentionMaskInterface._global_mapping["sdpa_unpadded"] is causal_padding_mask
     assert resolve_attention("eager") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without flash-attn: plain SDPA
     monkeypatch.setitem(sys.modules, "flash_attn", None)
@@ -145,6 +194,15 @@ def plans_used(monkeypatch) -> list[int]:
         return plans
 
     monkeypatch.setattr(unpadded_attention, "plan_rows", spy)
+    original_plan = unpadded_attention.CausalPadding._plan  # a prefill's mask kept as its padding
+
+    def spy_plan(self, batch):
+        plans = original_plan(self, batch)
+        if plans is not None:
+            used.append(len(plans))
+        return plans
+
+    monkeypatch.setattr(unpadded_attention.CausalPadding, "_plan", spy_plan)
     return used
 
 
