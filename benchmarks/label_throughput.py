@@ -164,8 +164,12 @@ class ForwardTimer:
             else:
                 self.decode_s, self.steps = self.decode_s + seconds, self.steps + 1
 
-        self._hooks = [self.model.register_forward_pre_hook(before, with_kwargs=True),
-                       self.model.register_forward_hook(after)]
+        from mmllm.models.greedy_loop import decoding_step
+
+        # mmllm's greedy loop runs its decoding steps through a module of its own, beside the model
+        modules = [self.model] + [m for m in [decoding_step(self.model)] if m is not None]
+        self._hooks = [hook for module in modules for hook in (module.register_forward_pre_hook(before, with_kwargs=True),
+                                                                module.register_forward_hook(after))]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -203,11 +207,17 @@ def decode_steps(predictor, dump: Path, batch: int, tmp: Path, out: Path | None 
         steps["n"] += out.shape[1] - kwargs["input_ids"].shape[1]
         return out
 
-    predictor.model.generate = counting_generate
+    from mmllm.models.greedy_loop import decoding_step
+
+    predictor.model.generate = counting_generate  # mmllm's loop asks generate for the first token only
+    step = decoding_step(predictor.model)  # and runs the others through its own step module
+    hook = step.register_forward_hook(lambda *_: steps.__setitem__("n", steps["n"] + 1)) if step is not None else None
     try:
         summary = run_job(predictor, dump, batch, out or tmp / "steps.jsonl")
     finally:
         predictor.model.generate = original
+        if hook is not None:
+            hook.remove()
     return summary.model_s, steps["n"]
 
 

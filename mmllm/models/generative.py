@@ -30,6 +30,7 @@ from mmllm.confidence import significant
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs, unpadded_attention
+from mmllm.models.greedy_loop import decoding_step, greedy_decode
 from mmllm.models.growing_cache import growing_cache, growing_layers
 from mmllm.models.heads import mark_untrained, prompt_vectors
 from mmllm.models.prefix_cache import (PrefixCache, PromptBatch, base_model, cache_argument, new_static_cache,
@@ -248,6 +249,7 @@ class GenerativePredictor:
     static_cache: bool = False
     static_compile: str = "cudagraphs"  # how a static cache's decoding step is compiled on a GPU: STATIC_COMPILE
     calibration: Any = None  # mmllm.confidence.Calibration: Platt maps of the raw scores (None: raw)
+    own_loop: bool = True  # decoding steps after the first by mmllm's loop (models/greedy_loop.py); False: generate's
     _grammar: Any = None
     _stops: list[int] = field(default_factory=list, init=False, repr=False)
     _greedy: tuple[Any, str | None, Any] | None = field(default=None, init=False, repr=False)  # (model, compile, config)
@@ -300,8 +302,9 @@ class GenerativePredictor:
         # laid out where the batch was encoded (the host), then moved: the cache is on the device already
         inputs = (prefix.lay_out(enc, empty) if prefix is not None else None) or enc
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        cache_arg = cache_argument(self.model)
         if empty is not None:  # a prefix's layout holds it already
-            inputs.setdefault(cache_argument(self.model), empty)
+            inputs.setdefault(cache_arg, empty)
         if static_len is not None and device.type != "cuda" and not self._said_static:
             self._said_static = True
             log.warning("static cache on %s: nothing is compiled there, and prefill takes the masked attention kernel; "
@@ -314,7 +317,13 @@ class GenerativePredictor:
         try:
             with (torch.no_grad(), greedy_generation(self.model, self._stops, tokenizer.pad_token_id, self._greedy[2]),
                   decoding_kernels(device)):
-                out = self.model.generate(**inputs, **kwargs)
+                decoder = self._decoder() if static_len is None and empty is not None else None
+                if decoder is not None:  # the steps after the first by mmllm's loop (greedy_loop.py)
+                    out = greedy_decode(self.model, decoder, {k: v for k, v in inputs.items() if k != cache_arg},
+                                        inputs[cache_arg], cache_arg, processors, self._stops, tokenizer.pad_token_id,
+                                        new_tokens)
+                else:
+                    out = self.model.generate(**inputs, **kwargs)
         except Exception as exc:
             if static_len is None or not compile_failed(exc):
                 raise
@@ -340,6 +349,11 @@ class GenerativePredictor:
         if self._growing is None or self._growing[0] is not self.model:
             self._growing = (self.model, growing_layers(self.model))
         return growing_cache(self._growing[1], capacity) if self._growing[1] is not None else None
+
+    def _decoder(self) -> Any:
+        """The decoding step mmllm's greedy loop runs (:func:`decoding_step`); ``None``: ``generate`` decodes
+        (``own_loop`` off, or a model the loop does not serve)."""
+        return decoding_step(self.model) if self.own_loop else None
 
     def _reused_static_cache(self, batch: int, length: int) -> Any:
         """The static cache of the last batch of this shape, emptied, else a new one. Its tensors keep their
