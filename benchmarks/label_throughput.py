@@ -513,18 +513,24 @@ def against(args: argparse.Namespace) -> dict:
                 command = [sys.executable, "-c", AGAINST_CHILD, str(code), str(dump), "--model", model,
                            "--schema", str(schema), "--template", "listing_v1", "--batch-size", "8", "--out", str(out),
                            *pixels, *([] if constrained else ["--no-constrained"])]
+                started = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp)
+                process_s = time.perf_counter() - started  # start-up, loading (the grammar, where compiled there), job
                 origin = re.search(r"mmllm from (\S+)", done.stderr)
                 rate = re.search(r"([0-9][0-9,.]*) rows/s", done.stdout + done.stderr)  # the job's summary line
                 if done.returncode or rate is None or origin is None or not Path(origin.group(1)).resolve().is_relative_to(code):
                     raise SystemExit(f"{who} run {turn} (exit {done.returncode}, mmllm from "
                                      f"{origin.group(1) if origin else '?'}):\n{done.stdout[-1000:]}{done.stderr[-2000:]}")
-                results["runs"].append({"code": who, "turn": turn, "rows_per_s": float(rate.group(1).replace(",", ""))})
+                results["runs"].append({"code": who, "turn": turn, "rows_per_s": float(rate.group(1).replace(",", "")),
+                                        "process_s": round(process_s, 2)})
                 print(f"{who} {turn}: {results['runs'][-1]['rows_per_s']} rows/s", file=sys.stderr, flush=True)
         for run in results["runs"]:
             run["identical_rows"], _ = same_outputs(tmp / "now-0.jsonl", tmp / f"{run['code']}-{run['turn']}.jsonl")
     mean = {who: sum(r["rows_per_s"] for r in results["runs"] if r["code"] == who) / args.against_runs
             for who in ("then", "now")}
+    for who in ("then", "now"):
+        results[f"process_s_{who}"] = round(sum(r["process_s"] for r in results["runs"] if r["code"] == who)
+                                            / args.against_runs, 2)
     results.update(rows_per_s_then=round(mean["then"], 2), rows_per_s_now=round(mean["now"], 2),
                    speedup=round(mean["now"] / mean["then"], 2))
     return results
@@ -534,10 +540,12 @@ def report_against(args: argparse.Namespace, results: dict) -> int:
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{device}, torch {torch.__version__}; listing_v1, batch 8, {results['rows']} rows, "
           f"constrained {results['constrained']}; this checkout against {results['against']}")
-    print(f"{'code':<5} {'run':>3} {'rows/s':>7} {'identical to now, run 0':>24}")
+    print(f"{'code':<5} {'run':>3} {'rows/s':>7} {'process s':>9} {'identical to now, run 0':>24}")
     for r in results["runs"]:
-        print(f"{r['code']:<5} {r['turn']:>3} {r['rows_per_s']:>7} {r['identical_rows']:>21}/{results['rows']}")
-    print(f"mean rows/s: {results['rows_per_s_then']} -> {results['rows_per_s_now']} ({results['speedup']}x)")
+        print(f"{r['code']:<5} {r['turn']:>3} {r['rows_per_s']:>7} {r.get('process_s', ''):>9} "
+              f"{r['identical_rows']:>21}/{results['rows']}")
+    print(f"mean rows/s: {results['rows_per_s_then']} -> {results['rows_per_s_now']} ({results['speedup']}x); "
+          f"whole process, start-up and loading included: {results['process_s_then']} -> {results['process_s_now']} s")
     out = args.out or HERE / "results" / ("label_throughput_against_gpu.json" if args.gpu else "label_throughput_against.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput", "mode": "against", "date": time.strftime("%Y-%m-%d"),

@@ -67,9 +67,13 @@ def load_predictor(model: str, *, schema: str | None = None, template: str | Non
                                resolve=resolve, grounded=grounded)
     if constrained is None and "constrained" in predictor.takes:
         constrained = True  # labelling default: every answer validates
-    return configure(predictor, source=model, batch_size=batch_size, constrained=constrained,
-                     max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
-                     static_cache=static_cache, encoder_precision=encoder_precision)
+    predictor = configure(predictor, source=model, batch_size=batch_size, constrained=constrained,
+                          max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
+                          static_cache=static_cache, encoder_precision=encoder_precision)
+    compile_grammar = getattr(predictor, "compile_grammar", None)  # generative models: before any row is read
+    if compile_grammar is not None:
+        compile_grammar()
+    return predictor
 
 
 # ---------------------------------------------------------------------- command line

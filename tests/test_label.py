@@ -224,3 +224,26 @@ def test_the_static_caches_compile_reaches_the_predictor_and_needs_the_static_ca
         assert label(dump, out, tiny_checkpoint("qwen2_vl"), "--max-new-tokens", "4", *flags) == 0
         assert (loaded[-1].static_cache, loaded[-1].static_compile) == (True, way)
         assert [r["status"] for r in read(out)] == ["ok"] * 3
+
+
+def test_the_grammar_compiles_while_loading_and_a_machine_without_xgrammar_is_told_before_any_row(
+        tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import importlib.util
+
+    from mmllm.label import load_predictor
+
+    dump = write_catalog(tmp_path / "d", 3, dump_row(), name="dump.jsonl")
+    model = str(tiny_checkpoint("qwen2_vl"))
+    predictor = load_predictor(model, schema=str(dump.parent / "schema.yaml"))
+    assert predictor.constrained and predictor._grammar is not None  # compiled before the first batch
+    assert load_predictor(model, schema=str(dump.parent / "schema.yaml"), constrained=False)._grammar is None
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xgrammar" else find_spec(name, *a))
+    out = tmp_path / "labels.jsonl"
+    assert label(dump, out, tiny_checkpoint("qwen2_vl")) == 2  # the model or an option: nothing labelled
+    err = capsys.readouterr().err
+    assert "constrained decoding needs xgrammar" in err and "--no-constrained" in err
+    assert not out.exists() or out.read_text() == ""  # nothing labelled
+    assert label(dump, out, tiny_checkpoint("qwen2_vl"), "--no-constrained", "--max-new-tokens", "4",
+                 *(["--resume"] if out.exists() else [])) == 0
+    assert len(read(out)) == 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import importlib.util
 import itertools
 import logging
 from contextlib import contextmanager
@@ -423,8 +424,19 @@ class GenerativePredictor:
         return mark_untrained({"id": listing_id, "category": None, "attributes": {}, "status": "invalid",
                                "error": result.reason(), "raw": text}, self.untrained)
 
+    def compile_grammar(self) -> None:
+        """Compile the schema's answer grammar now, not in the first batch (constrained decoding only).
+        ``mmllm label`` calls it while loading: a machine without xgrammar, or a schema the grammar cannot
+        serve, is told so before any row is read, and a job's rows/s counts its rows (xgrammar's import
+        and the compile took 0.28 s with the tiny checkpoint, 0.6 s more at the real vocabulary)."""
+        if self.constrained and self.processor is not None:
+            self._grammar_factory()
+
     def _grammar_factory(self) -> Any:
         if self._grammar is None:
+            if importlib.util.find_spec("xgrammar") is None:
+                raise ValueError("constrained decoding needs xgrammar (pip install xgrammar), or label with "
+                                 "--no-constrained (answers are then validated, not guaranteed)")
             from mmllm.constrained import GrammarFactory
 
             tokenizer = self.processor.tokenizer
