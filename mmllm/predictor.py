@@ -52,6 +52,10 @@ class Predictor(Protocol):
     max_images: int  # images read per listing (0: the model reads none)
     batch_size: int
     takes: ClassVar[frozenset[str]]  # which of OPTIONS it takes
+    # whether encode is light host work (prompts, tokens, pictures) and the model's work all in predict_encoded:
+    # then the labeller's encoding workers run torch on one thread each (mmllm/openmp.py); False where
+    # encode runs encoders itself (fusion), which want the cores
+    light_encode: ClassVar[bool]
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> Any: ...
 

@@ -54,3 +54,33 @@ def test_the_labellers_preparing_workers_run_single_threaded(tmp_path, tiny_chec
     assert main([str(path), "--model", str(tiny_checkpoint("qwen2_vl")), "--schema", str(tmp_path / "schema.yaml"),
                  "--out", str(out), "--batch-size", "2", "--max-new-tokens", "4", "--no-constrained", "--quiet"]) == 0
     assert seen == [1, 1] and len(out.read_text().splitlines()) == 4
+
+
+class Encoding:
+    """A predictor whose encode records the torch threads it gets (light or not, as declared)."""
+
+    schema, max_images, batch_size = None, 0, 2
+
+    def __init__(self, light: bool) -> None:
+        self.light_encode, self.threads = light, []
+
+    def encode(self, listings, images):
+        self.threads.append(torch.get_num_threads())
+        return listings
+
+    def predict_encoded(self, encoded, raw=False):
+        return [{"category": None, "attributes": {}, "status": "ok"} for _ in encoded]
+
+
+@pytest.mark.skipif(not OPENMP, reason="torch without OpenMP (the workers' count cannot be set per thread)")
+def test_workers_that_run_encoders_keep_the_processs_threads(tmp_path):
+    from mmllm.labelling.engine import LabelOptions, run_local
+    from mmllm.labelling.output import Output
+
+    path = write_catalog(tmp_path, n=4)
+    for light, want in ((True, 1), (False, torch.get_num_threads())):
+        predictor, out = Encoding(light), tmp_path / f"out-{light}.jsonl"
+        with Output(out, None, resume=False, inputs=[path]) as output:
+            summary = run_local(predictor, [path], output, LabelOptions(batch_size=2, quiet=True,
+                                                                        roots={path.name: path.parent}))
+        assert summary.ok == 4 and predictor.threads == [want, want]

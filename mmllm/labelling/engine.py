@@ -295,10 +295,11 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
                 yield row
 
     try:
-        # the workers run torch single-threaded: a team of their own would slow every small operation of the
-        # model in this thread (mmllm/openmp.py)
+        # where encoding is light host work and the model runs here, the workers run torch single-threaded:
+        # a team of their own would slow every small operation of the model in this thread (mmllm/openmp.py)
+        light = getattr(predictor, "light_encode", False)
         with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="label-prep",
-                                initializer=single_thread_team) as pool:
+                                initializer=single_thread_team if light else None) as pool:
             queue: deque[Future] = deque()
             try:
                 for batch in length_sorted_batches(good_rows(), opts.batch_size, opts.window):

@@ -95,6 +95,7 @@ class ClassifierPredictor:
     top_k: int = 5
     untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
     takes: ClassVar[frozenset[str]] = frozenset({"pixels"})  # heads always answer inside the schema
+    light_encode: ClassVar[bool] = True  # encode: prompts, tokens and pictures; the model runs in predict_encoded
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         return encode_prompts(self.processor, listings, self.schema, self.template, [list(i)[: self.max_images] for i in images])

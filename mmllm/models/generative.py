@@ -263,6 +263,7 @@ class GenerativePredictor:
     _prefix: tuple[tuple[Any, Any, Any], PrefixCache | None] | None = field(default=None, init=False, repr=False)
     _prefix_ids: tuple[tuple[Any, Any], np.ndarray] | None = field(default=None, init=False, repr=False)  # (schema, template)
     takes: ClassVar[frozenset[str]] = frozenset({"constrained", "max_new_tokens", "pixels", "static_cache"})  # see mmllm.predictor
+    light_encode: ClassVar[bool] = True  # encode: prompts, tokens and pictures; the model runs in predict_encoded
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         """CPU work of a batch (prompts, tokens, pixels, and with the prefix cache on, the tokens laid out

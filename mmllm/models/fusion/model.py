@@ -398,6 +398,7 @@ class FusionPredictor:
     top_k: int = 5
     untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
     takes: ClassVar[frozenset[str]] = frozenset({"encoder_precision"})  # no decoding options, no Qwen-VL processor
+    light_encode: ClassVar[bool] = False  # encode runs the text and image encoders: its workers keep torch's threads
 
     @property
     def encoder_precision(self) -> str:
