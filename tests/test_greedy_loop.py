@@ -169,3 +169,31 @@ def test_rows_that_finish_early_are_padded_and_the_loop_ends_with_the_last(loade
         for row, step in enumerate(steps):
             if step:
                 assert new[row, step - 1] == stops[0] and (new[row, step:] == pad).all()
+
+
+def test_a_loop_that_fails_on_its_first_batch_hands_the_job_to_generate(loaded, catalog, monkeypatch, caplog):
+    from mmllm.models import greedy_loop
+
+    model, processor = loaded("qwen2_vl")
+    path, rows = catalog
+    policy = ImagePolicy(root=path.parent)
+    predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
+                                    max_new_tokens=8, batch_size=3)
+    expected = scored(predictor, rows, policy, own=False)
+    predictor.own_loop = True
+
+    def incompatible(self, *args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'cache'")
+
+    with monkeypatch.context() as m:
+        m.setattr(greedy_loop.DecodingStep, "forward", incompatible)
+        got = [(text, list(spans)) for _, enc in encoded_batches(predictor, rows, policy)
+               for text, spans in predictor.generate_scored(enc)]
+    assert got == expected and not predictor.own_loop
+    assert "decoding with generate from now on" in caplog.text and "unexpected keyword argument" in caplog.text
+    predictor.own_loop = True  # once a batch has passed, a failure is the model's: raised
+    scored(predictor, rows[:3], policy, own=True)
+    with monkeypatch.context() as m:
+        m.setattr(greedy_loop.DecodingStep, "forward", incompatible)
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            scored(predictor, rows[:3], policy, own=True)

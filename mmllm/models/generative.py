@@ -257,6 +257,7 @@ class GenerativePredictor:
     _answers: AnswerTokens | None = field(default=None, init=False, repr=False)  # ids -> texts and token spans
     _growing: tuple[Any, int | None] | None = field(default=None, init=False, repr=False)  # (model, its cache layers)
     _static_len: int = field(default=0, init=False, repr=False)  # the longest static cache so far
+    _loop_ran: bool = field(default=False, init=False, repr=False)  # mmllm's loop has decoded a batch
     _static: tuple[tuple[Any, int, int], Any] | None = field(default=None, init=False, repr=False)  # (model, B, len), cache
     _said_static: bool = field(default=False, init=False, repr=False)  # the CPU note, once
     # (model, schema, template) the prefix was encoded for, and the cache (None: nothing to share)
@@ -321,9 +322,9 @@ class GenerativePredictor:
                   decoding_kernels(device)):
                 decoder = self._decoder() if static_len is None and empty is not None else None
                 if decoder is not None:  # the steps after the first by mmllm's loop (greedy_loop.py)
-                    out = greedy_decode(self.model, decoder, {k: v for k, v in inputs.items() if k != cache_arg},
-                                        inputs[cache_arg], cache_arg, processors, self._stops, tokenizer.pad_token_id,
-                                        new_tokens)
+                    out = self._own_loop(decoder, inputs, cache_arg, processors, tokenizer.pad_token_id, new_tokens)
+                    if out is None:  # the loop does not run with this transformers: generate from now on
+                        return self.generate_scored(enc)
                 else:
                     out = self.model.generate(**inputs, **kwargs)
         except Exception as exc:
@@ -351,6 +352,24 @@ class GenerativePredictor:
         if self._growing is None or self._growing[0] is not self.model:
             self._growing = (self.model, growing_layers(self.model))
         return growing_cache(self._growing[1], capacity) if self._growing[1] is not None else None
+
+    def _own_loop(self, decoder: Any, inputs: dict[str, Any], cache_arg: str, processors: list[Any],
+                  pad_token_id: int | None, new_tokens: int) -> torch.Tensor | None:
+        """One batch through :func:`greedy_decode`. If its first batch fails (a transformers whose layers or
+        generate take other arguments than the tested ones), the job says so once and goes on with
+        ``generate`` (``None``); a failure after a batch has passed is raised as any model error."""
+        try:
+            out = greedy_decode(self.model, decoder, {k: v for k, v in inputs.items() if k != cache_arg},
+                                inputs[cache_arg], cache_arg, processors, self._stops, pad_token_id, new_tokens)
+        except Exception as exc:  # noqa: BLE001 - any incompatibility: generate can still answer
+            if self._loop_ran:
+                raise
+            log.warning("mmllm's decoding loop failed on its first batch (%s: %s); decoding with generate from now on",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.own_loop = False
+            return None
+        self._loop_ran = True
+        return out
 
     def _decoder(self) -> Any:
         """The decoding step mmllm's greedy loop runs (:func:`decoding_step`); ``None``: ``generate`` decodes
