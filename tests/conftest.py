@@ -74,3 +74,38 @@ def browser():
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def padded_catalog(tmp_path_factory):
+    """Six listings, every other one with a picture, titles of different lengths: batches are padded.
+    ``(path, listings)``."""
+    from mmllm.catalog import load_listings
+
+    from listings import toy_row, write_catalog
+
+    path = write_catalog(tmp_path_factory.mktemp("cat"), n=6, row=toy_row(text_only_every=2))
+    return path, load_listings(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    """``loaded(arch, attention=None)``: a tiny checkpoint's model (float32, eval) and processor, loaded once
+    per test module (with ``attention``: that attention kernel)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from mmllm.models.generative import load_processor
+
+    built = {}
+
+    def get(arch: str, attention: str | None = None):
+        if (arch, attention) not in built:
+            folder = tiny_checkpoint(arch)
+            extra = {"attn_implementation": attention} if attention else {}
+            built[arch, attention] = (AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
+                                                                                  **extra).eval(),
+                                      load_processor(folder))
+        return built[arch, attention]
+
+    return get

@@ -11,39 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mmllm.catalog import load_listings
 from mmllm.images import ImagePolicy
 from mmllm.models.generative import GenerativePredictor, LoraSettings, attach_lora, load_processor
 from mmllm.models.greedy_loop import decoding_step
 from mmllm.predictor import encoded_batches
 from mmllm.prompts import PromptTemplate
 
-from listings import small_schema, toy_row, write_catalog
+from listings import small_schema
 
 CONSTRAINED = importlib.util.find_spec("xgrammar") is not None
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    """Six rows, every other one with a picture, titles of different lengths: batches are padded."""
-    path = write_catalog(tmp_path_factory.mktemp("cat"), n=6, row=toy_row(text_only_every=2))
-    return path, load_listings(path)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    built = {}
-
-    def get(arch: str, attention: str | None = None):
-        if (arch, attention) not in built:
-            folder = tiny_checkpoint(arch)
-            extra = {"attn_implementation": attention} if attention else {}
-            built[arch, attention] = (AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
-                                                                                  **extra).eval(),
-                                      load_processor(folder))
-        return built[arch, attention]
-
-    return get
 
 
 @pytest.fixture
@@ -69,9 +45,9 @@ def scored(predictor: GenerativePredictor, rows, policy: ImagePolicy, own: bool)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_the_loop_answers_as_generate_to_the_bit(arch, loaded, catalog, generate_calls):
+def test_the_loop_answers_as_generate_to_the_bit(arch, loaded, padded_catalog, generate_calls):
     model, processor = loaded(arch)
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     cases = [("listing_v2", True, CONSTRAINED), ("listing_v2", False, CONSTRAINED), ("listing_v1", True, False)]
     for template, prefix, constrained in cases:
@@ -88,9 +64,9 @@ def test_the_loop_answers_as_generate_to_the_bit(arch, loaded, catalog, generate
         else:
             assert len({text for text, _ in ours}) > 1  # rows with and without pictures answer differently
 
-def test_the_budget_one_row_and_a_lora_model_as_generate(tiny_checkpoint, loaded, catalog):
+def test_the_budget_one_row_and_a_lora_model_as_generate(tiny_checkpoint, loaded, padded_catalog):
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     for budget, batch in ((1, 3), (2, 3), (5, 1)):  # batch 1: no padding, no mask at all
         predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
@@ -112,12 +88,12 @@ def test_the_budget_one_row_and_a_lora_model_as_generate(tiny_checkpoint, loaded
     assert scored(predictor, rows, policy, own=True) == scored(predictor, rows, policy, own=False)
 
 
-def test_models_the_loop_does_not_serve_keep_generate(loaded, catalog, generate_calls):
+def test_models_the_loop_does_not_serve_keep_generate(loaded, padded_catalog, generate_calls):
     model, processor = loaded("qwen2_vl", "eager")  # the eager kernel takes an additive float mask: not built here
     assert decoding_step(model) is None
     sdpa, _ = loaded("qwen2_vl", "sdpa")
     assert decoding_step(sdpa) is not None
-    path, rows = catalog
+    path, rows = padded_catalog
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=6, batch_size=3)
     predictor.generate(rows[:3], ImagePolicy(root=path.parent))
@@ -139,13 +115,13 @@ class StopAt:
         return scores
 
 
-def test_rows_that_finish_early_are_padded_and_the_loop_ends_with_the_last(loaded, catalog):
+def test_rows_that_finish_early_are_padded_and_the_loop_ends_with_the_last(loaded, padded_catalog):
     from mmllm.models.generative import greedy_generation
     from mmllm.models.greedy_loop import greedy_decode
     from mmllm.models.prefix_cache import cache_argument
 
     model, processor = loaded("qwen2_5_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     batch_size=3, prefix_cache=False)
     enc = next(enc for _, enc in encoded_batches(predictor, rows[:3], ImagePolicy(root=path.parent)))
@@ -171,11 +147,11 @@ def test_rows_that_finish_early_are_padded_and_the_loop_ends_with_the_last(loade
                 assert new[row, step - 1] == stops[0] and (new[row, step:] == pad).all()
 
 
-def test_a_loop_that_fails_on_its_first_batch_hands_the_job_to_generate(loaded, catalog, monkeypatch, caplog):
+def test_a_loop_that_fails_on_its_first_batch_hands_the_job_to_generate(loaded, padded_catalog, monkeypatch, caplog):
     from mmllm.models import greedy_loop
 
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=8, batch_size=3)

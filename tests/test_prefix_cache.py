@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mmllm.catalog import Listing, load_listings
+from mmllm.catalog import Listing
 from mmllm.collator import load_listing_images
 from mmllm.images import ImagePolicy
 from mmllm.models import cuda_graphs
@@ -19,28 +19,7 @@ from mmllm.models.prefix_cache import PrefixCache, shared_prefix_ids
 from mmllm.predictor import encoded_batches
 from mmllm.prompts import PromptTemplate, build_messages
 
-from listings import small_schema, toy_row, write_catalog
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    """Six rows, every other one with a picture, titles of different lengths: batches are padded."""
-    path = write_catalog(tmp_path_factory.mktemp("cat"), n=6, row=toy_row(text_only_every=2))
-    return path, load_listings(path)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    built = {}
-
-    def get(arch: str):
-        if arch not in built:
-            folder = tiny_checkpoint(arch)
-            built[arch] = (AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval(),
-                           load_processor(folder))
-        return built[arch]
-
-    return get
+from listings import small_schema
 
 
 @pytest.fixture
@@ -75,9 +54,9 @@ def test_listing_v2_shares_the_instructions_and_the_schema_listing_v1_only_its_s
     assert "- Games > Chess | Card Games" in v2 and "- piece_count (integer): pieces in the box" in v2
 
 
-def test_every_rendered_prompt_starts_with_the_prefix(loaded, catalog):
+def test_every_rendered_prompt_starts_with_the_prefix(loaded, padded_catalog):
     _, processor = loaded("qwen2_5_vl")
-    _, rows = catalog
+    _, rows = padded_catalog
     schema, template = small_schema(), PromptTemplate.load("listing_v2")
     prefix = shared_prefix_ids(processor, schema, template)
     for listing in rows:
@@ -109,9 +88,9 @@ def test_a_batch_the_layout_cannot_serve_takes_the_plain_path(enc):
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("constrained", [False, True])
-def test_cached_answers_equal_the_plain_paths(arch, constrained, loaded, catalog, served):
+def test_cached_answers_equal_the_plain_paths(arch, constrained, loaded, padded_catalog, served):
     model, processor = loaded(arch)
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=16, constrained=constrained)
@@ -122,7 +101,7 @@ def test_cached_answers_equal_the_plain_paths(arch, constrained, loaded, catalog
     assert any(len(r.images) for r in rows) and any(not r.images for r in rows)
 
 
-def test_a_batch_is_laid_out_where_it_is_encoded(loaded, catalog, monkeypatch):
+def test_a_batch_is_laid_out_where_it_is_encoded(loaded, padded_catalog, monkeypatch):
     """With the prefix cache on, ``encode`` (the labelling engine's workers) lays the tokens out behind the
     prefix, and generating from that batch lays out nothing; the dict it is reads the processor's own
     tensors, and a plain copy of it is laid out when it is generated, to the same answers."""
@@ -133,7 +112,7 @@ def test_a_batch_is_laid_out_where_it_is_encoded(loaded, catalog, monkeypatch):
     from mmllm.models.prefix_cache import PromptBatch
 
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     rows = rows[:4]
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=12, constrained=True)
@@ -166,11 +145,11 @@ def test_a_batch_is_laid_out_where_it_is_encoded(loaded, catalog, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, monkeypatch):
+def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, padded_catalog, monkeypatch):
     from transformers import StaticCache
 
     model, processor = loaded(arch)
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     caches: list[tuple[str, int | None]] = []  # the cache each generate call decoded into, and its length
     needed: list[int] = []  # each call's prompt (pictures' tokens included) plus its budget
@@ -221,14 +200,14 @@ def test_a_static_cache_gives_the_growing_caches_answers(arch, loaded, catalog, 
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_the_cache_that_grows_in_place_answers_as_generates_own(arch, loaded, catalog, monkeypatch):
+def test_the_cache_that_grows_in_place_answers_as_generates_own(arch, loaded, padded_catalog, monkeypatch):
     """Each decoding step written into the cache in place (mmllm.models.growing_cache) gives the
     answers, spans and log-probabilities of generate's own cache (a torch.cat a step), to the bit, with
     and without the prefix cache."""
     import mmllm.models.generative as generative
 
     model, processor = loaded(arch)
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=16, batch_size=4)
@@ -252,7 +231,7 @@ def test_the_static_length_is_rounded_up_and_never_shrinks(loaded):
     assert [predictor._static_cache_len(prompt, 16) for prompt in (240, 241, 100, 600, 300)] == [256, 512, 512, 768, 768]
 
 
-def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(loaded, catalog, monkeypatch, caplog):
+def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(loaded, padded_catalog, monkeypatch, caplog):
     from mmllm.models.generative import greedy_config
     from mmllm.predictor import OptionError, configure
 
@@ -281,18 +260,18 @@ def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(lo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", spy)
-    path, rows = catalog
+    path, rows = padded_catalog
     predictor.generate(rows[:3], ImagePolicy(root=path.parent))
     # on a CPU nothing is compiled, so nothing is said to generate (a compile setting there only draws a warning)
     assert [(config, bool(off)) for config, off in seen] == [(None, False)] and "compile_config" not in caplog.text
 
 
-def test_a_static_cache_that_fails_to_compile_falls_back_to_the_growing_one(loaded, catalog, monkeypatch, caplog):
+def test_a_static_cache_that_fails_to_compile_falls_back_to_the_growing_one(loaded, padded_catalog, monkeypatch, caplog):
     from torch._dynamo.exc import TorchRuntimeError
     from transformers import StaticCache
 
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=8, batch_size=3, prefix_cache=False)
@@ -321,9 +300,9 @@ def test_a_static_cache_that_fails_to_compile_falls_back_to_the_growing_one(load
         predictor.generate(rows, policy)
 
 
-def test_listing_v1_shares_its_system_text_with_the_same_answers(loaded, catalog, served):
+def test_listing_v1_shares_its_system_text_with_the_same_answers(loaded, padded_catalog, served):
     model, processor = loaded("qwen2_5_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v1"),
                                     max_new_tokens=12)
@@ -331,9 +310,9 @@ def test_listing_v1_shares_its_system_text_with_the_same_answers(loaded, catalog
     assert served == [True, True]
 
 
-def test_the_prefix_is_encoded_once_per_template_and_model(loaded, catalog, monkeypatch):
+def test_the_prefix_is_encoded_once_per_template_and_model(loaded, padded_catalog, monkeypatch):
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     built = []
     original = PrefixCache.build.__func__
@@ -347,7 +326,7 @@ def test_the_prefix_is_encoded_once_per_template_and_model(loaded, catalog, monk
     assert len(built) == 2 and built[1] < built[0]
 
 
-def test_a_lora_model_gets_the_same_answers_from_the_cache(tiny_checkpoint, catalog, served):
+def test_a_lora_model_gets_the_same_answers_from_the_cache(tiny_checkpoint, padded_catalog, served):
     folder = tiny_checkpoint("qwen2_5_vl")
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     model = attach_lora(model, LoraSettings(rank=4, dropout=0.0)).eval()
@@ -355,7 +334,7 @@ def test_a_lora_model_gets_the_same_answers_from_the_cache(tiny_checkpoint, cata
         for name, weight in model.named_parameters():
             if "lora_B" in name:
                 weight.normal_(0, 0.5)
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, load_processor(folder), small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=12)
@@ -363,9 +342,9 @@ def test_a_lora_model_gets_the_same_answers_from_the_cache(tiny_checkpoint, cata
     assert served == [True, True]
 
 
-def test_encoded_batches_of_another_layout_are_answered_on_the_plain_path(loaded, catalog, served):
+def test_encoded_batches_of_another_layout_are_answered_on_the_plain_path(loaded, padded_catalog, served):
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),
                                     max_new_tokens=8)
@@ -403,10 +382,10 @@ def test_both_caches_decode_on_a_gpu_without_cudnns_attention_and_nothing_change
 
 
 @pytest.mark.parametrize("prefix", [False, True])
-def test_batches_of_one_shape_reuse_one_static_cache_emptied_with_the_growing_caches_answers(loaded, catalog,
+def test_batches_of_one_shape_reuse_one_static_cache_emptied_with_the_growing_caches_answers(loaded, padded_catalog,
                                                                                              monkeypatch, prefix):
     model, processor = loaded("qwen2_vl")
-    path, rows = catalog
+    path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
     text_rows = [r for r in rows if not r.images] * 2  # 6 rows without pictures: batches of one shape
     predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load("listing_v2"),

@@ -12,7 +12,6 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from mmllm.catalog import load_listings
 from mmllm.collator import TrainCollator
 from mmllm.images import ImagePolicy
 from mmllm.models import unpadded_attention
@@ -21,7 +20,7 @@ from mmllm.models.unpadded_attention import CausalPadding, causal_padding_mask, 
 from mmllm.prompts import PromptTemplate
 from mmllm.training import causal_lm_loss
 
-from listings import small_schema, toy_row, write_catalog
+from listings import small_schema
 
 
 class Attention(torch.nn.Module):
@@ -174,13 +173,6 @@ def test_auto_picks_it_on_cpu_and_registers_it_with_transformers(on_cpu, monkeyp
     assert resolve_attention("auto") == "sdpa"
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    """Six rows with titles of different lengths, every other one with a picture: batches are padded."""
-    path = write_catalog(tmp_path_factory.mktemp("cat"), n=6, row=toy_row(text_only_every=2))
-    return path, load_listings(path)
-
-
 @pytest.fixture
 def plans_used(monkeypatch) -> list[int]:
     """Rows served by the unpadded path, per forward pass that used it."""
@@ -212,12 +204,12 @@ def plans_used(monkeypatch) -> list[int]:
     ("listing_v1", True, [3, 3]),  # after its cached system text (aligned by zero queries)
     ("listing_v2", True, []),  # a long cached prefix before short rows: the masked kernel is cheaper
 ])
-def test_labelling_answers_equal_plain_sdpas(arch, template, cached, served, tiny_checkpoint, catalog, plans_used,
+def test_labelling_answers_equal_plain_sdpas(arch, template, cached, served, tiny_checkpoint, padded_catalog, plans_used,
                                            on_cpu):
     folder = tiny_checkpoint(arch)
     model = load_base_model(ModelConfig(base=str(folder), dtype="float32")).eval()
     assert model.config._attn_implementation == "sdpa_unpadded"
-    path, rows = catalog
+    path, rows = padded_catalog
     predictor = GenerativePredictor(model, load_processor(folder), small_schema(), PromptTemplate.load(template),
                                     max_new_tokens=10, batch_size=3, constrained=True, prefix_cache=cached)
     predictor._prefix_cache()  # built before the spy counts: a one-row prefix has no padding
@@ -232,10 +224,10 @@ def test_labelling_answers_equal_plain_sdpas(arch, template, cached, served, tin
     assert [r["confidence"] for r in unpadded] == pytest.approx([r["confidence"] for r in plain], rel=1e-4)
 
 
-def test_a_right_padded_training_step_has_the_same_loss_and_gradients(tiny_checkpoint, catalog, plans_used, on_cpu):
+def test_a_right_padded_training_step_has_the_same_loss_and_gradients(tiny_checkpoint, padded_catalog, plans_used, on_cpu):
     folder = tiny_checkpoint("qwen2_5_vl")
     model = load_base_model(ModelConfig(base=str(folder), dtype="float32"))
-    path, rows = catalog
+    path, rows = padded_catalog
     collate = TrainCollator(load_processor(folder), small_schema(), PromptTemplate.load("listing_compact_v1"),
                             ImagePolicy(root=path.parent))
     batch = collate([(row, 0) for row in rows[:3]])
