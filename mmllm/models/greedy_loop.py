@@ -29,7 +29,9 @@ are transformers' own. It then runs the remaining steps itself, as ``generate``'
 Served: decoders whose text model has ``embed_tokens``, ``rotary_emb``, ``layers`` and ``norm``
 (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) under SDPA (``sdpa``, ``sdpa_unpadded``), with a growing cache.
 Anything else (eager or flash attention, a static cache, sliding windows) keeps ``generate``
-(:func:`decoding_step` returns ``None``).
+(:func:`decoding_step` returns ``None``), and so does a job whose first batch the loop fails on
+(another transformers' layer arguments: ``GenerativePredictor._own_loop`` says so once). Speed-up and
+its measurement: README "Where ``listing_v1`` stands".
 """
 
 from __future__ import annotations
