@@ -36,14 +36,12 @@ its measurement: README "Where ``listing_v1`` stands".
 
 from __future__ import annotations
 
-import functools
-import inspect
 import weakref
 from typing import Any, Sequence
 
 import torch
 
-from mmllm.models.prefix_cache import base_model
+from mmllm.models.prefix_cache import base_model, cache_keyword
 
 ATTENTION = ("sdpa", "sdpa_unpadded")  # attention kernels whose decoding-step mask this loop builds
 
@@ -96,13 +94,8 @@ def decoding_step(model: Any) -> DecodingStep | None:
         return None
     step = _STEPS.get(model)
     if step is None or step.parts[0] is not text:
-        step = _STEPS[model] = DecodingStep(text, lm_head, _layer_cache_kw(type(text.layers[0]).forward))
+        step = _STEPS[model] = DecodingStep(text, lm_head, cache_keyword(type(text.layers[0]).forward))
     return step
-
-
-@functools.lru_cache(maxsize=None)
-def _layer_cache_kw(forward: Any) -> str:
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def greedy_decode(model: Any, step: DecodingStep, inputs: dict[str, Any], cache: Any, cache_arg: str,
@@ -152,5 +145,3 @@ def greedy_decode(model: Any, step: DecodingStep, inputs: dict[str, Any], cache:
         unfinished &= ~torch.isin(chosen, stop_ids)
         new += 1
     return ids[:, : prompt + new]
-
-

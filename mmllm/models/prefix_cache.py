@@ -185,11 +185,12 @@ def cache_argument(model: Any) -> str:
     below the pinned range, but what a GPU machine runs when the locked wheels do not import there:
     benchmarks/gpu_check.sh). Read once per forward function: a signature costs ~30 us, on every batch."""
     forward = base_model(model).forward
-    return _cache_argument(getattr(forward, "__func__", forward))
+    return cache_keyword(getattr(forward, "__func__", forward))
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_argument(forward: Any) -> str:
+def cache_keyword(forward: Any) -> str:
+    """The name a forward function (``generate``'s model, a decoder layer) takes a cache under."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
