@@ -37,7 +37,8 @@ Against older code (``--against DIR``, on the CPU's tiny checkpoint or with ``--
 model): ``listing_v1`` at batch 8 (the template and batch of issue #16's throughput point) labelled by
 this checkout and by the ``mmllm/`` and ``prompts/`` in DIR, alternately, each run a fresh ``mmllm
 label`` process on the same rows and model folder: the rows/s each run prints and its answers against
-this checkout's. For the code the issue was filed against: ``mkdir -p T && git archive ba0d89d mmllm
+this checkout's, each turn's ratio (its two runs follow each other), their geometric mean and the ratio
+of the medians. For the code the issue was filed against: ``mkdir -p T && git archive ba0d89d mmllm
 prompts | tar -x -C T`` (``benchmarks/gpu_wheels.sh`` packs it for the GPU machine).
 
     python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
@@ -53,6 +54,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -532,8 +534,29 @@ def against(args: argparse.Namespace) -> dict:
         results[f"process_s_{who}"] = round(sum(r["process_s"] for r in results["runs"] if r["code"] == who)
                                             / args.against_runs, 2)
     results.update(rows_per_s_then=round(mean["then"], 2), rows_per_s_now=round(mean["now"], 2),
-                   speedup=round(mean["now"] / mean["then"], 2))
+                   speedup=round(mean["now"] / mean["then"], 2), **paired_ratios(results["runs"]))
     return results
+
+
+def paired_ratios(runs: list[dict]) -> dict:
+    """Each turn's ``now / then`` rows/s (the two runs of a turn follow each other, so they share the
+    machine's state), their geometric mean and range, and the ratio of the two medians: the old code's
+    rows/s moves with the machine's memory state far more than this checkout's, so one slow or fast
+    ``then`` run moves the plain ratio of means."""
+    rate = {(r["code"], r["turn"]): r["rows_per_s"] for r in runs}
+    turns = sorted({turn for _, turn in rate})
+    ratios = [rate["now", t] / rate["then", t] for t in turns if ("now", t) in rate and ("then", t) in rate]
+    if not ratios:
+        return {}
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    return {"turn_ratios": [round(r, 2) for r in ratios],
+            "speedup_geometric_mean": round(math.exp(sum(math.log(r) for r in ratios) / len(ratios)), 2),
+            "speedup_of_medians": round(median([rate["now", t] for t in turns]) / median([rate["then", t] for t in turns]), 2)}
 
 
 def report_against(args: argparse.Namespace, results: dict) -> int:
@@ -546,6 +569,9 @@ def report_against(args: argparse.Namespace, results: dict) -> int:
               f"{r['identical_rows']:>21}/{results['rows']}")
     print(f"mean rows/s: {results['rows_per_s_then']} -> {results['rows_per_s_now']} ({results['speedup']}x); "
           f"whole process, start-up and loading included: {results['process_s_then']} -> {results['process_s_now']} s")
+    if results.get("turn_ratios"):
+        print(f"each turn's now / then: {', '.join(f'{r:.2f}' for r in results['turn_ratios'])}x; geometric mean "
+              f"{results['speedup_geometric_mean']}x, ratio of the medians {results['speedup_of_medians']}x")
     out = args.out or HERE / "results" / ("label_throughput_against_gpu.json" if args.gpu else "label_throughput_against.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput", "mode": "against", "date": time.strftime("%Y-%m-%d"),

@@ -214,3 +214,23 @@ def test_no_forward_outside_generation_builds_a_decoding_cache(loaded, catalog):
         hook.remove()
     assert torch.isfinite(loss) and len(outputs) == 3
     assert all(out.get("past_key_values") is None for out in outputs)
+
+
+def test_the_against_comparison_pairs_each_turns_runs():
+    """label_throughput --against: each turn's now / then, their geometric mean, the ratio of the medians
+    (hand numbers: turns 3x, 4x, 2x; medians 12 / 4)."""
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import label_throughput
+
+    runs = [{"code": "then", "turn": 0, "rows_per_s": 4.0}, {"code": "now", "turn": 0, "rows_per_s": 12.0},
+            {"code": "then", "turn": 1, "rows_per_s": 3.0}, {"code": "now", "turn": 1, "rows_per_s": 12.0},
+            {"code": "then", "turn": 2, "rows_per_s": 6.0}, {"code": "now", "turn": 2, "rows_per_s": 12.0}]
+    paired = label_throughput.paired_ratios(runs)
+    assert paired["turn_ratios"] == [3.0, 4.0, 2.0]
+    assert paired["speedup_geometric_mean"] == round((3.0 * 4.0 * 2.0) ** (1 / 3), 2) == 2.88
+    assert paired["speedup_of_medians"] == 3.0
+    assert label_throughput.paired_ratios(runs[:1]) == {}  # a turn without its pair: nothing to say
