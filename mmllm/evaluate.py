@@ -27,8 +27,9 @@ an invalid answer, so it scores as wrong; a gold row that cannot be scored is le
 
 Selective prediction, when predictions carry a ``confidence``: the risk-coverage curve (the
 accuracy of the rows kept when only the most confident share is kept, :mod:`mmllm.confidence`),
-accuracy at 50% / 80% / 100% coverage, and with ``--target-accuracy A`` the lowest threshold whose
-kept rows reach A ("keep rows with confidence >= t: 41% of them, accuracy 0.95 [CI]"). A row
+accuracy at 50% / 80% / 100% coverage with bootstrap intervals (each resample draws its own curve;
+with ``--compare``, the paired difference), and with ``--target-accuracy A`` the lowest threshold
+whose kept rows reach A ("keep rows with confidence >= t: 41% of them, accuracy 0.95 [CI]"). A row
 without a confidence (missing, failed) is kept last and counts as wrong.
 
 The report folder gets ``report.md``, ``metrics.json`` and PNG plots: the confusion matrix of the
@@ -378,8 +379,7 @@ def selective_metrics(rows: Rows, targets: Sequence[float] = ()) -> dict[str, An
     """The risk-coverage curve of the category over the labelled rows, the accuracy at
     :data:`COVERAGES` and an operating point per target accuracy; ``None`` when no prediction has a
     confidence."""
-    keep = [i for i, g in enumerate(rows.gold_category) if g is not None]
-    if not any(rows.confidence[i] is not None for i in keep):
+    if not scored(rows):
         return None
     curve = selective_curve(rows)
     points = {}
@@ -388,9 +388,14 @@ def selective_metrics(rows: Rows, targets: Sequence[float] = ()) -> dict[str, An
         points[f"{target:g}"] = None if point is None else {
             "threshold": point.threshold, "coverage": round(point.coverage, 4), "accuracy": round(point.accuracy, 4),
             "kept": point.kept, "ci": [round(point.low, 4), round(point.high, 4)], "sentence": point.sentence()}
-    return {"rows": curve.rows, "scored": sum(rows.confidence[i] is not None for i in keep),
+    return {"rows": curve.rows, "scored": sum(c is not None for c, g in zip(rows.confidence, rows.gold_category) if g is not None),
             "accuracy_at_coverage": {f"{c:.0%}": round(curve.accuracy_at(c), 4) for c in COVERAGES},
             "area_under_curve": round(curve.area(), 4), "targets": points}
+
+
+def scored(rows: Rows) -> bool:
+    """Whether any labelled row's prediction carries a confidence (else there is no curve to draw)."""
+    return any(c is not None for c, g in zip(rows.confidence, rows.gold_category) if g is not None)
 
 
 def selective_curve(rows: Rows) -> Curve:
@@ -401,17 +406,36 @@ def selective_curve(rows: Rows) -> Curve:
 
 def bootstrap(rows: Rows, attribute_names: Sequence[str], tolerance: float, *, samples: int = 1000, seed: int = 0,
               other: Rows | None = None) -> dict[str, Any]:
-    """Seeded percentile bootstrap over rows for the headline metrics (paired when ``other`` is given)."""
+    """Seeded percentile bootstrap over rows for the headline metrics (paired when ``other`` is given).
+
+    Where the predictions (both files, when paired) carry a confidence, the accuracy at each of
+    :data:`COVERAGES` too, under ``"accuracy_at_coverage"``: each resample draws its own curve, so the
+    interval holds the rows' noise and where the share's boundary falls among them."""
     rng = np.random.default_rng(seed)
     n = len(rows.ids)
     draws: dict[str, list[float]] = {k: [] for k in HEADLINE}
+    given = [r for r in (rows, other) if r is not None]
+    at_coverage: dict[str, list[float]] = {f"{c:.0%}": [] for c in COVERAGES} if all(map(scored, given)) else {}
     for _ in range(samples):
         idx = rng.integers(0, n, n)
-        a = evaluate_rows(_subset(rows, idx), attribute_names, tolerance)
-        b = evaluate_rows(_subset(other, idx), attribute_names, tolerance) if other is not None else None
+        subsets = [_subset(r, idx) for r in given]
+        a, *b = [evaluate_rows(subset, attribute_names, tolerance) for subset in subsets]
         for key in HEADLINE:
-            draws[key].append(a[key] - (b[key] if b else 0.0))
-    return {key: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for key, v in draws.items()}
+            draws[key].append(a[key] - (b[0][key] if b else 0.0))
+        if at_coverage:
+            curves = [selective_curve(subset) for subset in subsets]
+            for c in COVERAGES:
+                values = [curve.accuracy_at(c) for curve in curves]
+                if None not in values:  # a resample without gold categories has no curve
+                    at_coverage[f"{c:.0%}"].append(values[0] - (values[1] if len(values) > 1 else 0.0))
+    intervals: dict[str, Any] = {key: _percentiles(v) for key, v in draws.items()}
+    if at_coverage:
+        intervals["accuracy_at_coverage"] = {key: _percentiles(v) for key, v in at_coverage.items() if v}
+    return intervals
+
+
+def _percentiles(values: Sequence[float]) -> list[float]:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 def _subset(rows: Rows, idx: np.ndarray) -> Rows:
@@ -456,6 +480,12 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
             diff = metrics[key] - comparison["metrics"][key]
             verdict = "this is better" if lo > 0 else "other is better" if hi < 0 else "no clear difference"
             lines.append(f"| {key} | {metrics[key]:.4f} | {comparison['metrics'][key]:.4f} | {diff:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
+        theirs = comparison.get("accuracy_at_coverage") or {}
+        for c, (lo, hi) in (comparison["intervals"].get("accuracy_at_coverage", {}) if theirs else {}).items():
+            mine, other = metrics["selective"]["accuracy_at_coverage"][c], theirs[c]
+            verdict = "this is better" if lo > 0 else "other is better" if hi < 0 else "no clear difference"
+            lines.append(f"| accuracy at {c} coverage | {mine:.4f} | {other:.4f} | {mine - other:+.4f} | "
+                         f"[{lo:+.4f}, {hi:+.4f}] | {verdict} |")
     levels = metrics["category"]["per_level_accuracy"]
     lines += ["", "## Category accuracy per taxonomy level", "", "| level | accuracy |", "|---|---|",
               *(f"| {level} | {acc:.4f} |" for level, acc in levels.items())]
@@ -463,9 +493,10 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
         lines += ["", "## Selective prediction", "", f"Rows sorted by the confidence of their category; keeping only the "
                   f"most confident share (coverage) keeps this accuracy. {selective['scored']} of {selective['rows']} "
                   "labelled rows carry a confidence (the others are kept last).", "",
-                  "| coverage | accuracy |", "|---|---|",
-                  *(f"| {c} | {a:.4f} |" for c, a in selective["accuracy_at_coverage"].items()),
-                  f"| area under the curve | {selective['area_under_curve']:.4f} |"]
+                  "| coverage | accuracy | 95% CI |", "|---|---|---|",
+                  *(f"| {c} | {a:.4f} | {_interval(intervals.get('accuracy_at_coverage', {}).get(c))} |"
+                    for c, a in selective["accuracy_at_coverage"].items()),
+                  f"| area under the curve | {selective['area_under_curve']:.4f} | |"]
         for target, point in selective["targets"].items():
             lines += ["", f"Target accuracy {target}: " + (point["sentence"] if point else "no share of the rows reaches it.")]
         lines += ["", "![risk_coverage](risk_coverage.png)"]
@@ -638,6 +669,10 @@ def plot_situations(situations: dict[str, Any], path: Path) -> str:
     return path.name
 
 
+def _interval(bounds: Sequence[float] | None) -> str:
+    return "" if bounds is None else f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
 def _short(category: str, width: int = 45) -> str:
     return category if len(category) <= width else "..." + category[-(width - 3):]
 
@@ -712,7 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     intervals = bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed)
     comparison = None
     if other is not None:
+        theirs = selective_metrics(other)
         comparison = {"other": str(args.compare), "metrics": {k: v for k, v in evaluate_rows(other, names, args.tolerance).items() if k in HEADLINE},
+                      "accuracy_at_coverage": theirs["accuracy_at_coverage"] if theirs else None,
                       "intervals": bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed, other=other)}
     write_report(args.report, metrics, intervals, rows, args.model, comparison)
     print(f"{'metric':<22} {'value':>8}  95% CI")
@@ -725,8 +762,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s:<12} {m['rows']:>6} {m['answered']:>8} {_cell(m['precision']):>9} {_cell(m['recall']):>7} "
                   f"{_cell(m['f1']):>6} {_cell(m.get('invented')):>8}")
     if metrics["selective"]:
-        at = metrics["selective"]["accuracy_at_coverage"]
-        print("\ncategory accuracy at coverage " + ", ".join(f"{c}: {a:.4f}" for c, a in at.items()))
+        at, bounds = metrics["selective"]["accuracy_at_coverage"], intervals.get("accuracy_at_coverage", {})
+        print("\ncategory accuracy at coverage " + ", ".join(f"{c}: {a:.4f} {_interval(bounds.get(c))}".rstrip()
+                                                          for c, a in at.items()))
         for target, point in metrics["selective"]["targets"].items():
             print(f"target accuracy {target}: " + (point["sentence"] if point else "no share of the rows reaches it"))
     elif args.target_accuracy:

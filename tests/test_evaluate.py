@@ -151,6 +151,42 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate(tmp_path):
     assert a["category_accuracy"][0] < point["category_accuracy"] < a["category_accuracy"][1]
 
 
+def test_bootstrap_brackets_the_accuracy_at_each_coverage_and_pairs_it(tmp_path):
+    """With confidences the bootstrap draws a curve per resample: intervals for the accuracy at 50 / 80 /
+    100% coverage around the point estimate, a paired difference of zero against the same file, none
+    against a file without confidences. 60 rows, 40 right, scored 0.9 (tied), two wrong rows above them
+    at 0.95: the curve cannot split the ties, so 50% coverage keeps 42 rows at 40 / 42."""
+    gold = [(f"r{i}", "A > B" if i % 3 else "C > D", {}) for i in range(60)]
+    preds = [{"id": f"r{i}", "category": "A > B", "attributes": {}, "status": "ok",
+              "confidence": 0.95 if i in (0, 3) else 0.9 if i % 3 else 0.1 + i / 1000} for i in range(60)]
+    pred, gold_path = write(tmp_path, preds=preds, gold=gold)
+    rows = align(pred, gold_path, None)
+    at = bootstrap(rows, [], 0.0, samples=300, seed=1)["accuracy_at_coverage"]
+    assert set(at) == {"50%", "80%", "100%"}
+    for coverage, point in (("50%", 40 / 42), ("100%", 40 / 60)):  # the 0.9 ties keep 42 rows at 50%
+        lo, hi = at[coverage]
+        assert lo < point < hi, coverage
+    assert at["50%"][0] > at["100%"][1]  # the top half is surely better than all rows here
+    same = bootstrap(rows, [], 0.0, samples=50, seed=1, other=rows)["accuracy_at_coverage"]
+    assert all(bounds == [0.0, 0.0] for bounds in same.values())
+    bare, _ = write(tmp_path, preds=[{k: v for k, v in r.items() if k != "confidence"} for r in preds], gold=gold,
+                    name="bare.jsonl")
+    assert "accuracy_at_coverage" not in bootstrap(rows, [], 0.0, samples=20, seed=1, other=align(bare, gold_path, None))
+    assert "accuracy_at_coverage" not in bootstrap(align(bare, gold_path, None), [], 0.0, samples=20, seed=1)
+
+    flat = [{**r, "confidence": 0.5} for r in preds]  # one tie: every coverage keeps every row
+    other, _ = write(tmp_path, preds=flat, gold=gold, name="flat.jsonl")
+    report = tmp_path / "report"
+    assert main(["--pred", str(pred), "--gold", str(gold_path), "--report", str(report), "--compare", str(other),
+                 "--bootstrap", "200"]) == 0
+    text = (report / "report.md").read_text()
+    lo, hi = json.loads((report / "metrics.json").read_text())["intervals"]["accuracy_at_coverage"]["50%"]
+    assert f"| 50% | {40 / 42:.4f} | [{lo:.4f}, {hi:.4f}] |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| accuracy at 50% coverage |"))
+    assert row.startswith(f"| accuracy at 50% coverage | {40 / 42:.4f} | {40 / 60:.4f} | {40 / 42 - 40 / 60:+.4f} |")
+    assert row.endswith("| this is better |")
+
+
 def test_report_files_plots_and_comparison(tmp_path):
     gold = [(f"r{i}", ["A > B", "A > C", "D > E"][i % 3], {"piece_count": i}) for i in range(30)]
     good = [{"id": f"r{i}", "category": ["A > B", "A > C", "D > E"][i % 3], "attributes": {"piece_count": i},
