@@ -27,6 +27,7 @@ Prints a table and writes benchmarks/results/versus_bag_of_words.json.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import math
@@ -38,6 +39,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file, gzipped or not."""
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def hash_split(rows: list[dict], dev_percent: int) -> tuple[list[dict], list[dict]]:
@@ -281,11 +289,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.catalog:
-            rows = [json.loads(line) for line in args.catalog.read_text(encoding="utf-8").splitlines() if line.strip()]
-            train, dev = hash_split([r for r in rows if r.get("label")], args.dev_percent)
+            train, dev = hash_split([r for r in read_rows(args.catalog) if r.get("label")], args.dev_percent)
         else:
-            train = [json.loads(line) for line in args.train.read_text(encoding="utf-8").splitlines() if line.strip()]
-            dev = [json.loads(line) for line in args.dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+            train, dev = read_rows(args.train), read_rows(args.dev)
         train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
         for path, part in ((train_path, train), (dev_path, dev)):
             path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
