@@ -54,9 +54,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -540,23 +540,18 @@ def against(args: argparse.Namespace) -> dict:
 
 def paired_ratios(runs: list[dict]) -> dict:
     """Each turn's ``now / then`` rows/s (the two runs of a turn follow each other, so they share the
-    machine's state), their geometric mean and range, and the ratio of the two medians: the old code's
-    rows/s moves with the machine's memory state far more than this checkout's, so one slow or fast
-    ``then`` run moves the plain ratio of means."""
+    machine's state), their geometric mean, and the ratio of the two medians: the old code's rows/s
+    moves with the machine's memory state far more than this checkout's, so one slow or fast ``then``
+    run moves the plain ratio of means."""
     rate = {(r["code"], r["turn"]): r["rows_per_s"] for r in runs}
-    turns = sorted({turn for _, turn in rate})
-    ratios = [rate["now", t] / rate["then", t] for t in turns if ("now", t) in rate and ("then", t) in rate]
-    if not ratios:
+    turns = sorted(turn for code, turn in rate if code == "now" and ("then", turn) in rate)
+    if not turns:
         return {}
-
-    def median(values: list[float]) -> float:
-        ordered = sorted(values)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
+    now, then = [rate["now", t] for t in turns], [rate["then", t] for t in turns]
+    ratios = [a / b for a, b in zip(now, then)]
     return {"turn_ratios": [round(r, 2) for r in ratios],
-            "speedup_geometric_mean": round(math.exp(sum(math.log(r) for r in ratios) / len(ratios)), 2),
-            "speedup_of_medians": round(median([rate["now", t] for t in turns]) / median([rate["then", t] for t in turns]), 2)}
+            "speedup_geometric_mean": round(statistics.geometric_mean(ratios), 2),
+            "speedup_of_medians": round(statistics.median(now) / statistics.median(then), 2)}
 
 
 def report_against(args: argparse.Namespace, results: dict) -> int:
