@@ -38,13 +38,14 @@ model): ``listing_v1`` at batch 8 (the template and batch of issue #16's through
 this checkout and by the ``mmllm/`` and ``prompts/`` in DIR, alternately, each run a fresh ``mmllm
 label`` process on the same rows and model folder: the rows/s each run prints and its answers against
 this checkout's, each turn's ratio (its two runs follow each other), their geometric mean and the ratio
-of the medians. For the code the issue was filed against: ``mkdir -p T && git archive ba0d89d mmllm
+of the medians; with ``--replicas N`` a third run per turn, this checkout with ``mmllm label --replicas N``
+(the model forked into N single-thread processes). For the code the issue was filed against: ``mkdir -p T && git archive ba0d89d mmllm
 prompts | tar -x -C T`` (``benchmarks/gpu_wheels.sh`` packs it for the GPU machine).
 
     python benchmarks/label_throughput.py [--rows 64] [--memory-rows 1000 50000]
     python benchmarks/label_throughput.py --real-size [--rows 8]
     python benchmarks/label_throughput.py --gpu [--static-cache]
-    python benchmarks/label_throughput.py [--gpu] --against DIR [--rows 32] [--against-runs 2]
+    python benchmarks/label_throughput.py [--gpu] --against DIR [--rows 32] [--against-runs 2] [--replicas 2]
 
 Prints a table and writes benchmarks/results/label_throughput[_gpu|_static_gpu|_against[_gpu]].json.
 """
@@ -509,12 +510,15 @@ def against(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
+        variants = [("then", code_then, []), ("now", ROOT, [])]
+        if args.replicas > 1:  # this checkout once more, its model forked into single-thread replicas
+            variants.append((f"now-r{args.replicas}", ROOT, ["--replicas", str(args.replicas)]))
         for turn in range(args.against_runs):
-            for who, code in (("then", code_then), ("now", ROOT)):
+            for who, code, extra in variants:
                 out = tmp / f"{who}-{turn}.jsonl"
                 command = [sys.executable, "-c", AGAINST_CHILD, str(code), str(dump), "--model", model,
                            "--schema", str(schema), "--template", "listing_v1", "--batch-size", "8", "--out", str(out),
-                           *pixels, *([] if constrained else ["--no-constrained"])]
+                           *pixels, *([] if constrained else ["--no-constrained"]), *extra]
                 started = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp)
                 process_s = time.perf_counter() - started  # start-up, loading (the grammar, where compiled there), job
@@ -528,26 +532,31 @@ def against(args: argparse.Namespace) -> dict:
                 print(f"{who} {turn}: {results['runs'][-1]['rows_per_s']} rows/s", file=sys.stderr, flush=True)
         for run in results["runs"]:
             run["identical_rows"], _ = same_outputs(tmp / "now-0.jsonl", tmp / f"{run['code']}-{run['turn']}.jsonl")
+    codes = [who for who, _, _ in variants]
     mean = {who: sum(r["rows_per_s"] for r in results["runs"] if r["code"] == who) / args.against_runs
-            for who in ("then", "now")}
-    for who in ("then", "now"):
+            for who in codes}
+    for who in codes:
         results[f"process_s_{who}"] = round(sum(r["process_s"] for r in results["runs"] if r["code"] == who)
                                             / args.against_runs, 2)
     results.update(rows_per_s_then=round(mean["then"], 2), rows_per_s_now=round(mean["now"], 2),
                    speedup=round(mean["now"] / mean["then"], 2), **paired_ratios(results["runs"]))
+    if args.replicas > 1:
+        who = f"now-r{args.replicas}"
+        results["replicas"] = {"replicas": args.replicas, "rows_per_s": round(mean[who], 2),
+                               "speedup": round(mean[who] / mean["then"], 2), **paired_ratios(results["runs"], who)}
     return results
 
 
-def paired_ratios(runs: list[dict]) -> dict:
+def paired_ratios(runs: list[dict], code: str = "now") -> dict:
     """Each turn's ``now / then`` rows/s (the two runs of a turn follow each other, so they share the
     machine's state), their geometric mean, and the ratio of the two medians: the old code's rows/s
     moves with the machine's memory state far more than this checkout's, so one slow or fast ``then``
     run moves the plain ratio of means."""
     rate = {(r["code"], r["turn"]): r["rows_per_s"] for r in runs}
-    turns = sorted(turn for code, turn in rate if code == "now" and ("then", turn) in rate)
+    turns = sorted(turn for who, turn in rate if who == code and ("then", turn) in rate)
     if not turns:
         return {}
-    now, then = [rate["now", t] for t in turns], [rate["then", t] for t in turns]
+    now, then = [rate[code, t] for t in turns], [rate["then", t] for t in turns]
     ratios = [a / b for a, b in zip(now, then)]
     return {"turn_ratios": [round(r, 2) for r in ratios],
             "speedup_geometric_mean": round(statistics.geometric_mean(ratios), 2),
@@ -558,15 +567,20 @@ def report_against(args: argparse.Namespace, results: dict) -> int:
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{device}, torch {torch.__version__}; listing_v1, batch 8, {results['rows']} rows, "
           f"constrained {results['constrained']}; this checkout against {results['against']}")
-    print(f"{'code':<5} {'run':>3} {'rows/s':>7} {'process s':>9} {'identical to now, run 0':>24}")
+    print(f"{'code':<8} {'run':>3} {'rows/s':>7} {'process s':>9} {'identical to now, run 0':>24}")
     for r in results["runs"]:
-        print(f"{r['code']:<5} {r['turn']:>3} {r['rows_per_s']:>7} {r.get('process_s', ''):>9} "
+        print(f"{r['code']:<8} {r['turn']:>3} {r['rows_per_s']:>7} {r.get('process_s', ''):>9} "
               f"{r['identical_rows']:>21}/{results['rows']}")
     print(f"mean rows/s: {results['rows_per_s_then']} -> {results['rows_per_s_now']} ({results['speedup']}x); "
           f"whole process, start-up and loading included: {results['process_s_then']} -> {results['process_s_now']} s")
-    if results.get("turn_ratios"):
-        print(f"each turn's now / then: {', '.join(f'{r:.2f}' for r in results['turn_ratios'])}x; geometric mean "
-              f"{results['speedup_geometric_mean']}x, ratio of the medians {results['speedup_of_medians']}x")
+    for label, part in (("now", results), (f"now, {results.get('replicas', {}).get('replicas')} replicas",
+                                            results.get("replicas", {}))):
+        if part.get("turn_ratios"):
+            print(f"each turn's {label} / then: {', '.join(f'{r:.2f}' for r in part['turn_ratios'])}x; geometric mean "
+                  f"{part['speedup_geometric_mean']}x, ratio of the medians {part['speedup_of_medians']}x")
+    if results.get("replicas"):
+        print(f"with --replicas {results['replicas']['replicas']}: {results['replicas']['rows_per_s']} rows/s "
+              f"({results['replicas']['speedup']}x the old code's mean)")
     out = args.out or HERE / "results" / ("label_throughput_against_gpu.json" if args.gpu else "label_throughput_against.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "label_throughput", "mode": "against", "date": time.strftime("%Y-%m-%d"),
@@ -595,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an older checkout's folder (its mmllm/ and prompts/): listing_v1 at batch 8 labelled by it "
                              "and by this one, alternately, in fresh processes: rows/s and the answers compared")
     parser.add_argument("--against-runs", type=int, default=2, help="with --against: runs of each")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="with --against: also run this checkout with `mmllm label --replicas N` in each turn")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.static_cache and not args.gpu:

@@ -2,7 +2,7 @@
 
     python -m mmllm.label DUMP [DUMP ...] --model MODEL_DIR_OR_ID --out labels.jsonl
         [--errors errors.jsonl] [--batch-size 8] [--resume] [--shard I/N] [--limit N]
-        [--engine local|ray] [--no-constrained] [--schema S.yaml --template listing_v1]
+        [--engine local|ray] [--replicas N] [--no-constrained] [--schema S.yaml --template listing_v1]
         [--review-below T | --review-target-accuracy A] [--review-out queue.jsonl]
 
 Every input row produces exactly one line in ``--out``: the prediction (``status: ok``), an
@@ -38,6 +38,7 @@ from mmllm.catalog import CatalogError, detect_format
 from mmllm.labelling.engine import LabelOptions, run_local
 from mmllm import model_dir
 from mmllm.confidence import CALIBRATION_FILE, Calibration
+from mmllm.labelling.replicas import ReplicaError
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("two dumps share a file name; records name their dump by file name")
     if args.static_compile and not args.static_cache:
         return _fail("--static-compile says how a static cache is compiled: add --static-cache")
+    if args.replicas > 1 and args.engine != "local":
+        return _fail("--replicas forks the local engine's model: with --engine ray give --ray-actors")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         return _fail(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
     try:
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = LabelOptions(batch_size=args.batch_size, workers=args.workers, limit=args.limit, shard=args.shard,
                         resume=args.resume, image_root=args.image_root.resolve() if args.image_root else None,
                         allow_remote=args.allow_remote, quiet=args.quiet,
-                        roots={d.name: d.resolve().parent for d in dumps}, review_below=review_below)
+                        roots={d.name: d.resolve().parent for d in dumps}, review_below=review_below,
+                        replicas=args.replicas)
     model_args = {"model": args.model, "schema": args.schema, "template": args.template,
                   "constrained": False if args.no_constrained else None, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
@@ -133,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OptionError, SchemaError, FileNotFoundError, ValueError) as exc:  # the model or an option: nothing labelled
                 return _fail(str(exc))
             summary = run_local(predictor, dumps, output, opts)
+    except ReplicaError as exc:
+        print(f"error: {exc}; {output.written:,} records were written this run", file=sys.stderr)
+        return 1
     except WriteError as exc:
         print(f"error: {exc}; {output.written:,} records were written this run. Free space (or fix the cause) and "
               "run the same command with --resume to continue", file=sys.stderr)
@@ -209,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resume: continue even though the inputs, model or settings differ from the run "
                         "that started --out (rows are still matched by id)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this job labels rows I, I+N, I+2N, ... (job arrays)")
+    p.add_argument("--replicas", type=_at_least(1), default=1,
+                   help="CPU: fork the loaded model into N processes of one thread each, labelling batches side by "
+                        "side (small models on many cores: README 'What labelling costs'); not with CUDA")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors, one model each")
     p.add_argument("--ray-actors", type=_at_least(1), default=2, help="--engine ray: model replicas")
     p.add_argument("--ray-gpus-per-actor", type=_at_least(0.0, float), default=0.0,

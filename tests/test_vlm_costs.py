@@ -234,3 +234,7 @@ def test_the_against_comparison_pairs_each_turns_runs():
     assert paired["speedup_geometric_mean"] == round((3.0 * 4.0 * 2.0) ** (1 / 3), 2) == 2.88
     assert paired["speedup_of_medians"] == 3.0
     assert label_throughput.paired_ratios(runs[:1]) == {}  # a turn without its pair: nothing to say
+    replicas = runs + [{"code": "now-r2", "turn": 0, "rows_per_s": 16.0}, {"code": "now-r2", "turn": 2, "rows_per_s": 15.0}]
+    paired = label_throughput.paired_ratios(replicas, "now-r2")  # --replicas 2's runs, against the same turns' old code
+    assert paired["turn_ratios"] == [4.0, 2.5] and paired["speedup_of_medians"] == round(15.5 / 5.0, 2) == 3.1
+    assert label_throughput.paired_ratios(replicas) == label_throughput.paired_ratios(runs)  # "now" alone by default

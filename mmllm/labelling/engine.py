@@ -28,6 +28,7 @@ from mmllm.catalog import CatalogReader, Listing, RowError
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.openmp import single_thread_team
 from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.labelling.replicas import run_replicas
 from mmllm.labelling.review import flag
 from mmllm.progress import Progress
 
@@ -49,9 +50,10 @@ class LabelOptions:
     log_every_rows: int = 1000
     roots: dict[str, Path] = field(default_factory=dict)  # dump file name -> its folder (image root)
     review_below: float | None = None  # flag records under this category confidence for review (labelling.review)
+    replicas: int = 1  # > 1: the model forked into that many single-thread processes (labelling.replicas)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "window", "workers"):
+        for name in ("batch_size", "window", "workers", "replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
         if self.limit is not None and self.limit < 1:
@@ -76,6 +78,7 @@ class Summary:
     model_s: float = 0.0  # inside generate
     prepare_s: float = 0.0  # images, prompts, tokens (in worker threads, overlapping the model)
     by_stage: dict[str, int] = field(default_factory=dict)
+    replicas: int = 1  # > 1: model_s and prepare_s are summed over that many processes, each in turn
 
     @property
     def rows(self) -> int:
@@ -96,7 +99,8 @@ class Summary:
         return (f"{self.rows:,} rows: {self.ok:,} ok, {self.invalid:,} invalid, {self.failed:,} failed"
                 f"{f' ({stages})' if stages else ''}; {rate:,.1f} rows/s, wall {self.wall_s:,.1f} s"
                 f"{f'; {self.skipped:,} already done' if self.skipped else ''}"
-                f"; model {self.model_s:,.1f} s, preparing {self.prepare_s:,.1f} s (in parallel)")
+                f"; model {self.model_s:,.1f} s, preparing {self.prepare_s:,.1f} s "
+                + (f"(summed over {self.replicas} replicas)" if self.replicas > 1 else "(in parallel)"))
 
 
 def error_record(row: Listing | RowError, stage: str, reason: str) -> Record:
@@ -269,10 +273,11 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
 
     Worker threads load images and encode ahead of the model; ``on_record`` sees every record
     after it is written (the demo's progress); ``model_lock`` serialises the model with other users.
-    A write error (:class:`~mmllm.labelling.output.WriteError`) ends the run.
+    With ``opts.replicas`` > 1 the batches go to that many forked single-thread copies of the model
+    instead (:mod:`mmllm.labelling.replicas`). A write error (:class:`~mmllm.labelling.output.WriteError`) ends the run.
     """
     reuse_step_buffers()  # a decoding step's blocks of MBs are reused, not mapped afresh; larger ones go back (host_memory)
-    summary = Summary()
+    summary = Summary(replicas=opts.replicas)
     started = time.perf_counter()
     text_dumps = all(p.is_file() and p.suffix in (".jsonl", ".csv", ".tsv", ".ndjson", ".json") for p in dumps)
     total_bytes = sum(p.stat().st_size for p in dumps) if text_dumps else None
@@ -294,6 +299,16 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
             else:
                 yield row
 
+    if opts.replicas > 1:
+        if model_lock is not None:
+            raise ValueError("replicas label in processes of their own: they cannot share a model lock")
+        try:
+            run_replicas(predictor, length_sorted_batches(good_rows(), opts.batch_size, opts.window), emit, opts,
+                         opts.replicas, error_record, summary)
+        finally:
+            progress.close()
+            summary.wall_s = time.perf_counter() - started
+        return summary
     try:
         # where encoding is light host work and the model runs here, the workers run torch single-threaded:
         # a team of their own would slow every small operation of the model in this thread (mmllm/openmp.py)

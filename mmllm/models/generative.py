@@ -452,6 +452,14 @@ class GenerativePredictor:
         if self.constrained and self.processor is not None:
             self._grammar_factory()
 
+    def build_shared(self) -> None:
+        """Build now what every batch shares: the answer grammar (constrained decoding) and the shared
+        prompt prefix's cache. Labelling replicas (:mod:`mmllm.labelling.replicas`) call it before they
+        fork, so they share one copy instead of each encoding the prefix in its first batch."""
+        self.compile_grammar()
+        with torch.no_grad():
+            self._prefix_cache()
+
     def _grammar_factory(self) -> Any:
         if self._grammar is None:
             if importlib.util.find_spec("xgrammar") is None:
