@@ -133,3 +133,16 @@ def test_replicas_are_refused_where_a_fork_cannot_work(tmp_path, monkeypatch, ca
                  "--replicas", "2"]) == 2
     assert "with --engine ray give --ray-actors" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_resumed_job_in_replicas_labels_each_remaining_row_once(tmp_path):
+    path = write_catalog(tmp_path / "d", 10)
+    out = tmp_path / "out.jsonl"
+    with Output(out, None, resume=False, inputs=[path]) as output:
+        first = run_local(Reporting(), [path], output, LabelOptions(batch_size=2, quiet=True, replicas=2, limit=4))
+    assert first.ok == 4 and len(read(out)) == 4
+    with Output(out, None, resume=True, inputs=[path]) as output:
+        second = run_local(Reporting(), [path], output, LabelOptions(batch_size=2, quiet=True, replicas=2, resume=True))
+    ids = [r["id"] for r in read(out)]
+    assert second.ok == 6 and len(ids) == len(set(ids)) == 10
+    assert set(ids[:4]) == {json.loads(line)["id"] for line in path.read_text().splitlines()[:4]}  # --limit's rows first
