@@ -146,3 +146,58 @@ def test_a_resumed_job_in_replicas_labels_each_remaining_row_once(tmp_path):
     ids = [r["id"] for r in read(out)]
     assert second.ok == 6 and len(ids) == len(set(ids)) == 10
     assert set(ids[:4]) == {json.loads(line)["id"] for line in path.read_text().splitlines()[:4]}  # --limit's rows first
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_kill_9_of_the_job_ends_its_replicas_and_resume_gives_one_line_per_id(tmp_path, tiny_checkpoint):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    dump = write_catalog(tmp_path / "d", 60, dump_row(), name="dump.jsonl")
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "mmllm.label", str(dump), "--model", str(tiny_checkpoint("qwen2_vl")), "--schema",
+           str(dump.parent / "schema.yaml"), "--out", str(out), "--quiet", "--batch-size", "2", "--replicas", "2",
+           "--resume"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 300  # guards against a hung child only; nothing asserts a duration
+    while (not out.exists() or out.read_bytes().count(b"\n") < 6) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.02)
+    replicas = children(proc.pid)
+    assert len(replicas) == 2  # forked, and labelling
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    while any(map(running, replicas)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(map(running, replicas)), "a replica outlived its killed job"
+    whole = [json.loads(line) for line in out.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+    assert 6 <= len(whole) < 60 and len({r["id"] for r in whole}) == len(whole)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(r["id"] for r in read(out)) == sorted(f"r{i}" for i in range(60))

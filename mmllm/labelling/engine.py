@@ -16,6 +16,7 @@ record, ``status`` ``ok`` (the prediction), ``invalid`` (an answer that failed v
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -260,9 +261,15 @@ def finish(predictor: Any, prepared: Prepared, emit: Callable[[Record], None], o
 
 def label_batch(predictor: Any, batch: list[Listing], opts: LabelOptions) -> list[Record]:
     """Records for one batch, synchronously (the Ray engine's unit of work)."""
+    return label_timed(predictor, batch, opts)[0]
+
+
+def label_timed(predictor: Any, batch: list[Listing], opts: LabelOptions) -> tuple[list[Record], float, float]:
+    """Records for one batch, synchronously, with its seconds in the model and preparing (a replica's unit)."""
     records: list[Record] = []
-    finish(predictor, prepare(predictor, batch, opts), records.append, opts)
-    return records
+    summary = Summary()
+    finish(predictor, prepare(predictor, batch, opts), records.append, opts, summary)
+    return records, summary.model_s, summary.prepare_s
 
 
 # ---------------------------------------------------------------------- the job
@@ -303,8 +310,9 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
         if model_lock is not None:
             raise ValueError("replicas label in processes of their own: they cannot share a model lock")
         try:
-            run_replicas(predictor, length_sorted_batches(good_rows(), opts.batch_size, opts.window), emit, opts,
-                         opts.replicas, error_record, summary)
+            run_replicas(predictor, functools.partial(label_timed, predictor, opts=opts),
+                         length_sorted_batches(good_rows(), opts.batch_size, opts.window), emit, opts.replicas,
+                         error_record, summary)
         finally:
             progress.close()
             summary.wall_s = time.perf_counter() - started

@@ -19,6 +19,8 @@ How it works:
   batch is padded, and answered, exactly as there), hands each replica its next batch as it returns the last one's records, and writes
   every record: the output, its lock, the progress line and ``--resume`` stay in one process, and the
   records arrive as batches finish;
+* a replica ends with its parent, ``kill -9`` included (the parent-death signal), so none outlives a killed
+  job holding its files, and ``--resume`` continues it as any killed job;
 * a replica that dies (killed, out of memory) has the rows of its batches in flight written as error
   records (stage ``model``, with its exit code), and the others go on; if every replica is gone the
   rest of the job stops with an error (``--resume`` continues it). Ctrl-C or a write error ends the
@@ -32,9 +34,11 @@ whose decoding step is bound by memory bandwidth, N replicas read the weights N 
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -64,17 +68,29 @@ def fork_safe() -> str | None:
     return None
 
 
-@dataclass
-class _Done:
-    records: list[Record]
-    model_s: float
-    prepare_s: float
+Labelled = tuple[list[Record], float, float]  # a batch's records, seconds in the model, seconds preparing
 
 
-def _serve(conn: Connection, predictor: Any, opts: Any) -> None:
-    """A replica: one torch thread, then batches in, their records out, until the parent sends ``None``."""
-    from mmllm.labelling.engine import Summary, finish, prepare
+def _die_with(parent: int) -> None:
+    """End this replica when its parent ends, even by ``kill -9`` (Linux: the parent-death signal), so that no
+    replica outlives a killed job holding its files (the output's lock among them)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the end of the pipe ends it, after its current batch
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(0)
 
+
+def _serve(conn: Connection, label: Callable[[list[Listing]], Labelled], others: list[Connection], parent: int
+           ) -> None:
+    """A replica: one torch thread, then batches in, their records out, until the parent sends ``None``
+    (or is gone). ``others``: the parent's ends of the replicas forked before this one, closed here, so that
+    each replica sees the end of its pipe when the parent dies."""
+    _die_with(parent)
+    for other in others:
+        other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the replicas
     torch.set_num_threads(1)
     while True:
@@ -84,10 +100,7 @@ def _serve(conn: Connection, predictor: Any, opts: Any) -> None:
             return
         if batch is None:
             return
-        records: list[Record] = []
-        summary = Summary()
-        finish(predictor, prepare(predictor, batch, opts), records.append, opts, summary)
-        conn.send(_Done(records, summary.model_s, summary.prepare_s))
+        conn.send(label(batch))
 
 
 @dataclass
@@ -97,9 +110,11 @@ class _Replica:
     in_flight: list[list[Listing]]
 
 
-def run_replicas(predictor: Any, batches: Iterable[list[Listing]], emit: Callable[[Record], None], opts: Any,
-                 replicas: int, error_record: Callable[[Listing, str, str], Record], summary: Any = None) -> None:
-    """Label ``batches`` on ``replicas`` forked copies of ``predictor``; ``emit`` sees every record, here."""
+def run_replicas(predictor: Any, label: Callable[[list[Listing]], Labelled], batches: Iterable[list[Listing]],
+                 emit: Callable[[Record], None], replicas: int, error_record: Callable[[Listing, str, str], Record],
+                 summary: Any = None) -> None:
+    """Label ``batches`` by ``label`` (one batch of ``predictor``'s: its records and timings) in ``replicas``
+    forked processes; ``emit`` sees every record, in this process."""
     reason = fork_safe()
     if reason is not None:
         raise ReplicaError(f"--replicas {replicas}: {reason}")
@@ -114,7 +129,8 @@ def run_replicas(predictor: Any, batches: Iterable[list[Listing]], emit: Callabl
     try:
         for _ in range(replicas):
             mine, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs, predictor, opts), daemon=True)
+            process = context.Process(target=_serve, args=(theirs, label, [r.conn for r in pool], os.getpid()),
+                                      daemon=True)
             process.start()
             theirs.close()
             pool.append(_Replica(process, mine, []))
@@ -157,11 +173,12 @@ def run_replicas(predictor: Any, batches: Iterable[list[Listing]], emit: Callabl
                         _lost(replica, emit, error_record)
                         continue
                     replica.in_flight.pop(0)
-                    for record in done.records:
+                    records, model_s, prepare_s = done
+                    for record in records:
                         emit(record)
                     if summary is not None:
-                        summary.model_s += done.model_s
-                        summary.prepare_s += done.prepare_s
+                        summary.model_s += model_s
+                        summary.prepare_s += prepare_s
                 elif replica.process.sentinel in ready:
                     _lost(replica, emit, error_record)
     finally:
