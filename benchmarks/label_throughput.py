@@ -12,6 +12,8 @@ CPU mode (default), a tiny random Qwen2-VL (``tiny:qwen2_vl``) zero-shot with th
   row by row (they must be identical);
 * the masked SDPA kernel vs each row of the padded batch alone (``sdpa_unpadded``, the CPU default:
   ``mmllm/models/unpadded_attention.py``) at batch 8 for every template, outputs compared the same way;
+* batch 8 once more in two forked one-thread replicas (``mmllm label --replicas 2``,
+  ``mmllm/labelling/replicas.py``) for every template, outputs compared the same way;
 * constrained vs unconstrained decoding: time per decoding step (the answers differ in length,
   so per-step time is the fair comparison);
 * time per row outside the model: reading, images, prompt, tokens (worker threads) and
@@ -132,13 +134,13 @@ def load(model: str, schema: Path, constrained: bool, batch: int, max_new_tokens
                           max_new_tokens=max_new_tokens, batch_size=batch, min_pixels=None, max_pixels=None)
 
 
-def run_job(predictor, dump: Path, batch: int, out: Path):
+def run_job(predictor, dump: Path, batch: int, out: Path, replicas: int = 1):
     from mmllm.labelling.engine import LabelOptions, run_local
     from mmllm.labelling.output import Output
 
     out.unlink(missing_ok=True)
     with Output(out, None, resume=False, inputs=[dump]) as output:
-        return run_local(predictor, [dump], output, LabelOptions(batch_size=batch, quiet=True,
+        return run_local(predictor, [dump], output, LabelOptions(batch_size=batch, quiet=True, replicas=replicas,
                                                                  roots={dump.name: dump.parent.resolve()}))
 
 
@@ -255,7 +257,7 @@ def cpu(args: argparse.Namespace) -> dict:
     from mmllm.models import unpadded_attention
 
     schema = ROOT / "examples/toys_schema.yaml"
-    results: dict = {"batching": [], "phases": [], "prefix_cache": [], "attention": []}
+    results: dict = {"batching": [], "phases": [], "prefix_cache": [], "attention": [], "replicas": []}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         dump = make_dump(tmp / "rows", args.rows, with_images=True)
@@ -280,6 +282,14 @@ def cpu(args: argparse.Namespace) -> dict:
                         "decode_s": round(timer.decode_s, 2), "decode_steps": timer.steps,
                         "decode_ms_per_step": round(timer.decode_s / timer.steps * 1000, 2),
                         "generate_loop_s": round(summary.model_s - timer.prefill_s - timer.decode_s, 2)})
+            # the same batches of 8 in two forked one-thread replicas (mmllm label --replicas 2), same rows
+            predictor.batch_size = 8
+            summary = run_job(predictor, dump, 8, tmp / f"{template}-b8-r2.jsonl", replicas=2)
+            agree, rows = same_outputs(tmp / f"{template}-b8.jsonl", tmp / f"{template}-b8-r2.jsonl")
+            results["replicas"].append({"template": template, "batch": 8, "replicas": 2,
+                                        "rows_per_s_one_process": next(b for b in batches if b["batch"] == 8)["rows_per_s"],
+                                        "rows_per_s_replicas": round(summary.rows / summary.wall_s, 2),
+                                        "identical_rows": agree, "rows": rows})
             results["batching"].extend(batches)
             results[f"speedup_32_vs_1/{template}"] = round(batches[2]["rows_per_s"] / batches[0]["rows_per_s"], 2)
             if template != "listing_compact_v1":  # the prefix cache off, same rows, same batch: the outputs must agree
@@ -650,6 +660,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in results["prefix_cache"]:
             print(f"prefix cache, batch 8, {p['template']}: {p['rows_per_s_off']} -> {p['rows_per_s_on']} rows/s "
                   f"({p['rows_per_s_on'] / p['rows_per_s_off']:.2f}x), identical outputs {p['identical_rows']}/{p['rows']} rows")
+        for p in results["replicas"]:
+            print(f"replicas, batch 8, {p['template']}: one process {p['rows_per_s_one_process']} -> {p['replicas']} "
+                  f"one-thread replicas {p['rows_per_s_replicas']} rows/s "
+                  f"({p['rows_per_s_replicas'] / p['rows_per_s_one_process']:.2f}x), identical outputs "
+                  f"{p['identical_rows']}/{p['rows']} rows")
         for p in results["attention"]:
             print(f"attention, batch 8, {p['template']}: masked sdpa {p['rows_per_s_sdpa']} -> each row alone {p['rows_per_s_unpadded']} "
                   f"rows/s ({p['rows_per_s_unpadded'] / p['rows_per_s_sdpa']:.2f}x; prefill {p['prefill_s_sdpa']} -> "
