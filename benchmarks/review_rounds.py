@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -127,18 +126,10 @@ def open_work(work: Path, settings: dict[str, Any]) -> None:
     write_atomic(manifest, json.dumps(settings, indent=1) + "\n")
 
 
-def read_labels(path: Path) -> dict[str, dict]:
-    records = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[str(record.get("id"))] = record
-    return records
-
-
 def label(model: Path, dump: Path, out: Path, image_root: Path | None = None) -> dict[str, dict]:
     """``mmllm label`` of ``dump`` into ``out`` (resumed where an earlier run stopped); its records by id."""
     from mmllm.label import main as mmllm_label
+    from mmllm.labelling.output import read_records
 
     argv = [str(dump), "--model", str(model), "--out", str(out)]  # with its progress line (rows/s, ETA)
     if image_root is not None:
@@ -147,7 +138,8 @@ def label(model: Path, dump: Path, out: Path, image_root: Path | None = None) ->
         argv.append("--resume")
     if mmllm_label(argv) != 0:
         raise SystemExit(f"labelling {dump} with {model} failed (see above); run the same command to continue")
-    return read_labels(out)
+    records, _ = read_records(out, "labels")
+    return {str(r.get("id")): r for r in records}
 
 
 def train(config: str, overrides: list[str], train_files: list[Path], out: Path) -> float:
@@ -306,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({sum(r['review']['decision'] == 'corrected' for r in reviewed)} corrected): retraining",
                       flush=True)
                 wall = train(args.config, overrides, [args.train.resolve(), reviewed_path], model)
-                extra = read_rows(reviewed_path)
+                extra = reviewed  # what reviewed_path holds: the same pool labels choose the same rows
             label_tag = tag if order is None else name
             ours = label(model, test_path, work / f"labels_test_{label_tag}.jsonl", image_root)
             on_dev = label(model, args.dev, work / f"labels_dev_{label_tag}.jsonl")

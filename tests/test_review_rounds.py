@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from helpers import ROOT
-from listings import SMALL_SCHEMA, write_catalog
+from listings import SMALL_SCHEMA, toy_row, write_catalog
 
 
 def _module():
@@ -90,8 +90,6 @@ def _lines(path):
 
 @pytest.mark.slow
 def test_a_round_end_to_end_is_scored_from_its_files_and_continued_without_retraining(tmp_path):
-    from listings import toy_row
-
     rounds = _module()
     train = write_catalog(tmp_path / "train", 24, toy_row(0))
     dev = write_catalog(tmp_path / "dev", 8, toy_row(0), start=24)
