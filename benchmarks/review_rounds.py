@@ -12,7 +12,8 @@ reviewed rows go into ``data.train`` and the recipe is retrained. This measures 
    gold label stands in for the reviewer's decision, written as the review desk writes its corrections
    file (the row, its gold ``label``, and ``review``: accepted or corrected, against which prediction);
 4. the recipe (``--config`` plus ``--set``) is retrained with ``data.train=[--train, the reviewed rows]``,
-   nothing else changed, and labels the test half and dev;
+   nothing else changed, and labels the test half and dev, and dev again under ``--train``'s category
+   shares (``mmllm label --class-prior``: what the old catalog gets back when it is labelled as its own);
 5. TF-IDF + logistic regression (C = 10, ``versus_bag_of_words.bag_of_words``) is fitted on exactly the
    same rows, and the two are compared on the test half: accuracy / macro-F1 of the category, and the
    exact McNemar test of the rows only one side gets right. Dev says what the retraining costs the
@@ -126,14 +127,18 @@ def open_work(work: Path, settings: dict[str, Any]) -> None:
     write_atomic(manifest, json.dumps(settings, indent=1) + "\n")
 
 
-def label(model: Path, dump: Path, out: Path, image_root: Path | None = None) -> dict[str, dict]:
-    """``mmllm label`` of ``dump`` into ``out`` (resumed where an earlier run stopped); its records by id."""
+def label(model: Path, dump: Path, out: Path, image_root: Path | None = None,
+          class_prior: Path | None = None) -> dict[str, dict]:
+    """``mmllm label`` of ``dump`` into ``out`` (resumed where an earlier run stopped); its records by id.
+    ``class_prior``: a labelled catalog whose category shares the answers follow (``--class-prior``)."""
     from mmllm.label import main as mmllm_label
     from mmllm.labelling.output import read_records
 
     argv = [str(dump), "--model", str(model), "--out", str(out)]  # with its progress line (rows/s, ETA)
     if image_root is not None:
         argv += ["--image-root", str(image_root)]
+    if class_prior is not None:
+        argv += ["--class-prior", str(class_prior)]
     if out.exists():
         argv.append("--resume")
     if mmllm_label(argv) != 0:
@@ -148,6 +153,8 @@ def train(config: str, overrides: list[str], train_files: list[Path], out: Path)
 
     if out.is_dir():
         return float(json.loads((out / "review_rounds_train.json").read_text())["wall_s"])
+    for stale in out.parent.glob(f"labels_*_{out.name.removeprefix('model_')}.jsonl*"):
+        stale.unlink()  # labels of an earlier model of this name (its training was cut short and starts again)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         print(f"  {out.name}: an interrupted training is started again", flush=True)
@@ -189,13 +196,13 @@ def compare(test: list[dict], ours: dict[str, dict], theirs: dict[str, Any]) -> 
 
 
 def mean_row(runs: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ("test_accuracy", "test_macro_f1", "bow_accuracy", "bow_macro_f1", "dev_accuracy")
+    keys = ("test_accuracy", "test_macro_f1", "bow_accuracy", "bow_macro_f1", "dev_accuracy", "dev_old_shares")
     return {k: round(sum(r[k] for r in runs) / len(runs), 4) for k in keys}
 
 
 def table(runs: list[dict[str, Any]]) -> list[str]:
     header = (f"{'rows reviewed':<22} | {'seed':>4} | {'recipe, test':>13} | {'TF-IDF + LR':>13} | "
-              f"{'only recipe / only BoW, p':>27} | {'dev':>6} | {'corrected':>9}")
+              f"{'only recipe / only BoW, p':>27} | {'dev':>6} | {'dev, old shares':>15} | {'corrected':>9}")
     lines = [header, "-" * len(header)]
     for r in runs:
         p = r["paired"]
@@ -204,13 +211,14 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{r['variant']:<22} | {r['seed']:>4} | {r['test_accuracy']:.3f} / {r['test_macro_f1']:.3f} | "
                      f"{r['bow_accuracy']:.3f} / {r['bow_macro_f1']:.3f} | "
                      f"{'+' + str(p['only_recipe']) + ' / -' + str(p['only_bag_of_words']) + ', ' + pv:>27} | "
-                     f"{r['dev_accuracy']:.3f} | {corrected:>9}")
+                     f"{r['dev_accuracy']:.3f} | {r['dev_old_shares']:>15.3f} | {corrected:>9}")
     seeds = sorted({r["seed"] for r in runs})
     if len(seeds) > 1:
         for variant in dict.fromkeys(r["variant"] for r in runs):
             m = mean_row([r for r in runs if r["variant"] == variant])
             lines.append(f"{variant + ', mean':<22} | {len(seeds):>4} | {m['test_accuracy']:.3f} / {m['test_macro_f1']:.3f} | "
-                         f"{m['bow_accuracy']:.3f} / {m['bow_macro_f1']:.3f} | {'':>27} | {m['dev_accuracy']:.3f} | {'':>9}")
+                         f"{m['bow_accuracy']:.3f} / {m['bow_macro_f1']:.3f} | {'':>27} | {m['dev_accuracy']:.3f} | "
+                         f"{m['dev_old_shares']:>15.3f} | {'':>9}")
     return lines
 
 
@@ -302,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             label_tag = tag if order is None else name
             ours = label(model, test_path, work / f"labels_test_{label_tag}.jsonl", image_root)
             on_dev = label(model, args.dev, work / f"labels_dev_{label_tag}.jsonl")
+            # the old catalog labelled under its own category shares (the base model was trained on them)
+            old_shares = on_dev if order is None else label(
+                model, args.dev, work / f"labels_dev_old_shares_{label_tag}.jsonl", class_prior=args.train.resolve())
             theirs = bow_answers(work, train_rows + extra, test)
             mine = category_scores(test, ours)
             run = {"variant": variant, "seed": seed, "rows": n, "order": order,
@@ -309,13 +320,14 @@ def main(argv: list[str] | None = None) -> int:
                    "test_accuracy": mine["accuracy"], "test_macro_f1": mine["macro_f1"],
                    "bow_accuracy": theirs["accuracy"], "bow_macro_f1": theirs["macro_f1"],
                    "paired": compare(test, ours, theirs), "dev_accuracy": category_scores(dev, on_dev)["accuracy"],
-                   "train_s": wall}
+                   "dev_old_shares": category_scores(dev, old_shares)["accuracy"], "train_s": wall}
             runs.append(run)
             print("  " + table([run])[-1], flush=True)
     lines = table(runs)
     print(f"\ncategory on the {len(test):,} test rows (never reviewed): accuracy / macro-F1; TF-IDF + LR (C = 10) on "
           "the same training rows; paired: the rows only one side gets right, exact McNemar p; dev: the recipe's "
-          "accuracy on --dev; corrected: reviewed rows whose base prediction was wrong")
+          "accuracy on --dev, and under --train's category shares (mmllm label --class-prior); corrected: reviewed "
+          "rows whose base prediction was wrong")
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, json.dumps({"catalog": str(args.catalog), "train": str(args.train), "dev": str(args.dev),

@@ -4,6 +4,7 @@
         [--errors errors.jsonl] [--batch-size 8] [--resume] [--shard I/N] [--limit N]
         [--engine local|ray] [--replicas N] [--no-constrained] [--schema S.yaml --template listing_v1]
         [--review-below T | --review-target-accuracy A] [--review-out queue.jsonl]
+        [--class-prior LABELLED_CATALOG | uniform]
 
 Every input row produces exactly one line in ``--out``: the prediction (``status: ok``), an
 answer that failed validation (``status: invalid``, unconstrained decoding only) or an error
@@ -20,6 +21,12 @@ threshold whose kept dev rows reached accuracy A. At the end of the run the flag
 written, least confident first, to ``--review-out`` (default ``OUT.review.jsonl``), the queue the
 demo's review tab steps through (:mod:`mmllm.labelling.review`).
 
+``--class-prior``: a classifier or fusion model answers under its training rows' category shares;
+labelling a catalog whose categories come in other shares, give a labelled sample of it (its gold
+categories are counted) or ``uniform``, and each answer is reweighted by Bayes' rule
+(:mod:`mmllm.class_prior`). After a review round has added another catalog's rows to ``data.train``,
+``--class-prior OLD_TRAIN.jsonl`` labels the old catalog as its own shares say.
+
 The work itself is :mod:`mmllm.labelling.engine` (local threads) or
 :mod:`mmllm.labelling.ray_engine` (Ray Data actors); this module is the command line.
 
@@ -35,6 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmllm.catalog import CatalogError, detect_format
+from mmllm.class_prior import COUNTS_KEY, ClassPrior
 from mmllm.labelling.engine import LabelOptions, run_local
 from mmllm import model_dir
 from mmllm.confidence import CALIBRATION_FILE, Calibration
@@ -42,7 +50,7 @@ from mmllm.labelling.replicas import ReplicaError
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
-from mmllm.predictor import ENCODER_PRECISIONS, STATIC_COMPILE, OptionError, Predictor, configure
+from mmllm.predictor import ENCODER_PRECISIONS, OPTIONS, STATIC_COMPILE, OptionError, Predictor, configure, model_kind
 from mmllm.schema import SchemaError
 
 
@@ -51,13 +59,15 @@ def load_predictor(model: str, *, schema: str | None = None, template: str | Non
                    constrained: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
                    trust_remote_code: bool = False, grounded: bool = True, static_cache: str | None = None,
-                   encoder_precision: str | None = None) -> Predictor:
+                   encoder_precision: str | None = None, class_prior: str | None = None) -> Predictor:
     """A model folder of any kind, or a base checkpoint (zero-shot), set up for labelling.
 
     ``None`` means "not given". Generative models decode under the schema's grammar unless
     ``constrained`` is False; an option the model does not take raises :class:`OptionError`. A
     folder's ``grounding.json`` grounds the attributes in what each listing states (with their
-    evidence) unless ``grounded`` is False.
+    evidence) unless ``grounded`` is False. ``class_prior`` (a labelled catalog or ``uniform``) moves a
+    classifier's or fusion model's category answers from its training shares to those
+    (:mod:`mmllm.class_prior`).
     """
     from mmllm.tiny import resolve
 
@@ -71,10 +81,26 @@ def load_predictor(model: str, *, schema: str | None = None, template: str | Non
     predictor = configure(predictor, source=model, batch_size=batch_size, constrained=constrained,
                           max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
                           static_cache=static_cache, encoder_precision=encoder_precision)
+    if class_prior is not None:
+        predictor.class_prior = _class_prior(predictor, model, class_prior)
     compile_grammar = getattr(predictor, "compile_grammar", None)  # generative models: before any row is read
     if compile_grammar is not None:
         compile_grammar()
     return predictor
+
+
+def _class_prior(predictor: Predictor, model: str, spec: str) -> ClassPrior:
+    """The shift from the folder's training category shares to ``spec``'s; refused for a model kind
+    without a category distribution (a generative model answers one path under its grammar)."""
+    if "class_prior" not in predictor.takes:
+        raise OptionError(f"--class-prior: {model} is a {model_kind(predictor)} model and does not take "
+                          f"{OPTIONS['class_prior']}; leave it out")
+    inner = getattr(predictor, "inner", predictor).model
+    correction = float(getattr(getattr(inner, "cfg", None), "prior_correction", 0.0) or 0.0)
+    prior = ClassPrior.for_model(spec, inner.specs[0].classes, model_dir.read_meta(model).get(COUNTS_KEY), model,
+                                 correction)
+    print(f"--class-prior: the category answers follow {prior.note}", file=sys.stderr)
+    return prior
 
 
 # ---------------------------------------------------------------------- command line
@@ -112,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "batch_size": args.batch_size, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
                   "trust_remote_code": args.trust_remote_code, "grounded": not args.ungrounded,
                   "static_cache": (args.static_compile or "cudagraphs") if args.static_cache else None,
-                  "encoder_precision": args.encoder_precision}
+                  "encoder_precision": args.encoder_precision, "class_prior": args.class_prior}
     try:
         if queue is not None:  # before anything is opened: a user's file there is refused, not replaced
             check_queue_path(queue)
@@ -194,8 +220,12 @@ def _settings(args: argparse.Namespace, review_below: float | None = None) -> di
     review = {"review_below": review_below} if review_below is not None else {}  # absent = no flags, as before
     lower = args.encoder_precision not in (None, "float32")
     precision = {"encoder_precision": args.encoder_precision} if lower else {}  # absent = float32, as trained
+    prior = args.class_prior
+    if prior and prior != "uniform" and Path(prior).is_file():
+        prior = fingerprint(Path(prior))["sha256"]
+    shares = {"class_prior": prior} if prior else {}  # absent = the training shares, as jobs before it
     return {"shard": f"{args.shard[0]}/{args.shard[1]}", "constrained": not args.no_constrained, **ungrounded,
-            **review, **precision, **files}
+            **review, **precision, **shares, **files}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -239,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
                         "on a CPU with AVX-512 BF16; answers may turn at near ties) instead of float32, as trained")
     p.add_argument("--ungrounded", action="store_true",
                    help="the model's own attribute answers: skip the folder's grounding.json (no evidence)")
+    p.add_argument("--class-prior", metavar="CATALOG|uniform",
+                   help="category shares to answer under (classifier and fusion models): a labelled catalog whose gold "
+                        "categories are counted (e.g. the old training file after a review round added another "
+                        "catalog's rows), or uniform; default: the model's training shares")
     p.add_argument("--schema", help="label schema YAML (zero-shot with a base checkpoint only)")
     p.add_argument("--template", help="prompt template (zero-shot with a base checkpoint only; default listing_v1)")
     p.add_argument("--image-root", type=Path, help="folder image paths resolve in (default: each dump's folder)")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mmllm.class_prior import COUNTS_KEY
 from mmllm.confidence import CALIBRATION_FILE, Calibration
 from mmllm.grounding import GROUNDING_FILES, Grounder, GroundedPredictor
 from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, PromptTemplate
@@ -92,8 +93,11 @@ def untrained_attributes(trained_fields: dict[str, int] | None) -> tuple[str, ..
 # ---------------------------------------------------------------------- writing
 def write_folder(out_dir: Path, *, kind: str, base_model: str, schema: LabelSchema, schema_source: str,
                  config: Any, template: PromptTemplate | None, model: dict[str, Any], training: dict[str, Any],
-                 trained_fields: dict[str, int] | None) -> None:
-    """Everything but the weights (each model kind saves its own): schema, template, config, meta, card."""
+                 trained_fields: dict[str, int] | None, category_counts: dict[str, int] | None = None) -> None:
+    """Everything but the weights (each model kind saves its own): schema, template, config, meta, card.
+
+    ``category_counts``: the training rows per category, which ``mmllm label --class-prior`` moves the
+    answers away from (:mod:`mmllm.class_prior`)."""
     from mmllm.config import save_config
 
     assert kind in KINDS, kind
@@ -102,7 +106,8 @@ def write_folder(out_dir: Path, *, kind: str, base_model: str, schema: LabelSche
         template.save_to(out_dir)
     save_config(config, out_dir / CONFIG_FILE, header="# resolved training config: rerun with --config this file\n")
     write_meta(out_dir, kind=kind, base_model=base_model, template=template.version if template else None, model=model,
-               training=training, **({"trained_fields": trained_fields} if trained_fields else {}))
+               training=training, **({"trained_fields": trained_fields} if trained_fields else {}),
+               **({COUNTS_KEY: category_counts} if category_counts else {}))
     write_card(out_dir)
 
 

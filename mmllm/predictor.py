@@ -34,6 +34,7 @@ OPTIONS = {
     "pixels": "image pixel bounds (models that read images through a Qwen-VL processor)",
     "static_cache": "a static decoding cache, compiled on a GPU (generative models only)",
     "encoder_precision": "a lower precision for its encoders (fusion models only)",
+    "class_prior": "another catalog's category shares (models with a category head: classifier, fusion)",
 }
 
 ENCODER_PRECISIONS = ("float32", "bfloat16")  # a fusion model's encoders: as trained, or under bf16 autocast

@@ -14,7 +14,7 @@ from mmllm.model_dir import read_meta
 from mmllm.schema import LabelSchema
 
 from helpers import ROOT
-from listings import write_catalog
+from listings import toy_row, write_catalog
 
 KINDS = ["generative-lora", "generative-merged", "classifier", "fusion", "base checkpoint"]
 
@@ -113,6 +113,8 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
                                    "decoding cache"),
     ("generative-lora", ["--encoder-precision", "bfloat16"], "error: --encoder-precision: {model} is a generative "
                                                              "model and does not take a lower precision for its encoders"),
+    ("generative-lora", ["--class-prior", "uniform"], "error: --class-prior: {model} is a generative model and does "
+                                                      "not take another catalog's category shares"),
 ])
 def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tmp_path, capsys, kind, flags, message):
     catalog, folders = trained
@@ -121,6 +123,61 @@ def test_an_option_the_model_does_not_take_is_refused_with_a_message(trained, tm
     err = capsys.readouterr().err
     assert code == 2 and message.format(model=folders[kind]) in err and "Traceback" not in err
     assert out.read_text() == ""  # nothing labelled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["classifier", "fusion"])
+def test_class_prior_moves_each_answer_by_bayes_rule(trained, tmp_path, capsys, kind):
+    """--class-prior CATALOG: every row's category distribution is the one without it, times the ratio of
+    the catalog's smoothed gold shares to the folder's training shares (kept in mmllm_model.json),
+    renormalized; the answers move towards the catalog's common category; a resume under other shares and
+    a catalog with no category of the taxonomy are refused."""
+    catalog, folders = trained
+    model = folders[kind]
+    schema = LabelSchema.from_yaml(catalog.parent / "schema.yaml")
+    counts = read_meta(model)["category_counts"]
+    assert counts == {c: 2 for c in schema.categories}  # the 8 training rows, 2 per category
+
+    def kites(folder, i):  # 5 kites and 1 chess set: shares (5+1)/10, (1+1)/10, 1/10, 1/10
+        row = toy_row()(folder, i)
+        return {**row, "label": {**row["label"], "category": "Games > Chess" if i == 0 else "Outdoor > Kites"}}
+
+    prior = write_catalog(tmp_path / "prior", 6, kites)
+    answers = {}
+    for name, flags in (("as_trained", []), ("kites", ["--class-prior", str(prior)])):
+        out = tmp_path / f"{name}.jsonl"
+        assert mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--quiet", *flags]) == 0
+        answers[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "follow the gold category shares of 6 rows of catalog.jsonl" in capsys.readouterr().err
+    target = {"Games > Chess": 0.2, "Outdoor > Kites": 0.6, "Games > Card Games": 0.1, "Vehicles > Cars": 0.1}
+    for before, after in zip(answers["as_trained"], answers["kites"]):
+        assert before["id"] == after["id"] and len(before["top_k"]) == 4  # every category: the whole distribution
+        moved = {t["category"]: t["score"] * target[t["category"]] / 0.25 for t in before["top_k"]}
+        total = sum(moved.values())
+        expected = {c: v / total for c, v in moved.items()}
+        got = {t["category"]: t["score"] for t in after["top_k"]}
+        assert got == pytest.approx(expected, abs=2e-5)
+        assert after["category"] == max(expected, key=expected.get)
+        assert after["confidence"] == pytest.approx(max(expected.values()), abs=2e-5)
+        was = {t["category"]: t["score"] for t in before["top_k"]}["Outdoor > Kites"]
+        assert got["Outdoor > Kites"] > was or was < 1e-3 or was > 0.999  # the favoured share gains where it can
+    kite_answers = [sum(r["category"] == "Outdoor > Kites" for r in answers[n]) for n in ("as_trained", "kites")]
+    assert kite_answers[1] >= kite_answers[0]
+
+    code = mmllm(["label", str(catalog), "--model", str(model), "--out", str(tmp_path / "kites.jsonl"), "--quiet",
+                  "--resume", "--class-prior", "uniform"])
+    assert code == 2 and "class_prior" in capsys.readouterr().err
+
+    def elsewhere(folder, i):
+        row = toy_row()(folder, i)
+        return {**row, "label": {**row["label"], "category": "Garden > Spades"}}
+
+    other = write_catalog(tmp_path / "other", 3, elsewhere)
+    out = tmp_path / "other.jsonl"
+    code = mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--quiet", "--class-prior", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--class-prior {other}: no row has a gold category of this model's taxonomy" in err
+    assert "3 outside it" in err and out.read_text() == ""
 
 
 @pytest.mark.slow

@@ -107,6 +107,7 @@ def test_a_round_end_to_end_is_scored_from_its_files_and_continued_without_retra
     assert [(r["variant"], r["rows"]) for r in result["runs"]] == [("none", 0), ("queue 6", 6), ("random 6", 6)]
 
     gold = {r["id"]: r["label"]["category"] for r in test}
+    dev_gold = {r["id"]: r["label"]["category"] for r in _lines(dev)}
     for run, name in zip(result["runs"], ["none_s0", "queue6_s0", "random6_s0"]):
         labels = {r["id"]: r for r in _lines(work / f"labels_test_{name}.jsonl")}
         assert set(labels) == set(gold)  # every test row once
@@ -121,13 +122,22 @@ def test_a_round_end_to_end_is_scored_from_its_files_and_continued_without_retra
             assert all(r["label"]["category"] == gold_ for r, gold_ in
                        zip(reviewed, [{x["id"]: x["label"]["category"] for x in pool}[r["id"]] for r in reviewed]))
             assert run["corrected"] == sum(r["review"]["decision"] == "corrected" for r in reviewed)
-            assert (work / f"model_{name}" / "mmllm_model.json").exists()
+            meta = json.loads((work / f"model_{name}" / "mmllm_model.json").read_text())
+            assert sum(meta["category_counts"].values()) == 24 + 6  # the old rows and the reviewed ones
+            old = {r["id"]: r for r in _lines(work / f"labels_dev_old_shares_{name}.jsonl")}
+            assert set(old) == set(dev_gold)
+            assert run["dev_old_shares"] == pytest.approx(
+                sum(old[i]["category"] == c for i, c in dev_gold.items()) / len(dev_gold), abs=1e-4)
+            plain = {r["id"]: r for r in _lines(work / f"labels_dev_{name}.jsonl")}
+            assert any(old[i]["confidence"] != plain[i]["confidence"] for i in dev_gold)  # the shares moved them
+        else:
+            assert run["dev_old_shares"] == run["dev_accuracy"]  # the base model answers under the old shares
     queue_ids = [r["id"] for r in _lines(work / "reviewed_queue6_s0.jsonl")]
     base = {r["id"]: r for r in _lines(work / "labels_pool_none_s0.jsonl")}
     confidences = sorted(r["confidence"] for r in base.values())
     assert sorted(base[i]["confidence"] for i in queue_ids) == confidences[:6]  # the least confident six
 
-    # interrupted: labelling cut off half way (queue), a training cut off before its labels (random);
+    # interrupted: labelling cut off half way (queue), a training cut off and started again (random);
     # the same command continues both
     cut = work / "labels_test_queue6_s0.jsonl"
     lines = cut.read_text().splitlines(keepends=True)
@@ -135,8 +145,7 @@ def test_a_round_end_to_end_is_scored_from_its_files_and_continued_without_retra
     stamp = (work / "model_queue6_s0" / "review_rounds_train.json").stat().st_mtime_ns
     shutil.copytree(work / "model_random6_s0", work / "model_random6_s0.partial")
     shutil.rmtree(work / "model_random6_s0")
-    (work / "labels_test_random6_s0.jsonl").unlink()
-    (work / "labels_dev_random6_s0.jsonl").unlink()
+    # its labels stay: they are an earlier model's, and the retraining removes them before it starts
     assert rounds.main(argv) == 0
     again = json.loads(out.read_text())
     assert (work / "model_queue6_s0" / "review_rounds_train.json").stat().st_mtime_ns == stamp  # not retrained

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.catalog import Listing
+from mmllm.class_prior import ClassPrior
 from mmllm.collator import encode_prompts, load_listing_images
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
@@ -94,7 +95,8 @@ class ClassifierPredictor:
     batch_size: int = 16
     top_k: int = 5
     untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
-    takes: ClassVar[frozenset[str]] = frozenset({"pixels"})  # heads always answer inside the schema
+    class_prior: ClassPrior | None = None  # the category answers moved to another catalog's shares
+    takes: ClassVar[frozenset[str]] = frozenset({"pixels", "class_prior"})  # heads always answer inside the schema
     light_encode: ClassVar[bool] = True  # encode: prompts, tokens and pictures; the model runs in predict_encoded
 
     def encode(self, listings: Sequence[Listing], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -104,7 +106,10 @@ class ClassifierPredictor:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             logits = self.model(**{k: v.to(device) for k, v in enc.items()})
-        return head_probabilities(self.model.specs, logits, self.model.temperature)
+        probs = head_probabilities(self.model.specs, logits, self.model.temperature)
+        if self.class_prior is not None:
+            probs["category"] = self.class_prior.apply(probs["category"])
+        return probs
 
     def predict_encoded(self, enc: dict[str, torch.Tensor], raw: bool = False) -> list[dict[str, Any]]:
         probs = self.probabilities(enc)  # (heads have no answer text: ``raw`` adds nothing)

@@ -23,6 +23,7 @@ from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.images import ImagePolicy
+from mmllm.class_prior import category_counts
 from mmllm.model_dir import CARD_FILE, METRICS_FILE, trained_field_counts, untrained_attributes
 from mmllm.predictor import predict_in_batches
 from mmllm.progress import Progress
@@ -82,6 +83,11 @@ class Setup:
     train_policy: ImagePolicy
     dev_policy: ImagePolicy
     out_dir: Path
+
+    @property
+    def category_counts(self) -> dict[str, int]:
+        """Training rows per category of the schema (the meta file's ``category_counts``)."""
+        return category_counts([r.label for r in self.train_rows], self.schema.categories)
 
     @property
     def untrained(self) -> tuple[str, ...]:

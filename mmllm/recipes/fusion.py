@@ -145,7 +145,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
         model_dir.write_folder(s.out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,
                                model={"max_images": max_images, "method": fc.method, "modalities": unwrapped.modalities},
-                               training=summary, trained_fields=s.trained)
+                               training=summary, trained_fields=s.trained, category_counts=s.category_counts)
         fit_after_training(s, cfg.grounding, fusion.FusionPredictor(unwrapped, featurizer, s.schema, max_images,
                                                                untrained=s.untrained))
     say(s.accelerator, f"model folder written: {s.out_dir}")

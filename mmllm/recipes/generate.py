@@ -125,7 +125,7 @@ def save_model_dir(s: Setup, cfg: Any, model: Any, processor: Any, summary: dict
                     if k in ("dtype", "attn_implementation", "quantization", "quant_skip_modules", "max_images")}
     model_dir.write_folder(out_dir, kind=kind, base_model=cfg.model.base, schema=s.schema, schema_source=cfg.data.schema,
                            config=cfg, template=s.template, model=model_fields, training=summary,
-                           trained_fields=s.trained)
+                           trained_fields=s.trained, category_counts=s.category_counts)
 
 
 # ---------------------------------------------------------------------- evaluation

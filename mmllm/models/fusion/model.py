@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.catalog import Listing
+from mmllm.class_prior import ClassPrior
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.predictor import predict_in_batches
@@ -397,7 +398,8 @@ class FusionPredictor:
     batch_size: int = 32
     top_k: int = 5
     untrained: tuple[str, ...] = ()  # attributes without training rows: answered null
-    takes: ClassVar[frozenset[str]] = frozenset({"encoder_precision"})  # no decoding options, no Qwen-VL processor
+    class_prior: ClassPrior | None = None  # the category answers moved to another catalog's shares
+    takes: ClassVar[frozenset[str]] = frozenset({"encoder_precision", "class_prior"})  # no decoding options
     light_encode: ClassVar[bool] = False  # encode runs the text and image encoders: its workers keep torch's threads
 
     @property
@@ -418,6 +420,8 @@ class FusionPredictor:
         with torch.no_grad():
             logits = self.model(**{k: v.to(device) for k, v in enc.items()})
         probs = head_probabilities(self.model.specs, logits, self.model.temperature)
+        if self.class_prior is not None:
+            probs["category"] = self.class_prior.apply(probs["category"])
         weights = self.model.last_weights
         records = []
         for row in range(enc["attention_mask"].shape[0]):
