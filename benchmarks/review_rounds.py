@@ -14,6 +14,8 @@ reviewed rows go into ``data.train`` and the recipe is retrained. This measures 
 4. the recipe (``--config`` plus ``--set``) is retrained with ``data.train=[--train, the reviewed rows]``,
    nothing else changed, and labels the test half and dev, and dev again under ``--train``'s category
    shares (``mmllm label --class-prior``: what the old catalog gets back when it is labelled as its own);
+   for a random sample, also the base model with no retraining, labelling the test half under the
+   sample's category shares (what knowing the catalog's shares alone is worth);
 5. TF-IDF + logistic regression (C = 10, ``versus_bag_of_words.bag_of_words``) is fitted on exactly the
    same rows, and the two are compared on the test half: accuracy / macro-F1 of the category, and the
    exact McNemar test of the rows only one side gets right. Dev says what the retraining costs the
@@ -321,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
                    "bow_accuracy": theirs["accuracy"], "bow_macro_f1": theirs["macro_f1"],
                    "paired": compare(test, ours, theirs), "dev_accuracy": category_scores(dev, on_dev)["accuracy"],
                    "dev_old_shares": category_scores(dev, old_shares)["accuracy"], "train_s": wall}
+            if order == "random":  # no retraining: the base model under the shares of the random sample
+                shares = label(base, test_path, work / f"labels_test_shares_{variant.replace(' ', '')}_{tag}.jsonl",
+                               image_root, class_prior=reviewed_path)
+                before = bow_answers(work, train_rows, test)
+                run["shares_only"] = {**category_scores(test, shares), "bow_accuracy": before["accuracy"],
+                                      "paired": compare(test, shares, before)}
             runs.append(run)
             print("  " + table([run])[-1], flush=True)
     lines = table(runs)
@@ -329,6 +337,18 @@ def main(argv: list[str] | None = None) -> int:
           "accuracy on --dev, and under --train's category shares (mmllm label --class-prior); corrected: reviewed "
           "rows whose base prediction was wrong")
     print("\n".join(lines))
+    shares_lines = []
+    for r in runs:
+        if "shares_only" in r:
+            so, p = r["shares_only"], r["shares_only"]["paired"]
+            pv = "p < 0.001" if p["p_value"] < 0.001 else f"p = {p['p_value']:.3f}"
+            seed = "" if args.base_model else f", seed {r['seed']}"  # one base model: the same line for every seed
+            shares_lines.append(f"no retraining{seed}: the base model under the category shares of the {r['rows']} "
+                                f"random reviewed rows (mmllm label --class-prior): {so['accuracy']:.3f} / "
+                                f"{so['macro_f1']:.3f} on the test rows; TF-IDF + LR on --train {so['bow_accuracy']:.3f}; "
+                                f"+{p['only_recipe']} / -{p['only_bag_of_words']}, {pv}")
+    for line in dict.fromkeys(shares_lines):
+        print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, json.dumps({"catalog": str(args.catalog), "train": str(args.train), "dev": str(args.dev),
                                        "pool_rows": len(pool), "test_rows": len(test), "outside_schema": len(outside),

@@ -132,6 +132,15 @@ def test_a_round_end_to_end_is_scored_from_its_files_and_continued_without_retra
             assert any(old[i]["confidence"] != plain[i]["confidence"] for i in dev_gold)  # the shares moved them
         else:
             assert run["dev_old_shares"] == run["dev_accuracy"]  # the base model answers under the old shares
+        if run["order"] == "random":  # the base model, not retrained, under the sample's category shares
+            shares = {r["id"]: r for r in _lines(work / "labels_test_shares_random6_none_s0.jsonl")}
+            assert set(shares) == set(gold)
+            assert run["shares_only"]["accuracy"] == pytest.approx(
+                sum(shares[i]["category"] == c for i, c in gold.items()) / len(gold), abs=1e-4)
+            plain = {r["id"]: r for r in _lines(work / "labels_test_none_s0.jsonl")}
+            assert any(shares[i]["confidence"] != plain[i]["confidence"] for i in gold)
+        else:
+            assert "shares_only" not in run
     queue_ids = [r["id"] for r in _lines(work / "reviewed_queue6_s0.jsonl")]
     base = {r["id"]: r for r in _lines(work / "labels_pool_none_s0.jsonl")}
     confidences = sorted(r["confidence"] for r in base.values())
