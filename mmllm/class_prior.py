@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["COUNTS_KEY", "ClassPrior", "ClassPriorError", "category_counts", "target_shares"]
+__all__ = ["COUNTS_KEY", "ClassPrior", "ClassPriorError", "category_counts", "smoothed_shares", "target_shares"]
 
 
 COUNTS_KEY = "category_counts"  # in mmllm_model.json: {category: training rows}
@@ -48,7 +48,9 @@ def category_counts(labels: Iterable[Mapping[str, Any] | None], classes: Sequenc
     return {c: int(seen.get(c, 0)) for c in classes}
 
 
-def _smoothed(counts: Sequence[float]) -> list[float]:
+def smoothed_shares(counts: Sequence[float]) -> list[float]:
+    """Add-one smoothed shares of ``counts``: a category with no row keeps a small share (the training
+    shares ``fusion.prior_correction`` removes, and both sides of a ``--class-prior`` ratio)."""
     total = sum(counts) + len(counts)
     return [(c + 1.0) / total for c in counts]
 
@@ -103,12 +105,12 @@ def target_shares(spec: str, classes: Sequence[str]) -> tuple[list[float], str]:
                        f"{n} rows, first id {first_outside[name]})")
     if skipped:
         note += "; not counted: " + "; ".join(skipped)
-    return _smoothed(counts), note
+    return smoothed_shares(counts), note
 
 
 @dataclass
 class ClassPrior:
-    """Moves a model's category answers from its training shares to ``target`` shares."""
+    """Moves a model's category answers from its training shares to another catalog's (``for_model``)."""
 
     log_ratio: torch.Tensor  # [C] log pi_target - log pi_source
     note: str = ""
@@ -125,7 +127,7 @@ class ClassPrior:
         if missing:
             raise ClassPriorError(f"--class-prior: {source}'s category_counts lack {len(missing)} of its categories "
                                   f"(first: '{missing[0]}'); the folder is inconsistent, retrain it")
-        source_log = [(1.0 - correction) * math.log(p) for p in _smoothed([counts[c] for c in classes])]
+        source_log = [(1.0 - correction) * math.log(p) for p in smoothed_shares([counts[c] for c in classes])]
         shares, note = target_shares(spec, classes)
         ratio = torch.tensor([math.log(t) - s for t, s in zip(shares, source_log)], dtype=torch.float32)
         return cls(ratio - ratio.max(), note)

@@ -19,11 +19,11 @@ import torch
 
 from mmllm.catalog import CatalogError, Listing, RowError, attributes_labelled, iter_catalog
 from mmllm.config import help_field
+from mmllm.class_prior import category_counts
 from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.images import ImagePolicy
-from mmllm.class_prior import category_counts
 from mmllm.model_dir import CARD_FILE, METRICS_FILE, trained_field_counts, untrained_attributes
 from mmllm.predictor import predict_in_batches
 from mmllm.progress import Progress

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,8 +99,8 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     model = fusion.FusionModel(fc, specs, encoders.text_dim, encoders.image_dim, encoders, names, anchor,
                                value_vectors=values)
     if fc.prior_correction:
-        seen = Counter((r.label or {}).get("category") for r in s.train_rows)
-        model.set_prior([seen[c] for c in specs[0].classes])
+        counts = s.category_counts
+        model.set_prior([counts[c] for c in specs[0].classes])
     max_images = cfg.model.max_images if encoders.image is not None else 0
     collate = fusion.FusionCollator(featurizer, s.schema, specs, s.train_policy, max_images, members=False)
     dev_collate = fusion.FusionCollator(featurizer, s.schema, specs, s.dev_policy, max_images)

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.catalog import Listing
-from mmllm.class_prior import ClassPrior
+from mmllm.class_prior import ClassPrior, smoothed_shares
 from mmllm.config import help_field
 from mmllm.images import ImagePolicy
 from mmllm.predictor import predict_in_batches
@@ -306,8 +306,7 @@ class FusionModel(nn.Module):
 
     def set_prior(self, counts: Sequence[int]) -> None:
         """The training share of each category (add-one smoothed), for ``prior_correction``."""
-        counts_t = torch.tensor([float(c) + 1.0 for c in counts])
-        self.log_prior.copy_(torch.log(counts_t / counts_t.sum()))
+        self.log_prior.copy_(torch.log(torch.tensor(smoothed_shares(counts))))
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: Path, tuned_text: Encoders | None = None, vectorizer: Vectorizer | None = None) -> None:
