@@ -1,7 +1,9 @@
-"""Write ``amazon_uk_toys_10k`` regrouped under a schema of its own: a catalog unlike the default's.
+"""Write a catalog regrouped under a schema of its own: a catalog unlike the default's.
 
-The default recipe is tuned nowhere near this catalog; it is where a claim such as "the recipe beats a
-bag of words" is checked with no change to the recipe (``versus_bag_of_words.py --catalog``):
+The default recipe is tuned nowhere near these catalogs; they are where a claim such as "the recipe beats
+a bag of words" is checked with no change to the recipe (``versus_bag_of_words.py --catalog``).
+
+``--kind brand_price`` (default): ``amazon_uk_toys_10k`` (title-level listings) with
 
 - ``category``: the top level of the browse path only (15 categories, skewed from 1,374 rows down to 2),
   where the default schema has two levels;
@@ -12,10 +14,21 @@ bag of words" is checked with no change to the recipe (``versus_bag_of_words.py 
 
 Both attributes are derived from seller-table fields, so those fields (``brand``, ``price_gbp``) are
 removed from the listing: a model must read the brand from the title and judge the price from what the
-product is, as a catalog team would ask of a listing whose table is incomplete. The schema is not written
-here: the benchmark drafts it from the training rows, as ``mmllm schema infer`` would.
+product is, as a catalog team would ask of a listing whose table is incomplete.
+
+``--kind age_group``: the 863 ``amazon_uk_toys`` listings (train and dev, with descriptions and seller
+tables) with
+
+- ``category``: the top level of the browse path only (44 categories, 152 rows down to 1);
+- ``age_group``: an enum from the gold minimum age, 0-2y / 3y-5y / 6y-8y / 9y-12y / 13y+ (the shape of
+  a shop's age-group field); rows without a gold age have no gold group. The seller-table fields that
+  state an age ("Manufacturer recommended age") are removed, so the group is judged from the product.
+
+The schema is not written here: the benchmark drafts it from the training rows, as ``mmllm schema
+infer`` would.
 
     python benchmarks/other_schema_catalog.py --out /tmp/toys_10k_regrouped.jsonl
+    python benchmarks/other_schema_catalog.py --kind age_group --out /tmp/toys_age_groups.jsonl
     python benchmarks/versus_bag_of_words.py --catalog /tmp/toys_10k_regrouped.jsonl --seeds 0
 """
 
@@ -28,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "amazon_uk_toys_10k" / "listings.jsonl"
+AGE_SOURCES = (ROOT / "examples" / "amazon_uk_toys" / "train.jsonl", ROOT / "examples" / "amazon_uk_toys" / "dev.jsonl")
+AGE_GROUPS = ((3.0, "0-2y"), (6.0, "3y-5y"), (9.0, "6y-8y"), (13.0, "9y-12y"), (float("inf"), "13y+"))
 BANDS = ((5.0, "under £5"), (10.0, "£5 to £10"), (20.0, "£10 to £20"), (float("inf"), "over £20"))
 
 
@@ -40,6 +55,30 @@ def price_band(text: str | None) -> str | None:
     if price <= 0:
         return None
     return next(name for bound, name in BANDS if price < bound)
+
+
+def age_group(years: object) -> str | None:
+    """The group of a minimum age in years; None when there is none."""
+    if years is None or isinstance(years, bool):
+        return None
+    try:
+        age = float(years)
+    except (TypeError, ValueError):
+        return None
+    return next(name for bound, name in AGE_GROUPS if age < bound) if age >= 0 else None
+
+
+def regroup_ages(rows: list[dict]) -> list[dict]:
+    out = []
+    for row in rows:
+        # "Manufacturer recommended age", "Our recommended age": the field would state the answer
+        table = {k: v for k, v in (row.get("attributes") or {}).items() if "age" not in k.lower().split()}
+        label = row.get("label") or {}
+        group = age_group((label.get("attributes") or {}).get("min_age_years"))
+        category = str(label["category"]).split(" > ")[0].strip()
+        out.append({**row, "attributes": table,
+                    "label": {"category": category, "attributes": {"age_group": group} if group else {}}})
+    return out
 
 
 def regroup(rows: list[dict], min_brand_rows: int) -> list[dict]:
@@ -62,17 +101,26 @@ def regroup(rows: list[dict], min_brand_rows: int) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", type=Path, default=SOURCE)
+    p.add_argument("--kind", choices=("brand_price", "age_group"), default="brand_price")
+    p.add_argument("--source", type=Path, nargs="+",
+                   help="default: amazon_uk_toys_10k (brand_price), amazon_uk_toys train + dev (age_group)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--min-brand-rows", type=int, default=30)
     args = p.parse_args()
-    if args.out.resolve() == args.source.resolve():
-        p.error("--out must not be the source file")
-    rows = [json.loads(line) for line in args.source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = regroup(rows, args.min_brand_rows)
+    sources = args.source or ([SOURCE] if args.kind == "brand_price" else list(AGE_SOURCES))
+    if any(args.out.resolve() == s.resolve() for s in sources):
+        p.error("--out must not be a source file")
+    rows = [json.loads(line) for s in sources for line in s.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = regroup(rows, args.min_brand_rows) if args.kind == "brand_price" else regroup_ages(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
     counts = Counter(r["label"]["category"] for r in out)
+    if args.kind == "age_group":
+        groups = Counter(r["label"]["attributes"].get("age_group") for r in out)
+        print(f"wrote {len(out)} rows to {args.out}: {len(counts)} categories, "
+              f"{sum(n for g, n in groups.items() if g)} with an age group "
+              f"({', '.join(f'{g} {n}' for g, n in sorted(groups.items(), key=lambda x: str(x[0])) if g)})")
+        return 0
     print(f"wrote {len(out)} rows to {args.out}: {len(counts)} categories, "
           f"{sum('brand' in r['label']['attributes'] for r in out)} with a brand "
           f"({len({r['label']['attributes'].get('brand') for r in out} - {None})} brands), "

@@ -1,0 +1,68 @@
+"""benchmarks/other_schema_catalog.py: the two catalogs regrouped under schemas of their own, where the
+recipe is compared with a bag of words without change. The field a label is derived from must leave the
+listing (else the answer is written in it), and rows without a source value have no gold value."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("other_schema", ROOT / "benchmarks" / "other_schema_catalog.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_age_groups_come_from_the_gold_minimum_age_and_the_age_fields_leave_the_table(tmp_path):
+    other = _module()
+    assert [other.age_group(a) for a in (0, 2.5, 3, 5, 6, 8.9, 9, 12, 13, 16, None, True, "x", -1)] == [
+        "0-2y", "0-2y", "3y-5y", "3y-5y", "6y-8y", "6y-8y", "9y-12y", "9y-12y", "13y+", "13y+",
+        None, None, None, None]
+    rows = [{"id": "a", "title": "Wooden train", "attributes": {"brand": "Brio", "Manufacturer recommended age":
+                                                                "3 years and up", "Package age": "new"},
+             "label": {"category": "Hobbies > Model Trains", "attributes": {"min_age_years": 3, "piece_count": 9}}},
+            {"id": "b", "title": "Chess set", "attributes": {"Our recommended age": "8 years"},
+             "label": {"category": "Games > Chess", "attributes": {"min_age_years": None}}},
+            {"id": "c", "title": "Kite", "label": {"category": "Sports Toys & Outdoor > Kites"}}]
+    out = other.regroup_ages(rows)
+    assert [r["label"] for r in out] == [{"category": "Hobbies", "attributes": {"age_group": "3y-5y"}},
+                                         {"category": "Games", "attributes": {}},
+                                         {"category": "Sports Toys & Outdoor", "attributes": {}}]
+    assert [r["attributes"] for r in out] == [{"brand": "Brio"}, {}, {}]
+    assert [r["title"] for r in out] == ["Wooden train", "Chess set", "Kite"]
+    assert rows[0]["attributes"]["Manufacturer recommended age"] == "3 years and up"  # the input is not changed
+
+    # the script: two sources read in order, one file written, and the sources never overwritten
+    src = [tmp_path / "train.jsonl", tmp_path / "dev.jsonl"]
+    src[0].write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    src[1].write_text(json.dumps(rows[2]) + "\n")
+    script = [sys.executable, str(ROOT / "benchmarks" / "other_schema_catalog.py"), "--kind", "age_group",
+              "--source", *map(str, src)]
+    done = subprocess.run([*script, "--out", str(tmp_path / "ages.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "3 rows" in done.stdout and "1 with an age group (3y-5y 1)" in done.stdout
+    written = [json.loads(line) for line in (tmp_path / "ages.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written] == ["a", "b", "c"] and written == out
+    before = src[1].read_bytes()
+    refused = subprocess.run([*script, "--out", str(src[1])], capture_output=True, text=True)
+    assert refused.returncode == 2 and "must not be a source file" in refused.stderr
+    assert src[1].read_bytes() == before
+
+
+def test_brand_and_price_band_come_from_fields_that_leave_the_listing():
+    other = _module()
+    rows = [{"id": str(i), "title": f"Car {i}", "attributes": {"brand": "Corgi" if i < 2 else "Rare",
+                                                               "price_gbp": price, "stock": "5 new"},
+             "label": {"category": "Die-Cast & Toy Vehicles > Toy Vehicles"}}
+            for i, price in enumerate(["4.99", "12", "n/a"])]
+    out = other.regroup(rows, min_brand_rows=2)
+    assert [r["label"]["attributes"] for r in out] == [{"brand": "Corgi", "price_band": "under £5"},
+                                                       {"brand": "Corgi", "price_band": "£10 to £20"}, {}]
+    assert {r["label"]["category"] for r in out} == {"Die-Cast & Toy Vehicles"}
+    assert all(r["attributes"] == {"stock": "5 new"} for r in out)
