@@ -1,11 +1,14 @@
-"""Paths into the checkout, and predictions of a model folder reloaded in a fresh process.
+"""Paths into the checkout, a benchmark script as a module, and predictions of a model folder reloaded in
+a fresh process.
 
-Test modules import these as ``from helpers import ROOT, TOYS_SCHEMA, reload_in_fresh_process, require_gradio``
+Test modules import these as ``from helpers import ROOT, TOYS_SCHEMA, benchmark_module, reload_in_fresh_process,
+require_gradio``
 (pytest puts ``tests/`` on ``sys.path``); fixtures live in ``conftest.py``, data in ``listings.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +18,14 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 TOYS_SCHEMA = ROOT / "examples" / "toys_schema.yaml"
+
+
+def benchmark_module(name: str):
+    """``benchmarks/NAME.py`` loaded as a module (the folder is not a package), for its functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # Loads the folder the way the tests do in-process (listings.load_model_dir), so the two sides differ
 # only in the process: argv = folder, catalog, image root, row limit ("" for all), options as JSON.

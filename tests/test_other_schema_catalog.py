@@ -4,19 +4,15 @@ listing (else the answer is written in it), and rows without a source value have
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
-from helpers import ROOT
+from helpers import ROOT, benchmark_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("other_schema", ROOT / "benchmarks" / "other_schema_catalog.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("other_schema_catalog")
 
 
 def test_age_groups_come_from_the_gold_minimum_age_and_the_age_fields_leave_the_table(tmp_path):

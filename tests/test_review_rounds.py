@@ -4,21 +4,17 @@ scored from the files it wrote, and refused on a work folder made with other set
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 
-from helpers import ROOT
+from helpers import benchmark_module
 from listings import SMALL_SCHEMA, toy_row, write_catalog
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("review_rounds", ROOT / "benchmarks" / "review_rounds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("review_rounds")
 
 
 def _pool(n: int) -> list[dict]:

@@ -7,13 +7,12 @@ here what it costs with the real tokenizer, while text still tokenizes as with t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TOYS_SCHEMA
+from helpers import ROOT, TOYS_SCHEMA, benchmark_module
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -67,9 +66,7 @@ def test_real_sizes_and_ids(real):
 
 def test_ids_are_those_the_real_size_benchmark_uses(real):
     """benchmarks/train_step.py builds real-size configs with these ids and borrows this tokenizer."""
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
-    train_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_step)
+    train_step = benchmark_module("train_step")
     _, _, model = real
     for key, token_id in train_step.IDS.items():
         assert getattr(model.config, key) == token_id, key

@@ -3,19 +3,15 @@ while the recipe trains and the last step reads it; a file from other rows or la
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from helpers import ROOT
+from helpers import benchmark_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("versus", ROOT / "benchmarks" / "versus_bag_of_words.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("versus_bag_of_words")
 
 
 def test_a_baseline_is_read_only_for_the_rows_labels_and_search_it_was_fitted_on(tmp_path):
