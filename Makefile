@@ -29,7 +29,7 @@ run: $(STAMP)
 	# features cached in runs/feature_cache; seller-table MLP; attention fusion; heads, name,
 	# neighbour and TF-IDF + LR votes, per-head weights on the attributes) trained on the Amazon UK
 	# train split, then batch labelling of the held-out dev listings, the evaluation report and the
-	# same rows by TF-IDF + logistic regression beside it: about 5 minutes on 2 CPU cores, offline.
+	# same rows by TF-IDF + logistic regression beside it: about 3 minutes on 2 CPU cores, offline.
 	# TF-IDF + LR (one core, ~40 s) fits in the background while the recipe trains; the last step waits for it.
 	rm -rf runs/make-run && mkdir -p runs/make-run
 	$(BOW) --skip-recipe --out runs/make-run/bag_of_words.json > runs/make-run/bag_of_words.log 2>&1 & echo $$! > runs/make-run/bag_of_words.pid
