@@ -57,6 +57,28 @@ def price_band(text: str | None) -> str | None:
     return next(name for bound, name in BANDS if price < bound)
 
 
+def read_labelled(sources: list[Path]) -> tuple[list[dict], int]:
+    """The rows of the JSONL ``sources`` that have a gold category (the label both catalogs keep); a line
+    that is not a JSON object is an error naming its file and line, and rows without a category are left
+    out and counted (the benchmark has no use for them)."""
+    rows, unlabelled = [], 0
+    for source in sources:
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}:{number}: not a JSON row ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{source}:{number}: a row is a JSON object, got {type(row).__name__}")
+            if isinstance((row.get("label") or {}).get("category"), str):
+                rows.append(row)
+            else:
+                unlabelled += 1
+    return rows, unlabelled
+
+
 def age_group(years: object) -> str | None:
     """The group of a minimum age in years; None when there is none."""
     if years is None or isinstance(years, bool):
@@ -110,16 +132,21 @@ def main() -> int:
     sources = args.source or ([SOURCE] if args.kind == "brand_price" else list(AGE_SOURCES))
     if any(args.out.resolve() == s.resolve() for s in sources):
         p.error("--out must not be a source file")
-    rows = [json.loads(line) for s in sources for line in s.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        rows, unlabelled = read_labelled(sources)
+    except ValueError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     out = regroup(rows, args.min_brand_rows) if args.kind == "brand_price" else regroup_ages(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
     counts = Counter(r["label"]["category"] for r in out)
+    if unlabelled:
+        print(f"left out {unlabelled} rows without a gold category")
     if args.kind == "age_group":
         groups = Counter(r["label"]["attributes"].get("age_group") for r in out)
         print(f"wrote {len(out)} rows to {args.out}: {len(counts)} categories, "
               f"{sum(n for g, n in groups.items() if g)} with an age group "
-              f"({', '.join(f'{g} {n}' for g, n in sorted(groups.items(), key=lambda x: str(x[0])) if g)})")
+              f"({', '.join(f'{g} {groups[g]}' for _, g in AGE_GROUPS if groups[g])})")
         return 0
     print(f"wrote {len(out)} rows to {args.out}: {len(counts)} categories, "
           f"{sum('brand' in r['label']['attributes'] for r in out)} with a brand "

@@ -1,6 +1,7 @@
 """benchmarks/other_schema_catalog.py: the two catalogs regrouped under schemas of their own, where the
 recipe is compared with a bag of words without change. The field a label is derived from must leave the
-listing (else the answer is written in it), and rows without a source value have no gold value."""
+listing (else the answer is written in it), rows without a source value have no gold value, and a line
+that is not a row is named by its file and line."""
 
 from __future__ import annotations
 
@@ -37,18 +38,26 @@ def test_age_groups_come_from_the_gold_minimum_age_and_the_age_fields_leave_the_
     # the script: two sources read in order, one file written, and the sources never overwritten
     src = [tmp_path / "train.jsonl", tmp_path / "dev.jsonl"]
     src[0].write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    src[1].write_text(json.dumps(rows[2]) + "\n")
+    unlabelled = {"id": "d", "title": "No label yet", "attributes": {}}
+    src[1].write_text(json.dumps(rows[2]) + "\n\n" + json.dumps(unlabelled) + "\n")
     script = [sys.executable, str(ROOT / "benchmarks" / "other_schema_catalog.py"), "--kind", "age_group",
               "--source", *map(str, src)]
     done = subprocess.run([*script, "--out", str(tmp_path / "ages.jsonl")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "3 rows" in done.stdout and "1 with an age group (3y-5y 1)" in done.stdout
+    assert "left out 1 rows without a gold category" in done.stdout
     written = [json.loads(line) for line in (tmp_path / "ages.jsonl").read_text().splitlines()]
     assert [r["id"] for r in written] == ["a", "b", "c"] and written == out
     before = src[1].read_bytes()
     refused = subprocess.run([*script, "--out", str(src[1])], capture_output=True, text=True)
     assert refused.returncode == 2 and "must not be a source file" in refused.stderr
     assert src[1].read_bytes() == before
+
+    # a line that is not a row: the file and line are named, nothing is written
+    src[1].write_text(json.dumps(rows[2]) + "\n{not json\n")
+    bad = subprocess.run([*script, "--out", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
+    assert bad.returncode == 2 and f"{src[1]}:2: not a JSON row" in bad.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
 
 
 def test_brand_and_price_band_come_from_fields_that_leave_the_listing():
