@@ -15,6 +15,7 @@ get wrong say nothing about which side is better). A user checks the claim on th
 
     python benchmarks/versus_bag_of_words.py --train my_train.jsonl --dev my_dev.jsonl --schema my.yaml
     python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl [--dev-percent 20]   # hash split by id
+        [--split-salt 1]   # another split of the same rows: repeat the comparison over a few
         [--config finetune/fusion_minilm_cpu.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
     python benchmarks/versus_bag_of_words.py --train T --dev D --labels labels.jsonl --only category --quick
         # a labels file written by `mmllm label` stands for the recipe (what `make run` prints)
@@ -48,9 +49,13 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def hash_split(rows: list[dict], dev_percent: int) -> tuple[list[dict], list[dict]]:
-    """Rows whose id hashes below ``dev_percent`` (of 100) go to dev: the same split on every machine."""
-    dev = [r for r in rows if int(hashlib.sha256(str(r["id"]).encode()).hexdigest()[:8], 16) % 100 < dev_percent]
+def hash_split(rows: list[dict], dev_percent: int, salt: str = "") -> tuple[list[dict], list[dict]]:
+    """Rows whose id (followed by ``salt``) hashes below ``dev_percent`` (of 100) go to dev: the same split
+    on every machine; another ``salt`` draws another split of the same rows."""
+    def bucket(row: dict) -> int:
+        return int(hashlib.sha256(f"{row['id']}{salt}".encode()).hexdigest()[:8], 16) % 100
+
+    dev = [r for r in rows if bucket(r) < dev_percent]
     chosen = {id(r) for r in dev}
     return [r for r in rows if id(r) not in chosen], dev
 
@@ -264,6 +269,9 @@ def main() -> int:
     p.add_argument("--dev", type=Path)
     p.add_argument("--catalog", type=Path, help="one labelled catalog, split by a hash of the id")
     p.add_argument("--dev-percent", type=int, default=20)
+    p.add_argument("--split-salt", default="", metavar="TEXT",
+                   help="with --catalog: hash the id followed by TEXT, another split of the same rows (repeated hold-out: "
+                        "one dev split of ~170 rows can be lucky or unlucky for either side)")
     p.add_argument("--schema", type=Path, help="label schema (default with --catalog: drafted from the training rows)")
     p.add_argument("--config", default=str(ROOT / "finetune" / "fusion_minilm_cpu.yaml"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -289,7 +297,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.catalog:
-            train, dev = hash_split([r for r in read_rows(args.catalog) if r.get("label")], args.dev_percent)
+            train, dev = hash_split([r for r in read_rows(args.catalog) if r.get("label")], args.dev_percent,
+                                    args.split_salt)
         else:
             train, dev = read_rows(args.train), read_rows(args.dev)
         train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
@@ -355,7 +364,8 @@ def main() -> int:
                      for n in attribute_names]
             print(f"{title:<24}" + "".join(f" | {c:>22}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": args.config, "train_rows": len(train), "dev_rows": len(dev), "labels": names,
+    args.out.write_text(json.dumps({"config": args.config, "split_salt": args.split_salt if args.catalog else None,
+                                    "train_rows": len(train), "dev_rows": len(dev), "labels": names,
                                     "rows_sha256": fingerprint,
                                     "bag_of_words": baseline, "bag_of_words_published": baseline_published,
                                     "recipe": runs, "table": lines, "paired": paired_lines}, indent=1) + "\n")

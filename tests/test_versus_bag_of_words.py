@@ -83,3 +83,20 @@ def test_the_paired_comparison_counts_the_rows_only_one_side_gets_right():
     assert lines[-1] == "recipe, seed 0: brand: +5 / -1, p = 0.219"
     old_file = {"brand": {"accuracy": 0.5}}  # a baseline file from before the answers were kept
     assert "keeps no answers" in versus.paired_table([run], old_file, dev, ["brand"])[0]
+
+
+def test_the_hash_split_is_stable_and_a_salt_draws_another_split_of_the_same_rows():
+    versus = _module()
+    rows = [{"id": f"row{i}", "title": f"listing {i}"} for i in range(2000)]
+    train, dev = versus.hash_split(rows, 20)
+    assert len(train) + len(dev) == 2000 and {r["id"] for r in train}.isdisjoint(r["id"] for r in dev)
+    assert 330 < len(dev) < 470  # about a fifth
+    again = versus.hash_split(list(reversed(rows)), 20)[1]
+    assert {r["id"] for r in again} == {r["id"] for r in dev}  # by the id alone, not the order
+    salted = versus.hash_split(rows, 20, "#1")[1]
+    assert 330 < len(salted) < 470
+    overlap = len({r["id"] for r in salted} & {r["id"] for r in dev})
+    assert overlap < 0.4 * len(dev)  # another draw: about a fifth of dev again, by chance
+    # the salt follows the id: the same split as rows whose ids carry it
+    renamed = versus.hash_split([{**r, "id": r["id"] + "#1"} for r in rows], 20)[1]
+    assert [r["id"] for r in renamed] == [r["id"] + "#1" for r in salted]
