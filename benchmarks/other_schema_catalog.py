@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def price_band(text: str | None) -> str | None:
         price = float(str(text).replace(",", "").strip())
     except ValueError:
         return None
-    if price <= 0:
+    if not math.isfinite(price) or price <= 0:
         return None
     return next(name for bound, name in BANDS if price < bound)
 
@@ -87,7 +88,7 @@ def age_group(years: object) -> str | None:
         age = float(years)
     except (TypeError, ValueError):
         return None
-    return next(name for bound, name in AGE_GROUPS if age < bound) if age >= 0 else None
+    return next(name for bound, name in AGE_GROUPS if age < bound) if math.isfinite(age) and age >= 0 else None
 
 
 def regroup_ages(rows: list[dict]) -> list[dict]:

@@ -287,6 +287,8 @@ def main() -> int:
     args = p.parse_args()
     if bool(args.catalog) == bool(args.train and args.dev):
         p.error("give --catalog, or --train and --dev")
+    if args.split_salt and not args.catalog:
+        p.error("--split-salt draws another split of a --catalog; --train and --dev are split already")
 
     import logging
 
@@ -364,7 +366,7 @@ def main() -> int:
                      for n in attribute_names]
             print(f"{title:<24}" + "".join(f" | {c:>22}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": args.config, "split_salt": args.split_salt if args.catalog else None,
+    args.out.write_text(json.dumps({"config": args.config, "split_salt": args.split_salt,
                                     "train_rows": len(train), "dev_rows": len(dev), "labels": names,
                                     "rows_sha256": fingerprint,
                                     "bag_of_words": baseline, "bag_of_words_published": baseline_published,

@@ -18,9 +18,9 @@ def _module():
 
 def test_age_groups_come_from_the_gold_minimum_age_and_the_age_fields_leave_the_table(tmp_path):
     other = _module()
-    assert [other.age_group(a) for a in (0, 2.5, 3, 5, 6, 8.9, 9, 12, 13, 16, None, True, "x", -1)] == [
+    assert [other.age_group(a) for a in (0, 2.5, 3, 5, 6, 8.9, 9, 12, 13, 16, None, True, "x", -1, "inf", "nan")] == [
         "0-2y", "0-2y", "3y-5y", "3y-5y", "6y-8y", "6y-8y", "9y-12y", "9y-12y", "13y+", "13y+",
-        None, None, None, None]
+        None, None, None, None, None, None]
     rows = [{"id": "a", "title": "Wooden train", "attributes": {"brand": "Brio", "Manufacturer recommended age":
                                                                 "3 years and up", "Package age": "new"},
              "label": {"category": "Hobbies > Model Trains", "attributes": {"min_age_years": 3, "piece_count": 9}}},
@@ -66,6 +66,8 @@ def test_brand_and_price_band_come_from_fields_that_leave_the_listing():
                                                                "price_gbp": price, "stock": "5 new"},
              "label": {"category": "Die-Cast & Toy Vehicles > Toy Vehicles"}}
             for i, price in enumerate(["4.99", "12", "n/a"])]
+    assert [other.price_band(t) for t in ("4.99", "1,250", "0", "-3", "inf", "nan", None)] == [
+        "under £5", "over £20", None, None, None, None, None]
     out = other.regroup(rows, min_brand_rows=2)
     assert [r["label"]["attributes"] for r in out] == [{"brand": "Corgi", "price_band": "under £5"},
                                                        {"brand": "Corgi", "price_band": "£10 to £20"}, {}]

@@ -4,10 +4,12 @@ while the recipe trains and the last step reads it; a file from other rows or la
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from helpers import benchmark_module
+from helpers import ROOT, benchmark_module
 
 
 def _module():
@@ -100,3 +102,13 @@ def test_the_hash_split_is_stable_and_a_salt_draws_another_split_of_the_same_row
     # the salt follows the id: the same split as rows whose ids carry it
     renamed = versus.hash_split([{**r, "id": r["id"] + "#1"} for r in rows], 20)[1]
     assert [r["id"] for r in renamed] == [r["id"] + "#1" for r in salted]
+
+
+def test_a_split_salt_without_a_catalog_is_refused(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "a", "title": "kite", "label": {"category": "Kites"}}\n')
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "versus_bag_of_words.py"), "--train", str(rows),
+                           "--dev", str(rows), "--split-salt", "#1", "--out", str(tmp_path / "out.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--split-salt draws another split of a --catalog" in done.stderr
+    assert not (tmp_path / "out.json").exists()
