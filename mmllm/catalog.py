@@ -28,7 +28,9 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import re
+import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -178,9 +180,11 @@ def parse_row(raw: Any, *, source: str, line: int, limits: RowLimits = RowLimits
     images = _check_images(raw.get("images"), limits, bad)
     label = _check_label(raw.get("label"), bad)
 
-    for key, value in raw.items():
-        if isinstance(value, str) and _has_surrogates(value):
-            bad(str(key), "contains bytes that are not valid UTF-8; re-encode the file as UTF-8")
+    unreadable = list(_unreadable({k: raw[k] for k in FIELDS if k in raw}))
+    for where, message in unreadable:
+        bad(where, message)
+    if any(where == "id" for where, _ in unreadable):
+        row_id = None  # an id no output file can hold: the error record names the line instead
     if problems:
         return RowError(source, line, row_id, tuple(problems), unit)
     return Listing(
@@ -213,8 +217,10 @@ def _check_attributes(value: Any, limits: RowLimits, bad) -> dict[str, Any]:
         if len(key) > limits.max_attribute_chars:
             bad("attributes", f"an attribute name has {len(key):,} characters, limit {limits.max_attribute_chars:,}")
             continue
-        if item is None:
-            continue  # null cells (Parquet structs, CSV exports) mean "not given"
+        if isinstance(item, list):
+            item = [s for s in item if not _is_nan(s)]
+        if item is None or _is_nan(item):
+            continue  # null cells (Parquet structs, CSV exports) and NaN (pandas' missing number) mean "not given"
         scalars = item if isinstance(item, list) else [item]
         if isinstance(item, Mapping) or any(not isinstance(s, (str, int, float, bool)) for s in scalars):
             bad(where, f"expected a string, number, boolean or list of those, got {_kind(item)}")
@@ -279,9 +285,42 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _has_surrogates(text: str) -> bool:
-    # CSV is decoded with errors="surrogateescape": undecodable bytes become U+DC80..U+DCFF
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    # A lone surrogate has no UTF-8 form: CSV is decoded with errors="surrogateescape" (undecodable bytes
+    # become U+DC80..U+DCFF), and JSON may escape one ("\ud83d" without its pair)
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _unreadable(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """(field, message) for every string in ``value`` (names included, at any depth) that no UTF-8 file
+    can hold, and every number that is not finite (NaN, Infinity, 1e400) or beyond a float: each would
+    break whatever reads or writes the row later (an output line, a schema, a plot), so the row is refused
+    here, naming the field. A seller-table NaN is left to ``_check_attributes`` (pandas' missing cell)."""
+    if isinstance(value, str):
+        if _has_surrogates(value):
+            yield where, "contains text that is not valid UTF-8 (undecodable bytes or a lone surrogate); re-encode the file as UTF-8"
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, float):
+        if not math.isfinite(value) and not (where.startswith("attributes.") and math.isnan(value)):
+            yield where, f"{value} is not a finite number"
+    elif isinstance(value, int):
+        if abs(value) > sys.float_info.max:
+            yield where, f"a number of {len(str(abs(value)))} digits is beyond any measurement"
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and _has_surrogates(key):
+                yield where or name, "a name contains text that is not valid UTF-8; re-encode the file as UTF-8"
+            else:
+                yield from _unreadable(item, name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _unreadable(item, f"{where}[{i}]")
 
 
 # ---------------------------------------------------------------------- readers
@@ -301,10 +340,12 @@ class CatalogReader:
         fmt: str | None = None,
         limits: RowLimits = RowLimits(),
         check_duplicates: bool = True,
+        seen_ids: SeenIds | None = None,
     ) -> None:
         self.source = source
         self.limits = limits
         self.check_duplicates = check_duplicates
+        self.seen_ids = seen_ids  # shared by the readers of one job's dumps: an id repeated across them is caught too
         self.unknown_fields: Counter[str] = Counter()
         self._done = 0
         self._reached = 0  # last line / row read, for the message when the file breaks off
@@ -343,7 +384,7 @@ class CatalogReader:
             "dataset": self._dataset,
             "records": self._records,
         }[self.fmt]()
-        seen = _SeenIds()
+        seen = self.seen_ids if self.seen_ids is not None else SeenIds()
         for item in self._until_broken(raw_rows):
             row = item if isinstance(item, RowError) else parse_row(
                 item[0], source=self.name, line=item[1], limits=self.limits, unit=item[2]
@@ -353,7 +394,7 @@ class CatalogReader:
                     str(k) for k, v in item[0].items() if k not in FIELDS and v not in (None, "")
                 )
             if self.check_duplicates and row.id is not None:
-                first = seen.add(row.id, row.line)
+                first = seen.add(row.id, row.line, self.name)
                 if first is not None and isinstance(row, Listing):
                     row = RowError(row.source, row.line, row.id, (("id", f"duplicate id, first seen at {self.unit} {first}"),), self.unit)
             yield row
@@ -519,8 +560,8 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> int:
 
 
 # ---------------------------------------------------------------------- reader helpers
-class _SeenIds:
-    """Ids seen so far -> line of first sight, as 64-bit hashes in an open-addressing table.
+class SeenIds:
+    """Ids seen so far -> line (and file) of first sight, as 64-bit hashes in an open-addressing table.
 
     A dict would cost ~150 bytes per row; two NumPy arrays at <= 50% load cost ~32, which keeps
     the duplicate check affordable on catalogs of tens of millions of rows. A false duplicate
@@ -529,16 +570,22 @@ class _SeenIds:
 
     def __init__(self, capacity: int = 1 << 12) -> None:
         self.keys = np.zeros(capacity, dtype=np.uint64)  # 0 marks an empty slot
-        self.lines = np.zeros(capacity, dtype=np.int64)
+        self.lines = np.zeros(capacity, dtype=np.int64)  # (file number << 40) + line
+        self.sources: dict[str, int] = {}
         self.used = 0
 
-    def add(self, row_id: str, line: int) -> int | None:
-        """Record ``row_id``; return the line where it was first seen if it is a repeat."""
+    def add(self, row_id: str, line: int, source: str = "") -> str | None:
+        """Record ``row_id`` at ``line`` of ``source``; if it is a repeat, where it was first seen ("3", or
+        "3 of shop_a.jsonl" when that was another file)."""
         key = int.from_bytes(hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") or 1
         slot = self._slot(key)
+        if source not in self.sources:
+            self.sources[source] = len(self.sources)
         if self.keys[slot]:
-            return int(self.lines[slot])
-        self.keys[slot], self.lines[slot] = key, line
+            first_source, first_line = divmod(int(self.lines[slot]), 1 << 40)
+            named = list(self.sources)[first_source]
+            return str(first_line) if named == source else f"{first_line} of {named}"
+        self.keys[slot], self.lines[slot] = key, (self.sources[source] << 40) + line
         self.used += 1
         if self.used * 2 > len(self.keys):
             self._grow()

@@ -123,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("--replicas forks the local engine's model: with --engine ray give --ray-actors")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         return _fail(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
+    if args.review_out and args.review_below is None and args.review_target_accuracy is None:
+        return _fail("--review-out names the review queue: add --review-below T or --review-target-accuracy A")
     try:
         review_below = _review_threshold(args)
     except ValueError as exc:
@@ -170,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}; {output.written:,} records were written this run. Free space (or fix the cause) and "
               "run the same command with --resume to continue", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {output.written:,} records were written this run, each whole; run the same command with "
+              "--resume to continue", file=sys.stderr)
+        return 130
     finally:
         output.close()
     print(summary.line())

@@ -15,6 +15,7 @@ from mmllm.catalog import (
     RowLimits,
     iter_catalog,
     load_listings,
+    parse_row,
 )
 
 from helpers import ROOT
@@ -272,3 +273,38 @@ def test_shipped_example_catalogs_are_valid():
         rows = load_listings(root / name)
         assert rows, name
     assert len(load_listings(root / "amazon_uk_toys/train.jsonl")) == 691
+
+
+def test_text_no_utf8_file_can_hold_and_numbers_that_are_not_finite_are_named_by_field():
+    """A lone surrogate (a JSON "\\ud83d" escape, or a CSV byte decoded as one) anywhere in a row, or NaN /
+    Infinity / 1e400 in a label, would break the output line, the schema or a plot later: refused here."""
+    def problems(raw):
+        row = parse_row(raw, source="f.jsonl", line=3)
+        assert isinstance(row, RowError)
+        return row.id, list(row.problems)
+
+    assert problems({"id": "a", "title": "Kite \ud83d"})[1][0][0] == "title"
+    row_id, found = problems({"id": "caf\udce9", "title": "Train"})
+    assert row_id is None and found[0][0] == "id" and "not valid UTF-8" in found[0][1]
+    assert problems({"id": "a", "title": "T", "label": {"category": "Spielzeug \udcfc > Autos"}})[1][0][0] == "label.category"
+    assert problems({"id": "a", "title": "T", "attributes": {"Mark\udce9": "x"}})[1][0][0] == "attributes"
+    assert problems({"id": "a", "title": "T", "label": {"category": "C", "attributes": {"n": float("nan")}}})[1] == [
+        ("label.attributes.n", "nan is not a finite number")]
+    assert problems({"id": "a", "title": "T", "attributes": {"weight": float("inf")}})[1] == [
+        ("attributes.weight", "inf is not a finite number")]
+    assert "401 digits" in problems({"id": "a", "title": "T", "label": {"category": "C", "attributes": {"n": 10 ** 400}}})[1][0][1]
+    # pandas writes a missing number as NaN: a seller-table cell that says nothing, not a bad row
+    row = parse_row({"id": "a", "title": "T", "attributes": {"w": float("nan"), "sizes": [1.0, float("nan")]},
+                     "extra": float("nan")}, source="f.jsonl", line=1)
+    assert isinstance(row, Listing) and row.attributes == {"sizes": [1.0]}
+
+
+def test_a_jsonl_nan_or_infinity_is_one_bad_row_and_the_others_are_read(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "title": "T", "label": {"category": "C", "attributes": {"pieces": NaN}}}\n'
+                    '{"id": "b", "title": "T", "label": {"category": "C", "attributes": {"pieces": 1e400}}}\n'
+                    '{"id": "c", "title": "T", "label": {"category": "C", "attributes": {"pieces": 3}}}\n')
+    rows = list(CatalogReader(path))
+    assert [type(r).__name__ for r in rows] == ["RowError", "RowError", "Listing"]
+    assert rows[0].problems == (("label.attributes.pieces", "nan is not a finite number"),)
+    assert rows[1].problems == (("label.attributes.pieces", "inf is not a finite number"),)

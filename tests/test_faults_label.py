@@ -159,6 +159,115 @@ def test_resume_refuses_an_out_that_is_not_a_label_output_before_cutting_anythin
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("flag", ["--out", "--errors", "--review-out"])
+def test_a_users_one_line_file_without_a_final_newline_is_refused_not_cut(tmp_path, model, capsys, flag):
+    """``json.dump`` writes one line and no newline: that is a user's file, not a record torn by a kill."""
+    dump = write_dump(tmp_path / "d", 3)
+    mine = tmp_path / "settings.json"
+    mine.write_text('{"my": "settings", "written_by": "json.dump"}')
+    before = mine.read_bytes()
+    out = mine if flag == "--out" else tmp_path / "out.jsonl"
+    extra = {"--out": ["--resume"], "--errors": ["--errors", str(mine), "--resume"],
+             "--review-out": ["--review-out", str(mine), "--review-below", "1"]}[flag]
+    assert label(dump, out, model, *extra) == 2
+    assert f"{flag} {mine}" in capsys.readouterr().err
+    assert mine.read_bytes() == before
+
+
+def test_a_record_torn_by_a_kill_is_still_cut_and_relabelled(tmp_path, model):
+    dump = write_dump(tmp_path / "d", 4)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--limit", "2") == 0
+    with open(out, "ab") as f:
+        f.write(b'{"id": "r2", "status": "o')  # the write a kill interrupted
+    assert label(dump, out, model, "--resume") == 0
+    assert ids(out) == ["r0", "r1", "r2", "r3"]
+
+
+def test_an_id_repeated_in_another_dump_is_a_read_error_and_resume_loses_no_row(tmp_path, model):
+    """Two shop exports that both hold r0..r2: one record per input row, whether the run is whole or resumed."""
+    a, b = write_dump(tmp_path / "d", 3, "shop_a.jsonl"), write_dump(tmp_path / "d", 3, "shop_b.jsonl")
+    out = tmp_path / "out.jsonl"
+    assert label([a, b], out, model, "--limit", "3") == 0  # stops after the first dump, as an interruption would
+    assert label([a, b], out, model, "--resume") == 1
+    records = read(out)
+    assert sorted((r["source"], r["status"]) for r in records) == [("shop_a.jsonl", "ok")] * 3 + [("shop_b.jsonl", "error")] * 3
+    repeats = [r for r in records if r["source"] == "shop_b.jsonl"]
+    assert {r["stage"] for r in repeats} == {"read"}
+    assert "duplicate id, first seen at line 1 of shop_a.jsonl" in repeats[0]["error"]
+
+
+def test_an_id_that_no_utf8_file_can_hold_fails_its_row_only(tmp_path, model):
+    """A Latin-1 CSV id (its byte decoded as a surrogate) and a JSON lone-surrogate escape."""
+    folder = tmp_path / "d"
+    write_dump(folder, 1)
+    csv_dump = folder / "shop.csv"
+    csv_dump.write_bytes(b"id,title\ncaf\xe9-1,Wooden train\nr2,Jigsaw puzzle\n")
+    jsonl_dump = folder / "more.jsonl"
+    jsonl_dump.write_text('{"id": "a\\ud800", "title": "Doll"}\n{"id": "r3", "title": "Kite \\ud83d"}\n'
+                          '{"id": "r4", "title": "Yo-yo"}\n')
+    out = tmp_path / "out.jsonl"
+    assert label([csv_dump, jsonl_dump], out, model) == 1
+    records = read(out)
+    assert len(records) == 5 and sorted(r["id"] for r in records if r["status"] == "ok") == ["r2", "r4"]
+    failed = [r for r in records if r["status"] == "error"]
+    assert [(r["source"], r["line"], r["stage"]) for r in failed] == [("shop.csv", 2, "read"), ("more.jsonl", 1, "read"),
+                                                                      ("more.jsonl", 2, "read")]
+    assert failed[0]["id"] is None and "id: contains text that is not valid UTF-8" in failed[0]["error"]
+    assert "title: contains text that is not valid UTF-8" in failed[2]["error"]
+    assert label([csv_dump, jsonl_dump], out, model, "--resume") == 0 and len(read(out)) == 5
+
+
+def test_an_errors_file_of_another_run_is_refused_on_resume(tmp_path, model, capsys):
+    folder = tmp_path / "d"
+    dump = write_dump(folder, 2)
+    with open(dump, "a") as f:
+        f.write('{"title": "no id"}\n')
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    assert label(dump, out, model, "--errors", str(errors)) == 1
+    out.unlink()  # starting over, the old errors file left behind
+    before = errors.read_bytes()
+    assert label(dump, out, model, "--errors", str(errors), "--resume") == 2
+    assert "holds 1 record(s) but --out" in capsys.readouterr().err
+    assert errors.read_bytes() == before
+
+
+def test_a_damaged_job_manifest_is_refused_on_resume(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 3)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--limit", "1") == 0
+    (tmp_path / "out.jsonl.job.json").write_text('{"format": "mmllm-la')
+    assert label(dump, out, model, "--resume") == 2
+    assert "the job manifest" in capsys.readouterr().err and len(read(out)) == 1
+
+
+def test_the_review_queue_folder_is_made_and_a_queue_path_needs_a_threshold(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 3)
+    queue = tmp_path / "queues" / "q.jsonl"
+    assert label(dump, tmp_path / "a.jsonl", model, "--review-out", str(queue)) == 2
+    assert "--review-out names the review queue: add --review-below" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+    assert label(dump, tmp_path / "b.jsonl", model, "--review-out", str(queue), "--review-below", "1") == 0
+    assert len(read(queue)) == 3
+
+
+def test_an_interrupt_ends_with_one_line_and_resume_finishes(tmp_path, model, capsys, monkeypatch):
+    import mmllm.label as label_module
+
+    dump = write_dump(tmp_path / "d", 4)
+    out = tmp_path / "out.jsonl"
+    real = label_module.run_local
+
+    def interrupted(predictor, dumps, output, opts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(label_module, "run_local", interrupted)
+    assert label(dump, out, model) == 130
+    assert "interrupted: 0 records were written this run" in capsys.readouterr().err
+    monkeypatch.setattr(label_module, "run_local", real)
+    assert label(dump, out, model, "--resume") == 0 and ids(out) == ["r0", "r1", "r2", "r3"]
+
+
 # ---------------------------------------------------------------------- 5: one run per --out
 def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, model, capsys):
     dump = write_dump(tmp_path / "d", 4)

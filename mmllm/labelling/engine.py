@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from mmllm.catalog import CatalogReader, Listing, RowError
+from mmllm.catalog import CatalogReader, Listing, RowError, SeenIds
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.openmp import single_thread_team
 from mmllm.images import ImageError, ImagePolicy, load_image
@@ -124,8 +124,9 @@ def iter_rows(dumps: Sequence[Path], opts: LabelOptions, is_done: Callable[[List
     """
     index, taken, before = -1, 0, 0
     shard, shards = opts.shard
+    seen = SeenIds()  # one job, one id space: an id repeated in another dump is a read error as within one
     for dump in dumps:
-        reader = CatalogReader(dump)
+        reader = CatalogReader(dump, seen_ids=seen)
         for row in _guarded(reader, dump):
             if position is not None and reader.fmt in ("jsonl", "csv"):
                 position["bytes"] = before + reader.progress()[0]

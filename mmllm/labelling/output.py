@@ -165,6 +165,19 @@ def _is_record(value: Any) -> bool:
     return isinstance(value, dict) and "status" in value and "source" in value
 
 
+RECORD_START = b'{"id": '  # how every record the labeller writes begins
+
+
+def _torn_record(tail: bytes) -> bool:
+    """Whether a last line without its newline can be a record cut short by a kill or a failed write (and so
+    may be cut off): a whole record, or the start of one. A user's file that merely lacks a final newline
+    (``json.dump`` writes one such line) is neither."""
+    try:
+        return _is_record(json.loads(tail))
+    except ValueError:
+        return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
+
+
 def read_records(path: Path, name: str) -> tuple[list[dict[str, Any]], int]:
     """Whole label records of an output file, and the byte length of its whole lines.
 
@@ -175,6 +188,9 @@ def read_records(path: Path, name: str) -> tuple[list[dict[str, Any]], int]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
+                if not _torn_record(raw):
+                    raise OutputError(f"{name} {path} line {number} is not a label record: it is not an output of "
+                                      "`mmllm label`; choose another path")
                 break
             try:
                 record = json.loads(raw)
@@ -258,7 +274,11 @@ class Output:
             errors, err_whole = read_records(self.errors_path, "--errors")
         if manifest is not None and records:
             if manifest_path is not None and manifest_path.exists():
-                old = json.loads(manifest_path.read_text(encoding="utf-8"))
+                try:
+                    old = json.loads(manifest_path.read_text(encoding="utf-8"))
+                except ValueError as exc:
+                    raise OutputError(f"--resume: the job manifest {manifest_path} is damaged ({exc}); the job that "
+                                      f"wrote --out {self.path} cannot be checked: choose another --out") from None
                 changes = manifest_changes(old, manifest)
                 if changes and not resume_changed:
                     raise OutputError(f"--resume: --out {self.path} was written by another job: " + "; ".join(changes)
@@ -269,6 +289,10 @@ class Output:
             else:
                 self.notes.append(f"{self.path} has no job manifest (written by an older mmllm): "
                                   "its inputs and model cannot be checked")
+        if errors and not records:
+            raise OutputError(f"--resume: --errors {self.errors_path} holds {len(errors)} record(s) but --out {self.path} "
+                              "holds none: they belong to another run, and resuming would write its failures twice; "
+                              "choose another --errors (or move that file away)")
         # the files are ours and this job's: now a torn last line may be cut
         if out_whole is not None:
             _truncate(self.path, out_whole)
@@ -319,7 +343,10 @@ class Output:
 
 
 def _line(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form: JSON's escapes carry it, and the line is written
+        return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
 
 
 def _append(fd: int, data: bytes, path: Path) -> None:

@@ -67,14 +67,18 @@ def default_queue_path(out: Path) -> Path:
 
 
 def check_queue_path(queue: Path) -> None:
-    """A queue path may be new, empty, or a queue this module wrote; anything else is the user's file."""
+    """A queue path may be new, empty, or a queue this module wrote; anything else is the user's file. Its
+    folder is made now, so that a run never ends without the queue it promised."""
+    if queue.is_dir():
+        raise OutputError(f"--review-out {queue} is a folder; give a file path")
+    queue.parent.mkdir(parents=True, exist_ok=True)
     if not queue.exists() or queue.stat().st_size == 0:
         return
     try:
         records, _ = read_records(queue, "--review-out")
     except OutputError:
         records = None
-    if records is None or any(r.get("review") is not True for r in records):
+    if not records or any(r.get("review") is not True for r in records):  # (a queue is never torn: it is replaced whole)
         raise OutputError(f"--review-out {queue} exists and is not a review queue written by `mmllm label`; "
                           "choose another path")
 
