@@ -16,6 +16,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from mmllm import __version__
 from mmllm.catalog import CatalogError
@@ -124,10 +125,23 @@ def _run_job(verb: str, argv: list[str]) -> int:
 
 
 def _schema_infer(args: argparse.Namespace) -> int:
-    from mmllm.catalog import CatalogReader, Listing
+    from mmllm.catalog import CatalogReader, Listing, RowError
     from mmllm.schema import infer_schema
 
-    listings = (row for row in CatalogReader(args.catalog) if isinstance(row, Listing) and row.label)
+    if args.out is not None:
+        problem = _new_file_problem(args.out, [args.catalog], "a schema file is never overwritten")
+        if problem:
+            return _fail(problem)
+    bad: list[RowError] = []
+
+    def labelled() -> Any:
+        for row in CatalogReader(args.catalog):
+            if isinstance(row, RowError):
+                bad.append(row)
+            elif row.label:
+                yield row
+
+    listings = labelled()
     if args.no_table_keys:
         schema, report = infer_schema((row.label for row in listings), name=args.name,
                                       max_enum_values=args.max_enum_values)
@@ -138,6 +152,15 @@ def _schema_infer(args: argparse.Namespace) -> int:
         schema, report = infer_schema([row["label"] for row in rows], name=args.name,
                                       max_enum_values=args.max_enum_values, rows=rows, min_agreement=args.min_agreement,
                                       text_names=not args.no_text_names)
+    for kept, spelled in report.get("merged_categories", {}).items():
+        print(f"note: categories spelled {' / '.join(repr(x) for x in spelled)} are one category: {kept!r}", file=sys.stderr)
+    if report.get("empty_attributes"):
+        print(f"note: left out {', '.join(report['empty_attributes'])}: every label gives an empty list", file=sys.stderr)
+    if bad:  # left out of the draft, and said so: the schema must not lose categories without a word
+        for row in bad[:5]:
+            print(f"BAD  {row}; left out", file=sys.stderr)
+        more = f" ({len(bad) - 5:,} more not shown; `mmllm catalog validate` lists them all)" if len(bad) > 5 else ""
+        print(f"{len(bad):,} bad row(s) left out of the draft{more}", file=sys.stderr)
     header = (
         f"# Drafted by `mmllm schema infer {args.catalog}` from {report['rows']} labelled rows.\n"
         "# Review it: merge near-duplicate categories, write descriptions, tighten bounds.\n"
@@ -196,6 +219,21 @@ def _proposal_lines(proposals: list[dict], title: str, empty: str, name: str, ex
     return lines
 
 
+def _new_file_problem(out: Path, inputs: list[Path | None], why: str) -> str | None:
+    """Why ``out`` cannot be written as a new file (it exists, is an input, or its folder is missing), or None."""
+    from mmllm.output_paths import PathClash, check_writes
+
+    try:
+        check_writes(inputs, {"--out": out})
+    except PathClash as exc:
+        return str(exc)
+    if out.exists():
+        return f"{out} exists; choose another --out ({why})"
+    if not out.parent.is_dir():
+        return f"--out {out}: the folder {out.parent} does not exist"
+    return None
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -223,8 +261,9 @@ def _schema_import(args: argparse.Namespace) -> int:
 
     from mmllm.taxonomies import read_taxonomy, taxonomy_schema
 
-    if args.out.exists():
-        return _fail(f"{args.out} exists; choose another --out (a schema file is never overwritten)")
+    problem = _new_file_problem(args.out, [args.taxonomy, args.attributes], "a schema file is never overwritten")
+    if problem:
+        return _fail(problem)
     fmt, nodes = read_taxonomy(args.taxonomy, args.format)
     attributes = None
     if args.attributes:

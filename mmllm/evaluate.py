@@ -53,10 +53,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmllm.catalog import CatalogReader, RowError, attributes_labelled
+from mmllm.config import at_least
 from mmllm.confidence import Curve, operating_point, risk_coverage
 from mmllm.evidence import candidates, values_match
+from mmllm.output_paths import PathClash, check_folder
 from mmllm.schema import SEPARATOR, LabelSchema
 
+REPORT_FILES = ("report.md", "metrics.json", "confusion_matrix.png", "per_class_f1.png", "attribute_situations.png",
+                "calibration.png", "risk_coverage.png", "training_curves.png")  # what --report's folder gets
 HEADLINE = ("category_accuracy", "category_macro_f1", "hierarchical_f1", "attribute_micro_f1", "json_valid_rate")
 SITUATIONS = ("extraction", "completion", "unknown")  # stated in the listing / known but not stated / gold null
 SOURCES = ("table", "title", "description", "context", "model", "unknown")  # where a record says a predicted value came from
@@ -100,8 +104,8 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         if row.label is None:
             continue
         seen.add(row.id)
-        gold = _normalize(row.label, schema)
         where = f"{row.source} {reader.unit} {row.line} (id {row.id!r})"
+        gold = _normalize(row.label, schema, rows.warnings, f"{where}: label")
         if gold["category"] is None and not any(v is not None for v in gold["attributes"].values()):
             rows.warnings.append(f"{where}: label: neither a category nor attributes; gold row left out")
             continue
@@ -109,7 +113,8 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
             rows.warnings.append(f"{where}: label.category: missing; row left out of the category metrics")
         record = preds.get(row.id)
         status = "missing" if record is None else record.get("status", "ok")
-        pred = _normalize(record, schema) if record is not None and status == "ok" else {"category": None, "attributes": {}}
+        pred = (_normalize(record, schema, rows.warnings, f"{pred_path.name} (id {row.id!r})")
+                if record is not None and status == "ok" else {"category": None, "attributes": {}})
         rows.ids.append(row.id)
         rows.titles.append(row.title)
         rows.gold_category.append(gold["category"])
@@ -127,6 +132,9 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         rows.top_k.append(ranked)
         rows.confidence.append((record or {}).get("confidence") if status == "ok" else None)
     rows.extra_predictions = len(set(preds) - seen)
+    if preds and rows.extra_predictions == len(preds):
+        rows.warnings.append(f"{pred_path}: none of its {len(preds):,} predictions is for an id of {gold_source.name}; "
+                             "every row counts as missing: check --pred and --gold")
     if not rows.ids:
         first = f"; {len(rows.warnings)} input problem(s), the first: {rows.warnings[0]}" if rows.warnings else ""
         raise ValueError(f"{gold_source}: no labelled rows to evaluate against{first}")
@@ -137,8 +145,11 @@ def read_predictions(path: Path, warnings: list[str]) -> dict[str, dict[str, Any
     """Predictions by id. A line that cannot be read is skipped and one that is malformed becomes
     an invalid answer, each with a warning: one bad line must not hide the scores of the rest."""
     preds: dict[str, dict[str, Any]] = {}
+    first_line: dict[str, int] = {}
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (an editor's save)
             if not line.strip():
                 continue
             where = f"{path.name} line {number}"
@@ -162,7 +173,11 @@ def read_predictions(path: Path, warnings: list[str]) -> dict[str, dict[str, Any
                 status = "error" if record.get("status") == "error" else "invalid"  # an error row stays one
                 warnings.append(f"{where} (id {record_id!r}): {field_name}: {message}; counted as an {status} answer")
                 record = {"id": record_id, "status": status, "error": f"{field_name}: {message}"}
-            preds[record_id] = record
+            if record_id in preds:  # the first answer counts (`mmllm label` writes a repeated id's row as a read error)
+                warnings.append(f"{where} (id {record_id!r}): a second prediction for this id (the first is at line "
+                                f"{first_line[record_id]}); the first is kept")
+                continue
+            preds[record_id], first_line[record_id] = record, number
     return preds
 
 
@@ -212,14 +227,31 @@ def _shown(value: Any) -> str:
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
-def _normalize(label: dict[str, Any], schema: LabelSchema | None) -> dict[str, Any]:
-    """Through the schema when given (same spelling as predictions), else as written."""
+def _normalize(label: dict[str, Any], schema: LabelSchema | None, warnings: list[str] | None = None,
+               where: str = "") -> dict[str, Any]:
+    """Through the schema when given (same spelling as predictions), else as written. A field the schema
+    refuses is compared as written, with a warning naming it: one bad field must not leave the row's other
+    fields unnormalized (a gold category spelled in lower case would then miss every right answer)."""
     answer = {"category": label.get("category"), "attributes": label.get("attributes") or {}}
-    if schema is not None:
-        result = schema.validate(answer, require_category=False)
-        if result.ok:
-            return result.value
-    return answer
+    if schema is None:
+        return answer
+    result = schema.validate(answer, require_category=False)
+    if result.ok:
+        return result.value
+    out: dict[str, Any] = {"category": answer["category"], "attributes": {}}
+    parts = [("category", {"category": answer["category"], "attributes": {}})] + [
+        (f"attributes.{name}", {"category": None, "attributes": {name: value}}) for name, value in answer["attributes"].items()]
+    for field_name, part in parts:
+        one = schema.validate(part, require_category=False)
+        if field_name == "category":
+            out["category"] = one.value["category"] if one.ok else answer["category"]
+        else:
+            name = field_name.split(".", 1)[1]
+            out["attributes"][name] = one.value["attributes"].get(name) if one.ok else answer["attributes"][name]
+        if not one.ok and warnings is not None:
+            problems = "; ".join(e.message for e in one.errors)
+            warnings.append(f"{where}: {field_name}: {problems}; compared as written")
+    return out
 
 
 # ---------------------------------------------------------------------- metrics
@@ -718,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="model folder: its schema and training curves go into the report")
     p.add_argument("--compare", type=Path, help="a second predictions file on the same gold: paired comparison")
     p.add_argument("--tolerance", type=float, default=0.0, help="numbers within this absolute difference match")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--bootstrap", type=at_least(1), default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-accuracy", type=float, action="append", default=[], metavar="A",
                    help="report the confidence threshold whose kept rows reach accuracy A (repeatable)")
@@ -727,6 +759,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 < target <= 1:
             print(f"error: --target-accuracy {target}: must be in (0, 1]", file=sys.stderr)
             return 2
+    try:  # before any work: the report never writes over an input, nor into the model folder
+        check_folder([args.pred, args.gold, args.schema, args.model, args.compare], "--report", args.report, REPORT_FILES)
+    except PathClash as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model_schema = args.model / "label_schema.yaml" if args.model else None
     schema_path = args.schema or (model_schema if model_schema and model_schema.exists() else None)
     try:  # SchemaError and CatalogError are ValueErrors: one line each, like a missing file

@@ -46,6 +46,7 @@ from mmllm.class_prior import COUNTS_KEY, ClassPrior
 from mmllm.labelling.engine import LabelOptions, run_local
 from mmllm import model_dir
 from mmllm.confidence import CALIBRATION_FILE, Calibration
+from mmllm.config import at_least
 from mmllm.labelling.replicas import ReplicaError
 from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint, job_manifest
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
@@ -240,26 +241,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder from `mmllm finetune`, or a base hub id / folder (zero-shot)")
     p.add_argument("--out", type=Path, required=True, help="output JSONL: one line per input row")
     p.add_argument("--errors", type=Path, help="also write error and invalid records here")
-    p.add_argument("--batch-size", type=_at_least(1), default=8, help="listings per generate call")
-    p.add_argument("--workers", type=_at_least(1), default=2, help="threads decoding images / tokenizing ahead of the model")
-    p.add_argument("--max-new-tokens", type=_at_least(1),
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="listings per generate call")
+    p.add_argument("--workers", type=at_least(1), default=2, help="threads decoding images / tokenizing ahead of the model")
+    p.add_argument("--max-new-tokens", type=at_least(1),
                    help="generation budget, default 256 (constrained decoding raises it to the longest valid answer)")
-    p.add_argument("--min-pixels", type=_at_least(1), help="smallest image area after resizing (default: the model's)")
-    p.add_argument("--max-pixels", type=_at_least(1), help="largest image area after resizing: caps image tokens")
-    p.add_argument("--limit", type=_at_least(1), help="label only the first N rows (of this shard)")
+    p.add_argument("--min-pixels", type=at_least(1), help="smallest image area after resizing (default: the model's)")
+    p.add_argument("--max-pixels", type=at_least(1), help="largest image area after resizing: caps image tokens")
+    p.add_argument("--limit", type=at_least(1), help="label only the first N rows (of this shard)")
     p.add_argument("--resume", action="store_true", help="continue --out: skip rows already written (by id)")
     p.add_argument("--resume-changed", action="store_true",
                    help="with --resume: continue even though the inputs, model or settings differ from the run "
                         "that started --out (rows are still matched by id)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this job labels rows I, I+N, I+2N, ... (job arrays)")
-    p.add_argument("--replicas", type=_at_least(1), default=1,
+    p.add_argument("--replicas", type=at_least(1), default=1,
                    help="CPU: fork the loaded model into N processes of one thread each, labelling batches side by "
                         "side (small models on many cores: README 'What labelling costs'); not with CUDA")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors, one model each")
-    p.add_argument("--ray-actors", type=_at_least(1), default=2, help="--engine ray: model replicas")
-    p.add_argument("--ray-gpus-per-actor", type=_at_least(0.0, float), default=0.0,
+    p.add_argument("--ray-actors", type=at_least(1), default=2, help="--engine ray: model replicas")
+    p.add_argument("--ray-gpus-per-actor", type=at_least(0.0, float), default=0.0,
                    help="--engine ray: GPUs per replica (0 = CPU)")
-    p.add_argument("--ray-cpus-per-actor", type=_at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
+    p.add_argument("--ray-cpus-per-actor", type=at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
     p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
     p.add_argument("--static-cache", action="store_true",
@@ -292,19 +293,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="flag for review what the model folder's dev calibration says keeps the rest at accuracy A")
     p.add_argument("--review-out", type=Path, help="the review queue (default: OUT.review.jsonl)")
     return p
-
-
-def _at_least(low: float, kind: type = int) -> Any:
-    """An argparse type: a number of ``kind`` that is at least ``low`` (argparse exits 2 naming the flag)."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
 
 
 def _probability(text: str) -> float:

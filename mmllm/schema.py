@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import sys
 import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -625,19 +626,24 @@ def infer_schema(
     :func:`propose_text_names` finds named in titles and agreeing with the gold, and the report gains
     ``text_names`` (every value named in enough titles, proposed or not).
     """
-    categories: Counter[str] = Counter()
+    spellings: dict[str, Counter[str]] = defaultdict(Counter)  # a path's casefold -> how the rows spell it
     values: dict[str, list[Any]] = defaultdict(list)
     count = 0
     for label in labels:
         count += 1
         if isinstance(label.get("category"), str) and label["category"].strip():
-            categories[_clean_path(label["category"])] += 1
+            path = _clean_path(label["category"])
+            spellings[path.casefold()][path] += 1
         for key, value in (label.get("attributes") or {}).items():
             if value is not None:
                 values[key].append(value)
-    if not categories:
+    if not spellings:
         raise SchemaError("no labelled rows with a category: cannot infer a taxonomy")
-    specs = [_infer_attribute(key, vals, max_enum_values) for key, vals in sorted(values.items())]
+    # One category per path whatever its case (a schema refuses two): the most frequent spelling names it
+    categories = Counter({spelled.most_common(1)[0][0]: sum(spelled.values()) for spelled in spellings.values()})
+    merged = {spelled.most_common(1)[0][0]: sorted(spelled) for spelled in spellings.values() if len(spelled) > 1}
+    empty = sorted(key for key, vals in values.items() if all(isinstance(v, list) and not v for v in vals))
+    specs = [_infer_attribute(key, vals, max_enum_values) for key, vals in sorted(values.items()) if key not in empty]
     proposals = names = None
     if rows is not None:
         rows = list(rows)
@@ -657,6 +663,10 @@ def infer_schema(
         "categories": dict(categories.most_common()),
         "attributes": {key: len(vals) for key, vals in sorted(values.items())},
     }
+    if merged:
+        report["merged_categories"] = merged
+    if empty:
+        report["empty_attributes"] = empty  # only ever an empty list: no value to learn, left out
     if proposals is not None:
         report["table_keys"] = [p.to_dict() for p in proposals]
     if names is not None:
@@ -690,7 +700,7 @@ def _round_up(x: float) -> int:
     power = 10 ** math.floor(math.log10(x))
     for step in (1, 2, 5, 10):
         if step * power >= x:
-            return int(step * power)
+            return int(step * power) if step * power <= sys.float_info.max else math.ceil(x)  # (a bound stays a float)
     return int(10 * power)
 
 

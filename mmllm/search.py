@@ -34,6 +34,7 @@ import numpy as np
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.model_dir import SCHEMA_FILE
+from mmllm.output_paths import check_folder
 from mmllm.predictor import Predictor, embed_in_batches
 from mmllm.progress import Progress
 from mmllm.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE
@@ -252,8 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_index(args: argparse.Namespace) -> int:
+    written = (INDEX_FILE, IDS_FILE, INDEX_META_FILE, SCHEMA_FILE, TEMPLATE_FILE)
+    inputs = [args.catalog, Path(args.model), *(Path(p) for p in (args.schema, args.template) if p)]
+    check_folder(inputs, "--out", args.out, written)  # the model folder, the schema: never written over
     if (args.out / INDEX_META_FILE).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already holds an index; pass --overwrite to replace it")
+    theirs = [name for name in written if not (args.out / INDEX_META_FILE).exists() and (args.out / name).exists()]
+    if theirs:  # not an index this command wrote: those files are the user's
+        raise FileExistsError(f"{args.out} holds {', '.join(theirs)}, which the index would write over; "
+                              "choose a new or empty folder")
     reader = CatalogReader(args.catalog)
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
     bundle = load_model(args.model, schema=args.schema, template=args.template)

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmllm.catalog import CatalogReader, Listing, RowError, RowLimits, attributes_labelled
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, RowLimits, attributes_labelled
+from mmllm.config import positive
 from mmllm.images import ImageError, ImagePolicy, load_image
+from mmllm.output_paths import PathClash, check_writes
 from mmllm.progress import Progress
 from mmllm.schema import LabelSchema
 
@@ -61,9 +64,10 @@ def checked_rows(
     the gold categories not in the schema's taxonomy are counted there (one per row)."""
     for row in reader:
         if isinstance(row, Listing):
-            bad = (check_images(row, policy, reader.unit) if policy and row.images else None) or (
-                check_label(row, schema, reader.unit) if schema else None
-            )
+            found = [bad for bad in (check_images(row, policy, reader.unit) if policy and row.images else None,
+                                     check_label(row, schema, reader.unit) if schema else None) if bad is not None]
+            bad = (RowError(row.source, row.line, row.id, tuple(p for b in found for p in b.problems), reader.unit)
+                   if found else None)  # every problem of the row at once: one rerun fixes it
             if outside is not None and schema is not None and row.label:
                 category = row.label.get("category")
                 if isinstance(category, str) and category.strip() and schema.canonical_category(category) is None:
@@ -182,14 +186,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, images: bool) -> None:
     if images:
         parser.add_argument("--image-root", type=Path, help="folder image paths resolve in (default: the catalog's folder)")
         parser.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs (refused by default)")
-        parser.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file accepted")
-        parser.add_argument("--max-pixels", type=int, default=ImagePolicy.max_pixels, help="largest width*height accepted (bomb guard)")
+        parser.add_argument("--max-image-mb", type=positive(float), default=20.0, help="largest image file accepted")
+        parser.add_argument("--max-pixels", type=positive(int), default=ImagePolicy.max_pixels,
+                            help="largest width*height accepted (bomb guard)")
         parser.add_argument("--no-images", action="store_true", help="check rows only, do not open images")
         parser.add_argument("--errors-out", type=Path, help="write every bad row as JSONL here")
         parser.add_argument("--show", type=int, default=50, help="print at most this many bad rows")
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    if args.errors_out:  # before anything is read or opened: the catalog and schema are never written over
+        try:
+            check_writes([args.catalog, args.schema], {"--errors-out": args.errors_out})
+        except PathClash as exc:
+            raise CatalogError(str(exc)) from None
     reader, schema = _open(args)
     policy = None
     if not args.no_images:
@@ -200,7 +210,11 @@ def run_validate(args: argparse.Namespace) -> int:
             allow_remote=args.allow_remote,
         )
     stats = CatalogStats(source=str(args.catalog))
-    errors_file = open(args.errors_out, "w", encoding="utf-8") if args.errors_out else None
+    errors_tmp = args.errors_out.with_name(args.errors_out.name + ".tmp") if args.errors_out else None
+    try:
+        errors_file = open(errors_tmp, "w", encoding="utf-8") if errors_tmp else None
+    except OSError as exc:
+        raise CatalogError(f"--errors-out {args.errors_out}: cannot write it ({exc.strerror})") from None
     shown = 0
     try:
         with _progress(reader, args, "validate") as progress:
@@ -213,9 +227,13 @@ def run_validate(args: argparse.Namespace) -> int:
                         shown += 1
                     if errors_file:
                         errors_file.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
-    finally:
         if errors_file:
             errors_file.close()
+            os.replace(errors_tmp, args.errors_out)  # whole or not at all: a stopped run leaves the old file
+    finally:
+        if errors_file and not errors_file.closed:
+            errors_file.close()
+            errors_tmp.unlink(missing_ok=True)
     if stats.invalid > shown:
         print(f"... and {stats.invalid - shown:,} more bad rows" + (f" (all in {args.errors_out})" if args.errors_out else ""))
     if reader.unknown_fields:

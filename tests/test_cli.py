@@ -153,3 +153,56 @@ def test_validate_and_stats_count_categories_outside_the_schema(tmp_path, capsys
     assert "FAILED: 2 valid, 3 invalid of 5 rows" in out
     assert main(["catalog", "stats", str(catalog), "--schema", str(TOYS_SCHEMA), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["outside_taxonomy"] == {"Garden > Hoses": 2, "Kitchen > Pans": 1}
+
+
+def test_validate_never_writes_over_its_inputs_and_refuses_numbers_that_cannot_work(catalog, capsys, tmp_path):
+    before = catalog.read_bytes()
+    for target in (catalog, TOYS_SCHEMA):
+        assert main(["catalog", "validate", str(catalog), "--schema", str(TOYS_SCHEMA), "--errors-out", str(target),
+                     "--quiet"]) == 2
+        assert f"--errors-out {target} would write over the input" in capsys.readouterr().err
+    assert catalog.read_bytes() == before
+    missing = tmp_path / "no" / "errors.jsonl"
+    assert main(["catalog", "validate", str(catalog), "--errors-out", str(missing), "--quiet"]) == 2
+    assert f"--errors-out {missing}: cannot write it" in capsys.readouterr().err
+    for flag, value in (("--max-image-mb", "0"), ("--max-pixels", "-1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["catalog", "validate", str(catalog), flag, value])
+        assert exit_info.value.code == 2 and f"argument {flag}: must be above 0" in capsys.readouterr().err
+
+
+def test_validate_names_a_rows_image_and_label_problems_together(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text(json.dumps(row(1, ["missing.png"], {"category": "Not > A Category",
+                                                                            "attributes": {"min_age_years": 99}})) + "\n")
+    assert main(["catalog", "validate", str(tmp_path / "c.jsonl"), "--schema", str(TOYS_SCHEMA), "--quiet"]) == 1
+    bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and "images[0]" in bad[0] and "label.category" in bad[0] and "min_age_years: 99" in bad[0]
+
+
+def test_schema_infer_never_overwrites_and_says_what_it_left_out_or_merged(tmp_path, capsys):
+    catalog = tmp_path / "c.jsonl"
+    rows = [row(1, label={"category": "Toys > Cars", "attributes": {"n": 3, "tags": []}}),
+            row(2, label={"category": "toys  >  cars", "attributes": {"n": 1e308, "tags": []}}),
+            row(3, label={"category": "Toys > Kites", "attributes": {}}),
+            {"id": "r4", "title": "", "label": {"category": "Toys > Drums", "attributes": {}}},
+            row(1, label={"category": "Toys > Boats", "attributes": {}})]
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = catalog.read_bytes()
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("my schema\n")
+    for out, message in ((catalog, "would write over the input"), (mine, "exists; choose another --out"),
+                         (tmp_path / "no" / "s.yaml", "does not exist"), (tmp_path, "is a folder")):
+        assert main(["schema", "infer", str(catalog), "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert catalog.read_bytes() == before and mine.read_text() == "my schema\n"
+    out = tmp_path / "s.yaml"
+    assert main(["schema", "infer", str(catalog), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "c.jsonl line 4 (id 'r4'): title: empty" in err and "c.jsonl line 5 (id 'r1'): id: duplicate id" in err
+    assert "2 bad row(s) left out of the draft" in err
+    assert "'Toys > Cars' / 'toys > cars' are one category: 'Toys > Cars'" in err
+    assert "left out tags: every label gives an empty list" in err
+    from mmllm.schema import LabelSchema
+
+    schema = LabelSchema.from_yaml(out)
+    assert schema.categories == ("Toys > Cars", "Toys > Kites") and schema.attribute_names == ("n",)

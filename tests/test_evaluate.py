@@ -210,3 +210,46 @@ def test_report_files_plots_and_comparison(tmp_path):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["metrics"]["top_k_accuracy"]["1"] == pytest.approx(1 / 3)
     assert metrics["comparison"]["intervals"]["category_accuracy"][0] > 0
+
+
+def test_the_report_never_writes_over_an_input_or_into_the_model_folder(tmp_path, capsys):
+    pred, gold = write(tmp_path)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "mmllm_model.json").write_text("{}")
+    before = gold.read_bytes()
+    assert main(["--pred", str(pred), "--gold", str(gold), "--report", str(gold)]) == 2
+    assert f"--report {gold} is a file; give a folder path" in capsys.readouterr().err
+    assert main(["--pred", str(pred), "--gold", str(gold), "--model", str(model), "--report", str(model)]) == 2
+    assert "would write over the input" in capsys.readouterr().err
+    assert gold.read_bytes() == before and sorted(p.name for p in model.iterdir()) == ["mmllm_model.json"]
+    with pytest.raises(SystemExit):
+        main(["--pred", str(pred), "--gold", str(gold), "--report", str(tmp_path / "r"), "--bootstrap", "0"])
+    assert "argument --bootstrap: must be at least 1" in capsys.readouterr().err
+
+
+def test_a_repeated_prediction_keeps_the_first_a_bom_is_read_and_no_shared_id_is_said(tmp_path):
+    preds = [PRED[0], {**PRED[0], "category": "D > E"}, *PRED[1:3]]
+    pred, gold = write(tmp_path, preds=preds)
+    pred.write_bytes(b"\xef\xbb\xbf" + pred.read_bytes())  # an editor's byte-order mark
+    rows = align(pred, gold, None)
+    assert rows.pred_category[:3] == ["A > B", "A > B", "D > E"]
+    assert any("line 2 (id 'r1'): a second prediction for this id (the first is at line 1)" in w for w in rows.warnings)
+    other, _ = write(tmp_path, preds=[{"id": "x", "category": "A > B", "status": "ok"}], name="other.jsonl")
+    assert any("none of its 1 predictions is for an id of gold.jsonl" in w for w in align(other, gold, None).warnings)
+
+
+def test_one_bad_gold_field_leaves_the_others_normalized(tmp_path):
+    """A lower-case gold category beside an age the schema refuses: the category is still read through the
+    schema (and matches the right answer); the age is compared as written, with a warning naming it."""
+    from mmllm.schema import LabelSchema
+
+    schema = LabelSchema.from_yaml(Path(__file__).resolve().parents[1] / "examples" / "toys_schema.yaml")
+    category = schema.categories[0]
+    gold = [("r1", category.lower(), {"min_age_years": 99}), ("r2", category.lower(), {})]
+    preds = [{"id": i, "category": category, "attributes": {}, "status": "ok"} for i in ("r1", "r2")]
+    pred, gold_path = write(tmp_path, preds=preds, gold=gold)
+    rows = align(pred, gold_path, schema)
+    assert rows.gold_category == [category, category]
+    assert evaluate_rows(rows, list(schema.attribute_names), 0.0)["category_accuracy"] == 1.0
+    assert any("(id 'r1'): label: attributes.min_age_years: 99 is outside" in w for w in rows.warnings)

@@ -119,10 +119,14 @@ def test_cli_drafts_evidence_tables_and_prints_the_proposals(labelled, tmp_path,
     assert [r.key for r in schema.attribute("batteries_required").evidence.table] == ["Batteries needed"]
     assert schema.attribute("piece_count").evidence is None
 
+    assert main(["schema", "infer", str(labelled), "-o", str(out), "--min-agreement", "0.9"]) == 2  # never overwritten
+    assert "exists; choose another --out" in capsys.readouterr().err
+    out = out.with_name("strict.yaml")
     assert main(["schema", "infer", str(labelled), "-o", str(out), "--min-agreement", "0.9"]) == 0
     assert "Batteries needed" not in out.read_text() and "Recommended Age" in out.read_text()
     assert "batteries_required Batteries needed boolean 4/5 80% 48% 0.62 no" in " ".join(capsys.readouterr().out.split())
 
+    out = out.with_name("no_keys.yaml")
     assert main(["schema", "infer", str(labelled), "-o", str(out), "--no-table-keys"]) == 0
     assert "seller-table keys" not in capsys.readouterr().out
     assert all(a.evidence is None for a in LabelSchema.from_yaml(out).attributes)
@@ -243,5 +247,6 @@ def test_cli_prints_the_named_values(branded, tmp_path, capsys):
     assert table == [["brand", "Playmobil", "5", "5/5", "100%", "45%", "1.00", "yes"],
                      ["brand", "Star", "Wars", "6", "2/5", "40%", "18%", "0.27", "no"]]
     assert "named_in_title" in out.read_text()
+    out = out.with_name("no_names.yaml")
     assert main(["schema", "infer", str(branded), "-o", str(out), "--no-text-names"]) == 0
     assert "enum values named" not in capsys.readouterr().out and "named_in_title" not in out.read_text()

@@ -247,3 +247,22 @@ def test_a_lora_model_folder_indexes_with_its_own_schema_and_hnsw(tmp_path, cata
     hits = query_json(capsys, out, "--text", "Blue toy number 1", "-k", "4")  # embedded by the folder's model
     assert len(hits) == 4
     assert query_json(capsys, out, "--id", "item-5", "-k", "1")[0]["id"] == "item-5"
+
+
+def test_an_index_folder_never_writes_over_the_schema_or_a_users_files(tmp_path, tiny_checkpoint, capsys):
+    """`--out` beside the inputs: the schema there (label_schema.yaml, a name the index writes) is refused
+    before the model loads; a folder holding a file of the index's names that no index wrote is refused too."""
+    catalog = write_catalog(tmp_path / "data", n=4)
+    schema = catalog.parent / "label_schema.yaml"
+    schema.write_bytes((catalog.parent / "schema.yaml").read_bytes())
+    before = schema.read_bytes()
+    assert search("index", "--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--schema", schema,
+                  "--out", catalog.parent, "--quiet") == 2
+    assert f"would write over the input {schema}" in capsys.readouterr().err and schema.read_bytes() == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "ids.jsonl").write_text("my ids\n")
+    assert search("index", "--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--schema",
+                  catalog.parent / "schema.yaml", "--out", mine, "--quiet") == 2
+    assert "holds ids.jsonl, which the index would write over" in capsys.readouterr().err
+    assert (mine / "ids.jsonl").read_text() == "my ids\n"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmllm.catalog import Listing, RowError
+from mmllm.output_paths import PathClash, check_writes
 
 MANIFEST_FORMAT = "mmllm-label-job/1"
 FULL_HASH_BYTES = 1 << 30  # files up to 1 GiB are hashed whole (about a second); larger ones are sampled
@@ -53,27 +54,10 @@ def sidecar_paths(out: Path) -> dict[str, Path]:
 
 def check_paths(inputs: Sequence[Path], writes: dict[str, Path]) -> None:
     """Refuse a written path that is an input, lies inside an input folder, or is another written path."""
-    resolved = {name: path.resolve() for name, path in writes.items()}
-    for name, path in writes.items():
-        if path.is_dir():
-            raise OutputError(f"{name} {path} is a folder; give a file path")
-        for dump in inputs:
-            target = dump.resolve()
-            if resolved[name] == target or _same_file(path, dump) or (dump.is_dir() and target in resolved[name].parents):
-                raise OutputError(f"{name} {path} would write over the input {dump}; choose another path "
-                                  "(the labeller never writes to its inputs)")
-    names = list(writes)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if resolved[a] == resolved[b] or _same_file(writes[a], writes[b]):
-                raise OutputError(f"{a} and {b} are the same file ({writes[a]}); choose two different paths")
-
-
-def _same_file(a: Path, b: Path) -> bool:
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist yet
-        return False
+        check_writes(inputs, writes)
+    except PathClash as exc:
+        raise OutputError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- fingerprints
