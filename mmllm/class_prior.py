@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from mmllm.schema import category_key
+
 __all__ = ["COUNTS_KEY", "ClassPrior", "ClassPriorError", "category_counts", "smoothed_shares", "target_shares"]
 
 
@@ -43,9 +45,10 @@ class ClassPriorError(ValueError):
 
 
 def category_counts(labels: Iterable[Mapping[str, Any] | None], classes: Sequence[str]) -> dict[str, int]:
-    """Training rows per category of ``classes`` (every class listed, 0 where none), in class order."""
-    seen = Counter((label or {}).get("category") for label in labels)
-    return {c: int(seen.get(c, 0)) for c in classes}
+    """Training rows per category of ``classes`` (every class listed, 0 where none), in class order. A gold
+    category counts under the taxonomy's spelling (case and spacing forgiven, as training reads it)."""
+    seen = Counter(category_key(c) for c in ((label or {}).get("category") for label in labels) if isinstance(c, str))
+    return {c: int(seen.get(category_key(c), 0)) for c in classes}
 
 
 def smoothed_shares(counts: Sequence[float]) -> list[float]:
@@ -68,7 +71,7 @@ def target_shares(spec: str, classes: Sequence[str]) -> tuple[list[float], str]:
     path = Path(spec)
     if not path.exists():
         raise ClassPriorError(f"--class-prior {spec}: no such file (give a labelled catalog, or 'uniform')")
-    index = {c: i for i, c in enumerate(classes)}
+    index = {category_key(c): i for i, c in enumerate(classes)}  # spelled as training reads it
     counts = [0] * len(classes)
     bad: list[str] = []
     unlabelled = 0
@@ -82,8 +85,8 @@ def target_shares(spec: str, classes: Sequence[str]) -> tuple[list[float], str]:
             category = (row.label or {}).get("category")
             if category is None:
                 unlabelled += 1
-            elif category in index:
-                counts[index[category]] += 1
+            elif category_key(str(category)) in index:
+                counts[index[category_key(str(category))]] += 1
             else:
                 outside[str(category)] += 1
                 first_outside.setdefault(str(category), str(row.id))
@@ -127,6 +130,10 @@ class ClassPrior:
         if missing:
             raise ClassPriorError(f"--class-prior: {source}'s category_counts lack {len(missing)} of its categories "
                                   f"(first: '{missing[0]}'); the folder is inconsistent, retrain it")
+        damaged = [c for c in classes if isinstance(counts[c], bool) or not isinstance(counts[c], int) or counts[c] < 0]
+        if damaged:
+            raise ClassPriorError(f"--class-prior: {source}'s category_counts give '{damaged[0]}' "
+                                  f"{counts[damaged[0]]!r}, not a count of rows; the folder is damaged, retrain it")
         source_log = [(1.0 - correction) * math.log(p) for p in smoothed_shares([counts[c] for c in classes])]
         shares, note = target_shares(spec, classes)
         ratio = torch.tensor([math.log(t) - s for t, s in zip(shares, source_log)], dtype=torch.float32)

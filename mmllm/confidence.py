@@ -74,7 +74,10 @@ class Platt:
     def from_dict(cls, data: dict[str, Any] | None) -> "Platt":
         if not data or data.get("method") == "identity":
             return cls()
-        return cls(float(data["a"]), float(data["b"]), int(data.get("rows", 0)))
+        a, b = float(data["a"]), float(data["b"])
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError(f"a Platt map of {a} and {b}: not finite")
+        return cls(a, b, int(data.get("rows", 0)))
 
 
 def logit(p: float, eps: float = EPS) -> float:
@@ -236,7 +239,7 @@ class Calibration:
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CALIBRATION_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -247,17 +250,34 @@ class Calibration:
             return None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+            for key in ("category", "attributes", "dev_curve"):
+                if data.get(key) is not None and not isinstance(data[key], dict):
+                    raise ValueError(f"{key}: expected an object, got {type(data[key]).__name__}")
             curve = None
             if data.get("dev_curve"):
                 points = data["dev_curve"]["points"]
-                curve = Curve([-math.inf if p[0] is None else float(p[0]) for p in points], [float(p[1]) for p in points],
-                              [float(p[2]) for p in points], [int(p[3]) for p in points], int(data["dev_curve"]["rows"]))
+                if not isinstance(points, list) or not points:
+                    raise ValueError("dev_curve: no points")
+                if not all(isinstance(p, list) and len(p) == 4 for p in points):
+                    raise ValueError("dev_curve: a point is not [threshold, coverage, accuracy, kept]")
+                curve = Curve([-math.inf if p[0] is None else _finite_number(p[0]) for p in points],
+                              [_finite_number(p[1]) for p in points], [_finite_number(p[2]) for p in points],
+                              [int(p[3]) for p in points], int(data["dev_curve"]["rows"]))
             return cls(str(data["method"]), Platt.from_dict(data.get("category")),
                        Platt.from_dict(data.get("attributes")), curve)
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ValueError(f"{path}: not a readable calibration file ({exc}); refit the model or delete the file") from exc
+
+
+def _finite_number(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 def _finite(t: float) -> float | None:

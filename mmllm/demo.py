@@ -530,13 +530,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         similar = SimilarListings.load(args.index, predictor, args.model, args.k) if args.index else None
         session = (ReviewSession.open(args.review, args.review_dump, predictor.schema, args.corrections)
                    if args.review else None)
-    except (FileNotFoundError, ValueError, KeyError, OutputError, CatalogError) as exc:  # OptionError and SchemaError are ValueErrors
+    except (OSError, ValueError, KeyError, OutputError, CatalogError) as exc:  # OptionError and SchemaError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     review = ReviewDesk(session, args.reviewer) if session else None
     if session:
         print(f"review: {len(session.queue):,} rows in the queue, {session.decided:,} decided; corrections go to "
               f"{session.corrections.path}", file=sys.stderr)
+        for note in session.notes:
+            print(f"note: {note}", file=sys.stderr)
     examples = None if args.examples == "none" else Path(args.examples)
     app = build_app(predictor, limits=limits, examples=examples, image_root=args.image_root, similar=similar,
                     review=review, title=f"mmllm demo: {Path(args.model).name}")

@@ -113,8 +113,7 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
             rows.warnings.append(f"{where}: label.category: missing; row left out of the category metrics")
         record = preds.get(row.id)
         status = "missing" if record is None else record.get("status", "ok")
-        pred = (_normalize(record, schema, rows.warnings, f"{pred_path.name} (id {row.id!r})")
-                if record is not None and status == "ok" else {"category": None, "attributes": {}})
+        pred = _normalize(record, schema) if record is not None and status == "ok" else {"category": None, "attributes": {}}
         rows.ids.append(row.id)
         rows.titles.append(row.title)
         rows.gold_category.append(gold["category"])
@@ -248,9 +247,11 @@ def _normalize(label: dict[str, Any], schema: LabelSchema | None, warnings: list
         else:
             name = field_name.split(".", 1)[1]
             out["attributes"][name] = one.value["attributes"].get(name) if one.ok else answer["attributes"][name]
-        if not one.ok and warnings is not None:
-            problems = "; ".join(e.message for e in one.errors)
-            warnings.append(f"{where}: {field_name}: {problems}; compared as written")
+        # a value the schema refuses is named; a category or attribute it does not know is the schema's
+        # fit to the whole file, said once (schema_fit_warnings), not on every row
+        named = [e.message for e in one.errors if e.code not in ("not_in_taxonomy", "unknown_key")]
+        if named and warnings is not None:
+            warnings.append(f"{where}: {field_name}: {'; '.join(named)}; compared as written")
     return out
 
 

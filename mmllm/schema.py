@@ -209,7 +209,7 @@ class LabelSchema:
             raise SchemaError(f"schema '{self.name}': the taxonomy is empty")
         seen: dict[str, str] = {}
         for path in self.categories:
-            key = _category_key(path)
+            key = category_key(path)
             if key in seen:
                 raise SchemaError(f"schema '{self.name}': category '{path}' is listed twice")
             seen[key] = path
@@ -223,7 +223,7 @@ class LabelSchema:
             if missing:
                 raise SchemaError(f"schema '{self.name}': category '{missing[0]}' has no id in category_ids")
             object.__setattr__(self, "category_ids", ids)
-            self._id_by_key.update((_category_key(path), i) for path, i in ids.items())
+            self._id_by_key.update((category_key(path), i) for path, i in ids.items())
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -340,11 +340,11 @@ class LabelSchema:
 
     def category_id(self, category: str | None) -> str | None:
         """The standard taxonomy's id of a category or of a parent node (an imported schema), or None."""
-        return self._id_by_key.get(_category_key(category)) if isinstance(category, str) else None
+        return self._id_by_key.get(category_key(category)) if isinstance(category, str) else None
 
     def canonical_category(self, category: str) -> str | None:
         """The taxonomy's spelling of ``category`` (spacing and case forgiven), or None."""
-        return self._by_key.get(_category_key(category))
+        return self._by_key.get(category_key(category))
 
     def json_schema(self) -> dict[str, Any]:
         """JSON Schema (draft 2020-12) of a model answer; every attribute key is present."""
@@ -535,7 +535,7 @@ def _clean_path(path: str) -> str:
     return SEPARATOR.join(part.strip() for part in path.split(">") if part.strip())
 
 
-def _category_key(path: str) -> str:
+def category_key(path: str) -> str:
     return _clean_path(path).casefold()
 
 

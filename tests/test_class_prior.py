@@ -61,3 +61,17 @@ def test_unusable_priors_are_refused_with_the_reason(tmp_path):
         ClassPrior.for_model("uniform", CLASSES, None, "old-folder")
     with pytest.raises(ClassPriorError, match="lack 1 of its categories"):
         ClassPrior.for_model("uniform", CLASSES, {"a": 1, "b": 1}, "m")
+
+
+def test_categories_count_as_training_spells_them_and_damaged_counts_are_refused(tmp_path):
+    classes = ["Games > Chess", "Outdoor > Kites"]
+    labels = [{"category": "games  >  CHESS"}, {"category": "Games > Chess"}, {"category": "outdoor>kites"}]
+    assert category_counts(labels, classes) == {"Games > Chess": 2, "Outdoor > Kites": 1}
+    catalog = tmp_path / "old.jsonl"
+    catalog.write_text("".join(json.dumps({"id": f"r{i}", "title": "t", "label": {"category": c["category"]}}) + "\n"
+                               for i, c in enumerate(labels)))
+    shares, note = target_shares(str(catalog), classes)
+    assert shares == [3 / 5, 2 / 5] and "outside" not in note
+    for bad in (-1, "3", 2.5):
+        with pytest.raises(ClassPriorError, match="not a count of rows; the folder is damaged"):
+            ClassPrior.for_model("uniform", classes, {"Games > Chess": bad, "Outdoor > Kites": 1}, "M")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, operating_point, risk_coverage, wilson
+from mmllm.confidence import CALIBRATION_FILE, FORMAT, Calibration, Platt, operating_point, risk_coverage, wilson
 from mmllm.schema import answer_spans
 
 
@@ -113,3 +113,18 @@ def test_calibration_applies_to_a_record_and_small_probabilities_keep_their_orde
     tiny = Calibration("platt").apply({"confidence": 2.99e-7, "attribute_confidence": {}})
     assert tiny["confidence"] == 2.99e-7  # 6 significant digits, not 6 decimals (which would give 0.0)
     assert Calibration("platt").apply({"confidence": 3.01e-7})["confidence"] > tiny["confidence"]
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("[]", "expected a JSON object, got list"),
+    ('{"format": FORMAT, "method": "platt", "category": "platt"}', "category: expected an object, got str"),
+    ('{"format": FORMAT, "method": "platt", "category": {"method": "platt", "a": NaN, "b": 0}}', "not finite"),
+    ('{"format": FORMAT, "method": "platt", "dev_curve": {"rows": 3, "points": []}}', "dev_curve: no points"),
+    ('{"format": FORMAT, "method": "platt", "dev_curve": {"rows": 3, "points": [{"t": 1}]}}', "a point is not"),
+    ('{"format": FORMAT, "method": "platt", "dev_curve": {"rows": 3, "points": [[NaN, 1, 1, 3]]}}', "not a finite number"),
+])
+def test_a_damaged_calibration_file_is_named_with_what_is_wrong(tmp_path, content, reason):
+    (tmp_path / CALIBRATION_FILE).write_text(content.replace("FORMAT", json.dumps(FORMAT)))
+    with pytest.raises(ValueError, match=f"{CALIBRATION_FILE}: not a readable calibration file") as info:
+        Calibration.load(tmp_path)
+    assert reason in str(info.value)

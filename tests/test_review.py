@@ -231,3 +231,50 @@ def test_the_review_desk_shows_a_row_and_turns_its_editors_into_a_label(tmp_path
     assert message == "Saved: **item-0** corrected to Outdoor > Kites." and view.row_id is None
     assert "**Queue done**: 1 of 1 rows decided" in view.progress
     desk.session.close()
+
+
+def test_a_users_one_line_file_is_refused_and_a_whole_last_row_is_kept(tmp_path):
+    """The last line without its newline: cut only when it can be a row cut short by a kill."""
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    listings = load_listings(catalog)
+    mine = tmp_path / "settings.json"
+    mine.write_text('{"my": "precious data", "n": 42}')  # as json.dump writes it
+    with pytest.raises(OutputError, match="line 1 is not a reviewed row"):
+        Corrections(mine, small_schema())
+    assert mine.read_text() == '{"my": "precious data", "n": 42}'
+    path = tmp_path / "d" / "c.jsonl"
+    store = Corrections(path, small_schema())
+    store.save(listings[0], {"category": "Games > Chess", "attributes": {}}, "accepted", record(0, 0.3))
+    store.close()
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # a hand edit dropped the final newline
+    store = Corrections(path, small_schema())
+    assert store.decided == {"item-0": "accepted"}
+    store.save(listings[1], {"category": "Vehicles > Cars", "attributes": {}}, "corrected", record(1, 0.2))
+    store.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["item-0", "item-1"]
+
+
+def test_the_session_shows_the_row_that_was_labelled_and_refuses_another_dump(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 3, toy_row(0))
+    with open(catalog, "a") as f:  # the dump repeats item-0's id; `mmllm label` labelled line 1, line 4 is a read error
+        f.write(json.dumps({"id": "item-0", "title": "Garden hose"}) + "\n")
+    labels = write_labels(tmp_path / "labels.jsonl", [record(0, 0.2), record(1, 0.4)])
+    session = ReviewSession.open(labels, [catalog], small_schema())
+    assert session.item("item-0").listing.line == 1 and session.item("item-0").listing.title != "Garden hose"
+    assert session.notes == []  # the corrections sit beside the dump, and these rows have no photo
+    session.close()
+    dev = write_catalog(tmp_path / "d", 3, toy_row(0), name="dev.jsonl")  # the same ids, other listings
+    with pytest.raises(OutputError, match="labels.jsonl was labelled from 'catalog.jsonl'.*not from dev.jsonl"):
+        ReviewSession.open(labels, [dev], small_schema(), corrections=tmp_path / "d" / "c2.jsonl")
+    with pytest.raises(OutputError, match="is a folder"):
+        ReviewSession.open(tmp_path / "d", [catalog], small_schema(), corrections=tmp_path / "d" / "c3.jsonl")
+
+
+def test_corrections_kept_away_from_the_photos_say_how_to_train_on_them(tmp_path):
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    labels = write_labels(tmp_path / "labels.jsonl", [record(0, 0.2)])
+    session = ReviewSession.open(labels, [catalog], small_schema(), corrections=tmp_path / "reviewed" / "round1.jsonl")
+    assert session.notes == [f"the corrections keep the rows' image paths, which resolve in {catalog.parent.resolve()}: "
+                             f"to train on round1.jsonl with its photos, set data.image_root={catalog.parent.resolve()} "
+                             "in the recipe"]
+    session.close()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mmllm.catalog import CatalogReader, Listing
-from mmllm.labelling.output import OutputError, check_paths, read_records
+from mmllm.labelling.output import RECORD_START, OutputError, check_paths, read_records
 from mmllm.schema import LabelSchema
 
 QUEUE_SUFFIX = ".review.jsonl"
@@ -118,21 +118,39 @@ class Corrections:
         self._read_back()
 
     def _read_back(self) -> None:
-        whole = 0
+        whole, ended = 0, True
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, 1):
-                if not raw.endswith(b"\n"):
-                    break  # a torn last line (a kill mid-write): cut below
+                if not raw.endswith(b"\n"):  # the last line: a row a kill cut short, a whole row (a hand edit
+                    ended = False             # dropped its newline), or a file that is not ours
+                    if self._decision(raw) is None:
+                        if raw.startswith(RECORD_START) or RECORD_START.startswith(raw):
+                            break  # torn mid-write: cut below
+                        self._refuse(number)
                 try:
                     row = json.loads(raw)
                     self.decided[str(row["id"])] = row["review"]["decision"]
                 except (ValueError, KeyError, TypeError):
-                    os.close(self._fd)
-                    raise OutputError(f"corrections file {self.path} line {number} is not a reviewed row: it is not "
-                                      "a file `mmllm demo` wrote; choose another path") from None
+                    self._refuse(number)
                 whole += len(raw)
         if os.fstat(self._fd).st_size != whole:
             os.ftruncate(self._fd, whole)
+        elif not ended:  # a whole row without its newline: kept, and the next one starts on a line of its own
+            os.write(self._fd, b"\n")
+
+    @staticmethod
+    def _decision(raw: bytes) -> str | None:
+        try:
+            row = json.loads(raw)
+            return str(row["review"]["decision"]) if isinstance(row, dict) and row.get("id") is not None else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _refuse(self, number: int) -> None:
+        os.close(self._fd)
+        self._fd = None
+        raise OutputError(f"corrections file {self.path} line {number} is not a reviewed row: it is not "
+                          "a file `mmllm demo` wrote; choose another path") from None
 
     def save(self, listing: Listing, label: dict[str, Any], decision: str, prediction: dict[str, Any],
              reviewer: str = "") -> dict[str, Any]:
@@ -187,6 +205,7 @@ class ReviewSession:
     listings: dict[str, Listing]
     corrections: Corrections
     roots: dict[str, Path] = field(default_factory=dict)  # dump file name -> its folder (images resolve there)
+    notes: list[str] = field(default_factory=list)  # what the person starting the desk should know
 
     @classmethod
     def open(cls, labels: Path, dumps: Sequence[Path], schema: LabelSchema, corrections: Path | None = None) -> "ReviewSession":
@@ -195,19 +214,30 @@ class ReviewSession:
         if len(folders) > 1:  # the corrections keep each row's image paths, which resolve in one folder
             raise OutputError(f"the dumps lie in {len(folders)} folders; review one folder's dumps at a time (the "
                               "corrections file keeps their image paths, which resolve in its own folder)")
+        if labels.is_dir():
+            raise OutputError(f"labels file {labels} is a folder; give the labels JSONL `mmllm label --out` wrote")
         records, _ = read_records(labels, "labels file")
         reviewable = [r for r in records if r.get("status") in ("ok", "invalid") and r.get("id") is not None]
         flagged = [r for r in reviewable if r.get("review") is True]
         queue = sorted(flagged if any("review" in r for r in reviewable) else reviewable, key=queue_order)
-        wanted = {str(r["id"]) for r in queue}
-        listings = {row.id: row for row in _rows(dumps) if row.id in wanted}
+        names = {d.name for d in dumps}
+        foreign = [r for r in queue if r.get("source") is not None and r["source"] not in names]
+        if foreign:
+            raise OutputError(f"{labels.name} was labelled from {foreign[0]['source']!r} (first: id {foreign[0]['id']!r}), "
+                              f"not from {', '.join(sorted(names))}; give the dump(s) it was labelled from")
+        listings = _labelled_listings(queue, dumps)
         missing = [r["id"] for r in queue if str(r["id"]) not in listings]
         if missing:
             raise OutputError(f"{len(missing)} queued row(s) are not in {', '.join(d.name for d in dumps)} "
                               f"(first: {missing[0]!r}); give the dump(s) {labels.name} was labelled from")
-        path = corrections or dumps[0].with_name(dumps[0].name.split(".")[0] + CORRECTIONS_SUFFIX)
+        path = Path(corrections) if corrections else dumps[0].with_name(dumps[0].name.split(".")[0] + CORRECTIONS_SUFFIX)
         store = Corrections(path, schema, inputs=[labels, *dumps])
-        return cls(schema, queue, listings, store, {d.name: d.resolve().parent for d in dumps})
+        session = cls(schema, queue, listings, store, {d.name: d.resolve().parent for d in dumps})
+        folder = dumps[0].resolve().parent
+        if path.resolve().parent != folder and any(item.images for item in listings.values()):
+            session.notes.append(f"the corrections keep the rows' image paths, which resolve in {folder}: to train on "
+                                 f"{path.name} with its photos, set data.image_root={folder} in the recipe")
+        return session
 
     def next_item(self, skipped: Iterable[str] = ()) -> ReviewItem | None:
         """The first queued row neither decided nor skipped in this browser session."""
@@ -244,8 +274,18 @@ class ReviewSession:
         self.corrections.close()
 
 
-def _rows(dumps: Sequence[Path]) -> Iterable[Listing]:
+def _labelled_listings(queue: Sequence[dict[str, Any]], dumps: Sequence[Path]) -> dict[str, Listing]:
+    """Each queued record's listing, by id: the row at the record's file and line (the one `mmllm label`
+    labelled, even where a dump repeats its id), else the only row with its id (a record without a place)."""
+    places = {(str(r.get("source")), r.get("line")): str(r["id"]) for r in queue}
+    wanted = {str(r["id"]) for r in queue}
+    at_place: dict[str, Listing] = {}
+    by_id: dict[str, list[Listing]] = {}
     for dump in dumps:
         for row in CatalogReader(dump, check_duplicates=False):
-            if isinstance(row, Listing):
-                yield row
+            if not isinstance(row, Listing) or row.id not in wanted:
+                continue
+            if places.get((row.source, row.line)) == row.id:
+                at_place[row.id] = row
+            by_id.setdefault(row.id, []).append(row)
+    return {**{i: rows[0] for i, rows in by_id.items() if len(rows) == 1}, **at_place}
