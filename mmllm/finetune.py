@@ -31,6 +31,7 @@ from mmllm.recipes.classify import ClassifyRecipeConfig
 from mmllm.recipes.common import InputError
 from mmllm.recipes.fusion import FusionRecipeConfig
 from mmllm.recipes.generate import GenerateConfig
+from mmllm.training import NonFiniteLoss, ResumeError
 
 # task -> (the recipe's config, the recipe)
 RECIPES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
@@ -62,6 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # after the training loop (which saves a checkpoint on Ctrl-C itself)
+        print(f"interrupted: {cfg.train.output_dir} is not a finished model folder; rerun the same command with "
+              "train.resume=true to finish it", file=sys.stderr)
+        return 130
     return 130 if result["interrupted"] else 0
 
 
@@ -116,7 +127,11 @@ def _merge_cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from mmllm.tiny import resolve
 
-    out = model_dir.merge(args.model_dir, args.out_dir, resolve=resolve)
+    try:
+        out = model_dir.merge(args.model_dir, args.out_dir, resolve=resolve)
+    except (OSError, ValueError) as exc:  # not a LoRA folder, a damaged one, an OUT_DIR that is not new
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"merged model written to {out}")
     return 0
 

@@ -31,10 +31,12 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 __all__ = ["REASONS", "ImageError", "ImagePolicy", "load_image", "open_image_bytes", "resolve_image_path"]
 
+MAX_ASPECT = 200  # width : height (either way) from which an image is refused: the Qwen-VL processors raise there
+
 REASONS = frozenset({
     "remote_refused", "bad_reference", "path_traversal", "outside_root", "symlink_escape",
     "missing", "not_a_file", "too_large", "bomb", "unknown_format", "format_not_allowed",
-    "truncated", "corrupt", "remote_failed",
+    "truncated", "corrupt", "remote_failed", "aspect",
 })  # fmt: skip
 
 # "scheme:" at the start of a reference. One-letter schemes are left alone:
@@ -288,6 +290,9 @@ def _check_header(img: Image.Image, name: str, policy: ImagePolicy) -> None:
     if width * height > policy.max_pixels:
         raise ImageError(name, "bomb", f"{width}x{height} = {width * height:,} pixels, over the limit of "
                          f"{policy.max_pixels:,}; downscale the image or raise max_pixels")
+    if max(width, height) >= MAX_ASPECT * max(1, min(width, height)):
+        raise ImageError(name, "aspect", f"{width}x{height}: one side is {MAX_ASPECT} times the other or more, a strip "
+                         "no vision processor reads (Qwen's refuses it and stops the batch); crop or pad the image")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ CONFIG_FILE = "config.yaml"
 CARD_FILE = "README.md"
 CURVES_FILE = "training_curves.png"
 METRICS_FILE = "metrics.jsonl"
+ADAPTER_FILE = "adapter_model.safetensors"
+UNFINISHED_FILE = "training_unfinished.txt"  # present while a recipe writes the folder: labelling refuses it
 KINDS = ("generative-lora", "generative-merged", "classifier", "fusion")
 
 
@@ -58,14 +61,53 @@ def write_meta(folder: Path, **fields: Any) -> None:
     (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
+def read_meta(folder: str | Path, *, finished: bool = True) -> dict[str, Any]:
+    """The folder's meta file, checked; ``finished``: refuse a folder its recipe is still writing (or stopped
+    writing: ``training_unfinished.txt``), as everything that uses a model does."""
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: not an mmllm model folder (no {META_FILE}); pass a model dir from `mmllm finetune`")
-    meta = json.loads(path.read_text())
+    if finished and (Path(folder) / UNFINISHED_FILE).exists():
+        raise ValueError(f"{folder}: training stopped before it finished writing this folder (no calibration or "
+                         "grounding yet); rerun its training command with train.resume=true to finish it")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc}); the folder is damaged: retrain or copy it again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}; the folder is damaged")
     if meta.get("kind") not in KINDS:
         raise ValueError(f"{folder}: unknown model kind {meta.get('kind')!r} (known: {', '.join(KINDS)})")
+    for key, kind in (("base_model", str), ("model", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: {key} is {type(meta[key]).__name__}, expected {kind.__name__}; the folder is damaged")
+    if meta["kind"] != "fusion" and not isinstance(meta.get("base_model"), str):
+        raise ValueError(f"{path}: no base_model; the folder is damaged: retrain or copy it again")
     return meta
+
+
+def check_weights(path: Path) -> Path:
+    """``path`` if it is a readable safetensors file (its header and its size agree); else an error naming it.
+    Weights are read from safetensors only: a folder with pickled weights in their place is refused."""
+    if not path.is_file():
+        pickled = [p.name for p in path.parent.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        extra = f" ({', '.join(sorted(pickled))} are pickles, which mmllm never loads)" if pickled else ""
+        raise FileNotFoundError(f"{path}: the weights are missing{extra}; the folder is damaged: retrain or copy it again")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+            if names:
+                f.get_slice(names[-1])  # (the header's offsets are checked against the file's size on open)
+    except Exception as exc:  # safetensors raises its own SafetensorError on a torn or foreign file
+        raise ValueError(f"{path}: not readable safetensors ({exc}); the folder is damaged: retrain or copy it again") from None
+    return path
+
+
+def finish(folder: Path) -> None:
+    """The folder is complete (weights, meta, calibration, grounding): labelling may read it."""
+    (Path(folder) / UNFINISHED_FILE).unlink(missing_ok=True)
 
 
 def trained_field_counts(schema: LabelSchema, labels: Sequence[dict[str, Any] | None]) -> dict[str, int]:
@@ -101,6 +143,7 @@ def write_folder(out_dir: Path, *, kind: str, base_model: str, schema: LabelSche
     from mmllm.config import save_config
 
     assert kind in KINDS, kind
+    (out_dir / UNFINISHED_FILE).write_text("training is writing this folder; `finish` removes this file at the end\n")
     schema.to_yaml(out_dir / SCHEMA_FILE, header=f"# label schema used for training (from {schema_source})\n")
     if template is not None:
         template.save_to(out_dir)
@@ -140,7 +183,7 @@ def write_card(out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / CURVES_FILE, dpi=110)
     plt.close(fig)
-    meta = read_meta(out_dir)
+    meta = read_meta(out_dir, finished=False)  # (the recipe writing it draws its card)
     last_eval = evals[-1] if evals else {}
     untrained = untrained_attributes(meta.get("trained_fields"))
     training = meta["training"]
@@ -209,19 +252,25 @@ def _load_model(folder: Path, device: str, trust_remote_code: bool, resolve: Cal
     schema = LabelSchema.from_yaml(folder / SCHEMA_FILE)
     untrained = untrained_attributes(meta.get("trained_fields"))
     if meta["kind"] == "fusion":
-        from mmllm.models.fusion import load_fusion
+        from mmllm.models.fusion import FUSION_FILE, load_fusion
 
+        check_weights(folder / FUSION_FILE)
         return load_fusion(folder, schema, device, untrained=untrained)
     from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor
 
     merged = meta["kind"] == "generative-merged"
-    cfg = ModelConfig(base=str(folder) if merged else meta["base_model"], trust_remote_code=trust_remote_code,
-                      **meta.get("model", {}))
+    try:
+        cfg = ModelConfig(base=str(folder) if merged else meta["base_model"], trust_remote_code=trust_remote_code,
+                          **{k: v for k, v in meta.get("model", {}).items() if k != "trust_remote_code"})
+    except (TypeError, ValueError) as exc:  # a key this version does not know, a value out of range
+        raise ValueError(f"{Path(folder) / META_FILE}: its 'model' settings do not fit ({exc}); the folder is damaged "
+                         "or from another version of mmllm") from None
     processor = load_processor(folder, None)  # the processor saved at training (pixel budget included)
     model = load_base_model(cfg, source=str(folder) if merged else resolve(meta["base_model"]))
     if meta["kind"] in ("generative-lora", "classifier"):
         from peft import PeftModel
 
+        check_weights(folder / ADAPTER_FILE)  # peft itself would fall back to a pickled adapter_model.bin
         model = PeftModel.from_pretrained(model, str(folder))
     template = PromptTemplate.load(folder / TEMPLATE_FILE)
     if meta["kind"] == "classifier":
@@ -246,15 +295,23 @@ def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] 
                          "classifier and fusion folders are used as they are")
     if meta.get("model", {}).get("quantization") == "4bit":
         log.warning("merging a QLoRA adapter into a full-precision copy of the base model")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; give a new OUT_DIR (a merge never writes "
+                              "over a folder, the adapter's own included)")
     model_fields = {k: v for k, v in meta.get("model", {}).items() if k != "quantization"}
     predictor = _load_model(folder, "cpu", False, resolve)
     merged = predictor.model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    predictor.processor.save_pretrained(out)
+    tmp = out.with_name(out.name + ".merging")  # whole or not at all: a stopped merge leaves no folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    predictor.processor.save_pretrained(tmp)
     for name in (SCHEMA_FILE, TEMPLATE_FILE, *GROUNDING_FILES, CALIBRATION_FILE):
         if name in (SCHEMA_FILE, TEMPLATE_FILE) or (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
-    write_meta(out, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
+            shutil.copyfile(folder / name, tmp / name)
+    write_meta(tmp, kind="generative-merged", base_model=meta["base_model"], merged_from=str(folder), model=model_fields,
                **{k: meta[k] for k in ("trained_fields",) if k in meta})
+    if out.is_dir():
+        out.rmdir()  # the empty folder the user made for it
+    os.replace(tmp, out)
     return out

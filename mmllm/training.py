@@ -43,6 +43,14 @@ def count_answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+class NonFiniteLoss(ValueError):
+    """Training stopped: a step's loss was NaN or infinite (the weights it would give are no model)."""
+
+
+class ResumeError(ValueError):
+    """``train.resume`` cannot continue: no checkpoint, or one of another model (another config)."""
+
+
 @dataclass
 class TrainConfig:
     """Optimization, schedule, checkpoints."""
@@ -60,7 +68,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = help_field("auto", "auto = bf16 on GPUs that have it, none on CPU")
     seed: int = help_field(0, "seeds weights init of LoRA, data order and augmentation")
     log_every: int = help_field(10, "optimizer steps between metric lines")
-    save_every: int = help_field(200, "optimizer steps between checkpoints; 0 = only at the end")
+    save_every: int = help_field(200, "optimizer steps between checkpoints; 0 = only at the end (and where a Ctrl-C "
+                                      "stops the run)")
     keep_checkpoints: int = help_field(2, "most recent checkpoints kept on disk")
     resume: bool = help_field(False, "continue the run in output_dir from its latest checkpoint")
     num_workers: int = help_field(2, "data-loader processes decoding images while the model trains (0 = in-process)")
@@ -71,7 +80,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1 (or null to use train.epochs), got {self.max_steps}")
-        for name in ("save_every", "num_workers"):
+        for name in ("save_every", "num_workers", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         # NaN compares false with everything, so each check is written to fail on it
@@ -199,8 +208,12 @@ def train_loop(
     evaluate: Callable[[Any, int], dict[str, Any]] | None = None,
     eval_every: int = 0,
     count_items: CountFn = count_answer_tokens,
+    final_checkpoint: bool = True,
 ) -> LoopResult:
     """Train ``model`` on ``rows``; metrics go to ``out_dir/metrics.jsonl``.
+
+    A checkpoint is saved every ``cfg.save_every`` steps, where a Ctrl-C stops the run, and at the last
+    step (``final_checkpoint``): a run stopped while its model folder is written resumes from there.
 
     ``count_items(batch)`` says what the loss is averaged over (answer tokens for generation,
     rows for classification), so every item weighs the same across micro-batches and processes.
@@ -264,6 +277,10 @@ def train_loop(
                 accelerator.backward(loss_sum * scale)
             step_loss += float(loss_sum.detach())
             window["tokens"] += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):  # before the step: the weights stay the last finite ones
+            raise NonFiniteLoss(f"step {step + 1}: the loss is {step_loss} (not a finite number); lower train.lr, check "
+                                "the data and the lora / fusion settings, then train.resume=true from the last "
+                                "checkpoint or start again; no model folder was written")
         grad_norm = accelerator.clip_grad_norm_(trainable if not sharded else model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
@@ -290,7 +307,7 @@ def train_loop(
             _log(accelerator, metrics_path, {"step": step, **evaluate(accelerator.unwrap_model(model), step)}, progress)
             model.train()
         interrupted = stop.requested and step < total_steps
-        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+        if (cfg.save_every and step % cfg.save_every == 0) or interrupted or (final_checkpoint and step == total_steps):
             _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded, cfg.keep_checkpoints)
         if interrupted:
             break
@@ -407,7 +424,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, sharded: bool) -> int:
     ckpt = latest_checkpoint(root)
     if ckpt is None:
-        raise FileNotFoundError(f"train.resume=true but {root} holds no finished checkpoint")
+        raise ResumeError(f"train.resume=true but {root} holds no finished checkpoint")
     if sharded:
         accelerator.load_state(str(ckpt))
     else:
@@ -415,8 +432,15 @@ def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler
         unwrapped = accelerator.unwrap_model(model)
         missing = set(weights) - {n for n, _ in unwrapped.named_parameters()}
         if missing:
-            raise ValueError(f"{ckpt}: checkpoint does not match the model (unknown weights {sorted(missing)[:3]})")
+            raise ResumeError(f"{ckpt}: checkpoint does not match the model (unknown weights {sorted(missing)[:3]}): "
+                              "resume with the run's own config, or start a new run")
         params = dict(unwrapped.named_parameters())
+        reshaped = [n for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
+        if reshaped:
+            name = reshaped[0]
+            raise ResumeError(f"{ckpt}: checkpoint does not match the model ({name}: {tuple(weights[name].shape)} saved, "
+                             f"{tuple(params[name].shape)} now): resume with the run's own config "
+                             "(output_dir/config.yaml or the first command), or start a new run")
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor.to(params[name].device))

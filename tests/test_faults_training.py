@@ -150,6 +150,11 @@ def test_bad_learning_rate_names_train_lr(tmp_path, earlier_run, capsys, monkeyp
     (TINY_CLASSIFY, "eval.loss_rows", -1, "eval.loss_rows must be >= 0, got -1"),
     (FUSION, "heads.label_smoothing", "nan", "heads.label_smoothing must be in [0, 1), got nan"),
     (FUSION, "heads.bins", 0, "heads.bins must be >= 1, got 0"),
+    (TINY, "lora.dropout", 1.5, "lora.dropout must be in [0, 1), got 1.5"),
+    (TINY, "lora.alpha", "nan", "lora.alpha must be a finite number > 0, got nan"),
+    (TINY, "lora.target", "(", "lora.target is not a regular expression (missing ), unterminated subpattern at "
+                               "position 0): '('"),
+    (TINY, "train.seed", -1, "train.seed must be >= 0, got -1"),
     (FUSION, "model.max_images", -1, "model.max_images must be >= 0"),
     (FUSION, "fusion.hidden", 0, "fusion.hidden must be >= 1, got 0"),
     (FUSION, "fusion.modalities", "[text, audio]", "fusion.modalities must be a non-empty subset of "
@@ -161,6 +166,94 @@ def test_bad_numeric_settings_name_their_key(tmp_path, earlier_run, capsys, monk
     line = _fails(capsys, monkeypatch, _run_args(catalog, earlier_run, **{key: value}), config)
     assert line == f"error: {config}: {message}"
     assert _snapshot(earlier_run) == before
+
+
+def test_a_run_that_never_saved_a_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # killed before its first checkpoint
+    for resume in ("false", "true"):
+        line = _fails(capsys, monkeypatch, _run_args(catalog, out, **{"train.resume": resume}))
+        assert "it holds a run that stopped before its first checkpoint (nothing to resume): delete" in line
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
+def test_an_unfinished_folder_is_refused_and_resume_finishes_it(tmp_path, capsys):
+    """A run stopped while its model folder is written (after the last step) leaves a folder labelling
+    refuses; the last step's checkpoint (saved even with save_every 0) lets the same command finish it."""
+    from mmllm.label import main as label
+
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    args = ["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false", "train.max_steps": 3,
+                                                               "train.save_every": 0})]
+    assert main(args) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    (out / "training_unfinished.txt").write_text("stopped\n")  # as a kill during calibration leaves it
+    labels = tmp_path / "labels.jsonl"
+    assert label([str(catalog), "--model", str(out), "--out", str(labels), "--quiet"]) == 2
+    assert "training stopped before it finished writing this folder" in capsys.readouterr().err
+    assert main([*args, "train.resume=true"]) == 0
+    assert not (out / "training_unfinished.txt").exists()
+    assert label([str(catalog), "--model", str(out), "--out", str(labels), "--quiet"]) == 0
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(tmp_path, capsys, monkeypatch):
+    real = generate.causal_lm_loss
+
+    def exploding(model, batch):
+        loss, count = real(model, batch)
+        return loss * float("nan"), count
+
+    monkeypatch.setattr(generate, "causal_lm_loss", exploding)
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    assert main(["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false",
+                                                                     "train.max_steps": 2})]) == 1
+    err = capsys.readouterr().err
+    assert "error: step 1: the loss is nan (not a finite number)" in err and "Traceback" not in err
+    assert not (out / "mmllm_model.json").exists()
+
+
+def test_resuming_with_another_lora_rank_names_the_mismatch(tmp_path, capsys):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    args = ["--config", str(TINY), *_run_args(catalog, out, **{"train.max_steps": 4, "train.save_every": 2})]
+    assert main([*args, "train.resume=false", "lora.rank=8", "train.max_steps=2"]) == 0
+    assert main([*args, "lora.rank=4"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint does not match the model" in err and "resume with the run's own config" in err
+
+
+def test_a_damaged_model_folder_names_the_file(tmp_path, capsys):
+    """Labelling a folder whose meta file is torn, whose adapter is a pickle, or whose weights are cut short:
+    one line naming the file, exit 2 (a pickle is never loaded)."""
+    import shutil
+
+    from mmllm.label import main as label
+
+    catalog = write_catalog(tmp_path / "data", n=4)
+    trained = tmp_path / "out"
+    assert main(["--config", str(TINY), *_run_args(catalog, trained, **{"train.resume": "false",
+                                                                         "train.max_steps": 2})]) == 0
+    for damage, named in (("meta", "mmllm_model.json: not readable JSON"),
+                          ("pickle", "adapter_model.safetensors: the weights are missing (adapter_model.bin are "
+                                     "pickles, which mmllm never loads)"),
+                          ("torn", "adapter_model.safetensors: not readable safetensors")):
+        folder = tmp_path / damage
+        shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+        weights = folder / "adapter_model.safetensors"
+        if damage == "meta":
+            (folder / "mmllm_model.json").write_text('{"kind": "generative-lo')
+        elif damage == "pickle":
+            torch.save({"w": torch.zeros(2)}, folder / "adapter_model.bin")
+            weights.unlink()
+        else:
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        assert label([str(catalog), "--model", str(folder), "--out", str(tmp_path / f"{damage}.jsonl"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------------- untrained fields

@@ -262,6 +262,15 @@ def test_merge_writes_a_standalone_model_that_answers_the_same(tmp_path):
     finetune(load_recipe_config(TINY, overrides(tmp_path, catalog, **{"train.max_steps": 30, "data.dev": "null"})))
     assert main(["merge", str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
     merged_dir = tmp_path / "merged"
+    assert not (tmp_path / "merged.merging").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "config"}')
+    adapter_files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    for target in (mine, tmp_path / "out"):  # a folder of the user's, the adapter's own: never written over
+        assert main(["merge", str(tmp_path / "out"), str(target)]) == 2
+    assert (mine / "config.json").read_text() == '{"my": "config"}' and sorted(p.name for p in mine.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == adapter_files
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
     AutoModelForImageTextToText.from_pretrained(merged_dir)  # plain transformers loads it
     rows = load_listings(catalog)

@@ -290,7 +290,20 @@ def test_image_error_pickles_and_reasons_are_known():
     err = pickle.loads(pickle.dumps(ImageError("a.png", "missing", "gone")))
     assert (err.ref, err.reason, str(err)) == ("a.png", "missing", "image 'a.png': gone")
     assert isinstance(err, ValueError)
-    assert len(REASONS) == 14
+    assert len(REASONS) == 15
+
+
+def test_a_strip_no_vision_processor_reads_is_refused(root: Path, policy: ImagePolicy):
+    """A 4000 x 10 banner made a Qwen-VL processor raise inside the training batch, stopping the run (and its
+    resume, at the same batch); refused here, the row keeps its text as with any bad image."""
+    Image.new("RGB", (4000, 10), "red").save(root / "strip.png")
+    Image.new("RGB", (10, 2000), "red").save(root / "tall.png")
+    for name in ("strip.png", "tall.png"):
+        with pytest.raises(ImageError) as info:
+            load_image(name, policy)
+        assert info.value.reason == "aspect" and "200 times the other" in str(info.value)
+    Image.new("RGB", (1990, 10), "red").save(root / "wide.png")
+    assert load_image("wide.png", policy).size == (1990, 10)
 
 
 # --- remote (loopback server only) ----------------------------------------------------------

@@ -16,6 +16,8 @@ import contextlib
 import importlib.util
 import itertools
 import logging
+import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -101,6 +103,14 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError("lora.rank must be >= 1")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"lora.alpha must be a finite number > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.target)
+        except re.error as exc:
+            raise ValueError(f"lora.target is not a regular expression ({exc}): {self.target!r}") from None
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -24,7 +24,7 @@ from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.images import ImagePolicy
-from mmllm.model_dir import CARD_FILE, METRICS_FILE, trained_field_counts, untrained_attributes
+from mmllm.model_dir import CARD_FILE, METRICS_FILE, finish, is_model_dir, trained_field_counts, untrained_attributes
 from mmllm.predictor import predict_in_batches
 from mmllm.progress import Progress
 from mmllm.prompts import PromptTemplate, target_text
@@ -239,11 +239,17 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
     """A new run needs an empty (or new) folder; a resumed one a finished checkpoint in it. Read only."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"train.output_dir: {out_dir} is a file, not a folder; pass another train.output_dir")
+    never_saved = (f"it holds a run that stopped before its first checkpoint (nothing to resume): delete {out_dir} "
+                   "to start it again, or pass another train.output_dir")
     if resume:
         if latest_checkpoint(out_dir / "checkpoints") is None:
             raise InputError(f"train.output_dir: train.resume=true but {out_dir / 'checkpoints'} holds no finished "
-                             "checkpoint; drop train.resume to start a new run")
+                             "checkpoint; " + (never_saved if (out_dir / METRICS_FILE).exists()
+                                               else "drop train.resume to start a new run"))
     elif out_dir.is_dir() and any(out_dir.iterdir()):
+        if (latest_checkpoint(out_dir / "checkpoints") is None and not is_model_dir(out_dir)
+                and (out_dir / METRICS_FILE).exists()):
+            raise InputError(f"train.output_dir: {out_dir} is not empty; {never_saved}")
         raise InputError(f"train.output_dir: {out_dir} is not empty; pass train.resume=true to continue it, "
                          "or another train.output_dir")
 
@@ -309,6 +315,7 @@ def fit_after_training(s: Setup, cfg: GroundingConfig, predictor: Any, *, platt:
                 progress.update(len(chunk))
         records = fit_calibration(s, predictor, rows, records, platt=platt)
     fit_grounding(s, cfg, rows, records)
+    finish(s.out_dir)  # the last file is written: labelling may read the folder
 
 
 def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list[dict[str, Any]], *,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -25,7 +26,8 @@ from mmllm.grounding import GroundingConfig
 from mmllm.images import ImagePolicy
 from mmllm.models.generative import GenerativePredictor, LoraSettings, ModelConfig, attach_lora, load_base_model, load_processor
 from mmllm.models.mini_sequence import chunk_mlps
-from mmllm.recipes.common import DataConfig, Setup, fit_after_training, record_final, run_summary, say, setup
+from mmllm.recipes.common import (DataConfig, InputError, Setup, fit_after_training, record_final, run_summary, say,
+                                  setup)
 from mmllm.training import TrainConfig, causal_lm_loss, train_loop
 
 
@@ -95,9 +97,14 @@ def build_backbone(model_cfg: ModelConfig, lora: LoraSettings, accelerator: Any)
     from mmllm.tiny import resolve  # `tiny:ARCH` bases for smoke runs
 
     base = resolve(model_cfg.base)
+    if _looks_local(base) and not Path(base).is_dir():
+        raise InputError(f"model.base: {base} is no folder here (a local checkpoint), nor a hub id (owner/name)")
     processor = load_processor(base, model_cfg)
     model = load_base_model(model_cfg, source=base)
-    model = attach_lora(model, lora, gradient_checkpointing=model_cfg.gradient_checkpointing)
+    try:
+        model = attach_lora(model, lora, gradient_checkpointing=model_cfg.gradient_checkpointing)
+    except ValueError as exc:  # the target regex matches no module of this model, ...
+        raise InputError(f"lora: {exc}") from None
     if model_cfg.mlp_chunks > 1:
         chunked = chunk_mlps(model, model_cfg.mlp_chunks)
         say(accelerator, f"mini-sequence MLPs: {chunked} language-model MLPs run in {model_cfg.mlp_chunks} "
@@ -105,6 +112,11 @@ def build_backbone(model_cfg: ModelConfig, lora: LoraSettings, accelerator: Any)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     return processor, model
+
+
+def _looks_local(base: str) -> bool:
+    """A path rather than a hub id: it names a folder (``/``, ``./``, ``~``) or has more than one ``/``."""
+    return base.startswith(("/", "./", "../", "~")) or base.count("/") > 1
 
 
 def save_model_dir(s: Setup, cfg: Any, model: Any, processor: Any, summary: dict[str, Any],

@@ -94,7 +94,7 @@ def fit_heads(run: Setup, model: Any, rows: list[Listing], specs: list[heads.Hea
     out_dir.mkdir(parents=True, exist_ok=True)
     side = dataclasses.replace(train, resume=False, save_every=0)
     result = train_loop(side, run.accelerator, model, rows, collate, heads_loss(run, rows, specs, count_rows, settings),
-                        out_dir, count_items=count_rows)
+                        out_dir, count_items=count_rows, final_checkpoint=False)
     if result.interrupted:
         raise KeyboardInterrupt("stopped during a side fit of the heads")
     unwrapped = run.accelerator.unwrap_model(model)

@@ -343,12 +343,22 @@ class FusionModel(nn.Module):
             (folder / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False))
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of the folder, or an error naming it (a damaged folder is told apart from a bug)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; the model folder is damaged: retrain or copy it again") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc}); the model folder is damaged: retrain or copy it again") from None
+
+
 def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = None,
                 untrained: Sequence[str] = ()) -> "FusionPredictor":
     """The fusion weights of a model folder as a predictor (:func:`mmllm.model_dir.load` reads the
     folder's schema and the attributes its meta file records with no training rows: answered null)."""
     folder = Path(folder)
-    config = json.loads((folder / FUSION_CONFIG).read_text())
+    config = _read_json(folder / FUSION_CONFIG)
     saved = dict(config["fusion"])
     for key in ("text_encoder", "image_encoder"):
         if (folder / saved[key]).is_dir() and saved[key] in ("text_encoder", "image_encoder"):
@@ -369,7 +379,7 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
     if config.get("lexicon"):
         lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()},
                           hurdle=config.get("lexicon_hurdle", ()))  # none in folders from before the hurdle
-        vectorizer = Vectorizer.from_dict(json.loads((folder / LEXICON_FILE).read_text(encoding="utf-8")))
+        vectorizer = Vectorizer.from_dict(_read_json(folder / LEXICON_FILE))
     model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon,
                         value_vectors=dict.fromkeys(config.get("value_prior_heads", ())))  # none before the prior
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
