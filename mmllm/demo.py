@@ -39,7 +39,8 @@ from typing import Any, Callable, Sequence
 import gradio as gr
 from PIL import Image, ImageDraw
 
-from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, detect_format, parse_row
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, RowLimits, detect_format, parse_row
+from mmllm.config import at_least
 from mmllm.grounding import GroundedPredictor
 from mmllm.images import ImageError, ImagePolicy, load_image, resolve_image_path
 from mmllm.host_memory import reuse_step_buffers
@@ -136,7 +137,7 @@ class SimilarListings:
         catalog = Path(index.meta.get("catalog", ""))
         if catalog.is_file():  # one pass, keeping only the first image reference of each indexed listing
             reader = CatalogReader(catalog, check_duplicates=False)
-            policy = ImagePolicy(root=reader.root)
+            policy = ImagePolicy(root=index.meta.get("image_root") or reader.root)  # where the index read them
             ids = {r["id"] for r in index.records}
             thumbnails = {row.id: (row.images[0], policy) for row in reader
                           if isinstance(row, Listing) and row.images and row.id in ids}
@@ -203,7 +204,10 @@ class Demo:
         title = (title or "").strip()
         if not paths and not title:
             raise InputError("Give the listing a title or at least one image (or click an example below).")
-        pictures = [self._load_upload(path, n) for n, path in enumerate(paths, start=1)]
+        if len(paths) > RowLimits.max_images:  # before anything is decoded: one request cannot fill the memory
+            raise InputError(f"{len(paths)} images; the limit is {RowLimits.max_images}.")
+        read = max(self.max_images, getattr(getattr(self.similar, "bundle", None), "max_images", 0) or 0)
+        pictures = [self._load_upload(path, n) for n, path in enumerate(paths[:read], start=1)]  # what is read only
         raw = {"id": FORM_ID, "title": title or "(no title given)", "description": description or "",
                "attributes": _table_to_attributes(table), "images": [Path(p).name for p in paths]}
         row = parse_row(raw, source="form", line=1)
@@ -239,8 +243,8 @@ class Demo:
                     log.exception("similar-listing search failed")
                     notes.append(f"similar listings unavailable ({type(exc).__name__}: {exc})")
         notes.insert(0, f"{time.perf_counter() - started:.1f} s")
-        if len(pictures) > self.max_images:
-            notes.append(f"this model reads the first {self.max_images} of the {len(pictures)} images")
+        if len(listing.images) > self.max_images:
+            notes.append(f"this model reads the first {self.max_images} of the {len(listing.images)} images")
         if record.get("status") == "ok":
             check = self.schema.validate({"category": record.get("category"), "attributes": record.get("attributes")})
             verdict = (f"**ok**: the answer validates against schema '{self.schema.name}'" if check.ok
@@ -308,7 +312,8 @@ class Demo:
                              "Use `mmllm label` for larger dumps.")
         out_path = Path(tempfile.mkdtemp(dir=self._workdir.name)) / f"{dump.name.split('.')[0]}.labels.jsonl"
         batch_size = max(1, int(getattr(self.predictor, "batch_size", 4)))
-        opts = LabelOptions(batch_size=batch_size, quiet=True, roots={dump.name: self.image_root or dump.parent})
+        opts = LabelOptions(batch_size=batch_size, quiet=True, roots={dump.name: self.image_root or dump.parent},
+                            max_image_bytes=self.limits.max_image_bytes, max_image_pixels=self.limits.max_image_pixels)
         records: list[dict[str, Any]] = []
 
         def seen(record: dict[str, Any]) -> None:
@@ -550,7 +555,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmllm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder from `mmllm finetune`, or a base hub id / folder (zero-shot)")
     p.add_argument("--index", type=Path, help="search index folder (`mmllm search index`): show the most similar listings")
-    p.add_argument("-k", type=int, default=6, help="similar listings to show")
+    p.add_argument("-k", type=at_least(1), default=6, help="similar listings to show")
     p.add_argument("--examples", default=str(DEFAULT_EXAMPLES), help="catalog of example listings ('none' for no examples)")
     p.add_argument("--image-root", type=Path, help="folder image paths of uploaded dumps resolve in (default: the examples' folder)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 shares it with the network)")

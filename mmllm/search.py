@@ -158,13 +158,30 @@ class SearchIndex:
         folder = Path(folder)
         if not (folder / INDEX_META_FILE).is_file():
             raise FileNotFoundError(f"{folder}: not a search index (no {INDEX_META_FILE}); build one with `mmllm search index`")
-        meta = json.loads((folder / INDEX_META_FILE).read_text())
         for name in (INDEX_FILE, IDS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder}: {name} is missing; rebuild the index")
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        with open(folder / IDS_FILE, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+
+        def damaged(name: str, why: Any) -> ValueError:
+            return ValueError(f"{folder / name}: cannot be read ({why}); rebuild the index")
+
+        try:
+            meta = json.loads((folder / INDEX_META_FILE).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise damaged(INDEX_META_FILE, exc) from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("count"), int):
+            raise damaged(INDEX_META_FILE, "not an object with a count")
+        try:
+            index = faiss.read_index(str(folder / INDEX_FILE))
+        except RuntimeError as exc:  # faiss's own error on a torn or foreign file
+            raise damaged(INDEX_FILE, str(exc).strip().splitlines()[-1] if str(exc).strip() else "faiss refused it") from None
+        try:
+            with open(folder / IDS_FILE, encoding="utf-8") as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise damaged(IDS_FILE, exc) from None
+        if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
+            raise damaged(IDS_FILE, "a line is not a record with an id")
         if not index.ntotal == len(records) == meta["count"]:
             raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(records)} rows, "
                              f"{INDEX_META_FILE} says {meta['count']}; rebuild the index")
@@ -246,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CatalogError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+    except (CatalogError, OSError, ValueError, KeyError) as exc:  # OSError: a model that cannot be loaded, ...
         message = exc.args[0] if isinstance(exc, KeyError) else exc
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -267,6 +284,7 @@ def _run_index(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, schema=args.schema, template=args.template)
     bundle.batch_size = args.batch_size
     meta = {"format": 1, "model": _model_ref(args.model), "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
+            "image_root": str(Path(policy.root).resolve()) if policy.root else None,
             "template": getattr(getattr(bundle, "template", None), "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
     progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
@@ -318,6 +336,9 @@ def _run_query(args: argparse.Namespace) -> int:
             print(f"warning: the index was built with {index.meta['model']}; vectors of another model do not compare",
                   file=sys.stderr)
         folder = Path(args.index_dir)
+        if not args.model and model.startswith("/") and not Path(model).exists():
+            raise FileNotFoundError(f"the index was built with the model folder {model}, which is not here (moved, or "
+                                    "another machine): pass --model with that folder or the same checkpoint")
         bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)
         vector = embed_in_batches(bundle, [listing], policy, index.meta["pooling"])[0]
     scores, positions = index.search_positions(vector, args.k)

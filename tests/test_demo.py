@@ -277,3 +277,35 @@ def test_with_an_index_the_most_similar_listings_come_with_their_titles(tmp_path
 
     assert main(["--model", model, "--schema", schema, "--index", str(tmp_path / "nowhere")]) == 2
     assert "not a search index" in capsys.readouterr().err
+
+
+def test_the_form_counts_images_before_decoding_and_decodes_only_what_is_read(tmp_path, monkeypatch):
+    import mmllm.demo as demo_module
+
+    demo = Demo(ScoresPredictor())  # reads 2 images
+    decoded = []
+    real = demo_module.load_image
+    monkeypatch.setattr(demo_module, "load_image", lambda ref, policy: decoded.append(ref) or real(ref, policy))
+    many = [png(tmp_path / f"{i}.png") for i in range(33)]
+    with pytest.raises(InputError, match="33 images; the limit is 32"):
+        demo.form_listing(many, "Blocks", "", None)
+    assert decoded == []
+    view = demo.predict(many[:6], "Blocks", "", None)
+    assert decoded == ["0.png", "1.png"] and demo.predictor.seen[-1] == ("Blocks", 2)
+    assert "this model reads the first 2 of the 6 images" in view.status
+
+
+def test_the_batch_tab_keeps_the_demos_image_limits(tmp_path):
+    demo = Demo(ScoresPredictor(), Limits(max_image_bytes=50_000, max_image_pixels=1_000_000), image_root=tmp_path)
+    png(tmp_path / "wide.png", size=(2000, 600))  # 1.2 MP: over this demo's 1 MP, under the command line's 40 MP
+    view = demo.label_dump(dump_of(tmp_path, [json.dumps({"id": "w", "title": "Wide kite", "images": ["wide.png"]})]))
+    record = json.loads(view.out_path.read_text())
+    assert record["stage"] == "image" and "over the limit of 1,000,000" in record["error"]
+
+
+def test_a_similar_listing_count_below_one_is_refused_at_start(capsys):
+    from mmllm.demo import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", "-k", "0"])
+    assert exit_info.value.code == 2 and "argument -k: must be at least 1, got 0" in capsys.readouterr().err

@@ -291,20 +291,32 @@ def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, m
 
 
 # ---------------------------------------------------------------------- 6: the processor refuses one row
-def test_6_an_image_the_processor_refuses_fails_its_row_only_and_resume_goes_on(tmp_path, model, capsys):
+def test_6_a_row_the_processor_refuses_fails_its_row_only_and_resume_goes_on(tmp_path, model, capsys, monkeypatch):
+    from mmllm.models.generative import GenerativePredictor
+
+    real = GenerativePredictor.encode
+
+    def encode(self, listings, images):  # the processor refusing one row of a batch (it raises for the whole batch)
+        if any("refused" in listing.title for listing in listings):
+            raise ValueError("the processor refused this row")
+        return real(self, listings, images)
+
+    monkeypatch.setattr(GenerativePredictor, "encode", encode)
     dump = write_dump(tmp_path / "d", 6)
-    Image.new("RGB", (1, 400), "red").save(tmp_path / "d" / "thin.png")  # aspect ratio 400: Qwen-VL refuses it
+    Image.new("RGB", (1, 400), "red").save(tmp_path / "d" / "thin.png")  # aspect 400: refused as an image first
     rows = read(dump)
-    rows[2]["images"] = ["thin.png"]
+    rows[2]["title"] = "A refused toy"
+    rows[4]["images"] = ["thin.png"]
     dump.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     assert label(dump, out, model, "--errors", str(errors), "--batch-size", "3") == 1
     records = {r["id"]: r for r in read(out)}
     assert sorted(records) == [f"r{i}" for i in range(6)]
     assert records["r2"]["status"] == "error" and records["r2"]["stage"] == "encode"
-    assert "aspect ratio" in records["r2"]["error"]
-    assert all(records[f"r{i}"]["status"] == "ok" for i in (0, 1, 3, 4, 5))
-    assert [r["id"] for r in read(errors)] == ["r2"]
+    assert "the processor refused this row" in records["r2"]["error"]
+    assert records["r4"]["status"] == "error" and records["r4"]["stage"] == "image" and "200 times" in records["r4"]["error"]
+    assert all(records[f"r{i}"]["status"] == "ok" for i in (0, 1, 3, 5))
+    assert sorted(r["id"] for r in read(errors)) == ["r2", "r4"]
     assert label(dump, out, model, "--errors", str(errors), "--resume") == 0
     assert "6 already done" in capsys.readouterr().out
     assert ids(out) == [f"r{i}" for i in range(6)]
@@ -325,7 +337,7 @@ def test_6_the_demo_batch_tab_labels_the_other_rows(tmp_path, model):
     view = demo.label_dump(str(dump))
     records = read(view.out_path)
     assert [(r["line"], r["status"], r.get("stage")) for r in sorted(records, key=lambda r: r["line"])] == [
-        (1, "ok", None), (2, "error", "encode"), (3, "ok", None), (4, "ok", None), (5, "error", "read")]
+        (1, "ok", None), (2, "error", "image"), (3, "ok", None), (4, "ok", None), (5, "error", "read")]
     assert view.summary.ok == 3 and view.summary.failed == 2
 
 

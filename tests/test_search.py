@@ -266,3 +266,18 @@ def test_an_index_folder_never_writes_over_the_schema_or_a_users_files(tmp_path,
                   catalog.parent / "schema.yaml", "--out", mine, "--quiet") == 2
     assert "holds ids.jsonl, which the index would write over" in capsys.readouterr().err
     assert (mine / "ids.jsonl").read_text() == "my ids\n"
+
+
+def test_a_damaged_index_is_named_by_its_file_and_the_image_root_is_kept(index_dir, catalog, tmp_path, capsys):
+    import shutil
+
+    assert json.loads((index_dir / "meta.json").read_text())["image_root"] == str(catalog.parent.resolve())
+    for name, content, says in (("index.faiss", b"not an index", "index.faiss: cannot be read"),
+                                ("meta.json", b"[]", "meta.json: cannot be read (not an object with a count)"),
+                                ("ids.jsonl", b'{"title": "no id"}\n', "ids.jsonl: cannot be read (a line is not a record")):
+        broken = tmp_path / name
+        shutil.copytree(index_dir, broken)
+        (broken / name).write_bytes(content)
+        assert search("query", broken, "--id", "x") == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err

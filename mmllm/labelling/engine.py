@@ -52,6 +52,8 @@ class LabelOptions:
     roots: dict[str, Path] = field(default_factory=dict)  # dump file name -> its folder (image root)
     review_below: float | None = None  # flag records under this category confidence for review (labelling.review)
     replicas: int = 1  # > 1: the model forked into that many single-thread processes (labelling.replicas)
+    max_image_bytes: int = ImagePolicy.max_bytes  # the image bounds (the demo's batch tab passes its own)
+    max_image_pixels: int = ImagePolicy.max_pixels
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "window", "workers", "replicas"):
@@ -66,7 +68,8 @@ class LabelOptions:
     def policy(self, listing: Listing) -> ImagePolicy:
         """Images resolve in --image-root, else in the folder of the dump the row came from."""
         root = self.image_root or self.roots.get(listing.source)
-        return ImagePolicy(root=root, allow_remote=self.allow_remote)
+        return ImagePolicy(root=root, allow_remote=self.allow_remote, max_bytes=self.max_image_bytes,
+                           max_pixels=self.max_image_pixels)
 
 
 @dataclass
