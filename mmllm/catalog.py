@@ -446,9 +446,12 @@ class CatalogReader:
                 try:
                     raw = json.loads(text)
                 except json.JSONDecodeError as exc:
+                    hint = ("; the file looks like one JSON array, and a catalog is JSON Lines (one object per "
+                            "line): convert it, e.g. jq -c '.[]' FILE" if number == 1 and text.lstrip().startswith("[")
+                            else "")
                     yield RowError(
                         self.name, number, _id_from_bytes(line),
-                        (("row", f"not valid JSON: {exc.msg} at column {exc.colno}"),),
+                        (("row", f"not valid JSON: {exc.msg} at column {exc.colno}{hint}"),),
                     )
                     continue
                 yield raw, number, "line"

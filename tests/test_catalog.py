@@ -308,3 +308,10 @@ def test_a_jsonl_nan_or_infinity_is_one_bad_row_and_the_others_are_read(tmp_path
     assert [type(r).__name__ for r in rows] == ["RowError", "RowError", "Listing"]
     assert rows[0].problems == (("label.attributes.pieces", "nan is not a finite number"),)
     assert rows[1].problems == (("label.attributes.pieces", "inf is not a finite number"),)
+
+
+def test_a_pretty_printed_json_array_is_told_to_be_json_lines(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps([{"id": "a", "title": "Kite"}, {"id": "b", "title": "Drum"}], indent=2))
+    first = next(iter(CatalogReader(path)))
+    assert isinstance(first, RowError) and "a catalog is JSON Lines (one object per line)" in first.problems[0][1]
