@@ -21,7 +21,9 @@ get wrong say nothing about which side is better). A user checks the claim on th
         # a labels file written by `mmllm label` stands for the recipe (what `make run` prints)
 
 With ``--catalog`` the rows are split by a hash of their id (stable across runs and machines); a
-missing ``--schema`` is drafted from the training rows by ``mmllm schema infer``'s function.
+missing ``--schema`` is drafted from the training rows by ``mmllm schema infer``'s function. Rows
+mmllm's row contract refuses are named and left out of both sides; a category-only label's attributes
+are unknown and left out of the published scores.
 Prints a table and writes benchmarks/results/versus_bag_of_words.json.
 """
 
@@ -47,6 +49,21 @@ def read_rows(path: Path) -> list[dict]:
     raw = path.read_bytes()
     text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def usable(rows: list[dict], part: str) -> list[dict]:
+    """The rows mmllm reads (its row contract: an id, a title, sizes within bounds, ...); the others are
+    named and left out of both sides, which are then scored on the same rows."""
+    from mmllm.catalog import RowError, parse_row
+
+    kept = []
+    for number, row in enumerate(rows, 1):
+        checked = parse_row(row, source=part, line=number)
+        if isinstance(checked, RowError):
+            print(f"left out: {checked}", file=sys.stderr)
+        else:
+            kept.append(row)
+    return kept
 
 
 def hash_split(rows: list[dict], dev_percent: int, salt: str = "") -> tuple[list[dict], list[dict]]:
@@ -103,12 +120,19 @@ def from_labels(path: Path, dev: list[dict], names: list[str]) -> dict[str, Any]
     if missing:
         raise SystemExit(f"{path}: no record for {len(missing)} dev rows (first: id {missing[0]})")
     attribute_names = [n for n in names if n != "category"]
-    published = published_scores([(r.get("label") or {}).get("attributes") or {} for r in dev],
+    published = published_scores([gold_attributes(r.get("label")) for r in dev],
                                  [records[str(r["id"])].get("attributes") or {} for r in dev], attribute_names)
     return {"seed": str(path), "scores": answer_scores(records, dev, names), "grounded": published}
 
 
-def published_scores(gold: list[dict], answered: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+def gold_attributes(label: dict | None) -> dict | None:
+    """A row's gold attributes; None for a category-only label (its attributes unknown: left out of the
+    published scores, as ``mmllm evaluate`` leaves them out, not counted as "not stated")."""
+    attributes = (label or {}).get("attributes")
+    return attributes if isinstance(attributes, dict) else None
+
+
+def published_scores(gold: list[dict | None], answered: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
     """Precision / recall / F1 of the values a side publishes, over every dev row (an answer where the
     gold is null is invented), per attribute in ``names``."""
     if not names:
@@ -212,7 +236,7 @@ def recipe(train_path: Path, dev_path: Path, schema_path: Path, config: str, see
     grounder = Grounder.load(out, LabelSchema.from_yaml(out / "label_schema.yaml"))
     published = [grounder.ground(row, p) for row, p in zip(rows, own)] if grounder else own
     result = answer_scores({str(p["id"]): p for p in own}, dev, names)
-    grounded = published_scores([(r.label or {}).get("attributes") or {} for r in rows],
+    grounded = published_scores([gold_attributes(r.label) for r in rows],
                                 [p.get("attributes") or {} for p in published], [n for n in names if n != "category"])
     return {"seed": seed, "train_s": summary.get("wall_s"), "scores": result, "grounded": grounded}
 
@@ -275,7 +299,8 @@ def main() -> int:
     p.add_argument("--schema", type=Path, help="label schema (default with --catalog: drafted from the training rows)")
     p.add_argument("--config", default=str(ROOT / "finetune" / "fusion_minilm_cpu.yaml"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="extra recipe overrides (repeatable)")
     p.add_argument("--skip-recipe", action="store_true", help="the bag of words only")
     p.add_argument("--labels", type=Path, help="a labels file for the dev rows (mmllm label): the model side, no training")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="compare these labels only (e.g. category)")
@@ -303,6 +328,10 @@ def main() -> int:
                                     args.split_salt)
         else:
             train, dev = read_rows(args.train), read_rows(args.dev)
+        train, dev = usable(train, "training"), usable(dev, "dev")
+        if not train or not dev:
+            raise SystemExit(f"{len(train)} training and {len(dev)} dev rows: both sides need rows; give more rows, "
+                             "another --dev-percent, or --train and --dev")
         train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
         for path, part in ((train_path, train), (dev_path, dev)):
             path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
@@ -323,7 +352,7 @@ def main() -> int:
             baseline = bag_of_words(train, dev, names, args.quick)
             baseline_published: dict[str, dict[str, float]] = {}
         if attribute_names and not args.baseline:
-            baseline_published = published_scores([(r.get("label") or {}).get("attributes") or {} for r in dev],
+            baseline_published = published_scores([gold_attributes(r.get("label")) for r in dev],
                                                   [{n: baseline[n]["answers"][i] for n in attribute_names}
                                                    for i in range(len(dev))], attribute_names)
         if not args.baseline:  # the answers by row id, for the paired comparison (a baseline file keeps them)

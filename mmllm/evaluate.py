@@ -131,7 +131,9 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         rows.top_k.append(ranked)
         rows.confidence.append((record or {}).get("confidence") if status == "ok" else None)
     rows.extra_predictions = len(set(preds) - seen)
-    if preds and rows.extra_predictions == len(preds):
+    if not preds:
+        rows.warnings.append(f"{pred_path}: holds no predictions; every row counts as missing (did the labelling run?)")
+    elif rows.extra_predictions == len(preds):
         rows.warnings.append(f"{pred_path}: none of its {len(preds):,} predictions is for an id of {gold_source.name}; "
                              "every row counts as missing: check --pred and --gold")
     if not rows.ids:

@@ -227,6 +227,11 @@ def load(source: str | Path, *, schema: str | Path | None = None, template: str 
             raise ValueError(f"{source} is a fine-tuned model folder: it labels with its own schema and template; "
                              "leave out --schema / --template")
         return _load_folder(Path(source), device, trust_remote_code, resolve, grounded)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: not a model folder (no {META_FILE}) nor a checkpoint (no config.json); a "
+                                "training that failed or was stopped leaves such a folder")
+    if not Path(source).exists() and (str(source).startswith(("/", "./", "../", "~")) or str(source).count("/") > 1):
+        raise FileNotFoundError(f"{source}: no such model folder")
     if not schema:
         raise ValueError(f"{source} is a base checkpoint: zero-shot labelling needs --schema (the label schema YAML)")
     from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor

@@ -253,3 +253,9 @@ def test_one_bad_gold_field_leaves_the_others_normalized(tmp_path):
     assert rows.gold_category == [category, category]
     assert evaluate_rows(rows, list(schema.attribute_names), 0.0)["category_accuracy"] == 1.0
     assert any("(id 'r1'): label: attributes.min_age_years: 99 is outside" in w for w in rows.warnings)
+
+
+def test_an_empty_predictions_file_says_so(tmp_path):
+    pred, gold = write(tmp_path, preds=[])
+    rows = align(pred, gold, None)
+    assert any("holds no predictions; every row counts as missing" in w for w in rows.warnings)

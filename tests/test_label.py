@@ -247,3 +247,18 @@ def test_the_grammar_compiles_while_loading_and_a_machine_without_xgrammar_is_to
     assert label(dump, out, tiny_checkpoint("qwen2_vl"), "--no-constrained", "--max-new-tokens", "4",
                  *(["--resume"] if out.exists() else [])) == 0
     assert len(read(out)) == 3
+
+
+def test_a_model_path_that_is_no_model_says_so(tmp_path, capsys):
+    """A training that failed leaves a folder with no meta file and no checkpoint config: not "a base checkpoint"."""
+    from mmllm.label import main
+
+    dump = tmp_path / "d.jsonl"
+    dump.write_text('{"id": "a", "title": "Kite"}\n')
+    stopped = tmp_path / "run"
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text("{}\n")
+    for model, says in ((stopped, "not a model folder (no mmllm_model.json) nor a checkpoint (no config.json)"),
+                        (tmp_path / "nowhere", "no such model folder")):
+        assert main([str(dump), "--model", str(model), "--out", str(tmp_path / f"{model.name}.jsonl")]) == 2
+        assert says in capsys.readouterr().err

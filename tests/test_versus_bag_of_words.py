@@ -112,3 +112,26 @@ def test_a_split_salt_without_a_catalog_is_refused(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--split-salt draws another split of a --catalog" in done.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_rows_mmllm_refuses_leave_both_sides_and_category_only_gold_is_not_counted():
+    """A dev row the catalog contract refuses (an empty title here) is left out before any training (the recipe
+    never labels it, and the run ended in a KeyError after training); a category-only label has unknown
+    attributes, so an answer there is not an invented value."""
+    versus = _module()
+    rows = [{"id": "a", "title": "kite", "label": {"category": "Kites"}}, {"id": "b", "title": "", "label": {}},
+            {"id": "c", "title": "x" * 2000, "label": {"category": "Kites"}}]
+    assert [r["id"] for r in versus.usable(rows, "dev")] == ["a"]
+    assert versus.gold_attributes({"category": "Kites"}) is None
+    assert versus.gold_attributes({"category": "Kites", "attributes": {}}) == {}
+    scores = versus.published_scores([None, {"brand": "LEGO"}], [{"brand": "LEGO"}, {"brand": "LEGO"}], ["brand"])
+    assert scores == {"brand": {"precision": 1.0, "recall": 1.0, "f1": 1.0}}
+
+
+def test_a_split_with_an_empty_side_is_refused_before_anything_is_fitted(tmp_path):
+    catalog = tmp_path / "rows.jsonl"
+    catalog.write_text('{"id": "a", "title": "kite", "label": {"category": "Kites"}}\n')
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "versus_bag_of_words.py"), "--catalog",
+                           str(catalog), "--skip-recipe", "--set", "train.epochs=2", "--set", "anchor.epochs=1",
+                           "--out", str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert done.returncode == 1 and "0 training and 1 dev rows: both sides need rows" in done.stderr, done.stderr
