@@ -331,6 +331,7 @@ def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequenc
                      "f1": _f1(c["tp"], c["fp"], c["fn"]), "coverage": _ratio(c["stated"], c["gold"]),
                      "invented": _ratio(c["invented"], c["gold_absent"]), "gold_values": c["gold"]}
     return {"per_attribute": out, "micro_f1": _f1(total["tp"], total["fp"], total["fn"]),
+            "scored": total["tp"] + total["fp"] + total["fn"],  # 0: no gold value and no answer (the F1 means nothing)
             "micro_precision": _ratio(total["tp"], total["tp"] + total["fp"]),
             "micro_recall": _ratio(total["tp"], total["tp"] + total["fn"])}
 
@@ -399,6 +400,7 @@ def evaluate_rows(rows: Rows, attribute_names: Sequence[str], tolerance: float) 
         "category_accuracy": category["accuracy"], "category_macro_f1": category["macro_f1"],
         "category_weighted_f1": category["weighted_f1"], "hierarchical_f1": category["hierarchical"]["f1"],
         "attribute_micro_f1": attributes["micro_f1"],
+        "attribute_values_scored": attributes["scored"],
         "json_valid_rate": _ratio(status["ok"], predicted),
         "error_rows": status["error"], "invalid_rows": status["invalid"], "missing_rows": status["missing"],
         "extra_predictions": rows.extra_predictions,
@@ -502,7 +504,8 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
              "| metric | value | 95% CI |", "|---|---|---|"]
     for key in HEADLINE:
         lo, hi = intervals[key]
-        lines.append(f"| {key} | {metrics[key]:.4f} | [{lo:.4f}, {hi:.4f}] |")
+        lines.append(f"| {key} | {metrics[key]:.4f} | [{lo:.4f}, {hi:.4f}] |" if not _unscored(metrics, key)
+                     else f"| {key} | n/a | no gold attribute value and no answer to score |")
     lines.append(f"| category_weighted_f1 | {metrics['category_weighted_f1']:.4f} | |")
     for k, v in metrics["top_k_accuracy"].items():
         if v is not None:
@@ -723,6 +726,12 @@ def _prefix(path: str | None, level: int) -> str | None:
     return SEPARATOR.join(p.strip() for p in path.split(">")[:level])
 
 
+def _unscored(metrics: dict[str, Any], key: str) -> bool:
+    """A headline number over nothing: the attribute F1 of rows with no gold attribute value and no answer
+    (a schema without attributes, category-only labels) is 0/0, not a model's zero."""
+    return key == "attribute_micro_f1" and metrics.get("attribute_values_scored") == 0
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
@@ -795,7 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'metric':<22} {'value':>8}  95% CI")
     for key in HEADLINE:
         lo, hi = intervals[key]
-        print(f"{key:<22} {metrics[key]:>8.4f}  [{lo:.4f}, {hi:.4f}]")
+        print(f"{key:<22} {metrics[key]:>8.4f}  [{lo:.4f}, {hi:.4f}]" if not _unscored(metrics, key)
+              else f"{key:<22} {'n/a':>8}  (no gold attribute value and no answer to score)")
     if metrics["attribute_situations"]:
         print(f"\n{'attributes':<12} {'rows':>6} {'answered':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'invented':>8}")
         for s, m in metrics["attribute_situations"]["total"].items():

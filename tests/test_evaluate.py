@@ -259,3 +259,14 @@ def test_an_empty_predictions_file_says_so(tmp_path):
     pred, gold = write(tmp_path, preds=[])
     rows = align(pred, gold, None)
     assert any("holds no predictions; every row counts as missing" in w for w in rows.warnings)
+
+
+def test_an_attribute_f1_over_nothing_is_shown_as_not_applicable(tmp_path, capsys):
+    gold = [("r1", "A > B", {}), ("r2", "A > C", {})]
+    preds = [{"id": i, "category": c, "attributes": {}, "status": "ok"} for i, c, _ in gold]
+    pred, gold_path = write(tmp_path, preds=preds, gold=gold)
+    assert main(["--pred", str(pred), "--gold", str(gold_path), "--report", str(tmp_path / "r"), "--bootstrap", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "attribute_micro_f1          n/a  (no gold attribute value and no answer to score)" in out
+    assert "| attribute_micro_f1 | n/a |" in (tmp_path / "r" / "report.md").read_text()
+    assert "category_accuracy        1.0000" in out
