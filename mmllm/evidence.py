@@ -275,7 +275,7 @@ def parse_integer(text: Any, spec: Any = None) -> Parsed | None:
     return parse_number(text, spec, integer=True)
 
 
-_AGE_UNIT = r"(?P<unit>years?|yrs?|months?|mths?)?"
+_AGE_UNIT = r"years?|yrs?|months?|mths?|m(?![a-z])"  # "18m+" is 18 months
 
 
 def parse_age(text: Any, spec: Any = None) -> Parsed | None:
@@ -290,19 +290,23 @@ def parse_age(text: Any, spec: Any = None) -> Parsed | None:
     tokens = re.findall(r"[0-9]+(?:\.[0-9]+)?", low)
     if not tokens or len(tokens) > 2:
         return None
-    m = re.match(r"\s*(?:ages?\s*:?\s*|aged\s+|for\s+ages?\s+)?(?P<lo>[0-9]+(?:\.[0-9]+)?)\s*(?P<lo_unit>years?|yrs?|"
-                 r"months?|mths?)?\s*(?P<rest>.*)$", low)
+    m = re.match(rf"\s*(?:ages?\s*:?\s*|aged\s+|for\s+ages?\s+)?(?P<lo>[0-9]+(?:\.[0-9]+)?)\s*(?P<lo_unit>{_AGE_UNIT})?"
+                 r"\s*(?P<rest>.*)$", low)
     if m is None:
         return None
+    if re.search(r"\b(?:under|below|younger|max(?:imum)?)\b|\bup\s+to\b", m["rest"]):
+        return None  # "3 years and under" is a maximum age
     lo = float(m["lo"])
     lo_unit = m["lo_unit"] or ""
     rest = m["rest"]
-    hi_m = re.match(r"(?:-|to|–)\s*(?P<hi>[0-9]+(?:\.[0-9]+)?)\s*(?P<hi_unit>years?|yrs?|months?|mths?)?", rest)
+    hi_m = re.match(rf"(?:-|to|–)\s*(?P<hi>[0-9]+(?:\.[0-9]+)?)\s*(?P<hi_unit>{_AGE_UNIT})?", rest)
+    if hi_m is not None and (hi_m["hi_unit"] or "y")[0] == (lo_unit or "y")[0] and float(hi_m["hi"]) < lo:
+        return None  # "4 - 3 years": the range runs backwards, so which end is the minimum is unknown
     if hi_m is not None:
         unit = lo_unit or hi_m["hi_unit"] or "years"
         form = "months_range" if unit.startswith("m") else "range"
     elif len(tokens) == 1:
-        unit = lo_unit or ("months" if re.search(r"\bmonths?\b|\bmths?\b", rest) else "years")
+        unit = lo_unit or ("months" if re.search(r"\bmonths?\b|\bmths?\b|^m\b", rest) else "years")
         form = "months" if unit.startswith("m") else ("and_up" if re.search(r"\+|up|over|older|plus|above", rest)
                                                       else "plain")
     else:
@@ -382,10 +386,13 @@ def table_candidates(table: Mapping[str, Any], spec: Any) -> list[Candidate]:
         return []
     by_key = {table_key(k): (k, v) for k, v in table.items()}
     out = []
+    read: set[tuple[str, str | None]] = set()
     for rule in evidence.table:
         found = by_key.get(table_key(rule.key))
-        if found is None:
+        same = (table_key(rule.key), rule.pattern.pattern if rule.pattern is not None else None)
+        if found is None or same in read:  # "Assembly Required" and "Assembly required" are one key: read once
             continue
+        read.add(same)
         key, raw = found
         text = _clean(raw)
         if text is None:

@@ -165,3 +165,51 @@ def test_evidence_round_trips_through_yaml(tmp_path, toys):
     again = LabelSchema.from_yaml(path)
     listing = Listing("r", "Jigsaw 500 pieces, ages 3+", "Batteries not included", {"Assembly Required": "No"})
     assert _found(listing, again) == _found(listing, toys)
+
+
+@pytest.mark.parametrize("text, value", [("18m+", 1.5), ("6m+", 0.5), ("12m+", 1)])
+def test_an_m_after_the_number_is_months(text, value):
+    assert parse_age(text).value == value
+
+
+@pytest.mark.parametrize("text", ["3 years and under", "3 and under", "up to 4 years", "4 - 3 years", "10 - 3 years"])
+def test_a_maximum_age_or_a_backwards_range_is_no_minimum(text):
+    assert parse_age(text) is None
+
+
+@pytest.mark.parametrize("description, value", [
+    ("Little ones aged 18+ months will love it.", 1.5),  # read as 18 years and published, before
+    ("Suitable for ages 6-18 months.", 0.5),
+    ("Recommended age: 18 months+", 1.5),
+    ("For ages 3+ and up.", 3),
+])
+def test_ages_in_months_are_read_as_months(toys, description, value):
+    found = candidates(Listing("m", "Rocking horse", description), toys)["min_age_years"]
+    assert found and {c.value for c in found} == {value}, found
+
+
+@pytest.mark.parametrize("description, attribute, value", [
+    ("Batteries Required: No", "batteries_required", False),
+    ("Batteries required? No", "batteries_required", False),
+    ("Batteries Included: No", "batteries_included", False),
+    ("Assembly required: No", "assembly_required", False),
+    ("No adult assembly required.", "assembly_required", False),
+    ("No tools or assembly required.", "assembly_required", False),
+])
+def test_a_spec_line_saying_no_is_false(toys, description, attribute, value):
+    assert {c.value for c in candidates(Listing("b", "Kite", description), toys)[attribute]} == {value}
+
+
+@pytest.mark.parametrize("description", [
+    "Each puzzle has 200-600 pieces.",           # a range: which count?
+    "Comes with 2 pieces of ascending track.",   # a component, not the box
+    "Numbered at 576 of 10,000 pieces worldwide.",  # an edition size
+    "Box contains 3 x 1000 piece jigsaws.",      # a multipack: 1000 each, not the box
+])
+def test_what_is_not_the_box_piece_count_is_not_read_as_it(toys, description):
+    assert candidates(Listing("p", "Jigsaw", description), toys)["piece_count"] == []
+
+
+def test_a_table_key_listed_twice_in_two_spellings_is_read_once(toys):
+    found = candidates(Listing("t", "Kite", "", {"Assembly Required": "Yes"}), toys)["assembly_required"]
+    assert [(c.value, c.key) for c in found] == [(True, "Assembly Required")]
