@@ -174,12 +174,24 @@ def read_predictions(path: Path, warnings: list[str]) -> dict[str, dict[str, Any
                 status = "error" if record.get("status") == "error" else "invalid"  # an error row stays one
                 warnings.append(f"{where} (id {record_id!r}): {field_name}: {message}; counted as an {status} answer")
                 record = {"id": record_id, "status": status, "error": f"{field_name}: {message}"}
-            if record_id in preds:  # the first answer counts (`mmllm label` writes a repeated id's row as a read error)
-                warnings.append(f"{where} (id {record_id!r}): a second prediction for this id (the first is at line "
-                                f"{first_line[record_id]}); the first is kept")
+            if record_id in preds:
+                # The first answer counts, unless it is a read error and this one is not: `mmllm label` writes a
+                # repeated input id's row as a read error after the labelled one, and a row fixed and labelled
+                # again (--resume-changed) after its old read error.
+                if _read_error(preds[record_id]) and not _read_error(record):
+                    warnings.append(f"{where} (id {record_id!r}): a second record for this id; it is kept over the "
+                                    f"read error at line {first_line[record_id]}")
+                    preds[record_id], first_line[record_id] = record, number
+                else:
+                    warnings.append(f"{where} (id {record_id!r}): a second prediction for this id (the first is at "
+                                    f"line {first_line[record_id]}); the first is kept")
                 continue
             preds[record_id], first_line[record_id] = record, number
     return preds
+
+
+def _read_error(record: dict[str, Any]) -> bool:
+    return record.get("status") == "error" and record.get("stage") == "read"
 
 
 def _prediction_problem(record: dict[str, Any]) -> tuple[str, str] | None:

@@ -235,6 +235,9 @@ def test_a_repeated_prediction_keeps_the_first_a_bom_is_read_and_no_shared_id_is
     rows = align(pred, gold, None)
     assert rows.pred_category[:3] == ["A > B", "A > B", "D > E"]
     assert any("line 2 (id 'r1'): a second prediction for this id (the first is at line 1)" in w for w in rows.warnings)
+    stale = {"id": "r1", "status": "error", "stage": "read", "error": "title: missing", "source": "d", "line": 1}
+    fixed, _ = write(tmp_path, preds=[stale, PRED[0]], name="fixed.jsonl")  # fixed and labelled again (--resume-changed)
+    assert align(fixed, gold, None).pred_category[0] == "A > B"
     other, _ = write(tmp_path, preds=[{"id": "x", "category": "A > B", "status": "ok"}], name="other.jsonl")
     assert any("none of its 1 predictions is for an id of gold.jsonl" in w for w in align(other, gold, None).warnings)
 
