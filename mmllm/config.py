@@ -210,25 +210,21 @@ def _deep_copy(data: Any) -> Any:
 # ---------------------------------------------------------------------- command-line numbers
 def at_least(low: float, kind: type = int) -> Any:
     """An argparse type: a number of ``kind`` that is at least ``low`` (argparse exits 2 naming the flag)."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
+    return _number(kind, lambda value: value >= low, f"must be at least {low}")  # (nan fails every comparison)
 
 
 def positive(kind: type = int) -> Any:
     """An argparse type: a number of ``kind`` above 0 (and finite)."""
+    return _number(kind, lambda value: 0 < value < float("inf"), "must be above 0")
+
+
+def _number(kind: type, ok: Any, rule: str) -> Any:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
         return value
     return parse

@@ -251,21 +251,21 @@ def _normalize(label: dict[str, Any], schema: LabelSchema | None, warnings: list
     result = schema.validate(answer, require_category=False)
     if result.ok:
         return result.value
-    out: dict[str, Any] = {"category": answer["category"], "attributes": {}}
-    parts = [("category", {"category": answer["category"], "attributes": {}})] + [
-        (f"attributes.{name}", {"category": None, "attributes": {name: value}}) for name, value in answer["attributes"].items()]
-    for field_name, part in parts:
+
+    def alone(field_name: str, part: dict[str, Any]) -> dict[str, Any] | None:
+        """One field through the schema, or None (named in a warning unless the schema just does not know it:
+        its fit to the whole file is said once, by schema_fit_warnings)."""
         one = schema.validate(part, require_category=False)
-        if field_name == "category":
-            out["category"] = one.value["category"] if one.ok else answer["category"]
-        else:
-            name = field_name.split(".", 1)[1]
-            out["attributes"][name] = one.value["attributes"].get(name) if one.ok else answer["attributes"][name]
-        # a value the schema refuses is named; a category or attribute it does not know is the schema's
-        # fit to the whole file, said once (schema_fit_warnings), not on every row
         named = [e.message for e in one.errors if e.code not in ("not_in_taxonomy", "unknown_key")]
         if named and warnings is not None:
             warnings.append(f"{where}: {field_name}: {'; '.join(named)}; compared as written")
+        return one.value if one.ok else None
+
+    category = alone("category", {"category": answer["category"], "attributes": {}})
+    out: dict[str, Any] = {"category": category["category"] if category else answer["category"], "attributes": {}}
+    for name, value in answer["attributes"].items():
+        read = alone(f"attributes.{name}", {"category": None, "attributes": {name: value}})
+        out["attributes"][name] = read["attributes"].get(name) if read else value
     return out
 
 

@@ -60,10 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         result = finetune(cfg)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ResumeError as exc:
+    except (InputError, ResumeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLoss as exc:

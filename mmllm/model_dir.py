@@ -86,6 +86,13 @@ def read_meta(folder: str | Path, *, finished: bool = True) -> dict[str, Any]:
     return meta
 
 
+def looks_like_path(ref: str | Path) -> bool:
+    """A model reference that names a folder rather than a hub id (``owner/name``): it starts with ``/``,
+    ``./``, ``../`` or ``~``, or has more than one ``/``."""
+    text = str(ref)
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1
+
+
 def check_weights(path: Path) -> Path:
     """``path`` if it is a readable safetensors file (its header and its size agree); else an error naming it.
     Weights are read from safetensors only: a folder with pickled weights in their place is refused."""
@@ -96,10 +103,8 @@ def check_weights(path: Path) -> Path:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), "pt") as f:
-            names = list(f.keys())
-            if names:
-                f.get_slice(names[-1])  # (the header's offsets are checked against the file's size on open)
+        with safe_open(str(path), "pt"):
+            pass  # opening checks the header, and its offsets against the file's size
     except Exception as exc:  # safetensors raises its own SafetensorError on a torn or foreign file
         raise ValueError(f"{path}: not readable safetensors ({exc}); the folder is damaged: retrain or copy it again") from None
     return path
@@ -230,7 +235,7 @@ def load(source: str | Path, *, schema: str | Path | None = None, template: str 
     if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise FileNotFoundError(f"{source}: not a model folder (no {META_FILE}) nor a checkpoint (no config.json); a "
                                 "training that failed or was stopped leaves such a folder")
-    if not Path(source).exists() and (str(source).startswith(("/", "./", "../", "~")) or str(source).count("/") > 1):
+    if not Path(source).exists() and looks_like_path(source):
         raise FileNotFoundError(f"{source}: no such model folder")
     if not schema:
         raise ValueError(f"{source} is a base checkpoint: zero-shot labelling needs --schema (the label schema YAML)")

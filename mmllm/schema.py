@@ -20,8 +20,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import sys
 import re
+import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -633,7 +633,7 @@ def infer_schema(
         count += 1
         if isinstance(label.get("category"), str) and label["category"].strip():
             path = _clean_path(label["category"])
-            spellings[path.casefold()][path] += 1
+            spellings[category_key(path)][path] += 1
         for key, value in (label.get("attributes") or {}).items():
             if value is not None:
                 values[key].append(value)

@@ -33,7 +33,7 @@ import numpy as np
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row
 from mmllm.images import ImageError, ImagePolicy, load_image
-from mmllm.model_dir import SCHEMA_FILE
+from mmllm.model_dir import SCHEMA_FILE, looks_like_path
 from mmllm.output_paths import check_folder
 from mmllm.predictor import Predictor, embed_in_batches
 from mmllm.progress import Progress
@@ -336,7 +336,7 @@ def _run_query(args: argparse.Namespace) -> int:
             print(f"warning: the index was built with {index.meta['model']}; vectors of another model do not compare",
                   file=sys.stderr)
         folder = Path(args.index_dir)
-        if not args.model and model.startswith("/") and not Path(model).exists():
+        if not args.model and looks_like_path(model) and not Path(model).exists():
             raise FileNotFoundError(f"the index was built with the model folder {model}, which is not here (moved, or "
                                     "another machine): pass --model with that folder or the same checkpoint")
         bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)

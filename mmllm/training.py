@@ -277,8 +277,9 @@ def train_loop(
                 accelerator.backward(loss_sum * scale)
             step_loss += float(loss_sum.detach())
             window["tokens"] += int(batch["attention_mask"].sum())
-        if not math.isfinite(step_loss):  # before the step: the weights stay the last finite ones
-            raise NonFiniteLoss(f"step {step + 1}: the loss is {step_loss} (not a finite number); lower train.lr, check "
+        step_total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum"))
+        if not math.isfinite(step_total):  # before the step (the weights stay the last finite ones), on every process
+            raise NonFiniteLoss(f"step {step + 1}: the loss is {step_total} (not a finite number); lower train.lr, check "
                                 "the data and the lora / fusion settings, then train.resume=true from the last "
                                 "checkpoint or start again; no model folder was written")
         grad_norm = accelerator.clip_grad_norm_(trainable if not sharded else model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
@@ -287,7 +288,7 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(1)
-        window["loss_sum"] += float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum"))
+        window["loss_sum"] += step_total
         window["items"] += float(items)
         window["time"] += time.perf_counter() - tick
         window["steps"] += 1

@@ -152,14 +152,19 @@ def _is_record(value: Any) -> bool:
 RECORD_START = b'{"id": '  # how every record the labeller writes begins
 
 
+def starts_a_record(tail: bytes) -> bool:
+    """Whether a last line without its newline, that is no whole record, is the start of one cut short by a
+    kill or a failed write (and so may be cut off). A user's file that merely lacks a final newline
+    (``json.dump`` writes one such line) does not start so. Every row mmllm appends begins ``{"id": ``."""
+    return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
+
+
 def _torn_record(tail: bytes) -> bool:
-    """Whether a last line without its newline can be a record cut short by a kill or a failed write (and so
-    may be cut off): a whole record, or the start of one. A user's file that merely lacks a final newline
-    (``json.dump`` writes one such line) is neither."""
+    """Whether a last line without its newline is a whole record or the start of one."""
     try:
         return _is_record(json.loads(tail))
     except ValueError:
-        return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
+        return starts_a_record(tail)
 
 
 def read_records(path: Path, name: str) -> tuple[list[dict[str, Any]], int]:

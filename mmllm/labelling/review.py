@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mmllm.catalog import CatalogReader, Listing
-from mmllm.labelling.output import RECORD_START, OutputError, check_paths, read_records
+from mmllm.labelling.output import OutputError, check_paths, read_records, starts_a_record
 from mmllm.schema import LabelSchema
 
 QUEUE_SUFFIX = ".review.jsonl"
@@ -124,7 +124,7 @@ class Corrections:
                 if not raw.endswith(b"\n"):  # the last line: a row a kill cut short, a whole row (a hand edit
                     ended = False             # dropped its newline), or a file that is not ours
                     if self._decision(raw) is None:
-                        if raw.startswith(RECORD_START) or RECORD_START.startswith(raw):
+                        if starts_a_record(raw):
                             break  # torn mid-write: cut below
                         self._refuse(number)
                 try:

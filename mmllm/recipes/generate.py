@@ -97,7 +97,7 @@ def build_backbone(model_cfg: ModelConfig, lora: LoraSettings, accelerator: Any)
     from mmllm.tiny import resolve  # `tiny:ARCH` bases for smoke runs
 
     base = resolve(model_cfg.base)
-    if _looks_local(base) and not Path(base).is_dir():
+    if model_dir.looks_like_path(base) and not Path(base).is_dir():
         raise InputError(f"model.base: {base} is no folder here (a local checkpoint), nor a hub id (owner/name)")
     processor = load_processor(base, model_cfg)
     model = load_base_model(model_cfg, source=base)
@@ -112,11 +112,6 @@ def build_backbone(model_cfg: ModelConfig, lora: LoraSettings, accelerator: Any)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     return processor, model
-
-
-def _looks_local(base: str) -> bool:
-    """A path rather than a hub id: it names a folder (``/``, ``./``, ``~``) or has more than one ``/``."""
-    return base.startswith(("/", "./", "../", "~")) or base.count("/") > 1
 
 
 def save_model_dir(s: Setup, cfg: Any, model: Any, processor: Any, summary: dict[str, Any],
