@@ -6,7 +6,8 @@ Each row shows its photos, title, description and seller table, the predicted ca
 top-k, and the attributes with their evidence and confidence (:mod:`mmllm.record_view`). The editors
 are the schema's own: the category is picked from the taxonomy (type to search the paths), an enum
 or boolean from its values, a number within its bounds, a list from its allowed items. **Accept**
-saves the prediction as the gold label, **Save correction** saves the edited one, **Skip** moves on
+saves the prediction as the gold label (for the category only where the model withheld an attribute:
+no one checked that value), **Save correction** saves the edited one, **Skip** moves on
 without a decision. Every decision is appended to the corrections file at once
 (:class:`mmllm.labelling.review.Corrections`), so a browser reload shows the first row not yet
 decided and nothing is lost or decided twice. The corrections file is a catalog: put it in a
@@ -61,7 +62,12 @@ class ReviewDesk:
     def accept(self, row_id: str | None, skipped: Sequence[str] = ()) -> tuple[ReviewView, str]:
         if not row_id:
             return self.current(skipped), "The queue is done: nothing to accept."
-        self.session.accept(row_id, self.reviewer)
+        row = self.session.accept(row_id, self.reviewer)
+        unreviewed = row["review"].get("attributes_unreviewed")
+        if unreviewed:
+            return self.current(skipped), (f"Saved: **{row_id}** accepted as predicted, for its category only: "
+                                           f"{', '.join(unreviewed)} withheld by the model (correct the row to "
+                                           "label its attributes).")
         return self.current(skipped), f"Saved: **{row_id}** accepted as predicted."
 
     def correct(self, row_id: str | None, values: Sequence[Any], skipped: Sequence[str] = ()) -> tuple[ReviewView, str]:

@@ -278,3 +278,30 @@ def test_corrections_kept_away_from_the_photos_say_how_to_train_on_them(tmp_path
                              f"to train on round1.jsonl with its photos, set data.image_root={catalog.parent.resolve()} "
                              "in the recipe"]
     session.close()
+
+
+def test_accepting_a_row_with_a_withheld_attribute_saves_its_category_only(tmp_path):
+    """A withheld value shows as null, but no one checked it: accepting must not teach "not stated"."""
+    from mmllm.catalog import attributes_labelled
+    from mmllm.review_tab import ReviewDesk
+
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    held = {"material": {"value": ["wood"], "confidence": 0.2, "source": "model"}}
+    labels = write_labels(tmp_path / "labels.jsonl", [record(0, 0.2, review=True, withheld=held),
+                                                      record(1, 0.3, review=True)])
+    desk = ReviewDesk(ReviewSession.open(labels, [catalog], small_schema()), reviewer="ana")
+    view, message = desk.accept("item-0")
+    assert message == ("Saved: **item-0** accepted as predicted, for its category only: material withheld by the "
+                       "model (correct the row to label its attributes).")
+    view, message = desk.accept(view.row_id)
+    assert message == "Saved: **item-1** accepted as predicted."
+    desk.session.close()
+    rows = [json.loads(line) for line in desk.session.corrections.path.read_text().splitlines()]
+    assert rows[0]["label"] == {"category": "Games > Chess"}
+    assert rows[0]["review"]["attributes_unreviewed"] == ["material"]
+    assert rows[1]["label"] == {"category": "Games > Chess", "attributes": {"piece_count": 11, "material": None}}
+    assert "attributes_unreviewed" not in rows[1]["review"]
+    # read back as training data: the first row's attributes are unknown (left out of every attribute fit),
+    # the second's null material is a "not stated" the reviewer accepted
+    again = load_listings(desk.session.corrections.path)
+    assert [attributes_labelled(r.label) for r in again] == [False, True]

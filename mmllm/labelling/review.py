@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mmllm.catalog import CatalogReader, Listing
+from mmllm.catalog import CatalogReader, Listing, attributes_labelled
 from mmllm.labelling.output import OutputError, check_paths, read_records, starts_a_record
 from mmllm.schema import LabelSchema
 
@@ -53,6 +53,13 @@ def flag(record: dict[str, Any], threshold: float) -> dict[str, Any]:
     if confidence < threshold:
         return {"review": True, "review_reason": f"confidence {confidence:.3g} < {threshold:.4g}"}
     return {"review": False}
+
+
+def withheld_attributes(record: dict[str, Any]) -> list[str]:
+    """The attributes a record leaves null because its value was withheld (too unsure to publish)."""
+    withheld = record.get("withheld") if isinstance(record.get("withheld"), dict) else {}
+    attributes = record.get("attributes") if isinstance(record.get("attributes"), dict) else {}
+    return sorted(name for name in withheld if attributes.get(name) is None)
 
 
 def queue_order(record: dict[str, Any]) -> tuple[float, str, int]:
@@ -153,18 +160,24 @@ class Corrections:
                           "a file `mmllm demo` wrote; choose another path") from None
 
     def save(self, listing: Listing, label: dict[str, Any], decision: str, prediction: dict[str, Any],
-             reviewer: str = "") -> dict[str, Any]:
-        """Append the reviewed row; refuses a label the schema rejects or a row decided already."""
+             reviewer: str = "", unreviewed: Sequence[str] = ()) -> dict[str, Any]:
+        """Append the reviewed row; refuses a label the schema rejects or a row decided already.
+
+        A label without ``attributes`` (or with ``null``) is saved as a gold label for the category only
+        (:func:`mmllm.catalog.attributes_labelled`); ``unreviewed`` names the attributes no one checked."""
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
         result = self.schema.validate(label)
         if not result.ok:
             raise CorrectionError(f"row {listing.id!r}: the label does not fit schema '{self.schema.name}': {result.reason()}")
+        gold = result.value if attributes_labelled(label) else {"category": result.value["category"]}
+        review = {"decision": decision, "reviewer": reviewer, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "predicted": {k: prediction.get(k) for k in ("category", "attributes", "confidence")},
+                  "labels_source": prediction.get("source"), "labels_line": prediction.get("line")}
+        if unreviewed:
+            review["attributes_unreviewed"] = list(unreviewed)
         row = {"id": listing.id, "title": listing.title, "description": listing.description,
-               "attributes": listing.attributes, "images": list(listing.images), "label": result.value,
-               "review": {"decision": decision, "reviewer": reviewer, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "predicted": {k: prediction.get(k) for k in ("category", "attributes", "confidence")},
-                          "labels_source": prediction.get("source"), "labels_line": prediction.get("line")}}
+               "attributes": listing.attributes, "images": list(listing.images), "label": gold, "review": review}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             if listing.id in self.decided:
@@ -255,12 +268,19 @@ class ReviewSession:
         raise CorrectionError(f"row {row_id!r} is not in the review queue")
 
     def accept(self, row_id: str, reviewer: str = "") -> dict[str, Any]:
-        """The prediction as it stands becomes the row's gold label."""
+        """The prediction as it stands becomes the row's gold label.
+
+        An attribute the model withheld (its value too unsure to publish, shown as null) is not a
+        "not stated" anyone checked: a row with one is saved as gold for its category only, the
+        withheld names in ``review.attributes_unreviewed`` (correct the row to label its attributes)."""
         item = self.item(row_id)
         label = {"category": item.record.get("category"), "attributes": item.record.get("attributes") or {}}
         if item.record.get("status") != "ok" or not label["category"]:
             raise CorrectionError(f"row {row_id!r}: the model gave no valid answer to accept; correct it instead")
-        return self.corrections.save(item.listing, label, "accepted", item.record, reviewer)
+        unreviewed = withheld_attributes(item.record)
+        if unreviewed:
+            label["attributes"] = None
+        return self.corrections.save(item.listing, label, "accepted", item.record, reviewer, unreviewed)
 
     def correct(self, row_id: str, label: dict[str, Any], reviewer: str = "") -> dict[str, Any]:
         item = self.item(row_id)
