@@ -410,6 +410,17 @@ def table_candidates(table: Mapping[str, Any], spec: Any) -> list[Candidate]:
     return out
 
 
+def _parse_match(m: re.Match, parser: Any, spec: Any) -> Parsed | None:
+    """The value group parsed; its form read with the rest of the match after it, where that says the
+    same value ("ages 3+": the value group is "3", its form ``and_up`` from the "+" the rule matched)."""
+    parsed = parser(m["value"], spec)
+    tail = m.string[m.end("value"):m.end()]
+    if parsed is None or not tail.strip():
+        return parsed
+    fuller = parser(m["value"] + tail, spec)
+    return fuller if fuller is not None and fuller.value == parsed.value else parsed
+
+
 def text_candidates(title: str, description: str, spec: Any) -> list[Candidate]:
     evidence: EvidenceSpec | None = getattr(spec, "evidence", None)
     if evidence is None:
@@ -422,7 +433,7 @@ def text_candidates(title: str, description: str, spec: Any) -> list[Candidate]:
                 if rule.value is not None:
                     parsed: Parsed | None = Parsed(rule.value, "pattern")
                 else:
-                    parsed = parser_for(spec, rule.parse)(m["value"], spec)
+                    parsed = _parse_match(m, parser_for(spec, rule.parse), spec)
                 if parsed is None:
                     continue
                 out.append(Candidate(parsed.value, field_name, rule.name, m.group(0), parsed.form, (m.start(), m.end())))

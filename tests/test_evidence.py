@@ -213,3 +213,14 @@ def test_what_is_not_the_box_piece_count_is_not_read_as_it(toys, description):
 def test_a_table_key_listed_twice_in_two_spellings_is_read_once(toys):
     found = candidates(Listing("t", "Kite", "", {"Assembly Required": "Yes"}), toys)["assembly_required"]
     assert [(c.value, c.key) for c in found] == [(True, "Assembly Required")]
+
+
+@pytest.mark.parametrize("description, key, form", [
+    ("For ages 3+.", "ages_plus", "and_up"),          # the rule's value group holds the 3, the "+" is after it
+    ("Aged 4 and above.", "ages_plus", "and_up"),
+    ("Ages 6-12.", "ages_range", "range"),
+    ("Fun from 18 months and up.", "months_plus", "months"),
+])
+def test_a_rule_match_carries_the_form_its_text_states(toys, description, key, form):
+    found = candidates(Listing("f", "Kite", description), toys)["min_age_years"]
+    assert [(c.key, c.form) for c in found] == [(key, form)]
