@@ -110,12 +110,15 @@ def scores(gold: list[Any], pred: list[Any], name: str) -> dict[str, float]:
 
 
 def from_labels(path: Path, dev: list[dict], names: list[str]) -> dict[str, Any]:
-    """The model side read from a labels file (``mmllm label`` output) instead of a training run."""
-    records = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[str(record.get("id"))] = record
+    """The model side read from a labels file (``mmllm label`` output) instead of a training run, read as
+    ``mmllm evaluate`` reads it: of two records for an id the first counts (a later read error never
+    replaces an answer), and each line it cannot use is named on stderr."""
+    from mmllm.evaluate import read_predictions
+
+    warnings: list[str] = []
+    records = read_predictions(path, warnings)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     missing = [str(r["id"]) for r in dev if str(r["id"]) not in records]
     if missing:
         raise SystemExit(f"{path}: no record for {len(missing)} dev rows (first: id {missing[0]})")

@@ -59,6 +59,26 @@ def test_a_labels_file_is_scored_by_its_best_values_and_by_what_it_publishes(tmp
         versus.from_labels(path, dev + [{"id": "9", "label": {"category": "Kites"}}], ["category"])
 
 
+def test_a_labels_file_that_repeats_an_id_is_scored_by_its_first_answer(tmp_path, capsys):
+    """As `mmllm evaluate` reads it: `mmllm label` writes a repeated input id's row as a read error after
+    the labelled one, and a later record never replaces the first answer."""
+    versus = _module()
+    dev = [{"id": "0", "title": "kite", "label": {"category": "Kites"}},
+           {"id": "1", "title": "jigsaw", "label": {"category": "Jigsaws"}}]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "0", "category": "Kites", "attributes": {}, "status": "ok"},
+        {"id": "1", "category": "Jigsaws", "attributes": {}, "status": "ok"},
+        {"id": "1", "status": "error", "stage": "read", "error": "id '1' repeats line 2"},
+        {"id": "0", "category": "Jigsaws", "attributes": {}, "status": "ok"}]))
+    run = versus.from_labels(path, dev, ["category"])
+    assert run["scores"]["category"]["answers"] == ["Kites", "Jigsaws"]
+    assert run["scores"]["category"]["accuracy"] == 1.0
+    warnings = capsys.readouterr().err
+    assert "labels.jsonl line 3 (id '1'): a second prediction for this id" in warnings
+    assert "labels.jsonl line 4 (id '0'): a second prediction for this id" in warnings
+
+
 def test_the_paired_comparison_counts_the_rows_only_one_side_gets_right():
     versus = _module()
     gold = ["A", "A", "B", "B", "C", None, "A", "B"]
