@@ -321,7 +321,8 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from mmllm.schema import LabelSchema, infer_schema
+    from mmllm.schema import LabelSchema
+    from mmllm.schema_infer import infer_schema
 
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:

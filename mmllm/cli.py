@@ -126,7 +126,7 @@ def _run_job(verb: str, argv: list[str]) -> int:
 
 def _schema_infer(args: argparse.Namespace) -> int:
     from mmllm.catalog import CatalogReader, Listing, RowError
-    from mmllm.schema import infer_schema
+    from mmllm.schema_infer import infer_schema
 
     if args.out is not None:
         problem = _new_file_problem(args.out, [args.catalog], "a schema file is never overwritten")
@@ -203,7 +203,7 @@ def _proposal_lines(proposals: list[dict], title: str, empty: str, name: str, ex
                     min_agreement: float) -> list[str]:
     """The table ``schema infer`` prints for its proposals: what is proposed (``name``: the key or the
     value, ``extra``: one more column as header, report field, alignment), its agreement and kappa."""
-    from mmllm.schema import MIN_KAPPA, MIN_KEY_ROWS
+    from mmllm.schema_infer import MIN_KAPPA, MIN_KEY_ROWS
 
     lines = [title.format(rule=f"agreement >= {min_agreement:.0%} and kappa >= {MIN_KAPPA}", rows=MIN_KEY_ROWS)]
     if not proposals:

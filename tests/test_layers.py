@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmllm"
 LAYERS = [
     ("foundation", ["mmllm", "mmllm.config", "mmllm.progress", "mmllm.host_memory", "mmllm.openmp", "mmllm.catalog", "mmllm.images", "mmllm.evidence",
                     "mmllm.bag_of_words", "mmllm.applicability",
-                    "mmllm.schema", "mmllm.taxonomies", "mmllm.output_paths", "mmllm.confidence", "mmllm.class_prior", "mmllm.tiny"]),
+                    "mmllm.schema", "mmllm.schema_infer", "mmllm.taxonomies", "mmllm.output_paths", "mmllm.confidence", "mmllm.class_prior", "mmllm.tiny"]),
     ("model inputs", ["mmllm.prompts", "mmllm.augment", "mmllm.constrained", "mmllm.collator"]),
     ("contracts", ["mmllm.predictor", "mmllm.training", "mmllm.grounding"]),
     ("models", ["mmllm.models", "mmllm.models.*"]),

@@ -6,7 +6,8 @@ import jsonschema
 import pytest
 
 from mmllm.catalog import Listing, iter_catalog
-from mmllm.schema import AttributeSpec, LabelSchema, SchemaError, infer_schema
+from mmllm.schema import AttributeSpec, LabelSchema, SchemaError
+from mmllm.schema_infer import infer_schema
 
 from helpers import ROOT, TOYS_SCHEMA
 

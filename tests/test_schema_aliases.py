@@ -12,7 +12,8 @@ import yaml
 from mmllm.catalog import load_listings
 from mmllm.cli import main
 from mmllm.evidence import candidates
-from mmllm.schema import LabelSchema, TableKeyProposal, infer_schema, name_pattern, propose_table_keys, propose_text_names
+from mmllm.schema import LabelSchema
+from mmllm.schema_infer import TableKeyProposal, infer_schema, name_pattern, propose_table_keys, propose_text_names
 
 from helpers import ROOT
 
