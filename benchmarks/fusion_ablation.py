@@ -41,6 +41,10 @@ def main() -> int:
                    help="extra config overrides for every run (e.g. fusion.label_prior=false); named in the table")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fusion_ablation.json"))
     args = p.parse_args()
+    # the paths as the user meant them (from where they ran it): the recipe then runs in the project folder
+    args.out, args.cache_dir = str(Path(args.out).resolve()), str(Path(args.cache_dir).resolve())
+    if Path(args.config).exists():
+        args.config = str(Path(args.config).resolve())
 
     import logging
 

@@ -6,8 +6,8 @@ training rows, one model per label (the category and every enum / boolean attrib
 recipe (default ``finetune/fusion_minilm_cpu.yaml``) trained on the same rows, for each seed:
 category accuracy and macro-F1, and accuracy on every enum / boolean attribute over the rows with a
 gold value, from each side's best value (the model's own answer, or where its head abstains its most
-probable stated value, ``best_value``: the bag of words is trained on those rows only and never
-abstains). Then what each side would publish, precision / recall / F1 over every row, gold nulls
+probable stated value, ``best_value``, read from the model's distribution in a labels file too: the
+bag of words is trained on those rows only and never abstains). Then what each side would publish, precision / recall / F1 over every row, gold nulls
 counting as invented (the recipe's grounded answers, abstaining where unsure). And whether a difference
 is more than the rows' noise: per label and seed, the rows only one side gets right and the exact
 two-sided McNemar p-value of that split (a binomial test on those rows; the rows both get right or both
@@ -45,10 +45,20 @@ sys.path.insert(0, str(ROOT))
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file, gzipped or not."""
-    raw = path.read_bytes()
-    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The rows of a JSONL file, gzipped or not; a line that is not JSON is named by file and line."""
+    try:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"error: {path} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return rows
 
 
 def usable(rows: list[dict], part: str) -> list[dict]:
@@ -147,15 +157,16 @@ def published_scores(gold: list[dict | None], answered: list[dict], names: list[
 
 
 def best_value(record: dict, name: str) -> Any:
-    """The record's best value of an attribute: its answer, or where it abstained (null) its most probable
-    stated value (``attribute_top_k``). The bag of words, trained on the rows with a value, never abstains:
-    this asks both sides the same question (which value?); the published table scores abstention."""
-    answer = (record.get("attributes") or {}).get(name)
-    if answer is None:
-        for option in (record.get("attribute_top_k") or {}).get(name) or []:
-            if option.get("value") is not None:
-                return option["value"]
-    return answer
+    """The model's best value of an attribute: the most probable stated value of its own distribution
+    (``attribute_top_k``: its answer, or where it abstained the value it would give), else the record's
+    answer. The bag of words, trained on the rows with a value, never abstains: this asks both sides the
+    same question (which value?); the published table scores abstention. A labels file's ``attributes``
+    are grounded (a value the seller table states may replace the model's), so the distribution is read
+    first: a labels file and a training run of the same folder score the same values."""
+    top = (record.get("attribute_top_k") or {}).get(name)
+    if top:
+        return next((option["value"] for option in top if option.get("value") is not None), None)
+    return (record.get("attributes") or {}).get(name)
 
 
 def answer_scores(records: dict[str, dict], dev: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
@@ -317,6 +328,19 @@ def main() -> int:
         p.error("give --catalog, or --train and --dev")
     if args.split_salt and not args.catalog:
         p.error("--split-salt draws another split of a --catalog; --train and --dev are split already")
+    # every path as the user meant it (from where they ran it): the recipe then runs in the project folder
+    for name in ("train", "dev", "catalog", "schema", "labels", "baseline", "out"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    if Path(args.config).exists():
+        args.config = str(Path(args.config).resolve())
+    from mmllm.output_paths import PathClash, check_writes
+
+    try:
+        check_writes([args.train, args.dev, args.catalog, args.schema, args.labels, args.baseline, Path(args.config)],
+                     {"--out": args.out})
+    except PathClash as exc:
+        p.error(str(exc))
 
     import logging
 
@@ -327,12 +351,11 @@ def main() -> int:
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.catalog:
-            train, dev = hash_split([r for r in read_rows(args.catalog) if r.get("label")], args.dev_percent,
-                                    args.split_salt)
+        if args.catalog:  # the row contract first: the split hashes each row's id
+            train, dev = hash_split([r for r in usable(read_rows(args.catalog), args.catalog.name) if r.get("label")],
+                                    args.dev_percent, args.split_salt)
         else:
-            train, dev = read_rows(args.train), read_rows(args.dev)
-        train, dev = usable(train, "training"), usable(dev, "dev")
+            train, dev = usable(read_rows(args.train), args.train.name), usable(read_rows(args.dev), args.dev.name)
         if not train or not dev:
             raise SystemExit(f"{len(train)} training and {len(dev)} dev rows: both sides need rows; give more rows, "
                              "another --dev-percent, or --train and --dev")
@@ -346,6 +369,10 @@ def main() -> int:
             schema, _ = infer_schema([r["label"] for r in train], name="drafted", rows=train)
             schema_path = work / "schema.yaml"
             schema.to_yaml(schema_path)
+        unknown = sorted(set(args.only or ()) - set(targets(schema)))
+        if unknown:
+            raise SystemExit(f"error: --only {' '.join(unknown)}: not a label of schema '{schema.name}'; its labels: "
+                             f"{', '.join(targets(schema))}")
         names = [n for n in targets(schema) if not args.only or n in args.only]
         print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
         fingerprint = rows_fingerprint(train, dev, names, args.quick)

@@ -155,3 +155,59 @@ def test_a_split_with_an_empty_side_is_refused_before_anything_is_fitted(tmp_pat
                            str(catalog), "--skip-recipe", "--set", "train.epochs=2", "--set", "anchor.epochs=1",
                            "--out", str(tmp_path / "out.json")], capture_output=True, text=True)
     assert done.returncode == 1 and "0 training and 1 dev rows: both sides need rows" in done.stderr, done.stderr
+
+
+def _versus(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "versus_bag_of_words.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def _kites(path, n=12):
+    path.write_text("".join(json.dumps({"id": f"r{i}", "title": f"{'delta kite' if i % 2 else 'jigsaw puzzle'} {i}",
+                                        "label": {"category": "Kites" if i % 2 else "Jigsaws"}}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_paths_are_read_from_where_the_user_runs_it_and_an_input_is_never_written(tmp_path):
+    catalog = _kites(tmp_path / "rows.jsonl", 40)
+    before = catalog.read_bytes()
+    # relative paths are the user's folder's (the script runs the recipe in the project folder)
+    done = _versus("--catalog", "rows.jsonl", "--skip-recipe", "--quick", "--out", "out.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["train_rows"] + written["dev_rows"] == 40 and written["dev_rows"] > 0
+    # --out may not be an input: the catalog stays as it was
+    done = _versus("--catalog", "rows.jsonl", "--skip-recipe", "--quick", "--out", "rows.jsonl", cwd=tmp_path)
+    assert done.returncode == 2 and "--out" in done.stderr and "would write over the input" in done.stderr
+    assert catalog.read_bytes() == before
+
+
+def test_bad_input_is_named_before_anything_is_fitted(tmp_path):
+    catalog = _kites(tmp_path / "rows.jsonl", 40)
+    done = _versus("--catalog", catalog, "--skip-recipe", "--only", "categroy", "--out", tmp_path / "o.json")
+    assert done.returncode == 1 and "--only categroy: not a label of schema 'drafted'; its labels: category" in done.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(catalog.read_text() + '{"id": "x", "title": "kite\n')
+    done = _versus("--catalog", broken, "--skip-recipe", "--out", tmp_path / "o.json")
+    assert done.returncode == 1 and f"{broken} line 41: not valid JSON" in done.stderr, done.stderr
+    no_id = tmp_path / "no_id.jsonl"
+    no_id.write_text(catalog.read_text() + '{"title": "kite", "label": {"category": "Kites"}}\n')
+    done = _versus("--catalog", no_id, "--skip-recipe", "--quick", "--out", tmp_path / "o.json")
+    assert done.returncode == 0, done.stderr  # was a KeyError: the split hashed a missing id
+    assert "left out: no_id.jsonl line 41: id: missing" in done.stderr
+    written = json.loads((tmp_path / "o.json").read_text())
+    assert written["train_rows"] + written["dev_rows"] == 40  # the 40 rows with an id
+
+
+def test_a_labels_file_is_scored_by_the_models_own_values_as_a_training_run_is():
+    """A labels file's attributes are grounded (the seller table may state the value): the best value is the
+    model's distribution, which a training run of the same folder scores, so both paths give the same number."""
+    versus = _module()
+    grounded = {"attributes": {"brand": "Zed"},  # the table's value, published over the model's
+                "attribute_top_k": {"brand": [{"value": None, "score": 0.5}, {"value": "Acme", "score": 0.3},
+                                              {"value": "Zed", "score": 0.2}]}}
+    assert versus.best_value(grounded, "brand") == "Acme"
+    assert versus.best_value({"attributes": {"brand": "Zed"}}, "brand") == "Zed"  # no distribution: the answer
+    assert versus.best_value({"attributes": {"brand": None}, "attribute_top_k": {"brand": [{"value": None}]}},
+                             "brand") is None
