@@ -35,13 +35,14 @@ infer`` would.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT.parent / "shared" / "data" / "amazon_uk_toys_10k" / "listings.jsonl"
+SOURCE = ROOT / "examples" / "amazon_uk_toys_10k" / "listings.jsonl.gz"
 AGE_SOURCES = (ROOT / "examples" / "amazon_uk_toys" / "train.jsonl", ROOT / "examples" / "amazon_uk_toys" / "dev.jsonl")
 AGE_GROUPS = ((3.0, "0-2y"), (6.0, "3y-5y"), (9.0, "6y-8y"), (13.0, "9y-12y"), (float("inf"), "13y+"))
 BANDS = ((5.0, "under £5"), (10.0, "£5 to £10"), (20.0, "£10 to £20"), (float("inf"), "over £20"))
@@ -59,12 +60,17 @@ def price_band(text: str | None) -> str | None:
 
 
 def read_labelled(sources: list[Path]) -> tuple[list[dict], int]:
-    """The rows of the JSONL ``sources`` that have a gold category (the label both catalogs keep); a line
+    """The rows of the JSONL ``sources`` (gzipped or not) that have a gold category (the label both catalogs keep); a line
     that is not a JSON object is an error naming its file and line, and rows without a category are left
     out and counted (the benchmark has no use for them)."""
     rows, unlabelled = [], 0
     for source in sources:
-        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            raw = source.read_bytes()
+            text = (gzip.decompress(raw) if source.suffix == ".gz" else raw).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{source}: cannot read it: {exc}") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
