@@ -251,18 +251,25 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     from mmllm.finetune import load_recipe_config
+    from mmllm.labelling.output import fingerprint
     from mmllm.schema import LabelSchema
 
     for name in ("catalog", "train", "dev"):
         if not getattr(args, name).is_file():
             p.error(f"--{name} {getattr(args, name)}: no such file")
+    if args.base_model is not None and not args.base_model.is_dir():
+        p.error(f"--base-model {args.base_model}: no such model folder")
     schema_path = args.schema or Path(load_recipe_config(args.config, args.set).data.schema)
+    if not schema_path.is_absolute() and not schema_path.exists():
+        schema_path = ROOT / schema_path  # a recipe's paths are the project folder's (its configs are run from there)
     schema = LabelSchema.from_yaml(schema_path)
     work = args.work.resolve()
     settings = {"catalog_sha256": file_sha(args.catalog), "train_sha256": file_sha(args.train),
                 "dev_sha256": file_sha(args.dev), "schema_sha256": file_sha(schema_path),
                 "config": str(args.config), "config_sha256": file_sha(Path(args.config)), "set": args.set,
                 "base_model": str(args.base_model.resolve()) if args.base_model else None,
+                # its files too: a base model retrained in the same folder labels otherwise than the pool's labels say
+                "base_model_sha256": fingerprint(args.base_model)["sha256"] if args.base_model else None,
                 "test_percent": args.test_percent}
     open_work(work, settings)
 
@@ -275,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     for path, part in ((pool_path, pool), (test_path, test)):
         if not path.exists():
             write_rows(path, part)
+    too_many = [n for n in args.rows if n > len(pool)]
+    if too_many:  # before anything is labelled or trained
+        raise SystemExit(f"--rows {too_many[0]} is more than the pool's {len(pool)} rows")
     train_rows, dev = read_rows(args.train), read_rows(args.dev)
     print(f"{args.catalog}: {len(pool):,} pool rows, {len(test):,} test rows"
           + (f" ({len(outside):,} with a category outside schema '{schema.name}' left out)" if outside else "")

@@ -69,6 +69,29 @@ def test_a_work_folder_is_continued_only_with_its_own_settings(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
 
 
+def test_inputs_are_checked_before_any_work_and_a_changed_base_model_is_refused(tmp_path, monkeypatch, capsys):
+    rounds = _module()
+    train = write_catalog(tmp_path / "train", 4, toy_row(0))
+    catalog = write_catalog(tmp_path / "shop", 10, toy_row(0), name="listings.jsonl", start=10)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "mmllm_model.json").write_text("{}")  # not a model: labelling with it fails after the checks
+    argv = ["--catalog", str(catalog), "--train", str(train), "--dev", str(train), "--base-model", str(base),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out.json")]
+    monkeypatch.chdir(tmp_path)  # away from the project: the recipe's relative data.schema is the project's
+    with pytest.raises(SystemExit, match=r"--rows 1000 is more than the pool's \d+ rows"):
+        rounds.main([*argv, "--rows", "1000"])  # before anything is labelled
+    assert not list((tmp_path / "work").glob("labels_*"))
+    with pytest.raises(SystemExit, match="labelling .* failed"):
+        rounds.main([*argv, "--rows", "1"])
+    (base / "mmllm_model.json").write_text('{"retrained": true}')  # the same folder, another model
+    with pytest.raises(SystemExit, match="was made with other base_model_sha256"):
+        rounds.main([*argv, "--rows", "1"])
+    with pytest.raises(SystemExit):
+        rounds.main([*argv[:7], str(tmp_path / "missing"), *argv[8:], "--rows", "1"])
+    assert f"--base-model {tmp_path / 'missing'}: no such model folder" in capsys.readouterr().err
+
+
 WORDS = {"Games > Chess": "knight", "Games > Card Games": "deck", "Outdoor > Kites": "string",
          "Vehicles > Cars": "wheels"}
 
