@@ -70,8 +70,10 @@ def test_constrained_answers_carry_the_category_path_probability(loaded, rows):
         record = p.record("x", text, tokens)
         assert record["status"] == "ok"
         lo, hi = answer_spans(text)["category"]
-        inside = [lp for a, b, lp in tokens if a < hi - 1 and b > lo + 1]  # the value without its quotes
-        assert record["confidence"] == pytest.approx(math.exp(sum(inside)), abs=1e-6)
+        spans = list(tokens)
+        inside = [i for i, (a, b, _) in enumerate(spans) if a < hi - 1 and b > lo + 1]  # without its quotes
+        closing = [inside[-1] + 1] if spans[inside[-1]][1] <= hi - 1 else []  # the step that ended the path there
+        assert record["confidence"] == pytest.approx(math.exp(sum(spans[i][2] for i in inside + closing)), abs=1e-6)
         assert 0 < record["confidence"] <= 1
         assert set(record["attribute_confidence"]) == {k for k, v in record["attributes"].items() if v is not None}
         # under the grammar each step renormalizes over the allowed tokens: no token is less likely than
@@ -93,6 +95,24 @@ def test_answer_confidence_by_hand_and_through_a_calibration():
     mapped = calibration.apply({**record, **out})
     assert mapped["confidence"] == pytest.approx(Platt(2.0, 0.5)(0.4), abs=1e-6)
     assert mapped["attribute_confidence"]["piece_count"] == pytest.approx(Platt(1.0, 1.0)(0.25), abs=1e-6)
+
+
+def test_a_value_that_a_longer_one_could_have_continued_counts_the_step_that_ended_it():
+    """"4" where "40".."49" were allowed, "Games" where "Games > Board" was: the probability of the value is
+    that of its tokens times that of ending it there (the closing quote, the "," after a number)."""
+    text = '{"category":"Games","attributes":{"piece_count":4,"material":null}}'
+    c0, n0 = text.index("Games"), text.index("4,")
+    tokens = [(0, c0, 0.0), (c0, c0 + 5, math.log(0.5)), (c0 + 5, c0 + 6, math.log(0.6)),  # '"' rather than ' >'
+              (c0 + 6, n0, 0.0), (n0, n0 + 1, math.log(0.8)), (n0 + 1, n0 + 2, math.log(0.25)),  # ',' not '0'-'9'
+              (n0 + 2, len(text), 0.0)]
+    record = {"category": "Games", "attributes": {"piece_count": 4, "material": None}}
+    out = answer_confidence(text, tokens, record)
+    assert out == {"confidence": pytest.approx(0.3), "attribute_confidence": {"piece_count": pytest.approx(0.2)}}
+    # a token that already covers the value's end holds the decision: nothing after it is counted
+    merged = [(0, c0, 0.0), (c0, c0 + 6, math.log(0.5)), (c0 + 6, n0, math.log(0.1)), (n0, n0 + 2, math.log(0.8)),
+              (n0 + 2, len(text), math.log(0.1))]
+    assert answer_confidence(text, merged, record) == {
+        "confidence": pytest.approx(0.5), "attribute_confidence": {"piece_count": pytest.approx(0.8)}}
 
 
 def test_an_invalid_answer_has_no_confidence(loaded):
@@ -213,3 +233,12 @@ def test_a_value_reads_the_tokens_that_overlap_it():
             for hi in range(lo + 1, int(ends[-1]) + 2):
                 brute = sum(lp for a, b, lp in spans if a < hi and b > lo)
                 assert tokens.logprob(lo, hi) == pytest.approx(brute, abs=1e-9)
+                # with the step that ends the value: the tokens from hi up to the first that covers a character
+                inside = [i for i, (a, b, _) in enumerate(spans) if a < hi and b > lo]
+                end = []
+                if inside and spans[inside[-1]][1] <= hi:
+                    for i in range(inside[-1] + 1, len(spans)):
+                        end.append(spans[i][2])
+                        if spans[i][1] > hi:
+                            break
+                assert tokens.logprob(lo, hi, with_end=True) == pytest.approx(brute + sum(end), abs=1e-9)

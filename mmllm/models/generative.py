@@ -571,11 +571,19 @@ class TokenSpans:
             np.array_equal(a, b) for a, b in ((self.starts, other.starts), (self.ends, other.ends),
                                               (self.logprobs, other.logprobs)))
 
-    def logprob(self, lo: int, hi: int) -> float:
-        """The summed log-probability of the tokens that overlap characters ``[lo, hi)`` (0.0: none)."""
+    def logprob(self, lo: int, hi: int, *, with_end: bool = False) -> float:
+        """The summed log-probability of the tokens that overlap characters ``[lo, hi)`` (0.0: none).
+
+        ``with_end``: and of the token that starts at ``hi``, where none of those reaches past it: the
+        step that ended the value there rather than going on to a longer one ("4" or "40", "Games" or
+        "Games > Board"); a token that covers the end already holds that decision."""
         starts, ends, running = self._lookup
         first = bisect.bisect_right(ends, lo)  # the first token ending after lo
         last = bisect.bisect_left(starts, hi)  # past the last token starting before hi
+        if with_end and last > first and ends[last - 1] <= hi:
+            while last < len(starts) and ends[last] <= hi:  # zero-width tokens at the end (special ones)
+                last += 1
+            last = min(last + 1, len(starts))
         return running[last] - running[first] if last > first else 0.0
 
     @cached_property
@@ -663,8 +671,11 @@ class AnswerTokens:
 def answer_confidence(text: str, tokens: TokenSpans | Sequence[tuple[int, int, float]],
                       record: dict[str, Any]) -> dict[str, Any]:
     """``confidence`` (the category path) and ``attribute_confidence`` (each non-null value): the
-    product of the probabilities of the tokens that overlap the value in the answer text (a string
-    without its quotes: a token that only closes or opens it decides layout, not the value)."""
+    probability of the value, the product of the probabilities of the tokens that overlap it in the
+    answer text (a string without its opening quote: the token that opens it decides layout) and of
+    the token that ends it (the closing quote, or the ``,`` / ``}`` after a number): where a longer
+    value was allowed too, ending there was a choice ("4" against "40", "Games" against "Games >
+    Board"), and without it the product is the probability that the answer *starts with* the value."""
     spans = answer_spans(text)
     tokens = TokenSpans.of(tokens)
 
@@ -674,7 +685,7 @@ def answer_confidence(text: str, tokens: TokenSpans | Sequence[tuple[int, int, f
         lo, hi = spans[key]
         if text[lo] == '"' and hi - lo >= 2:
             lo, hi = lo + 1, hi - 1
-        return float(np.exp(tokens.logprob(lo, hi)))
+        return float(np.exp(tokens.logprob(lo, hi, with_end=True)))
 
     out: dict[str, Any] = {}
     p = probability("category")
