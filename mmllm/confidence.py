@@ -98,15 +98,30 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, *, prior: np
                  iterations: int = 50) -> np.ndarray:
     """Logistic regression by Newton's method: the summed log-loss of ``sigmoid(x @ w)`` plus
     ``sum(penalty * (w - prior)^2) / 2`` (``prior`` zero by default), started at ``prior``.
+    Each step is halved until the objective goes down (a damped Newton method): a full step from far
+    away (scores bunched in a narrow range, a start far from the answer) can overshoot into the sigmoid's
+    flat tails, where the gradient vanishes and the fit stops at a map that sends every row to 0.
     Shared by the Platt maps here and the grounded-attribute choice (:mod:`mmllm.grounding`)."""
     prior = np.zeros(x.shape[1]) if prior is None else prior
     w = prior.astype(np.float64).copy()
+
+    def objective(v: np.ndarray) -> float:
+        z = x @ v
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(penalty * (v - prior) ** 2))
+
+    current = objective(w)
     for _ in range(iterations):
         p = sigmoid(x @ w)
         grad = x.T @ (p - y) + penalty * (w - prior)
         hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hess, grad)
+        for _ in range(40):
+            trial = objective(w - step)
+            if trial <= current + 1e-12 * abs(current):
+                break
+            step = step / 2
         w -= step
+        current = objective(w)
         if np.max(np.abs(step)) < 1e-8:
             break
     return w

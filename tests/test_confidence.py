@@ -39,6 +39,26 @@ def test_platt_stays_finite_when_dev_separates_perfectly():
     assert platt(0.9) > 0.9 and platt(0.1) < 0.1
 
 
+def test_platt_fits_scores_bunched_far_from_the_identity():
+    """A small model's path probabilities, all near 0.02, two of eight right: a full Newton step from the
+    identity overshot into the sigmoid's flat tail and stopped at a map sending every row to 1e-13 (all
+    tied, so no threshold reached any accuracy); the damped step finds the minimum of the log-loss."""
+    scores = [0.0181011, 0.0211606, 0.0162676, 0.0233229, 0.015209, 0.0124143, 0.0199388, 0.0137865]
+    correct = [False, False, False, True, False, False, False, True]
+    platt = Platt.fit(scores, correct)
+    mapped = [platt(s) for s in scores]
+    assert 0.15 < sum(mapped) / len(mapped) < 0.35  # about the 2 in 8 that are right
+    assert len(set(mapped)) == len(scores) and platt.a > 0  # the order of the rows is kept
+
+    def loss(a: float, b: float) -> float:  # the fit's own objective
+        z = [a * math.log(s / (1 - s)) + b for s in scores]
+        return sum(math.log1p(math.exp(v)) - y * v for v, y in zip(z, correct)) + ((a - 1) ** 2 + b ** 2) / 2
+
+    best = loss(platt.a, platt.b)
+    assert all(best <= loss(platt.a + da, platt.b + db) + 1e-9
+               for da in (-0.01, 0, 0.01) for db in (-0.01, 0, 0.01))
+
+
 def test_risk_coverage_by_hand_ties_kept_together_and_unscored_rows_last():
     confidence = [0.9, 0.8, 0.8, 0.3, None]
     correct = [True, False, True, True, False]
