@@ -126,26 +126,44 @@ def _value_rule(spec: AttributeSpec) -> str:
     return f"{_number(spec.minimum, spec.maximum)} | \"null\""
 
 
+def _bounds(lo: float | None, hi: float | None) -> tuple[int, int]:
+    """The whole numbers a value's integer part may take: within [lo, hi], and an unbounded side within
+    the digits a number may have (JSON numbers, so without leading zeros, either way)."""
+    widest = 10**_ANY_NUMBER_DIGITS - 1
+    return (-widest if lo is None else math.ceil(lo)), (widest if hi is None else math.floor(hi))
+
+
 def _integer(lo: float | None, hi: float | None) -> str:
-    if lo is None or hi is None:
-        return f'"-"? [0-9]{{1,{_ANY_NUMBER_DIGITS}}}'
-    lo_i, hi_i = math.ceil(lo), math.floor(hi)
+    """Exactly the JSON integers in [lo, hi] (no leading zeros: "007" is not JSON)."""
+    lo_i, hi_i = _bounds(lo, hi)
+    return "(" + " | ".join(_signed_patterns(lo_i, hi_i)) + ")"
+
+
+def _signed_patterns(lo: int, hi: int) -> list[str]:
     alternatives = []
-    if lo_i < 0:
-        alternatives += ['"-" ' + p for p in _range_patterns(max(1, -min(hi_i, -1)), -lo_i)]
-    if hi_i >= 0:
-        alternatives += _range_patterns(max(lo_i, 0), hi_i)
-    return "(" + " | ".join(alternatives) + ")"
+    if lo < 0:
+        alternatives += ['"-" ' + p for p in _range_patterns(max(1, -min(hi, -1)), -lo)]
+    if hi >= 0:
+        alternatives += _range_patterns(max(lo, 0), hi)
+    return alternatives
 
 
 def _number(lo: float | None, hi: float | None) -> str:
-    """Decimals inside [lo, hi]: an integer part below the top with an optional fraction, or the top."""
-    if lo is None or hi is None:
-        return f'"-"? [0-9]{{1,{_ANY_NUMBER_DIGITS}}} ("." [0-9]{{1,6}})?'
-    lo_i, hi_i = math.ceil(lo), math.floor(hi)
-    if lo_i >= hi_i:
-        return _integer(lo_i, hi_i)
-    return f'({_integer(lo_i, hi_i - 1)} ("." [0-9]{{1,6}})? | {_integer(hi_i, hi_i)})'
+    """Decimals inside [lo, hi]: the integers in it, or an integer part and a fraction that stay in it. A
+    fraction moves a value away from zero, so it goes up from 0 .. hi - 1 and down from -1 .. lo + 1 (and
+    "-0.5" needs lo <= -1): "-10.5" is below a minimum of -10."""
+    lo_i, hi_i = _bounds(lo, hi)
+    if lo_i > hi_i:
+        return _integer(lo_i, hi_i) if lo_i == hi_i else '"null"'
+    parts = _range_patterns(max(lo_i, 0), hi_i - 1) if hi_i - 1 >= max(lo_i, 0) else []
+    if max(1, -hi_i) <= -lo_i - 1:
+        parts += ['"-" ' + p for p in _range_patterns(max(1, -hi_i), -lo_i - 1)]
+    if lo_i <= -1 and hi_i >= 0:
+        parts.append('"-0"')
+    whole = "(" + " | ".join(_signed_patterns(lo_i, hi_i)) + ")"
+    if not parts:
+        return whole
+    return f'({whole} | ({" | ".join(parts)}) "." [0-9]{{1,6}})'
 
 
 def _range_patterns(lo: int, hi: int) -> list[str]:

@@ -61,3 +61,30 @@ def test_a_tiny_model_answers_as_under_xgrammars_processor(tiny_checkpoint, tmp_
     monkeypatch.setattr(GrammarFactory, "processor", lambda self: xgr.contrib.hf.LogitsProcessor(self.compiled))
     assert predictor.generate(rows, ImagePolicy(root=path.parent)) == ours
     assert all(small_schema().parse(text).ok for text in ours)
+
+
+NUMBER_TEXTS = ["0", "1", "-1", "007", "00.5", "0.5", "-0.5", "-0", "10", "-10", "-10.5", "-9.5", "-5.5", "-19.5",
+                "-20.5", "40", "40.5", "39.9", "20.5", "21", "21.5", "41", "-11", "1e3", "100000", "999999999999999",
+                "1000000000000000", "-999999999999999", "0.000001", "2.75"]
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "integer"}, {"type": "number"}, {"type": "integer", "minimum": -10, "maximum": 40},
+    {"type": "number", "minimum": -10, "maximum": 40}, {"type": "number", "minimum": 0, "maximum": 21},
+    {"type": "number", "minimum": -20, "maximum": -5}, {"type": "integer", "minimum": 1, "maximum": 100000}])
+def test_the_grammar_lets_through_exactly_the_numbers_the_schema_accepts(spec):
+    """Every number the grammar accepts is JSON and in range ("007" is not JSON; "-10.5" is below a minimum of
+    -10: a constrained answer came back invalid), and every number the schema accepts (up to 6 decimals and
+    15 digits) the grammar accepts."""
+    from mmllm.constrained import answer_grammar
+    from mmllm.schema import LabelSchema
+
+    schema = LabelSchema.from_dict({"name": "s", "taxonomy": ["Kites"], "attributes": {"v": {**spec, "description": "v"}}})
+    grammar = xgr.Grammar.from_ebnf(answer_grammar(schema))
+    for number in NUMBER_TEXTS:
+        text = '{"category":"Kites","attributes":{"v":%s}}' % number
+        accepted = xgr.testing._is_grammar_accept_string(grammar, text)
+        valid = schema.parse(text).ok  # JSON, and within the bounds
+        # the grammar writes a number out in at most 15 digits before the point, never "1e3" or "-0"
+        written_out = "e" not in number and number != "-0" and len(number.lstrip("-").split(".")[0]) <= 15
+        assert accepted == (valid and written_out), (spec, number, accepted, valid)
