@@ -148,3 +148,26 @@ def test_a_damaged_calibration_file_is_named_with_what_is_wrong(tmp_path, conten
     with pytest.raises(ValueError, match=f"{CALIBRATION_FILE}: not a readable calibration file") as info:
         Calibration.load(tmp_path)
     assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("platt", [False, True])
+def test_calibration_reads_the_dev_gold_as_the_schema_spells_it(tmp_path, platt):
+    """A dev file's gold in another case ('games > chess') is the taxonomy's 'Games > Chess' for training and
+    `mmllm evaluate`; calibration.json counted every right answer as wrong (its curve 0.0 everywhere, and
+    --review-target-accuracy refused the folder)."""
+    from types import SimpleNamespace
+
+    from mmllm.catalog import Listing
+    from mmllm.recipes.common import fit_calibration
+    from mmllm.schema import LabelSchema
+
+    schema = LabelSchema.from_dict({"name": "s", "taxonomy": ["Games > Chess", "Outdoor > Kites"], "attributes": {}})
+    setup = SimpleNamespace(schema=schema, out_dir=tmp_path, accelerator=SimpleNamespace(is_main_process=True))
+    rows = [Listing(f"r{i}", "x", label={"category": spelled}) for i, spelled in
+            enumerate(["games > chess", " Games  >  Chess ", "outdoor > kites", "Outdoor > Kites"] * 3)]
+    records = [{"id": row.id, "category": "Games > Chess", "confidence": 0.9 - 0.01 * i}
+               for i, row in enumerate(rows)]
+    fit_calibration(setup, SimpleNamespace(calibration=None), rows, records, platt=platt)
+    curve = Calibration.load(tmp_path).curve
+    right = [i % 4 < 2 for i in range(12)]  # the two spellings of Games > Chess in every four rows
+    assert curve.accuracy == pytest.approx([sum(right[:k]) / k for k in range(1, 13)])

@@ -322,8 +322,9 @@ def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list
                     platt: bool) -> list[dict[str, Any]]:
     """``calibration.json`` from the dev answers; with ``platt`` the maps are fitted, handed to the
     predictor (``predictor.calibration``) and applied to ``records``, which are returned."""
-    correct = [r.get("category") is not None and r.get("category") == row.label.get("category")
-               for row, r in zip(rows, records)]
+    # the gold as the schema spells it (training targets and `mmllm evaluate` forgive case and spacing)
+    gold_categories = [s.schema.canonical_category(str(row.label.get("category") or "")) for row in rows]
+    correct = [r.get("category") is not None and r.get("category") == gold for gold, r in zip(gold_categories, records)]
     attribute_scores, attribute_correct = [], []
     if platt:
         for row, record in zip(rows, records):
