@@ -291,7 +291,8 @@ def _load_model(folder: Path, device: str, trust_remote_code: bool, resolve: Cal
         model.to(device)
     model.eval()
     if meta["kind"] == "classifier":
-        return ClassifierPredictor(model, processor, schema, template, cfg.max_images, untrained=untrained)
+        return ClassifierPredictor(model, processor, schema, template, cfg.max_images, top_k=model.top_k,
+                                   untrained=untrained)
     return GenerativePredictor(model=model, processor=processor, schema=schema, template=template,
                                max_images=cfg.max_images, untrained=untrained, calibration=Calibration.load(folder))
 

@@ -86,6 +86,23 @@ def test_pooled_batch_equals_per_row_runs_with_left_and_right_padding(tiny_check
     assert torch.allclose(left, single, atol=1e-4) and torch.allclose(right, single, atol=1e-4)
 
 
+def test_the_number_of_alternatives_a_folder_lists_is_its_classify_top_k(tiny_checkpoint, tmp_path):
+    """classify.top_k was checked and written into config.yaml, then never read: every record listed 5."""
+    from transformers import AutoModelForImageTextToText
+
+    schema = LabelSchema.from_dict(COLOUR_SCHEMA)
+    backbone = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint("qwen2_vl")).eval()
+    model = ListingClassifier(backbone, 64, head_specs(schema, []), "last", top_k=2)
+    model.save_heads(tmp_path)
+    again = ListingClassifier.load(backbone, tmp_path)
+    assert again.top_k == 2 and again.pooling == "last"
+    probs = {"category": torch.softmax(torch.randn(1, len(schema.categories)), -1)}
+    specs = [s for s in again.specs if s.name == "category"]
+    from mmllm.models.heads import prediction_record
+
+    assert len(prediction_record(specs, probs, 0, schema, again.top_k)["top_k"]) == 2
+
+
 def test_loss_matches_a_hand_computation_and_unknowns_add_nothing():
     specs = [HeadSpec("category", "softmax", ["a", "b", "c"]),
              HeadSpec("flag", "softmax", [NOT_STATED, "False", "True"], values=[None, False, True]),
@@ -168,7 +185,7 @@ def test_learns_from_image_and_title_together_and_reloads(tmp_path, caplog):
         f"data.train=[{train}, {more}]", f"data.dev={held_out}", f"data.schema={train.parent / 'schema.yaml'}",
         "data.max_train_rows=null", "data.max_dev_rows=null", f"train.output_dir={tmp_path / 'model'}",
         "train.max_steps=150", "train.batch_size=8", "train.lr=0.01", "lora.rank=16", "lora.alpha=32",
-        "train.save_every=0", "train.log_every=50", "eval.every=0"])
+        "train.save_every=0", "train.log_every=50", "eval.every=0", "classify.top_k=3"])
     summary = finetune(cfg)
     assert not [m for m in caplog.messages if "image dropped" in m]
     assert summary["category_acc"] >= 0.9, summary
@@ -186,7 +203,7 @@ def test_learns_from_image_and_title_together_and_reloads(tmp_path, caplog):
         assert a["category"] == b["category"] and a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
         assert [t["score"] for t in a["top_k"]] == pytest.approx([t["score"] for t in b["top_k"]], abs=1e-5)
         assert a["status"] == "ok" and schema.validate({"category": a["category"], "attributes": a["attributes"]}).ok
-        assert len(a["top_k"]) == 4 and a["top_k"][0]["category"] == a["category"]
+        assert len(a["top_k"]) == 3 and a["top_k"][0]["category"] == a["category"]  # classify.top_k, of 4
     from mmllm.label import main as label_main
 
     out_file = tmp_path / "labels.jsonl"

@@ -51,11 +51,13 @@ class ClassifyConfig(HeadsConfig):
 class ListingClassifier(nn.Module):
     """A (PEFT-wrapped) VLM backbone with one linear head per schema field."""
 
-    def __init__(self, backbone: Any, hidden_size: int, specs: list[HeadSpec], pooling: str = "last") -> None:
+    def __init__(self, backbone: Any, hidden_size: int, specs: list[HeadSpec], pooling: str = "last",
+                 top_k: int = 5) -> None:
         super().__init__()
         self.backbone = backbone
         self.specs = specs
         self.pooling = pooling
+        self.top_k = top_k  # categories (and values) each prediction lists: classify.top_k, kept in heads.json
         self.heads = nn.ModuleDict({s.name: nn.Linear(hidden_size, len(s.classes)) for s in specs if s.classes})
         self.temperature = 1.0
 
@@ -68,7 +70,7 @@ class ListingClassifier(nn.Module):
 
     def save_heads(self, folder: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, str(folder / HEADS_FILE))
-        config = {"pooling": self.pooling, "temperature": self.temperature,
+        config = {"pooling": self.pooling, "temperature": self.temperature, "top_k": self.top_k,
                   "heads": [s.__dict__ for s in self.specs]}
         (folder / HEADS_CONFIG).write_text(json.dumps(config, indent=2, default=json_number))
 
@@ -77,7 +79,7 @@ class ListingClassifier(nn.Module):
         config = json.loads((folder / HEADS_CONFIG).read_text())
         specs = [HeadSpec(**{**h, "edges": [float(e) for e in h["edges"]]}) for h in config["heads"]]
         hidden = hidden_size(backbone)
-        model = cls(backbone, hidden, specs, config["pooling"])
+        model = cls(backbone, hidden, specs, config["pooling"], int(config.get("top_k", 5)))
         model.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
         model.temperature = float(config["temperature"])
         return model

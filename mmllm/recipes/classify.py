@@ -44,7 +44,8 @@ def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
     processor, backbone = build_backbone(cfg.model, cfg.lora, s.accelerator)
     augment = cfg.augment if cfg.augment.enabled else None
     specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.classify.bins, cfg.classify.null_class)
-    model = classifier.ListingClassifier(backbone, heads.hidden_size(backbone), specs, cfg.classify.pooling)
+    model = classifier.ListingClassifier(backbone, heads.hidden_size(backbone), specs, cfg.classify.pooling,
+                                         cfg.classify.top_k)
     collate = classifier.ClassifyCollator(processor, s.schema, s.template, s.train_policy, cfg.model.max_images, specs,
                                           augment)
     dev_collate = classifier.ClassifyCollator(processor, s.schema, s.template, s.dev_policy, cfg.model.max_images, specs)
@@ -55,7 +56,8 @@ def run(cfg: ClassifyRecipeConfig) -> dict[str, Any]:
     save_model_dir(s, cfg, unwrapped.backbone, processor, summary, kind="classifier")
     if s.accelerator.is_main_process:
         unwrapped.save_heads(s.out_dir)
-        fit_after_training(s, cfg.grounding, classifier.ClassifierPredictor(unwrapped, processor, s.schema, s.template,
-                                                                       cfg.model.max_images, untrained=s.untrained))
+        predictor = classifier.ClassifierPredictor(unwrapped, processor, s.schema, s.template, cfg.model.max_images,
+                                                   top_k=unwrapped.top_k, untrained=s.untrained)
+        fit_after_training(s, cfg.grounding, predictor)
     say(s.accelerator, f"model folder written: {s.out_dir}")
     return summary
