@@ -153,7 +153,9 @@ def render_table(attributes: dict[str, Any], budget: PromptBudget) -> str:
 
 
 def render_categories(schema: LabelSchema) -> str:
-    """The taxonomy grouped by its top level: ``Games > Chess | Card Games`` costs fewer tokens."""
+    """The taxonomy grouped by its top level: ``Games > Chess | Card Games`` costs fewer tokens. A top level
+    that is a category itself as well as a parent (``Games`` and ``Games > Board``) gets a line of its own,
+    or the model would never be shown it as an answer."""
     groups: dict[str, list[str]] = {}
     for path in schema.categories:
         head, _, rest = path.partition(SEPARATOR)
@@ -161,6 +163,8 @@ def render_categories(schema: LabelSchema) -> str:
     lines = []
     for head, rests in groups.items():
         leaves = [r for r in rests if r]
+        if "" in rests and leaves:
+            lines.append(f"- {head}")
         lines.append(f"- {head}" + (f" > {' | '.join(leaves)}" if leaves else ""))
     return "\n".join(lines)
 

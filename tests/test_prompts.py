@@ -87,3 +87,11 @@ def test_toy_schema_prompt_lists_every_category():
     for path in schema.categories:
         head, _, leaf = path.partition(" > ")
         assert leaf in text and f"- {head}" in text
+
+
+def test_a_top_level_that_is_a_category_and_a_parent_is_shown_as_both():
+    from mmllm.prompts import render_categories
+
+    schema = LabelSchema.from_dict({"name": "p", "taxonomy": ["Games", "Games > Board", "Games > Cards", "Kites"],
+                                    "attributes": {}})
+    assert render_categories(schema).splitlines() == ["- Games", "- Games > Board | Cards", "- Kites"]
