@@ -14,7 +14,7 @@ the tokens the rows took at the last step come to the host in one copy per step 
 ``contrib.hf`` processor reads them one ``.item()`` at a time, each a device synchronization on a
 GPU), and on the CPU the mask is applied by vectorized tensor operations: the processor takes 1.35 ms
 a step for 8 rows of 151,936 scores on 2 cores, where xgrammar's took 5.1 ms, 4.8 of them its CPU
-kernel (cProfile over one constrained ``generate``, 2026-12-04; README "What labelling costs").
+kernel (cProfile over one constrained ``generate``, 2026-12-04; benchmarks/RESULTS.md, "What the grammar costs").
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Two kinds of work want opposite things:
   (``benchmarks/generate_overhead.py --malloc``, 2 cores) took 2,529 ms against 1,586 ms when blocks
   up to 32 MiB (glibc's documented limit for the threshold on 64-bit) come from the heap and up to
   256 MiB of free heap top is kept for the next step; larger blocks (a CPU prefill's activations) are
-  still mapped and returned (README "What one training step costs").
+  still mapped and returned (benchmarks/RESULTS.md, "What one training step costs").
 
 Each sets both values, fixed (which also stops the raising), so a process that labels and then trains
 (or the reverse) gets the setting of what it does now; other C libraries are left alone.

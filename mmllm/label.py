@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this job labels rows I, I+N, I+2N, ... (job arrays)")
     p.add_argument("--replicas", type=at_least(1), default=1,
                    help="CPU: fork the loaded model into N processes of one thread each, labelling batches side by "
-                        "side (small models on many cores: README 'What labelling costs'); not with CUDA")
+                        "side (small models on many cores: benchmarks/RESULTS.md 'Replicas'); not with CUDA")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data actors, one model each")
     p.add_argument("--ray-actors", type=at_least(1), default=2, help="--engine ray: model replicas")
     p.add_argument("--ray-gpus-per-actor", type=at_least(0.0, float), default=0.0,

@@ -9,7 +9,7 @@ process holds more OpenMP threads than cores, and libgomp then barely busy-waits
 woken through the kernel. A decoding step is ~50 small operations: on 2 cores a [8, 1, 64] x [64, 128]
 linear layer took 6.5 us before a helper thread had run a torch operation and 100 us after; with the
 helper's team cut to one thread, 10 us, and the main thread kept its two (an ad-hoc timing,
-2026-12-05; README "What labelling costs").
+2026-12-05; benchmarks/RESULTS.md, "Where it came from").
 
 :func:`single_thread_team` sets the calling thread's team size to one. ``omp_set_num_threads`` is a
 setting of the calling thread, where ``torch.set_num_threads`` also sets the process's count: a

@@ -3,7 +3,7 @@
 On a CPU, a small model's forward pass is many small operations. Split across the cores (torch's
 intra-op threads), each waits on its slowest thread and the cores idle between operations; N copies
 of the model, one core each, each labelling whole batches, keep every core busy. ``mmllm label
---replicas N`` runs a job that way (README "What labelling costs").
+--replicas N`` runs a job that way (benchmarks/RESULTS.md, "Replicas").
 
 How it works:
 

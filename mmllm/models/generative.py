@@ -731,7 +731,7 @@ def decoding_kernels(device: torch.device) -> Any:
     cuDNN plans its attention per shape, and a growing cache gives every decoding step a key length
     it has not seen: on an H200 (torch 2.11, random Qwen2-VL-2B, 16 rows at batch 8) a first pass
     took 31.4 s with it and 11.2 s without, and a second pass over the same rows, every shape known,
-    6.7 s against 7.1 s (two passes in a fresh process each, an ad-hoc script; README "The GPU check").
+    6.7 s against 7.1 s (two passes in a fresh process each, an ad-hoc script; benchmarks/RESULTS.md, "cuDNN's attention plans").
     A static cache has one key length, but it keeps the same kernels, so that its answers are the
     growing cache's: a kernel of another family sums in another order."""
     if device.type != "cuda":

@@ -31,7 +31,7 @@ Served: decoders whose text model has ``embed_tokens``, ``rotary_emb``, ``layers
 Anything else (eager or flash attention, a static cache, sliding windows) keeps ``generate``
 (:func:`decoding_step` returns ``None``), and so does a job whose first batch the loop fails on
 (another transformers' layer arguments: ``GenerativePredictor._own_loop`` says so once). Speed-up and
-its measurement: README "Where ``listing_v1`` stands".
+its measurement: benchmarks/RESULTS.md, "Where ``listing_v1`` stands".
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ a mask keeps SDPA off its causal kernel, which skips the scores above the diagon
 checkpoint's widths (4 heads of 16) against 0.13 s through the causal (flash) kernel, which needs no
 mask, and 3.8 s against 2.6 s at Qwen2.5-VL-3B's (16 heads of 128) (2 CPU cores, torch 2.14). Small
 models and long prompts gain most: the tiny benchmark's prefill halves, a 3B model's moves by less
-than its weights' noise (``benchmarks/label_throughput.py``, README "What labelling costs").
+than its weights' noise (``benchmarks/label_throughput.py``, benchmarks/RESULTS.md, "Padded batches without a mask").
 
 :func:`unpadded_sdpa` reads the mask once per forward pass (the plan is shared by every layer),
 finds each row's real keys and real queries, checks that the mask restricted to them is exactly

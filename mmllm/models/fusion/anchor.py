@@ -12,10 +12,10 @@ play. Here both at once:
   keeps its name's meaning; one with no row at all keeps its name's vector and can still win.
   With ``average`` the result is the mean of the weights over the last steps (stochastic weight
   averaging): at a constant rate the last step's weights are wherever the seed's last batches left
-  them, and the default recipe's seeds swung 4.6 points of accuracy; averaged, 1.2 (README).
+  them, and the default recipe's seeds swung 4.6 points of accuracy; averaged, 1.2 (benchmarks/RESULTS.md, "Where the swing came from").
   With ``attribute_weight`` the schema's enum attributes (a brand, a price band) are learned at the
   same time, each a cosine classifier whose vectors start at the value names ("LEGO (brand)"), on
-  the rows that state a value; off in the default recipe (README: measured on the other-schema
+  the rows that state a value; off in the default recipe (benchmarks/RESULTS.md: measured on the other-schema
   catalog, the brand and price band a few rows up, the category's macro-F1 down).
 * ``Anchor``: what the fusion model keeps of it, saved with its weights: the tuned class vectors
   and scale (member ``names``: softmax of scale x cos(title, class)), and the training rows' tuned
@@ -25,7 +25,7 @@ play. Here both at once:
   that mixture. Training the heads sees the heads alone.
 
 Equal weights, not weights fitted on dev: every member is a calibrated distribution over the same
-classes, and averaging them needs no held-out rows (README: the ablation and the seeds).
+classes, and averaging them needs no held-out rows (README and benchmarks/RESULTS.md: the ablation and the seeds).
 """
 
 from __future__ import annotations

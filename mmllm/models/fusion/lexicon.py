@@ -2,8 +2,8 @@
 
 Why: on catalogs where the answer is a word of the listing (a brand in the title, a size, a named
 product line), TF-IDF + logistic regression is a strong, stable baseline, and the fusion heads, which read
-the words through a small jointly trained hashed bag, do not always match it (README: the other-schema
-catalog). So the recipe fits that model itself and lets it vote:
+the words through a small jointly trained hashed bag, do not always match it (benchmarks/RESULTS.md: the
+other-schema catalog). So the recipe fits that model itself and lets it vote:
 
 * :class:`~mmllm.bag_of_words.Vectorizer`: TF-IDF over word uni/bigrams and within-word character 3-5
   grams of the title, the description (its first ``max_chars``) and the seller table, vocabulary from the

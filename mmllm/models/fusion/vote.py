@@ -1,7 +1,7 @@
 """The vote on each attribute head: the fusion heads, the lexical member and the encoder's neighbours,
 mixed with weights chosen per head on held-out TRAINING rows (never on dev).
 
-Why per head: the members are good at different things. On a catalog with its own schema (README,
+Why per head: the members are good at different things. On a catalog with its own schema (benchmarks/RESULTS.md,
 ``benchmarks/other_schema_catalog.py``) the brand is a word of the title, where the heads and the bag of
 words win, while the price band is a judgement from the whole product, where the heads are the weakest
 member and the neighbours (listings like this one) the strongest. An equal-weight mean cannot beat its
