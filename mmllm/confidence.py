@@ -189,7 +189,7 @@ class OperatingPoint:
     high: float
 
     def sentence(self, what: str = "rows") -> str:
-        return (f"keep {what} with confidence >= {self.threshold:.4g}: {self.coverage:.0%} of them "
+        return (f"keep {what} with confidence >= {self.threshold:.6g}: {self.coverage:.0%} of them "
                 f"({self.kept:,}), accuracy {self.accuracy:.3f} [95% CI {self.low:.3f}-{self.high:.3f}]")
 
 

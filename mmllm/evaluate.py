@@ -80,8 +80,10 @@ class Rows:
     top_k: list[list[str]]
     confidence: list[float | None]
     extra_predictions: int = 0
+    unlabelled: int = 0  # gold rows without a label: nothing to score their predictions against
     warnings: list[str] = field(default_factory=list)  # bad input lines, "file line N (id 'x'): field: problem"
-    stated: list[frozenset[str]] = field(default_factory=list)  # attributes the gold listing states; [] without evidence
+    stated: list[dict[str, tuple[Any, ...]]] = field(default_factory=list)  # attribute -> the values the gold listing
+                                                                          # states; [] without evidence
     sources: list[dict[str, str]] = field(default_factory=list)  # predicted attribute -> its evidence source
 
 
@@ -101,9 +103,10 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
                 seen.add(row.id)  # a prediction for a gold row left out is not a stray one
             rows.warnings.append(f"{row}; gold row left out")
             continue
+        seen.add(row.id)  # a prediction for it is not a stray one, labelled or not
         if row.label is None:
+            rows.unlabelled += 1
             continue
-        seen.add(row.id)
         where = f"{row.source} {reader.unit} {row.line} (id {row.id!r})"
         gold = _normalize(row.label, schema, rows.warnings, f"{where}: label")
         if gold["category"] is None and not any(v is not None for v in gold["attributes"].values()):
@@ -125,9 +128,9 @@ def align(pred_path: Path, gold_source: Path, schema: LabelSchema | None) -> Row
         evidence = record.get("evidence") if status == "ok" else None
         rows.sources.append({k: _source(evidence, k) for k in predicted})
         if grounded:
-            rows.stated.append(frozenset(k for k, found in candidates(row, schema).items() if found))
+            rows.stated.append({k: tuple(c.value for c in found) for k, found in candidates(row, schema).items() if found})
         rows.status.append(status)
-        ranked = [c["category"] if isinstance(c, dict) else c for c in (record or {}).get("top_k", [])]
+        ranked = [_ranked(c["category"] if isinstance(c, dict) else c, schema) for c in (record or {}).get("top_k", [])]
         rows.top_k.append(ranked)
         rows.confidence.append((record or {}).get("confidence") if status == "ok" else None)
     rows.extra_predictions = len(set(preds) - seen)
@@ -190,6 +193,12 @@ def read_predictions(path: Path, warnings: list[str]) -> dict[str, dict[str, Any
     return preds
 
 
+def _ranked(category: Any, schema: LabelSchema | None) -> Any:
+    """A top-k category spelled as the answer's is (through the schema when given, else as written)."""
+    canonical = schema.canonical_category(category) if schema is not None and isinstance(category, str) else None
+    return canonical or _path(category)
+
+
 def _read_error(record: dict[str, Any]) -> bool:
     return record.get("status") == "error" and record.get("stage") == "read"
 
@@ -245,7 +254,7 @@ def _normalize(label: dict[str, Any], schema: LabelSchema | None, warnings: list
     """Through the schema when given (same spelling as predictions), else as written. A field the schema
     refuses is compared as written, with a warning naming it: one bad field must not leave the row's other
     fields unnormalized (a gold category spelled in lower case would then miss every right answer)."""
-    answer = {"category": label.get("category"), "attributes": label.get("attributes") or {}}
+    answer = {"category": _path(label.get("category")), "attributes": label.get("attributes") or {}}
     if schema is None:
         return answer
     result = schema.validate(answer, require_category=False)
@@ -349,14 +358,17 @@ def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequenc
 
 
 def situation_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[str, Any]:
-    """Per attribute and situation (extraction / completion / unknown), and their micro totals."""
+    """Per attribute and situation (extraction / completion / unknown), and their micro totals. A row is an
+    extraction where the listing states the gold value; a listing that states only another value (its
+    table says 2.5 years where the gold says 6) does not state the gold's: a completion."""
     counts = {name: {s: Counter() for s in SITUATIONS} for name in names}
     for g_attrs, p_attrs, stated in zip(rows.gold_attributes, rows.pred_attributes, rows.stated):
         if g_attrs is None:
             continue
         for name in names:
             g, p = g_attrs.get(name), p_attrs.get(name)
-            c = counts[name]["unknown" if g is None else "extraction" if name in stated else "completion"]
+            says = g is not None and any(values_match(v, g, tolerance) for v in stated.get(name, ()))
+            c = counts[name]["unknown" if g is None else "extraction" if says else "completion"]
             c["rows"] += 1
             c["answered"] += p is not None
             c["correct"] += g is not None and p is not None and values_match(p, g, tolerance)
@@ -415,7 +427,7 @@ def evaluate_rows(rows: Rows, attribute_names: Sequence[str], tolerance: float) 
         "attribute_values_scored": attributes["scored"],
         "json_valid_rate": _ratio(status["ok"], predicted),
         "error_rows": status["error"], "invalid_rows": status["invalid"], "missing_rows": status["missing"],
-        "extra_predictions": rows.extra_predictions,
+        "extra_predictions": rows.extra_predictions, "unlabelled_gold_rows": rows.unlabelled,
         "top_k_accuracy": {k: top_k_accuracy(rows.gold_category, rows.top_k, k) for k in (1, 3, 5)},
         "category": category, "attributes": attributes,
     }
@@ -512,7 +524,9 @@ def write_report(out: Path, metrics: dict[str, Any], intervals: dict[str, Any], 
         plots.append("training_curves.png")
     lines = ["# Evaluation report", "", f"{metrics['rows']} labelled rows; {metrics['missing_rows']} missing from the "
              f"predictions, {metrics['error_rows']} error rows, {metrics['invalid_rows']} invalid answers, "
-             f"{metrics['extra_predictions']} predictions for ids not in the gold file.", "",
+             f"{metrics['extra_predictions']} predictions for ids not in the gold file"
+             + (f"; {metrics['unlabelled_gold_rows']} gold rows without a label, not scored." if
+                metrics.get("unlabelled_gold_rows") else "."), "",
              "| metric | value | 95% CI |", "|---|---|---|"]
     for key in HEADLINE:
         lo, hi = intervals[key]
@@ -683,7 +697,7 @@ def plot_risk_coverage(curve: Curve, selective: dict[str, Any], path: Path) -> s
     ax.axhline(curve.accuracy[-1], linestyle="--", color="grey", label=f"all rows ({curve.accuracy[-1]:.3f})")
     for target, point in selective["targets"].items():
         if point:
-            ax.plot([point["coverage"]], [point["accuracy"]], "o", label=f"target {target}: t = {point['threshold']:.3g}, "
+            ax.plot([point["coverage"]], [point["accuracy"]], "o", label=f"target {target}: t = {point['threshold']:.6g}, "
                                                                           f"{point['coverage']:.0%} kept")
     ax.set_xlabel("coverage (share of rows kept, most confident first)")
     ax.set_ylabel("accuracy of the kept rows")
@@ -725,6 +739,12 @@ def _interval(bounds: Sequence[float] | None) -> str:
 
 def _short(category: str, width: int = 45) -> str:
     return category if len(category) <= width else "..." + category[-(width - 3):]
+
+
+def _path(category: Any) -> Any:
+    """A category path as written, its spacing around " > " evened out (as the per-level and hierarchical
+    scores split it): "Hobbies>Trains" is "Hobbies > Trains" for the exact match too."""
+    return SEPARATOR.join(part.strip() for part in category.split(">")) if isinstance(category, str) else category
 
 
 def _ancestors(path: str) -> set[str]:

@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary.line())
     if queue is not None:
         flagged = write_queue(args.out, queue)
-        print(f"review queue: {flagged:,} rows (confidence below {review_below:.4g}, or none, or an invalid answer), "
+        print(f"review queue: {flagged:,} rows (confidence below {review_below:.6g}, or none, or an invalid answer), "
               f"least confident first: {queue}")
     return 1 if summary.failed else 0
 

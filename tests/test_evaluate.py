@@ -273,3 +273,45 @@ def test_an_attribute_f1_over_nothing_is_shown_as_not_applicable(tmp_path, capsy
     assert "attribute_micro_f1          n/a  (no gold attribute value and no answer to score)" in out
     assert "| attribute_micro_f1 | n/a |" in (tmp_path / "r" / "report.md").read_text()
     assert "category_accuracy        1.0000" in out
+
+
+def test_paths_top_k_and_unlabelled_rows_are_read_as_the_answer_is(tmp_path):
+    """Without a schema a path's spacing is evened out for the exact match as the per-level and hierarchical
+    scores split it ("A>B" is "A > B": accuracy 0.5 beside hierarchical F1 1.0 before); with one, top-k
+    categories go through it as the answer does (top-1 0.0 beside accuracy 1.0 before); a prediction for a
+    gold row without a label is not one "for an id not in the gold file"."""
+    from mmllm.schema import LabelSchema
+
+    gold = [("r1", "A > B", {}), ("r2", "A > C", {})]
+    preds = [{"id": "r1", "category": "A>B", "attributes": {}, "status": "ok"},
+             {"id": "r2", "category": "A >  C", "attributes": {}, "status": "ok"},
+             {"id": "r3", "category": "A > B", "attributes": {}, "status": "ok"}]
+    pred, gold_path = write(tmp_path, preds=preds, gold=gold)
+    with gold_path.open("a") as f:
+        f.write(json.dumps({"id": "r3", "title": "not labelled yet"}) + "\n")
+    metrics = evaluate_rows(align(pred, gold_path, None), [], 0.0)
+    assert metrics["category_accuracy"] == 1.0 and metrics["hierarchical_f1"] == 1.0
+    assert metrics["extra_predictions"] == 0 and metrics["unlabelled_gold_rows"] == 1
+
+    schema = LabelSchema.from_dict({"name": "s", "taxonomy": ["A > B", "A > C"], "attributes": {}})
+    lower = [{"id": i, "category": c.lower(), "attributes": {}, "status": "ok",
+              "top_k": [{"category": c.lower(), "score": 0.9}, {"category": "a > x", "score": 0.1}]}
+             for i, c, _ in gold]
+    pred, gold_path = write(tmp_path, preds=lower, gold=gold, name="lower.jsonl")
+    rows = align(pred, gold_path, schema)
+    assert rows.top_k == [["A > B", "a > x"], ["A > C", "a > x"]]  # outside the taxonomy: as written
+    metrics = evaluate_rows(rows, [], 0.0)
+    assert metrics["category_accuracy"] == 1.0 and metrics["top_k_accuracy"][1] == 1.0
+
+
+def test_the_threshold_for_a_target_is_printed_as_it_is_applied(tmp_path, capsys):
+    """Rounded to 3 or 4 digits the printed threshold could be above the one found (0.758 for 0.757958), and
+    keeping the rows at or above the printed value missed the target."""
+    gold = [(f"r{i}", "A > B", {}) for i in range(10)]
+    preds = [{"id": f"r{i}", "category": "A > B" if i != 3 else "A > C", "attributes": {}, "status": "ok",
+              "confidence": round(0.9 - i * 0.0142137, 6)} for i in range(10)]
+    pred, gold_path = write(tmp_path, preds=preds, gold=gold)
+    assert main(["--pred", str(pred), "--gold", str(gold_path), "--report", str(tmp_path / "r"), "--bootstrap", "5",
+                 "--target-accuracy", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"keep rows with confidence >= {preds[2]['confidence']:.6g}:" in out  # 0.871573, not 0.8716

@@ -31,7 +31,7 @@ attributes:
 #   g2 batteries in table:                         completion, extraction
 #   g3 pieces in table:                            extraction, unknown
 #   g4 nothing stated:                             unknown,    completion
-#   g5 title says 50 pieces, gold says 48:         extraction, unknown
+#   g5 title says 50 pieces, gold says 48:         completion (the gold's 48 is not stated), unknown
 #   g6 category only:                              unknown,    unknown
 GOLD = [("g1", "Castle 500 pieces", "Batteries not required.", {}, (500, False)),
         ("g2", "Robot", "", {"Batteries Required": "Yes"}, (30, True)),
@@ -84,15 +84,15 @@ def test_situations_and_sources_by_hand(tmp_path, capsys):
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"]
     situations = metrics["attribute_situations"]
     assert situations["per_attribute"]["piece_count"] == {
-        "extraction": scores(3, 3, 2, 2 / 3, 2 / 3, 2 / 3, 2 / 3),  # g1 g3 right, g5 50 vs 48
-        "completion": scores(1, 1, 0, 0.0, 0.0, 0.0, 0.0),  # g2 25 vs 30
+        "extraction": scores(2, 2, 2, 1.0, 1.0, 1.0, 1.0),  # g1 g3 right
+        "completion": scores(2, 2, 0, 0.0, 0.0, 0.0, 0.0),  # g2 25 vs 30; g5 50 as its title says, vs 48
         "unknown": scores(2, 2, 0, 0.0, 0.0, None, None, invented=1.0)}  # g4, g6 invented
     assert situations["per_attribute"]["batteries_required"] == {
         "extraction": scores(2, 2, 2, 1.0, 1.0, 1.0, 1.0),  # g1 description, g2 table
         "completion": scores(1, 0, 0, 0.0, None, 0.0, None),  # g4 abstained on a known value
         "unknown": scores(3, 2, 0, 1 / 3, 0.0, None, None, invented=pytest.approx(2 / 3))}  # g5 abstained
-    assert situations["total"] == {"extraction": scores(5, 5, 4, 0.8, 0.8, 0.8, 0.8),
-                                   "completion": scores(2, 1, 0, 0.0, 0.0, 0.0, 0.0),
+    assert situations["total"] == {"extraction": scores(4, 4, 4, 1.0, 1.0, 1.0, 1.0),
+                                   "completion": scores(3, 2, 0, 0.0, 0.0, 0.0, 0.0),
                                    "unknown": scores(5, 4, 0, 0.2, 0.0, None, None, invented=0.8)}
 
     sources = metrics["attribute_sources"]
@@ -112,7 +112,7 @@ def test_situations_and_sources_by_hand(tmp_path, capsys):
     text = (report / "report.md").read_text()
     assert "## Attributes: stated, completed, unknown" in text and "## Attributes by evidence source" in text
     assert "| piece_count | unknown | 2 | 2 | 0 | 0.000 | 0.000 | – | – | 1.000 |" in text
-    assert "| **all** | extraction | 5 | 5 | 4 | 0.800 | 0.800 | 0.800 | 0.800 | – |" in text
+    assert "| **all** | extraction | 4 | 4 | 4 | 1.000 | 1.000 | 1.000 | 1.000 | – |" in text
     assert "| title | 2 | 1 | 1 | 0 | 0.500 |" in text
     assert "![attribute_situations](attribute_situations.png)" in text
     assert (report / "attribute_situations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

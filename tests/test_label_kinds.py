@@ -227,7 +227,7 @@ def test_review_queue_from_a_target_accuracy_and_the_curve_in_evaluate(trained, 
     code = mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--quiet",
                   "--review-target-accuracy", "0.5"])
     captured = capsys.readouterr()
-    assert code == 0 and f"keep rows with confidence >= {point.threshold:.4g}" in captured.err
+    assert code == 0 and f"keep rows with confidence >= {point.threshold:.6g}" in captured.err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     low = [r for r in records if r["confidence"] < point.threshold]
     assert all(r["review"] is (r["confidence"] < point.threshold) for r in records)

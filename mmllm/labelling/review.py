@@ -51,7 +51,7 @@ def flag(record: dict[str, Any], threshold: float) -> dict[str, Any]:
     if confidence is None:
         return {"review": True, "review_reason": "no confidence"}
     if confidence < threshold:
-        return {"review": True, "review_reason": f"confidence {confidence:.3g} < {threshold:.4g}"}
+        return {"review": True, "review_reason": f"confidence {confidence:.3g} < {threshold:.6g}"}
     return {"review": False}
 
 
