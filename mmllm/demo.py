@@ -122,11 +122,12 @@ class SimilarListings:
         from mmllm.model_dir import SCHEMA_FILE, is_model_dir
         from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
         from mmllm.schema import LabelSchema
-        from mmllm.search import SearchIndex, load_model
+        from mmllm.search import SearchIndex, check_index_model, load_model
 
         index = SearchIndex.load(folder)
         schema, template = Path(folder) / SCHEMA_FILE, Path(folder) / TEMPLATE_FILE
         ref = str(Path(model).resolve()) if Path(model).exists() else model
+        check_index_model(index, ref if ref == index.meta.get("model") else index.meta["model"])
         if ref != index.meta.get("model"):
             bundle = load_model(index.meta["model"], schema=schema, template=template)
         elif is_model_dir(model):

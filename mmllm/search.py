@@ -253,7 +253,7 @@ def evaluate_index(index: SearchIndex, ks: Sequence[int] = (1, 5, 10), level: in
                 totals[f"recall@{k}"] += recall_at_k(relevance, n_relevant, k)
                 totals[f"capped_recall@{k}"] += capped_recall_at_k(relevance, n_relevant, k)
                 totals[f"ndcg@{k}"] += ndcg_at_k(relevance, n_relevant, k)
-    metrics = {name: (value / queries if queries else 0.0) for name, value in totals.items()}
+    metrics = {name: (value / queries if queries else None) for name, value in totals.items()}  # None: nothing to score
     return {"level": "full" if level is None else level, "k": list(ks), "queries": queries, "skipped": skipped,
             "indexed": len(index), **metrics}
 
@@ -283,7 +283,8 @@ def _run_index(args: argparse.Namespace) -> int:
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
     bundle = load_model(args.model, schema=args.schema, template=args.template)
     bundle.batch_size = args.batch_size
-    meta = {"format": 1, "model": _model_ref(args.model), "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
+    meta = {"format": 1, "model": _model_ref(args.model), "model_sha256": _model_files(args.model),
+            "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
             "image_root": str(Path(policy.root).resolve()) if policy.root else None,
             "template": getattr(getattr(bundle, "template", None), "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
@@ -332,14 +333,17 @@ def _run_query(args: argparse.Namespace) -> int:
     else:
         listing, policy = _query_listing(args)
         model = args.model or index.meta["model"]
-        if args.model and _model_ref(args.model) != index.meta["model"]:
-            print(f"warning: the index was built with {index.meta['model']}; vectors of another model do not compare",
-                  file=sys.stderr)
         folder = Path(args.index_dir)
         if not args.model and looks_like_path(model) and not Path(model).exists():
             raise FileNotFoundError(f"the index was built with the model folder {model}, which is not here (moved, or "
                                     "another machine): pass --model with that folder or the same checkpoint")
+        if not check_index_model(index, model) and args.model and _model_ref(args.model) != index.meta["model"]:
+            print(f"warning: the index was built with {index.meta['model']}; vectors of another model do not compare",
+                  file=sys.stderr)
         bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)
+        if listing.images and not getattr(bundle, "max_images", 0):
+            raise ValueError(f"the model {_model_ref(model)} reads no images, so an image query would be answered "
+                             "from nothing: query with --text or --listing, or index with a model that reads photos")
         vector = embed_in_batches(bundle, [listing], policy, index.meta["pooling"])[0]
     scores, positions = index.search_positions(vector, args.k)
     hits = [{"rank": rank, "score": round(float(score), 6), **index.records[p]}
@@ -362,6 +366,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.index_dir}: {result['queries']} queries (relevant = same category, level {result['level']}); "
           f"{result['skipped']} skipped (no other listing of their category)")
     print(f"{'K':>4}  {'Recall@K':>9}  {'capped recall':>13}  {'NDCG@K':>7}")
+    if not result["queries"]:
+        print("nothing to score: no listing has a gold category shared by another listing of the index")
+        return 0
     for k in result["k"]:
         print(f"{k:>4}  {result[f'recall@{k}']:>9.4f}  {result[f'capped_recall@{k}']:>13.4f}  {result[f'ndcg@{k}']:>7.4f}")
     return 0
@@ -380,7 +387,7 @@ def _query_listing(args: argparse.Namespace) -> tuple[Listing, ImagePolicy]:
             load_image(path.name, policy)  # an image query without its image would be meaningless
         except ImageError as exc:
             raise ValueError(f"{args.image}: {exc}") from None
-        return Listing(id="query", title="(image query)", images=(path.name,)), policy
+        return Listing(id="query", title="", images=(path.name,)), policy  # the picture alone, no words
     text, source, root = args.listing, "--listing", Path.cwd()
     if not text.lstrip().startswith("{"):
         path = Path(text)
@@ -402,6 +409,28 @@ def _record(listing: Listing) -> dict[str, Any]:
     if listing.label and listing.label.get("category"):
         record["category"] = listing.label["category"]
     return record
+
+
+def check_index_model(index: SearchIndex, model: str) -> bool:
+    """Refuse a model folder whose files differ from those the index was built with (vectors of another
+    model do not compare: the results would be noise). True when the folder was checked, False when it
+    cannot be (a hub id, an index written before its model's fingerprint was kept)."""
+    built, now = index.meta.get("model_sha256"), _model_files(model)
+    if not (built and now):
+        return False
+    if built != now:
+        raise ValueError(f"the model folder {_model_ref(model)} is not the one the index was built with (its files "
+                         "differ: retrained, or another model): rebuild the index with `mmllm search index`, or "
+                         "give the folder it was built with")
+    return True
+
+
+def _model_files(model: str) -> str | None:
+    """A model folder's content fingerprint (``mmllm label`` keeps the same for --resume), so an index knows
+    its model wherever the folder moves and whatever it is renamed to; None for a hub id."""
+    from mmllm.labelling.output import fingerprint
+
+    return fingerprint(Path(model))["sha256"] if Path(model).is_dir() else None
 
 
 def _model_ref(model: str) -> str:

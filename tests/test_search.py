@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,33 @@ def test_a_lora_model_folder_indexes_with_its_own_schema_and_hnsw(tmp_path, cata
     assert len(hits) == 4
     assert query_json(capsys, out, "--id", "item-5", "-k", "1")[0]["id"] == "item-5"
 
+    # the folder moved: its files are the same, so the index knows it (no warning); retrained in place: refused
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    assert search("query", out, "--model", moved, "--text", "Blue toy number 1", "-k", "2", "--json") == 0
+    assert "warning" not in capsys.readouterr().err
+    (folder / "mmllm_model.json").write_text((folder / "mmllm_model.json").read_text().replace("listing_v1", "listing_v1 "))
+    assert search("query", out, "--text", "Blue toy number 1") == 2
+    assert f"the model folder {folder.resolve()} is not the one the index was built with" in capsys.readouterr().err
+    assert search("query", out, "--id", "item-5", "-k", "1") == 0  # a stored vector needs no model
+
+
+def test_an_image_query_needs_a_model_that_reads_images(index_dir, catalog, capsys, monkeypatch):
+    """A text-only model (the CPU fusion recipe's) answered an image query from its placeholder title alone,
+    the same ranking for every picture."""
+    import mmllm.search as search_module
+
+    real = search_module.load_model
+
+    def text_only(*args, **kwargs):
+        bundle = real(*args, **kwargs)
+        bundle.max_images = 0
+        return bundle
+
+    monkeypatch.setattr(search_module, "load_model", text_only)
+    assert search("query", index_dir, "--image", catalog.parent / "img" / "2.png", "-k", "3") == 2
+    assert "reads no images, so an image query would be answered from nothing" in capsys.readouterr().err
+
 
 def test_an_index_folder_never_writes_over_the_schema_or_a_users_files(tmp_path, tiny_checkpoint, capsys):
     """`--out` beside the inputs: the schema there (label_schema.yaml, a name the index writes) is refused
@@ -269,8 +297,6 @@ def test_an_index_folder_never_writes_over_the_schema_or_a_users_files(tmp_path,
 
 
 def test_a_damaged_index_is_named_by_its_file_and_the_image_root_is_kept(index_dir, catalog, tmp_path, capsys):
-    import shutil
-
     assert json.loads((index_dir / "meta.json").read_text())["image_root"] == str(catalog.parent.resolve())
     for name, content, says in (("index.faiss", b"not an index", "index.faiss: cannot be read"),
                                 ("meta.json", b"[]", "meta.json: cannot be read (not an object with a count)"),
