@@ -265,7 +265,9 @@ def _load_model(folder: Path, device: str, trust_remote_code: bool, resolve: Cal
         from mmllm.models.fusion import FUSION_FILE, load_fusion
 
         check_weights(folder / FUSION_FILE)
-        return load_fusion(folder, schema, device, untrained=untrained)
+        # as many photos as training read (the recipe's model.max_images; folders without it: 4, its default)
+        return load_fusion(folder, schema, device, untrained=untrained,
+                           max_images=int((meta.get("model") or {}).get("max_images", 4)))
     from mmllm.models.generative import GenerativePredictor, ModelConfig, load_base_model, load_processor
 
     merged = meta["kind"] == "generative-merged"

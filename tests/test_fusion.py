@@ -214,6 +214,40 @@ def test_train_save_load_in_new_process(tmp_path):
     assert there == json.loads(json.dumps(here))
 
 
+@pytest.mark.slow
+def test_a_loaded_folder_reads_as_many_photos_as_training_did(tmp_path, tiny_vit):
+    """model.max_images=1: load_fusion read 4 photos a listing whatever the recipe had trained (and fitted
+    calibration and grounding) on."""
+    from PIL import Image
+
+    from mmllm.finetune import finetune, load_recipe_config
+    from mmllm.images import ImagePolicy
+    from listings import load_model_dir, picture, toy_row, write_catalog
+
+    base = toy_row(0)
+
+    def row(folder, i):
+        return {**base(folder, i), "images": [picture(folder, f"{i}-{k}.png", Image.new(
+            "RGB", (32, 32), ((i * 40 + k * 90) % 255, 20 * k, 100))) for k in range(4)]}
+
+    train = write_catalog(tmp_path / "data", 24, row, name="train.jsonl")
+    dev = write_catalog(tmp_path / "data", 6, row, name="dev.jsonl", start=24)
+    out = tmp_path / "model"
+    finetune(load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", [
+        f"data.train={train}", f"data.dev={dev}", f"data.schema={tmp_path / 'data' / 'schema.yaml'}",
+        f"train.output_dir={out}", f"fusion.image_encoder={tiny_vit}", "model.max_images=1", "train.epochs=2",
+        "anchor.epochs=0", "lexicon.enabled=false", "vote.weights=equal", "fusion.max_text_tokens=32"]))
+    predictor = load_model_dir(out, device="cpu", grounded=False)
+    assert predictor.max_images == 1
+    from mmllm.catalog import load_listings
+
+    rows = load_listings(dev)
+    loaded = predictor.predict(rows, ImagePolicy(root=dev.parent))
+    predictor.max_images = 4
+    four = predictor.predict(rows, ImagePolicy(root=dev.parent))
+    assert [r["confidence"] for r in loaded] != [r["confidence"] for r in four]  # the photos count
+
+
 def _zero_heads(model: fusion.FusionModel) -> None:
     """Every head's weights and bias at zero: what remains of the logits is the name priors."""
     for head in model.heads.values():

@@ -354,9 +354,10 @@ def _read_json(path: Path) -> Any:
 
 
 def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = None,
-                untrained: Sequence[str] = ()) -> "FusionPredictor":
+                untrained: Sequence[str] = (), max_images: int = 4) -> "FusionPredictor":
     """The fusion weights of a model folder as a predictor (:func:`mmllm.model_dir.load` reads the
-    folder's schema and the attributes its meta file records with no training rows: answered null)."""
+    folder's schema, the attributes its meta file records with no training rows (answered null) and
+    ``max_images``, the photos per listing the model was trained on)."""
     folder = Path(folder)
     config = _read_json(folder / FUSION_CONFIG)
     saved = dict(config["fusion"])
@@ -392,7 +393,7 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
     model.to(device).eval()
     encoders.to(device).eval()
     return FusionPredictor(model, Featurizer(encoders, cfg, lexicon=vectorizer), schema,
-                           max_images=4 if encoders.image is not None else 0, untrained=tuple(untrained))
+                           max_images=max_images if encoders.image is not None else 0, untrained=tuple(untrained))
 
 
 # ---------------------------------------------------------------------- prediction
