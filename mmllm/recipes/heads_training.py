@@ -27,9 +27,10 @@ class HeadsEvalConfig:
     loss_rows: int = help_field(64, "dev rows for the dev loss, accuracies and ECE (temperature: all dev rows)")
 
     def __post_init__(self) -> None:
-        for name in ("every", "loss_rows"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.loss_rows < 1:  # 0 crashed after the whole training; no dev rows at all is data.dev=null
+            raise ValueError(f"eval.loss_rows must be >= 1, got {self.loss_rows} (for no dev rows, set data.dev=null)")
 
 
 def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: Any, dev_collate: Any,
