@@ -137,6 +137,23 @@ def test_cached_features_equal_fresh(tmp_path, tiny_vit):
         assert logits["category"].shape == (5, len(specs[0].classes))
 
 
+def test_a_damaged_feature_file_is_a_miss_and_files_are_written_whole(tmp_path, caplog):
+    """A feature file cut short (a run killed mid-write, a full disk) stopped every later run on the shared
+    cache with a safetensors traceback; it is now a miss, recomputed, and files are written by rename."""
+    from mmllm.models.fusion.encoders import FeatureCache
+
+    cache = FeatureCache(tmp_path)
+    cache.put("ab" + "0" * 62, torch.ones(3, 4))
+    path = tmp_path / "ab" / ("ab" + "0" * 62 + ".safetensors")
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    fresh = FeatureCache(tmp_path)
+    assert torch.equal(fresh.get("ab" + "0" * 62), torch.ones(3, 4)) and fresh.hits == 1
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    damaged = FeatureCache(tmp_path)
+    assert damaged.get("ab" + "0" * 62) is None and damaged.misses == 1 and not path.exists()
+    assert "is damaged" in caplog.text
+
+
 def test_each_distinct_token_sequence_is_encoded_once():
     """A listing without a description reads the same tokens in its title and text views, and a dump
     repeats titles: the text encoder sees each distinct sequence once, and every row's features are

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.catalog import Listing
 from mmllm.models.fusion.features import attribute_tokens, lexical_features
 from mmllm.models.heads import pool
+
+logger = logging.getLogger(__name__)
 
 
 class FeatureSettings(Protocol):
@@ -157,10 +162,16 @@ class FeatureCache:
             self.hits += 1
             return self.memory[key]
         if self.folder is not None and self._path(key).is_file():
-            self.hits += 1
-            value = load_file(str(self._path(key)))["x"].float()
-            self.memory[key] = value
-            return value
+            try:
+                value = load_file(str(self._path(key)))["x"].float()
+            except (SafetensorError, OSError, KeyError) as exc:  # a file cut short (a full disk, an older run killed
+                # mid-write): a miss, recomputed and written whole; every later run would stop on it otherwise
+                logger.warning("feature cache: %s is damaged (%s); computing it again", self._path(key), exc)
+                self._path(key).unlink(missing_ok=True)
+            else:
+                self.hits += 1
+                self.memory[key] = value
+                return value
         self.misses += 1
         return None
 
@@ -172,7 +183,10 @@ class FeatureCache:
         if self.folder is not None:
             path = self._path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"x": value.to(torch.float16).contiguous()}, str(path))
+            # whole or not at all: a run killed mid-write, or one reading the shared cache meanwhile, never sees a part
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file({"x": value.to(torch.float16).contiguous()}, str(tmp))
+            os.replace(tmp, path)
 
 
 def _key(encoder_id: str, content: str) -> str:
