@@ -260,6 +260,17 @@ def test_memory_sample_is_stratified_and_bounded():
     classes = [targets[i] for i in kept]
     assert classes.count(2) == 1 and classes.count(1) >= 1 and classes.count(0) >= 15
     assert kept == memory_sample(targets, 20, seed=0)
+    assert len(kept) == 20  # the limit is used, not left short
+    # the limit leaves room for every class: none is dropped (a proportional sample cut at the limit dropped
+    # the classes seen last: 202 of 502 kept here, and class 2 of [0] * 10 + [1] + [2] at a limit of 3)
+    three = [0] * 10 + [1] + [2]
+    assert sorted(three[i] for i in memory_sample(three, 3, seed=0)) == [0, 1, 2]
+    skewed = [0] * 1000 + [1] * 1000 + list(range(2, 502))
+    kept = memory_sample(skewed, 1000, seed=0)
+    assert len(kept) == 1000 and len({skewed[i] for i in kept}) == 502
+    assert [skewed[i] for i in kept].count(0) == [skewed[i] for i in kept].count(1) == 250  # in proportion
+    few = memory_sample(list(range(10)) * 3, 5, seed=0)  # more classes than the limit: one row each of five
+    assert len(few) == 5 and len({i % 10 for i in few}) == 5
 
 
 @pytest.mark.slow

@@ -276,12 +276,20 @@ def memory_sample(targets: Sequence[int], limit: int, seed: int) -> list[int]:
     for i, t in enumerate(targets):
         by_class.setdefault(int(t), []).append(i)
     rng = random.Random(seed)
-    share = limit / len(targets)
-    kept = []
     for rows in by_class.values():
         rng.shuffle(rows)
-        kept += rows[: max(1, int(len(rows) * share))]
-    return sorted(kept[:limit] if len(kept) > limit else kept)
+    classes = list(by_class)
+    if len(classes) >= limit:  # more classes than rows to keep: one row each of a random ``limit`` of them
+        return sorted(by_class[c][0] for c in rng.sample(classes, limit))
+    # one row a class first, then the rest of the limit in proportion to what each class has beyond it
+    # (largest remainders): cutting a proportional sample at the limit dropped the last classes whole
+    spare = {c: len(by_class[c]) - 1 for c in classes}
+    room, total = limit - len(classes), sum(spare.values())
+    quota = {c: room * spare[c] / total for c in classes}
+    extra = {c: int(q) for c, q in quota.items()}
+    for c in sorted(classes, key=lambda c: extra[c] - quota[c])[: room - sum(extra.values())]:
+        extra[c] += 1
+    return sorted(i for c in classes for i in by_class[c][: 1 + extra[c]])
 
 
 class Anchor(nn.Module):
