@@ -13,7 +13,10 @@ How (``weights: holdout``, the default): the recipe holds out ``holdout`` of the
 of the listing id, so the split does not depend on the file's order), trains the heads again on the rest,
 refits the lexical member on the rest, takes the neighbours among the rest, and here, per attribute head,
 scores every point of a grid over the simplex of member weights by its log-loss on the held-out rows
-that state a value (``min_rows`` of them at least, else equal weights). The log-loss, not the accuracy:
+whose gold the head knows (``min_rows`` of them at least, else equal weights): for a head that abstains
+that includes the rows whose gold is "not stated", since the mix decides whether to answer as well as
+what (weighing the two questions apart was measured and not kept: benchmarks/RESULTS.md, "Tried for the
+brand, not kept"). The log-loss, not the accuracy:
 a few hundred rows decide, and the log-loss moves smoothly where the accuracy jumps by one row. Of the
 points within one standard error of the best (``select: within_one_se``), it keeps the one nearest equal
 weights: held-out rows are a sample, and the best point on them is partly their noise. The final heads
@@ -51,8 +54,8 @@ class VoteConfig:
                    "training of the heads on the rest); equal = the plain mean")
     holdout: float = help_field(0.25, "share of the training rows held out to choose the weights")
     step: float = help_field(0.1, "grid step over the simplex of member weights")
-    min_rows: int = help_field(40, "held-out rows stating a value, at least, for a head's weights to be chosen "
-                                   "(fewer: equal weights)")
+    min_rows: int = help_field(40, "held-out rows whose gold the head knows (\"not stated\" included, for a head "
+                                   "that abstains), at least, for its weights to be chosen (fewer: equal weights)")
     select: Literal["within_one_se", "best"] = help_field(
         "within_one_se", "best = the grid point with the lowest held-out log-loss; within_one_se = of the points "
                          "whose log-loss is within one standard error of the best's (paired over the held-out rows), "
@@ -149,8 +152,9 @@ class VoteFit:
 
 def choose(members: Mapping[str, Mapping[str, torch.Tensor]], targets: Mapping[str, torch.Tensor],
            cfg: VoteConfig) -> VoteFit:
-    """Per head (``members[head]`` = {member: [N, C]}, ``targets[head]`` [N], -100 or below 0 = no value):
-    the weights, or none (equal) when fewer than ``cfg.min_rows`` rows state a value."""
+    """Per head (``members[head]`` = {member: [N, C]}, ``targets[head]`` [N], below 0 = gold unknown; an
+    abstaining head's class 0, "not stated", is known): the weights, or none (equal) when fewer than
+    ``cfg.min_rows`` rows have a known gold."""
     fit = VoteFit()
     for head, probs in members.items():
         known = targets[head] >= 0
