@@ -79,6 +79,10 @@ def test_bf16_tuning_learns_the_rows_with_float32_weights_and_keys_apart(minilm)
     assert not torch.equal(results["float32"], results["bfloat16"])
     key = lambda **kw: tuned_store(ROOT, "minilm", titles, targets, names, AnchorConfig(epochs=2, **kw), 0)
     assert key(precision="float32") == key() != key(precision="bfloat16")
+    # the optimizer the device tunes with: fused on a CPU (the key of stores tuned before), not on a GPU
+    on = lambda device: tuned_store(ROOT, "minilm", titles, targets, names, AnchorConfig(epochs=2), 0,
+                                    device=torch.device(device))
+    assert on("cpu") == key() != on("cuda")
     with pytest.raises(ValueError, match="anchor.precision"):
         AnchorConfig(precision="float16")
 

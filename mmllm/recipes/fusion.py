@@ -165,7 +165,8 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     names = [fusion.category_name(c) for c in classes]
     titles = [r.title for r in rows]
     tasks = _tuning_tasks(s.schema, rows, cfg) if cfg.anchor.attribute_weight > 0 else []
-    stored = tuned_store(cache_folder, encoders.text_id, titles, targets, names, cfg.anchor, cfg.train.seed, tasks)
+    stored = tuned_store(cache_folder, encoders.text_id, titles, targets, names, cfg.anchor, cfg.train.seed, tasks,
+                         device=next(encoders.text.parameters()).device)  # a GPU tunes with another optimizer
     if stored is not None and stored.is_dir():  # the same titles, categories, settings and seed: tuned before
         encoders.text.load_state_dict(load_file(str(stored / "encoder.safetensors")))
         saved = load_file(str(stored / "anchor.safetensors"))

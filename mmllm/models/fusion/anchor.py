@@ -232,16 +232,18 @@ def fused_adamw(device: torch.device) -> bool:
 
 
 def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], targets: Sequence[int],
-                class_names: Sequence[str], cfg: AnchorConfig, seed: int, tasks: Sequence[TuningTask] = ()
-                ) -> Path | None:
+                class_names: Sequence[str], cfg: AnchorConfig, seed: int, tasks: Sequence[TuningTask] = (),
+                device: torch.device | None = None) -> Path | None:
     """Where a tuning's result is kept in a feature-cache folder: ``tuned/<hash>`` of the base encoder,
-    the (title, category) pairs, the category names, the tuning settings and the seed (the members and
-    the neighbour settings act at prediction only and are not part of it). None without a folder."""
+    the (title, category) pairs, the category names, the tuning settings, the seed and the optimizer the
+    ``device`` tunes with (fused on a CPU; the members and the neighbour settings act at prediction only and
+    are not part of it). None without a folder."""
     if folder is None:
         return None
     h = hashlib.sha256()
+    fused = device is None or fused_adamw(device)
     settings = {"encoder": encoder_id, "seed": seed, "torch": torch.__version__.split("+")[0],
-                **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu"}
+                **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu" if fused else "adamw"}
     if cfg.schedule != "constant" or cfg.average:  # (the defaults keep the keys of tunings stored before these)
         settings.update(schedule=cfg.schedule, warmup=cfg.warmup, average=cfg.average)
     if cfg.precision != "float32":  # (as above)
