@@ -28,6 +28,30 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and key."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently: a second
+    ``train:`` section would drop every setting of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class names it
+                break
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice in one mapping (first on line {first}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, except that a key given twice in one mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """``dataclasses.field`` with a help text (mutable defaults via ``default_factory=``)."""
     metadata = {"help": help}
@@ -43,9 +67,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     if path is not None:
         where = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+            loaded = load_yaml(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: cannot read config: {yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file is a mapping of keys to values")
         data = loaded or {}
@@ -58,6 +84,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where in the text and what (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` entries (value parsed as YAML: ``3``, ``true``, ``[a, b]``, ``null``)."""
     out = _deep_copy(data)
@@ -68,7 +102,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {yaml_problem(exc)}") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

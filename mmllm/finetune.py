@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import yaml
 
 from mmllm import model_dir
-from mmllm.config import ConfigError, apply_overrides, describe, load_config
+from mmllm.config import ConfigError, apply_overrides, describe, load_config, load_yaml
 from mmllm.recipes import classify, fusion, generate
 from mmllm.recipes.classify import ClassifyRecipeConfig
 from mmllm.recipes.common import InputError
@@ -96,7 +96,7 @@ def _task(path: str | Path | None, overrides: list[str]) -> str:
     data: Any = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            data = load_yaml(Path(path).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError):
             data = {}  # load_config reports it, naming the file
     task = apply_overrides(data if isinstance(data, dict) else {}, overrides).get("task", "generate")

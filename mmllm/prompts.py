@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from mmllm.catalog import Listing
+from mmllm.config import load_yaml
 from mmllm.schema import SEPARATOR, LabelSchema
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
@@ -63,7 +64,7 @@ class PromptTemplate:
         if not path.is_file():
             known = sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"prompt template {name_or_path!r} not found (shipped: {known})")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
         unknown = set(data) - {"version", "system", "user", "budget"}
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")

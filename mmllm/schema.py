@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from mmllm.config import load_yaml, yaml_problem
 from mmllm.evidence import EvidenceError, EvidenceSpec
 
 SEPARATOR = " > "
@@ -228,14 +229,14 @@ class LabelSchema:
         """Read a schema file; errors name the file and the entry."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = load_yaml(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise SchemaError(f"{path}: cannot read the label schema: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise SchemaError(f"{path}: cannot read the label schema: byte 0x{exc.object[exc.start]:02x} at offset "
                               f"{exc.start} is not UTF-8; save the file as UTF-8") from None
         except yaml.YAMLError as exc:
-            raise SchemaError(f"{path}: cannot read the label schema: {_yaml_problem(exc)}") from None
+            raise SchemaError(f"{path}: cannot read the label schema: {yaml_problem(exc)}") from None
         try:
             return cls.from_dict(data)
         except SchemaError as exc:
@@ -493,14 +494,6 @@ def _object_spans(text: str, i: int, spans: dict[str, tuple[int, int]], prefix: 
         _, end = decoder.raw_decode(text, i)
         spans[prefix + key] = (i, end)
         i = end
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line: where in the file and what (PyYAML's own text spans several lines)."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
-    return " ".join(f"{where}{problem}".split())
 
 
 def _flatten_taxonomy(node: Any, prefix: str = "") -> list[str]:

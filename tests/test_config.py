@@ -80,3 +80,26 @@ def test_describe_lists_every_knob_with_help():
     assert rows["lora.alpha"] == ("scaling; usually 2 x rank", 32.0)
     assert rows["max_steps"] == ("stop after this many steps", None)
     assert set(rows) == {"model", "out", "precision", "lr", "max_steps", "lora.rank", "lora.alpha", "lora.targets"}
+
+
+def test_a_key_given_twice_in_a_file_is_an_error_not_a_silent_drop(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `lora:` section dropped every setting of the first."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nlora:\n  rank: 8\n  alpha: 4\nmax_steps: 3\nlora:\n  targets: [v_proj]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: cannot read config: line 6 column 1: 'lora' is given twice in "
+                                          r"one mapping \(first on line 2\); keep one"):
+        load_config(Run, path)
+    path.write_text("lora:\n  rank: 8\n  rank: 4\n")
+    with pytest.raises(ConfigError, match="'rank' is given twice"):
+        load_config(Run, path)
+    path.write_text("lora:\n  rank: 8\nlr: 1e-4\n")  # the same key in two mappings is fine
+    assert load_config(Run, path).lora.rank == 8
+
+
+def test_a_schema_naming_an_attribute_twice_is_refused(tmp_path):
+    from mmllm.schema import LabelSchema, SchemaError
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ntaxonomy: [A]\nattributes:\n  pieces: {type: integer}\n  pieces: {type: boolean}\n")
+    with pytest.raises(SchemaError, match="line 5 column 3: 'pieces' is given twice in one mapping"):
+        LabelSchema.from_yaml(path)
