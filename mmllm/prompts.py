@@ -11,6 +11,7 @@ images and the target are never cut, so a long listing costs prompt text, never 
 
 from __future__ import annotations
 
+import re
 import shutil
 import string
 from dataclasses import dataclass, field
@@ -133,8 +134,8 @@ def target_text(listing: Listing, schema: LabelSchema) -> str:
 def render_fields(listing: Listing, schema: LabelSchema, budget: PromptBudget) -> dict[str, str]:
     """The placeholder values, each cut to its budget."""
     return {
-        "title": _cut(listing.title, budget.title_chars),
-        "description": _cut(listing.description, budget.description_chars) or "(none)",
+        "title": _cut(_plain(listing.title), budget.title_chars),
+        "description": _cut(_plain(listing.description), budget.description_chars) or "(none)",
         "table": render_table(listing.attributes, budget),
         "categories": render_categories(schema) if budget.schema == "full" else "(any category you learned)",
         "attributes": render_attributes(schema) if budget.schema != "none" else "(the attributes you learned)",
@@ -147,7 +148,8 @@ def render_table(attributes: dict[str, Any], budget: PromptBudget) -> str:
     rows = []
     for name, value in list(attributes.items())[: budget.table_rows]:
         text = ", ".join(map(_cell, value)) if isinstance(value, list) else _cell(value)
-        rows.append(f"- {name}: {_cut(text, budget.table_value_chars)}")
+        # the name on one line and within the budget too: a newline in it made a row of its own
+        rows.append(f"- {_cut(_cell(name), budget.table_value_chars)}: {_cut(text, budget.table_value_chars)}")
     if len(attributes) > budget.table_rows:
         rows.append(f"(+{len(attributes) - budget.table_rows} more rows)")
     return "\n".join(rows)
@@ -179,10 +181,19 @@ def render_attributes(schema: LabelSchema) -> str:
     return "\n".join(lines)
 
 
+_CONTROL = re.compile(r"<\|")  # what opens the chat template's control tokens (<|im_end|>, <|im_start|>, ...)
+
+
+def _plain(text: str) -> str:
+    """A seller's text as plain text: "<|im_end|>" written in a description would be tokenized as the real
+    control token, closing the user turn and opening a made-up answer; "< |im_end|>" is words."""
+    return _CONTROL.sub("< |", text)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return " ".join(str(value).split())
+    return _plain(" ".join(str(value).split()))
 
 
 def _cut(text: str, limit: int) -> str:
@@ -190,5 +201,7 @@ def _cut(text: str, limit: int) -> str:
     text = " ".join(text.split())
     if len(text) <= limit:
         return text
+    if text[limit] == " ":  # the limit falls between two words: the words before it fit whole
+        return text[:limit] + " [...]"
     cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
     return cut + " [...]"
