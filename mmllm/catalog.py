@@ -144,6 +144,10 @@ def parse_row(raw: Any, *, source: str, line: int, limits: RowLimits = RowLimits
     row_id = raw.get("id")
     if isinstance(row_id, int) and not isinstance(row_id, bool):
         row_id = str(row_id)  # numeric ids are common in shop exports; the contract keeps strings
+    elif isinstance(row_id, float) and row_id.is_integer() and abs(row_id) < 2**53:
+        row_id = str(int(row_id))  # pandas stores an integer id column with one gap as floats: 101.0 is id 101
+    elif _is_nan(row_id):
+        row_id = None  # pandas' missing value: the id is missing
     if row_id is None or row_id == "":
         bad("id", "missing; every row needs a unique string id")
         row_id = None
@@ -169,7 +173,7 @@ def parse_row(raw: Any, *, source: str, line: int, limits: RowLimits = RowLimits
         bad("title", f"{len(title):,} characters, limit {limits.max_title_chars:,}")
 
     description = raw.get("description")
-    if description is None:
+    if description is None or _is_nan(description):  # NaN: pandas' missing value (to_dict("records"))
         description = ""
     elif not isinstance(description, str):
         bad("description", f"expected a string, got {_kind(description)}")
@@ -180,7 +184,8 @@ def parse_row(raw: Any, *, source: str, line: int, limits: RowLimits = RowLimits
     images = _check_images(raw.get("images"), limits, bad)
     label = _check_label(raw.get("label"), bad)
 
-    unreadable = list(_unreadable({k: raw[k] for k in FIELDS if k in raw}))
+    unreadable = list(_unreadable({k: raw[k] for k in FIELDS  # a missing id or description read above as missing
+                                   if k in raw and not (k in ("id", "description") and _is_nan(raw[k]))}))
     for where, message in unreadable:
         bad(where, message)
     if any(where == "id" for where, _ in unreadable):
@@ -358,6 +363,9 @@ class CatalogReader:
             self.name = self.path.name
         else:
             self.path = None
+            if type(source).__name__ in ("DatasetDict", "IterableDatasetDict"):  # what load_dataset returns
+                raise CatalogError(f"a datasets {type(source).__name__} of splits {sorted(source)}: give one split "
+                                   f"(e.g. dataset[{sorted(source)[0]!r}])")
             self.fmt = fmt or ("records" if isinstance(source, list) else "dataset")
             self.name = _dataset_name(source)
 
@@ -457,13 +465,13 @@ class CatalogReader:
                 yield raw, number, "line"
 
     def _csv(self) -> Iterator[tuple[Any, int, str] | RowError]:
-        # csv's field limit is process-wide; raise it to our own line limit so a huge field is
-        # reported by the row checks (with its field name) instead of aborting the reader.
-        csv.field_size_limit(max(csv.field_size_limit(), self.limits.max_line_bytes))
+        # csv's field limit is process-wide: set it to this reader's line limit (a field within it is reported
+        # by the row checks with its field name; one past it is a bad row, below)
+        csv.field_size_limit(self.limits.max_line_bytes)
         with _open_binary(self.path) as fb:
             self._total = _size_for_progress(self.path)
             text = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            dialect = "excel-tab" if self.path.name.endswith((".tsv", ".tsv.gz")) else "excel"
+            dialect = "excel-tab" if self.path.name.lower().endswith((".tsv", ".tsv.gz")) else "excel"
             reader = csv.DictReader(text, dialect=dialect)
             header = reader.fieldnames or []
             missing = [c for c in ("id", "title") if c not in header]
@@ -471,7 +479,18 @@ class CatalogReader:
                 raise CatalogError(f"{self.path}: CSV header lacks column(s) {missing} (it has {header}); "
                                    "add them, or rename the columns that hold them")
             start, self._reached = 2, reader.line_num
-            for record in reader:
+            records = iter(reader)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    break
+                except csv.Error as exc:  # a field past the line limit: that row is skipped, the others read on
+                    self._done, self._reached = _position(fb), reader.line_num
+                    line, start = start, reader.line_num + 1
+                    yield RowError(self.name, line, None, (("row", f"a field longer than {self.limits.max_line_bytes:,} "
+                                                                   f"bytes ({exc}); row skipped unparsed"),))
+                    continue
                 self._done, self._reached = _position(fb), reader.line_num
                 line, start = start, reader.line_num + 1
                 if None in record:  # more cells than header columns
@@ -541,6 +560,10 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return "dataset"
+        if (path / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: one folder per split
+            splits = sorted(p.name for p in path.iterdir() if (p / "dataset_info.json").exists())
+            raise CatalogError(f"{path}: a datasets DatasetDict of splits {splits}: give one split's folder "
+                               f"(e.g. {path / (splits[0] if splits else 'train')})")
         raise CatalogError(f"{path}: a folder is only read as a catalog when written by datasets' save_to_disk")
     for suffixes, fmt in (
         ((".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json"), "jsonl"),

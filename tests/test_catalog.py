@@ -315,3 +315,42 @@ def test_a_pretty_printed_json_array_is_told_to_be_json_lines(tmp_path):
     path.write_text(json.dumps([{"id": "a", "title": "Kite"}, {"id": "b", "title": "Drum"}], indent=2))
     first = next(iter(CatalogReader(path)))
     assert isinstance(first, RowError) and "a catalog is JSON Lines (one object per line)" in first.problems[0][1]
+
+
+def test_a_csv_field_past_the_line_limit_is_one_bad_row_and_the_others_are_read(tmp_path):
+    """csv raised 'field larger than field limit' out of the reader: every later row was lost (and
+    `catalog validate` printed a traceback)."""
+    path = tmp_path / "big.csv"
+    path.write_text("id,title,description\nr1,A,ok\nr2,B," + "x" * 5000 + "\nr3,C,ok\n")
+    rows = list(iter_catalog(path, limits=RowLimits(max_line_bytes=1000)))
+    assert [r.id for r in rows if isinstance(r, Listing)] == ["r1", "r3"]
+    bad = [r for r in rows if isinstance(r, RowError)]
+    assert len(bad) == 1 and bad[0].line == 3 and "a field longer than 1,000 bytes" in bad[0].message
+    upper = tmp_path / "DUMP.TSV"  # the tab dialect whatever the suffix's case
+    upper.write_text("id\ttitle\nr1\tA train\n")
+    assert [r.id for r in iter_catalog(upper)] == ["r1"]
+
+
+def test_pandas_missing_values_are_missing_not_floats(tmp_path):
+    """pandas stores an integer id column with a gap as floats (101.0) and a missing text as NaN: every row's
+    id was refused as a float, and a NaN description as a number."""
+    pq.write_table(pa.table({"id": [101.0, None, 103.0], "title": ["A train", "B", "C"]}), tmp_path / "pd.parquet")
+    ok, bad = split(list(iter_catalog(tmp_path / "pd.parquet")))
+    assert [r.id for r in ok] == ["101", "103"]
+    assert len(bad) == 1 and bad[0].line == 2 and bad[0].field == "id" and "missing" in bad[0].message
+    records = [{"id": 7, "title": "A", "description": float("nan")}, {"id": 8, "title": "B", "description": "b"}]
+    assert [(r.id, r.description) for r in iter_catalog(records)] == [("7", ""), ("8", "b")]  # df.to_dict("records")
+    assert parse_row({"id": 1.5, "title": "x"}, source="s", line=1).field == "id"  # not an integer: refused
+
+
+def test_a_dataset_dict_names_its_splits(tmp_path):
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list([good(1)]),
+                                   "test": datasets.Dataset.from_list([good(2)])})
+    with pytest.raises(CatalogError, match=r"DatasetDict of splits \['test', 'train'\]: give one split"):
+        CatalogReader(splits)
+    splits.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(CatalogError, match=r"DatasetDict of splits \['test', 'train'\]: give one split's folder"):
+        CatalogReader(tmp_path / "dd")
+    assert [r.id for r in iter_catalog(tmp_path / "dd" / "train")] == ["g1"]
