@@ -169,11 +169,13 @@ def write_card(out_dir: Path) -> None:
     metrics = out_dir / METRICS_FILE
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
+    eval_keys = ("eval_loss", "json_valid", "category_acc", "attribute_acc")  # a run may score without a dev loss
+    evals = [r for r in records if "loss" not in r and any(k in r for k in eval_keys)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="dev loss")
+    losses = [r for r in evals if "eval_loss" in r]
+    if losses:
+        axes[0].plot([r["step"] for r in losses], [r["eval_loss"] for r in losses], "o-", label="dev loss")
     axes[0].set_xlabel("optimizer step")
     axes[0].set_ylabel("cross-entropy per answer token")
     axes[0].legend()

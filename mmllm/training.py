@@ -236,9 +236,13 @@ def train_loop(
 
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
+    # what decides which rows each step reads: a resume under another plan would not continue this run (its
+    # steps would read other rows); more steps (train.max_steps, epochs) may be asked of a resumed run
+    data_plan = {"rows": len(rows), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                 "processes": accelerator.num_processes}
     start_step = 0
     if cfg.resume:
-        start_step = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded)
+        start_step = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded, data_plan)
         if accelerator.is_main_process:
             _truncate_metrics(metrics_path, start_step)
     stop = _StopFlag()
@@ -259,61 +263,65 @@ def train_loop(
     step = start_step
     started = time.perf_counter()
     interrupted = False
-    while step < total_steps:
-        tick = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        # Normalize by the supervised tokens of the whole step on all processes, so every token
-        # weighs the same however the padding and accumulation fall.
-        local_items = sum(count_items(m) for m in micro)
-        items = accelerator.reduce(torch.tensor(float(local_items), device=accelerator.device), reduction="sum")
-        scale = accelerator.num_processes / items.clamp(min=1.0)
-        step_loss = 0.0
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = i == len(micro) - 1
-            with (accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _nullcontext()):
-                with accelerator.autocast():
-                    loss_sum, _ = loss_fn(model, batch)
-                accelerator.backward(loss_sum * scale)
-            step_loss += float(loss_sum.detach())
-            window["tokens"] += int(batch["attention_mask"].sum())
-        step_total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum"))
-        if not math.isfinite(step_total):  # before the step (the weights stay the last finite ones), on every process
-            raise NonFiniteLoss(f"step {step + 1}: the loss is {step_total} (not a finite number); lower train.lr, check "
-                                "the data and the lora / fusion settings, then train.resume=true from the last "
-                                "checkpoint or start again; no model folder was written")
-        grad_norm = accelerator.clip_grad_norm_(trainable if not sharded else model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1)
-        window["loss_sum"] += step_total
-        window["items"] += float(items)
-        window["time"] += time.perf_counter() - tick
-        window["steps"] += 1
-        if step % cfg.log_every == 0 or step == total_steps:
-            last = {
-                "step": step, "epoch": round(step / plan.steps_per_epoch, 3),
-                "loss": round(window["loss_sum"] / max(window["items"], 1.0), 5),  # per item (token / row)
-                "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
-                "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
-                "tokens_per_s": round(window["tokens"] * accelerator.num_processes / max(window["time"], 1e-9), 1),
-                "step_s": round(window["time"] / window["steps"], 4),
-                "peak_mem_mb": _peak_memory_mb(),
-            }
-            window = {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
-            _log(accelerator, metrics_path, last, progress)
-        if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
-            _log(accelerator, metrics_path, {"step": step, **evaluate(accelerator.unwrap_model(model), step)}, progress)
-            model.train()
-        interrupted = stop.requested and step < total_steps
-        if (cfg.save_every and step % cfg.save_every == 0) or interrupted or (final_checkpoint and step == total_steps):
-            _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded, cfg.keep_checkpoints)
-        if interrupted:
-            break
-    progress.close()
-    stop.restore()
+    try:  # the Ctrl-C handler goes back whatever ends the loop (a NaN loss, an error in a step)
+        while step < total_steps:
+            tick = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            # Normalize by the supervised tokens of the whole step on all processes, so every token
+            # weighs the same however the padding and accumulation fall.
+            local_items = sum(count_items(m) for m in micro)
+            items = accelerator.reduce(torch.tensor(float(local_items), device=accelerator.device), reduction="sum")
+            scale = accelerator.num_processes / items.clamp(min=1.0)
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                sync = i == len(micro) - 1
+                with (accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _nullcontext()):
+                    with accelerator.autocast():
+                        loss_sum, _ = loss_fn(model, batch)
+                    accelerator.backward(loss_sum * scale)
+                step_loss += float(loss_sum.detach())
+                window["tokens"] += int(batch["attention_mask"].sum())
+            step_total = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum"))
+            if not math.isfinite(step_total):  # before the step (the weights stay the last finite ones), on every process
+                raise NonFiniteLoss(f"step {step + 1}: the loss is {step_total} (not a finite number); lower train.lr, check "
+                                    "the data and the lora / fusion settings, then train.resume=true from the last "
+                                    "checkpoint or start again; no model folder was written")
+            grad_norm = accelerator.clip_grad_norm_(trainable if not sharded else model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step takes (after it the scheduler moves to the next)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            window["loss_sum"] += step_total
+            window["items"] += float(items)
+            window["time"] += time.perf_counter() - tick
+            window["steps"] += 1
+            if step % cfg.log_every == 0 or step == total_steps:
+                last = {
+                    "step": step, "epoch": round(step / plan.steps_per_epoch, 3),
+                    "loss": round(window["loss_sum"] / max(window["items"], 1.0), 5),  # per item (token / row)
+                    "lr": float(f"{lr:.6g}"),
+                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                    "tokens_per_s": round(window["tokens"] * accelerator.num_processes / max(window["time"], 1e-9), 1),
+                    "step_s": round(window["time"] / window["steps"], 4),
+                    "peak_mem_mb": _peak_memory_mb(),
+                }
+                window = {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+                _log(accelerator, metrics_path, last, progress)
+            if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
+                _log(accelerator, metrics_path, {"step": step, **evaluate(accelerator.unwrap_model(model), step)}, progress)
+                model.train()
+            interrupted = stop.requested and step < total_steps
+            if (cfg.save_every and step % cfg.save_every == 0) or interrupted or (final_checkpoint and step == total_steps):
+                _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded, cfg.keep_checkpoints,
+                                 data_plan)
+            if interrupted:
+                break
+    finally:
+        progress.close()
+        stop.restore()
     return LoopResult(step, interrupted, time.perf_counter() - started, last)
 
 
@@ -338,11 +346,19 @@ def _log(accelerator: Any, path: Path, record: dict[str, Any], progress: Progres
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step, so a resumed run has no duplicates."""
+    """Drop metric lines past the resumed step, so a resumed run has no duplicates; and a line the stopped
+    run left unfinished (killed mid-write)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def _peak_memory_mb() -> float:
@@ -391,7 +407,7 @@ class _StopFlag:
 
 # ---------------------------------------------------------------------- checkpoints
 def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
-                     sharded: bool, keep: int) -> None:
+                     sharded: bool, keep: int, data_plan: dict[str, Any] | None = None) -> None:
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
@@ -408,7 +424,8 @@ def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimi
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "processes": accelerator.num_processes,
+                                                    "plan": data_plan or {}}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint exists whole or not at all
@@ -422,10 +439,17 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, sharded: bool) -> int:
+def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, sharded: bool,
+             data_plan: dict[str, Any] | None = None) -> int:
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         raise ResumeError(f"train.resume=true but {root} holds no finished checkpoint")
+    saved = json.loads((ckpt / "state.json").read_text()).get("plan") or {}  # none in checkpoints from before it
+    changed = [f"{k}: {saved[k]} then, {data_plan[k]} now" for k in saved if data_plan and saved[k] != data_plan.get(k)]
+    if changed:
+        raise ResumeError(f"{ckpt}: the run was started with another data plan ({'; '.join(changed)}): a resume must "
+                          "read the same rows in the same order (train.batch_size, grad_accum, seed, the training "
+                          "rows, the processes); resume with the run's own config, or start a new run")
     if sharded:
         accelerator.load_state(str(ckpt))
     else:
@@ -436,6 +460,10 @@ def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler
             raise ResumeError(f"{ckpt}: checkpoint does not match the model (unknown weights {sorted(missing)[:3]}): "
                               "resume with the run's own config, or start a new run")
         params = dict(unwrapped.named_parameters())
+        absent = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
+        if absent:
+            raise ResumeError(f"{ckpt}: checkpoint does not match the model (trainable weights it does not hold: "
+                              f"{absent[:3]}): resume with the run's own config, or start a new run")
         reshaped = [n for n, t in weights.items() if tuple(t.shape) != tuple(params[n].shape)]
         if reshaped:
             name = reshaped[0]

@@ -366,3 +366,61 @@ def test_generative_predictor_nulls_an_attribute_without_training_rows(tmp_path)
     assert old.untrained == ()
     assert old.record("x", answer) == {
         "id": "x", "category": "Games > Chess", "attributes": {"piece_count": 12, "material": ["wood"]}, "status": "ok"}
+
+
+def test_a_resume_under_another_data_plan_or_with_more_trainable_weights_is_refused(tmp_path, capsys):
+    """grad_accum or seed changed: the resumed steps read other rows, silently (the epoch went backwards, the
+    adapter came out otherwise); lora.vision=true adds trainable weights the checkpoint lacks: a traceback."""
+    catalog = write_catalog(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    args = ["--config", str(TINY), *_run_args(catalog, out, **{"train.max_steps": 4, "train.save_every": 2})]
+    assert main([*args, "train.resume=false", "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "train.grad_accum=1", "train.seed=7"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was started with another data plan (" in err and "seed: 0 then, 7 now" in err, err
+    assert "Traceback" not in err
+    assert main([*args, "lora.vision=true"]) == 2
+    err = capsys.readouterr().err
+    assert "trainable weights it does not hold" in err and "Traceback" not in err
+    # a metrics line left unfinished by a kill is dropped, not a traceback; and the run goes on to more steps
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
+    assert main(args) == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == sorted({r["step"] for r in records if "loss" in r})
+
+
+def test_the_rate_logged_is_the_one_the_step_took(tmp_path):
+    """get_last_lr() after the scheduler's step is the next step's rate: the last line always showed 0."""
+    catalog = write_catalog(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    assert main(["--config", str(TINY), *_run_args(catalog, out, **{
+        "train.resume": "false", "train.max_steps": 4, "train.log_every": 1, "train.warmup_ratio": 0,
+        "train.schedule": "linear", "train.lr": 0.002})]) == 0
+    rates = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert rates == pytest.approx([0.002, 0.0015, 0.001, 0.0005])
+
+
+def test_the_ctrl_c_handler_is_put_back_when_a_run_fails(tmp_path, monkeypatch, capsys):
+    import signal
+
+    real = generate.causal_lm_loss
+    monkeypatch.setattr(generate, "causal_lm_loss", lambda model, batch: (real(model, batch)[0] * float("nan"), 1))
+    before = signal.getsignal(signal.SIGINT)
+    catalog = write_catalog(tmp_path / "data", n=4)
+    assert main(["--config", str(TINY), *_run_args(catalog, tmp_path / "out", **{"train.resume": "false",
+                                                                                  "train.max_steps": 2})]) == 1
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_no_dev_loss_rows_means_no_dev_loss_not_a_zero(tmp_path):
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    assert main(["--config", str(TINY), *_run_args(catalog, out, **{
+        "train.resume": "false", "train.max_steps": 2, "data.dev": catalog, "eval.loss_rows": 0,
+        "eval.generate_rows": 2})]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval_loss" in r for r in records) and any("json_valid" in r for r in records)
+    card = (out / "README.md").read_text()
+    assert "eval_loss" not in card and "| json_valid |" in card

@@ -166,7 +166,9 @@ def _dev_loss(model: Any, collate: TrainCollator, rows: list[Listing], device: A
             batch = collate([(r, 0) for r in rows[start:start + 4]])
             loss_sum, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
             total, items = total + float(loss_sum), items + int(n)
-    return {"eval_loss": round(total / max(items, 1), 5)}
+    if not items:  # eval.loss_rows=0 (generation metrics only), or no supervised token: no loss, not a 0.0
+        return {}
+    return {"eval_loss": round(total / items, 5)}
 
 
 def generation_metrics(predictor: GenerativePredictor, rows: Sequence[Listing], policy: ImagePolicy) -> dict[str, float]:
