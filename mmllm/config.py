@@ -101,6 +101,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
+            if value is not None and not isinstance(value, (str, list, dict)):
+                value = _Raw(text.strip(), value)  # 0123, 2024.10, off: text as typed where a field is text
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {yaml_problem(exc)}") from None
         node = out
@@ -168,9 +170,20 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class _Raw:
+    """A command-line value YAML reads as a number, a boolean or a date, with the text as typed: a text field
+    takes the text (train.output_dir=0123 is '0123', not 83 read as octal; 2024.10 is not 2024.1)."""
+
+    text: str
+    parsed: Any
+
+
 def _coerce(kind: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
+    if isinstance(value, _Raw) and origin not in (typing.Union, types.UnionType, list, tuple):
+        value = value.text if kind in (str, Path) else value.parsed
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -190,7 +203,7 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
             return kind()
         return from_dict(kind, value, prefix=f"{key}.")
     if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, _Raw)) and not isinstance(value, bool):
             value = [value]  # `key=x` on the command line for a one-item list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"'{key}' must be a list, got {type(value).__name__}")

@@ -103,3 +103,13 @@ def test_a_schema_naming_an_attribute_twice_is_refused(tmp_path):
     path.write_text("name: s\ntaxonomy: [A]\nattributes:\n  pieces: {type: integer}\n  pieces: {type: boolean}\n")
     with pytest.raises(SchemaError, match="line 5 column 3: 'pieces' is given twice in one mapping"):
         LabelSchema.from_yaml(path)
+
+
+def test_a_text_field_takes_the_text_as_typed():
+    """Overrides are read as YAML: 0123 was 83 (octal), 2024.10 was 2024.1 and 12:30 was 750 in a text field."""
+    for text in ("0123", "2024.10", "12:30", "off"):
+        assert load_config(Run, None, [f"model={text}"]).model == text
+        assert load_config(Run, None, [f"out={text}"]).out == Path(text)
+    cfg = load_config(Run, None, ["lr=3e-4", "max_steps=12", "lora.targets=0123"])
+    assert cfg.lr == 3e-4 and cfg.max_steps == 12 and cfg.lora.targets == ["0123"]
+    assert load_config(Run, None, ["max_steps=null"]).max_steps is None
