@@ -440,7 +440,7 @@ def extract_json_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
     """Find the first JSON object in model text; return it or a reason it is not there."""
     if not isinstance(text, str) or not text.strip():
         return None, "empty answer"
-    start = text.find("{")
+    start = _object_start(text)
     if start < 0:
         return None, f"no JSON object in the answer: {text[:80]!r}"
     try:
@@ -452,13 +452,29 @@ def extract_json_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
     return obj, None
 
 
+def _object_start(text: str) -> int:
+    """Where the first JSON object of ``text`` starts: the first ``{`` a whole object decodes from (prose
+    such as "as {category, attributes}:" may come before it), else the first ``{`` (an answer cut short:
+    its error, and its values' spans up to the break, are read from there); -1 without a ``{``."""
+    first = text.find("{")
+    decoder, start = json.JSONDecoder(), first
+    while start >= 0:
+        try:
+            if isinstance(decoder.raw_decode(text, start)[0], dict):
+                return start
+        except json.JSONDecodeError:
+            pass
+        start = text.find("{", start + 1)
+    return first
+
+
 def answer_spans(text: str) -> dict[str, tuple[int, int]]:
     """Character spans of the values in an answer's first JSON object: ``category`` and each
     attribute's value (keyed by its name), as ``[start, end)`` into ``text``. Values found before
     the JSON breaks are kept; a generative model's value probabilities are read over these spans.
     Keys: ``category`` (and any other top-level value) and ``attributes.NAME``."""
     spans: dict[str, tuple[int, int]] = {}
-    start = text.find("{") if isinstance(text, str) else -1
+    start = _object_start(text) if isinstance(text, str) else -1
     if start >= 0:
         try:
             _object_spans(text, start, spans, "", nested="attributes")
@@ -498,16 +514,16 @@ def _object_spans(text: str, i: int, spans: dict[str, tuple[int, int]], prefix: 
 
 def _flatten_taxonomy(node: Any, prefix: str = "") -> list[str]:
     """Taxonomy as a list of paths, or nested mappings whose leaves are the categories."""
-    if node is None:
+    if node is None or (isinstance(node, (list, Mapping)) and not node and prefix):  # a leaf: null, {} or []
         return [prefix] if prefix else []
     if isinstance(node, str):
-        return [prefix + SEPARATOR + node if prefix else clean_path(node)]
+        return [clean_path(prefix + SEPARATOR + node if prefix else node)]
     if isinstance(node, list):
         return [p for item in node for p in _flatten_taxonomy(item, prefix)]
     if isinstance(node, Mapping):
         out = []
         for name, child in node.items():
-            path = f"{prefix}{SEPARATOR}{name}" if prefix else str(name)
+            path = clean_path(f"{prefix}{SEPARATOR}{name}" if prefix else str(name))
             out.extend(_flatten_taxonomy(child, path))
         return out
     raise SchemaError(f"taxonomy entries are paths or nested mappings, got {type(node).__name__}")
@@ -522,7 +538,8 @@ def _category_ids(data: Any) -> dict[str, str]:
 
 
 def clean_path(path: str) -> str:
-    return SEPARATOR.join(part.strip() for part in path.split(">") if part.strip())
+    """A path's parts with their spacing evened out: " Games >  Card  Games " is "Games > Card Games"."""
+    return SEPARATOR.join(" ".join(part.split()) for part in path.split(">") if part.strip())
 
 
 def category_key(path: str) -> str:

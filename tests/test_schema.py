@@ -201,3 +201,22 @@ def test_schema_round_trips_through_yaml(tmp_path, toys):
 def test_attribute_spec_rejects_values_on_scalars():
     with pytest.raises(SchemaError, match="only applies to enum and list"):
         AttributeSpec("x", "integer", values=("1",))
+
+
+def test_taxonomy_leaves_written_as_empty_sections_and_spacing_are_kept():
+    """'Cards: {}' and 'Go: []' were dropped silently, and a nested name kept its stray spaces (so the gold
+    'Games > Card Games' matched no category)."""
+    schema = LabelSchema.from_dict({"name": "t", "taxonomy": {"Games": {"Chess": None, "Cards": {}, "Go": []},
+                                                              "Kites": [" Big  Kite "]}, "attributes": {}})
+    assert schema.categories == ("Games > Chess", "Games > Cards", "Games > Go", "Kites > Big Kite")
+    assert schema.canonical_category("kites >  big kite") == "Kites > Big Kite"
+
+
+def test_the_first_json_object_is_found_after_prose_with_braces():
+    from mmllm.schema import answer_spans, extract_json_object
+
+    text = 'I will answer as {category, attributes}: {"category": "Games > Chess", "attributes": {}}'
+    assert extract_json_object(text) == ({"category": "Games > Chess", "attributes": {}}, None)
+    assert text[slice(*answer_spans(text)["category"])] == '"Games > Chess"'
+    obj, error = extract_json_object('{"category": "A", "attr')  # cut short: its own error, from its brace
+    assert obj is None and error.startswith("not valid JSON (Unterminated string")
