@@ -203,7 +203,7 @@ def write_card(out_dir: Path) -> None:
         f"Prompt template `{meta.get('template')}`, label schema `{SCHEMA_FILE}`, config `{CONFIG_FILE}`.",
         f"Trained {training['steps']} steps in {training['wall_s']} s ({launch}).", "",
         "| metric | value |", "|---|---|",
-        *(f"| {k} | {v} |" for k, v in last_eval.items() if k != "step"),
+        *(f"| {k} | {v} |" for k, v in last_eval.items() if k not in ("step", "final")),
         *(f"| final train loss | {train[-1]['loss']} |" for _ in train[-1:]), "",
         *([f"No training row stated {', '.join(untrained)}: the model answers null for "
            f"{'it' if len(untrained) == 1 else 'them'}.", ""] if untrained else []),

@@ -240,9 +240,9 @@ def train_loop(
     # steps would read other rows); more steps (train.max_steps, epochs) may be asked of a resumed run
     data_plan = {"rows": len(rows), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                  "processes": accelerator.num_processes}
-    start_step = 0
+    start_step, trained_s = 0, 0.0  # trained_s: the seconds spent on the steps before a resume
     if cfg.resume:
-        start_step = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded, data_plan)
+        start_step, trained_s = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded, data_plan)
         if accelerator.is_main_process:
             _truncate_metrics(metrics_path, start_step)
     stop = _StopFlag()
@@ -315,14 +315,14 @@ def train_loop(
                 model.train()
             interrupted = stop.requested and step < total_steps
             if (cfg.save_every and step % cfg.save_every == 0) or interrupted or (final_checkpoint and step == total_steps):
-                _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded, cfg.keep_checkpoints,
-                                 data_plan)
+                _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded,
+                                 cfg.keep_checkpoints, data_plan, trained_s + time.perf_counter() - started)
             if interrupted:
                 break
     finally:
         progress.close()
         stop.restore()
-    return LoopResult(step, interrupted, time.perf_counter() - started, last)
+    return LoopResult(step, interrupted, trained_s + time.perf_counter() - started, last)
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -356,7 +356,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+                and not record.get("final")):  # the final evaluation is done again after any resume
             keep.append(line)
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
@@ -407,7 +408,7 @@ class _StopFlag:
 
 # ---------------------------------------------------------------------- checkpoints
 def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
-                     sharded: bool, keep: int, data_plan: dict[str, Any] | None = None) -> None:
+                     sharded: bool, keep: int, data_plan: dict[str, Any] | None = None, trained_s: float = 0.0) -> None:
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
@@ -425,7 +426,7 @@ def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimi
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "processes": accelerator.num_processes,
-                                                    "plan": data_plan or {}}))
+                                                    "plan": data_plan or {}, "trained_s": round(trained_s, 3)}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint exists whole or not at all
@@ -440,7 +441,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, sharded: bool,
-             data_plan: dict[str, Any] | None = None) -> int:
+             data_plan: dict[str, Any] | None = None) -> tuple[int, float]:
+    """The latest checkpoint's weights, optimizer, schedule and RNG states; its step and training seconds."""
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         raise ResumeError(f"train.resume=true but {root} holds no finished checkpoint")
@@ -476,10 +478,11 @@ def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
     _load_rng_state(ckpt, accelerator.process_index)
-    step = json.loads((ckpt / "state.json").read_text())["step"]
+    state = json.loads((ckpt / "state.json").read_text())
+    step = state["step"]
     if accelerator.is_main_process:
         print(f"resumed from {ckpt} (step {step})", flush=True)
-    return step
+    return step, float(state.get("trained_s", 0.0))
 
 
 def _save_rng_state(folder: Path, rank: int) -> None:

@@ -188,16 +188,22 @@ def test_an_unfinished_folder_is_refused_and_resume_finishes_it(tmp_path, capsys
     catalog = write_catalog(tmp_path / "data", n=4)
     out = tmp_path / "out"
     args = ["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false", "train.max_steps": 3,
-                                                               "train.save_every": 0})]
+                                                               "train.save_every": 0, "data.dev": catalog,
+                                                               "eval.generate_rows": 2, "eval.loss_rows": 2})]
     assert main(args) == 0
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
     (out / "training_unfinished.txt").write_text("stopped\n")  # as a kill during calibration leaves it
     labels = tmp_path / "labels.jsonl"
     assert label([str(catalog), "--model", str(out), "--out", str(labels), "--quiet"]) == 2
     assert "training stopped before it finished writing this folder" in capsys.readouterr().err
+    wall = json.loads((out / "mmllm_model.json").read_text())["training"]["wall_s"]
     assert main([*args, "train.resume=true"]) == 0
     assert not (out / "training_unfinished.txt").exists()
     assert label([str(catalog), "--model", str(out), "--out", str(labels), "--quiet"]) == 0
+    # the final evaluation once (it was written twice), and the training time the steps took (it was 0.0)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(bool(r.get("final")) for r in records) == 1
+    assert json.loads((out / "mmllm_model.json").read_text())["training"]["wall_s"] == pytest.approx(wall, abs=0.02)
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(tmp_path, capsys, monkeypatch):

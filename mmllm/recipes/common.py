@@ -289,7 +289,7 @@ def record_final(accelerator: Any, out_dir: Path, summary: dict[str, Any], final
     say(accelerator, "final evaluation: " + ", ".join(f"{k}={v}" for k, v in final.items()))
     if accelerator.is_main_process:
         with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": summary["steps"], **final}) + "\n")
+            f.write(json.dumps({"step": summary["steps"], "final": True, **final}) + "\n")
 
 
 def say(accelerator: Any, text: str) -> None:
