@@ -81,12 +81,12 @@ class AugmentConfig:
             value = getattr(self, name)
             # `not 0 <= value <= 1` also rejects NaN, which would silently never fire.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"'{name}' must be a number in [0, 1], got {value!r}")
+                raise ValueError(f"augment.{name} must be a number in [0, 1], got {value!r}")
         scale = self.crop_min_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
-            raise ValueError(f"'crop_min_scale' must be in (0, 1] (0 would crop to nothing), got {scale!r}")
+            raise ValueError(f"augment.crop_min_scale must be in (0, 1] (0 would crop to nothing), got {scale!r}")
         if not isinstance(self.table_shuffle, bool):
-            raise ValueError(f"'table_shuffle' must be true or false, got {self.table_shuffle!r}")
+            raise ValueError(f"augment.table_shuffle must be true or false, got {self.table_shuffle!r}")
 
     @property
     def images_enabled(self) -> bool:

@@ -193,7 +193,7 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
                 return _coerce(option, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"'{key}': bad value {value!r}")
+        raise ConfigError("; or ".join(dict.fromkeys(errors)) if errors else f"'{key}': bad value {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"'{key}' must be one of {list(args)}, got {value!r}")

@@ -156,6 +156,7 @@ def test_bad_learning_rate_names_train_lr(tmp_path, earlier_run, capsys, monkeyp
     (TINY, "lora.target", "(", "lora.target is not a regular expression (missing ), unterminated subpattern at "
                                "position 0): '('"),
     (TINY, "train.seed", -1, "train.seed must be >= 0, got -1"),
+    (TINY, "augment.image_flip", 2, "augment.image_flip must be a number in [0, 1], got 2.0"),
     (FUSION, "model.max_images", -1, "model.max_images must be >= 0"),
     (FUSION, "fusion.hidden", 0, "fusion.hidden must be >= 1, got 0"),
     (FUSION, "fusion.modalities", "[text, audio]", "fusion.modalities must be a non-empty subset of "
