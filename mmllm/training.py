@@ -253,6 +253,7 @@ def train_loop(
         # its own generator: creating the iterator would otherwise draw from the global torch
         # RNG, and a resumed run (which creates it later) would then see other dropout masks
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_ignore_interrupts if cfg.num_workers else None,
     )
     batches = iter(loader)
     model.train()
@@ -381,6 +382,12 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """In a data-loader worker: a terminal's Ctrl-C reaches every process of the group, and the main process
+    alone saves the checkpoint and stops (each worker printed the stop message too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _StopFlag:
