@@ -492,7 +492,10 @@ class CatalogReader:
                                                                    f"bytes ({exc}); row skipped unparsed"),))
                     continue
                 self._done, self._reached = _position(fb), reader.line_num
-                line, start = start, reader.line_num + 1
+                # the record's first line: its last, less the line breaks inside its cells (blank lines before
+                # it, which the reader skips, are not part of it)
+                cells = [c for v in record.values() for c in (v if isinstance(v, list) else [v]) if isinstance(c, str)]
+                line, start = reader.line_num - sum(c.count("\n") for c in cells), reader.line_num + 1
                 if None in record:  # more cells than header columns
                     yield RowError(self.name, line, record.get("id") or None, (("row", f"{len(header) + len(record[None])} cells for {len(header)} header columns"),))
                     continue

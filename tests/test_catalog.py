@@ -354,3 +354,15 @@ def test_a_dataset_dict_names_its_splits(tmp_path):
     with pytest.raises(CatalogError, match=r"DatasetDict of splits \['test', 'train'\]: give one split's folder"):
         CatalogReader(tmp_path / "dd")
     assert [r.id for r in iter_catalog(tmp_path / "dd" / "train")] == ["g1"]
+
+
+def test_a_csv_row_is_named_by_its_own_first_line():
+    """A blank line before a row (which the reader skips) made its errors name the blank line."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "blank.csv"
+        path.write_text('id,title,description\nr1,Train,"two\nlines"\n\nr2,\n\n\nr3,Kite,ok\n')
+        rows = list(iter_catalog(path))
+        assert [(r.id, r.line) for r in rows] == [("r1", 2), ("r2", 5), ("r3", 8)]
