@@ -570,7 +570,7 @@ def _to_bool(value: Any, where: str) -> tuple[bool | None, FieldError | None]:
     return None, _wrong_type(where, "true or false", value)
 
 
-_NUMBER = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?$")
+_NUMBER = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?$", re.ASCII)  # 0-9 only: '٣' is not read as 3
 
 
 def _to_number(value: Any, where: str, *, integer: bool) -> tuple[int | float | None, FieldError | None]:

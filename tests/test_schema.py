@@ -220,3 +220,10 @@ def test_the_first_json_object_is_found_after_prose_with_braces():
     assert text[slice(*answer_spans(text)["category"])] == '"Games > Chess"'
     obj, error = extract_json_object('{"category": "A", "attr')  # cut short: its own error, from its brace
     assert obj is None and error.startswith("not valid JSON (Unterminated string")
+
+
+def test_digits_of_other_scripts_are_not_read_as_numbers(toys):
+    """The evidence parsers refuse them; the schema read '٣' (Arabic-Indic three) as 3."""
+    answer = {"category": toys.categories[0], "attributes": {"piece_count": "٣"}}
+    result = toys.validate(answer)
+    assert not result.ok and "piece_count" in result.reason()
