@@ -25,7 +25,7 @@ from mmllm.config import positive
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.output_paths import PathClash, check_writes
 from mmllm.progress import Progress
-from mmllm.schema import LabelSchema
+from mmllm.schema import LabelSchema, clean_path
 
 
 def check_images(listing: Listing, policy: ImagePolicy, unit: str = "line") -> RowError | None:
@@ -97,6 +97,7 @@ class CatalogStats:
     label_attributes: Counter = field(default_factory=Counter)
     errors_by_field: Counter = field(default_factory=Counter)
     outside_taxonomy: Counter = field(default_factory=Counter)  # gold categories the schema lacks (with --schema)
+    schema: Any = None  # with --schema: categories counted as the taxonomy spells them ("games>chess" is Games > Chess)
 
     def add(self, row: Listing | RowError) -> None:
         self.rows += 1
@@ -113,7 +114,9 @@ class CatalogStats:
             self.labelled += 1
             if row.label.get("category"):
                 self.with_category += 1
-                self.categories[row.label["category"]] += 1
+                category = row.label["category"]
+                self.categories[(self.schema.canonical_category(category) if self.schema is not None else None)
+                                or clean_path(category)] += 1
             if attributes_labelled(row.label):
                 self.label_attributes.update(row.label["attributes"].keys())
             else:
@@ -209,7 +212,7 @@ def run_validate(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             allow_remote=args.allow_remote,
         )
-    stats = CatalogStats(source=str(args.catalog))
+    stats = CatalogStats(source=str(args.catalog), schema=schema)
     errors_tmp = args.errors_out.with_name(args.errors_out.name + ".tmp") if args.errors_out else None
     try:
         errors_file = open(errors_tmp, "w", encoding="utf-8") if errors_tmp else None
@@ -254,7 +257,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_stats(args: argparse.Namespace) -> int:
     reader, schema = _open(args)
-    stats = CatalogStats(source=str(args.catalog))
+    stats = CatalogStats(source=str(args.catalog), schema=schema)
     with _progress(reader, args, "stats") as progress:
         for row in checked_rows(reader, schema=schema, progress=progress, outside=stats.outside_taxonomy):
             stats.add(row)

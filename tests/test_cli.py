@@ -109,6 +109,22 @@ def test_stats_count_category_only_labels_apart(tmp_path, capsys):
     assert "category only    1 (no attributes in the label" in capsys.readouterr().out
 
 
+def test_stats_count_a_category_however_it_is_spelled(tmp_path, capsys):
+    """Training reads 'games>chess' as Games > Chess; stats counted the two spellings as two categories."""
+    schema = tmp_path / "s.yaml"
+    schema.write_text("name: s\ntaxonomy: [Games > Chess, Outdoor > Kites]\nattributes: {}\n")
+    rows = [{"id": "a", "title": "chess", "label": {"category": "Games > Chess"}},
+            {"id": "b", "title": "chess", "label": {"category": "games>chess"}},
+            {"id": "c", "title": "kite", "label": {"category": "Outdoor >  Kites"}}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["catalog", "stats", str(path), "--schema", str(schema), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["categories"] == {"Games > Chess": 2, "Outdoor > Kites": 1}
+    assert main(["catalog", "stats", str(path), "--json", "--quiet"]) == 0  # without a schema: spacing evened out
+    assert json.loads(capsys.readouterr().out)["categories"] == {"Games > Chess": 1, "games > chess": 1,
+                                                                "Outdoor > Kites": 1}
+
+
 def test_stats_table_on_the_amazon_examples(capsys):
     assert main(["catalog", "stats", str(ROOT / "examples/amazon_uk_toys/train.jsonl"), "--quiet"]) == 0
     out = capsys.readouterr().out
