@@ -240,9 +240,10 @@ def train_loop(
     # steps would read other rows); more steps (train.max_steps, epochs) may be asked of a resumed run
     data_plan = {"rows": len(rows), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                  "processes": accelerator.num_processes}
-    start_step, trained_s = 0, 0.0  # trained_s: the seconds spent on the steps before a resume
+    start_step, trained_s, window = 0, 0.0, None  # trained_s: the seconds spent on the steps before a resume
     if cfg.resume:
-        start_step, trained_s = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded, data_plan)
+        start_step, trained_s, window = _restore(ckpt_root, accelerator, model, optimizer, scheduler, sharded,
+                                                 data_plan)
         if accelerator.is_main_process:
             _truncate_metrics(metrics_path, start_step)
     stop = _StopFlag()
@@ -259,7 +260,8 @@ def train_loop(
     model.train()
     progress = Progress("train", total_rows=total_steps - start_step, enabled=accelerator.is_main_process,
                         log_every_s=30, unit="steps")
-    window = {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+    # the steps since the last logged line (a resume restores them: its first line averages the same steps)
+    window = window or {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
     last: dict[str, Any] = {}
     step = start_step
     started = time.perf_counter()
@@ -317,7 +319,7 @@ def train_loop(
             interrupted = stop.requested and step < total_steps
             if (cfg.save_every and step % cfg.save_every == 0) or interrupted or (final_checkpoint and step == total_steps):
                 _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded,
-                                 cfg.keep_checkpoints, data_plan, trained_s + time.perf_counter() - started)
+                                 cfg.keep_checkpoints, data_plan, trained_s + time.perf_counter() - started, window)
             if interrupted:
                 break
     finally:
@@ -415,7 +417,8 @@ class _StopFlag:
 
 # ---------------------------------------------------------------------- checkpoints
 def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
-                     sharded: bool, keep: int, data_plan: dict[str, Any] | None = None, trained_s: float = 0.0) -> None:
+                     sharded: bool, keep: int, data_plan: dict[str, Any] | None = None, trained_s: float = 0.0,
+                     window: dict[str, Any] | None = None) -> None:
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
@@ -433,7 +436,8 @@ def _save_checkpoint(root: Path, step: int, accelerator: Any, model: Any, optimi
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "processes": accelerator.num_processes,
-                                                    "plan": data_plan or {}, "trained_s": round(trained_s, 3)}))
+                                                    "plan": data_plan or {}, "trained_s": round(trained_s, 3),
+                                                    "log_window": window or {}}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint exists whole or not at all
@@ -448,8 +452,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, sharded: bool,
-             data_plan: dict[str, Any] | None = None) -> tuple[int, float]:
-    """The latest checkpoint's weights, optimizer, schedule and RNG states; its step and training seconds."""
+             data_plan: dict[str, Any] | None = None) -> tuple[int, float, dict[str, Any] | None]:
+    """The latest checkpoint's weights, optimizer, schedule and RNG states; its step, training seconds and
+    the steps since its last logged line."""
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         raise ResumeError(f"train.resume=true but {root} holds no finished checkpoint")
@@ -489,7 +494,7 @@ def _restore(root: Path, accelerator: Any, model: Any, optimizer: Any, scheduler
     step = state["step"]
     if accelerator.is_main_process:
         print(f"resumed from {ckpt} (step {step})", flush=True)
-    return step, float(state.get("trained_s", 0.0))
+    return step, float(state.get("trained_s", 0.0)), state.get("log_window") or None
 
 
 def _save_rng_state(folder: Path, rank: int) -> None:

@@ -178,6 +178,11 @@ def test_resume_after_kill_or_ctrl_c_gives_the_same_weights(tmp_path):
             assert torch.equal(resumed[name], reference[name]), (how.name, name)
         steps = [json.loads(line)["step"] for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)) and steps[-1] == 60  # resumed metrics: no duplicates
+        # the logged losses too: the steps since the last line before the stop count in the first line after it
+        losses = [(r["step"], r["loss"]) for r in map(json.loads, (run / "out" / "metrics.jsonl").read_text()
+                                                      .splitlines()) if "loss" in r]
+        assert losses == [(r["step"], r["loss"]) for r in map(json.loads, (straight / "out" / "metrics.jsonl")
+                                                               .read_text().splitlines()) if "loss" in r]
 
 
 @pytest.mark.slow
