@@ -18,7 +18,8 @@ A review queue: ``--review-below T`` flags every record whose category confidenc
 that has none, or is invalid) with ``review: true`` and its ``review_reason``;
 ``--review-target-accuracy A`` takes T from the model folder's ``calibration.json``: the lowest
 threshold whose kept dev rows reached accuracy A. At the end of the run the flagged records are
-written, least confident first, to ``--review-out`` (default ``OUT.review.jsonl``), the queue the
+written, least confident first, to ``--review-out`` (default: ``--out`` with ``.jsonl`` replaced by
+``.review.jsonl``), the queue the
 demo's review tab steps through (:mod:`mmllm.labelling.review`).
 
 ``--class-prior``: a classifier or fusion model answers under its training rows' category shares;
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 predictor = load_predictor(**model_args)
             except (OptionError, SchemaError, FileNotFoundError, ValueError) as exc:  # the model or an option: nothing labelled
+                output.abandon()  # and nothing left behind: the files this run created go
                 return _fail(str(exc))
             summary = run_local(predictor, dumps, output, opts)
     except ReplicaError as exc:
@@ -291,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="flag records with category confidence below T for review (review: true)")
     review.add_argument("--review-target-accuracy", type=_probability, metavar="A",
                         help="flag for review what the model folder's dev calibration says keeps the rest at accuracy A")
-    p.add_argument("--review-out", type=Path, help="the review queue (default: OUT.review.jsonl)")
+    p.add_argument("--review-out", type=Path, help="the review queue (default: --out with .jsonl replaced by .review.jsonl)")
     return p
 
 

@@ -491,3 +491,18 @@ def test_kill_9_at_random_points_five_times_then_resume_gives_one_line_per_id(tm
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(r["id"] for r in read(out)) == sorted(f"r{i}" for i in range(150))
     assert dump.read_bytes() == before and errors.read_bytes() == b""
+
+
+def test_a_run_refused_by_its_model_or_options_leaves_no_files(tmp_path, model, capsys):
+    """The output is opened (and checked) before the model loads; a refusal there left an empty --out, its lock
+    and its manifest behind, though exit 2 says nothing was done."""
+    dump = write_dump(tmp_path / "d", 3)
+    out, errors = tmp_path / "o" / "labels.jsonl", tmp_path / "o" / "errors.jsonl"
+    assert label(dump, out, model, "--errors", str(errors), "--class-prior", "uniform") == 2  # a generative model
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists() and not errors.exists() and sorted(p.name for p in out.parent.iterdir()) == []
+    # a resumed job keeps what it had: only the files this run created go
+    assert label(dump, out, model) == 0
+    before = out.read_bytes()
+    assert label(dump, out, model, "--resume", "--class-prior", "uniform") == 2
+    assert out.read_bytes() == before and out.with_name(out.name + ".job.json").exists()

@@ -216,6 +216,8 @@ class Output:
                   **(extra_writes or {})}  # files the caller writes itself (the review queue): checked the same way
         self._missing_errors: list[dict[str, Any]] = []
         check_paths(inputs, writes)
+        # the files this job brings into being: a job refused before its first row takes them away (abandon)
+        self._created = [f for f in (self.path, self.errors_path, *sidecars.values()) if f is not None and not f.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if sidecars:  # locked before looking at --out: a run that ends meanwhile cannot slip past the check
@@ -316,6 +318,14 @@ class Output:
         self.written += 1
         if self._err_fd is not None and record["status"] != "ok":
             _append(self._err_fd, line, self.errors_path)
+
+    def abandon(self) -> None:
+        """Close, and remove the files this job created, when it wrote no record: a job refused after the
+        output was opened (the model cannot be loaded, an option does not fit it) leaves nothing behind."""
+        created = self._created if self.written == 0 else []
+        self.close()
+        for path in created:
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         for name in ("_out_fd", "_err_fd", "_lock_fd"):  # the lock last: it guards the other two
