@@ -273,9 +273,10 @@ def _run_index(args: argparse.Namespace) -> int:
     written = (INDEX_FILE, IDS_FILE, INDEX_META_FILE, SCHEMA_FILE, TEMPLATE_FILE)
     inputs = [args.catalog, Path(args.model), *(Path(p) for p in (args.schema, args.template) if p)]
     check_folder(inputs, "--out", args.out, written)  # the model folder, the schema: never written over
-    if (args.out / INDEX_META_FILE).exists() and not args.overwrite:
+    ours = _index_meta(args.out / INDEX_META_FILE)  # a meta.json an index wrote, not a user's file of that name
+    if ours and not args.overwrite:
         raise FileExistsError(f"{args.out} already holds an index; pass --overwrite to replace it")
-    theirs = [name for name in written if not (args.out / INDEX_META_FILE).exists() and (args.out / name).exists()]
+    theirs = [name for name in written if not ours and (args.out / name).exists()]
     if theirs:  # not an index this command wrote: those files are the user's
         raise FileExistsError(f"{args.out} holds {', '.join(theirs)}, which the index would write over; "
                               "choose a new or empty folder")
@@ -409,6 +410,15 @@ def _record(listing: Listing) -> dict[str, Any]:
     if listing.label and listing.label.get("category"):
         record["category"] = listing.label["category"]
     return record
+
+
+def _index_meta(path: Path) -> bool:
+    """Whether ``path`` is the meta file of an index this command wrote (its format, model and pooling)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == 1 and {"model", "pooling"} <= set(meta)
 
 
 def check_index_model(index: SearchIndex, model: str) -> bool:

@@ -294,6 +294,14 @@ def test_an_index_folder_never_writes_over_the_schema_or_a_users_files(tmp_path,
                   catalog.parent / "schema.yaml", "--out", mine, "--quiet") == 2
     assert "holds ids.jsonl, which the index would write over" in capsys.readouterr().err
     assert (mine / "ids.jsonl").read_text() == "my ids\n"
+    # a user's own meta.json is not an index's: refused, even with --overwrite (it was replaced)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "meta.json").write_text("{}")
+    assert search("index", "--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--schema",
+                  catalog.parent / "schema.yaml", "--out", theirs, "--overwrite", "--quiet") == 2
+    assert "holds meta.json, which the index would write over" in capsys.readouterr().err
+    assert (theirs / "meta.json").read_text() == "{}"
 
 
 def test_a_damaged_index_is_named_by_its_file_and_the_image_root_is_kept(index_dir, catalog, tmp_path, capsys):
