@@ -153,8 +153,8 @@ def _number(lo: float | None, hi: float | None) -> str:
     fraction moves a value away from zero, so it goes up from 0 .. hi - 1 and down from -1 .. lo + 1 (and
     "-0.5" needs lo <= -1): "-10.5" is below a minimum of -10."""
     lo_i, hi_i = _bounds(lo, hi)
-    if lo_i > hi_i:
-        return _integer(lo_i, hi_i) if lo_i == hi_i else '"null"'
+    if lo_i > hi_i:  # no whole number in [lo, hi] (0.2 to 0.8): null, the only answer written out
+        return '"null"'
     parts = _range_patterns(max(lo_i, 0), hi_i - 1) if hi_i - 1 >= max(lo_i, 0) else []
     if max(1, -hi_i) <= -lo_i - 1:
         parts += ['"-" ' + p for p in _range_patterns(max(1, -hi_i), -lo_i - 1)]

@@ -57,7 +57,7 @@ from mmllm.config import at_least
 from mmllm.confidence import Curve, operating_point, risk_coverage
 from mmllm.evidence import candidates, values_match
 from mmllm.output_paths import PathClash, check_folder
-from mmllm.schema import SEPARATOR, LabelSchema
+from mmllm.schema import SEPARATOR, LabelSchema, clean_path
 
 REPORT_FILES = ("report.md", "metrics.json", "confusion_matrix.png", "per_class_f1.png", "attribute_situations.png",
                 "calibration.png", "risk_coverage.png", "training_curves.png")  # what --report's folder gets
@@ -742,9 +742,9 @@ def _short(category: str, width: int = 45) -> str:
 
 
 def _path(category: Any) -> Any:
-    """A category path as written, its spacing around " > " evened out (as the per-level and hierarchical
-    scores split it): "Hobbies>Trains" is "Hobbies > Trains" for the exact match too."""
-    return SEPARATOR.join(part.strip() for part in category.split(">")) if isinstance(category, str) else category
+    """A category path as written, its spacing evened out as the schema evens it (:func:`mmllm.schema.clean_path`;
+    the per-level and hierarchical scores split it so too): "Hobbies>Trains" is "Hobbies > Trains"."""
+    return clean_path(category) if isinstance(category, str) else category
 
 
 def _ancestors(path: str) -> set[str]:

@@ -261,7 +261,7 @@ def train_loop(
     progress = Progress("train", total_rows=total_steps - start_step, enabled=accelerator.is_main_process,
                         log_every_s=30, unit="steps")
     # the steps since the last logged line (a resume restores them: its first line averages the same steps)
-    window = window or {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+    window = window or _empty_window()
     last: dict[str, Any] = {}
     step = start_step
     started = time.perf_counter()
@@ -311,7 +311,7 @@ def train_loop(
                     "step_s": round(window["time"] / window["steps"], 4),
                     "peak_mem_mb": _peak_memory_mb(),
                 }
-                window = {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+                window = _empty_window()
                 _log(accelerator, metrics_path, last, progress)
             if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
                 _log(accelerator, metrics_path, {"step": step, **evaluate(accelerator.unwrap_model(model), step)}, progress)
@@ -384,6 +384,11 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _empty_window() -> dict[str, Any]:
+    """What the loop adds up between two logged lines."""
+    return {"loss_sum": 0.0, "items": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
 
 
 def _ignore_interrupts(worker_id: int) -> None:
