@@ -33,6 +33,11 @@ FORMAT = "mmllm-calibration/1"
 MIN_ROWS = 8  # fewer dev rows (or one class only): the identity map, said so in the file
 EPS = 1e-6  # probabilities are clipped to [EPS, 1 - EPS] before a logit
 PATH_EPS = 1e-12  # ... except a Platt map's: an answer path's probability is often far below 1e-6
+# What a generative answer's raw score is, written beside a Platt map fitted on it. A map fitted on
+# another definition (a file without the key: before 2026-12-05 a value's probability left out the
+# step that ended it) reads today's scores wrongly; it is kept, said to be stale, and no threshold is
+# taken from its dev curve.
+SCORE = "answer-tokens-with-end/1"
 
 
 # ---------------------------------------------------------------------- calibration maps
@@ -228,6 +233,12 @@ class Calibration:
     category: Platt = field(default_factory=Platt)
     attributes: Platt = field(default_factory=Platt)
     curve: Curve | None = None
+    score: str = SCORE  # the raw score the Platt maps were fitted on (see SCORE)
+
+    @property
+    def stale(self) -> bool:
+        """A Platt map fitted on another definition of the generative score than today's."""
+        return self.method == "platt" and self.score != SCORE
 
     def apply(self, record: dict[str, Any]) -> dict[str, Any]:
         """``record`` with its ``confidence`` and ``attribute_confidence`` mapped by the Platt maps."""
@@ -239,7 +250,13 @@ class Calibration:
         return out
 
     def threshold_for(self, target: float) -> OperatingPoint | None:
-        """The dev operating point for a target accuracy (``None``: no dev curve, or never reached)."""
+        """The dev operating point for a target accuracy (``None``: no dev curve, or never reached).
+        A stale calibration (:attr:`stale`) has none to give: its curve's thresholds are in the scale
+        of the old score."""
+        if self.stale:
+            raise ValueError(f"the {CALIBRATION_FILE} was fitted on an older answer score ({self.score!r}, today "
+                             f"{SCORE!r}): its dev thresholds do not apply to today's confidences; retrain the model "
+                             "folder (with data.dev) to refit it, or give --review-below T")
         return operating_point(self.curve, target) if self.curve is not None else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,7 +265,8 @@ class Calibration:
             curve = {"rows": self.curve.rows,
                      "points": [[_finite(t), c, a, k] for t, c, a, k in
                                 zip(self.curve.thresholds, self.curve.coverage, self.curve.accuracy, self.curve.kept)]}
-        return {"format": FORMAT, "method": self.method, "category": self.category.to_dict(),
+        score = {"score": self.score} if self.method == "platt" else {}
+        return {"format": FORMAT, "method": self.method, **score, "category": self.category.to_dict(),
                 "attributes": self.attributes.to_dict(), "dev_curve": curve}
 
     def save(self, folder: str | Path) -> Path:
@@ -282,8 +300,11 @@ class Calibration:
                 curve = Curve([-math.inf if p[0] is None else _finite_number(p[0]) for p in points],
                               [_finite_number(p[1]) for p in points], [_finite_number(p[2]) for p in points],
                               [int(p[3]) for p in points], int(data["dev_curve"]["rows"]))
+            score = data.get("score", "answer-tokens/0")  # no key: fitted before SCORE was written down
+            if not isinstance(score, str):
+                raise ValueError(f"score: expected a string, got {type(score).__name__}")
             return cls(str(data["method"]), Platt.from_dict(data.get("category")),
-                       Platt.from_dict(data.get("attributes")), curve)
+                       Platt.from_dict(data.get("attributes")), curve, score)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ValueError(f"{path}: not a readable calibration file ({exc}); refit the model or delete the file") from exc
 

@@ -297,8 +297,13 @@ def _load_model(folder: Path, device: str, trust_remote_code: bool, resolve: Cal
     if meta["kind"] == "classifier":
         return ClassifierPredictor(model, processor, schema, template, cfg.max_images, top_k=model.top_k,
                                    untrained=untrained)
+    calibration = Calibration.load(folder)
+    if calibration is not None and calibration.stale:
+        log.warning("%s: fitted on an older answer score (a value's probability then left out the step that ended "
+                    "it); today's confidences map lower than calibrated, so the review queue is conservative; "
+                    "retrain the folder with data.dev to refit it", folder / CALIBRATION_FILE)
     return GenerativePredictor(model=model, processor=processor, schema=schema, template=template,
-                               max_images=cfg.max_images, untrained=untrained, calibration=Calibration.load(folder))
+                               max_images=cfg.max_images, untrained=untrained, calibration=calibration)
 
 
 def merge(folder: str | Path, out: str | Path, *, resolve: Callable[[str], str] = _as_is) -> Path:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from mmllm.confidence import CALIBRATION_FILE, FORMAT, Calibration, Platt, operating_point, risk_coverage, wilson
+from mmllm.confidence import CALIBRATION_FILE, FORMAT, Calibration, SCORE, Platt, operating_point, risk_coverage, wilson
 from mmllm.schema import answer_spans
 
 
@@ -104,6 +104,23 @@ def test_calibration_file_round_trips_and_names_a_broken_file(tmp_path):
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match=f"{CALIBRATION_FILE}: not a readable calibration file"):
         Calibration.load(tmp_path)
+
+
+def test_a_platt_map_fitted_on_an_older_score_is_stale_and_gives_no_threshold(tmp_path):
+    curve = risk_coverage([0.9, 0.7, 0.4], [True, True, False])
+    Calibration("platt", Platt(1.5, -0.2, 40), Platt(), curve).save(tmp_path)
+    data = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    assert data["score"] == SCORE
+    del data["score"]  # a folder calibrated before the score's definition was written down
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(data))
+    old = Calibration.load(tmp_path)
+    assert old.stale and old.category == Platt(1.5, -0.2, 40)  # still applied: lower, so conservative
+    with pytest.raises(ValueError, match="older answer score.*--review-below"):
+        old.threshold_for(0.9)
+    heads = Calibration("temperature", curve=curve)  # the heads' temperature is in their weights: no score
+    heads.save(tmp_path)
+    assert "score" not in json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    assert not Calibration.load(tmp_path).stale and Calibration.load(tmp_path).threshold_for(1.0).threshold == 0.7
 
 
 def test_answer_spans_point_at_each_value():
