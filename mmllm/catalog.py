@@ -269,6 +269,8 @@ def _check_label(value: Any, bad) -> dict[str, Any] | None:
     if category is not None and (not isinstance(category, str) or not category.strip()):
         bad("label.category", f"expected a non-empty taxonomy path string, got {_kind(category)}")
     attrs = value.get("attributes")
+    if attrs is None and category is None:  # `{}`: says nothing, an unlabelled row (not a category-only one)
+        return None
     if attrs is None:  # a category-only label: its attributes are unknown, not "not stated"
         return {"category": category, "attributes": None}
     if not isinstance(attrs, Mapping):

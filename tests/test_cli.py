@@ -98,7 +98,9 @@ def test_stats_counts(catalog, capsys):
 def test_stats_count_category_only_labels_apart(tmp_path, capsys):
     rows = [{"id": "a", "title": "chess", "label": {"category": "Games > Chess", "attributes": {"piece_count": 32}}},
             {"id": "b", "title": "draughts", "label": {"category": "Games > Chequers", "attributes": {}}},
-            {"id": "c", "title": "go", "label": {"category": "Games > Chess"}}]
+            {"id": "c", "title": "go", "label": {"category": "Games > Chess"}},
+            {"id": "d", "title": "ludo", "label": {}},  # says nothing: an unlabelled row
+            {"id": "e", "title": "snap", "label": {"category": None, "attributes": None}}]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["catalog", "stats", str(path), "--json", "--quiet"]) == 0
