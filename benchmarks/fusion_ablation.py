@@ -50,7 +50,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     from mmllm.catalog import iter_catalog
-    from mmllm.evaluate import attribute_metrics, category_metrics
+    from mmllm.metrics import attribute_metrics, category_metrics
     from mmllm.grounding import Grounder
     from mmllm.finetune import finetune, load_recipe_config
     from mmllm.images import ImagePolicy

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from mmllm import model_dir  # noqa: E402
 from mmllm.catalog import Listing, iter_catalog  # noqa: E402
-from mmllm.evaluate import attribute_metrics  # noqa: E402
+from mmllm.metrics import attribute_metrics  # noqa: E402
 from mmllm.evidence import values_match, table_candidates, table_key  # noqa: E402
 from mmllm.grounding import Grounder, GroundingConfig, fit_grounder  # noqa: E402
 from mmllm.images import ImagePolicy  # noqa: E402

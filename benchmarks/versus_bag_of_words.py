@@ -109,7 +109,7 @@ def same(answer: Any, gold: Any, name: str) -> bool:
 
 
 def scores(gold: list[Any], pred: list[Any], name: str) -> dict[str, float]:
-    from mmllm.evaluate import category_metrics
+    from mmllm.metrics import category_metrics
 
     pairs = [(g, p) for g, p in zip(gold, pred) if g is not None]
     if name == "category":
@@ -150,7 +150,7 @@ def published_scores(gold: list[dict | None], answered: list[dict], names: list[
     gold is null is invented), per attribute in ``names``."""
     if not names:
         return {}
-    from mmllm.evaluate import attribute_metrics
+    from mmllm.metrics import attribute_metrics
 
     metrics = attribute_metrics(gold, answered, names, 0.0)
     return {n: {k: round(v[k], 4) for k in ("precision", "recall", "f1")} for n, v in metrics["per_attribute"].items()}

@@ -6,17 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmllm.evaluate import (
-    align,
-    attribute_metrics,
-    bootstrap,
-    category_metrics,
-    evaluate_rows,
-    hierarchical_prf,
-    main,
-    top_k_accuracy,
-    values_match,
-)
+from mmllm.evaluate import align, main
+from mmllm.evidence import values_match
+from mmllm.metrics import attribute_metrics, bootstrap, category_metrics, evaluate_rows, hierarchical_prf, top_k_accuracy
 
 GOLD = [("r1", "A > B", {"piece_count": 10}), ("r2", "A > C", {"piece_count": 5}),
         ("r3", "D > E", {}), ("r4", "D > E", {"piece_count": 7})]

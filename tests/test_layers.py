@@ -12,13 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmllm"
 # Bottom to top. A module's layer is the first pattern it matches; every module must match one.
 LAYERS = [
     ("foundation", ["mmllm", "mmllm.config", "mmllm.progress", "mmllm.host_memory", "mmllm.openmp", "mmllm.catalog", "mmllm.images", "mmllm.evidence",
-                    "mmllm.bag_of_words", "mmllm.applicability",
+                    "mmllm.bag_of_words", "mmllm.applicability", "mmllm.metrics",
                     "mmllm.schema", "mmllm.schema_infer", "mmllm.taxonomies", "mmllm.output_paths", "mmllm.confidence", "mmllm.class_prior", "mmllm.tiny"]),
     ("model inputs", ["mmllm.prompts", "mmllm.augment", "mmllm.constrained", "mmllm.collator"]),
     ("contracts", ["mmllm.predictor", "mmllm.training", "mmllm.grounding"]),
     ("models", ["mmllm.models", "mmllm.models.*"]),
     ("model folders", ["mmllm.model_dir"]),
-    ("jobs", ["mmllm.labelling", "mmllm.labelling.*", "mmllm.evaluate", "mmllm.search", "mmllm.validate",
+    ("jobs", ["mmllm.labelling", "mmllm.labelling.*", "mmllm.evaluate", "mmllm.report", "mmllm.search", "mmllm.validate",
               "mmllm.finetune", "mmllm.recipes", "mmllm.recipes.*"]),
     ("entry points", ["mmllm.label", "mmllm.cli", "mmllm.__main__", "mmllm.demo", "mmllm.review_tab", "mmllm.record_view"]),
 ]

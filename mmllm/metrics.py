@@ -1,0 +1,328 @@
+"""The numbers ``mmllm evaluate`` reports, over gold and predictions aligned by id (:class:`Rows`).
+
+Category: accuracy, macro-F1, weighted-F1, accuracy per taxonomy level, hierarchical F1 (credit
+for the shared prefix of the ``" > "`` path: precision / recall over the path's ancestor sets,
+Kiritchenko et al. 2006), top-k accuracy when predictions carry ranked ``top_k`` categories.
+The hierarchical F1 is the one MLPerf Inference's product-catalogue task reports: per row the
+longest common prefix of the two paths (= the shared ancestors), summed over rows, over the summed
+predicted path lengths (precision) and gold path lengths (recall); an unparsable answer predicts
+nothing and scores 0 (``tests/test_evaluate.py`` checks it by hand), so a figure sits beside theirs.
+Attributes: per attribute precision, recall and F1 (numbers match within a tolerance), coverage
+(the model states a value where the gold has one) and invention (it states one where the gold has
+none); by situation (the listing states the gold value, the gold knows it but the listing does not
+say it, the gold is null) and by the evidence source each record gives. Selective prediction: the
+risk-coverage curve of the category (:mod:`mmllm.confidence`) and the accuracy at
+:data:`COVERAGES`. :func:`bootstrap`: seeded percentile intervals for the headline numbers, paired
+when two prediction files are compared.
+
+Plain functions of plain lists, no model and no files: the benchmarks score their own runs with them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmllm.confidence import Curve, operating_point, risk_coverage
+from mmllm.evidence import values_match
+from mmllm.schema import SEPARATOR
+
+
+HEADLINE = ("category_accuracy", "category_macro_f1", "hierarchical_f1", "attribute_micro_f1", "json_valid_rate")
+SITUATIONS = ("extraction", "completion", "unknown")  # stated in the listing / known but not stated / gold null
+SOURCES = ("table", "title", "description", "context", "model", "unknown")  # where a record says a predicted value came from
+
+
+@dataclass
+class Rows:
+    """Gold and predictions aligned by id; a missing or failed prediction predicts nothing."""
+
+    ids: list[str]
+    titles: list[str]
+    gold_category: list[str | None]
+    pred_category: list[str | None]
+    gold_attributes: list[dict[str, Any] | None]  # None: labelled for the category only (attributes unknown)
+    pred_attributes: list[dict[str, Any]]
+    status: list[str]  # ok / invalid / error / missing
+    top_k: list[list[str]]
+    confidence: list[float | None]
+    extra_predictions: int = 0
+    unlabelled: int = 0  # gold rows without a label: nothing to score their predictions against
+    warnings: list[str] = field(default_factory=list)  # bad input lines, "file line N (id 'x'): field: problem"
+    stated: list[dict[str, tuple[Any, ...]]] = field(default_factory=list)  # attribute -> the values the gold listing
+                                                                          # states; [] without evidence
+    sources: list[dict[str, str]] = field(default_factory=list)  # predicted attribute -> its evidence source
+
+
+def category_metrics(gold: Sequence[str | None], pred: Sequence[str | None]) -> dict[str, Any]:
+    pairs = [(g, p) for g, p in zip(gold, pred) if g is not None]
+    correct = [g == p for g, p in pairs]
+    classes = sorted({g for g, _ in pairs} | {p for _, p in pairs if p is not None})
+    tps = Counter(g for g, p in pairs if g == p)
+    fps = Counter(p for g, p in pairs if p is not None and g != p)
+    fns = Counter(g for g, p in pairs if g != p)
+    per_class = {}
+    for c in classes:  # counted once above: the bootstrap calls this a thousand times
+        tp, fp, fn = tps[c], fps[c], fns[c]
+        per_class[c] = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _f1(tp, fp, fn),
+                        "support": tp + fn}
+    support = sum(v["support"] for v in per_class.values())
+    levels = max((len(g.split(SEPARATOR)) for g, _ in pairs), default=0)  # 0 when no gold row has a category
+    per_level = {}
+    for level in range(1, levels + 1):
+        at = [(g, p) for g, p in pairs if len(g.split(SEPARATOR)) >= level]
+        per_level[level] = _ratio(sum(_prefix(g, level) == _prefix(p, level) for g, p in at if p), len(at))
+    return {
+        "accuracy": _ratio(sum(correct), len(pairs)),
+        "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])) if per_class else 0.0,
+        "weighted_f1": sum(v["f1"] * v["support"] for v in per_class.values()) / support if support else 0.0,
+        "per_level_accuracy": per_level,
+        "hierarchical": hierarchical_prf(gold, pred),
+        "per_class": per_class,
+    }
+
+
+def hierarchical_prf(gold: Sequence[str | None], pred: Sequence[str | None]) -> dict[str, float]:
+    """Precision / recall / F1 over ancestor sets: "A > B" vs "A > C" shares {"A"} (1 of 2). Micro-summed over
+    rows, which is MLPerf's product-catalogue hierarchical F1 (longest common prefix / path lengths)."""
+    shared = predicted = relevant = 0
+    for g, p in zip(gold, pred):
+        if g is None:
+            continue
+        g_set, p_set = _ancestors(g), _ancestors(p) if p else set()
+        shared += len(g_set & p_set)
+        predicted += len(p_set)
+        relevant += len(g_set)
+    precision, recall = _ratio(shared, predicted), _ratio(shared, relevant)
+    return {"precision": precision, "recall": recall, "f1": _harmonic(precision, recall)}
+
+
+def top_k_accuracy(gold: Sequence[str | None], ranked: Sequence[list[str]], k: int) -> float | None:
+    rows = [(g, r) for g, r in zip(gold, ranked) if g is not None]
+    if not any(r for _, r in rows):
+        return None
+    return _ratio(sum(g in r[:k] for g, r in rows), len(rows))
+
+
+def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    total = Counter()
+    for name in names:
+        c = Counter()
+        for g_attrs, p_attrs in zip(gold, pred):
+            if g_attrs is None:
+                continue  # attributes unknown: neither right nor wrong
+            g, p = g_attrs.get(name), p_attrs.get(name)
+            if g is not None and p is not None and values_match(p, g, tolerance):
+                c["tp"] += 1
+            else:
+                c["fp"] += p is not None
+                c["fn"] += g is not None
+            c["gold"] += g is not None
+            c["stated"] += g is not None and p is not None
+            c["gold_absent"] += g is None
+            c["invented"] += g is None and p is not None
+        total.update(c)
+        out[name] = {"precision": _ratio(c["tp"], c["tp"] + c["fp"]), "recall": _ratio(c["tp"], c["tp"] + c["fn"]),
+                     "f1": _f1(c["tp"], c["fp"], c["fn"]), "coverage": _ratio(c["stated"], c["gold"]),
+                     "invented": _ratio(c["invented"], c["gold_absent"]), "gold_values": c["gold"]}
+    return {"per_attribute": out, "micro_f1": _f1(total["tp"], total["fp"], total["fn"]),
+            "scored": total["tp"] + total["fp"] + total["fn"],  # 0: no gold value and no answer (the F1 means nothing)
+            "micro_precision": _ratio(total["tp"], total["tp"] + total["fp"]),
+            "micro_recall": _ratio(total["tp"], total["tp"] + total["fn"])}
+
+
+def situation_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    """Per attribute and situation (extraction / completion / unknown), and their micro totals. A row is an
+    extraction where the listing states the gold value; a listing that states only another value (its
+    table says 2.5 years where the gold says 6) does not state the gold's: a completion."""
+    counts = {name: {s: Counter() for s in SITUATIONS} for name in names}
+    for g_attrs, p_attrs, stated in zip(rows.gold_attributes, rows.pred_attributes, rows.stated):
+        if g_attrs is None:
+            continue
+        for name in names:
+            g, p = g_attrs.get(name), p_attrs.get(name)
+            says = g is not None and any(values_match(v, g, tolerance) for v in stated.get(name, ()))
+            c = counts[name]["unknown" if g is None else "extraction" if says else "completion"]
+            c["rows"] += 1
+            c["answered"] += p is not None
+            c["correct"] += g is not None and p is not None and values_match(p, g, tolerance)
+            c["abstained"] += g is None and p is None
+    total = {s: sum((counts[name][s] for name in names), Counter()) for s in SITUATIONS}
+    return {"per_attribute": {name: {s: _situation_scores(s, c) for s, c in by.items()} for name, by in counts.items()},
+            "total": {s: _situation_scores(s, c) for s, c in total.items()}}
+
+
+def _situation_scores(situation: str, c: Counter) -> dict[str, Any]:
+    """Rates are None where nothing divides them: no rows, no answers, no gold values (``unknown``)."""
+    precision = _share(c["correct"], c["answered"])
+    recall = _share(c["correct"], 0 if situation == "unknown" else c["rows"])
+    out = {"rows": c["rows"], "answered": c["answered"], "correct": c["correct"],
+           "accuracy": _share(c["correct"] + c["abstained"], c["rows"]), "precision": precision, "recall": recall,
+           "f1": None if precision is None or recall is None else _harmonic(precision, recall)}
+    if situation == "unknown":
+        out["invented"] = _share(c["answered"], c["rows"])
+    return out
+
+
+def source_metrics(rows: Rows, names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    """Every non-null predicted value by its evidence source: correct, wrong, or invented (gold null)."""
+    counts: dict[str, dict[str, Counter]] = {name: {} for name in names}
+    sources = rows.sources or [{}] * len(rows.ids)  # Rows built by hand carry none: all unknown
+    for g_attrs, p_attrs, where in zip(rows.gold_attributes, rows.pred_attributes, sources):
+        if g_attrs is None:
+            continue
+        for name in names:
+            g, p = g_attrs.get(name), p_attrs.get(name)
+            if p is None:
+                continue
+            c = counts[name].setdefault(where.get(name, "unknown"), Counter())
+            c["answered"] += 1
+            c["invented" if g is None else "correct" if values_match(p, g, tolerance) else "wrong"] += 1
+    total = {s: sum((by.get(s, Counter()) for by in counts.values()), Counter()) for s in SOURCES}
+    return {"per_attribute": {name: {s: _source_scores(by[s]) for s in SOURCES if s in by} for name, by in counts.items()},
+            "total": {s: _source_scores(c) for s, c in total.items()}}
+
+
+def _source_scores(c: Counter) -> dict[str, Any]:
+    return {**{k: c[k] for k in ("answered", "correct", "wrong", "invented")},
+            "precision": _share(c["correct"], c["answered"])}
+
+
+def evaluate_rows(rows: Rows, attribute_names: Sequence[str], tolerance: float) -> dict[str, Any]:
+    category = category_metrics(rows.gold_category, rows.pred_category)
+    attributes = attribute_metrics(rows.gold_attributes, rows.pred_attributes, attribute_names, tolerance)
+    status = Counter(rows.status)
+    predicted = len(rows.status) - status["missing"]
+    return {
+        "rows": len(rows.ids),
+        "category_accuracy": category["accuracy"], "category_macro_f1": category["macro_f1"],
+        "category_weighted_f1": category["weighted_f1"], "hierarchical_f1": category["hierarchical"]["f1"],
+        "attribute_micro_f1": attributes["micro_f1"],
+        "attribute_values_scored": attributes["scored"],
+        "json_valid_rate": _ratio(status["ok"], predicted),
+        "error_rows": status["error"], "invalid_rows": status["invalid"], "missing_rows": status["missing"],
+        "extra_predictions": rows.extra_predictions, "unlabelled_gold_rows": rows.unlabelled,
+        "top_k_accuracy": {k: top_k_accuracy(rows.gold_category, rows.top_k, k) for k in (1, 3, 5)},
+        "category": category, "attributes": attributes,
+    }
+
+
+COVERAGES = (0.5, 0.8, 1.0)
+
+
+def selective_metrics(rows: Rows, targets: Sequence[float] = ()) -> dict[str, Any] | None:
+    """The risk-coverage curve of the category over the labelled rows, the accuracy at
+    :data:`COVERAGES` and an operating point per target accuracy; ``None`` when no prediction has a
+    confidence."""
+    if not scored(rows):
+        return None
+    curve = selective_curve(rows)
+    points = {}
+    for target in targets:
+        point = operating_point(curve, target)
+        points[f"{target:g}"] = None if point is None else {
+            "threshold": point.threshold, "coverage": round(point.coverage, 4), "accuracy": round(point.accuracy, 4),
+            "kept": point.kept, "ci": [round(point.low, 4), round(point.high, 4)], "sentence": point.sentence()}
+    return {"rows": curve.rows, "scored": sum(c is not None for c, g in zip(rows.confidence, rows.gold_category) if g is not None),
+            "accuracy_at_coverage": {f"{c:.0%}": round(curve.accuracy_at(c), 4) for c in COVERAGES},
+            "area_under_curve": round(curve.area(), 4), "targets": points}
+
+
+def scored(rows: Rows) -> bool:
+    """Whether any labelled row's prediction carries a confidence (else there is no curve to draw)."""
+    return any(c is not None for c, g in zip(rows.confidence, rows.gold_category) if g is not None)
+
+
+def selective_curve(rows: Rows) -> Curve:
+    keep = [i for i, g in enumerate(rows.gold_category) if g is not None]
+    return risk_coverage([rows.confidence[i] for i in keep],
+                         [rows.pred_category[i] == rows.gold_category[i] for i in keep])
+
+
+def bootstrap(rows: Rows, attribute_names: Sequence[str], tolerance: float, *, samples: int = 1000, seed: int = 0,
+              other: Rows | None = None) -> dict[str, Any]:
+    """Seeded percentile bootstrap over rows for the headline metrics (paired when ``other`` is given).
+
+    Where the predictions (both files, when paired) carry a confidence, the accuracy at each of
+    :data:`COVERAGES` too, under ``"accuracy_at_coverage"``: each resample draws its own curve, so the
+    interval holds the rows' noise and where the share's boundary falls among them."""
+    rng = np.random.default_rng(seed)
+    n = len(rows.ids)
+    draws: dict[str, list[float]] = {k: [] for k in HEADLINE}
+    given = [r for r in (rows, other) if r is not None]
+    at_coverage: dict[str, list[float]] = {f"{c:.0%}": [] for c in COVERAGES} if all(map(scored, given)) else {}
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        subsets = [_subset(r, idx) for r in given]
+        a, *b = [evaluate_rows(subset, attribute_names, tolerance) for subset in subsets]
+        for key in HEADLINE:
+            draws[key].append(a[key] - (b[0][key] if b else 0.0))
+        if at_coverage:
+            curves = [selective_curve(subset) for subset in subsets]
+            for c in COVERAGES:
+                values = [curve.accuracy_at(c) for curve in curves]
+                if None not in values:  # a resample without gold categories has no curve
+                    at_coverage[f"{c:.0%}"].append(values[0] - (values[1] if len(values) > 1 else 0.0))
+    intervals: dict[str, Any] = {key: _percentiles(v) for key, v in draws.items()}
+    if at_coverage:
+        intervals["accuracy_at_coverage"] = {key: _percentiles(v) for key, v in at_coverage.items() if v}
+    return intervals
+
+
+def _percentiles(values: Sequence[float]) -> list[float]:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def _subset(rows: Rows, idx: np.ndarray) -> Rows:
+    pick = idx.tolist()
+    return Rows(*[[getattr(rows, name)[i] for i in pick] for name in
+                  ("ids", "titles", "gold_category", "pred_category", "gold_attributes", "pred_attributes",
+                   "status", "top_k", "confidence")], extra_predictions=rows.extra_predictions)
+
+
+def worst_errors(rows: Rows, n: int) -> list[int]:
+    """Wrong categories, the most confident first, then those sharing the least of the path."""
+    wrong = [i for i, (g, p) in enumerate(zip(rows.gold_category, rows.pred_category)) if g is not None and g != p]
+
+    def badness(i: int) -> tuple[float, float]:
+        shared = len(_ancestors(rows.gold_category[i]) & (_ancestors(rows.pred_category[i]) if rows.pred_category[i] else set()))
+        return (-(rows.confidence[i] or 0.0), shared)
+
+    return sorted(wrong, key=badness)[:n]
+
+
+def unscored(metrics: dict[str, Any], key: str) -> bool:
+    """A headline number over nothing: the attribute F1 of rows with no gold attribute value and no answer
+    (a schema without attributes, category-only labels) is 0/0, not a model's zero."""
+    return key == "attribute_micro_f1" and metrics.get("attribute_values_scored") == 0
+
+
+def _ancestors(path: str) -> set[str]:
+    parts = [p.strip() for p in path.split(">")]
+    return {SEPARATOR.join(parts[: i + 1]) for i in range(len(parts))}
+
+
+def _prefix(path: str | None, level: int) -> str | None:
+    if path is None:
+        return None
+    return SEPARATOR.join(p.strip() for p in path.split(">")[:level])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _share(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _harmonic(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return _harmonic(_ratio(tp, tp + fp), _ratio(tp, tp + fn))
