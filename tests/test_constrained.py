@@ -11,7 +11,8 @@ from transformers import AutoModelForImageTextToText
 from mmllm.catalog import load_listings
 from mmllm.constrained import GrammarFactory, GrammarProcessor
 from mmllm.images import ImagePolicy
-from mmllm.models.generative import GenerativePredictor, load_processor, stop_ids
+from mmllm.models.answer_scores import stop_ids
+from mmllm.models.generative import GenerativePredictor, load_processor
 from mmllm.prompts import PromptTemplate
 
 from listings import small_schema, toy_row, write_catalog

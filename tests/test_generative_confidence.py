@@ -13,8 +13,10 @@ from transformers import AutoModelForImageTextToText
 
 from mmllm.catalog import load_listings
 from mmllm.confidence import Calibration, Platt
-from mmllm.models.generative import (AnswerTokens, ChosenLogprobs, GenerativePredictor, TokenSpans, answer_confidence,
-                                     answer_decoder, greedy_generation, load_processor, stop_ids)
+from mmllm.models.answer_scores import (AnswerTokens, ChosenLogprobs, TokenSpans, answer_confidence, answer_decoder,
+                                        stop_ids)
+from mmllm.models.decoding import greedy_generation
+from mmllm.models.generative import GenerativePredictor, load_processor
 from mmllm.prompts import PromptTemplate
 from mmllm.schema import answer_spans
 

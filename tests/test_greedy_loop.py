@@ -116,7 +116,7 @@ class StopAt:
 
 
 def test_rows_that_finish_early_are_padded_and_the_loop_ends_with_the_last(loaded, padded_catalog):
-    from mmllm.models.generative import greedy_generation
+    from mmllm.models.decoding import greedy_generation
     from mmllm.models.greedy_loop import greedy_decode
     from mmllm.models.prefix_cache import cache_argument
 

@@ -232,7 +232,7 @@ def test_the_static_length_is_rounded_up_and_never_shrinks(loaded):
 
 
 def test_each_way_of_compiling_a_static_cache_reaches_generate_and_only_there(loaded, padded_catalog, monkeypatch, caplog):
-    from mmllm.models.generative import greedy_config
+    from mmllm.models.decoding import greedy_config
     from mmllm.predictor import OptionError, configure
 
     model, processor = loaded("qwen2_vl")
@@ -369,7 +369,7 @@ def test_placeholders_in_the_system_text_are_filled_and_checked(tmp_path):
 
 
 def test_both_caches_decode_on_a_gpu_without_cudnns_attention_and_nothing_changes_elsewhere():
-    from mmllm.models.generative import decoding_kernels
+    from mmllm.models.decoding import decoding_kernels
 
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     assert cudnn  # PyTorch's default: the test below would show nothing otherwise
