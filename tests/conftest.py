@@ -4,6 +4,7 @@ nothing is written to the user's own cache. Shared constants and data writers: h
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 # Set before any test module imports transformers, so every from_pretrained stays local.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # Ray's head would post usage stats a minute into a session
+# matplotlib's font cache and config go to a folder of the session's, not under the user's home
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mmllm-tests-mpl-"))
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,9 @@ def test_an_unfinished_folder_is_refused_and_resume_finishes_it(tmp_path, capsys
     # the final evaluation once (it was written twice), and the training time the steps took (it was 0.0)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(bool(r.get("final")) for r in records) == 1
-    assert json.loads((out / "mmllm_model.json").read_text())["training"]["wall_s"] == pytest.approx(wall, abs=0.02)
+    # the steps' time, carried in the checkpoint (taken before its write, so at most the first run's total)
+    resumed = json.loads((out / "mmllm_model.json").read_text())["training"]["wall_s"]
+    assert 0 < resumed <= wall
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(tmp_path, capsys, monkeypatch):

@@ -136,6 +136,16 @@ def test_shards_split_the_rows_without_overlap(tmp_path, tiny_checkpoint, capsys
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_a_run_refused_for_a_users_existing_file_leaves_nothing_beside_it(tmp_path, tiny_checkpoint, capsys):
+    dump = write_catalog(tmp_path / "d", 2, dump_row(), name="dump.jsonl")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"mine": 1}\n')
+    assert label(dump, notes, tiny_checkpoint("qwen2_vl")) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "notes.jsonl"]  # no notes.jsonl.lock, no manifest
+    assert notes.read_text() == '{"mine": 1}\n'
+
+
 def test_existing_output_needs_resume_and_limit_works(tmp_path, tiny_checkpoint, capsys):
     dump = write_catalog(tmp_path / "d", 10, dump_row(), name="dump.jsonl")
     out = tmp_path / "labels.jsonl"

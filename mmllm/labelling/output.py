@@ -236,7 +236,7 @@ class Output:
             for record in self._missing_errors:  # failed records a previous run wrote to --out only
                 _append(self._err_fd, _line(record), self.errors_path)
         except BaseException:
-            self.close()
+            self.abandon()  # a refused job leaves nothing it made (the lock beside a user's file included)
             raise
 
     # ------------------------------------------------------------------ start

@@ -71,6 +71,7 @@ def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under the home folder
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # else the head posts usage stats to ray.io
     temp_dir = None
     if ray_opts.address is None:
         temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
