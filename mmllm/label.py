@@ -233,8 +233,13 @@ def _settings(args: argparse.Namespace, review_below: float | None = None) -> di
     if prior and prior != "uniform" and Path(prior).is_file():
         prior = fingerprint(Path(prior))["sha256"]
     shares = {"class_prior": prior} if prior else {}  # absent = the training shares, as jobs before it
+    # what the pictures and the answer budget are: absent = the defaults, as jobs before these were recorded
+    inputs = {k: v for k, v in (("image_root", str(args.image_root.resolve()) if args.image_root else None),
+                                ("allow_remote", True if args.allow_remote else None),
+                                ("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels),
+                                ("max_new_tokens", args.max_new_tokens)) if v is not None}
     return {"shard": f"{args.shard[0]}/{args.shard[1]}", "constrained": not args.no_constrained, **ungrounded,
-            **review, **precision, **shares, **files}
+            **review, **precision, **shares, **inputs, **files}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -140,6 +140,21 @@ def test_4_another_dump_with_the_same_file_name_is_refused(tmp_path, model, caps
     assert ids(out) == ["r0", "r1"]
 
 
+def test_4_resume_with_other_pictures_or_answer_budget_is_refused(tmp_path, model, capsys):
+    """The image folder, remote images, the pixel budget and the token budget change what a row answers:
+    a resume under others would mix two jobs' records in one file."""
+    dump = write_dump(tmp_path / "d", 5)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--limit", "2") == 0
+    for option in (["--image-root", str(tmp_path / "elsewhere")], ["--max-pixels", "3136"],
+                   ["--max-new-tokens", "64"], ["--allow-remote"]):
+        assert label(dump, out, model, "--resume", *option) == 2
+        assert "was written by another job" in capsys.readouterr().err
+    assert ids(out) == ["r0", "r1"]
+    assert label(dump, out, model, "--resume") == 0  # the first job's own settings continue it
+    assert ids(out) == [f"r{i}" for i in range(5)]
+
+
 def test_4_resume_with_another_model_is_refused(tmp_path, model, tiny_checkpoint, capsys):
     dump = write_dump(tmp_path / "d", 5)
     out = tmp_path / "out.jsonl"
