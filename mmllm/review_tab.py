@@ -74,7 +74,12 @@ class ReviewDesk:
         if not row_id:
             return self.current(skipped), "The queue is done: nothing to correct."
         label = self.label_from(values)
-        self.session.correct(row_id, label, self.reviewer)
+        row = self.session.correct(row_id, label, self.reviewer)
+        unreviewed = row["review"].get("attributes_unreviewed")
+        if unreviewed:
+            return self.current(skipped), (f"Saved: **{row_id}** corrected to {label['category']}, for its category "
+                                           f"only: {', '.join(unreviewed)} withheld by the model and left as they "
+                                           "were (change an attribute to label them all).")
         return self.current(skipped), f"Saved: **{row_id}** corrected to {label['category']}."
 
     def skip(self, row_id: str | None, skipped: Sequence[str] = ()) -> tuple[ReviewView, list[str], str]:

@@ -305,3 +305,32 @@ def test_accepting_a_row_with_a_withheld_attribute_saves_its_category_only(tmp_p
     # the second's null material is a "not stated" the reviewer accepted
     again = load_listings(desk.session.corrections.path)
     assert [attributes_labelled(r.label) for r in again] == [False, True]
+
+
+def test_a_correction_of_the_category_alone_keeps_withheld_attributes_unreviewed(tmp_path):
+    """Fixing only the category leaves a withheld attribute at its editor's starting null: no one
+    checked it, so the row is gold for its category only; changing an attribute labels them all."""
+    from mmllm.catalog import attributes_labelled
+    from mmllm.review_tab import ReviewDesk
+
+    catalog = write_catalog(tmp_path / "d", 3, toy_row())
+    held = {"material": {"value": ["wood"], "confidence": 0.2, "source": "model"}}
+    labels = write_labels(tmp_path / "labels.jsonl", [record(0, 0.2, review=True, withheld=held),
+                                                      record(1, 0.3, review=True, withheld=held),
+                                                      record(2, 0.4, review=True)])
+    desk = ReviewDesk(ReviewSession.open(labels, [catalog], small_schema()), reviewer="ana")
+    view = desk.current()
+    view, message = desk.correct(view.row_id, ["Outdoor > Kites", *view.editors[1:]])  # the category alone
+    assert message == ("Saved: **item-0** corrected to Outdoor > Kites, for its category only: material withheld "
+                       "by the model and left as they were (change an attribute to label them all).")
+    view, message = desk.correct(view.row_id, ["Outdoor > Kites", 14, []])  # an attribute changed: all reviewed
+    assert message == "Saved: **item-1** corrected to Outdoor > Kites."
+    view, message = desk.correct(view.row_id, ["Outdoor > Kites", *view.editors[1:]])  # nothing withheld
+    assert message == "Saved: **item-2** corrected to Outdoor > Kites."
+    desk.session.close()
+    rows = [json.loads(line) for line in desk.session.corrections.path.read_text().splitlines()]
+    assert rows[0]["label"] == {"category": "Outdoor > Kites"}
+    assert rows[0]["review"]["attributes_unreviewed"] == ["material"]
+    assert rows[1]["label"] == {"category": "Outdoor > Kites", "attributes": {"piece_count": 14, "material": None}}
+    assert rows[2]["label"] == {"category": "Outdoor > Kites", "attributes": {"piece_count": 12, "material": None}}
+    assert [attributes_labelled(r.label) for r in load_listings(desk.session.corrections.path)] == [False, True, True]

@@ -283,7 +283,20 @@ class ReviewSession:
         return self.corrections.save(item.listing, label, "accepted", item.record, reviewer, unreviewed)
 
     def correct(self, row_id: str, label: dict[str, Any], reviewer: str = "") -> dict[str, Any]:
+        """The reviewer's label becomes the row's gold.
+
+        A correction that leaves every attribute as the model published it (the category fixed, say)
+        while the model withheld some is saved, as :meth:`accept` saves such a row, for its category
+        only with the withheld names in ``review.attributes_unreviewed``: their null is the editors'
+        starting value, not a "not stated" anyone checked. Change an attribute to label them all."""
         item = self.item(row_id)
+        unreviewed = withheld_attributes(item.record)
+        published = item.record.get("attributes") if isinstance(item.record.get("attributes"), dict) else {}
+        given = label.get("attributes") if isinstance(label.get("attributes"), dict) else {}
+        untouched = all(given.get(k) == published.get(k) for k in {*given, *published})
+        if unreviewed and untouched:
+            label = {"category": label.get("category"), "attributes": None}
+            return self.corrections.save(item.listing, label, "corrected", item.record, reviewer, unreviewed)
         return self.corrections.save(item.listing, label, "corrected", item.record, reviewer)
 
     @property
