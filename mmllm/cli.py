@@ -163,7 +163,7 @@ def _schema_infer(args: argparse.Namespace) -> int:
         print(f"{len(bad):,} bad row(s) left out of the draft{more}", file=sys.stderr)
     header = (
         f"# Drafted by `mmllm schema infer {args.catalog}` from {report['rows']} labelled rows.\n"
-        "# Review it: merge near-duplicate categories, write descriptions, tighten bounds.\n"
+        "# Review it: merge near-duplicate categories, write descriptions, check the bounds (ten times the largest value seen: a value outside them is dropped).\n"
     )
     if "table_keys" in report:
         header += ("# evidence.table: seller-table keys whose values agreed with the gold labels; check each one,\n"

@@ -25,8 +25,11 @@ from mmllm.schema import AttributeSpec, LabelSchema, SchemaError, category_key, 
 
 # Value parsers tried on a seller-table key, by attribute type (mmllm.evidence.PARSE); the type's
 # default comes first, so it wins a tie.
-TABLE_KEY_PARSERS = {"boolean": ("boolean",), "integer": ("integer",), "number": ("number", "age"),
+TABLE_KEY_PARSERS = {"boolean": ("boolean",), "integer": ("integer", "age"), "number": ("number", "age"),
                      "enum": ("enum",), "list": ("list",), "string": ("string",)}
+# A key whose texts name an age unit ("18 months and up") is read by the age parser on a tie: a plain
+# number parser takes the 18 for years. Whole-year gold agrees with both on whole-year texts.
+AGE_UNIT = re.compile(r"\b(?:years?|yrs?|months?|mths?)\b", re.IGNORECASE)
 # Agreement beyond chance (Cohen's kappa) a proposed key needs besides ``min_agreement``: when most
 # gold booleans are false, any mostly-"No" key agrees often. On examples/amazon_uk_toys the true keys
 # score 1.0 and such look-alikes ("Batteries Included" for assembly_required, 0.84 agreement) at most 0.51.
@@ -49,8 +52,8 @@ def infer_schema(
     Categories are the ones seen. An attribute whose values are all booleans is ``boolean``,
     all integers ``integer``, all numbers ``number``; strings with at most
     ``max_enum_values`` distinct values become ``enum`` (else ``string``); lists of strings
-    become ``list``. Numeric bounds are widened to a round number above the largest value
-    seen. Returns the schema and a report (rows, counts per category and attribute) so a
+    become ``list``. Numeric bounds are widened to a round number at least ten times the largest
+    value seen (a draft's bound drops a value outside it). Returns the schema and a report (rows, counts per category and attribute) so a
     person can review the draft before using it.
 
     With ``rows`` (catalog rows with their seller tables and labels, read after ``labels``), each
@@ -115,7 +118,10 @@ def _infer_attribute(name: str, vals: list[Any], max_enum_values: int) -> Attrib
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
         integer = all(float(v).is_integer() for v in vals)
         lo = 0 if min(vals) >= 0 else _round_up(-min(vals)) * -1
-        return AttributeSpec(name, "integer" if integer else "number", described, minimum=lo, maximum=_round_up(max(vals)))
+        # bounds well past the sample's (a 1,000-piece puzzle beyond the 500 seen is a value, not an error):
+        # the schema drops a value outside them, a gold row's whole label included
+        hi = _round_up(10 * max(vals) if math.isfinite(10 * max(vals)) else max(vals)) if max(vals) > 0 else 1
+        return AttributeSpec(name, "integer" if integer else "number", described, minimum=lo, maximum=hi)
     if all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in vals):
         distinct = sorted({i.strip() for v in vals for i in v}, key=str.casefold)
         distinct = list({d.casefold(): d for d in distinct}.values())
@@ -208,6 +214,7 @@ def propose_table_keys(
     parsed_seen: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)  # (..., parser) -> parsed values
     agree: Counter[tuple[str, str, str]] = Counter()
     spellings: dict[str, Counter[str]] = defaultdict(Counter)
+    aged: set[str] = set()  # keys whose texts name an age unit
     for row in rows:
         table, label = _field_and_label(row, "attributes")
         gold = label.get("attributes") if isinstance(label, Mapping) else None
@@ -218,6 +225,8 @@ def propose_table_keys(
             norm = table_key(key)
             spellings[norm][str(key)] += 1
             keyed.setdefault(norm, text)
+            if isinstance(text, str) and AGE_UNIT.search(text):
+                aged.add(norm)
         for spec in specs:
             value, err = spec.normalize(gold.get(spec.name))
             if value is None or err is not None:
@@ -237,8 +246,12 @@ def propose_table_keys(
             support = sum(golds.values())
             if attribute != spec.name or support < min_rows:
                 continue
-            # max() keeps the first of equals: the type's default parser wins a tie
-            parser = max(TABLE_KEY_PARSERS[spec.type], key=lambda p: agree[attribute, norm, p])
+            # max() keeps the first of equals: the type's default parser wins a tie, the age parser on a
+            # key that names age units
+            order = TABLE_KEY_PARSERS[spec.type]
+            if norm in aged and "age" in order:
+                order = ("age", *(p for p in order if p != "age"))
+            parser = max(order, key=lambda p: agree[attribute, norm, p])
             k = agree[attribute, norm, parser]
             if k == 0:
                 continue  # never states this attribute: not a candidate at all
@@ -383,6 +396,8 @@ def _with_table_keys(spec: AttributeSpec, proposals: Iterable[TableKeyProposal])
     mine = [p for p in proposals if p.attribute == spec.name and p.proposed]
     if not mine:
         return spec
+    if spec.type == "integer" and mine[0].parser == "age":  # "18 months and up" is 1.5 years: not a whole number
+        spec = replace(spec, type="number")
     default = DEFAULT_PARSER[spec.type]
     parse = mine[0].parser if mine[0].parser != default else None
     table = tuple(TableRule(key=p.key, parse=None if p.parser == (parse or default) else p.parser) for p in mine)

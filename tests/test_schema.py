@@ -227,3 +227,21 @@ def test_digits_of_other_scripts_are_not_read_as_numbers(toys):
     answer = {"category": toys.categories[0], "attributes": {"piece_count": "٣"}}
     result = toys.validate(answer)
     assert not result.ok and "piece_count" in result.reason()
+
+
+def test_a_drafted_age_read_from_a_table_that_says_months_is_a_number_and_bounds_leave_room():
+    """Whole-year gold agrees with both the plain number and the age parser on "3 years and up"; the
+    key names age units, so the age parser reads it, and "18 months and up" is 1.5, not 18."""
+    rows = [{"id": f"r{i}", "title": "toy", "attributes": {"Recommended age": f"{age} years and up", "Pieces": n},
+             "label": {"category": "Games > Chess", "attributes": {"min_age": age, "piece_count": n}}}
+            for i, (age, n) in enumerate([(3, 10), (4, 500), (6, 20), (8, 100), (3, 50), (5, 30)])]
+    schema, report = infer_schema([r["label"] for r in rows], rows=rows)
+    age = schema.attribute("min_age")
+    assert age.type == "number" and age.evidence.parse == "age"
+    assert [k["parser"] for k in report["table_keys"] if k["attribute"] == "min_age"] == ["age"]
+    from mmllm.evidence import PARSE
+
+    assert PARSE["age"]("18 months and up", age).value == 1.5
+    pieces = schema.attribute("piece_count")
+    assert pieces.type == "integer" and pieces.maximum == 5000  # ten times the 500 seen, rounded up
+    assert PARSE["integer"]("1000 pieces", pieces).value == 1000
