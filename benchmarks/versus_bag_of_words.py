@@ -66,12 +66,16 @@ def usable(rows: list[dict], part: str) -> list[dict]:
     named and left out of both sides, which are then scored on the same rows."""
     from mmllm.catalog import RowError, parse_row
 
-    kept = []
+    kept, first = [], {}
     for number, row in enumerate(rows, 1):
         checked = parse_row(row, source=part, line=number)
         if isinstance(checked, RowError):
             print(f"left out: {checked}", file=sys.stderr)
+        elif checked.id in first:  # as mmllm's reader: the first row of an id counts, answers are keyed by id
+            print(f"left out: {part} line {number} (id {checked.id!r}): id: repeats line {first[checked.id]}",
+                  file=sys.stderr)
         else:
+            first[checked.id] = number
             kept.append(row)
     return kept
 
@@ -233,7 +237,9 @@ def _typed(text: str, name: str, train: list[dict]) -> Any:
 
 
 def recipe(train_path: Path, dev_path: Path, schema_path: Path, config: str, seed: int, extra: list[str],
-           out: Path, names: list[str], dev: list[dict]) -> dict[str, Any]:
+           out: Path, names: list[str], dev: list[dict], image_root: Path) -> dict[str, Any]:
+    """Train the recipe on the split (written to a work folder: its rows' image paths resolve in
+    ``image_root``, the folder of the catalog they came from) and score its answers on dev."""
     from mmllm import model_dir
     from mmllm.catalog import Listing, iter_catalog
     from mmllm.finetune import finetune, load_recipe_config
@@ -242,11 +248,12 @@ def recipe(train_path: Path, dev_path: Path, schema_path: Path, config: str, see
     from mmllm.schema import LabelSchema
 
     cfg = load_recipe_config(config, [f"data.train={train_path}", f"data.dev={dev_path}", f"data.schema={schema_path}",
-                                      f"train.output_dir={out}", f"train.seed={seed}", *extra])
+                                      f"data.image_root={image_root}", f"train.output_dir={out}", f"train.seed={seed}",
+                                      *extra])
     summary = finetune(cfg)
     rows = [r for r in iter_catalog(str(dev_path)) if isinstance(r, Listing)]
     # the model's own answers (it answers every row, as the bag of words does), then what grounding publishes
-    own = model_dir.load(out, device="cpu", grounded=False).predict(rows, ImagePolicy(root=dev_path.parent))
+    own = model_dir.load(out, device="cpu", grounded=False).predict(rows, ImagePolicy(root=image_root))
     grounder = Grounder.load(out, LabelSchema.from_yaml(out / "label_schema.yaml"))
     published = [grounder.ground(row, p) for row, p in zip(rows, own)] if grounder else own
     result = answer_scores({str(p["id"]): p for p in own}, dev, names)
@@ -359,6 +366,11 @@ def main() -> int:
         if not train or not dev:
             raise SystemExit(f"{len(train)} training and {len(dev)} dev rows: both sides need rows; give more rows, "
                              "another --dev-percent, or --train and --dev")
+        # the split is written to the work folder: its rows' pictures stay where the catalog's folder has them
+        image_root = (args.catalog or args.train).resolve().parent
+        if not args.catalog and args.dev.resolve().parent != image_root and any(r.get("images") for r in dev):
+            raise SystemExit(f"error: {args.train} and {args.dev} are in different folders and the dev rows have "
+                             "pictures: their relative paths need one folder; put the two files side by side")
         train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
         for path, part in ((train_path, train), (dev_path, dev)):
             path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
@@ -390,7 +402,8 @@ def main() -> int:
             for n in names:
                 baseline[n]["answers"] = {str(r["id"]): a for r, a in zip(dev, baseline[n]["answers"])}
         runs = [from_labels(args.labels, dev, names)] if args.labels else [] if args.skip_recipe else [
-            recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev)
+            recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev,
+                   image_root)
             for seed in args.seeds]
     header = f"{'model':<22}" + "".join(f" | {n[:22]:>22}" for n in names)
     lines = [header, "-" * len(header)]

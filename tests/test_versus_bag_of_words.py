@@ -134,7 +134,7 @@ def test_a_split_salt_without_a_catalog_is_refused(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
-def test_rows_mmllm_refuses_leave_both_sides_and_category_only_gold_is_not_counted():
+def test_rows_mmllm_refuses_leave_both_sides_and_category_only_gold_is_not_counted(capsys):
     """A dev row the catalog contract refuses (an empty title here) is left out before any training (the recipe
     never labels it, and the run ended in a KeyError after training); a category-only label has unknown
     attributes, so an answer there is not an invented value."""
@@ -142,6 +142,11 @@ def test_rows_mmllm_refuses_leave_both_sides_and_category_only_gold_is_not_count
     rows = [{"id": "a", "title": "kite", "label": {"category": "Kites"}}, {"id": "b", "title": "", "label": {}},
             {"id": "c", "title": "x" * 2000, "label": {"category": "Kites"}}]
     assert [r["id"] for r in versus.usable(rows, "dev")] == ["a"]
+    # a repeated id: the first row counts (as mmllm's reader keeps it), the next is named and left out of both
+    twice = [{"id": "a", "title": "kite", "label": {"category": "Kites"}},
+             {"id": "a", "title": "puppet", "label": {"category": "Puppets"}}]
+    assert [r["title"] for r in versus.usable(twice, "dev")] == ["kite"]
+    assert "left out: dev line 2 (id 'a'): id: repeats line 1" in capsys.readouterr().err
     assert versus.gold_attributes({"category": "Kites"}) is None
     assert versus.gold_attributes({"category": "Kites", "attributes": {}}) == {}
     scores = versus.published_scores([None, {"brand": "LEGO"}], [{"brand": "LEGO"}, {"brand": "LEGO"}], ["brand"])
