@@ -343,6 +343,7 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
             assert torch.allclose(torch.softmax(logits[name].float(), -1), expected, atol=1e-5)
         model.vote_weights = vote["weights"]
     records = predictor.predict(rows, ImagePolicy(root=ROOT))
+    assert [r["id"] for r in records] == [r.id for r in rows] and rows
     assert all(r["status"] == "ok" for r in records)
     again = load_model_dir(out, device="cpu").predict(rows, ImagePolicy(root=ROOT))
     assert [r["top_k"] for r in again] == [r["top_k"] for r in records]

@@ -198,6 +198,7 @@ def test_learns_from_image_and_title_together_and_reloads(tmp_path, caplog):
     here = load_model_dir(out).predict(load_listings(held_out), ImagePolicy(root=held_out.parent))
     schema = LabelSchema.from_dict(COLOUR_SCHEMA)
     gold = {r.id: r.label["category"] for r in load_listings(held_out)}
+    assert [p["id"] for p in fresh] == [p["id"] for p in here] == list(gold)  # every row, in order, once
     assert sum(p["category"] == gold[p["id"]] for p in fresh) >= 0.9 * len(fresh)
     for a, b in zip(fresh, here):
         assert a["category"] == b["category"] and a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)

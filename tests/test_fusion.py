@@ -214,6 +214,7 @@ def test_train_save_load_in_new_process(tmp_path):
     rows = [r for r in iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl"))][:8]
     predictor = load_model_dir(out, device="cpu")
     here = predictor.predict(rows, ImagePolicy(root=ROOT))
+    assert [r["id"] for r in here] == [r.id for r in rows] and len(rows) == 8
     schema = LabelSchema.from_yaml(out / "label_schema.yaml")
     for record in here:
         answer = {"category": record["category"], "attributes": record["attributes"]}

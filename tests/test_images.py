@@ -146,6 +146,8 @@ def test_modes_convert_to_rgb(root: Path, policy: ImagePolicy, name, make, fmt, 
     assert all(abs(a - b) <= 3 for a, b in zip(out.getpixel(xy), expected)), (name, out.getpixel(xy))
 
 
+# a file left open warns while it is collected, where pytest reports it as an unraisable exception
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_open_image_bytes_defaults_and_no_resource_warning(root: Path, policy: ImagePolicy):
     (root / "a.png").write_bytes(encode(Image.new("RGB", (5, 5)), "PNG"))
     with warnings.catch_warnings():
