@@ -61,6 +61,21 @@ def reload_in_fresh_process(model_dir: Path, catalog: Path, *, image_root: Path 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def require(module: str, extra: str):
+    """``import module``, or skip the calling test when the extra that brings it is not installed
+    (outside CI only: `make test` installs every extra, so a missing one is a failure there)."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            raise
+        pytest.skip(f"the {extra!r} extra is not installed: pip install -e '.[{extra}]'")
+
+
 def require_gradio():
     """The ``gradio`` module, or skip the calling test module when the demo extra is not installed
     (outside CI only: CI installs the extra, so a missing gradio is a failure there)."""

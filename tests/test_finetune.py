@@ -22,7 +22,7 @@ from mmllm.finetune import RECIPES, finetune, load_recipe_config, main
 from mmllm.models.generative import LANGUAGE_LORA, LoraSettings, ModelConfig, attach_lora, load_base_model, lora_module_names
 from mmllm.schema import LabelSchema
 
-from helpers import ROOT, reload_in_fresh_process
+from helpers import ROOT, reload_in_fresh_process, require
 from listings import write_catalog
 
 TINY = ROOT / "finetune" / "tiny_cpu.yaml"
@@ -204,7 +204,7 @@ def test_two_cpu_processes_train_together(tmp_path):
 
 @pytest.mark.slow
 def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_checkpoint):
-    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the 'qlora' extra)")
+    bnb = require("bitsandbytes", "qlora")
     model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_vl")), quantization="4bit"))
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all("language_model" in n for n in quantized)  # vision tower and lm_head skipped
@@ -222,7 +222,7 @@ def test_qlora_4bit_trains_on_cpu(tmp_path, tiny_checkpoint):
 def test_a_4bit_base_keeps_its_other_weights_in_bf16_and_trains_lora_only(tiny_checkpoint):
     """peft's kbit preparation would copy the vision tower and the embedding to float32 (on the GPU,
     Qwen2.5-VL-3B QLoRA peaked at 9.93 GiB with it); attach_lora leaves them as loaded."""
-    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the 'qlora' extra)")
+    bnb = require("bitsandbytes", "qlora")
     model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_5_vl")), dtype="bfloat16", quantization="4bit"))
     loaded = {n: p.dtype for n, p in model.named_parameters()}
     peft_model = attach_lora(model, LoraSettings(rank=4, dropout=0.0), gradient_checkpointing=True)
@@ -247,7 +247,7 @@ def test_a_4bit_base_keeps_its_other_weights_in_bf16_and_trains_lora_only(tiny_c
 def test_a_float16_4bit_base_keeps_peft_preparation_float32_outside_4bit(tiny_checkpoint):
     """float16 (GPUs without bf16) keeps the float32 copies: float16's range, and a trained merger
     whose gradients float16 mixed precision must unscale."""
-    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the 'qlora' extra)")
+    bnb = require("bitsandbytes", "qlora")
     model = load_base_model(ModelConfig(base=str(tiny_checkpoint("qwen2_5_vl")), dtype="float16", quantization="4bit"))
     peft_model = attach_lora(model, LoraSettings(rank=4, train_merger=True), gradient_checkpointing=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in peft_model.modules())

@@ -5,7 +5,6 @@ models the loop does not serve keep ``generate``."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from mmllm.prompts import PromptTemplate
 
 from listings import small_schema
 
-CONSTRAINED = importlib.util.find_spec("xgrammar") is not None
 
 
 @pytest.fixture
@@ -49,7 +47,7 @@ def test_the_loop_answers_as_generate_to_the_bit(arch, loaded, padded_catalog, g
     model, processor = loaded(arch)
     path, rows = padded_catalog
     policy = ImagePolicy(root=path.parent)
-    cases = [("listing_v2", True, CONSTRAINED), ("listing_v2", False, CONSTRAINED), ("listing_v1", True, False)]
+    cases = [("listing_v2", True, True), ("listing_v2", False, True), ("listing_v1", True, False)]
     for template, prefix, constrained in cases:
         predictor = GenerativePredictor(model, processor, small_schema(), PromptTemplate.load(template),
                                         max_new_tokens=12, batch_size=3, constrained=constrained, prefix_cache=prefix)

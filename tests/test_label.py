@@ -14,7 +14,7 @@ from mmllm.constrained import answer_grammar, max_answer_tokens
 from mmllm.label import main
 from mmllm.schema import LabelSchema
 
-from helpers import TOYS_SCHEMA
+from helpers import TOYS_SCHEMA, require
 from listings import dump_row, small_schema, write_catalog
 
 
@@ -172,7 +172,7 @@ def test_grammar_bounds():
 
 @pytest.mark.slow
 def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoint):
-    pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
+    require("ray", "ray")
     dump = write_catalog(tmp_path / "d", 10, dump_row(images=True), name="dump.jsonl")
     dump.write_text(dump.read_text() + json.dumps({"id": "", "title": "no id"}) + "\n"
                     + json.dumps({"id": "bad-img", "title": "t", "images": ["../x.png"]}) + "\n")
