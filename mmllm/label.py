@@ -157,10 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     try:
         if args.engine == "ray":
-            from mmllm.labelling.ray_engine import RayOptions, run_ray
+            from mmllm.labelling.ray_engine import RayOptions, Refused, run_ray
 
             ray_opts = RayOptions(args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.ray_address)
-            summary = run_ray(load_predictor, model_args, dumps, output, opts, ray_opts)
+            try:
+                summary = run_ray(load_predictor, model_args, dumps, output, opts, ray_opts)
+            except Refused as exc:  # as the local engine: one line, exit 2, the files this run created go
+                output.abandon()
+                return _fail(str(exc))
         else:
             try:
                 predictor = load_predictor(**model_args)

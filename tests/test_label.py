@@ -171,7 +171,7 @@ def test_grammar_bounds():
 
 
 @pytest.mark.slow
-def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoint):
+def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoint, capsys):
     require("ray", "ray")
     dump = write_catalog(tmp_path / "d", 10, dump_row(images=True), name="dump.jsonl")
     dump.write_text(dump.read_text() + json.dumps({"id": "", "title": "no id"}) + "\n"
@@ -184,6 +184,11 @@ def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoin
     ray_out = {(r["source"], r["line"]): r for r in read(tmp_path / "ray.jsonl")}
     assert len(ray_out) == len(local) == 12
     assert_same_records(ray_out, local)
+    # an option the model refuses: one line and exit 2, as the local engine, and nothing left behind
+    refused = tmp_path / "refused.jsonl"
+    assert label(dump, refused, model, "--engine", "ray", "--ray-actors", "1", "--encoder-precision", "bfloat16") == 2
+    assert "encoder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("refused.jsonl*"))
 
 
 def test_review_flags_and_queue_and_what_is_refused(tmp_path, tiny_checkpoint, capsys):
