@@ -49,13 +49,21 @@ class Progress:
             else None
         )
 
-    def update(self, rows: int = 1, *, bytes_done: int | None = None, rows_read: int | None = None) -> None:
+    def update(self, rows: int = 1, *, bytes_done: int | None = None, rows_read: int | None = None,
+               rows_seen: int | None = None, at_most: int | None = None) -> None:
         """Count ``rows`` done; ``bytes_done`` / ``rows_read`` say how far the reader is (it may
-        run ahead of the rows done, e.g. by a batch window), for the total-row estimate."""
+        run ahead of the rows done, e.g. by a batch window), for the total-row estimate: the rows
+        handed on so far plus the bytes left at the rate of ``rows_seen`` (every row read, those a
+        resume skips included: the rest of the file is taken as not done yet) per byte read, at
+        most ``at_most`` (a ``--limit``)."""
         self.rows += rows
         if self.total_rows is None and self.total_bytes and bytes_done:
             read = rows_read or self.rows
-            estimate = max(self.rows, round(read * self.total_bytes / bytes_done))
+            left = max(0, self.total_bytes - bytes_done)
+            estimate = read + round((rows_seen or read) * left / bytes_done)
+            if at_most is not None:
+                estimate = min(estimate, at_most)
+            estimate = max(self.rows, estimate)
             if self._bar is not None and estimate != self._bar.total:
                 self._bar.total = estimate
             self._estimated_total = estimate

@@ -139,6 +139,8 @@ def iter_rows(dumps: Sequence[Path], opts: LabelOptions, is_done: Callable[[List
             if opts.limit is not None and taken >= opts.limit:
                 return
             taken += 1
+            if position is not None:
+                position["seen"] = taken  # rows of this shard read, done before or not (the rate per byte)
             if (taken - 1) % part[1] != part[0]:
                 continue
             if opts.resume and is_done(row):
@@ -299,7 +301,9 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
     def emit(record: Record) -> None:
         output.write(record)
         summary.count(record)
-        progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"))
+        at_most = opts.limit - summary.skipped if opts.limit is not None else None  # --limit counts skipped rows too
+        progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"),
+                        rows_seen=position.get("seen"), at_most=at_most)
         if on_record is not None:
             on_record(record)
 
