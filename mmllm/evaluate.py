@@ -302,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         lo, hi = intervals[key]
         print(f"{key:<22} {metrics[key]:>8.4f}  [{lo:.4f}, {hi:.4f}]" if not unscored(metrics, key)
               else f"{key:<22} {'n/a':>8}  (no gold attribute value and no answer to score)")
+    if comparison:  # the verdict a user runs --compare for, not only in the report
+        print(f"\nagainst {args.compare}: difference (this - other), 95% CI of the paired difference")
+        for key in HEADLINE:
+            lo, hi = comparison["intervals"][key]
+            verdict = "this is better" if lo > 0 else "other is better" if hi < 0 else "no clear difference"
+            print(f"{key:<22} {metrics[key] - comparison['metrics'][key]:>+8.4f}  [{lo:+.4f}, {hi:+.4f}]  {verdict}")
     if metrics["attribute_situations"]:
         print(f"\n{'attributes':<12} {'rows':>6} {'answered':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'invented':>8}")
         for s, m in metrics["attribute_situations"]["total"].items():

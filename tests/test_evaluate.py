@@ -179,7 +179,7 @@ def test_bootstrap_brackets_the_accuracy_at_each_coverage_and_pairs_it(tmp_path)
     assert row.endswith("| this is better |")
 
 
-def test_report_files_plots_and_comparison(tmp_path):
+def test_report_files_plots_and_comparison(tmp_path, capsys):
     gold = [(f"r{i}", ["A > B", "A > C", "D > E"][i % 3], {"piece_count": i}) for i in range(30)]
     good = [{"id": f"r{i}", "category": ["A > B", "A > C", "D > E"][i % 3], "attributes": {"piece_count": i},
              "status": "ok", "confidence": 0.9, "top_k": [{"category": "A > B", "score": 0.9}]} for i in range(30)]
@@ -194,6 +194,9 @@ def test_report_files_plots_and_comparison(tmp_path):
                  "--model", str(model), "--bootstrap", "200"]) == 0
     text = (report / "report.md").read_text()
     assert "| category_accuracy | 1.0000 |" in text and "this is better" in text
+    printed = capsys.readouterr().out  # the verdict on the terminal too
+    line = next(x for x in printed.splitlines() if x.startswith("category_accuracy") and "better" in x)
+    assert line.split()[1] == f"{1 - 1 / 3:+.4f}" and line.endswith("this is better")
     assert "## The 20 worst errors" in text and "![confusion_matrix](confusion_matrix.png)" in text
     sizes = {name: Image.open(report / name).size for name in
              ("confusion_matrix.png", "per_class_f1.png", "calibration.png", "training_curves.png")}
