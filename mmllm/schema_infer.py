@@ -258,6 +258,10 @@ def propose_table_keys(
             parsed = parsed_seen[attribute, norm, parser]
             chance = sum(n * golds[v] for v, n in parsed.items()) / support**2
             proposed = _proposed(k, support, chance, min_agreement, min_kappa)
+            if not proposed and chance >= 1 and k == support and norm == table_key(attribute):
+                # one value on every row, gold and key alike: chance explains any agreement, so kappa says
+                # nothing; a key named as the attribute, never disagreeing, is taken ("Batteries Required")
+                proposed = True
             found.append(TableKeyProposal(attribute, spellings[norm].most_common(1)[0][0], parser, support, k, chance,
                                           proposed))
         out += sorted(found, key=lambda p: (not p.proposed, -p.agreement, -p.support, p.key.casefold()))

@@ -245,3 +245,18 @@ def test_a_drafted_age_read_from_a_table_that_says_months_is_a_number_and_bounds
     pieces = schema.attribute("piece_count")
     assert pieces.type == "integer" and pieces.maximum == 5000  # ten times the 500 seen, rounded up
     assert PARSE["integer"]("1000 pieces", pieces).value == 1000
+
+
+def test_a_key_named_as_the_attribute_that_never_disagrees_is_proposed_when_every_value_is_one():
+    """Every sampled row says "No" and every gold is false: kappa is undefined (chance explains all), so
+    agreement beyond chance cannot be shown; a key named as the attribute is still the attribute. A key
+    of another name in the same position is not proposed."""
+    rows = [{"id": f"r{i}", "title": "toy", "attributes": {"Batteries Required": "No", "Batteries Included": "No"},
+             "label": {"category": "Games > Chess", "attributes": {"batteries_required": False,
+                                                                  "assembly_required": False}}}
+            for i in range(14)]
+    schema, report = infer_schema([r["label"] for r in rows], rows=rows)
+    assert [r.key for r in schema.attribute("batteries_required").evidence.table] == ["Batteries Required"]
+    assert schema.attribute("assembly_required").evidence is None
+    proposed = {(k["attribute"], k["key"]): k["proposed"] for k in report["table_keys"]}
+    assert proposed[("assembly_required", "Batteries Included")] is False
