@@ -45,7 +45,23 @@ sys.path.insert(0, str(ROOT))
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file, gzipped or not; a line that is not JSON is named by file and line."""
+    """The rows of a JSONL file, gzipped or not; a line that is not JSON is named by file and line. Any
+    other catalog format mmllm reads (CSV / TSV, Parquet, a saved dataset) goes through its reader: a row
+    it refuses is named and left out there."""
+    name = path.name.lower()
+    if not name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json")):
+        from mmllm.catalog import CatalogError, CatalogReader, RowError
+
+        rows = []
+        try:
+            for row in CatalogReader(path):
+                if isinstance(row, RowError):
+                    print(f"left out: {row}", file=sys.stderr)
+                else:
+                    rows.append(row.to_dict())
+        except (CatalogError, OSError) as exc:
+            raise SystemExit(f"error: cannot read {path}: {exc}") from None
+        return rows
     try:
         raw = path.read_bytes()
         text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")

@@ -216,3 +216,14 @@ def test_a_labels_file_is_scored_by_the_models_own_values_as_a_training_run_is()
     assert versus.best_value({"attributes": {"brand": "Zed"}}, "brand") == "Zed"  # no distribution: the answer
     assert versus.best_value({"attributes": {"brand": None}, "attribute_top_k": {"brand": [{"value": None}]}},
                              "brand") is None
+
+
+def test_a_csv_catalog_is_read_through_mmllms_reader(tmp_path, capsys):
+    versus = _module()
+    path = tmp_path / "shop.csv"
+    path.write_text('id,title,label\na,Red kite,"{""category"": ""Kites""}"\nb,,"{""category"": ""Kites""}"\n'
+                    'c,Blue kite,\n', encoding="utf-8")
+    rows = versus.read_rows(path)
+    assert [(r["id"], r["title"], (r.get("label") or {}).get("category")) for r in rows] == [
+        ("a", "Red kite", "Kites"), ("c", "Blue kite", None)]
+    assert "left out: shop.csv line 3 (id 'b'): title" in capsys.readouterr().err
