@@ -92,11 +92,17 @@ def test_mmllm_label_runs_on_every_model_kind(trained, tmp_path, capsys, kind):
         assert mmllm(["label", str(catalog), "--model", str(model), "--out", str(own_out), "--quiet", "--ungrounded"]) == 0
         own = {r["id"]: r for r in map(json.loads, own_out.read_text().splitlines())}
         assert all("evidence" not in r for r in own.values())
+        disagreed = 0
         for record in records:
             said = own[record["id"]]["attributes"]["piece_count"]
             if said is not None and said != record["attributes"]["piece_count"]:
+                disagreed += 1
                 assert any({"value": said, "source": "model"}.items() <= c.items()
                            for c in record["conflicts"]["piece_count"])
+        # the tiny LoRA and classifier models answer other piece counts than the table, so the check above
+        # ran; the fusion model learns the seller's counts on this catalog and agrees (its conflicts:
+        # tests/test_grounding.py, which gives the grounder a disagreeing answer)
+        assert disagreed > 0 or kind == "fusion", kind
     else:  # a base checkpoint has no folder to hold a fitted choice: the model's own answers
         assert all("evidence" not in r for r in records)
 
