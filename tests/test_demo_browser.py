@@ -209,6 +209,9 @@ def test_a_bad_upload_is_answered_with_a_message(page, tmp_path):
     fake = tmp_path / "not_an_image.png"
     fake.write_text("this is a text file with a .png name")
     fill_box(page, "#title", "Mystery toy")
+    page.click("#submit")  # a good answer first: the error below must take it off the page
+    wait_for_text(page, "#status", "validates against schema 'toys'")
+    expect(page.locator("#prediction-json .cm-content")).to_contain_text('"status": "ok"', timeout=TIMEOUT_MS)
     upload(page, "#images", fake)
     page.click("#submit")
 
