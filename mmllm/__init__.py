@@ -5,3 +5,10 @@ between them and the path of one listing from the catalog to its JSON line.
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes' CPU backend warns on import, in every CPU run (training the fusion model included), that it
+# could not fetch a 4-bit kernel from the hub through the `kernels` package; its own fallback is the one
+# meant here (no hub downloads), so the line says nothing a user can act on.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
