@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -48,16 +47,10 @@ def server(browser, tiny_checkpoint):
                                constrained=True, max_new_tokens=64, batch_size=4, min_pixels=None, max_pixels=None)
     limits = Limits(max_image_bytes=UPLOAD_LIMIT, max_dump_bytes=UPLOAD_LIMIT // 2, max_dump_rows=20)
     app = build_app(predictor, limits=limits)
-    url = launch(app, port=_free_port(), limits=limits, block=False)
+    url = launch(app, limits=limits, block=False)  # gradio binds the first free port from 7860 itself: no race
     assert url.startswith("http://127.0.0.1:")
     yield url
     app.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, TOYS_SCHEMA
-from test_demo_browser import TIMEOUT_MS, _free_port, expect, wait_for_text
+from test_demo_browser import TIMEOUT_MS, expect, wait_for_text
 
 SCREENSHOTS = os.environ.get("MMLLM_SCREENSHOTS")  # a folder to keep a copy of the screenshot in (opt-in)
 
@@ -57,7 +57,7 @@ def server(queue, tiny_checkpoint):
                                max_new_tokens=64)
     session = ReviewSession.open(out, [dump], predictor.schema)
     app = build_app(predictor, review=ReviewDesk(session, reviewer="browser-test"))
-    url = launch(app, port=_free_port(), block=False)
+    url = launch(app, block=False)  # gradio binds the first free port from 7860 itself
     yield url, session.corrections.path
     app.close()
     session.close()
