@@ -149,7 +149,7 @@ class CatalogStats:
         lines = [
             f"catalog            {self.source}",
             f"rows               {self.rows:,}",
-            f"  valid            {self.valid:,}",
+            f"  valid            {self.valid:,} (by the row contract; photos are not opened: `catalog validate` opens them)",
             f"  invalid          {self.invalid:,}",
             f"with images        {self.with_images:,} ({self.images:,} images)",
             f"without images     {d['without_images']:,}",

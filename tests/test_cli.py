@@ -108,7 +108,9 @@ def test_stats_count_category_only_labels_apart(tmp_path, capsys):
     assert stats["labelled"] == 3 and stats["category_only"] == 1
     assert stats["label_attribute_coverage"] == {"piece_count": 0.5}  # of the 2 rows labelled for attributes
     assert main(["catalog", "stats", str(path), "--quiet"]) == 0
-    assert "category only    1 (no attributes in the label" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "category only    1 (no attributes in the label" in printed
+    assert "valid            5 (by the row contract; photos are not opened" in printed  # validate opens them
 
 
 def test_stats_count_a_category_however_it_is_spelled(tmp_path, capsys):
