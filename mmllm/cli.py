@@ -154,6 +154,10 @@ def _schema_infer(args: argparse.Namespace) -> int:
                                       text_names=not args.no_text_names)
     for kept, spelled in report.get("merged_categories", {}).items():
         print(f"note: categories spelled {' / '.join(repr(x) for x in spelled)} are one category: {kept!r}", file=sys.stderr)
+    if report.get("other_separator"):
+        shown = ", ".join(repr(c) for c in report["other_separator"][:3])
+        print(f"note: {len(report['other_separator'])} categories hold '/' but no '>' ({shown}), beside paths written with "
+              "'>': each is one level here; if '/' separates levels, write them with ' > ' and draft again", file=sys.stderr)
     if report.get("empty_attributes"):
         print(f"note: left out {', '.join(report['empty_attributes'])}: every label gives an empty list", file=sys.stderr)
     if bad:  # left out of the draft, and said so: the schema must not lose categories without a word

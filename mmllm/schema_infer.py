@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from mmllm.evidence import (DEFAULT_PARSER, MAX_TEXT, PARSE, EvidenceSpec, TableRule, TextRule, fold, table_key,
                             value_key, values_match)
-from mmllm.schema import AttributeSpec, LabelSchema, SchemaError, category_key, clean_path
+from mmllm.schema import SEPARATOR, AttributeSpec, LabelSchema, SchemaError, category_key, clean_path
 
 # Value parsers tried on a seller-table key, by attribute type (mmllm.evidence.PARSE); the type's
 # default comes first, so it wins a tie.
@@ -104,6 +104,11 @@ def infer_schema(
         report["merged_categories"] = merged
     if empty:
         report["empty_attributes"] = empty  # only ever an empty list: no value to learn, left out
+    # paths written with another separator ("Games / Card Games" beside "Games > Board Games") stay one
+    # level deep: said, since only the person who knows the catalog can say whether "/" means a level
+    slashed = sorted(c for c in categories if "/" in c and SEPARATOR.strip() not in c)
+    if slashed and any(SEPARATOR.strip() in c for c in categories):
+        report["other_separator"] = slashed
     if proposals is not None:
         report["table_keys"] = [p.to_dict() for p in proposals]
     if names is not None:

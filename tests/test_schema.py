@@ -260,3 +260,11 @@ def test_a_key_named_as_the_attribute_that_never_disagrees_is_proposed_when_ever
     assert schema.attribute("assembly_required").evidence is None
     proposed = {(k["attribute"], k["key"]): k["proposed"] for k in report["table_keys"]}
     assert proposed[("assembly_required", "Batteries Included")] is False
+
+
+def test_a_draft_names_categories_written_with_another_separator():
+    labels = [{"category": "Games > Card Games"}, {"category": "Games / Board Games"}, {"category": "Puzzles"},
+              {"category": "Arts/Crafts"}]
+    _, report = infer_schema(labels)
+    assert report["other_separator"] == ["Arts/Crafts", "Games / Board Games"]
+    assert "other_separator" not in infer_schema([{"category": "Arts/Crafts"}, {"category": "Puzzles"}])[1]
