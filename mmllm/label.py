@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 from mmllm.catalog import CatalogError, detect_format
 from mmllm.class_prior import COUNTS_KEY, ClassPrior
-from mmllm.labelling.engine import LabelOptions, run_local
+from mmllm.labelling.engine import MODEL_REFUSALS, LabelOptions, run_local
 from mmllm import model_dir
 from mmllm.confidence import CALIBRATION_FILE, Calibration
 from mmllm.config import at_least
@@ -53,7 +53,6 @@ from mmllm.labelling.output import Output, OutputError, WriteError, fingerprint,
 from mmllm.labelling.review import check_queue_path, default_queue_path, write_queue
 from mmllm.model_dir import is_model_dir
 from mmllm.predictor import ENCODER_PRECISIONS, OPTIONS, STATIC_COMPILE, OptionError, Predictor, configure, model_kind
-from mmllm.schema import SchemaError
 
 
 # ---------------------------------------------------------------------- models
@@ -168,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             try:
                 predictor = load_predictor(**model_args)
-            except (OptionError, SchemaError, FileNotFoundError, ValueError) as exc:  # the model or an option: nothing labelled
+            except MODEL_REFUSALS as exc:  # the model or an option: nothing labelled
                 output.abandon()  # and nothing left behind: the files this run created go
                 return _fail(str(exc))
             summary = run_local(predictor, dumps, output, opts)

@@ -53,8 +53,8 @@ def infer_schema(
     all integers ``integer``, all numbers ``number``; strings with at most
     ``max_enum_values`` distinct values become ``enum`` (else ``string``); lists of strings
     become ``list``. Numeric bounds are widened to a round number at least ten times the largest
-    value seen (a draft's bound drops a value outside it). Returns the schema and a report (rows, counts per category and attribute) so a
-    person can review the draft before using it.
+    value seen (a draft's bound drops a value outside it). Returns the schema and a report (rows,
+    counts per category and attribute) so a person can review the draft before using it.
 
     With ``rows`` (catalog rows with their seller tables and labels, read after ``labels``), each
     attribute also gets ``evidence.table``: the seller-table keys :func:`propose_table_keys` finds
@@ -125,7 +125,8 @@ def _infer_attribute(name: str, vals: list[Any], max_enum_values: int) -> Attrib
         lo = 0 if min(vals) >= 0 else _round_up(-min(vals)) * -1
         # bounds well past the sample's (a 1,000-piece puzzle beyond the 500 seen is a value, not an error):
         # the schema drops a value outside them, a gold row's whole label included
-        hi = _round_up(10 * max(vals) if math.isfinite(10 * max(vals)) else max(vals)) if max(vals) > 0 else 1
+        top = max(vals)
+        hi = _round_up(10 * top if math.isfinite(10 * top) else top)  # 1 where every value is 0 or less
         return AttributeSpec(name, "integer" if integer else "number", described, minimum=lo, maximum=hi)
     if all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in vals):
         distinct = sorted({i.strip() for v in vals for i in v}, key=str.casefold)

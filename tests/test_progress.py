@@ -28,8 +28,8 @@ def test_known_total_and_disabled():
 
 def test_the_total_of_a_resumed_or_limited_run_counts_what_is_left_to_do():
     """A resume skips the rows done at the front of the file: the rows left are the rest of the file
-    at the rate of every row read per byte, not the rows handed on so far scaled up (which said ~20 of
-    500). A --limit caps the total."""
+    at the rate of every row read per byte, not the rows handed on so far scaled up (which said ~8 where
+    25 rows are left). A --limit caps the total."""
     progress = Progress("label", total_bytes=1000, stream=io.StringIO(), log_every_s=3600)
     # 1,000 bytes, 20 a row (50 rows); the first 25 were done before: skipped, then 5 handed on
     progress.update(5, bytes_done=600, rows_read=5, rows_seen=30)

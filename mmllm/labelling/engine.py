@@ -34,6 +34,9 @@ from mmllm.labelling.review import flag
 from mmllm.progress import Progress
 
 Record = dict[str, Any]
+# What loading a model for labelling refuses with: a folder that is not there, a model or option that does not
+# fit (OptionError and SchemaError are ValueErrors). A refused job exits 2 and leaves nothing, whatever the engine.
+MODEL_REFUSALS = (FileNotFoundError, ValueError)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``mmllm label --engine ray``: the same labelling as a Ray Data pipeline, one model per actor.
+"""``mmllm label --engine ray``: the same labelling on Ray, one model per actor.
 
 The driver streams the dumps with mmllm's own reader and hands batches to a pool of
 :class:`LabelActor` (one model replica each, CPUs or GPUs per actor are options, two batches queued
@@ -21,14 +21,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmllm.catalog import Listing, RowError
-from mmllm.predictor import OptionError
 from mmllm.host_memory import reuse_step_buffers
-from mmllm.labelling.engine import LabelOptions, Summary, error_record, iter_rows, label_batch
+from mmllm.labelling.engine import MODEL_REFUSALS, LabelOptions, Summary, error_record, iter_rows, label_batch
 from mmllm.labelling.output import DoneRows, Output
 from mmllm.progress import Progress
-from mmllm.schema import SchemaError
-
-REFUSALS = (OptionError, SchemaError, FileNotFoundError, ValueError)  # as the local engine: exit 2, nothing left
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class LabelActor:
         self.predictor, self.refused = None, None
         try:
             self.predictor = load(**model_args)
-        except REFUSALS as exc:  # the model or an option: said once by the driver, not as an actor's death
+        except MODEL_REFUSALS as exc:  # the model or an option: said once by the driver, not as an actor's death
             self.refused = str(exc)
         self.opts = opts
 
@@ -94,6 +90,7 @@ def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output
         if refusals:
             raise Refused(refusals[0])
         pool, in_flight = ActorPool(actors), 0
+        label = lambda actor, rows: actor.label.remote(rows)  # noqa: E731  (ActorPool's (actor, value) -> ref)
         done = output.done if opts.resume else DoneRows()
 
         def write(records: list[dict[str, Any]]) -> None:
@@ -113,10 +110,10 @@ def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output
             while in_flight >= 2 * len(actors):  # enough queued: take what is ready first
                 write(pool.get_next_unordered())
                 in_flight -= 1
-            pool.submit(lambda actor, rows: actor.label.remote(rows), batch)
+            pool.submit(label, batch)
             batch, in_flight = [], in_flight + 1
         if batch:
-            pool.submit(lambda actor, rows: actor.label.remote(rows), batch)
+            pool.submit(label, batch)
             in_flight += 1
         while in_flight:
             write(pool.get_next_unordered())
