@@ -96,6 +96,26 @@ def usable(rows: list[dict], part: str) -> list[dict]:
     return kept
 
 
+def training_rows(paths: list[Path]) -> list[dict]:
+    """The rows of one or more training catalogs, read as one: each file's refused rows named by it, and a row
+    whose id an earlier file already gave left out by name (as within a file, the first row of an id counts).
+    Their pictures resolve in the first file's folder (a row of a later file with pictures is refused there)."""
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        for row in usable(read_rows(path), path.name):
+            if str(row["id"]) in seen:
+                print(f"left out: {path.name} (id {row['id']!r}): id: already a training row of {seen[str(row['id'])]}",
+                      file=sys.stderr)
+                continue
+            if path.parent != paths[0].parent and row.get("images"):
+                raise SystemExit(f"error: {path} (id {row['id']!r}) has pictures and is not in the folder of "
+                                 f"{paths[0]}: their relative paths need one folder; put the files side by side")
+            seen[str(row["id"])] = path.name
+            rows.append(row)
+    return rows
+
+
 def hash_split(rows: list[dict], dev_percent: int, salt: str = "") -> tuple[list[dict], list[dict]]:
     """Rows whose id (followed by ``salt``) hashes below ``dev_percent`` (of 100) go to dev: the same split
     on every machine; another ``salt`` draws another split of the same rows."""
@@ -326,7 +346,8 @@ def paired_table(runs: list[dict[str, Any]], baseline: dict[str, Any], dev: list
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", type=Path)
+    p.add_argument("--train", type=Path, nargs="+", help="the training rows: one catalog or several, read as one "
+                                                         "(a repeated id counts once, its first row)")
     p.add_argument("--dev", type=Path)
     p.add_argument("--catalog", type=Path, help="one labelled catalog, split by a hash of the id")
     p.add_argument("--dev-percent", type=int, default=20)
@@ -352,15 +373,16 @@ def main() -> int:
     if args.split_salt and not args.catalog:
         p.error("--split-salt draws another split of a --catalog; --train and --dev are split already")
     # every path as the user meant it (from where they ran it): the recipe then runs in the project folder
-    for name in ("train", "dev", "catalog", "schema", "labels", "baseline", "out"):
+    for name in ("dev", "catalog", "schema", "labels", "baseline", "out"):
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())
+    args.train = [path.resolve() for path in args.train or ()]
     if Path(args.config).exists():
         args.config = str(Path(args.config).resolve())
     from mmllm.output_paths import PathClash, check_writes
 
     try:
-        check_writes([args.train, args.dev, args.catalog, args.schema, args.labels, args.baseline, Path(args.config)],
+        check_writes([*args.train, args.dev, args.catalog, args.schema, args.labels, args.baseline, Path(args.config)],
                      {"--out": args.out})
     except PathClash as exc:
         p.error(str(exc))
@@ -378,14 +400,14 @@ def main() -> int:
             train, dev = hash_split([r for r in usable(read_rows(args.catalog), args.catalog.name) if r.get("label")],
                                     args.dev_percent, args.split_salt)
         else:
-            train, dev = usable(read_rows(args.train), args.train.name), usable(read_rows(args.dev), args.dev.name)
+            train, dev = training_rows(args.train), usable(read_rows(args.dev), args.dev.name)
         if not train or not dev:
             raise SystemExit(f"{len(train)} training and {len(dev)} dev rows: both sides need rows; give more rows, "
                              "another --dev-percent, or --train and --dev")
         # the split is written to the work folder: its rows' pictures stay where the catalog's folder has them
-        image_root = (args.catalog or args.train).resolve().parent
-        if not args.catalog and args.dev.resolve().parent != image_root and any(r.get("images") for r in dev):
-            raise SystemExit(f"error: {args.train} and {args.dev} are in different folders and the dev rows have "
+        image_root = (args.catalog or args.train[0]).parent
+        if not args.catalog and args.dev.parent != image_root and any(r.get("images") for r in dev):
+            raise SystemExit(f"error: {args.train[0]} and {args.dev} are in different folders and the dev rows have "
                              "pictures: their relative paths need one folder; put the two files side by side")
         train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
         for path, part in ((train_path, train), (dev_path, dev)):
@@ -397,6 +419,13 @@ def main() -> int:
             schema, _ = infer_schema([r["label"] for r in train], name="drafted", rows=train)
             schema_path = work / "schema.yaml"
             schema.to_yaml(schema_path)
+        outside = [r for r in train if isinstance(gold_of(r, "category"), str)
+                   and schema.canonical_category(gold_of(r, "category")) is None]
+        if outside:  # the recipe does not train on them (mmllm.finetune names them): nor does the bag of words
+            print(f"left out: {len(outside)} training rows whose category is not in schema '{schema.name}' (first: id "
+                  f"{outside[0]['id']!r}, {gold_of(outside[0], 'category')!r})", file=sys.stderr)
+            dropped = {id(r) for r in outside}
+            train = [r for r in train if id(r) not in dropped]
         unknown = sorted(set(args.only or ()) - set(targets(schema)))
         if unknown:
             raise SystemExit(f"error: --only {' '.join(unknown)}: not a label of schema '{schema.name}'; its labels: "

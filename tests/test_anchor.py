@@ -10,7 +10,7 @@ import torch
 
 from mmllm.models import fusion
 from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, fingerprint, lr_factor, memory_sample,
-                                        tune_encoder, tuned_store)
+                                        native_bf16, tune_encoder, tuned_store, tuning_precision)
 
 from helpers import ROOT
 
@@ -85,6 +85,23 @@ def test_bf16_tuning_learns_the_rows_with_float32_weights_and_keys_apart(minilm)
     assert on("cpu") == key() != on("cuda")
     with pytest.raises(ValueError, match="anchor.precision"):
         AnchorConfig(precision="float16")
+    # auto: the precision this machine computes natively, and the key of the precision it resolves to
+    resolved = tuning_precision(AnchorConfig(precision="auto"), torch.device("cpu"))
+    assert resolved == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert key(precision="auto") == key(precision=resolved)
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", True),
+    ("flags\t\t: fpu sse2 avx2 avx512f amx_bf16\n", True),
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),       # AVX-512 without BF16: emulated, slower
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm with the BF16 extension
+    ("Features\t: fp asimd crc32\n", False),
+    ("", False),
+])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(cpuinfo, native):
+    assert native_bf16(torch.device("cpu"), cpuinfo) is native
+    assert native_bf16(torch.device("meta"), cpuinfo) is False
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():

@@ -227,3 +227,30 @@ def test_a_csv_catalog_is_read_through_mmllms_reader(tmp_path, capsys):
     assert [(r["id"], r["title"], (r.get("label") or {}).get("category")) for r in rows] == [
         ("a", "Red kite", "Kites"), ("c", "Blue kite", None)]
     assert "left out: shop.csv line 3 (id 'b'): title" in capsys.readouterr().err
+
+
+def test_several_training_catalogs_are_read_as_one_and_rows_outside_the_schema_leave_both_sides(tmp_path):
+    """--train takes several catalogs (a shop's rows and a larger catalog beside them, as the big-catalog recipe
+    trains): a repeated id counts once (its first row, named), and a training row whose category the schema does
+    not have is left out, as the recipe leaves it out, so both sides train on the same rows."""
+    first = _kites(tmp_path / "shop.jsonl", 20)
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps({"id": f"m{i}", "title": f"stunt kite {i}", "label": {"category": "Kites"}}) + "\n"
+                            for i in range(6))
+                    + json.dumps({"id": "r3", "title": "repeated id", "label": {"category": "Jigsaws"}}) + "\n"
+                    + json.dumps({"id": "x1", "title": "a doll", "label": {"category": "Dolls"}}) + "\n")
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("name: kites\ntaxonomy: [Kites, Jigsaws]\nattributes: []\n")
+    dev = _kites(tmp_path / "dev.jsonl", 6)
+    done = _versus("--train", first, more, "--dev", dev, "--schema", schema, "--skip-recipe", "--quick",
+                   "--out", tmp_path / "o.json")
+    assert done.returncode == 0, done.stderr
+    assert "left out: more.jsonl (id 'r3'): id: already a training row of shop.jsonl" in done.stderr
+    assert "left out: 1 training rows whose category is not in schema 'kites' (first: id 'x1', 'Dolls')" in done.stderr
+    written = json.loads((tmp_path / "o.json").read_text())
+    assert (written["train_rows"], written["dev_rows"]) == (20 + 6, 6)
+    # one file alone: its 20 rows (the fingerprint of the rows differs, so a baseline of one is not read for the other)
+    done = _versus("--train", first, "--dev", dev, "--schema", schema, "--skip-recipe", "--quick",
+                   "--out", tmp_path / "one.json")
+    assert done.returncode == 0 and json.loads((tmp_path / "one.json").read_text())["train_rows"] == 20
+    assert json.loads((tmp_path / "one.json").read_text())["rows_sha256"] != written["rows_sha256"]

@@ -29,7 +29,7 @@ from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
 from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, fingerprint, memory_sample, save_tuned,
-                                        tune_encoder, tuned_store)
+                                        tune_encoder, tuned_store, tuning_precision)
 from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit_lexicon, lexicon_store, load_lexicon,
                                          save_lexicon)
 from mmllm.models.fusion.vote import VoteConfig, VoteFit, choose, holdout_split
@@ -176,6 +176,8 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
                       enabled=s.accelerator.is_main_process) as progress:
             vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress, tasks)
         how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs"
+        if tuning_precision(cfg.anchor, next(encoders.text.parameters()).device) == "bfloat16":
+            how += " (forward passes in bf16)"
         if tasks:
             how += " with " + ", ".join(f"{t.name} ({sum(v >= 0 for v in t.targets)} rows)" for t in tasks)
         if stored is not None and s.accelerator.is_main_process:

@@ -67,9 +67,10 @@ class AnchorConfig:
     warmup: float = help_field(0.1, "share of the tuning steps spent warming up (schedule: linear)")
     average: float = help_field(0.0, "share of the last tuning steps whose weights are averaged into the result "
                                      "(tail / stochastic weight averaging); 0 = the last step's weights")
-    precision: Literal["float32", "bfloat16"] = help_field(
+    precision: Literal["float32", "bfloat16", "auto"] = help_field(
         "float32", "the tuning's forward passes: float32, or under bf16 autocast (weights, gradients and optimizer "
-                   "stay float32; ~1.5x the titles/s on a CPU with AVX-512 BF16)")
+                   "stay float32; ~1.5-2x the titles/s on a CPU with AVX-512 BF16 or AMX); auto = bfloat16 where "
+                   "the device computes in bf16 natively (such a CPU, a GPU that supports it), else float32")
     attribute_weight: float = help_field(0.0, "weight of the enum attributes in the tuning loss: each is one more "
                                               "cosine classifier over its values, whose vectors start at the value "
                                               "names, trained on the rows that state a value; 0 = the category alone")
@@ -94,8 +95,8 @@ class AnchorConfig:
             raise ValueError(f"anchor.average must be in [0, 1), got {self.average}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"anchor.warmup must be in [0, 1), got {self.warmup}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError(f"anchor.precision must be float32 or bfloat16, got {self.precision!r}")
+        if self.precision not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"anchor.precision must be float32, bfloat16 or auto, got {self.precision!r}")
         if self.attribute_weight < 0:
             raise ValueError(f"anchor.attribute_weight must be >= 0, got {self.attribute_weight}")
         if not 0 <= self.label_smoothing < 1:
@@ -103,6 +104,32 @@ class AnchorConfig:
         unknown = [m for m in self.members if m not in MEMBERS]
         if unknown or not self.members or "heads" not in self.members:
             raise ValueError(f"anchor.members must include heads and come from {list(MEMBERS)}, got {self.members}")
+
+
+def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA device that supports it, or a CPU with AVX-512 BF16
+    or AMX (x86) or the BF16 extension (Arm), read from ``cpuinfo`` (default: ``/proc/cpuinfo``; none
+    elsewhere). Without them bf16 autocast is emulated and slower than float32, so ``precision: auto`` keeps
+    float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features"))
+             for flag in line.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def tuning_precision(cfg: AnchorConfig, device: torch.device) -> str:
+    """The precision a tuning on ``device`` runs in: ``cfg.precision``, with ``auto`` resolved."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 def _embed(encoders: Any, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
@@ -162,9 +189,10 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     mean: list[torch.Tensor] = []
     step = 0
 
+    bf16 = tuning_precision(cfg, start.device) == "bfloat16"
+
     def forward_precision() -> Any:
-        return (torch.autocast(start.device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16"
-                else contextlib.nullcontext())
+        return torch.autocast(start.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     text.train()
     for _ in range(cfg.epochs):
@@ -246,8 +274,9 @@ def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], tar
                 **{k: getattr(cfg, k) for k in TUNING_FIELDS}, "optimizer": "adamw fused on cpu" if fused else "adamw"}
     if cfg.schedule != "constant" or cfg.average:  # (the defaults keep the keys of tunings stored before these)
         settings.update(schedule=cfg.schedule, warmup=cfg.warmup, average=cfg.average)
-    if cfg.precision != "float32":  # (as above)
-        settings.update(precision=cfg.precision)
+    precision = tuning_precision(cfg, device or torch.device("cpu"))  # auto: what it resolves to (the same tuning)
+    if precision != "float32":  # (as above)
+        settings.update(precision=precision)
     tasks = trained_tasks(tasks, cfg)
     if tasks:  # (as above: a tuning without attribute tasks keeps its key)
         settings.update(attribute_weight=cfg.attribute_weight,
