@@ -474,30 +474,29 @@ class CatalogReader:
             self._total = _size_for_progress(self.path)
             text = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="")
             dialect = "excel-tab" if self.path.name.lower().endswith((".tsv", ".tsv.gz")) else "excel"
-            reader = csv.DictReader(text, dialect=dialect)
+            lines = _LineStarts(text)
+            reader = csv.DictReader(lines, dialect=dialect)
             header = reader.fieldnames or []
             missing = [c for c in ("id", "title") if c not in header]
             if missing:
                 raise CatalogError(f"{self.path}: CSV header lacks column(s) {missing} (it has {header}); "
                                    "add them, or rename the columns that hold them")
-            start, self._reached = 2, reader.line_num
+            self._reached = reader.line_num
             records = iter(reader)
             while True:
+                lines.mark()  # the record's first line: the first non-blank line the reader takes for it
                 try:
                     record = next(records)
                 except StopIteration:
                     break
                 except csv.Error as exc:  # a field past the line limit: that row is skipped, the others read on
                     self._done, self._reached = _position(fb), reader.line_num
-                    line, start = start, reader.line_num + 1
-                    yield RowError(self.name, line, None, (("row", f"a field longer than {self.limits.max_line_bytes:,} "
-                                                                   f"bytes ({exc}); row skipped unparsed"),))
+                    yield RowError(self.name, lines.first or reader.line_num, None,
+                                   (("row", f"a field longer than {self.limits.max_line_bytes:,} bytes ({exc}); row "
+                                            "skipped unparsed"),))
                     continue
                 self._done, self._reached = _position(fb), reader.line_num
-                # the record's first line: its last, less the line breaks inside its cells (blank lines before
-                # it, which the reader skips, are not part of it)
-                cells = [c for v in record.values() for c in (v if isinstance(v, list) else [v]) if isinstance(c, str)]
-                line, start = reader.line_num - sum(c.count("\n") for c in cells), reader.line_num + 1
+                line = lines.first or reader.line_num
                 if None in record:  # more cells than header columns
                     yield RowError(self.name, line, record.get("id") or None, (("row", f"{len(header) + len(record[None])} cells for {len(header)} header columns"),))
                     continue
@@ -650,6 +649,30 @@ def _size_for_progress(path: Path) -> int | None:
     # gzip positions count decompressed bytes, so the file size is no total for them
     return None if path.name.lower().endswith(".gz") else path.stat().st_size
 
+
+
+class _LineStarts:
+    """The lines of a text, counted, for csv's reader: ``first`` is the number of the first non-blank line read
+    since ``mark()``, so a record is named by the line it starts on, even one csv cannot finish (a field past
+    the limit) and even after blank lines, which the reader skips."""
+
+    def __init__(self, text: Iterable[str]) -> None:
+        self._lines = iter(text)
+        self.number = 0
+        self.first: int | None = None
+
+    def __iter__(self) -> "_LineStarts":
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.number += 1
+        if self.first is None and line.strip("\r\n"):
+            self.first = self.number
+        return line
+
+    def mark(self) -> None:
+        self.first = None
 
 def _position(f: IO[bytes]) -> int:
     try:

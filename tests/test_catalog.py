@@ -326,6 +326,16 @@ def test_a_csv_field_past_the_line_limit_is_one_bad_row_and_the_others_are_read(
     assert [r.id for r in rows if isinstance(r, Listing)] == ["r1", "r3"]
     bad = [r for r in rows if isinstance(r, RowError)]
     assert len(bad) == 1 and bad[0].line == 3 and "a field longer than 1,000 bytes" in bad[0].message
+    # blank lines before the bad row and a cell over two lines before them: each row named by its own first line
+    # (the bad row was named by the line after the previous record, 4 here)
+    path.write_text('id,title,description\nr1,A,"two\nlines"\n\n\nr2,B,' + "x" * 5000 + '\n\nr3,C,"ok\nok"\nr4,D,\n')
+    rows = list(iter_catalog(path, limits=RowLimits(max_line_bytes=1000)))
+    assert [(type(r).__name__, r.line if isinstance(r, RowError) else r.id) for r in rows] == [
+        ("Listing", "r1"), ("RowError", 6), ("Listing", "r3"), ("Listing", "r4")]
+    bad_id = tmp_path / "bad_id.csv"  # a row refused by its checks is named by its first line too
+    bad_id.write_text('id,title\n\n\nr1,"a\nb"\n\n,no id\n')
+    errors = [r for r in iter_catalog(bad_id) if isinstance(r, RowError)]
+    assert [(e.line, e.field) for e in errors] == [(7, "id")]  # lines 2-3 and 6 blank, r1 on lines 4-5
     upper = tmp_path / "DUMP.TSV"  # the tab dialect whatever the suffix's case
     upper.write_text("id\ttitle\nr1\tA train\n")
     assert [r.id for r in iter_catalog(upper)] == ["r1"]
