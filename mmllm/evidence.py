@@ -42,6 +42,7 @@ DEFAULT_PARSER = {"boolean": "boolean", "integer": "integer", "number": "number"
 TEXT_FIELDS = ("title", "description")
 MAX_TEXT = 20_000  # characters of a description searched: patterns run on bounded text
 MAX_CANDIDATES = 8  # per attribute and listing
+MAX_VALUE_TEXT = 2_000  # characters of one table value or matched text a parser reads (the catalog allows 10,000)
 
 
 class EvidenceError(ValueError):
@@ -208,6 +209,9 @@ _WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six"
 _TRUE = {"yes", "y", "true", "1", "required", "included", "needed", "si"}
 _FALSE = {"no", "n", "false", "0", "not required", "not included", "not needed", "none", "no batteries"}
 _NUMBER = r"[0-9]+(?:[.,][0-9]+)*"
+# a word that goes on a number word ("one thousand", "twelve dozen"): the number is not the first word's
+_MORE_NUMBER = re.compile(r"(?:hundred|thousand|million|dozen|score|gross|point|half|quarter|twenty|thirty|forty|"
+                          r"fifty|sixty|seventy|eighty|ninety|" + "|".join(_WORDS) + r")\b")
 
 
 def foreign_digits(text: str) -> bool:
@@ -223,9 +227,24 @@ def _clean(text: Any) -> str | None:
     if not isinstance(text, str):
         return None
     text = " ".join(text.replace("\u00a0", " ").split())
-    if not text or len(text) > 200 or foreign_digits(text):
+    if not text or len(text) > MAX_VALUE_TEXT or foreign_digits(text):
         return None
     return text
+
+
+def _table_text(raw: Any, spec: Any) -> str | None:
+    """A seller-table value as the parsers read it: a list of plain values (the catalog allows them) as the
+    text a seller would have typed ("Plastic, Wood") for a list attribute, its one item for the others (two
+    numbers for a piece count are no piece count)."""
+    if isinstance(raw, list):
+        items = [_clean(item) for item in raw if not isinstance(item, (list, dict))]
+        items = [item for item in items if item is not None]
+        if len(items) != len([item for item in raw if item is not None]) or not items:
+            return None
+        if getattr(spec, "type", None) == "list":
+            return _clean(", ".join(items))
+        return items[0] if len(items) == 1 else None
+    return _clean(raw)
 
 
 def _number(token: str) -> tuple[float, str] | None:
@@ -258,7 +277,10 @@ def parse_number(text: Any, spec: Any = None, *, integer: bool = False) -> Parse
         return None
     tokens = re.findall(_NUMBER, s)
     if len(tokens) != 1:
-        word = _WORDS.get(s.casefold().split()[0]) if s.split() and not tokens else None
+        words = s.casefold().split()
+        word = _WORDS.get(words[0]) if words and not tokens else None
+        if word is not None and len(words) > 1 and (_MORE_NUMBER.match(words[1]) or {"half", "quarter"} & set(words)):
+            return None  # "one thousand", "two hundred", "twelve dozen", "two and a half": not the first word's number
         return _bounded(Parsed(word, "word"), spec) if word is not None else None
     got = _number(tokens[0])
     if got is None:
@@ -275,16 +297,27 @@ def parse_integer(text: Any, spec: Any = None) -> Parsed | None:
     return parse_number(text, spec, integer=True)
 
 
-_AGE_UNIT = r"years?|yrs?|months?|mths?|m(?![a-z])"  # "18m+" is 18 months
+_AGE_UNIT = r"years?|yrs?|months?|mths?|mos?(?![a-z])|m(?![a-z])|weeks?|wks?"  # "18m+", "18 mos" are 18 months
+_OTHER_UNIT = re.compile(r"\+?\s*(?:days?|hours?|cm|mm|kg|g|inch(?:es)?|in|ft|metres?|meters?)\b")  # an age it is not
+
+
+def _years(value: float, unit: str) -> float:
+    """An age in ``unit`` (years, months, weeks: their first letter) in years, 2 decimals."""
+    if unit.startswith("w"):
+        return round(value / 52, 2)
+    return round(value / 12, 2) if unit.startswith("m") else value
 
 
 def parse_age(text: Any, spec: Any = None) -> Parsed | None:
-    """A minimum age in years: '8 years and up' -> 8, '36 months - 8 years' -> 3, '18 months+' -> 1.5,
-    '4 - 10 years' -> 4 (form ``range``), 'six and up' -> 6. Months become years (2 decimals)."""
+    """A minimum age in years: '8 years and up' -> 8, '36 months - 8 years' -> 3, '18 months+' / '18 mos+' /
+    '18+m' -> 1.5, '6 weeks and up' -> 0.12, '1½ years' -> 1.5, '4 - 10 years' -> 4 (form ``range``), 'six and
+    up' -> 6. Months and weeks become years (2 decimals); a number in another unit ('3 days') is no age."""
     s = _clean(text)
     if s is None:
         return None
-    low = s.casefold()
+    low = re.sub(r"([0-9])\s*½", r"\1.5", s.casefold())  # "1½ years"
+    if re.search(r"[¼½¾⅓⅔⅛]|[0-9]\s*/\s*[0-9]|\b(?:half|quarter)\b", low):
+        return None  # another fraction: refused, not read as its whole part
     for word, number in _WORDS.items():
         low = re.sub(rf"\b{word}\b", str(number), low)
     tokens = re.findall(r"[0-9]+(?:\.[0-9]+)?", low)
@@ -299,6 +332,11 @@ def parse_age(text: Any, spec: Any = None) -> Parsed | None:
     lo = float(m["lo"])
     lo_unit = m["lo_unit"] or ""
     rest = m["rest"]
+    if not lo_unit:  # "18+m", "18+ mos": the unit after the plus
+        after = re.match(rf"\+\s*(?P<unit>{_AGE_UNIT})", rest)
+        lo_unit = after["unit"] if after else ""
+        if not lo_unit and _OTHER_UNIT.match(rest):
+            return None
     hi_m = re.match(rf"(?:-|to|–)\s*(?P<hi>[0-9]+(?:\.[0-9]+)?)\s*(?P<hi_unit>{_AGE_UNIT})?", rest)
     if hi_m is not None and (hi_m["hi_unit"] or "y")[0] == (lo_unit or "y")[0] and float(hi_m["hi"]) < lo:
         return None  # "4 - 3 years": the range runs backwards, so which end is the minimum is unknown
@@ -311,7 +349,9 @@ def parse_age(text: Any, spec: Any = None) -> Parsed | None:
                                                       else "plain")
     else:
         return None
-    years = round(lo / 12, 2) if unit.startswith("m") else lo
+    if unit.startswith("w") and hi_m is None:
+        form = "weeks"
+    years = _years(lo, unit)
     if years.is_integer():
         years = int(years)
     return _bounded(Parsed(years, form), spec)
@@ -394,7 +434,7 @@ def table_candidates(table: Mapping[str, Any], spec: Any) -> list[Candidate]:
             continue
         read.add(same)
         key, raw = found
-        text = _clean(raw)
+        text = _table_text(raw, spec)
         if text is None:
             continue
         if rule.pattern is not None:
@@ -472,8 +512,9 @@ def value_key(value: Any) -> str:
     """A hashable key for a value (options of the learned choice are grouped by it)."""
     if isinstance(value, bool):
         return "bool:" + str(value)
-    if isinstance(value, (int, float)):
-        return f"num:{float(value):g}"
+    if isinstance(value, (int, float)):  # %g as before (the keys in a model folder's grounding.json), unless it
+        short = f"{float(value):g}"      # rounds: 1234567 and 1234568 are two values, not one "1.23457e+06"
+        return "num:" + (short if float(short) == float(value) else repr(float(value)))
     if isinstance(value, list):
         return "list:" + "|".join(sorted(str(v).casefold() for v in value))
     return "str:" + str(value).strip().casefold()

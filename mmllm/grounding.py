@@ -85,6 +85,10 @@ class GroundingConfig:
     def __post_init__(self) -> None:
         if not 0 < self.precision <= 1:
             raise ValueError(f"grounding.precision must be in (0, 1], got {self.precision}")
+        if self.precision == 1 and self.z > 0:
+            raise ValueError("grounding.precision: 1 with grounding.z > 0 publishes nothing (the Wilson lower bound of "
+                             "a finite dev sample never reaches 1); use a target below 1, or z: 0 for the raw dev "
+                             "precision")
         if self.l2 < 0 or self.z < 0:
             raise ValueError("grounding.l2 and grounding.z must be >= 0")
         if self.dev_rows is not None and self.dev_rows < 1:

@@ -21,7 +21,7 @@ import difflib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -114,6 +114,25 @@ class AttributeSpec:
             raise SchemaError(f"attribute '{self.name}': minimum {self.minimum} > maximum {self.maximum}")
         if len(set(v.casefold() for v in self.values)) != len(self.values):
             raise SchemaError(f"attribute '{self.name}': values repeat (case-insensitively)")
+        if self.evidence is not None:  # a rule's fixed value is published as it stands: it must fit the attribute
+            object.__setattr__(self, "evidence", self._fitted_evidence(self.evidence))
+
+    def _fitted_evidence(self, spec: EvidenceSpec) -> EvidenceSpec:
+        """``spec`` with each rule's fixed ``value`` / ``otherwise`` in this attribute's canonical form ("Lego" ->
+        "LEGO", "no" -> false); a value that does not fit (not an allowed value, out of bounds) is a schema error."""
+        def fitted(value: Any, where: str) -> Any:
+            if value is None:
+                return None
+            canonical, error = self.normalize(value)
+            if error is not None:
+                raise SchemaError(f"attribute '{self.name}': evidence {where}: the value {value!r} does not fit the "
+                                  f"attribute ({error.message})")
+            return canonical
+
+        table = tuple(replace(r, value=fitted(r.value, f"table key '{r.key}'"),
+                              otherwise=fitted(r.otherwise, f"table key '{r.key}' (otherwise)")) for r in spec.table)
+        text = tuple(replace(r, value=fitted(r.value, f"text pattern '{r.name}'")) for r in spec.text)
+        return replace(spec, table=table, text=text)
 
     def json_schema(self) -> dict[str, Any]:
         """JSON Schema of this attribute's value (``null`` always allowed: unknown)."""

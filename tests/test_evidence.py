@@ -45,7 +45,8 @@ def test_integer_parser(text, value, form):
     assert (parsed.value, parsed.form) == (value, form)
 
 
-@pytest.mark.parametrize("text", ["1.000", "1,5", "500-1000", "2.5", "about 3 or 4", "١٠٠٠", "１０００"])
+@pytest.mark.parametrize("text", ["1.000", "1,5", "500-1000", "2.5", "about 3 or 4", "١٠٠٠", "１０００",
+                                  "one thousand", "Two hundred", "twelve dozen", "two and a half"])
 def test_integer_parser_refuses_what_it_cannot_read_surely(text):
     assert parse_integer(text) is None  # ambiguous separators, ranges, fractions, other scripts' digits
 
@@ -167,12 +168,14 @@ def test_evidence_round_trips_through_yaml(tmp_path, toys):
     assert _found(listing, again) == _found(listing, toys)
 
 
-@pytest.mark.parametrize("text, value", [("18m+", 1.5), ("6m+", 0.5), ("12m+", 1)])
+@pytest.mark.parametrize("text, value", [("18m+", 1.5), ("6m+", 0.5), ("12m+", 1), ("18 mos+", 1.5), ("12 mo+", 1),
+                                         ("18+m", 1.5), ("18+ mos", 1.5), ("6 weeks and up", 0.12), ("1½ years", 1.5)])
 def test_an_m_after_the_number_is_months(text, value):
     assert parse_age(text).value == value
 
 
-@pytest.mark.parametrize("text", ["3 years and under", "3 and under", "up to 4 years", "4 - 3 years", "10 - 3 years"])
+@pytest.mark.parametrize("text", ["3 years and under", "3 and under", "up to 4 years", "4 - 3 years", "10 - 3 years",
+                                  "3 days", "2 and a half years", "2 1/2 years", "1¾ years"])
 def test_a_maximum_age_or_a_backwards_range_is_no_minimum(text):
     assert parse_age(text) is None
 
@@ -182,6 +185,10 @@ def test_a_maximum_age_or_a_backwards_range_is_no_minimum(text):
     ("Suitable for ages 6-18 months.", 0.5),
     ("Recommended age: 18 months+", 1.5),
     ("For ages 3+ and up.", 3),
+    ("Rocking horse, recommended age 18m+", 1.5),  # 18 years, its evidence cut to "recommended age 18", before
+    ("Recommended age: 18 mos+", 1.5),
+    ("Soft book, aged 18+ mos", 1.5),
+    ("Suitable for ages 6-18 mos.", 0.5),
 ])
 def test_ages_in_months_are_read_as_months(toys, description, value):
     found = candidates(Listing("m", "Rocking horse", description), toys)["min_age_years"]
@@ -195,6 +202,19 @@ def test_ages_in_months_are_read_as_months(toys, description, value):
     ("Assembly required: No", "assembly_required", False),
     ("No adult assembly required.", "assembly_required", False),
     ("No tools or assembly required.", "assembly_required", False),
+    # other separators: each was read as true at confidence 0.999, its evidence quoting "Batteries required"
+    ("Batteries required - No", "batteries_required", False),
+    ("Batteries Required \u2013 No", "batteries_required", False),
+    ("Batteries Required = No", "batteries_required", False),
+    ("Batteries required: Not needed", "batteries_required", False),
+    ("Batteries included - No", "batteries_included", False),
+    ("Batteries Included (No)", "batteries_included", False),
+    ("Assembly required - No", "assembly_required", False),
+    ("Assembly required: Not needed", "assembly_required", False),
+    # and what still says yes
+    ("Batteries required - not included", "batteries_required", True),
+    ("Batteries required: 2 x AA (not included)", "batteries_required", True),
+    ("Assembly required - yes", "assembly_required", True),
 ])
 def test_a_spec_line_saying_no_is_false(toys, description, attribute, value):
     assert {c.value for c in candidates(Listing("b", "Kite", description), toys)[attribute]} == {value}
@@ -224,3 +244,44 @@ def test_a_table_key_listed_twice_in_two_spellings_is_read_once(toys):
 def test_a_rule_match_carries_the_form_its_text_states(toys, description, key, form):
     found = candidates(Listing("f", "Kite", description), toys)["min_age_years"]
     assert [(c.key, c.form) for c in found] == [(key, form)]
+
+
+def test_a_rules_fixed_value_is_the_attributes_canonical_value_or_a_schema_error():
+    """A rule's fixed value was published as written: "Lego" beside the enum's LEGO, the string "no" for a
+    boolean, 5000 for pieces bounded to 100."""
+    def schema(attribute: dict) -> LabelSchema:
+        return LabelSchema.from_dict({"taxonomy": ["Toys"], "attributes": {"a": attribute}})
+
+    lego = schema({"type": "enum", "values": ["LEGO", "Mattel"],
+                   "evidence": {"text": [{"name": "lego", "pattern": r"\blego\b", "value": "Lego"}]}})
+    assert [c.value for c in candidates(Listing("1", "Lego car", ""), lego)["a"]] == ["LEGO"]
+    remote = schema({"type": "boolean", "evidence": {"text": [{"name": "no_remote", "pattern": "no remote", "value": "no"}],
+                                                      "table": [{"key": "Remote", "pattern": "yes", "value": "yes",
+                                                                 "otherwise": "no"}]}})
+    assert [c.value for c in candidates(Listing("1", "Car, no remote", "", {"Remote": "maybe"}), remote)["a"]] == [False, False]
+    with pytest.raises(SchemaError, match=r"attribute 'a': evidence text pattern 'big': the value 5000 does not fit"):
+        schema({"type": "integer", "minimum": 1, "maximum": 100,
+                "evidence": {"text": [{"name": "big", "pattern": "huge set", "value": 5000}]}})
+    with pytest.raises(SchemaError, match=r"table key 'Brand': the value 'Lgo' does not fit the attribute \('Lgo' is not one of"):
+        schema({"type": "enum", "values": ["LEGO"], "evidence": {"table": [{"key": "Brand", "pattern": "l", "value": "Lgo"}]}})
+
+
+def test_table_values_given_as_lists_or_long_texts_are_read(toys):
+    """The catalog accepts a list as a table value and values up to 10,000 characters; such values gave no
+    candidate (a list), or none past 200 characters."""
+    listing = Listing("1", "Toy", "", {"Material": ["Plastic", "Wood"], "Number of Pieces": [1000]})
+    found = candidates(listing, toys)
+    assert [c.value for c in found["piece_count"]] == [1000]
+    assert [c.value for c in found["material"]] == [["plastic", "wood"]]
+    two = candidates(Listing("1", "Toy", "", {"Number of Pieces": [500, 1000]}), toys)["piece_count"]
+    assert two == []  # two numbers for one count: none of them
+    long = "2 x AA batteries required (included). " + "Safety: keep away from fire and water. " * 9
+    assert len(long) > 300
+    found = candidates(Listing("1", "Toy", "", {"Batteries": long}), toys)
+    assert [c.value for c in found["batteries_required"]] == [True] and [c.value for c in found["batteries_included"]] == [True]
+
+
+def test_numbers_that_differ_past_six_digits_are_two_options():
+    from mmllm.evidence import value_key
+    assert value_key(1234567) != value_key(1234568)
+    assert value_key(3) == value_key(3.0) == "num:3" and value_key(0.5) == "num:0.5"  # the keys grounding.json keeps

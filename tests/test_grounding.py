@@ -206,3 +206,10 @@ def test_a_choice_fitted_before_the_applicability_features_reads_them_as_zero():
     x = choice_features(option, None)
     expected = 1 / (1 + np.exp(-float(x[:len(old)] @ np.array(old))))
     assert x[len(old):].any() and choice.probability(option, None) == pytest.approx(expected)
+
+
+def test_a_precision_target_of_one_with_a_wilson_bound_is_refused():
+    """It was accepted and published nothing: the Wilson lower bound of a finite dev sample never reaches 1."""
+    with pytest.raises(ValueError, match=r"grounding.precision: 1 with grounding.z > 0 publishes nothing"):
+        GroundingConfig(precision=1.0)
+    assert GroundingConfig(precision=1.0, z=0).precision == 1.0  # the raw dev precision can be 1
