@@ -122,13 +122,15 @@ class SimilarListings:
         from mmllm.model_dir import SCHEMA_FILE, is_model_dir
         from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
         from mmllm.schema import LabelSchema
-        from mmllm.search import SearchIndex, check_index_model, load_model
+        from mmllm.search import SearchIndex, check_index_model, check_index_model_quietly, load_model
 
         index = SearchIndex.load(folder)
         schema, template = Path(folder) / SCHEMA_FILE, Path(folder) / TEMPLATE_FILE
         ref = str(Path(model).resolve()) if Path(model).exists() else model
-        check_index_model(index, ref if ref == index.meta.get("model") else index.meta["model"])
-        if ref != index.meta.get("model"):
+        # the demo's model is the index's when it is the same folder, or the same files moved elsewhere
+        same = ref == index.meta.get("model") or (Path(model).is_dir() and check_index_model_quietly(index, model))
+        check_index_model(index, model if same else index.meta["model"])
+        if not same:
             bundle = load_model(index.meta["model"], schema=schema, template=template)
         elif is_model_dir(model):
             bundle = predictor  # the same model folder: embed with it rather than load it twice
@@ -140,8 +142,12 @@ class SimilarListings:
             reader = CatalogReader(catalog, check_duplicates=False)
             policy = ImagePolicy(root=index.meta.get("image_root") or reader.root)  # where the index read them
             ids = {r["id"] for r in index.records}
-            thumbnails = {row.id: (row.images[0], policy) for row in reader
-                          if isinstance(row, Listing) and row.images and row.id in ids}
+            seen: set[str] = set()
+            for row in reader:  # the first row of an id, as the index kept it (a repeat is another listing)
+                if isinstance(row, Listing) and row.id in ids and row.id not in seen:
+                    seen.add(row.id)
+                    if row.images:
+                        thumbnails[row.id] = (row.images[0], policy)
         return cls(index, bundle, k, thumbnails)
 
     def query(self, listing: Listing, pictures: Sequence[Image.Image]) -> list[tuple[Image.Image, str]]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -270,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_index(args: argparse.Namespace) -> int:
+    """Embed the catalog into ``OUT.partial`` (the vectors in chunk files as they are computed, so an interrupted
+    build keeps its work and ``--resume`` goes on from it, never embedding a listing twice), then write the index
+    there and move it into ``--out`` last: an old index in ``--out`` stays whole until the new one is complete."""
     written = (INDEX_FILE, IDS_FILE, INDEX_META_FILE, SCHEMA_FILE, TEMPLATE_FILE)
     inputs = [args.catalog, Path(args.model), *(Path(p) for p in (args.schema, args.template) if p)]
     check_folder(inputs, "--out", args.out, written)  # the model folder, the schema: never written over
@@ -280,51 +285,161 @@ def _run_index(args: argparse.Namespace) -> int:
     if theirs:  # not an index this command wrote: those files are the user's
         raise FileExistsError(f"{args.out} holds {', '.join(theirs)}, which the index would write over; "
                               "choose a new or empty folder")
+    staging = args.out.resolve().with_name(args.out.resolve().name + ".partial")
     reader = CatalogReader(args.catalog)
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
+    job = {"format": 1, "model": _model_ref(args.model), "model_sha256": _model_files(args.model),
+           "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
+           "image_root": str(Path(policy.root).resolve()) if policy.root else None}
+    done_ids = _staged_ids(staging, job, args.resume)
     bundle = load_model(args.model, schema=args.schema, template=args.template)
     bundle.batch_size = args.batch_size
-    meta = {"format": 1, "model": _model_ref(args.model), "model_sha256": _model_files(args.model),
-            "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
-            "image_root": str(Path(policy.root).resolve()) if policy.root else None,
-            "template": getattr(getattr(bundle, "template", None), "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta = {**job, "template": getattr(getattr(bundle, "template", None), "version", None),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
     progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
                         unit="listings", enabled=not args.quiet)
-    index: SearchIndex | None = None
+    chunks = _Chunks(staging, len(done_ids))
     batch: list[Listing] = []
-    bad = 0
+    bad = resumed = 0
 
     def flush() -> None:
-        nonlocal index
-        vectors = embed_in_batches(bundle, batch, policy, args.pooling)
-        index = index or SearchIndex.empty(vectors.shape[1], meta, args.index_type)
-        index.add(vectors, [_record(listing) for listing in batch])
+        chunks.add(embed_in_batches(bundle, batch, policy, args.pooling), [_record(listing) for listing in batch])
         progress.update(len(batch), bytes_done=reader.progress()[0] if text_file else None)
         batch.clear()
 
-    for row in reader:
-        if isinstance(row, RowError):
-            print(f"BAD  {row}; skipped", file=sys.stderr)
-            bad += 1
-            continue
-        batch.append(row)
-        if len(batch) == args.batch_size:
+    try:
+        for row in reader:
+            if isinstance(row, RowError):
+                print(f"BAD  {row}; skipped", file=sys.stderr)
+                bad += 1
+                continue
+            if row.id in done_ids:  # embedded before the interruption: kept in the staging folder
+                resumed += 1
+                continue
+            batch.append(row)
+            if len(batch) == args.batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+        chunks.write()
+    except KeyboardInterrupt:
+        chunks.write()  # what was embedded is kept: --resume goes on from it
+        progress.close()
+        print(f"\ninterrupted: {chunks.rows:,} listings embedded and kept in {staging}; run the same command with "
+              "--resume to go on", file=sys.stderr)
+        return 130
     progress.close()
-    if index is None:
+    if resumed:
+        print(f"resumed: {resumed:,} listings were embedded before, {chunks.rows - resumed:,} now", file=sys.stderr)
+    if not chunks.rows:
         print(f"error: {args.catalog}: no valid listing to index ({bad} bad rows)", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    bundle.schema.to_yaml(args.out / SCHEMA_FILE)  # queries must render the very prompt the catalog did
+    index = chunks.index(meta, args.index_type)
+    bundle.schema.to_yaml(staging / SCHEMA_FILE)  # queries must render the very prompt the catalog did
     if getattr(bundle, "template", None) is not None:
-        bundle.template.save_to(args.out)
-    index.save(args.out)
+        bundle.template.save_to(staging)
+    index.save(staging)
+    _swap_in(staging, args.out, written)
     print(f"indexed {len(index):,} listings ({bad} bad rows skipped), {index.meta['dim']} dims, {args.index_type}, "
           f"{progress.rate:,.1f} listings/s -> {args.out}")
     return 0
+
+
+CHUNK_ROWS = 4096  # vectors per chunk file of a build in progress
+CHUNK_SECONDS = 60.0  # ... or fewer, at least this often: an interruption loses at most a minute of embedding
+JOB_FILE = "job.json"
+
+
+class _Chunks:
+    """The vectors of a build in progress, written to ``staging`` as ``chunk-N.npy`` + ``chunk-N.jsonl`` (the
+    records; written last, so its presence means the chunk is whole)."""
+
+    def __init__(self, staging: Path, rows: int) -> None:
+        self.staging, self.rows = staging, rows
+        self.vectors: list[np.ndarray] = []
+        self.records: list[dict[str, Any]] = []
+        self.since = time.monotonic()
+
+    def add(self, vectors: np.ndarray, records: list[dict[str, Any]]) -> None:
+        self.vectors.append(np.asarray(vectors, dtype=np.float32))
+        self.records.extend(records)
+        self.rows += len(records)
+        if len(self.records) >= CHUNK_ROWS or time.monotonic() - self.since >= CHUNK_SECONDS:
+            self.write()
+
+    def write(self) -> None:
+        self.since = time.monotonic()
+        if not self.records:
+            return
+        number = len(list(self.staging.glob("chunk-*.jsonl"))) + 1
+        stem = self.staging / f"chunk-{number:06d}"
+        with open(stem.with_suffix(".npy.tmp"), "wb") as f:
+            np.save(f, np.concatenate(self.vectors), allow_pickle=False)
+        os.replace(stem.with_suffix(".npy.tmp"), stem.with_suffix(".npy"))
+        part = stem.with_suffix(".jsonl.tmp")
+        part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8")
+        os.replace(part, stem.with_suffix(".jsonl"))
+        self.vectors, self.records = [], []
+
+    def index(self, meta: Mapping[str, Any], index_type: str) -> "SearchIndex":
+        """Every chunk, in the order written: the index."""
+        index: SearchIndex | None = None
+        for records_file in sorted(self.staging.glob("chunk-*.jsonl")):
+            vectors = np.load(records_file.with_suffix(".npy"), allow_pickle=False)
+            records = [json.loads(line) for line in records_file.read_text(encoding="utf-8").splitlines() if line]
+            index = index or SearchIndex.empty(vectors.shape[1], meta, index_type)
+            index.add(vectors, records)
+        assert index is not None
+        return index
+
+
+def _staged_ids(staging: Path, job: Mapping[str, Any], resume: bool) -> set[str]:
+    """The listing ids a staging folder holds for this job (``--resume``), after checking it is the same job;
+    a new build starts an empty one. A staging folder left by another build is never removed silently."""
+    job_file = staging / JOB_FILE
+    if not resume:
+        if any(staging.glob("chunk-*.jsonl")):
+            raise FileExistsError(f"{staging} holds an interrupted build: pass --resume to go on from it, or remove "
+                                  "the folder to start over")
+        shutil.rmtree(staging, ignore_errors=True)  # a build that stopped before its first chunk: nothing to keep
+        staging.mkdir(parents=True)
+        job_file.write_text(json.dumps(job, indent=2) + "\n")
+        return set()
+    if not job_file.is_file():
+        raise FileNotFoundError(f"--resume: {staging} holds no interrupted build of {job['catalog']}; run without "
+                                "--resume")
+    before = json.loads(job_file.read_text())
+    changed = [k for k in job if before.get(k) != job[k]]
+    if changed:
+        raise ValueError(f"--resume: the interrupted build in {staging} was made with other {', '.join(changed)} "
+                         f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}): its vectors would not compare; "
+                         "rerun it with those, or remove the folder to start over")
+    for stale in staging.glob("*.tmp"):
+        stale.unlink()  # a chunk cut off mid-write
+    ids: set[str] = set()
+    for records_file in sorted(staging.glob("chunk-*.jsonl")):
+        ids.update(json.loads(line)["id"] for line in records_file.read_text(encoding="utf-8").splitlines() if line)
+    for orphan in staging.glob("chunk-*.npy"):  # vectors whose records never got written: embedded again
+        if not orphan.with_suffix(".jsonl").exists():
+            orphan.unlink()
+    return ids
+
+
+def _swap_in(staging: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the finished index from ``staging`` into ``out``: an old index's meta.json goes first (a folder
+    without it is no index, never an old meta.json over new vectors), the new one last; then the staging
+    folder (its chunks) is removed. Each move is a rename within one folder's parent: no copying."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX_META_FILE).unlink(missing_ok=True)
+    for name in names:
+        if name != INDEX_META_FILE:
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)  # e.g. an old template a model without one leaves behind
+    os.replace(staging / INDEX_META_FILE, out / INDEX_META_FILE)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run_query(args: argparse.Namespace) -> int:
@@ -339,8 +454,10 @@ def _run_query(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"the index was built with the model folder {model}, which is not here (moved, or "
                                     "another machine): pass --model with that folder or the same checkpoint")
         if not check_index_model(index, model) and args.model and _model_ref(args.model) != index.meta["model"]:
-            print(f"warning: the index was built with {index.meta['model']}; vectors of another model do not compare",
-                  file=sys.stderr)
+            raise ValueError(f"the index was built with {index.meta['model']}, not {_model_ref(args.model)}: vectors "
+                             "of another model do not compare (the scores would be noise); query with that model, "
+                             "or rebuild the index with `mmllm search index --model ...`")
+        _check_same_prompt(folder, args.schema, args.template)
         bundle = load_model(model, schema=args.schema or folder / SCHEMA_FILE, template=args.template or folder / TEMPLATE_FILE)
         if listing.images and not getattr(bundle, "max_images", 0):
             raise ValueError(f"the model {_model_ref(model)} reads no images, so an image query would be answered "
@@ -435,6 +552,30 @@ def check_index_model(index: SearchIndex, model: str) -> bool:
     return True
 
 
+def _check_same_prompt(folder: Path, schema: str | None, template: str | None) -> None:
+    """A query must render the prompt the catalog was indexed with: a --schema or --template other than the
+    index's copies (another taxonomy, another wording) embeds the query somewhere else, silently."""
+    from mmllm.prompts import PromptTemplate
+    from mmllm.schema import LabelSchema
+
+    if schema and (folder / SCHEMA_FILE).is_file():
+        if LabelSchema.from_yaml(schema).to_dict() != LabelSchema.from_yaml(folder / SCHEMA_FILE).to_dict():
+            raise ValueError(f"--schema {schema} is not the schema {folder} was indexed with ({folder / SCHEMA_FILE}): "
+                             "a query must be embedded as the catalog was; leave --schema out, or rebuild the index")
+    if template and (folder / TEMPLATE_FILE).is_file():
+        ours, theirs = PromptTemplate.load(template), PromptTemplate.load(folder / TEMPLATE_FILE)
+        if (ours.version, ours.system, ours.user, ours.budget) != (theirs.version, theirs.system, theirs.user,
+                                                                    theirs.budget):
+            raise ValueError(f"--template {template} is not the template {folder} was indexed with "
+                             f"({folder / TEMPLATE_FILE}): leave --template out, or rebuild the index")
+
+
+def check_index_model_quietly(index: SearchIndex, model: str) -> bool:
+    """True when ``model`` is a folder with the very files the index was built with (wherever it now is)."""
+    built = index.meta.get("model_sha256")
+    return bool(built) and Path(model).is_dir() and _model_files(model) == built
+
+
 def _model_files(model: str) -> str | None:
     """A model folder's content fingerprint (``mmllm label`` keeps the same for --resume), so an index knows
     its model wherever the folder moves and whatever it is renamed to; None for a hub id."""
@@ -478,7 +619,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="flat = exact; hnsw = approximate graph search for large catalogs")
     ix.add_argument("--image-root", type=Path, help="folder image paths are relative to (default: the catalog's)")
     ix.add_argument("--allow-remote", action="store_true", help="fetch http(s) images (off: untrusted catalogs)")
-    ix.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    ix.add_argument("--overwrite", action="store_true", help="replace an existing index in --out (kept whole "
+                                                                "until the new one is complete)")
+    ix.add_argument("--resume", action="store_true", help="go on from an interrupted build (OUT.partial): the "
+                                                          "listings embedded before are not embedded again")
     ix.add_argument("--quiet", action="store_true", help="no progress output")
     ix.set_defaults(run=_run_index)
 

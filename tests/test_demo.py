@@ -279,6 +279,34 @@ def test_with_an_index_the_most_similar_listings_come_with_their_titles(tmp_path
     assert "not a search index" in capsys.readouterr().err
 
 
+def test_the_similar_listings_of_a_moved_model_and_a_repeated_id(tmp_path, tiny_checkpoint):
+    """The demo refused an index whose model folder had moved even when --model named it (paths compared, not
+    files), and showed the photo of an id's last row where the index had kept its first."""
+    import shutil
+
+    from PIL import Image
+
+    from mmllm.demo import SimilarListings
+    from mmllm.search import load_model, main as search
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "img" / "red.png")
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "img" / "blue.png")
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "p1", "title": "Red chess set", "images": ["img/red.png"]},
+        {"id": "p2", "title": "Card game"},
+        {"id": "p1", "title": "Blue kite", "images": ["img/blue.png"]}]))  # a repeat: the index skips it
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), tmp_path / "model_old")
+    assert search(["index", "--model", str(tmp_path / "model_old"), "--catalog", str(catalog), "--schema",
+                   str(TOYS_SCHEMA), "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    shutil.move(tmp_path / "model_old", tmp_path / "model_new")  # the same files, elsewhere
+    predictor = load_model(str(tmp_path / "model_new"), schema=str(TOYS_SCHEMA), template=None)
+    similar = SimilarListings.load(tmp_path / "ix", predictor, str(tmp_path / "model_new"))
+    assert similar.bundle.model is predictor.model  # the moved folder is the index's model: not loaded again
+    assert {k: v[0] for k, v in similar.thumbnails.items()} == {"p1": "img/red.png"}  # the first row's photo
+
+
 def test_the_form_counts_images_before_decoding_and_decodes_only_what_is_read(tmp_path, monkeypatch):
     import mmllm.demo as demo_module
 

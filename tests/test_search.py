@@ -315,3 +315,97 @@ def test_a_damaged_index_is_named_by_its_file_and_the_image_root_is_kept(index_d
         assert search("query", broken, "--id", "x") == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- long builds
+def test_an_interrupted_build_keeps_its_vectors_and_resume_embeds_only_the_rest(tmp_path, catalog, tiny_checkpoint,
+                                                                                 monkeypatch, capsys):
+    """A Ctrl-C lost the whole build (every vector was in memory until the one save at the end). The vectors now
+    go to OUT.partial in chunks as they are computed; --resume embeds only the listings not kept there, and the
+    index is the one an uninterrupted build writes."""
+    import mmllm.search as search_module
+
+    args = ("--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--schema", catalog.parent / "schema.yaml",
+            "--batch-size", "2", "--quiet")
+    assert search("index", *args, "--out", tmp_path / "whole") == 0
+    monkeypatch.setattr(search_module, "CHUNK_ROWS", 4)
+    real, embedded = search_module.embed_in_batches, []
+
+    def embed(bundle, listings, policy, pooling):
+        if len(embedded) == 5:  # the sixth batch: Ctrl-C
+            raise KeyboardInterrupt
+        embedded.append([x.id for x in listings])
+        return real(bundle, listings, policy, pooling)
+
+    monkeypatch.setattr(search_module, "embed_in_batches", embed)
+    capsys.readouterr()
+    assert search("index", *args, "--out", tmp_path / "ix") == 130
+    assert "interrupted: 10 listings embedded and kept in" in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists() and len(list((tmp_path / "ix.partial").glob("chunk-*.jsonl"))) == 3
+    assert search("index", *args, "--out", tmp_path / "ix") == 2  # not silently started over
+    assert "holds an interrupted build: pass --resume" in capsys.readouterr().err
+    assert search("index", *args, "--pooling", "mean", "--out", tmp_path / "ix", "--resume") == 2
+    assert "made with other pooling" in capsys.readouterr().err
+
+    embedded.clear()
+    monkeypatch.setattr(search_module, "embed_in_batches", lambda *a: embedded.append([x.id for x in a[1]]) or real(*a))
+    assert search("index", *args, "--out", tmp_path / "ix", "--resume") == 0
+    assert sum(embedded, []) == ["item-10", "item-11"]  # only what the interrupted build had not embedded
+    assert "resumed: 10 listings were embedded before, 2 now" in capsys.readouterr().err
+    assert not (tmp_path / "ix.partial").exists()
+    whole, resumed = SearchIndex.load(tmp_path / "whole"), SearchIndex.load(tmp_path / "ix")
+    assert [r["id"] for r in resumed.records] == [r["id"] for r in whole.records] == [f"item-{i}" for i in range(12)]
+    np.testing.assert_allclose(np.stack([resumed.vector(f"item-{i}") for i in range(12)]),
+                               np.stack([whole.vector(f"item-{i}") for i in range(12)]), atol=1e-5)
+
+
+def test_overwrite_keeps_the_old_index_whole_until_the_new_one_is_written(tmp_path, catalog, tiny_checkpoint,
+                                                                          monkeypatch, capsys):
+    """--overwrite wrote index.faiss, ids.jsonl and meta.json over the old ones in place: a failure on the way
+    (a full disk) left new vectors under the old meta.json, queries answering noise without an error."""
+    import mmllm.search as search_module
+
+    args = ("--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--schema", catalog.parent / "schema.yaml",
+            "--out", tmp_path / "ix", "--quiet")
+    assert search("index", *args) == 0
+    before = {name: (tmp_path / "ix" / name).read_bytes() for name in ("index.faiss", "ids.jsonl", "meta.json")}
+
+    def full_disk(self, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(search_module.SearchIndex, "save", full_disk)
+    capsys.readouterr()
+    assert search("index", *args, "--pooling", "mean", "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / "ix" / name).read_bytes() for name in before} == before  # the old index, whole
+    hits = query_json(capsys, tmp_path / "ix", "--id", "item-1", "-k", "1")
+    assert hits[0]["id"] == "item-1" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    monkeypatch.undo()
+    assert search("index", *args, "--pooling", "mean", "--overwrite", "--resume") == 0  # its vectors were kept
+    assert json.loads((tmp_path / "ix" / "meta.json").read_text())["pooling"] == "mean"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+
+
+def test_a_query_with_another_schema_template_or_model_is_refused(index_dir, catalog, tmp_path, tiny_checkpoint, capsys):
+    """Such a query was embedded another way and compared with the catalog's vectors: noise, exit 0."""
+    import yaml
+
+    schema = yaml.safe_load((catalog.parent / "schema.yaml").read_text())
+    schema["taxonomy"] = list(reversed(schema["taxonomy"]))[:-1] + ["Other > Thing"]
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(schema))
+    capsys.readouterr()
+    assert search("query", index_dir, "--text", "kite", "--schema", tmp_path / "other.yaml") == 2
+    assert "is not the schema" in capsys.readouterr().err
+    assert search("query", index_dir, "--text", "kite", "--schema", index_dir / "label_schema.yaml") == 0  # its own copy
+    capsys.readouterr()
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace("{", '{"mmllm_note": 1,', 1))
+    assert search("query", index_dir, "--text", "kite", "--model", other) == 2  # a folder: its files compared
+    assert "is not the one the index was built with" in capsys.readouterr().err
+    by_name = tmp_path / "by_name"  # an index built from a hub id keeps no fingerprint: it was a warning, exit 0
+    shutil.copytree(index_dir, by_name)
+    meta = json.loads((by_name / "meta.json").read_text())
+    (by_name / "meta.json").write_text(json.dumps({**meta, "model": "some-org/some-vlm", "model_sha256": None}))
+    assert search("query", by_name, "--text", "kite", "--model", other) == 2
+    assert "built with some-org/some-vlm" in capsys.readouterr().err
