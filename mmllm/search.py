@@ -21,6 +21,7 @@ x 2,048 dims = 800 MB; HNSW adds about 256 bytes of links per vector), plus the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -272,30 +273,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    """Embed the catalog into ``OUT.partial`` (the vectors in chunk files as they are computed, so an interrupted
-    build keeps its work and ``--resume`` goes on from it, never embedding a listing twice), then write the index
-    there and move it into ``--out`` last: an old index in ``--out`` stays whole until the new one is complete."""
+    """Embed the catalog into ``OUT/.partial`` (the vectors in chunk files as they are computed, so an
+    interrupted build keeps its work and ``--resume`` goes on from it, never embedding a listing twice), then
+    write the index there and move it into ``--out`` last: an old index in ``--out`` stays whole until the new
+    one is complete. The staging folder is inside ``--out``, so the moves are renames on one file system."""
     written = (INDEX_FILE, IDS_FILE, INDEX_META_FILE, SCHEMA_FILE, TEMPLATE_FILE)
     inputs = [args.catalog, Path(args.model), *(Path(p) for p in (args.schema, args.template) if p)]
     check_folder(inputs, "--out", args.out, written)  # the model folder, the schema: never written over
+    staging = args.out / STAGING_DIR
+    if any(staging.resolve() == p.resolve() or staging.resolve() in p.resolve().parents for p in inputs):
+        raise FileExistsError(f"{staging} is where the index is built and holds an input; choose another --out")
+    if staging.exists() and not (staging / JOB_FILE).is_file():
+        raise FileExistsError(f"{staging} exists and is not a build of `mmllm search index` (no {JOB_FILE}); move "
+                              "it, or choose another --out")
+    interrupted = args.resume and (staging / JOB_FILE).is_file()  # the first run's checks of --out passed
     ours = _index_meta(args.out / INDEX_META_FILE)  # a meta.json an index wrote, not a user's file of that name
-    if ours and not args.overwrite:
+    if ours and not args.overwrite and not interrupted:
         raise FileExistsError(f"{args.out} already holds an index; pass --overwrite to replace it")
-    theirs = [name for name in written if not ours and (args.out / name).exists()]
+    theirs = [name for name in written if not ours and not interrupted and (args.out / name).exists()]
     if theirs:  # not an index this command wrote: those files are the user's
         raise FileExistsError(f"{args.out} holds {', '.join(theirs)}, which the index would write over; "
                               "choose a new or empty folder")
-    staging = args.out.resolve().with_name(args.out.resolve().name + ".partial")
     reader = CatalogReader(args.catalog)
     policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
-    job = {"format": 1, "model": _model_ref(args.model), "model_sha256": _model_files(args.model),
-           "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
-           "image_root": str(Path(policy.root).resolve()) if policy.root else None}
-    done_ids = _staged_ids(staging, job, args.resume)
     bundle = load_model(args.model, schema=args.schema, template=args.template)
     bundle.batch_size = args.batch_size
-    meta = {**job, "template": getattr(getattr(bundle, "template", None), "version", None),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    template = getattr(bundle, "template", None)
+    job = {"format": 1, "model": _model_ref(args.model), "model_sha256": _model_files(args.model),
+           "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
+           "image_root": str(Path(policy.root).resolve()) if policy.root else None,
+           "schema_sha256": _digest(bundle.schema.to_dict()),  # the prompt a listing is embedded with
+           "template_sha256": _digest([template.version, template.system, template.user, repr(template.budget)])
+           if template is not None else None}
+    done_ids = _staged_ids(staging, job, args.resume)
+    meta = {**{k: v for k, v in job.items() if k not in ("schema_sha256", "template_sha256")},
+            "template": getattr(template, "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
     progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
                         unit="listings", enabled=not args.quiet)
@@ -335,17 +347,23 @@ def _run_index(args: argparse.Namespace) -> int:
     if not chunks.rows:
         print(f"error: {args.catalog}: no valid listing to index ({bad} bad rows)", file=sys.stderr)
         return 1
-    index = chunks.index(meta, args.index_type)
-    bundle.schema.to_yaml(staging / SCHEMA_FILE)  # queries must render the very prompt the catalog did
-    if getattr(bundle, "template", None) is not None:
-        bundle.template.save_to(staging)
-    index.save(staging)
-    _swap_in(staging, args.out, written)
+    try:
+        index = chunks.index(meta, args.index_type)
+        bundle.schema.to_yaml(staging / SCHEMA_FILE)  # queries must render the very prompt the catalog did
+        if template is not None:
+            template.save_to(staging)
+        index.save(staging)
+        _swap_in(staging, args.out, written)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted while writing the index: the {chunks.rows:,} embedded listings are kept in {staging}; "
+              "run the same command with --resume to write it", file=sys.stderr)
+        return 130
     print(f"indexed {len(index):,} listings ({bad} bad rows skipped), {index.meta['dim']} dims, {args.index_type}, "
           f"{progress.rate:,.1f} listings/s -> {args.out}")
     return 0
 
 
+STAGING_DIR = ".partial"  # inside --out: a build in progress (job.json + chunk files), removed when it is done
 CHUNK_ROWS = 4096  # vectors per chunk file of a build in progress
 CHUNK_SECONDS = 60.0  # ... or fewer, at least this often: an interruption loses at most a minute of embedding
 JOB_FILE = "job.json"
@@ -369,18 +387,21 @@ class _Chunks:
             self.write()
 
     def write(self) -> None:
+        """The pending vectors as the next chunk. The buffers are emptied first: a Ctrl-C half-way leaves an
+        incomplete chunk (its rows embedded again on resume), never a second copy of a whole one."""
         self.since = time.monotonic()
-        if not self.records:
+        vectors, records = self.vectors, self.records
+        self.vectors, self.records = [], []
+        if not records:
             return
-        number = len(list(self.staging.glob("chunk-*.jsonl"))) + 1
+        number = max((int(f.name[6:12]) for f in self.staging.glob("chunk-*.jsonl")), default=0) + 1
         stem = self.staging / f"chunk-{number:06d}"
         with open(stem.with_suffix(".npy.tmp"), "wb") as f:
-            np.save(f, np.concatenate(self.vectors), allow_pickle=False)
+            np.save(f, np.concatenate(vectors), allow_pickle=False)
         os.replace(stem.with_suffix(".npy.tmp"), stem.with_suffix(".npy"))
         part = stem.with_suffix(".jsonl.tmp")
-        part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8")
+        part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         os.replace(part, stem.with_suffix(".jsonl"))
-        self.vectors, self.records = [], []
 
     def index(self, meta: Mapping[str, Any], index_type: str) -> "SearchIndex":
         """Every chunk, in the order written: the index."""
@@ -389,9 +410,14 @@ class _Chunks:
             vectors = np.load(records_file.with_suffix(".npy"), allow_pickle=False)
             records = [json.loads(line) for line in records_file.read_text(encoding="utf-8").splitlines() if line]
             index = index or SearchIndex.empty(vectors.shape[1], meta, index_type)
-            index.add(vectors, records)
+            new = [i for i, r in enumerate(records) if r["id"] not in index._positions]  # a chunk written twice
+            index.add(vectors[new], [records[i] for i in new])
         assert index is not None
         return index
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _staged_ids(staging: Path, job: Mapping[str, Any], resume: bool) -> set[str]:
@@ -402,7 +428,7 @@ def _staged_ids(staging: Path, job: Mapping[str, Any], resume: bool) -> set[str]
         if any(staging.glob("chunk-*.jsonl")):
             raise FileExistsError(f"{staging} holds an interrupted build: pass --resume to go on from it, or remove "
                                   "the folder to start over")
-        shutil.rmtree(staging, ignore_errors=True)  # a build that stopped before its first chunk: nothing to keep
+        shutil.rmtree(staging, ignore_errors=True)  # ours (job.json), stopped before its first chunk: nothing to keep
         staging.mkdir(parents=True)
         job_file.write_text(json.dumps(job, indent=2) + "\n")
         return set()
@@ -429,7 +455,7 @@ def _staged_ids(staging: Path, job: Mapping[str, Any], resume: bool) -> set[str]
 def _swap_in(staging: Path, out: Path, names: Sequence[str]) -> None:
     """Move the finished index from ``staging`` into ``out``: an old index's meta.json goes first (a folder
     without it is no index, never an old meta.json over new vectors), the new one last; then the staging
-    folder (its chunks) is removed. Each move is a rename within one folder's parent: no copying."""
+    folder (its chunks) is removed. The staging folder is inside ``out``: each move is a rename, no copy."""
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_META_FILE).unlink(missing_ok=True)
     for name in names:
@@ -621,7 +647,7 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--allow-remote", action="store_true", help="fetch http(s) images (off: untrusted catalogs)")
     ix.add_argument("--overwrite", action="store_true", help="replace an existing index in --out (kept whole "
                                                                 "until the new one is complete)")
-    ix.add_argument("--resume", action="store_true", help="go on from an interrupted build (OUT.partial): the "
+    ix.add_argument("--resume", action="store_true", help="go on from an interrupted build (OUT/.partial): the "
                                                           "listings embedded before are not embedded again")
     ix.add_argument("--quiet", action="store_true", help="no progress output")
     ix.set_defaults(run=_run_index)

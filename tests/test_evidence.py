@@ -189,6 +189,7 @@ def test_a_maximum_age_or_a_backwards_range_is_no_minimum(text):
     ("Recommended age: 18 mos+", 1.5),
     ("Soft book, aged 18+ mos", 1.5),
     ("Suitable for ages 6-18 mos.", 0.5),
+    ("Suitable for ages 3+, kite flies 30m+", 3),  # 30 metres are no age (read as 2.5 years by "m+")
 ])
 def test_ages_in_months_are_read_as_months(toys, description, value):
     found = candidates(Listing("m", "Rocking horse", description), toys)["min_age_years"]
@@ -215,6 +216,14 @@ def test_ages_in_months_are_read_as_months(toys, description, value):
     ("Batteries required - not included", "batteries_required", True),
     ("Batteries required: 2 x AA (not included)", "batteries_required", True),
     ("Assembly required - yes", "assembly_required", True),
+    # a no that is not the line's answer: the line still says yes (read false by the first fix of the above)
+    ("Batteries required (none included)", "batteries_required", True),
+    ("Batteries required - no batteries included, buy separately", "batteries_required", True),
+    ("Assembly required - no tools needed", "assembly_required", True),
+    ("Batteries included - no charger", "batteries_included", True),
+    ("Batteries Required: No Batteries Included: No", "batteries_included", False),
+    ("Batteries required (no batteries supplied)", "batteries_included", False),  # "batteries supplied" was true
+    ("Batteries supplied separately.", "batteries_included", False),
 ])
 def test_a_spec_line_saying_no_is_false(toys, description, attribute, value):
     assert {c.value for c in candidates(Listing("b", "Kite", description), toys)[attribute]} == {value}

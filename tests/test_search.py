@@ -321,7 +321,7 @@ def test_a_damaged_index_is_named_by_its_file_and_the_image_root_is_kept(index_d
 def test_an_interrupted_build_keeps_its_vectors_and_resume_embeds_only_the_rest(tmp_path, catalog, tiny_checkpoint,
                                                                                  monkeypatch, capsys):
     """A Ctrl-C lost the whole build (every vector was in memory until the one save at the end). The vectors now
-    go to OUT.partial in chunks as they are computed; --resume embeds only the listings not kept there, and the
+    go to OUT/.partial in chunks as they are computed; --resume embeds only the listings not kept there, and the
     index is the one an uninterrupted build writes."""
     import mmllm.search as search_module
 
@@ -341,7 +341,7 @@ def test_an_interrupted_build_keeps_its_vectors_and_resume_embeds_only_the_rest(
     capsys.readouterr()
     assert search("index", *args, "--out", tmp_path / "ix") == 130
     assert "interrupted: 10 listings embedded and kept in" in capsys.readouterr().err
-    assert not (tmp_path / "ix").exists() and len(list((tmp_path / "ix.partial").glob("chunk-*.jsonl"))) == 3
+    assert not (tmp_path / "ix" / "meta.json").exists() and len(list((tmp_path / "ix" / ".partial").glob("chunk-*.jsonl"))) == 3
     assert search("index", *args, "--out", tmp_path / "ix") == 2  # not silently started over
     assert "holds an interrupted build: pass --resume" in capsys.readouterr().err
     assert search("index", *args, "--pooling", "mean", "--out", tmp_path / "ix", "--resume") == 2
@@ -352,7 +352,8 @@ def test_an_interrupted_build_keeps_its_vectors_and_resume_embeds_only_the_rest(
     assert search("index", *args, "--out", tmp_path / "ix", "--resume") == 0
     assert sum(embedded, []) == ["item-10", "item-11"]  # only what the interrupted build had not embedded
     assert "resumed: 10 listings were embedded before, 2 now" in capsys.readouterr().err
-    assert not (tmp_path / "ix.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["ids.jsonl", "index.faiss", "label_schema.yaml", "meta.json",
+                                                              "prompt_template.yaml"]
     whole, resumed = SearchIndex.load(tmp_path / "whole"), SearchIndex.load(tmp_path / "ix")
     assert [r["id"] for r in resumed.records] == [r["id"] for r in whole.records] == [f"item-{i}" for i in range(12)]
     np.testing.assert_allclose(np.stack([resumed.vector(f"item-{i}") for i in range(12)]),
@@ -409,3 +410,45 @@ def test_a_query_with_another_schema_template_or_model_is_refused(index_dir, cat
     (by_name / "meta.json").write_text(json.dumps({**meta, "model": "some-org/some-vlm", "model_sha256": None}))
     assert search("query", by_name, "--text", "kite", "--model", other) == 2
     assert "built with some-org/some-vlm" in capsys.readouterr().err
+
+
+def test_a_build_never_touches_a_partial_folder_it_did_not_write_and_resumes_only_the_same_prompt(
+        tmp_path, catalog, tiny_checkpoint, monkeypatch, capsys):
+    """A `.partial` folder of the user's beside the index was deleted by a new build; a --resume with another
+    schema mixed two prompts' vectors in one index; a chunk written twice (a Ctrl-C just after its rename)
+    stopped every later --resume at "already in the index"."""
+    import yaml
+
+    import mmllm.search as search_module
+
+    args = ("--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--batch-size", "4", "--quiet")
+    mine = tmp_path / "ix" / ".partial"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert search("index", *args, "--schema", catalog.parent / "schema.yaml", "--out", tmp_path / "ix") == 2
+    assert "is not a build of `mmllm search index`" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine"
+
+    monkeypatch.setattr(search_module, "CHUNK_ROWS", 4)
+    real, calls = search_module.embed_in_batches, []
+
+    def embed(bundle, listings, policy, pooling):
+        calls.append(len(listings))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(bundle, listings, policy, pooling)
+
+    monkeypatch.setattr(search_module, "embed_in_batches", embed)
+    assert search("index", *args, "--schema", catalog.parent / "schema.yaml", "--out", tmp_path / "new") == 130
+    staging = tmp_path / "new" / ".partial"
+    other = yaml.safe_load((catalog.parent / "schema.yaml").read_text())
+    other["taxonomy"] = other["taxonomy"] + ["Other > Thing"]
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert search("index", *args, "--schema", tmp_path / "other.yaml", "--out", tmp_path / "new", "--resume") == 2
+    assert "made with other schema_sha256" in capsys.readouterr().err
+    for suffix in (".npy", ".jsonl"):  # the first chunk again, as a Ctrl-C after its rename wrote it
+        (staging / f"chunk-000009{suffix}").write_bytes((staging / f"chunk-000001{suffix}").read_bytes())
+    monkeypatch.setattr(search_module, "embed_in_batches", real)
+    assert search("index", *args, "--schema", catalog.parent / "schema.yaml", "--out", tmp_path / "new", "--resume") == 0
+    assert [r["id"] for r in SearchIndex.load(tmp_path / "new").records] == [f"item-{i}" for i in range(12)]
