@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "encoder_precision": args.encoder_precision, "class_prior": args.class_prior}
     try:
         if queue is not None:  # before anything is opened: a user's file there is refused, not replaced
-            check_queue_path(queue)
+            check_queue_path(queue, resume=args.resume)
         output = Output(args.out, args.errors, args.resume, inputs=dumps, resume_changed=args.resume_changed,
                         manifest=job_manifest(dumps, args.model, _settings(args, review_below)),
                         extra_writes={"--review-out": queue} if queue else None)
@@ -186,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.close()
     print(summary.line())
     if queue is not None:
-        flagged = write_queue(args.out, queue)
+        try:
+            flagged = write_queue(args.out, queue)
+        except OutputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"review queue: {flagged:,} rows (confidence below {review_below:.6g}, or none, or an invalid answer), "
               f"least confident first: {queue}")
     return 1 if summary.failed else 0

@@ -305,6 +305,48 @@ def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, m
     assert ids(out) == [f"r{i}" for i in range(4)]
 
 
+def test_5_a_link_to_a_running_out_is_refused_and_a_refused_run_leaves_the_holders_files(tmp_path, model, capsys):
+    """A symbolic link to a running job's --out had a lock of its own (named after the link): both runs wrote
+    the file (1,960 records for 1,000 ids). And a run refused by the lock removed the files it had found
+    missing before it tried the lock, which the holder had just made: the holder's lock, or its --out."""
+    from mmllm.labelling.output import Output, OutputError
+
+    dump = write_dump(tmp_path / "d", 4)
+    out, link = tmp_path / "out.jsonl", tmp_path / "alias.jsonl"
+    link.symlink_to(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from mmllm.labelling.output import Output; "
+         f"o = Output(Path({str(out)!r}), None, False, inputs=[Path({str(dump)!r})], manifest={{'inputs': []}}); "
+         "print('locked', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert label(dump, link, model, "--resume") == 2
+        assert "is being written by another run" in capsys.readouterr().err
+        assert not (tmp_path / "alias.jsonl.lock").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert label(dump, link, model, "--resume") == 0 and ids(out) == [f"r{i}" for i in range(4)]
+
+    # two runs starting at once: the other run makes --out and its lock between this run's look and its lock
+    fresh = tmp_path / "fresh.jsonl"
+    real_lock = Output._lock
+
+    def beaten(self, lock_path):
+        fresh.write_text("")  # the winner's new --out, and its lock, made meanwhile
+        lock_path.write_text('{"pid": 1}')
+        raise OutputError(f"--out {fresh} is being written by another run")
+
+    Output._lock = beaten
+    try:
+        with pytest.raises(OutputError, match="being written by another run"):
+            Output(fresh, tmp_path / "errors.jsonl", False, inputs=[dump], manifest={"inputs": []})
+    finally:
+        Output._lock = real_lock
+    assert fresh.exists() and (tmp_path / "fresh.jsonl.lock").exists()  # the winner's files: not removed
+
+
 # ---------------------------------------------------------------------- 6: the processor refuses one row
 def test_6_a_row_the_processor_refuses_fails_its_row_only_and_resume_goes_on(tmp_path, model, capsys, monkeypatch):
     from mmllm.models.generative import GenerativePredictor

@@ -42,7 +42,14 @@ def test_queue_is_the_flagged_rows_least_confident_first_and_never_a_users_file(
     assert queue.name == "labels.review.jsonl"
     assert write_queue(out, queue) == 3
     assert [json.loads(line)["id"] for line in queue.read_text().splitlines()] == ["item-2", "item-3", "item-0"]
-    check_queue_path(queue)  # our own queue: rewritten freely
+    check_queue_path(queue, resume=True)  # our own queue, on --resume: rewritten freely
+    # another run's queue (two shards given one --review-out): the second replaced the first's 170 rows
+    with pytest.raises(OutputError, match="holds the review queue of another run \\(3 rows\\)"):
+        check_queue_path(queue)
+    other = write_labels(tmp_path / "shard1.jsonl", [record(7, 0.2, review=True)])
+    with pytest.raises(OutputError, match="holds rows of another run \\(id 'item-2' is not in"):
+        write_queue(other, queue)  # at the end too: the runs may have started together
+    assert [json.loads(line)["id"] for line in queue.read_text().splitlines()] == ["item-2", "item-3", "item-0"]
     mine = tmp_path / "notes.jsonl"
     mine.write_text('{"my": "data"}\n')
     with pytest.raises(OutputError, match="not a review queue written by `mmllm label`"):

@@ -49,6 +49,9 @@ class WriteError(Exception):
 
 # ---------------------------------------------------------------------- paths
 def sidecar_paths(out: Path) -> dict[str, Path]:
+    """The lock and the job manifest of an output file, named after the file itself (links resolved): a
+    symbolic link to a running job's --out finds its lock, not a lock of its own."""
+    out = Path(out).resolve()
     return {"lock file": out.with_name(out.name + ".lock"), "job manifest": out.with_name(out.name + ".job.json")}
 
 
@@ -216,12 +219,19 @@ class Output:
                   **(extra_writes or {})}  # files the caller writes itself (the review queue): checked the same way
         self._missing_errors: list[dict[str, Any]] = []
         check_paths(inputs, writes)
-        # the files this job brings into being: a job refused before its first row takes them away (abandon)
-        self._created = [f for f in (self.path, self.errors_path, *sidecars.values()) if f is not None and not f.exists()]
+        self._created: list[Path] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if sidecars:  # locked before looking at --out: a run that ends meanwhile cannot slip past the check
-                self._lock(sidecars["lock file"])
+            lock_path = sidecars.get("lock file")
+            lock_was_there = lock_path is not None and lock_path.exists()
+            if lock_path is not None:  # locked before looking at --out: a run that ends meanwhile cannot slip past
+                self._lock(lock_path)
+            # the files this job brings into being, known once it holds the lock (before, a run refused by the
+            # lock took away the files of the run that holds it): a job refused before its first row removes them
+            self._created = [f for f in (self.path, self.errors_path, sidecars.get("job manifest"))
+                             if f is not None and not f.exists()]
+            if lock_path is not None and not lock_was_there:
+                self._created.append(lock_path)
             for name, target in (("--out", self.path), ("--errors", self.errors_path)):
                 if target is not None and target.exists() and target.stat().st_size and not resume:
                     raise OutputError(f"{name} {target} exists: pass --resume to continue it, or choose another path")

@@ -73,9 +73,10 @@ def default_queue_path(out: Path) -> Path:
         out.with_name(out.name[: -len(".jsonl")] + QUEUE_SUFFIX)
 
 
-def check_queue_path(queue: Path) -> None:
-    """A queue path may be new, empty, or a queue this module wrote; anything else is the user's file. Its
-    folder is made now, so that a run never ends without the queue it promised."""
+def check_queue_path(queue: Path, resume: bool = False) -> None:
+    """A queue path may be new, empty, or (``--resume``) a queue this module wrote; anything else is the user's
+    file, or another run's queue (two shards given one ``--review-out``: the second replaced the first's rows).
+    Its folder is made now, so that a run never ends without the queue it promised."""
     if queue.is_dir():
         raise OutputError(f"--review-out {queue} is a folder; give a file path")
     queue.parent.mkdir(parents=True, exist_ok=True)
@@ -88,13 +89,34 @@ def check_queue_path(queue: Path) -> None:
     if not records or any(r.get("review") is not True for r in records):  # (a queue is never torn: it is replaced whole)
         raise OutputError(f"--review-out {queue} exists and is not a review queue written by `mmllm label`; "
                           "choose another path")
+    if not resume:  # a new --out's queue: the file there is another run's
+        raise OutputError(f"--review-out {queue} holds the review queue of another run ({len(records):,} rows); "
+                          "give each run its own --review-out, or --resume the run it belongs to")
 
 
 def write_queue(out: Path, queue: Path) -> int:
-    """The flagged records of ``out``, least confident first, as ``queue``; returns how many."""
-    records, _ = read_records(out, "--out")
-    flagged = sorted((r for r in records if r.get("review") is True), key=queue_order)
-    tmp = queue.with_name(queue.name + ".tmp")
+    """The flagged records of ``out``, least confident first, as ``queue``; returns how many. Reads ``out`` one
+    line at a time, keeping the flagged records only. An existing queue holding a row ``out`` does not have is
+    another run's and is not replaced (the records in ``out`` carry their review flags: nothing is lost)."""
+    flagged, ids = [], set()
+    with open(out, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # a torn last line is no record
+            record = json.loads(raw)
+            ids.add(str(record.get("id")))
+            if record.get("review") is True:
+                flagged.append(record)
+    if queue.exists() and queue.stat().st_size:
+        with open(queue, "rb") as f:
+            foreign = next((json.loads(raw).get("id") for raw in f if raw.strip()
+                            and str(json.loads(raw).get("id")) not in ids), None)
+        if foreign is not None:
+            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign!r} is not in {out}): not "
+                              f"replaced; write this run's queue with `mmllm label ... --out {out} --resume "
+                              "--review-out OTHER`")
+    flagged.sort(key=queue_order)
+    tmp = queue.with_name(f"{queue.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for record in flagged:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
