@@ -284,14 +284,19 @@ def test_an_interrupt_ends_with_one_line_and_resume_finishes(tmp_path, model, ca
 
 
 # ---------------------------------------------------------------------- 5: one run per --out
-def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, model, capsys):
-    dump = write_dump(tmp_path / "d", 4)
-    out = tmp_path / "out.jsonl"
-    holder = subprocess.Popen(
+def _holder(out: Path, dump: Path) -> subprocess.Popen:
+    """Another process holding --out's lock until its stdin closes (it prints "locked" once it holds it)."""
+    return subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; from mmllm.labelling.output import Output; "
          f"o = Output(Path({str(out)!r}), None, False, inputs=[Path({str(dump)!r})], manifest={{'inputs': []}}); "
          "print('locked', flush=True); sys.stdin.readline()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, model, capsys):
+    dump = write_dump(tmp_path / "d", 4)
+    out = tmp_path / "out.jsonl"
+    holder = _holder(out, dump)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert label(dump, out, model, "--resume") == 2
@@ -314,11 +319,7 @@ def test_5_a_link_to_a_running_out_is_refused_and_a_refused_run_leaves_the_holde
     dump = write_dump(tmp_path / "d", 4)
     out, link = tmp_path / "out.jsonl", tmp_path / "alias.jsonl"
     link.symlink_to(out)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from mmllm.labelling.output import Output; "
-         f"o = Output(Path({str(out)!r}), None, False, inputs=[Path({str(dump)!r})], manifest={{'inputs': []}}); "
-         "print('locked', flush=True); sys.stdin.readline()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    holder = _holder(out, dump)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert label(dump, link, model, "--resume") == 2
