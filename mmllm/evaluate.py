@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 from mmllm.catalog import CatalogReader, RowError, attributes_labelled
 from mmllm.config import at_least
+from mmllm.progress import Progress
 from mmllm.evidence import candidates
 from mmllm.metrics import (HEADLINE, SOURCES, Rows, bootstrap, evaluate_rows, selective_metrics, situation_metrics,
                            source_metrics, unscored)
@@ -289,13 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics["attribute_situations"] = situation_metrics(rows, names, args.tolerance) if declares_evidence(schema) else None
     metrics["attribute_sources"] = source_metrics(rows, names, args.tolerance)
     metrics["selective"] = selective_metrics(rows, args.target_accuracy)
-    intervals = bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed)
+    intervals = _bootstrap(rows, names, args)
     comparison = None
     if other is not None:
         theirs = selective_metrics(other)
         comparison = {"other": str(args.compare), "metrics": {k: v for k, v in evaluate_rows(other, names, args.tolerance).items() if k in HEADLINE},
                       "accuracy_at_coverage": theirs["accuracy_at_coverage"] if theirs else None,
-                      "intervals": bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed, other=other)}
+                      "intervals": _bootstrap(rows, names, args, other)}
     write_report(args.report, metrics, intervals, rows, args.model, comparison)
     print(f"{'metric':<22} {'value':>8}  95% CI")
     for key in HEADLINE:
@@ -324,6 +325,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"rows {metrics['rows']}, missing {metrics['missing_rows']}, errors {metrics['error_rows']}, "
           f"invalid {metrics['invalid_rows']}; report: {args.report / 'report.md'}")
     return 0
+
+
+SLOW_BOOTSTRAP = 2_000_000  # rows x resamples past which the intervals take minutes: say so, and show progress
+
+
+def _bootstrap(rows: Rows, names: list[str], args: argparse.Namespace, other: Rows | None = None) -> dict[str, Any]:
+    """The intervals, with a progress line (resamples/s, ETA) where they take minutes: each resample scores
+    every row again (40,000 rows: about a second each)."""
+    slow = len(rows.ids) * args.bootstrap >= SLOW_BOOTSTRAP
+    if slow:
+        print(f"bootstrap: {args.bootstrap:,} resamples of {len(rows.ids):,} rows (--bootstrap 200 for a quicker "
+              "report, with wider intervals)", file=sys.stderr)
+    with Progress("bootstrap", total_rows=args.bootstrap, unit="resamples", enabled=slow,
+                  log_every_rows=max(1, args.bootstrap // 10)) as progress:
+        return bootstrap(rows, names, args.tolerance, samples=args.bootstrap, seed=args.seed, other=other,
+                         progress=progress.update)
 
 
 def _print_warnings(warnings: list[str], limit: int = 20) -> None:

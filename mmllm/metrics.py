@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -244,12 +244,13 @@ def selective_curve(rows: Rows) -> Curve:
 
 
 def bootstrap(rows: Rows, attribute_names: Sequence[str], tolerance: float, *, samples: int = 1000, seed: int = 0,
-              other: Rows | None = None) -> dict[str, Any]:
+              other: Rows | None = None, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Seeded percentile bootstrap over rows for the headline metrics (paired when ``other`` is given).
 
     Where the predictions (both files, when paired) carry a confidence, the accuracy at each of
     :data:`COVERAGES` too, under ``"accuracy_at_coverage"``: each resample draws its own curve, so the
-    interval holds the rows' noise and where the share's boundary falls among them."""
+    interval holds the rows' noise and where the share's boundary falls among them. ``progress(1)`` after
+    each resample."""
     rng = np.random.default_rng(seed)
     n = len(rows.ids)
     draws: dict[str, list[float]] = {k: [] for k in HEADLINE}
@@ -267,6 +268,8 @@ def bootstrap(rows: Rows, attribute_names: Sequence[str], tolerance: float, *, s
                 values = [curve.accuracy_at(c) for curve in curves]
                 if None not in values:  # a resample without gold categories has no curve
                     at_coverage[f"{c:.0%}"].append(values[0] - (values[1] if len(values) > 1 else 0.0))
+        if progress is not None:
+            progress(1)
     intervals: dict[str, Any] = {key: _percentiles(v) for key, v in draws.items()}
     if at_coverage:
         intervals["accuracy_at_coverage"] = {key: _percentiles(v) for key, v in at_coverage.items() if v}
