@@ -176,7 +176,16 @@ def read_records(path: Path, name: str) -> tuple[list[dict[str, Any]], int]:
     Refuses (before anything is cut) a file that is not a label output; a torn last line - a kill
     or a failed write - is not counted and will be cut off.
     """
-    records, whole = [], 0
+    records: list[dict[str, Any]] = []
+    _, whole = scan_records(path, name, records.append)
+    return records, whole
+
+
+def scan_records(path: Path, name: str, visit: Any) -> tuple[int, int]:
+    """``visit(record)`` for each whole label record of an output file, one line at a time (a resume of a
+    million-row --out keeps what it needs of each, not every record); returns how many, and the byte length
+    of the whole lines. Refuses a file that is not a label output, as :func:`read_records`."""
+    count, whole = 0, 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
@@ -191,9 +200,10 @@ def read_records(path: Path, name: str) -> tuple[list[dict[str, Any]], int]:
             if not _is_record(record):
                 raise OutputError(f"{name} {path} line {number} is not a label record: it is not an output of "
                                   "`mmllm label`; choose another path")
-            records.append(record)
+            visit(record)
+            count += 1
             whole += len(raw)
-    return records, whole
+    return count, whole
 
 
 # ---------------------------------------------------------------------- the output
@@ -266,13 +276,20 @@ class Output:
         self._lock_fd = fd
 
     def _resume(self, manifest: dict[str, Any] | None, manifest_path: Path | None, resume_changed: bool) -> None:
-        records: list[dict[str, Any]] = []
-        out_whole = None
-        if self.path.exists():
-            records, out_whole = read_records(self.path, "--out")
         errors, err_whole = [], None
         if self.errors_path is not None and self.errors_path.exists():
             errors, err_whole = read_records(self.errors_path, "--errors")
+        have = {_key(e) for e in errors}
+        done, failed = DoneRows(), []
+
+        def visit(record: dict[str, Any]) -> None:  # what a resume needs of each record, not the record itself
+            done.add(record)
+            if record["status"] != "ok" and _key(record) not in have:
+                failed.append(record)  # a failure --errors lacks (a previous run wrote --out only)
+
+        records, out_whole = 0, None
+        if self.path.exists():
+            records, out_whole = scan_records(self.path, "--out", visit)
         if manifest is not None and records:
             if manifest_path is not None and manifest_path.exists():
                 try:
@@ -299,11 +316,9 @@ class Output:
             _truncate(self.path, out_whole)
         if err_whole is not None:
             _truncate(self.errors_path, err_whole)
-        for record in records:
-            self.done.add(record)
+        self.done = done
         if self.errors_path is not None:
-            have = {_key(e) for e in errors}
-            self._missing_errors = [r for r in records if r["status"] != "ok" and _key(r) not in have]
+            self._missing_errors = failed
 
     def _write_manifest(self, path: Path, manifest: dict[str, Any]) -> None:
         history = []
