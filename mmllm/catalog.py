@@ -650,7 +650,6 @@ def _size_for_progress(path: Path) -> int | None:
     return None if path.name.lower().endswith(".gz") else path.stat().st_size
 
 
-
 class _LineStarts:
     """The lines of a text, counted, for csv's reader: ``first`` is the number of the first non-blank line read
     since ``mark()``, so a record is named by the line it starts on, even one csv cannot finish (a field past
@@ -673,6 +672,7 @@ class _LineStarts:
 
     def mark(self) -> None:
         self.first = None
+
 
 def _position(f: IO[bytes]) -> int:
     try:

@@ -122,13 +122,13 @@ class SimilarListings:
         from mmllm.model_dir import SCHEMA_FILE, is_model_dir
         from mmllm.prompts import TEMPLATE_FILE, PromptTemplate
         from mmllm.schema import LabelSchema
-        from mmllm.search import SearchIndex, check_index_model, check_index_model_quietly, load_model
+        from mmllm.search import SearchIndex, check_index_model, load_model, same_model_files
 
         index = SearchIndex.load(folder)
         schema, template = Path(folder) / SCHEMA_FILE, Path(folder) / TEMPLATE_FILE
         ref = str(Path(model).resolve()) if Path(model).exists() else model
         # the demo's model is the index's when it is the same folder, or the same files moved elsewhere
-        same = ref == index.meta.get("model") or (Path(model).is_dir() and check_index_model_quietly(index, model))
+        same = ref == index.meta.get("model") or same_model_files(index, model) is True
         check_index_model(index, model if same else index.meta["model"])
         if not same:
             bundle = load_model(index.meta["model"], schema=schema, template=template)

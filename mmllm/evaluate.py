@@ -44,11 +44,11 @@ from typing import Any, Sequence
 
 from mmllm.catalog import CatalogReader, RowError, attributes_labelled
 from mmllm.config import at_least
-from mmllm.progress import Progress
 from mmllm.evidence import candidates
 from mmllm.metrics import (HEADLINE, SOURCES, Rows, bootstrap, evaluate_rows, selective_metrics, situation_metrics,
                            source_metrics, unscored)
 from mmllm.output_paths import PathClash, check_folder
+from mmllm.progress import Progress
 from mmllm.report import REPORT_FILES, cell, interval, write_report
 from mmllm.schema import LabelSchema, clean_path
 

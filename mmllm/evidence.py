@@ -237,9 +237,8 @@ def _table_text(raw: Any, spec: Any) -> str | None:
     text a seller would have typed ("Plastic, Wood") for a list attribute, its one item for the others (two
     numbers for a piece count are no piece count)."""
     if isinstance(raw, list):
-        items = [_clean(item) for item in raw if not isinstance(item, (list, dict))]
-        items = [item for item in items if item is not None]
-        if len(items) != len([item for item in raw if item is not None]) or not items:
+        items = [_clean(item) for item in raw if item is not None]
+        if not items or None in items:  # a nested list, an object, an empty text: not a value a seller typed
             return None
         if getattr(spec, "type", None) == "list":
             return _clean(", ".join(items))

@@ -119,6 +119,9 @@ class SearchIndex:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    def __contains__(self, listing_id: object) -> bool:
+        return listing_id in self._positions
+
     def vector(self, listing_id: str) -> np.ndarray:
         """The stored vector of an indexed listing (both index types keep the raw vectors)."""
         if listing_id not in self._positions:
@@ -303,8 +306,7 @@ def _run_index(args: argparse.Namespace) -> int:
            "pooling": args.pooling, "catalog": str(args.catalog.resolve()),
            "image_root": str(Path(policy.root).resolve()) if policy.root else None,
            "schema_sha256": _digest(bundle.schema.to_dict()),  # the prompt a listing is embedded with
-           "template_sha256": _digest([template.version, template.system, template.user, repr(template.budget)])
-           if template is not None else None}
+           "template_sha256": _digest(_template_key(template)) if template is not None else None}
     done_ids = _staged_ids(staging, job, args.resume)
     meta = {**{k: v for k, v in job.items() if k not in ("schema_sha256", "template_sha256")},
             "template": getattr(template, "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -408,12 +410,16 @@ class _Chunks:
         index: SearchIndex | None = None
         for records_file in sorted(self.staging.glob("chunk-*.jsonl")):
             vectors = np.load(records_file.with_suffix(".npy"), allow_pickle=False)
-            records = [json.loads(line) for line in records_file.read_text(encoding="utf-8").splitlines() if line]
+            records = _chunk_records(records_file)
             index = index or SearchIndex.empty(vectors.shape[1], meta, index_type)
-            new = [i for i, r in enumerate(records) if r["id"] not in index._positions]  # a chunk written twice
+            new = [i for i, r in enumerate(records) if r["id"] not in index]  # a chunk written twice
             index.add(vectors[new], [records[i] for i in new])
         assert index is not None
         return index
+
+
+def _chunk_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _digest(value: Any) -> str:
@@ -445,7 +451,7 @@ def _staged_ids(staging: Path, job: Mapping[str, Any], resume: bool) -> set[str]
         stale.unlink()  # a chunk cut off mid-write
     ids: set[str] = set()
     for records_file in sorted(staging.glob("chunk-*.jsonl")):
-        ids.update(json.loads(line)["id"] for line in records_file.read_text(encoding="utf-8").splitlines() if line)
+        ids.update(r["id"] for r in _chunk_records(records_file))
     for orphan in staging.glob("chunk-*.npy"):  # vectors whose records never got written: embedded again
         if not orphan.with_suffix(".jsonl").exists():
             orphan.unlink()
@@ -568,10 +574,10 @@ def check_index_model(index: SearchIndex, model: str) -> bool:
     """Refuse a model folder whose files differ from those the index was built with (vectors of another
     model do not compare: the results would be noise). True when the folder was checked, False when it
     cannot be (a hub id, an index written before its model's fingerprint was kept)."""
-    built, now = index.meta.get("model_sha256"), _model_files(model)
-    if not (built and now):
+    same = same_model_files(index, model)
+    if same is None:
         return False
-    if built != now:
+    if not same:
         raise ValueError(f"the model folder {_model_ref(model)} is not the one the index was built with (its files "
                          "differ: retrained, or another model): rebuild the index with `mmllm search index`, or "
                          "give the folder it was built with")
@@ -589,17 +595,21 @@ def _check_same_prompt(folder: Path, schema: str | None, template: str | None) -
             raise ValueError(f"--schema {schema} is not the schema {folder} was indexed with ({folder / SCHEMA_FILE}): "
                              "a query must be embedded as the catalog was; leave --schema out, or rebuild the index")
     if template and (folder / TEMPLATE_FILE).is_file():
-        ours, theirs = PromptTemplate.load(template), PromptTemplate.load(folder / TEMPLATE_FILE)
-        if (ours.version, ours.system, ours.user, ours.budget) != (theirs.version, theirs.system, theirs.user,
-                                                                    theirs.budget):
+        if _template_key(PromptTemplate.load(template)) != _template_key(PromptTemplate.load(folder / TEMPLATE_FILE)):
             raise ValueError(f"--template {template} is not the template {folder} was indexed with "
                              f"({folder / TEMPLATE_FILE}): leave --template out, or rebuild the index")
 
 
-def check_index_model_quietly(index: SearchIndex, model: str) -> bool:
-    """True when ``model`` is a folder with the very files the index was built with (wherever it now is)."""
-    built = index.meta.get("model_sha256")
-    return bool(built) and Path(model).is_dir() and _model_files(model) == built
+def _template_key(template: Any) -> list[str]:
+    """What a template renders (its version and texts, its budget), not where its file lies."""
+    return [template.version, template.system, template.user, repr(template.budget)]
+
+
+def same_model_files(index: SearchIndex, model: str) -> bool | None:
+    """Whether ``model`` is a folder with the very files the index was built with (wherever it now is); None
+    when that cannot be told (a hub id, an index written before its model's fingerprint was kept)."""
+    built, now = index.meta.get("model_sha256"), _model_files(model)
+    return built == now if built and now else None
 
 
 def _model_files(model: str) -> str | None:

@@ -287,10 +287,10 @@ class Output:
             if record["status"] != "ok" and _key(record) not in have:
                 failed.append(record)  # a failure --errors lacks (a previous run wrote --out only)
 
-        records, out_whole = 0, None
+        out_records, out_whole = 0, None
         if self.path.exists():
-            records, out_whole = scan_records(self.path, "--out", visit)
-        if manifest is not None and records:
+            out_records, out_whole = scan_records(self.path, "--out", visit)
+        if manifest is not None and out_records:
             if manifest_path is not None and manifest_path.exists():
                 try:
                     old = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -307,7 +307,7 @@ class Output:
             else:
                 self.notes.append(f"{self.path} has no job manifest (written by an older mmllm): "
                                   "its inputs and model cannot be checked")
-        if errors and not records:
+        if errors and not out_records:
             raise OutputError(f"--resume: --errors {self.errors_path} holds {len(errors)} record(s) but --out {self.path} "
                               "holds none: they belong to another run, and resuming would write its failures twice; "
                               "choose another --errors (or move that file away)")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, attributes_labelled
-from mmllm.labelling.output import OutputError, check_paths, read_records, starts_a_record
+from mmllm.labelling.output import OutputError, check_paths, read_records, scan_records, starts_a_record
 from mmllm.schema import LabelSchema
 
 QUEUE_SUFFIX = ".review.jsonl"
@@ -98,22 +98,21 @@ def write_queue(out: Path, queue: Path) -> int:
     """The flagged records of ``out``, least confident first, as ``queue``; returns how many. Reads ``out`` one
     line at a time, keeping the flagged records only. An existing queue holding a row ``out`` does not have is
     another run's and is not replaced (the records in ``out`` carry their review flags: nothing is lost)."""
-    flagged, ids = [], set()
-    with open(out, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break  # a torn last line is no record
-            record = json.loads(raw)
-            ids.add(str(record.get("id")))
-            if record.get("review") is True:
-                flagged.append(record)
+    flagged: list[dict[str, Any]] = []
+    ids: set[str] = set()
+
+    def keep(record: dict[str, Any]) -> None:
+        ids.add(str(record.get("id")))
+        if record.get("review") is True:
+            flagged.append(record)
+
+    scan_records(out, "--out", keep)
     if queue.exists() and queue.stat().st_size:
-        with open(queue, "rb") as f:
-            foreign = next((json.loads(raw).get("id") for raw in f if raw.strip()
-                            and str(json.loads(raw).get("id")) not in ids), None)
-        if foreign is not None:
-            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign!r} is not in {out}): not "
-                              f"replaced; write this run's queue with `mmllm label ... --out {out} --resume "
+        foreign: list[Any] = []
+        scan_records(queue, "--review-out", lambda r: foreign.append(r.get("id")) if str(r.get("id")) not in ids else None)
+        if foreign:
+            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign[0]!r} is not in {out}): "
+                              f"not replaced; write this run's queue with `mmllm label ... --out {out} --resume "
                               "--review-out OTHER`")
     flagged.sort(key=queue_order)
     tmp = queue.with_name(f"{queue.name}.{os.getpid()}.tmp")
