@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from mmllm import model_dir
+from mmllm.catalog import attributes_labelled
 from mmllm.config import help_field
 from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
@@ -271,7 +272,8 @@ def _voting_heads(specs: list[heads.HeadSpec]) -> list[heads.HeadSpec]:
 
 def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
               collate: Any, anchor: Anchor | None, memory_rows: list[Any], build: Any) -> VoteFit:
-    """The vote's per-head weights (``vote.py``): hold out ``vote.holdout`` of the training rows, fit
+    """The vote's per-head weights (``vote.py``): hold out ``vote.holdout`` of the training rows that label the
+    attributes (a category-only row is neither scored nor teaches an attribute), fit
     each member on the rest (the heads trained again, the lexical member refitted, the neighbours
     among the rest), and choose each attribute head's weights on the held-out rows."""
     voting = _voting_heads(specs)
@@ -283,14 +285,19 @@ def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], feat
         say(s.accelerator, "vote: equal weights (fusion.freeze: false tunes the encoders end to end; a side fit "
                            "would tune the same encoders)")
         return VoteFit()
-    kept, held = holdout_split([r.id for r in s.train_rows], cfg.vote.holdout)
+    # the vote weighs attribute heads: a row labelled for the category only (its attributes unknown) would
+    # neither be scored nor teach an attribute, so the side fit reads the rows that label the attributes
+    labelled = [r for r in s.train_rows if attributes_labelled(r.label)]
+    kept, held = holdout_split([r.id for r in labelled], cfg.vote.holdout)
     if len(held) < cfg.vote.min_rows or len(kept) < len(held):
         say(s.accelerator, f"vote: equal weights ({len(held)} held-out training rows, fewer than vote.min_rows)")
         return VoteFit()
     started = time.perf_counter()
-    fit_rows, held_rows = [s.train_rows[i] for i in kept], [s.train_rows[i] for i in held]
+    fit_rows, held_rows = [labelled[i] for i in kept], [labelled[i] for i in held]
+    skipped = len(s.train_rows) - len(labelled)
     say(s.accelerator, f"vote: choosing the weights of {', '.join(members)} on {len(held_rows)} held-out training rows "
-                       f"(the heads trained on the other {len(fit_rows)})")
+                       f"(the heads trained on the other {len(fit_rows)}"
+                       + (f"; {skipped} rows labelled for the category only left out" if skipped else "") + ")")
     probs: dict[str, dict[str, torch.Tensor]] = {sp.name: {} for sp in voting}
     side_dir = s.out_dir / "vote_holdout"
     try:
