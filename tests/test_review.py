@@ -92,6 +92,13 @@ def test_a_torn_last_line_is_cut_and_decided_rows_are_remembered(tmp_path):
     store.save(listings[1], {"category": "Vehicles > Cars", "attributes": {}}, "corrected", record(1, 0.2))
     store.close()
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["item-0", "item-1"]
+    # a whole catalog row (no review) at the end without its newline: refused like any row not ours, never cut
+    hand = path.read_text() + json.dumps({"id": "item-9", "title": "hand-labelled toy",
+                                          "label": {"category": "Games > Chess"}})
+    path.write_text(hand)
+    with pytest.raises(OutputError, match="line 3 is not a reviewed row"):
+        Corrections(path, small_schema())
+    assert path.read_text() == hand
 
 
 def test_a_file_that_is_not_ours_is_refused_and_inputs_are_never_written(tmp_path):

@@ -124,6 +124,15 @@ def write_queue(out: Path, queue: Path) -> int:
 
 
 # ---------------------------------------------------------------------- corrections
+def _whole_json(raw: bytes) -> bool:
+    """Whether a line is one whole JSON value (a write cut short is not)."""
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
+
+
 class CorrectionError(ValueError):
     """A decision that cannot be saved (a label outside the schema, a row decided already)."""
 
@@ -152,8 +161,8 @@ class Corrections:
                 if not raw.endswith(b"\n"):  # the last line: a row a kill cut short, a whole row (a hand edit
                     ended = False             # dropped its newline), or a file that is not ours
                     if self._decision(raw) is None:
-                        if starts_a_record(raw):
-                            break  # torn mid-write: cut below
+                        if starts_a_record(raw) and not _whole_json(raw):
+                            break  # torn mid-write: cut below (a whole line that is no reviewed row is refused)
                         self._refuse(number)
                 try:
                     row = json.loads(raw)
