@@ -125,7 +125,7 @@ def _run_job(verb: str, argv: list[str]) -> int:
 
 
 def _schema_infer(args: argparse.Namespace) -> int:
-    from mmllm.catalog import CatalogReader, Listing, RowError
+    from mmllm.catalog import CatalogReader, RowError
     from mmllm.schema_infer import infer_schema
 
     if args.out is not None:
@@ -158,6 +158,10 @@ def _schema_infer(args: argparse.Namespace) -> int:
         shown = ", ".join(repr(c) for c in report["other_separator"][:3])
         print(f"note: {len(report['other_separator'])} categories hold '/' but no '>' ({shown}), beside paths written with "
               "'>': each is one level here; if '/' separates levels, write them with ' > ' and draft again", file=sys.stderr)
+    for attribute, refused in report.get("refused_labels", {}).items():
+        kinds = ", ".join(f"{n} {kind}" for kind, n in refused["types"].items())
+        print(f"warning: {attribute}: the draft refuses {refused['values']} of its {refused['of']} gold values (written as "
+              f"{kinds}; first {refused['first']}): give it one type in the labels, or edit its spec", file=sys.stderr)
     if report.get("empty_attributes"):
         print(f"note: left out {', '.join(report['empty_attributes'])}: every label gives an empty list", file=sys.stderr)
     if bad:  # left out of the draft, and said so: the schema must not lose categories without a word
@@ -192,7 +196,7 @@ def _schema_infer(args: argparse.Namespace) -> int:
 
 
 def _table_keys_lines(proposals: list[dict], min_agreement: float) -> list[str]:
-    return _proposal_lines(proposals, f"seller-table keys (proposed: {{rule}} over >= {{rows}} rows):",
+    return _proposal_lines(proposals, "seller-table keys (proposed: {rule} over >= {rows} rows):",
                            "none agreed with the gold labels on enough rows", "key", ("parser", "parser", "<8"),
                            min_agreement)
 

@@ -192,6 +192,35 @@ def test_infer_enum_list_and_string_types():
         infer_schema([{"attributes": {"a": 1}}])
 
 
+def test_infer_reads_one_attribute_written_several_ways_and_accepts_its_own_labels():
+    """A catalog writes 386 and "386", true and "yes", a list and a bare string: the draft had typed them
+    string / an enum of 'True', 'yes', ... / an enum of stringified lists and refused half of its own gold
+    labels (each losing its whole label in training), silently. Values kept their double spaces and tabs
+    (which the schema squeezes before comparing, so they matched nothing), took the last spelling seen
+    (one "lego" beat 99 "LEGO") or, in a list, a spelling that changed with the hash seed."""
+    labels = [{"category": "Toys", "attributes": {
+        "pieces": i if i % 2 else str(i), "battery": [True, False][i % 2] if i % 3 else ["yes", "no"][i % 2],
+        "tags": ["wood", "Metal "] if i % 2 else "wood", "brand": "LEGO" if i % 10 else "lego",
+        "maker": "Hot  Wheels" if i % 2 else "Play\tDoh", "kit": ["LEGO", "Duplo"] if i % 10 else ["lego"]}}
+        for i in range(1, 101)]
+    schema, report = infer_schema(labels)
+    types = {a.name: a.type for a in schema.attributes}
+    assert types == {"battery": "boolean", "brand": "enum", "kit": "list", "maker": "enum", "pieces": "integer",
+                     "tags": "list"}
+    assert schema.attribute("pieces").maximum == 1000 and schema.attribute("tags").values == ("Metal", "wood")
+    assert schema.attribute("brand").values == ("LEGO",) and schema.attribute("kit").values == ("Duplo", "LEGO")
+    assert schema.attribute("maker").values == ("Hot Wheels", "Play Doh")
+    assert all(schema.validate(label).ok for label in labels) and "refused_labels" not in report
+    # what no one type reads (a number beside a list) is counted and named, never dropped in silence
+    mixed = [{"category": "Toys", "attributes": {"size": 3}}, {"category": "Toys", "attributes": {"size": ["S"]}},
+             {"category": "Toys", "attributes": {"size": "M"}}]
+    _, report = infer_schema(mixed)
+    assert report["refused_labels"]["size"] == {"values": 2, "of": 3, "first": "3", "types": {"int": 1, "list": 1, "str": 1}}
+    # a value past the largest float times ten: a bound, not an OverflowError
+    huge, _ = infer_schema([{"category": "Toys", "attributes": {"n": 10 ** 308}}, {"category": "Toys", "attributes": {"n": 1}}])
+    assert huge.attribute("n").type == "integer" and huge.attribute("n").maximum >= 10 ** 308
+
+
 def test_schema_round_trips_through_yaml(tmp_path, toys):
     toys.to_yaml(tmp_path / "s.yaml")
     again = LabelSchema.from_yaml(tmp_path / "s.yaml")
