@@ -236,7 +236,7 @@ class LabelSchema:
             raise SchemaError(f"schema '{self.name}': attribute names repeat: {names}")
         if self.category_ids:
             ids = {clean_path(str(k)): str(v) for k, v in self.category_ids.items()}
-            missing = [c for c in self.categories if c not in ids]
+            missing = [c for c in self.categories if clean_path(c) not in ids]
             if missing:
                 raise SchemaError(f"schema '{self.name}': category '{missing[0]}' has no id in category_ids")
             object.__setattr__(self, "category_ids", ids)

@@ -91,7 +91,12 @@ def read_taxonomy(path: str | Path, fmt: Format | None = None) -> tuple[Format, 
             raise SchemaError(f"{path} line {number}: {line[:80]!r} is not a {fmt} taxonomy line "
                               f"({'gid://shopify/TaxonomyCategory/ID : A > B' if fmt == 'shopify' else 'ID - A > B'})")
         node_id = match.group(1)
-        parts = [p.strip() for p in match.group(2).split(">")]
+        if SEPARATOR in match.group(2) and re.search(r"\S>|>\S", match.group(2)):
+            # mmllm reads every ">" of a category path as a level ("A>B" is "A > B"): a name holding one
+            # would gain a level the file never had, and export would not give the line back
+            raise SchemaError(f"{path} line {number}: a name in {match.group(2)!r} holds '>', which a category path reads "
+                              "as a level; write it otherwise (e.g. '3-5' or '3 to 5') and import again")
+        parts = [" ".join(p.split()) for p in match.group(2).split(">")]  # spacing as the schema compares it
         if not all(parts):
             raise SchemaError(f"{path} line {number}: the path {match.group(2)!r} has an empty level")
         node = Node(node_id, SEPARATOR.join(parts))

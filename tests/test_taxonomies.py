@@ -99,7 +99,26 @@ def test_bad_lines_are_named_by_file_and_line(tmp_path, capsys):
     bad.write_text("Toys > Dolls\n")
     with pytest.raises(SchemaError, match="neither Shopify"):
         read_taxonomy(bad)
+    # a '>' inside a name would be read as one more level (export gave "Ages 3 > 5" back): named, not split
+    bad.write_text("1 - Toys\n2 - Toys > Ages 3>5\n")
+    with pytest.raises(SchemaError, match="line 2: a name in 'Toys > Ages 3>5' holds '>'"):
+        read_taxonomy(bad)
     assert not (tmp_path / "s.yaml").exists()
+
+
+def test_names_spaced_oddly_import_as_the_schema_compares_them(tmp_path, capsys):
+    """A no-break space or a double space inside a name: the import failed ("category 'Toys & Games > Toys'
+    has no id in category_ids", naming neither file nor line) as the schema squeezed the ids' keys only."""
+    odd = tmp_path / "odd.txt"
+    odd.write_text("1239 - Toys\u00a0& Games\n1253 - Toys  &  Games >\tToys\n", encoding="utf-8")
+    out = tmp_path / "s.yaml"
+    assert mmllm(["schema", "import", str(odd), "--out", str(out)]) == 0
+    schema = LabelSchema.from_yaml(out)
+    assert schema.categories == ("Toys & Games > Toys",)
+    assert schema.category_id("toys & games > toys") == "1253"
+    flat = LabelSchema.from_dict({"name": "f", "taxonomy": ["Toys  & Games"], "category_ids": {"Toys & Games": "1"},
+                                  "attributes": {}})
+    assert flat.category_id("Toys & Games") == "1"
 
 
 def test_attribute_definitions_are_added_and_checked(tmp_path, capsys):
