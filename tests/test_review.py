@@ -132,14 +132,17 @@ def test_session_steps_through_the_queue_and_resumes_after_a_reload(tmp_path):
     # a reload (a new session on the same files) starts where the reviewer stopped
     session = ReviewSession.open(labels, [catalog], small_schema())
     assert session.decided == 1 and session.next_item().listing.id == "item-2"
+    session.accept("item-1")  # out of order (picked from the list): the queue still offers item-2 first
+    assert session.next_item().listing.id == "item-2" and session.decided == 2
+    with pytest.raises(CorrectionError, match="'item-0' is not in the review queue"):
+        session.item("item-0")
     session.accept("item-2")
-    session.accept("item-1")
     assert session.next_item() is None and session.decided == 3
     session.close()
     rows = [json.loads(line) for line in session.corrections.path.read_text().splitlines()]
     assert [(r["id"], r["review"]["decision"], r["label"]["category"]) for r in rows] == [
-        ("item-3", "corrected", "Vehicles > Cars"), ("item-2", "accepted", "Games > Chess"),
-        ("item-1", "accepted", "Games > Chess")]
+        ("item-3", "corrected", "Vehicles > Cars"), ("item-1", "accepted", "Games > Chess"),
+        ("item-2", "accepted", "Games > Chess")]
 
 
 def test_session_without_flags_reviews_every_answer_and_names_missing_rows(tmp_path):

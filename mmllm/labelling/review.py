@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, attributes_labelled
-from mmllm.labelling.output import OutputError, check_paths, read_records, scan_records, starts_a_record
+from mmllm.labelling.output import OutputError, check_paths, scan_records, starts_a_record
 from mmllm.schema import LabelSchema
 
 QUEUE_SUFFIX = ".review.jsonl"
@@ -82,15 +82,22 @@ def check_queue_path(queue: Path, resume: bool = False) -> None:
     queue.parent.mkdir(parents=True, exist_ok=True)
     if not queue.exists() or queue.stat().st_size == 0:
         return
+    rows, ours = 0, True
+
+    def count(record: dict[str, Any]) -> None:
+        nonlocal rows, ours
+        rows += 1
+        ours = ours and record.get("review") is True
+
     try:
-        records, _ = read_records(queue, "--review-out")
+        scan_records(queue, "--review-out", count)  # one line at a time: a queue may hold millions of rows
     except OutputError:
-        records = None
-    if not records or any(r.get("review") is not True for r in records):  # (a queue is never torn: it is replaced whole)
+        ours = False
+    if not rows or not ours:  # (a queue is never torn: it is replaced whole)
         raise OutputError(f"--review-out {queue} exists and is not a review queue written by `mmllm label`; "
                           "choose another path")
     if not resume:  # a new --out's queue: the file there is another run's
-        raise OutputError(f"--review-out {queue} holds the review queue of another run ({len(records):,} rows); "
+        raise OutputError(f"--review-out {queue} holds the review queue of another run ({rows:,} rows); "
                           "give each run its own --review-out, or --resume the run it belongs to")
 
 
@@ -259,10 +266,26 @@ class ReviewSession:
                               "corrections file keeps their image paths, which resolve in its own folder)")
         if labels.is_dir():
             raise OutputError(f"labels file {labels} is a folder; give the labels JSONL `mmllm label --out` wrote")
-        records, _ = read_records(labels, "labels file")
-        reviewable = [r for r in records if r.get("status") in ("ok", "invalid") and r.get("id") is not None]
-        flagged = [r for r in reviewable if r.get("review") is True]
-        queue = sorted(flagged if any("review" in r for r in reviewable) else reviewable, key=queue_order)
+        # read one line at a time, keeping the queue only: the flagged records where the run flagged rows,
+        # else every answer (100,000 records for a queue of 2,000 took 370 MB read whole)
+        flagged: list[dict[str, Any]] = []
+        plain: list[dict[str, Any]] = []
+        marked = False
+
+        def keep(record: dict[str, Any]) -> None:
+            nonlocal marked
+            if record.get("status") not in ("ok", "invalid") or record.get("id") is None:
+                return
+            if "review" in record and not marked:
+                marked = True
+                plain.clear()
+            if record.get("review") is True:
+                flagged.append(record)
+            elif not marked:
+                plain.append(record)
+
+        scan_records(labels, "labels file", keep)
+        queue = sorted(flagged if marked else plain, key=queue_order)
         names = {d.name for d in dumps}
         foreign = [r for r in queue if r.get("source") is not None and r["source"] not in names]
         if foreign:
@@ -282,20 +305,31 @@ class ReviewSession:
                                  f"{path.name} with its photos, set data.image_root={folder} in the recipe")
         return session
 
+    def __post_init__(self) -> None:
+        # each click costs the same at the queue's end as at its start: an index by id, and a cursor before
+        # which every row is decided (decisions are only ever added); scanning the queue from its first row on
+        # every click took 117 ms a click after 55,000 decisions
+        self._position: dict[str, int] = {}
+        for position, record in enumerate(self.queue):
+            self._position.setdefault(str(record["id"]), position)
+        self._cursor = 0
+
     def next_item(self, skipped: Iterable[str] = ()) -> ReviewItem | None:
         """The first queued row neither decided nor skipped in this browser session."""
-        skip = set(skipped)
-        for position, record in enumerate(self.queue):
-            key = str(record["id"])
-            if key not in self.corrections.decided and key not in skip:
-                return ReviewItem(self.listings[key], record, position)
+        skip, decided = set(skipped), self.corrections.decided
+        while self._cursor < len(self.queue) and str(self.queue[self._cursor]["id"]) in decided:
+            self._cursor += 1
+        for position in range(self._cursor, len(self.queue)):
+            key = str(self.queue[position]["id"])
+            if key not in decided and key not in skip:
+                return ReviewItem(self.listings[key], self.queue[position], position)
         return None
 
     def item(self, row_id: str) -> ReviewItem:
-        for position, record in enumerate(self.queue):
-            if str(record["id"]) == row_id:
-                return ReviewItem(self.listings[row_id], record, position)
-        raise CorrectionError(f"row {row_id!r} is not in the review queue")
+        position = self._position.get(row_id)
+        if position is None:
+            raise CorrectionError(f"row {row_id!r} is not in the review queue")
+        return ReviewItem(self.listings[row_id], self.queue[position], position)
 
     def accept(self, row_id: str, reviewer: str = "") -> dict[str, Any]:
         """The prediction as it stands becomes the row's gold label.
@@ -331,7 +365,7 @@ class ReviewSession:
 
     @property
     def decided(self) -> int:
-        return sum(str(r["id"]) in self.corrections.decided for r in self.queue)
+        return len(self.corrections.decided.keys() & self._position.keys())
 
     def close(self) -> None:
         self.corrections.close()
