@@ -149,7 +149,8 @@ def test_the_side_fit_reads_only_the_rows_that_label_the_attributes(tmp_path, ca
     """A large catalog labelled for the category only (the 10k title-level rows beside a shop's 691) must
     not enter the vote's side fit: those rows are neither scored nor teach an attribute, and on 8,861 rows
     they made the fit 29 s instead of 3. The held-out rows and the rows fitted on are the labelled ones, the
-    same split as without the category-only rows."""
+    same split as without the category-only rows. With ``lexicon.category: false`` the lexical member
+    fits the attribute heads only (the costly category regression left out) and the model still labels."""
     import gzip
     import json
     import re
@@ -166,12 +167,14 @@ def test_the_side_fit_reads_only_the_rows_that_label_the_attributes(tmp_path, ca
     both = tmp_path / "train.jsonl"
     both.write_text("\n".join(labelled + [line.strip() for line in title_level]) + "\n", encoding="utf-8")
 
-    def vote_line(train: str) -> str:
+    def vote_line(train: str, *extra: str) -> str:
         settings = [f"data.train={train}", "data.max_dev_rows=12", "train.epochs=1", "train.batch_size=16",
                     "fusion.max_text_tokens=32", "eval.loss_rows=12", "anchor.epochs=0", "grounding.enabled=false",
-                    "lexicon.enabled=true", "vote.min_rows=3", f"train.output_dir={tmp_path / (Path(train).stem + '-model')}"]
+                    "lexicon.enabled=true", "vote.min_rows=3", f"train.output_dir={tmp_path / (Path(train).stem + '-model')}",
+                    *extra]
         finetune(load_recipe_config(ROOT / "finetune/fusion_minilm_cpu.yaml", settings))
         printed = capsys.readouterr().out
+        assert ("category C=" in printed) == ("lexicon.category=false" not in extra)
         return next(line for line in printed.splitlines() if line.startswith("vote: choosing"))
 
     mixed = vote_line(str(both))
@@ -181,4 +184,14 @@ def test_the_side_fit_reads_only_the_rows_that_label_the_attributes(tmp_path, ca
     assert int(counts[1]) + int(counts[2]) == 60
     alone = tmp_path / "alone.jsonl"
     alone.write_text("\n".join(labelled) + "\n", encoding="utf-8")
-    assert vote_line(str(alone)) == mixed.split(";")[0] + ")"  # the same split, the same fit
+    assert vote_line(str(alone), "lexicon.category=false") == mixed.split(";")[0] + ")"  # the same split and fit
+    model = tmp_path / "alone-model"
+    saved = json.loads((model / "fusion.json").read_text())["lexicon"]
+    assert "category" not in saved and {"min_age_years", "batteries_included"} <= set(saved)
+    from mmllm import model_dir
+    from mmllm.catalog import iter_catalog
+    from mmllm.images import ImagePolicy
+
+    rows = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl")))[:4]
+    answers = model_dir.load(model, device="cpu").predict(rows, ImagePolicy(root=ROOT / "examples/amazon_uk_toys"))
+    assert [a["status"] for a in answers] == ["ok"] * 4 and all(0 < a["confidence"] <= 1 for a in answers)

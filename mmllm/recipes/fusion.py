@@ -217,7 +217,8 @@ def _lexicon(s: Any, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
     head; the featurizer adds its columns to every batch from now on (dev evaluation, prediction)."""
     started = time.perf_counter()
     targets = heads.encode_targets(specs, [r.label for r in s.train_rows], s.schema)
-    softmax = [(sp.name, len(sp.classes)) for sp in specs if sp.kind == "softmax" and sp.classes]
+    softmax = [(sp.name, len(sp.classes)) for sp in specs if sp.kind == "softmax" and sp.classes
+               and (cfg.lexicon.category or sp.name != "category")]
     abstaining = {sp.name for sp in specs if sp.abstains}
     store = lexicon_store(Path(cfg.fusion.cache_dir) if cfg.fusion.cache_dir else None, s.train_rows, targets,
                           softmax, cfg.lexicon, cfg.train.seed, abstaining)
