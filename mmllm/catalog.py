@@ -646,8 +646,16 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def _size_for_progress(path: Path) -> int | None:
-    # gzip positions count decompressed bytes, so the file size is no total for them
-    return None if path.name.lower().endswith(".gz") else path.stat().st_size
+    """The total of :func:`_position`: the file's size on disk (compressed, for a .gz)."""
+    return path.stat().st_size
+
+
+def progress_in_bytes(path: Path) -> bool:
+    """Whether reading ``path`` reports its progress in bytes of the file (a JSONL / CSV dump, gzipped or not)."""
+    try:
+        return path.is_file() and detect_format(path) in ("jsonl", "csv")
+    except CatalogError:
+        return False
 
 
 class _LineStarts:
@@ -675,9 +683,11 @@ class _LineStarts:
 
 
 def _position(f: IO[bytes]) -> int:
+    """How far into the file a reader is, in bytes on disk: a gzip stream's own position counts decompressed
+    bytes, so its compressed file's is taken (ahead by at most a read buffer), which the file size totals."""
     try:
-        return f.tell()
-    except (OSError, ValueError):
+        return (f.fileobj if isinstance(f, gzip.GzipFile) else f).tell()
+    except (OSError, ValueError, AttributeError):
         return 0
 
 

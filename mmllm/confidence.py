@@ -172,8 +172,9 @@ def risk_coverage(confidence: Sequence[float | None], correct: Sequence[bool]) -
         hits += bool(correct[i])
         nxt = order[rank] if rank < n else None
         here = confidence[i]
-        if nxt is not None and confidence[nxt] == here:
-            continue  # a threshold cannot split tied rows
+        if nxt is not None and (confidence[nxt] == here or (here is not None and confidence[nxt] is not None
+                                                           and float(confidence[nxt]) == float(here))):
+            continue  # a threshold cannot split tied rows (nor two integers past 2**53 that are one float)
         thresholds.append(-math.inf if here is None else float(here))
         coverage.append(rank / n)
         accuracy.append(hits / rank)

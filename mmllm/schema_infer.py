@@ -127,14 +127,15 @@ def _infer_attribute(name: str, vals: list[Any], max_enum_values: int) -> Attrib
     described = f"inferred from {len(vals)} values"
     typed = [v for v in vals if not isinstance(v, str)]
     boolean, number = AttributeSpec(name, "boolean"), AttributeSpec(name, "number")  # the schema's own reading
-    if typed and all(isinstance(v, bool) for v in typed) and all(_reads(boolean, v) for v in vals):
+    if (any(isinstance(v, bool) for v in typed) and all(isinstance(v, bool) or v in (0, 1) for v in typed)
+            and all(_reads(boolean, v) for v in vals)):  # true beside 1 and 0: one boolean, as the schema reads it
         return AttributeSpec(name, "boolean", described)
     if (typed and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in typed)
             and all(_reads(number, v) for v in vals)):
         numbers = [number.normalize(v)[0] for v in vals]
         integer = all(float(v).is_integer() for v in numbers)
         low, top = min(numbers), max(numbers)
-        lo = 0 if low >= 0 else _round_up(-float(low)) * -1
+        lo = 0 if low >= 0 else _round_up(-low) * -1  # exact: a float would round -100000000000000001 up
         # bounds well past the sample's (a 1,000-piece puzzle beyond the 500 seen is a value, not an error):
         # the schema drops a value outside them, a gold row's whole label included
         ten = 10 * float(top)  # inf past the largest float: the bound is then the value itself

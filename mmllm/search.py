@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row, progress_in_bytes
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.model_dir import SCHEMA_FILE, looks_like_path
 from mmllm.output_paths import check_folder
@@ -310,7 +310,7 @@ def _run_index(args: argparse.Namespace) -> int:
     done_ids = _staged_ids(staging, job, args.resume)
     meta = {**{k: v for k, v in job.items() if k not in ("schema_sha256", "template_sha256")},
             "template": getattr(template, "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    text_file = reader.fmt in ("jsonl", "csv") and not args.catalog.name.endswith(".gz")
+    text_file = progress_in_bytes(args.catalog)
     progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
                         unit="listings", enabled=not args.quiet)
     chunks = _Chunks(staging, len(done_ids))

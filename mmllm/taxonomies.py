@@ -117,7 +117,7 @@ def cut(nodes: list[Node], depth: int | None = None, under: str | None = None) -
     if depth is not None and depth < 1:
         raise SchemaError(f"--depth must be >= 1, got {depth}")
     kept: dict[str, Node] = {}
-    prefix = SEPARATOR.join(p.strip() for p in under.split(">")) if under else None
+    prefix = SEPARATOR.join(" ".join(p.split()) for p in under.split(">")) if under else None  # as the paths read
     for node in nodes:
         if prefix is not None and not (node.path.casefold() == prefix.casefold()
                                        or node.path.casefold().startswith(prefix.casefold() + SEPARATOR.casefold())):

@@ -136,6 +136,30 @@ def test_gzipped_jsonl(tmp_path):
     assert [r.id for r in iter_catalog(path)] == ["g0", "g1", "g2"]
 
 
+def test_a_gzipped_dump_reports_its_progress_in_bytes_of_the_file(tmp_path):
+    """A .jsonl.gz gave no total (its position counted decompressed bytes), so labelling, validating or
+    indexing a gzipped dump of millions of rows showed no ETA: now the compressed file's position, which
+    its size on disk totals."""
+    import random
+
+    from mmllm.catalog import CatalogReader, progress_in_bytes
+
+    path = tmp_path / "c.jsonl.gz"
+    noise = random.Random(0)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i in range(3000):  # noise that gzip cannot squeeze: the file spans many read buffers
+            f.write(json.dumps(good(i, description="".join(noise.choice("abcdefgh ") for _ in range(200)))) + "\n")
+    reader = CatalogReader(path)
+    seen = []
+    for _ in reader:
+        seen.append(reader.progress())
+    size = path.stat().st_size
+    assert {total for _, total in seen} == {size} and seen[-1][0] == size
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and 0 < done[0] < size and len(set(done)) > 3  # it moves as the rows are read
+    assert progress_in_bytes(path) and progress_in_bytes(tmp_path / "missing.jsonl") is False
+
+
 def test_numeric_ids_become_strings(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [good(1, id=123), good(2, id=True)])
     first, second = list(iter_catalog(path))

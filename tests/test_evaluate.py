@@ -189,6 +189,7 @@ def test_the_bootstrap_gives_what_rescoring_each_resample_gives():
 
     import numpy as np
 
+    from mmllm.confidence import risk_coverage
     from mmllm.metrics import HEADLINE, Rows, selective_curve
 
     rng = random.Random(5)
@@ -235,6 +236,12 @@ def test_the_bootstrap_gives_what_rescoring_each_resample_gives():
     rows, other = draw(), draw()
     assert bootstrap(rows, ["pieces"], 0.0, samples=150, seed=2) == rescored(rows, None, 150, 2)
     assert bootstrap(rows, ["pieces"], 0.0, samples=150, seed=2, other=other) == rescored(rows, other, 150, 2)
+    # two integers past 2**53 are one float: one tie for the curve and the bootstrap alike
+    assert risk_coverage([2 ** 53, 2 ** 53 + 1, 0.5], [True, False, True]).kept == [2, 3]
+    big = Rows(rows.ids, rows.titles, rows.gold_category, rows.pred_category, rows.gold_attributes,
+               rows.pred_attributes, rows.status, rows.top_k, [2 ** 53 + (i % 2) if i % 3 else c
+                                                             for i, c in enumerate(rows.confidence)])
+    assert bootstrap(big, ["pieces"], 0.0, samples=60, seed=4) == rescored(big, None, 60, 4)
     everyone = Rows(*[[g] * 3 for g in ("r", "", None, "A", None, {}, "ok", [], 0.5)])  # no gold category at all
     assert bootstrap(everyone, [], 0.0, samples=5)["category_accuracy"] == [0.0, 0.0]
 

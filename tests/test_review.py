@@ -145,6 +145,21 @@ def test_session_steps_through_the_queue_and_resumes_after_a_reload(tmp_path):
         ("item-2", "accepted", "Games > Chess")]
 
 
+def test_a_queue_that_repeats_an_id_counts_its_records_decided(tmp_path):
+    """A dump that repeats an id gives the queue two records of it: "Queue done: 2 of 3 rows decided" said the
+    desk once every row was decided, counting ids against a total of records."""
+    catalog = write_catalog(tmp_path / "d", 2, toy_row())
+    listings = {r.id: r for r in load_listings(catalog)}
+    queue = [record(0, 0.1, review=True), record(0, 0.2, review=True), record(1, 0.3, review=True)]
+    store = Corrections(tmp_path / "c.jsonl", small_schema())
+    session = ReviewSession(small_schema(), queue, listings, store)
+    session.accept("item-0")
+    assert session.decided == 2 and session.next_item().listing.id == "item-1"
+    session.accept("item-1")
+    assert session.next_item() is None and session.decided == len(session.queue) == 3
+    session.close()
+
+
 def test_session_without_flags_reviews_every_answer_and_names_missing_rows(tmp_path):
     catalog = write_catalog(tmp_path / "d", 3, toy_row())
     labels = write_labels(tmp_path / "labels.jsonl", [record(0, 0.9), record(1, 0.4), record(2, 0.6)])

@@ -216,6 +216,12 @@ def test_infer_reads_one_attribute_written_several_ways_and_accepts_its_own_labe
              {"category": "Toys", "attributes": {"size": "M"}}]
     _, report = infer_schema(mixed)
     assert report["refused_labels"]["size"] == {"values": 2, "of": 3, "first": "3", "types": {"int": 1, "list": 1, "str": 1}}
+    # true beside 1 and 0 is one boolean (it drafted an enum of '0', '1', 'False', 'True' refusing all five)
+    flags, report = infer_schema([{"category": "Toys", "attributes": {"b": v}} for v in (True, 0, 1, False, "yes")])
+    assert flags.attribute("b").type == "boolean" and "refused_labels" not in report
+    # a negative bound is rounded exactly: -100000000000000001 was bounded at -100000000000000000 through a float
+    low, report = infer_schema([{"category": "Toys", "attributes": {"n": v}} for v in (-100000000000000001, 5)])
+    assert low.attribute("n").minimum <= -100000000000000001 and "refused_labels" not in report
     # a value past the largest float times ten: a bound, not an OverflowError
     huge, _ = infer_schema([{"category": "Toys", "attributes": {"n": 10 ** 308}}, {"category": "Toys", "attributes": {"n": 1}}])
     assert huge.attribute("n").type == "integer" and huge.attribute("n").maximum >= 10 ** 308

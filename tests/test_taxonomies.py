@@ -119,6 +119,10 @@ def test_names_spaced_oddly_import_as_the_schema_compares_them(tmp_path, capsys)
     flat = LabelSchema.from_dict({"name": "f", "taxonomy": ["Toys  & Games"], "category_ids": {"Toys & Games": "1"},
                                   "attributes": {}})
     assert flat.category_id("Toys & Games") == "1"
+    # --under in the file's own spelling reads as the paths do
+    under = tmp_path / "under.yaml"
+    assert mmllm(["schema", "import", str(odd), "--out", str(under), "--under", "Toys  &  Games"]) == 0
+    assert LabelSchema.from_yaml(under).categories == ("Toys & Games > Toys",)
 
 
 def test_attribute_definitions_are_added_and_checked(tmp_path, capsys):

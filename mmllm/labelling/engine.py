@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from mmllm.catalog import CatalogReader, Listing, RowError, SeenIds
+from mmllm.catalog import CatalogReader, Listing, RowError, SeenIds, progress_in_bytes
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.openmp import single_thread_team
 from mmllm.images import ImageError, ImagePolicy, load_image
@@ -295,7 +295,7 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
     reuse_step_buffers()  # a decoding step's blocks of MBs are reused, not mapped afresh; larger ones go back (host_memory)
     summary = Summary(replicas=opts.replicas)
     started = time.perf_counter()
-    text_dumps = all(p.is_file() and p.suffix in (".jsonl", ".csv", ".tsv", ".ndjson", ".json") for p in dumps)
+    text_dumps = all(progress_in_bytes(p) for p in dumps)  # a .jsonl.gz too: bytes of the compressed file
     total_bytes = sum(p.stat().st_size for p in dumps) if text_dumps else None
     progress = Progress("label", total_bytes=total_bytes, enabled=not opts.quiet, log_every_s=opts.log_every_s,
                         log_every_rows=opts.log_every_rows)
