@@ -310,6 +310,27 @@ def test_5_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, m
     assert ids(out) == [f"r{i}" for i in range(4)]
 
 
+def test_5_a_hard_link_to_a_running_out_is_refused(tmp_path, model, capsys):
+    """A hard link to a running job's --out is another name for the same file: its lock file was its own,
+    so both runs wrote the file (and a resume could cut the holder's half-written last line). The file
+    itself is locked now."""
+    dump = write_dump(tmp_path / "d", 4)
+    out, alias = tmp_path / "out.jsonl", tmp_path / "alias.jsonl"
+    holder = _holder(out, dump)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with open(out, "ab") as f:  # the holder's line being written
+            f.write(b'{"id": "r0", "sta')
+        alias.hardlink_to(out)
+        assert label(dump, alias, model, "--resume") == 2
+        assert f"--out {alias} is being written by another run (the same file under another name" in capsys.readouterr().err
+        assert out.read_bytes() == b'{"id": "r0", "sta'  # not cut
+        assert not (tmp_path / "alias.jsonl.lock").exists() and not (tmp_path / "alias.jsonl.job.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 def test_5_a_link_to_a_running_out_is_refused_and_a_refused_run_leaves_the_holders_files(tmp_path, model, capsys):
     """A symbolic link to a running job's --out had a lock of its own (named after the link): both runs wrote
     the file (1,960 records for 1,000 ids). And a run refused by the lock removed the files it had found

@@ -4,7 +4,9 @@ A job writes ``--out`` (one JSON line per input row), optionally ``--errors`` (a
 record that is not ``ok``) and two sidecars next to ``--out``:
 
 - ``OUT.lock``: held with ``flock`` for the whole run, so two runs never append to one ``--out``;
-  it names the holder (pid, host, start time, command) for the run that is refused.
+  it names the holder (pid, host, start time, command) for the run that is refused. ``--out`` and
+  ``--errors`` themselves are held with ``flock`` too, before a resume may cut a torn line: a hard
+  link to a running job's file has a lock file of its own name, but not a file of its own.
 - ``OUT.job.json``: the job's manifest - the inputs (resolved path, size, content fingerprint),
   the model, the schema / template and the shard. ``--resume`` continues only the job that wrote
   ``--out``: a changed input or model is refused, saying what changed, unless the user passes
@@ -245,14 +247,16 @@ class Output:
             for name, target in (("--out", self.path), ("--errors", self.errors_path)):
                 if target is not None and target.exists() and target.stat().st_size and not resume:
                     raise OutputError(f"{name} {target} exists: pass --resume to continue it, or choose another path")
+            # the files themselves are locked too, before a resume may cut a torn line: another run writing the
+            # same file under another name (a hard link: its own lock file) holds them
+            self._out_fd = self._open_locked("--out", self.path)
+            if self.errors_path is not None:
+                self.errors_path.parent.mkdir(parents=True, exist_ok=True)
+                self._err_fd = self._open_locked("--errors", self.errors_path)
             if resume:
                 self._resume(manifest, sidecars.get("job manifest"), resume_changed)
             if manifest is not None:
                 self._write_manifest(sidecars["job manifest"], manifest)
-            self._out_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            if self.errors_path is not None:
-                self.errors_path.parent.mkdir(parents=True, exist_ok=True)
-                self._err_fd = os.open(self.errors_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             for record in self._missing_errors:  # failed records a previous run wrote to --out only
                 _append(self._err_fd, _line(record), self.errors_path)
         except BaseException:
@@ -274,6 +278,17 @@ class Output:
                   "command": " ".join(sys.argv)}
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._lock_fd = fd
+
+    @staticmethod
+    def _open_locked(name: str, path: Path) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{name} {path} is being written by another run (the same file under another name, "
+                              "a hard link); wait for it to end or choose another path") from None
+        return fd
 
     def _resume(self, manifest: dict[str, Any] | None, manifest_path: Path | None, resume_changed: bool) -> None:
         errors, err_whole = [], None
