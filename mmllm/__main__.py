@@ -1,7 +1,6 @@
 """``python -m mmllm`` is the ``mmllm`` command."""
 
-import sys
-
 from mmllm.cli import main
+from mmllm.interrupt import run
 
-sys.exit(main())
+run(main)

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command() -> None:
+    """The ``mmllm`` console script: :func:`main` with the Ctrl-C policy of :mod:`mmllm.interrupt`."""
+    from mmllm.interrupt import run
+
+    run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in JOBS:
@@ -313,4 +320,6 @@ def _schema_json(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmllm import interrupt
+
+    interrupt.run(main)

@@ -351,4 +351,6 @@ def _print_warnings(warnings: list[str], limit: int = 20) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmllm import interrupt
+
+    interrupt.run(main)

@@ -134,4 +134,6 @@ def _merge_cli(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmllm import interrupt
+
+    interrupt.run(main)

@@ -330,4 +330,6 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmllm import interrupt
+
+    interrupt.run(main)

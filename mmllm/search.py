@@ -689,4 +689,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmllm import interrupt
+
+    interrupt.run(main)
