@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import sys
 import zlib
@@ -682,11 +683,19 @@ class _LineStarts:
         self.first = None
 
 
+GZIP_SETTLED = 1 << 20  # compressed bytes before a gzip stream's position says how far it is (below: 0, no ETA)
+
+
 def _position(f: IO[bytes]) -> int:
     """How far into the file a reader is, in bytes on disk: a gzip stream's own position counts decompressed
-    bytes, so its compressed file's is taken (ahead by at most a read buffer), which the file size totals."""
+    bytes, so its compressed file's is taken, which the file size totals. That one runs ahead of the rows
+    by the decompressor's read buffer (8-128 KiB by Python version): on the first MiB it would put the end
+    of the file far too near (61 rows after the first of 8,173), so it counts from there on (or at the end)."""
     try:
-        return (f.fileobj if isinstance(f, gzip.GzipFile) else f).tell()
+        if isinstance(f, gzip.GzipFile):
+            at = f.fileobj.tell()
+            return at if at >= GZIP_SETTLED or at >= os.fstat(f.fileobj.fileno()).st_size else 0
+        return f.tell()
     except (OSError, ValueError, AttributeError):
         return 0
 

@@ -24,11 +24,13 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 
 def run(main: Callable[[], int]) -> NoReturn:
-    """``sys.exit(main())`` with the Ctrl-C policy above."""
+    """``sys.exit(main())`` with the Ctrl-C policy above. A command that handles the interrupt itself and
+    ends otherwise than with 130 (the demo's server, whose app removes its folder at exit) leaves through
+    the interpreter's shutdown as usual."""
     interrupted = False
 
     def stop_now(signum: int, frame: object) -> None:
-        os.write(2, b"\ninterrupted again: stopping now (what was written is whole; --resume goes on)\n")
+        _say("\ninterrupted again: stopping now (what was written is whole; --resume goes on)")
         os._exit(INTERRUPTED)
 
     def first(signum: int, frame: object) -> None:
@@ -42,13 +44,25 @@ def run(main: Callable[[], int]) -> NoReturn:
     try:
         code = main()
     except KeyboardInterrupt:  # a command with no clean-up of its own
-        print("\ninterrupted", file=sys.stderr)
+        _say("\ninterrupted")
         code = INTERRUPTED
-    if interrupted:
+    except BaseException:
+        if interrupted:  # the clean-up failed too (a closed pipe: Ctrl-C reached `| tee` first): still 130
+            os._exit(INTERRUPTED)
+        raise
+    if interrupted and code == INTERRUPTED:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(code if isinstance(code, int) else INTERRUPTED)
+        os._exit(INTERRUPTED)
     sys.exit(code)
+
+
+def _say(text: str) -> None:
+    """A line on stderr that a closed pipe does not turn into an error."""
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass

@@ -331,6 +331,28 @@ def test_5_a_hard_link_to_a_running_out_is_refused(tmp_path, model, capsys):
         holder.wait(timeout=60)
 
 
+def test_5_a_file_system_without_flock_does_not_refuse_the_run(tmp_path, model, monkeypatch):
+    """NFS with no lock daemon answers flock with ENOLCK: the run was refused ("No locks available") and the
+    descriptor leaked. The lock file guards the path there; the files are written as before."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+    errors = tmp_path / "elsewhere" / "errors.jsonl"
+
+    def no_locks(fd: int, how: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(errors):
+            raise OSError(errno.ENOLCK, "No locks available")
+        real(fd, how)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    dump = write_dump(tmp_path / "d", 3)
+    out = tmp_path / "out.jsonl"
+    assert label(dump, out, model, "--errors", str(errors)) == 0
+    assert ids(out) == ["r0", "r1", "r2"] and errors.exists()
+    assert not [f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}") == str(errors)]
+
+
 def test_5_a_link_to_a_running_out_is_refused_and_a_refused_run_leaves_the_holders_files(tmp_path, model, capsys):
     """A symbolic link to a running job's --out had a lock of its own (named after the link): both runs wrote
     the file (1,960 records for 1,000 ids). And a run refused by the lock removed the files it had found

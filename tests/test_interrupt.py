@@ -21,6 +21,12 @@ def main():
     except KeyboardInterrupt:
         if sys.argv[1] == "uncaught":
             raise
+        if sys.argv[1] == "broken":  # the clean-up's own line into a pipe Ctrl-C closed first (`| tee`)
+            raise BrokenPipeError(32, "Broken pipe")
+        if sys.argv[1] == "handled":  # a server that stops on Ctrl-C and ends as usual
+            import atexit
+            atexit.register(lambda: print("shut down as usual", file=sys.stderr, flush=True))
+            return 0
         print("cleaning up", flush=True)
         time.sleep(120 if sys.argv[1] == "slow" else 0)
         return 130
@@ -53,3 +59,17 @@ def test_one_ctrl_c_ends_with_130_whether_the_command_handles_it_or_not():
         out, err = process.communicate(timeout=60)
         assert process.returncode == 130, (mode, err)
         assert "Traceback" not in err and said in err and ("cleaning up" in out) == (mode == "quick")
+
+
+def test_a_failing_clean_up_still_ends_130_and_a_command_ending_otherwise_shuts_down_as_usual():
+    """A closed pipe (Ctrl-C reaches `| tee` first) made the clean-up's own line raise: exit 1 with a traceback,
+    through the interpreter's shutdown. A command that ends otherwise than 130 after a Ctrl-C (the demo's
+    server) leaves as usual: its exit handlers run (the demo's folder is removed by one)."""
+    process = _started("broken")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    process = _started("handled")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "shut down as usual" in err

@@ -288,6 +288,8 @@ class Output:
             os.close(fd)
             raise OutputError(f"{name} {path} is being written by another run (the same file under another name, "
                               "a hard link); wait for it to end or choose another path") from None
+        except OSError:  # a file system without flock (NFS with no lock daemon): the lock file guards the path
+            pass
         return fd
 
     def _resume(self, manifest: dict[str, Any] | None, manifest_path: Path | None, resume_changed: bool) -> None:
