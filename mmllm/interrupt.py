@@ -26,7 +26,7 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 def run(main: Callable[[], int]) -> NoReturn:
     """``sys.exit(main())`` with the Ctrl-C policy above. A command that handles the interrupt itself and
     ends otherwise than with 130 (the demo's server, whose app removes its folder at exit) leaves through
-    the interpreter's shutdown as usual."""
+    the interpreter's shutdown as usual, with 130 for a 0 (a shell reads 130 as "stopped by Ctrl-C")."""
     interrupted = False
 
     def stop_now(signum: int, frame: object) -> None:
@@ -57,6 +57,8 @@ def run(main: Callable[[], int]) -> NoReturn:
             except (OSError, ValueError):
                 pass
         os._exit(INTERRUPTED)
+    if interrupted and code == 0:  # stopped by Ctrl-C its own way (a server): a shell still reads 130
+        code = INTERRUPTED
     sys.exit(code)
 
 
