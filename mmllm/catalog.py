@@ -651,12 +651,19 @@ def _size_for_progress(path: Path) -> int | None:
     return path.stat().st_size
 
 
-def progress_in_bytes(path: Path) -> bool:
-    """Whether reading ``path`` reports its progress in bytes of the file (a JSONL / CSV dump, gzipped or not)."""
+def byte_total(paths: Iterable[Path]) -> int | None:
+    """The bytes a progress line counts through reading ``paths`` (its ETA and row estimate), or None: JSONL /
+    CSV dumps, a .jsonl.gz too (in bytes of the compressed file, as :func:`_position` counts), but not a mix
+    of gzipped and plain dumps, whose bytes hold rows at rates ten times apart (one rate over both put the
+    end of 8,773 rows at 2,092)."""
+    paths = [Path(p) for p in paths]
     try:
-        return path.is_file() and detect_format(path) in ("jsonl", "csv")
+        text = all(p.is_file() and detect_format(p) in ("jsonl", "csv") for p in paths)
     except CatalogError:
-        return False
+        return None
+    if not paths or not text or len({p.name.lower().endswith(".gz") for p in paths}) > 1:
+        return None
+    return sum(p.stat().st_size for p in paths)
 
 
 class _LineStarts:

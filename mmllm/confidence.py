@@ -160,6 +160,10 @@ class Curve:
         return area
 
 
+def _score(confidence: float | None) -> float | None:
+    return None if confidence is None else float(confidence)
+
+
 def risk_coverage(confidence: Sequence[float | None], correct: Sequence[bool]) -> Curve:
     """The curve for rows scored by ``confidence`` (``None``: no score, kept last)."""
     if len(confidence) != len(correct):
@@ -172,8 +176,7 @@ def risk_coverage(confidence: Sequence[float | None], correct: Sequence[bool]) -
         hits += bool(correct[i])
         nxt = order[rank] if rank < n else None
         here = confidence[i]
-        if nxt is not None and (confidence[nxt] == here or (here is not None and confidence[nxt] is not None
-                                                           and float(confidence[nxt]) == float(here))):
+        if nxt is not None and _score(confidence[nxt]) == _score(here):
             continue  # a threshold cannot split tied rows (nor two integers past 2**53 that are one float)
         thresholds.append(-math.inf if here is None else float(here))
         coverage.append(rank / n)

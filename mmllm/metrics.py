@@ -90,14 +90,24 @@ def hierarchical_prf(gold: Sequence[str | None], pred: Sequence[str | None]) -> 
     rows, which is MLPerf's product-catalogue hierarchical F1 (longest common prefix / path lengths)."""
     shared = predicted = relevant = 0
     for g, p in zip(gold, pred):
-        if g is None:
-            continue
-        g_set, p_set = _ancestors(g), _ancestors(p) if p else set()
-        shared += len(g_set & p_set)
-        predicted += len(p_set)
-        relevant += len(g_set)
+        if g is not None:
+            s, q, r = _path_overlap(g, p)
+            shared, predicted, relevant = shared + s, predicted + q, relevant + r
     precision, recall = _ratio(shared, predicted), _ratio(shared, relevant)
     return {"precision": precision, "recall": recall, "f1": _harmonic(precision, recall)}
+
+
+def _path_overlap(gold: str, pred: str | None) -> tuple[int, int, int]:
+    """One row's ancestors shared by the two paths, on the predicted path, on the gold path."""
+    g_set, p_set = _ancestors(gold), _ancestors(pred) if pred else set()
+    return len(g_set & p_set), len(p_set), len(g_set)
+
+
+def _value_outcome(gold: Any, pred: Any, tolerance: float) -> tuple[int, int, int]:
+    """One attribute value's true positive, false positive, false negative (each 0 or 1)."""
+    if gold is not None and pred is not None and values_match(pred, gold, tolerance):
+        return 1, 0, 0
+    return 0, int(pred is not None), int(gold is not None)
 
 
 def top_k_accuracy(gold: Sequence[str | None], ranked: Sequence[list[str]], k: int) -> float | None:
@@ -116,11 +126,8 @@ def attribute_metrics(gold: Sequence[dict], pred: Sequence[dict], names: Sequenc
             if g_attrs is None:
                 continue  # attributes unknown: neither right nor wrong
             g, p = g_attrs.get(name), p_attrs.get(name)
-            if g is not None and p is not None and values_match(p, g, tolerance):
-                c["tp"] += 1
-            else:
-                c["fp"] += p is not None
-                c["fn"] += g is not None
+            tp, fp, fn = _value_outcome(g, p, tolerance)
+            c["tp"], c["fp"], c["fn"] = c["tp"] + tp, c["fp"] + fp, c["fn"] + fn
             c["gold"] += g is not None
             c["stated"] += g is not None and p is not None
             c["gold_absent"] += g is None
@@ -312,19 +319,12 @@ class _Tally:
         hierarchy = np.zeros((n, 3), dtype=np.float64)
         for i, (g, p) in enumerate(zip(rows.gold_category, rows.pred_category)):
             if g is not None:
-                g_set, p_set = _ancestors(g), _ancestors(p) if p else set()
-                hierarchy[i] = (len(g_set & p_set), len(p_set), len(g_set))
+                hierarchy[i] = _path_overlap(g, p)  # as hierarchical_prf counts them
         attributes = np.zeros((n, 3), dtype=np.float64)
         for i, (g_attrs, p_attrs) in enumerate(zip(rows.gold_attributes, rows.pred_attributes)):
-            if g_attrs is None:
-                continue
-            for name in attribute_names:  # as attribute_metrics counts them
-                g, p = g_attrs.get(name), p_attrs.get(name)
-                if g is not None and p is not None and values_match(p, g, tolerance):
-                    attributes[i, 0] += 1
-                else:
-                    attributes[i, 1] += p is not None
-                    attributes[i, 2] += g is not None
+            if g_attrs is not None:
+                for name in attribute_names:  # as attribute_metrics counts them
+                    attributes[i] += _value_outcome(g_attrs.get(name), p_attrs.get(name), tolerance)
         # the curve's groups: a threshold cannot split tied confidences (risk_coverage), no score comes last
         scores = sorted({float(c) for c, lab in zip(rows.confidence, labelled) if lab and c is not None}, reverse=True)
         rank = {c: i for i, c in enumerate(scores)}

@@ -171,7 +171,7 @@ class AttributeSpec:
         if self.type == "string":
             if not isinstance(value, str):
                 return None, _wrong_type(where, "a string", value)
-            text = " ".join(value.split())
+            text = squeeze(value)
             if len(text) > self.max_length:
                 return None, FieldError(where, "too_long", f"{len(text)} characters, at most {self.max_length}")
             return text, None
@@ -197,7 +197,7 @@ class AttributeSpec:
         return out, None
 
     def _enum_value(self, value: str, where: str) -> tuple[str | None, FieldError | None]:
-        key = " ".join(value.split()).casefold()
+        key = squeeze(value).casefold()
         for allowed in self.values:
             if allowed.casefold() == key:
                 return allowed, None
@@ -558,7 +558,12 @@ def _category_ids(data: Any) -> dict[str, str]:
 
 def clean_path(path: str) -> str:
     """A path's parts with their spacing evened out: " Games >  Card  Games " is "Games > Card Games"."""
-    return SEPARATOR.join(" ".join(part.split()) for part in path.split(">") if part.strip())
+    return SEPARATOR.join(squeeze(part) for part in path.split(">") if part.strip())
+
+
+def squeeze(text: str) -> str:
+    """A text as the schema compares it: runs of white space (a tab, a no-break space) one space, the ends stripped."""
+    return " ".join(text.split())
 
 
 def category_key(path: str) -> str:

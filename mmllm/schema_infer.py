@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from mmllm.evidence import (DEFAULT_PARSER, MAX_TEXT, PARSE, EvidenceSpec, TableRule, TextRule, fold, table_key,
                             value_key, values_match)
-from mmllm.schema import SEPARATOR, AttributeSpec, LabelSchema, SchemaError, category_key, clean_path
+from mmllm.schema import SEPARATOR, AttributeSpec, LabelSchema, SchemaError, category_key, clean_path, squeeze
 
 # Value parsers tried on a seller-table key, by attribute type (mmllm.evidence.PARSE); the type's
 # default comes first, so it wins a tie.
@@ -146,8 +146,8 @@ def _infer_attribute(name: str, vals: list[Any], max_enum_values: int) -> Attrib
         items = [[v] if isinstance(v, str) else v for v in vals]
         spelled = _spellings(i for v in items for i in v)
         return AttributeSpec(name, "list", described, values=tuple(sorted(spelled, key=str.casefold)),
-                             max_items=max(len({_squeezed(i).casefold() for i in v}) for v in items))
-    strings = [_squeezed(str(v)) for v in vals]
+                             max_items=max(len({squeeze(i).casefold() for i in v}) for v in items))
+    strings = [squeeze(str(v)) for v in vals]
     distinct = _spellings(strings)
     if len(distinct) <= max_enum_values and len(distinct) < len(strings):
         return AttributeSpec(name, "enum", described, values=tuple(sorted(distinct, key=str.casefold)))
@@ -158,17 +158,12 @@ def _reads(spec: AttributeSpec, value: Any) -> bool:
     return spec.normalize(value)[1] is None
 
 
-def _squeezed(text: str) -> str:
-    """A value as the schema compares it: runs of white space one space, the ends stripped."""
-    return " ".join(text.split())
-
-
 def _spellings(values: Iterable[str]) -> list[str]:
     """One spelling per value whatever its case: the most frequent (the first seen on a tie), as the
     categories' paths are named."""
     seen: dict[str, Counter[str]] = defaultdict(Counter)
     for value in values:
-        text = _squeezed(value)
+        text = squeeze(value)
         if text:
             seen[text.casefold()][text] += 1
     return [spelled.most_common(1)[0][0] for spelled in seen.values()]

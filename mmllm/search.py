@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, parse_row, progress_in_bytes
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, byte_total, parse_row
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.model_dir import SCHEMA_FILE, looks_like_path
 from mmllm.output_paths import check_folder
@@ -310,8 +310,9 @@ def _run_index(args: argparse.Namespace) -> int:
     done_ids = _staged_ids(staging, job, args.resume)
     meta = {**{k: v for k, v in job.items() if k not in ("schema_sha256", "template_sha256")},
             "template": getattr(template, "version", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    text_file = progress_in_bytes(args.catalog)
-    progress = Progress("index", total_bytes=args.catalog.stat().st_size if text_file else None,
+    total_bytes = byte_total([args.catalog])
+    text_file = total_bytes is not None
+    progress = Progress("index", total_bytes=total_bytes,
                         unit="listings", enabled=not args.quiet)
     chunks = _Chunks(staging, len(done_ids))
     batch: list[Listing] = []

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from mmllm.schema import SEPARATOR, AttributeSpec, LabelSchema, SchemaError
+from mmllm.schema import SEPARATOR, AttributeSpec, LabelSchema, SchemaError, clean_path, squeeze
 
 Format = Literal["shopify", "google"]
 FORMATS: tuple[str, ...] = ("shopify", "google")
@@ -96,7 +96,7 @@ def read_taxonomy(path: str | Path, fmt: Format | None = None) -> tuple[Format, 
             # would gain a level the file never had, and export would not give the line back
             raise SchemaError(f"{path} line {number}: a name in {match.group(2)!r} holds '>', which a category path reads "
                               "as a level; write it otherwise (e.g. '3-5' or '3 to 5') and import again")
-        parts = [" ".join(p.split()) for p in match.group(2).split(">")]  # spacing as the schema compares it
+        parts = [squeeze(p) for p in match.group(2).split(">")]  # spacing as the schema compares it
         if not all(parts):
             raise SchemaError(f"{path} line {number}: the path {match.group(2)!r} has an empty level")
         node = Node(node_id, SEPARATOR.join(parts))
@@ -117,7 +117,7 @@ def cut(nodes: list[Node], depth: int | None = None, under: str | None = None) -
     if depth is not None and depth < 1:
         raise SchemaError(f"--depth must be >= 1, got {depth}")
     kept: dict[str, Node] = {}
-    prefix = SEPARATOR.join(" ".join(p.split()) for p in under.split(">")) if under else None  # as the paths read
+    prefix = clean_path(under) if under else None  # spaced as the paths are
     for node in nodes:
         if prefix is not None and not (node.path.casefold() == prefix.casefold()
                                        or node.path.casefold().startswith(prefix.casefold() + SEPARATOR.casefold())):

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmllm.catalog import (CatalogError, CatalogReader, Listing, RowError, RowLimits, attributes_labelled,
-                           progress_in_bytes)
+from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, RowLimits, attributes_labelled, byte_total
 from mmllm.config import positive
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.output_paths import PathClash, check_writes
@@ -276,5 +275,4 @@ def _open(args: argparse.Namespace) -> tuple[CatalogReader, LabelSchema | None]:
 
 
 def _progress(reader: CatalogReader, args: argparse.Namespace, desc: str) -> Progress:
-    total_bytes = reader.path.stat().st_size if progress_in_bytes(reader.path) else None
-    return Progress(desc, total_bytes=total_bytes, enabled=not args.quiet)
+    return Progress(desc, total_bytes=byte_total([reader.path]), enabled=not args.quiet)

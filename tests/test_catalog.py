@@ -142,7 +142,7 @@ def test_a_gzipped_dump_reports_its_progress_in_bytes_of_the_file(tmp_path):
     its size on disk totals."""
     import random
 
-    from mmllm.catalog import CatalogReader, progress_in_bytes
+    from mmllm.catalog import CatalogReader, byte_total
 
     from mmllm.catalog import GZIP_SETTLED
 
@@ -164,11 +164,9 @@ def test_a_gzipped_dump_reports_its_progress_in_bytes_of_the_file(tmp_path):
     # and put the end of a file at 61 rows after its first row
     moved = next(i for i, d in enumerate(done) if d)
     assert done[0] == 0 and GZIP_SETTLED <= done[moved] and abs(moved / len(done) - GZIP_SETTLED / size) < 0.1
-    assert progress_in_bytes(path) and progress_in_bytes(tmp_path / "missing.jsonl") is False
-    # labelling counts through the bytes of gzipped dumps or of plain ones, not of a mix (rows per byte ten
-    # times apart: one rate over both put the end of 8,773 rows at 2,092)
-    from mmllm.labelling.engine import byte_total
-
+    assert byte_total([tmp_path / "missing.jsonl"]) is None
+    # a progress line counts through the bytes of gzipped dumps or of plain ones, not of a mix (rows per byte
+    # ten times apart: one rate over both put the end of 8,773 rows at 2,092)
     plain = write_lines(tmp_path / "p.jsonl", [good(i) for i in range(5)])
     assert byte_total([path]) == size and byte_total([plain]) == plain.stat().st_size
     assert byte_total([plain, path]) is None and byte_total([tmp_path]) is None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from mmllm.catalog import CatalogReader, Listing, RowError, SeenIds, progress_in_bytes
+from mmllm.catalog import CatalogReader, Listing, RowError, SeenIds, byte_total
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.openmp import single_thread_team
 from mmllm.images import ImageError, ImagePolicy, load_image
@@ -154,15 +154,6 @@ def iter_rows(dumps: Sequence[Path], opts: LabelOptions, is_done: Callable[[List
                 position["rows"] = position.get("rows", 0) + 1  # rows handed on, for the total estimate
             yield row
         before += dump.stat().st_size if dump.is_file() else 0
-
-
-def byte_total(dumps: Sequence[Path]) -> int | None:
-    """The bytes the progress line counts through (its ETA and row estimate), or None: text dumps, a
-    .jsonl.gz too (in bytes of the compressed file), but not a mix of gzipped and plain dumps, whose bytes
-    hold rows at rates ten times apart (one rate over both put the end of 8,773 rows at 2,092)."""
-    if not all(progress_in_bytes(p) for p in dumps) or len({p.name.lower().endswith(".gz") for p in dumps}) > 1:
-        return None
-    return sum(p.stat().st_size for p in dumps)
 
 
 def _guarded(reader: CatalogReader, dump: Path) -> Iterator[Listing | RowError]:

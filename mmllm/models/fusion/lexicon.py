@@ -60,7 +60,7 @@ class LexiconConfig:
     max_features: int = help_field(200_000, "largest vocabulary (the most frequent n-grams)")
     max_parameters: int = help_field(50_000_000, "largest weight matrix of one head (vocabulary x classes)")
     category: bool = help_field(True, "fit the category's regression too; false = the attribute heads only (on a large "
-                                      "catalog the category's is the costly one: 8,861 rows x 142 classes took 55 s, "
+                                      "catalog the category's is the costly one: 8,861 rows x 142 classes took 47 s, "
                                       "for 1.3 points of accuracy and a worse confidence order, benchmarks/RESULTS.md)")
     hurdle: bool = help_field(True, "a head that abstains (<not stated> trained on gold nulls) gets two regressions: "
                                     "whether a value is stated (every row), which value (the rows that state one)")
