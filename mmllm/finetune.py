@@ -31,7 +31,7 @@ from mmllm.recipes.classify import ClassifyRecipeConfig
 from mmllm.recipes.common import InputError
 from mmllm.recipes.fusion import FusionRecipeConfig
 from mmllm.recipes.generate import GenerateConfig
-from mmllm.training import NonFiniteLoss, ResumeError
+from mmllm.training import NonFiniteLoss, ResumeError, latest_checkpoint
 
 # task -> (the recipe's config, the recipe)
 RECIPES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
@@ -66,11 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # after the training loop (which saves a checkpoint on Ctrl-C itself)
-        print(f"interrupted: {cfg.train.output_dir} is not a finished model folder; rerun the same command with "
-              "train.resume=true to finish it", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint on Ctrl-C itself)
+        print(f"interrupted: {_how_to_go_on(Path(cfg.train.output_dir))}", file=sys.stderr)
         return 130
     return 130 if result["interrupted"] else 0
+
+
+def _how_to_go_on(out_dir: Path) -> str:
+    """What the user runs next after a Ctrl-C outside the training steps, by what the folder holds."""
+    last = latest_checkpoint(out_dir / "checkpoints")
+    if last is None:  # stopped while it read, encoded or tuned: a rerun starts again there (recipes.common.never_saved)
+        return (f"{out_dir} holds no checkpoint yet; rerun the same command to start again"
+                + (" (the features cached there are read again)" if (out_dir / "feature_cache").is_dir() else ""))
+    unfinished = not model_dir.is_model_dir(out_dir) or (out_dir / model_dir.UNFINISHED_FILE).exists()
+    return ((f"{out_dir} is not a finished model folder; " if unfinished else "")
+            + f"rerun the same command with train.resume=true to go on from its last checkpoint ({last.name})")
 
 
 def load_recipe_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Any:

@@ -21,6 +21,7 @@ import sys
 from typing import Callable, NoReturn
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+_taken: list[Callable[[], None]] = []  # while run() runs: what its first Ctrl-C does besides raising
 
 
 def run(main: Callable[[], int]) -> NoReturn:
@@ -33,14 +34,18 @@ def run(main: Callable[[], int]) -> NoReturn:
         _say("\ninterrupted again: stopping now (what was written is whole; --resume goes on)")
         os._exit(INTERRUPTED)
 
-    def first(signum: int, frame: object) -> None:
+    def take() -> None:
         nonlocal interrupted
         interrupted = True
         signal.signal(signal.SIGINT, stop_now)
+
+    def first(signum: int, frame: object) -> None:
+        take()
         raise KeyboardInterrupt
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
         signal.signal(signal.SIGINT, first)
+        _taken.append(take)
     try:
         code = main()
     except KeyboardInterrupt:  # a command with no clean-up of its own
@@ -50,6 +55,9 @@ def run(main: Callable[[], int]) -> NoReturn:
         if interrupted:  # the clean-up failed too (a closed pipe: Ctrl-C reached `| tee` first): still 130
             os._exit(INTERRUPTED)
         raise
+    finally:
+        if _taken and _taken[-1] is take:
+            _taken.pop()
     if interrupted and code == INTERRUPTED:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -60,6 +68,17 @@ def run(main: Callable[[], int]) -> NoReturn:
     if interrupted and code == 0:  # stopped by Ctrl-C its own way (a server): a shell still reads 130
         code = INTERRUPTED
     sys.exit(code)
+
+
+def taken() -> bool:
+    """A command that stops cleanly on the first Ctrl-C by a handler of its own (the training loop: a
+    checkpoint at the end of the step, then stop) says so from that handler: from here on a Ctrl-C stops at
+    once, and the command's end leaves as an interrupted one does. False where no :func:`run` manages Ctrl-C
+    (a command called in-process, SIGINT ignored): the caller's own second-signal rule stands."""
+    if not _taken:
+        return False
+    _taken[-1]()
+    return True
 
 
 def _say(text: str) -> None:

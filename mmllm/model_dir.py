@@ -110,6 +110,13 @@ def check_weights(path: Path) -> Path:
     return path
 
 
+def begin(folder: Path) -> None:
+    """The recipe is about to write the folder (weights first): until :func:`finish`, labelling refuses it, so a
+    stop half-way (a resumed run asked for more steps replaces a finished folder's weights) is never read as a
+    model whose weights and calibration disagree."""
+    (Path(folder) / UNFINISHED_FILE).write_text("training is writing this folder; `finish` removes this file at the end\n")
+
+
 def finish(folder: Path) -> None:
     """The folder is complete (weights, meta, calibration, grounding): labelling may read it."""
     (Path(folder) / UNFINISHED_FILE).unlink(missing_ok=True)
@@ -148,7 +155,7 @@ def write_folder(out_dir: Path, *, kind: str, base_model: str, schema: LabelSche
     from mmllm.config import save_config
 
     assert kind in KINDS, kind
-    (out_dir / UNFINISHED_FILE).write_text("training is writing this folder; `finish` removes this file at the end\n")
+    begin(out_dir)
     schema.to_yaml(out_dir / SCHEMA_FILE, header=f"# label schema used for training (from {schema_source})\n")
     if template is not None:
         template.save_to(out_dir)

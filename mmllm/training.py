@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmllm import interrupt
 from mmllm.config import help_field
 from mmllm.host_memory import return_large_frees_to_os
 from mmllm.progress import Progress
@@ -316,7 +317,7 @@ def train_loop(
             if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
                 _log(accelerator, metrics_path, {"step": step, **evaluate(accelerator.unwrap_model(model), step)}, progress)
                 model.train()
-            interrupted = stop.requested and step < total_steps
+            interrupted = stop.requested  # at the last step too: what follows the loop may take minutes
             if (cfg.save_every and step % cfg.save_every == 0) or interrupted or (final_checkpoint and step == total_steps):
                 _save_checkpoint(ckpt_root, step, accelerator, model, optimizer, scheduler, sharded,
                                  cfg.keep_checkpoints, data_plan, trained_s + time.perf_counter() - started, window)
@@ -398,11 +399,15 @@ def _ignore_interrupts(worker_id: int) -> None:
 
 
 class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the next step boundary."""
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the next step boundary (the last step
+    included: the folder is then left unfinished, for ``train.resume=true``). Under
+    :func:`mmllm.interrupt.run` a second Ctrl-C stops at once (``os._exit(130)``) and the run leaves as an
+    interrupted command; called in-process, a second signal raises ``KeyboardInterrupt``."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = {}
+        self._handed_over = False  # SIGINT went back to mmllm.interrupt's "stop now"
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -410,13 +415,17 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested:  # a second signal stops at once
             raise KeyboardInterrupt
         self.requested = True
         print(f"\nsignal {signum}: saving a checkpoint at the end of this step, then stopping", flush=True)
+        if signum == signal.SIGINT:
+            self._handed_over = interrupt.taken()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
+            if sig == signal.SIGINT and self._handed_over:
+                continue  # the next Ctrl-C stops at once, after the loop too
             signal.signal(sig, handler)
 
 

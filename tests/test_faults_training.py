@@ -170,15 +170,70 @@ def test_bad_numeric_settings_name_their_key(tmp_path, earlier_run, capsys, monk
     assert _snapshot(earlier_run) == before
 
 
-def test_a_run_that_never_saved_a_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_folder(tmp_path, capsys):
+    """Stopped while it encoded, tuned or took its first steps, a run leaves its log, its feature cache and torn
+    checkpoint folders: nothing to resume. It said "resume", which refused the folder, and a plain rerun refused
+    it as not empty. The same command (with train.resume or without) now starts again there, the cache kept."""
+    catalog = write_catalog(tmp_path / "data", n=4)
+    for resume in ("false", "true"):
+        out = tmp_path / f"out-{resume}"
+        (out / "feature_cache" / "ab").mkdir(parents=True)
+        (out / "feature_cache" / "ab" / "ab12.safetensors").write_bytes(b"cached")
+        (out / "checkpoints" / ".tmp-step-00000001").mkdir(parents=True)  # killed while it saved its first
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+        args = _run_args(catalog, out, **{"train.resume": resume, "train.max_steps": 2, "train.log_every": 1,
+                                                 "data.dev": "null"})
+        assert main(["--config", str(TINY), *args]) == 0
+        assert "the run there stopped before its first checkpoint; starting it again (its cached features are " \
+               "read again)" in capsys.readouterr().out
+        assert (out / "feature_cache" / "ab" / "ab12.safetensors").read_bytes() == b"cached"
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2] and 9.0 not in [json.loads(x).get("loss") for x in (out / "metrics.jsonl").open()]
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    # anything else in the folder is somebody's: left alone, as before
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (mixed / "notes.txt").write_text("mine\n")
+    assert main(["--config", str(TINY), *_run_args(catalog, mixed, **{"train.resume": "false"})]) == 2
+    assert "is not empty; pass train.resume=true" in capsys.readouterr().err
+    assert sorted(p.name for p in mixed.iterdir()) == ["metrics.jsonl", "notes.txt"]
+
+
+def test_what_a_ctrl_c_outside_the_steps_advises_works(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C while a run writes its folder, or before its first checkpoint, says how to go on, and that works."""
+    from mmllm import model_dir
+    from mmllm.label import main as label
+
     catalog = write_catalog(tmp_path / "data", n=4)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # killed before its first checkpoint
-    for resume in ("false", "true"):
-        line = _fails(capsys, monkeypatch, _run_args(catalog, out, **{"train.resume": resume}))
-        assert "it holds a run that stopped before its first checkpoint (nothing to resume): delete" in line
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    args = ["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false", "train.max_steps": 2,
+                                                               "data.dev": "null"})]
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # before anything was built
+        patch.setattr(generate, "build_backbone", stopped)
+        assert main(args) == 130
+    assert capsys.readouterr().err.strip().endswith(f"{out} holds no checkpoint yet; rerun the same command to "
+                                                    "start again")
+    assert main(args) == 0
+    # asked for more steps, a finished folder is stopped after its weights are replaced, before the rest:
+    # labelling refuses it (the weights and the calibration would disagree) until the resume finishes it
+    more = ["--config", str(TINY), *_run_args(catalog, out, **{"train.max_steps": 4, "data.dev": "null"})]
+    with monkeypatch.context() as patch:
+        patch.setattr(model_dir, "write_folder", stopped)
+        assert main(more) == 130
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"{out} is not a finished model folder; rerun the same command with "
+                                "train.resume=true to go on from its last checkpoint (step-00000004)")
+    labels = tmp_path / "labels.jsonl"
+    assert label([str(catalog), "--model", str(out), "--out", str(labels), "--quiet"]) == 2
+    assert "training stopped before it finished writing this folder" in capsys.readouterr().err
+    assert main(more) == 0
+    assert json.loads((out / "mmllm_model.json").read_text())["training"]["steps"] == 4
+    assert label([str(catalog), "--model", str(out), "--out", str(labels), "--quiet"]) == 0
 
 
 def test_an_unfinished_folder_is_refused_and_resume_finishes_it(tmp_path, capsys):
@@ -209,6 +264,35 @@ def test_an_unfinished_folder_is_refused_and_resume_finishes_it(tmp_path, capsys
     # the card rounds to 2 decimals what the checkpoint keeps to 3
     resumed = json.loads((out / "mmllm_model.json").read_text())["training"]["wall_s"]
     assert 0 < steps_s - 0.005 <= resumed <= wall
+
+
+def test_a_ctrl_c_during_the_last_step_stops_before_the_folder_is_written(tmp_path, capsys, monkeypatch):
+    """It was dropped: the run went on through the final evaluation, the folder, calibration and grounding
+    (minutes on a real model), and the next Ctrl-C counted as a first. Now it checkpoints the last step and
+    stops; the resume writes the folder."""
+    import os
+    import signal
+
+    real, calls = generate.causal_lm_loss, []
+
+    def stopped_in_the_last_step(model, batch):
+        calls.append(1)
+        if len(calls) == 5:  # train.max_steps=3, train.grad_accum=2: the last step's first micro-batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    args = ["--config", str(TINY), *_run_args(catalog, out, **{"train.max_steps": 3, "train.save_every": 0})]
+    with monkeypatch.context() as patch:
+        patch.setattr(generate, "causal_lm_loss", stopped_in_the_last_step)
+        assert main([*args, "train.resume=false"]) == 130
+    assert "stopped at step 3; continue with train.resume=true" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    assert not (out / "mmllm_model.json").exists()
+    assert main(args) == 0
+    assert json.loads((out / "mmllm_model.json").read_text())["training"]["steps"] == 3
+    assert not (out / "training_unfinished.txt").exists()
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_without_a_model(tmp_path, capsys, monkeypatch):

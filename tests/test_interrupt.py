@@ -74,3 +74,54 @@ def test_a_failing_clean_up_still_ends_130_and_a_command_ending_otherwise_shuts_
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "shut down as usual" in err  # the demo ended 0 after a Ctrl-C
+
+
+TRAINING = """
+import atexit, sys, time
+from mmllm import interrupt
+from mmllm.training import _StopFlag
+
+def main():
+    atexit.register(lambda: print("the interpreter's shutdown", file=sys.stderr, flush=True))
+    stop = _StopFlag()  # the training loop's own first Ctrl-C: a checkpoint at the end of the step
+    print("ready", flush=True)
+    while not stop.requested:
+        time.sleep(0.01)
+    print("checkpointing", flush=True)
+    time.sleep(120 if sys.argv[1] == "during" else 0)
+    stop.restore()
+    print("after the loop", flush=True)
+    time.sleep(120 if sys.argv[1] == "after" else 0)  # what follows a stopped loop (its message, the summary)
+    return 130
+
+interrupt.run(main)
+"""
+
+
+def test_the_training_loops_own_ctrl_c_follows_the_same_policy():
+    """The loop catches the first Ctrl-C itself (checkpoint, then stop). It took the handler `interrupt.run`
+    installs and put back the first-Ctrl-C one: a second Ctrl-C after the loop counted as a first, the end went
+    through the interpreter's shutdown (1.9 s, where a second Ctrl-C made it die of SIGINT, exit -2)."""
+    for mode in ("during", "after", "once"):
+        process = subprocess.Popen([sys.executable, "-c", TRAINING, mode], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGINT)
+        assert _line(process) == "signal 2: saving a checkpoint at the end of this step, then stopping"
+        assert _line(process) == "checkpointing"
+        if mode == "after":
+            assert _line(process) == "after the loop"
+        if mode != "once":
+            process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)  # not the 120 s
+        assert process.returncode == 130, (mode, err)
+        assert ("interrupted again: stopping now" in err) == (mode != "once"), (mode, err)
+        assert "the interpreter's shutdown" not in err and "Traceback" not in err, (mode, err)
+
+
+def _line(process: subprocess.Popen) -> str:
+    """The next line the process prints that is not blank."""
+    for line in process.stdout:
+        if line.strip():
+            return line.strip()
+    raise AssertionError(f"the process ended (exit {process.wait()}): {process.stderr.read()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,6 +84,7 @@ class Setup:
     train_policy: ImagePolicy
     dev_policy: ImagePolicy
     out_dir: Path
+    resume: bool = False  # go on from the folder's latest checkpoint (train.resume, unless the run there never saved one)
 
     @property
     def category_counts(self) -> dict[str, int]:
@@ -106,7 +108,7 @@ def setup(cfg: RecipeConfig) -> Setup:
     untrained = untrained_attributes(trained)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
     set_seed(cfg.train.seed)
-    out_dir = _prepare_output_dir(Path(cfg.train.output_dir), cfg.train.resume, accelerator)
+    out_dir, resume = _prepare_output_dir(Path(cfg.train.output_dir), cfg.train.resume, accelerator)
     only = sum(not attributes_labelled(r.label) for r in train_rows)
     say(accelerator, f"{len(train_rows)} training rows"
                      + (f" ({only} labelled for the category only: left out of every attribute fit)" if only else "")
@@ -117,7 +119,7 @@ def setup(cfg: RecipeConfig) -> Setup:
                          f"{'it' if len(untrained) == 1 else 'them'}")
     policy = ImagePolicy(root=Path(cfg.data.image_root).resolve() if cfg.data.image_root else None)
     return Setup(accelerator, schema, template, train_rows, dev_rows, trained,
-                 policy_for(train_sources(cfg.data.train), policy), policy_for(cfg.data.dev, policy), out_dir)
+                 policy_for(train_sources(cfg.data.train), policy), policy_for(cfg.data.dev, policy), out_dir, resume)
 
 
 def load_inputs(cfg: RecipeConfig) -> tuple[LabelSchema, PromptTemplate, list[Listing], list[Listing]]:
@@ -235,31 +237,52 @@ def policy_for(source: str | list[str] | None, policy: ImagePolicy) -> ImagePoli
     return replace(policy, source_roots=tuple((Path(s).name, Path(s).resolve().parent) for s in sources))
 
 
+# what a run writes in its folder before its first checkpoint: its log, the fusion recipe's feature cache (by
+# default inside it) and side fit, checkpoint folders not finished yet
+_BEFORE_FIRST_CHECKPOINT = {METRICS_FILE, "feature_cache", "checkpoints", "vote_holdout"}
+
+
+def never_saved(out_dir: Path) -> bool:
+    """``out_dir`` holds only what a run left there before its first checkpoint (stopped while it encoded,
+    tuned or took its first steps): nothing to resume and nothing of the user's, so a run starts again there
+    (with ``train.resume`` or without), its cached features read again."""
+    if not out_dir.is_dir() or is_model_dir(out_dir) or latest_checkpoint(out_dir / "checkpoints") is not None:
+        return False
+    entries = list(out_dir.iterdir())
+    return bool(entries) and all(p.name in _BEFORE_FIRST_CHECKPOINT for p in entries) and all(
+        p.is_dir() == (p.name != METRICS_FILE) for p in entries)
+
+
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
-    """A new run needs an empty (or new) folder; a resumed one a finished checkpoint in it. Read only."""
+    """A new run needs an empty (or new) folder, or one a run left before its first checkpoint; a resumed one
+    a finished checkpoint in it (or such a folder: it starts again). Read only."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"train.output_dir: {out_dir} is a file, not a folder; pass another train.output_dir")
-    never_saved = (f"it holds a run that stopped before its first checkpoint (nothing to resume): delete {out_dir} "
-                   "to start it again, or pass another train.output_dir")
+    if never_saved(out_dir):
+        return
     if resume:
         if latest_checkpoint(out_dir / "checkpoints") is None:
             raise InputError(f"train.output_dir: train.resume=true but {out_dir / 'checkpoints'} holds no finished "
-                             "checkpoint; " + (never_saved if (out_dir / METRICS_FILE).exists()
-                                               else "drop train.resume to start a new run"))
+                             "checkpoint; drop train.resume to start a new run")
     elif out_dir.is_dir() and any(out_dir.iterdir()):
-        if (latest_checkpoint(out_dir / "checkpoints") is None and not is_model_dir(out_dir)
-                and (out_dir / METRICS_FILE).exists()):
-            raise InputError(f"train.output_dir: {out_dir} is not empty; {never_saved}")
         raise InputError(f"train.output_dir: {out_dir} is not empty; pass train.resume=true to continue it, "
                          "or another train.output_dir")
 
 
-def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> Path:
+def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> tuple[Path, bool]:
+    """The folder, checked and created; and whether to resume from its latest checkpoint (not where a run
+    stopped before its first: that one starts again, its log and torn checkpoints removed)."""
+    again = never_saved(out_dir)
     if accelerator.is_main_process:
         _check_output_dir(out_dir, resume)  # checked before anything was built; checked again just before writing
+        if again:
+            say(accelerator, f"{out_dir}: the run there stopped before its first checkpoint; starting it again"
+                             + (" (its cached features are read again)" if (out_dir / "feature_cache").is_dir() else ""))
+            (out_dir / METRICS_FILE).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return out_dir
+    return out_dir, resume and not again
 
 
 def _mixed_precision(name: str) -> str:

@@ -141,6 +141,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     if summary["interrupted"]:
         return summary
     if s.accelerator.is_main_process:
+        model_dir.begin(s.out_dir)
         unwrapped.save(s.out_dir, tuned_text=encoders if anchor is not None else None, vectorizer=featurizer.lexicon)
         model_dir.write_folder(s.out_dir, kind="fusion", base_model=f"text={fc.text_encoder}, image={fc.image_encoder}",
                                schema=s.schema, schema_source=cfg.data.schema, config=cfg, template=None,

@@ -11,7 +11,7 @@ the grounded-attribute choice fitted on the model's dev answers (``grounding.jso
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -72,8 +72,8 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     collate = TrainCollator(processor, s.schema, s.template, s.train_policy, cfg.model.max_images, augment)
     evaluate = _evaluator(cfg, processor, s)
 
-    result = train_loop(cfg.train, s.accelerator, model, s.train_rows, collate, causal_lm_loss, s.out_dir,
-                        evaluate=evaluate if s.dev_rows else None, eval_every=cfg.eval.every)
+    result = train_loop(replace(cfg.train, resume=s.resume), s.accelerator, model, s.train_rows, collate,
+                        causal_lm_loss, s.out_dir, evaluate=evaluate if s.dev_rows else None, eval_every=cfg.eval.every)
     summary = run_summary(result, s.accelerator)
     if result.interrupted:
         return summary
@@ -121,6 +121,8 @@ def save_model_dir(s: Setup, cfg: Any, model: Any, processor: Any, summary: dict
     The run's ``trained`` counts go into the meta file; predictors answer null for an attribute
     recorded with 0 rows."""
     accelerator, out_dir = s.accelerator, s.out_dir
+    if accelerator.is_main_process:
+        model_dir.begin(out_dir)
     state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP / DeepSpeed
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(out_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,

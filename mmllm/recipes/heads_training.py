@@ -52,7 +52,8 @@ def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: An
         accelerator.wait_for_everyone()
         return metrics
 
-    result = train_loop(train, accelerator, model, run.train_rows, collate, loss_fn, run.out_dir,
+    result = train_loop(dataclasses.replace(train, resume=run.resume), accelerator, model, run.train_rows, collate,
+                        loss_fn, run.out_dir,
                         evaluate=evaluate if run.dev_rows else None, eval_every=evaluation.every, count_items=count_rows)
     summary = run_summary(result, accelerator)
     unwrapped = accelerator.unwrap_model(model)
