@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     try:
         if args.engine == "ray":
-            from mmllm.labelling.ray_engine import RayOptions, Refused, run_ray
+            from mmllm.labelling.ray_engine import Lost, RayOptions, Refused, run_ray
 
             ray_opts = RayOptions(args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.ray_address)
             try:
@@ -164,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Refused as exc:  # as the local engine: one line, exit 2, the files this run created go
                 output.abandon()
                 return _fail(str(exc))
+            except Lost as exc:
+                print(f"error: {exc}; {output.written:,} records were written this run, each whole; run the same "
+                      "command with --resume to continue", file=sys.stderr)
+                return 1
         else:
             try:
                 predictor = load_predictor(**model_args)
@@ -275,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-gpus-per-actor", type=at_least(0.0, float), default=0.0,
                    help="--engine ray: GPUs per replica (0 = CPU)")
     p.add_argument("--ray-cpus-per-actor", type=at_least(0.0, float), default=1.0, help="--engine ray: CPUs per replica")
-    p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start a local Ray instance)")
+    p.add_argument("--ray-address", help="--engine ray: an existing cluster (default: $RAY_ADDRESS, else a local Ray "
+                                         "instance)")
     p.add_argument("--no-constrained", action="store_true", help="free decoding: invalid answers are reported, not prevented")
     p.add_argument("--static-cache", action="store_true",
                    help="generative models on a GPU: decode into a cache allocated at full length, so the decoding step "

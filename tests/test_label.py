@@ -191,6 +191,54 @@ def test_ray_engine_gives_the_same_predictions_as_local(tmp_path, tiny_checkpoin
     assert not list(tmp_path.glob("refused.jsonl*"))
 
 
+@pytest.mark.slow
+def test_ray_engine_against_a_cluster_at_an_address(tmp_path, tiny_checkpoint, capsys):
+    """A cluster started elsewhere (`ray start --head` in another folder), named by Ray's own RAY_ADDRESS, and
+    the command given relative paths: the actors ran in the cluster's folder, where `--model ../m` named
+    nothing, and RAY_ADDRESS made the local start fail; the records are the local engine's. An address nothing
+    answers at is refused at once (Ray retried it for about 14 minutes), leaving no files."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    require("ray", "ray")
+    dump = write_catalog(tmp_path / "d", 8, dump_row(), name="dump.jsonl")
+    model = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), model)
+    assert label(dump, tmp_path / "local.jsonl", model, "--batch-size", "4") == 0
+    with socket.socket() as probe:  # a port nothing listens at (the cluster's, before it starts)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nowhere = tmp_path / "nowhere.jsonl"
+    assert label(dump, nowhere, model, "--engine", "ray", "--ray-address", f"127.0.0.1:{port}") == 2
+    assert f"error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused)" \
+        in capsys.readouterr().err
+    assert not list(tmp_path.glob("nowhere.jsonl*"))
+    ray = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    (tmp_path / "head").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    try:
+        subprocess.run([str(ray), "start", "--head", f"--port={port}", "--num-cpus=2", "--disable-usage-stats",
+                        "--include-dashboard=false", f"--temp-dir={temp}"], cwd=tmp_path / "head", env=env,
+                       check=True, capture_output=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "mmllm.label", "../d/dump.jsonl", "--model", "../m", "--schema",
+                               "../d/schema.yaml", "--out", "ray.jsonl", "--batch-size", "4", "--engine", "ray"],
+                              cwd=tmp_path / "elsewhere", env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=300)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 rows: 8 ok" in done.stdout and "(summed over 2 replicas)" in done.stdout
+    assert "model 0.0 s" not in done.stdout  # the actors' timings reach the summary
+    local = {(r["source"], r["line"]): r for r in read(tmp_path / "local.jsonl")}
+    assert_same_records({(r["source"], r["line"]): r for r in read(tmp_path / "elsewhere" / "ray.jsonl")}, local)
+
+
 def test_review_flags_and_queue_and_what_is_refused(tmp_path, tiny_checkpoint, capsys):
     dump = write_catalog(tmp_path / "d", 6, dump_row(), name="dump.jsonl")
     model = tiny_checkpoint("qwen2_vl")

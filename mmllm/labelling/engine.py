@@ -268,13 +268,9 @@ def finish(predictor: Any, prepared: Prepared, emit: Callable[[Record], None], o
         emit({"id": listing.id, **prediction, "source": listing.source, "line": listing.line})
 
 
-def label_batch(predictor: Any, batch: list[Listing], opts: LabelOptions) -> list[Record]:
-    """Records for one batch, synchronously (the Ray engine's unit of work)."""
-    return label_timed(predictor, batch, opts)[0]
-
-
 def label_timed(predictor: Any, batch: list[Listing], opts: LabelOptions) -> tuple[list[Record], float, float]:
-    """Records for one batch, synchronously, with its seconds in the model and preparing (a replica's unit)."""
+    """Records for one batch, synchronously, with its seconds in the model and preparing (a replica's or a Ray
+    actor's unit of work)."""
     records: list[Record] = []
     summary = Summary()
     finish(predictor, prepare(predictor, batch, opts), records.append, opts, summary)

@@ -7,22 +7,28 @@ per actor), and writes every batch's records as it comes back, through the same
 guarantee, same ``--resume``, and a run stopped at any point keeps what it wrote. (A Ray Data
 pipeline with one read task per actor handed nothing back before a whole part was labelled: an
 interrupt lost the run.)
-Connect to a cluster with ``--ray-address``; without it a local Ray instance is started.
+Connect to a cluster with ``--ray-address`` (or Ray's own ``RAY_ADDRESS``); without either a local Ray
+instance is started. The actors get the driver's absolute paths and its hub / cache settings (``HF_*``,
+``TRANSFORMERS_*``, ``MMLLM_*``); on several machines the model folder, the schema and the pictures must be
+on a filesystem they share. An actor that dies (the OOM killer, a lost node) is replaced and its batches
+relabelled by the new one.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from mmllm.catalog import Listing, RowError
+from mmllm.catalog import Listing, RowError, byte_total
 from mmllm.host_memory import reuse_step_buffers
-from mmllm.labelling.engine import MODEL_REFUSALS, LabelOptions, Summary, error_record, iter_rows, label_batch
+from mmllm.labelling.engine import MODEL_REFUSALS, LabelOptions, Summary, error_record, iter_rows, label_timed
 from mmllm.labelling.output import DoneRows, Output
 from mmllm.progress import Progress
 
@@ -45,18 +51,76 @@ class LabelActor:
             self.predictor = load(**model_args)
         except MODEL_REFUSALS as exc:  # the model or an option: said once by the driver, not as an actor's death
             self.refused = str(exc)
+        except Exception as exc:  # anything else that keeps the model from loading: said the same way
+            self.refused = f"the model did not load in a Ray actor: {type(exc).__name__}: {exc}"
         self.opts = opts
 
     def ready(self) -> str | None:
         """``None``, or why the model cannot label (an option that does not fit it, a missing folder)."""
         return self.refused
 
-    def label(self, listings: list[Listing]) -> list[dict[str, Any]]:
-        return label_batch(self.predictor, listings, self.opts)
+    def label(self, listings: list[Listing]) -> tuple[list[dict[str, Any]], float, float]:
+        """The batch's records, and its seconds in the model and preparing."""
+        return label_timed(self.predictor, listings, self.opts)
 
 
 class Refused(ValueError):
-    """The model or an option refused in the actors: nothing was labelled."""
+    """The cluster or the model refused before anything was labelled (an address nothing answers at, a model the
+    actors cannot load): nothing was written."""
+
+
+class Lost(RuntimeError):
+    """The cluster went away during the run (its actors died more often than they may be replaced): what was
+    written stays, and ``--resume`` goes on."""
+
+
+# the driver's settings for the hub and mmllm's cache: the actors run where the cluster started, not here
+ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "MMLLM_")
+PATH_ARGS = ("model", "schema", "template", "class_prior")
+REPLACEMENTS_PER_ACTOR = 2  # a replica that dies (the OOM killer, a lost node) is replaced this often, then the run stops
+
+
+def actor_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` with the driver's local paths made absolute: an actor's working folder is the one its
+    cluster was started in, where a relative path would name nothing (or a hub id)."""
+    out = dict(model_args)
+    for key in PATH_ARGS:
+        value = out.get(key)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def actor_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The driver's settings an actor needs to load the model as the driver would (offline hub, caches)."""
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES)}
+
+
+def cluster_address(address: str | None) -> str | None:
+    """``--ray-address``, else ``RAY_ADDRESS`` (Ray's own setting: with it set, ``ray.init`` connects), else
+    ``None``: a local Ray instance."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def unreachable(address: str | None, timeout_s: float = 10.0) -> str | None:
+    """Why nothing answers at a cluster's address, or ``None`` (it answers; or a local instance, ``auto`` or an
+    address without a port, which are left to Ray)."""
+    host, _, port = (address or "").split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def check_reachable(address: str) -> None:
+    """Refuse at once an address nothing answers at (``ray.init`` retries one for about 14 minutes)."""
+    why = unreachable(address)
+    if why is not None:
+        raise Refused(f"--ray-address {address}: no Ray cluster answers there ({why}); start one "
+                      "(`ray start --head`) or check the address")
 
 
 def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output: Output, opts: LabelOptions,
@@ -65,63 +129,142 @@ def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output
     own reader, streaming), hands each actor a batch as soon as it is free (two batches queued per
     actor, so none waits for the driver), and writes each batch's records the moment they come back:
     an interrupted run keeps every record written, and ``--resume`` continues from them, as with the
-    local engine. Raises :class:`Refused` when the actors cannot load the model."""
+    local engine. An actor that dies is replaced and its batches go to the new one (nothing is written
+    twice: only the driver writes). Raises :class:`Refused` when the cluster or the actors refuse before
+    anything was labelled, :class:`Lost` when the cluster goes away during the run."""
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under the home folder
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # else the head posts usage stats to ray.io
+    address = cluster_address(ray_opts.address)
+    env = {"env_vars": actor_env(os.environ)}
     temp_dir = None
-    if ray_opts.address is None:
-        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-        logical_cpus = max(1, int(ray_opts.actors * ray_opts.cpus_per_actor))
-        ray.init(num_cpus=logical_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-                 ignore_reinit_error=True)
-    else:
-        ray.init(address=ray_opts.address, ignore_reinit_error=True)
-    summary = Summary()
+    summary = Summary(replicas=ray_opts.actors)
     started = time.perf_counter()
-    progress = Progress("label (ray)", enabled=not opts.quiet, log_every_s=opts.log_every_s,
-                        log_every_rows=opts.log_every_rows)
+    progress = Progress("label (ray)", total_bytes=byte_total(dumps), enabled=not opts.quiet,
+                        log_every_s=opts.log_every_s, log_every_rows=opts.log_every_rows)
+    position = {"bytes": 0}
     try:
+        if address is None:
+            temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+            logical_cpus = max(1, int(ray_opts.actors * ray_opts.cpus_per_actor))
+            ray.init(address="local", num_cpus=logical_cpus, include_dashboard=False, _temp_dir=temp_dir,
+                     log_to_driver=False, ignore_reinit_error=True, runtime_env=env)
+        else:
+            check_reachable(address)
+            try:
+                ray.init(address=address, ignore_reinit_error=True, runtime_env=env)
+            except ConnectionError as exc:
+                raise Refused(f"--ray-address {address}: {exc}") from None
         remote = ray.remote(num_cpus=ray_opts.cpus_per_actor, num_gpus=ray_opts.gpus_per_actor)(LabelActor)
-        actors = [remote.remote(load, model_args, opts) for _ in range(ray_opts.actors)]
-        refusals = [r for r in ray.get([a.ready.remote() for a in actors]) if r is not None]
-        if refusals:
-            raise Refused(refusals[0])
-        pool, in_flight = ActorPool(actors), 0
-        label = lambda actor, rows: actor.label.remote(rows)  # noqa: E731  (ActorPool's (actor, value) -> ref)
+        args = actor_args(model_args)
+        pool = _Pool(lambda: remote.remote(load, args, opts), ray_opts.actors, ray, RayActorError, address)
         done = output.done if opts.resume else DoneRows()
 
         def write(records: list[dict[str, Any]]) -> None:
             for record in records:
                 output.write(record)
                 summary.count(record)
-            progress.update(len(records))
+                at_most = opts.limit - summary.skipped if opts.limit is not None else None
+                progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"),
+                                rows_seen=position.get("seen"), at_most=at_most)
+
+        def take() -> None:
+            records, model_s, prepare_s = pool.next_result()
+            summary.model_s += model_s
+            summary.prepare_s += prepare_s
+            write(records)
 
         batch: list[Listing] = []
-        for row in iter_rows([Path(d) for d in dumps], opts, done.__contains__, summary):
+        for row in iter_rows([Path(d) for d in dumps], opts, done.__contains__, summary, position):
             if isinstance(row, RowError):
                 write([error_record(row, "read", row.message)])
                 continue
             batch.append(row)
             if len(batch) < opts.batch_size:
                 continue
-            while in_flight >= 2 * len(actors):  # enough queued: take what is ready first
-                write(pool.get_next_unordered())
-                in_flight -= 1
-            pool.submit(label, batch)
-            batch, in_flight = [], in_flight + 1
+            while pool.full():  # enough queued: take what is ready first
+                take()
+            pool.submit(batch)
+            batch = []
         if batch:
-            pool.submit(label, batch)
-            in_flight += 1
-        while in_flight:
-            write(pool.get_next_unordered())
-            in_flight -= 1
+            pool.submit(batch)
+        while pool.busy():
+            take()
     finally:
         progress.close()
-        ray.shutdown()
+        summary.wall_s = time.perf_counter() - started
+        if ray.is_initialized():
+            ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    summary.wall_s = time.perf_counter() - started
     return summary
+
+
+class _Pool:
+    """The actors and the batches each holds (at most two queued per actor, handed to the least loaded).
+    A batch whose actor died goes to that actor's replacement; the run stops (:class:`Lost`) after
+    ``REPLACEMENTS_PER_ACTOR`` replacements per actor, or when a replacement cannot start."""
+
+    def __init__(self, start: Any, actors: int, ray: Any, died: type[BaseException], address: str | None) -> None:
+        self.start, self.ray, self.died, self.address = start, ray, died, address
+        self.actors = [start() for _ in range(actors)]
+        self.generation = [0] * actors
+        self.load = [0] * actors
+        self.in_flight: dict[Any, tuple[int, int, list[Listing]]] = {}  # ref -> (slot, generation, batch)
+        self.replaced = 0
+        refusals = [r for r in ray.get([a.ready.remote() for a in self.actors]) if r is not None]
+        if refusals:
+            raise Refused(refusals[0])
+
+    def full(self) -> bool:
+        return min(self.load) >= 2
+
+    def busy(self) -> bool:
+        return bool(self.in_flight)
+
+    def submit(self, batch: list[Listing]) -> None:
+        self.submit_to(min(range(len(self.actors)), key=self.load.__getitem__), batch)
+
+    def next_result(self) -> tuple[list[dict[str, Any]], float, float]:
+        """The next batch to come back (its records and timings), replacing dead actors on the way."""
+        while True:
+            (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            slot, generation, batch = self.in_flight.pop(ref)
+            self.load[slot] -= 1
+            try:
+                return self.ray.get(ref)
+            except self.died as exc:
+                if generation == self.generation[slot]:  # the first of its batches to come back: replace it
+                    self._replace(slot, exc)
+                self.submit_to(slot, batch)
+
+    def submit_to(self, slot: int, batch: list[Listing]) -> None:
+        self.in_flight[self.actors[slot].label.remote(batch)] = (slot, self.generation[slot], batch)
+        self.load[slot] += 1
+
+    def _replace(self, slot: int, exc: BaseException) -> None:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.replaced >= REPLACEMENTS_PER_ACTOR * len(self.actors):
+            raise Lost(f"Ray actors died {self.replaced + 1} times (the last: {reason})") from None
+        self.replaced += 1
+        print(f"note: a Ray actor died ({reason}); its batches go to a new one "
+              f"({self.replaced} of {REPLACEMENTS_PER_ACTOR * len(self.actors)} replacements)", file=sys.stderr)
+        try:
+            self.ray.kill(self.actors[slot])
+        except Exception:  # already gone with its node
+            pass
+        self.actors[slot] = self.start()
+        self.generation[slot] += 1
+        ready = self.actors[slot].ready.remote()
+        while not self.ray.wait([ready], timeout=5)[0]:  # loading a model may take minutes; a gone cluster, never
+            why = unreachable(self.address, timeout_s=5)
+            if why is not None:  # (Ray ends the process itself a minute after its head goes)
+                raise Lost(f"a Ray actor died ({reason}) and the cluster at {self.address} no longer answers ({why})")
+        try:
+            refused = self.ray.get(ready)
+        except Exception as err:  # the replacement died too
+            raise Lost(f"a Ray actor died ({reason}) and its replacement did not start ({type(err).__name__})") from None
+        if refused is not None:
+            raise Lost(f"a Ray actor died ({reason}) and its replacement refused the model: {refused}")
