@@ -31,6 +31,9 @@ run: $(STAMP)
 	# train split, then batch labelling of the held-out dev listings, the evaluation report and the
 	# same rows by TF-IDF + logistic regression beside it: about 3 minutes on 2 CPU cores, offline.
 	# TF-IDF + LR (one core, ~40 s) fits in the background while the recipe trains; the last step waits for it.
+	# a run stopped by Ctrl-C left its TF-IDF + LR fit going (a background job ignores Ctrl-C): stopped first
+	@pid=$$(cat runs/make-run/bag_of_words.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && grep -qs versus_bag_of_words /proc/$$pid/cmdline; then kill $$pid; fi; true
 	rm -rf runs/make-run && mkdir -p runs/make-run
 	$(BOW) --skip-recipe --out runs/make-run/bag_of_words.json > runs/make-run/bag_of_words.log 2>&1 & echo $$! > runs/make-run/bag_of_words.pid
 	$(PY) -m mmllm.finetune --config finetune/fusion_minilm_cpu.yaml train.output_dir=runs/make-run/fusion fusion.cache_dir=runs/feature_cache
