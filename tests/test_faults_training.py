@@ -181,6 +181,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_folder(tm
         (out / "feature_cache" / "ab" / "ab12.safetensors").write_bytes(b"cached")
         (out / "checkpoints" / ".tmp-step-00000001").mkdir(parents=True)  # killed while it saved its first
         (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+        (out / "training.lock").write_text("")  # mmllm started it
         args = _run_args(catalog, out, **{"train.resume": resume, "train.max_steps": 2, "train.log_every": 1,
                                                  "data.dev": "null"})
         assert main(["--config", str(TINY), *args]) == 0
@@ -190,14 +191,51 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_folder(tm
         steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2] and 9.0 not in [json.loads(x).get("loss") for x in (out / "metrics.jsonl").open()]
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+        assert not (out / "training.lock").exists()  # a finished folder needs no lock
     # anything else in the folder is somebody's: left alone, as before
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (mixed / "training.lock").write_text("")
     (mixed / "notes.txt").write_text("mine\n")
     assert main(["--config", str(TINY), *_run_args(catalog, mixed, **{"train.resume": "false"})]) == 2
     assert "is not empty; pass train.resume=true" in capsys.readouterr().err
-    assert sorted(p.name for p in mixed.iterdir()) == ["metrics.jsonl", "notes.txt"]
+    assert sorted(p.name for p in mixed.iterdir()) == ["metrics.jsonl", "notes.txt", "training.lock"]
+    # the same names, but no lock says mmllm made them (another project's weights and log): the user decides
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoints").mkdir(parents=True)
+    (theirs / "checkpoints" / "step-3.pt").write_bytes(b"their weights")
+    (theirs / "metrics.jsonl").write_text('{"epoch": 3, "acc": 0.91}\n')
+    before = _snapshot(theirs)
+    for resume in ("false", "true"):
+        assert main(["--config", str(TINY), *_run_args(catalog, theirs, **{"train.resume": resume})]) == 2
+        assert (f"{theirs} holds what a run leaves before its first checkpoint (nothing to resume), but no "
+                f"training.lock says mmllm started it: delete {theirs}") in capsys.readouterr().err
+    assert _snapshot(theirs) == before
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(tmp_path, capsys):
+    """The same command started twice: the second took the first's folder for one that stopped before its first
+    checkpoint and deleted its log, then both trained into it."""
+    import fcntl
+    import os
+
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    fd = os.open(out / "training.lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run, still training
+    try:
+        for resume in ("false", "true"):
+            assert main(["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": resume})]) == 2
+            assert capsys.readouterr().err.strip() == (f"error: train.output_dir: another run is training into {out} "
+                                                       "(it holds training.lock); wait for it to end, or pass another "
+                                                       "train.output_dir")
+        assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    finally:
+        os.close(fd)
+    assert main(["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false", "train.max_steps": 1})]) == 0
 
 
 def test_what_a_ctrl_c_outside_the_steps_advises_works(tmp_path, capsys, monkeypatch):

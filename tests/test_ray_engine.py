@@ -16,8 +16,8 @@ class Died(Exception):
 
 
 class Ref:
-    def __init__(self, value=None, error: BaseException | None = None) -> None:
-        self.value, self.error = value, error
+    def __init__(self, value=None, error: BaseException | None = None, pending: bool = False) -> None:
+        self.value, self.error, self.pending = value, error, pending
 
 
 class Method:
@@ -28,9 +28,10 @@ class Method:
 class Actor:
     """A replica that labels a batch into one record a row, or dies with its first ``dies`` batches."""
 
-    def __init__(self, cluster: "Cluster") -> None:
+    def __init__(self, cluster: "Cluster", loads: bool = True, placed: bool = True) -> None:
         self.cluster, self.dead = cluster, False
-        self.ready = Method(lambda: Ref(cluster.refusal))
+        self.ready = Method(lambda: Ref(cluster.refusal, None if loads else Died("killed while loading"),
+                                        pending=not placed))
         self.label = Method(self._label)
 
     def _label(self, batch):
@@ -44,15 +45,16 @@ class Actor:
 class Cluster:
     """``ray`` as _Pool uses it: wait, get, kill; results come back in submission order."""
 
-    def __init__(self, deaths: int, refusal: str | None = None) -> None:
-        self.deaths_left, self.refusal, self.started = deaths, refusal, 0
+    def __init__(self, deaths: int, refusal: str | None = None, loads: bool = True, places: int = 10 ** 6) -> None:
+        self.deaths_left, self.refusal, self.loads, self.places, self.started = deaths, refusal, loads, places, 0
 
     def start(self) -> Actor:
         self.started += 1
-        return Actor(self)
+        return Actor(self, self.loads, placed=self.started <= self.places)
 
     def wait(self, refs, num_returns=1, timeout=None):
-        return refs[:num_returns], refs[num_returns:]
+        ready = [r for r in refs if not r.pending][:num_returns]
+        return ready, [r for r in refs if r not in ready]
 
     def get(self, refs):
         if isinstance(refs, list):
@@ -115,3 +117,20 @@ def test_the_actors_get_absolute_paths_the_hub_settings_and_ray_address(tmp_path
     assert cluster_address(None) == "10.0.0.1:6379" and cluster_address("10.0.0.2:6379") == "10.0.0.2:6379"
     monkeypatch.delenv("RAY_ADDRESS")
     assert cluster_address(None) is None
+
+
+def test_an_actor_killed_while_loading_refuses_the_run_and_a_replacement_never_placed_stops_it(monkeypatch, capsys):
+    """Both went by as a traceback (the first) or hung without a word (the second: the lost node held the only
+    GPU, and Ray keeps the replacement pending while the head answers)."""
+    from mmllm.labelling import ray_engine
+
+    with pytest.raises(Refused, match=r"^a Ray actor died while it loaded the model \(killed while loading\); if "
+                                      r"memory ran out, give each actor more"):
+        cluster = Cluster(deaths=0, loads=False)
+        _Pool(cluster.start, 2, cluster, Died, None)
+    monkeypatch.setattr(ray_engine, "REPLACEMENT_WAIT_S", 120)
+    cluster = Cluster(deaths=1, places=2)  # the two first actors start; no replacement is ever placed
+    pool = _Pool(cluster.start, 2, cluster, Died, None)
+    with pytest.raises(Lost, match=r"its replacement was not ready in 120 s \(the cluster has no room for it"):
+        _label_all(pool, [["a"], ["b"], ["c"]])
+    assert "note: waiting for the replacement actor: the cluster may have no room for it" in capsys.readouterr().err

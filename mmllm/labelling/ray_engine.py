@@ -77,7 +77,8 @@ class Lost(RuntimeError):
 # the driver's settings for the hub and mmllm's cache: the actors run where the cluster started, not here
 ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "MMLLM_")
 PATH_ARGS = ("model", "schema", "template", "class_prior")
-REPLACEMENTS_PER_ACTOR = 2  # a replica that dies (the OOM killer, a lost node) is replaced this often, then the run stops
+REPLACEMENTS_PER_ACTOR = 2  # replicas that die (the OOM killer, a lost node) are replaced 2 x actors times in all
+REPLACEMENT_WAIT_S = 900  # how long a replacement may take to be placed and to load its model
 
 
 def actor_args(model_args: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +206,8 @@ def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output
 class _Pool:
     """The actors and the batches each holds (at most two queued per actor, handed to the least loaded).
     A batch whose actor died goes to that actor's replacement; the run stops (:class:`Lost`) after
-    ``REPLACEMENTS_PER_ACTOR`` replacements per actor, or when a replacement cannot start."""
+    ``REPLACEMENTS_PER_ACTOR`` x actors replacements in all, or when a replacement cannot start (the cluster
+    stops answering, it is not ready in ``REPLACEMENT_WAIT_S``)."""
 
     def __init__(self, start: Any, actors: int, ray: Any, died: type[BaseException], address: str | None) -> None:
         self.start, self.ray, self.died, self.address = start, ray, died, address
@@ -214,7 +216,12 @@ class _Pool:
         self.load = [0] * actors
         self.in_flight: dict[Any, tuple[int, int, list[Listing]]] = {}  # ref -> (slot, generation, batch)
         self.replaced = 0
-        refusals = [r for r in ray.get([a.ready.remote() for a in self.actors]) if r is not None]
+        try:
+            refusals = [r for r in ray.get([a.ready.remote() for a in self.actors]) if r is not None]
+        except died as exc:  # killed while it loaded (the OOM killer at the weights' peak): nothing was labelled
+            raise Refused(f"a Ray actor died while it loaded the model ({_first_line(exc)}); if memory ran out, give "
+                          "each actor more (--ray-cpus-per-actor, --ray-gpus-per-actor) or start fewer "
+                          "(--ray-actors)") from None
         if refusals:
             raise Refused(refusals[0])
 
@@ -245,7 +252,7 @@ class _Pool:
         self.load[slot] += 1
 
     def _replace(self, slot: int, exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         if self.replaced >= REPLACEMENTS_PER_ACTOR * len(self.actors):
             raise Lost(f"Ray actors died {self.replaced + 1} times (the last: {reason})") from None
         self.replaced += 1
@@ -257,14 +264,26 @@ class _Pool:
             pass
         self.actors[slot] = self.start()
         self.generation[slot] += 1
-        ready = self.actors[slot].ready.remote()
+        ready, waited = self.actors[slot].ready.remote(), 0
         while not self.ray.wait([ready], timeout=5)[0]:  # loading a model may take minutes; a gone cluster, never
+            waited += 5
             why = unreachable(self.address, timeout_s=5)
             if why is not None:  # (Ray ends the process itself a minute after its head goes)
                 raise Lost(f"a Ray actor died ({reason}) and the cluster at {self.address} no longer answers ({why})")
+            if waited >= REPLACEMENT_WAIT_S:  # never placed (the lost node held the only GPU) or never loaded
+                raise Lost(f"a Ray actor died ({reason}) and its replacement was not ready in {REPLACEMENT_WAIT_S} s "
+                           "(the cluster has no room for it, or loading hangs)")
+            if waited == 60:
+                print("note: waiting for the replacement actor: the cluster may have no room for it (CPUs, GPUs "
+                      f"per actor); the run stops after {REPLACEMENT_WAIT_S} s", file=sys.stderr)
         try:
             refused = self.ray.get(ready)
         except Exception as err:  # the replacement died too
             raise Lost(f"a Ray actor died ({reason}) and its replacement did not start ({type(err).__name__})") from None
         if refused is not None:
             raise Lost(f"a Ray actor died ({reason}) and its replacement refused the model: {refused}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -8,8 +8,10 @@ depend on the model kind and returns it as a :class:`Setup`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -237,20 +239,34 @@ def policy_for(source: str | list[str] | None, policy: ImagePolicy) -> ImagePoli
     return replace(policy, source_roots=tuple((Path(s).name, Path(s).resolve().parent) for s in sources))
 
 
-# what a run writes in its folder before its first checkpoint: its log, the fusion recipe's feature cache (by
-# default inside it) and side fit, checkpoint folders not finished yet
-_BEFORE_FIRST_CHECKPOINT = {METRICS_FILE, "feature_cache", "checkpoints", "vote_holdout"}
+LOCK_FILE = "training.lock"  # held (flock) by the run training into the folder; left there by one that stopped
+# what a run writes in its folder before its first checkpoint: the lock, its log, the fusion recipe's feature
+# cache (by default inside it) and side fit, checkpoint folders not finished yet
+_FILES_BEFORE_FIRST_CHECKPOINT = {LOCK_FILE, METRICS_FILE}
+_FOLDERS_BEFORE_FIRST_CHECKPOINT = {"feature_cache", "checkpoints", "vote_holdout"}
+_held: dict[Path, int] = {}  # folder -> this process's lock on it
+
+
+def _only_early_files(out_dir: Path) -> bool:
+    """Every entry of ``out_dir`` is one a run writes before its first checkpoint (by name and kind)."""
+    for entry in out_dir.iterdir():
+        if entry.name in _FILES_BEFORE_FIRST_CHECKPOINT:
+            if not entry.is_file():
+                return False
+        elif entry.name not in _FOLDERS_BEFORE_FIRST_CHECKPOINT or not entry.is_dir():
+            return False
+    checkpoints = out_dir / "checkpoints"
+    return not checkpoints.is_dir() or all(p.name.startswith((".tmp-step-", "step-")) for p in checkpoints.iterdir())
 
 
 def never_saved(out_dir: Path) -> bool:
-    """``out_dir`` holds only what a run left there before its first checkpoint (stopped while it encoded,
-    tuned or took its first steps): nothing to resume and nothing of the user's, so a run starts again there
-    (with ``train.resume`` or without), its cached features read again."""
-    if not out_dir.is_dir() or is_model_dir(out_dir) or latest_checkpoint(out_dir / "checkpoints") is not None:
+    """``out_dir`` is a folder a run of mmllm started (its ``training.lock``) and left before its first
+    checkpoint (stopped while it read, encoded, tuned or took its first steps), holding nothing else: nothing
+    to resume and nothing of the user's, so a run starts again there (with ``train.resume`` or without), its
+    cached features read again."""
+    if not (out_dir / LOCK_FILE).is_file() or is_model_dir(out_dir):
         return False
-    entries = list(out_dir.iterdir())
-    return bool(entries) and all(p.name in _BEFORE_FIRST_CHECKPOINT for p in entries) and all(
-        p.is_dir() == (p.name != METRICS_FILE) for p in entries)
+    return latest_checkpoint(out_dir / "checkpoints") is None and _only_early_files(out_dir)
 
 
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
@@ -260,6 +276,12 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
         raise InputError(f"train.output_dir: {out_dir} is a file, not a folder; pass another train.output_dir")
     if never_saved(out_dir):
         return
+    no_lock = (out_dir.is_dir() and any(out_dir.iterdir()) and _only_early_files(out_dir)
+               and latest_checkpoint(out_dir / "checkpoints") is None and not is_model_dir(out_dir))
+    if no_lock:  # what a run leaves, but not one that said so (an older mmllm, or by hand): the user decides
+        raise InputError(f"train.output_dir: {out_dir} holds what a run leaves before its first checkpoint (nothing "
+                         f"to resume), but no {LOCK_FILE} says mmllm started it: delete {out_dir} to start again, or "
+                         "pass another train.output_dir")
     if resume:
         if latest_checkpoint(out_dir / "checkpoints") is None:
             raise InputError(f"train.output_dir: train.resume=true but {out_dir / 'checkpoints'} holds no finished "
@@ -270,19 +292,48 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
 
 
 def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> tuple[Path, bool]:
-    """The folder, checked and created; and whether to resume from its latest checkpoint (not where a run
-    stopped before its first: that one starts again, its log and torn checkpoints removed)."""
+    """The folder, checked, created and locked for this run; and whether to resume from its latest checkpoint
+    (not where a run stopped before its first: that one starts again, its log and torn checkpoints removed).
+    Every process reads the folder before the main one changes it."""
     again = never_saved(out_dir)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _check_output_dir(out_dir, resume)  # checked before anything was built; checked again just before writing
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _lock(out_dir)
         if again:
             say(accelerator, f"{out_dir}: the run there stopped before its first checkpoint; starting it again"
                              + (" (its cached features are read again)" if (out_dir / "feature_cache").is_dir() else ""))
             (out_dir / METRICS_FILE).unlink(missing_ok=True)
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return out_dir, resume and not again
+
+
+def _lock(out_dir: Path) -> None:
+    """Hold ``training.lock`` for the run: a second run into the folder (the same command started twice, a resume
+    while the run goes on) is refused instead of mixing the two runs' files."""
+    key = out_dir.resolve()
+    if key in _held:  # this process's earlier run into the folder (called in-process: tests, a notebook)
+        os.close(_held.pop(key))
+    fd = os.open(out_dir / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"train.output_dir: another run is training into {out_dir} (it holds {LOCK_FILE}); wait "
+                         "for it to end, or pass another train.output_dir") from None
+    except OSError:  # a file system without flock (NFS with no lock daemon)
+        pass
+    _held[key] = fd
+
+
+def _unlock(out_dir: Path) -> None:
+    """The run wrote its folder whole: its lock goes (a finished model folder needs none)."""
+    (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    fd = _held.pop(out_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _mixed_precision(name: str) -> str:
@@ -339,6 +390,7 @@ def fit_after_training(s: Setup, cfg: GroundingConfig, predictor: Any, *, platt:
         records = fit_calibration(s, predictor, rows, records, platt=platt)
     fit_grounding(s, cfg, rows, records)
     finish(s.out_dir)  # the last file is written: labelling may read the folder
+    _unlock(s.out_dir)
 
 
 def fit_calibration(s: Setup, predictor: Any, rows: list[Listing], records: list[dict[str, Any]], *,
