@@ -376,3 +376,29 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     reread = load_model_dir(second, device="cpu")
     assert fingerprint(getattr(reread, "inner", reread).featurizer.encoders.text) == fingerprint(
         inner.featurizer.encoders.text)
+
+
+def test_two_runs_sharing_the_cache_publish_one_entry_and_a_stopped_write_leaves_none(tmp_path):
+    """Both staged a tuning (or a lexical fit) under one `<key>.partial` and renamed it onto the key: the second
+    to finish crashed after all its work (OSError: Directory not empty) and left its part in the shared cache."""
+    import pytest
+
+    from mmllm.models.fusion.encoders import publish_folder
+
+    store = tmp_path / "tuned" / "abc"
+
+    def ours(folder):
+        (folder / "weights").write_text("ours")
+        publish_folder(store, lambda other: (other / "weights").write_text("theirs"))  # the other run, first
+
+    publish_folder(store, ours)  # publishing the same key second: no error, the first copy kept
+    assert (store / "weights").read_text() == "theirs"
+    assert sorted(p.name for p in store.parent.iterdir()) == ["abc"]
+
+    def stopped(folder):
+        (folder / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_folder(tmp_path / "tuned" / "def", stopped)
+    assert sorted(p.name for p in store.parent.iterdir()) == ["abc"]

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mmllm.config import help_field
+from mmllm.models.fusion.encoders import publish_folder
 from mmllm.models.heads import pool
 
 MEMBERS = ("heads", "names", "neighbours")
@@ -288,14 +289,15 @@ def tuned_store(folder: Path | None, encoder_id: str, titles: Sequence[str], tar
 
 
 def save_tuned(store: Path, text: nn.Module, vectors: torch.Tensor, scale: float) -> None:
-    """Write a tuning's result (safetensors), whole or not at all: a stopped write leaves no store."""
-    partial = store.with_name(store.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()},
-              str(partial / "encoder.safetensors"))
-    save_file({"class_vectors": vectors.detach().cpu().contiguous(), "scale": torch.tensor(float(scale))},
-              str(partial / "anchor.safetensors"))
-    partial.rename(store)
+    """Write a tuning's result (safetensors), whole or not at all: a stopped write leaves no store, and two runs
+    sharing the cache that tuned the same key at once keep one."""
+    def write(folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()},
+                  str(folder / "encoder.safetensors"))
+        save_file({"class_vectors": vectors.detach().cpu().contiguous(), "scale": torch.tensor(float(scale))},
+                  str(folder / "anchor.safetensors"))
+
+    publish_folder(store, write)
 
 
 def memory_sample(targets: Sequence[int], limit: int, seed: int) -> list[int]:

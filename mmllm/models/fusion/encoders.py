@@ -15,9 +15,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -144,6 +145,26 @@ def _hash_images(listing: Listing, images: Sequence[Any]) -> str:
         h.update(f"{img.size}".encode())
         h.update(img.tobytes())
     return h.hexdigest()[:32]
+
+
+def publish_folder(store: Path, write: Callable[[Path], None]) -> None:
+    """A cache entry (a folder of files) written whole or not at all, by several runs sharing the cache too:
+    each stages it under a name of its own, and the first to finish publishes it; another run's copy of the
+    same key (the same content) is then dropped. A stopped write leaves no entry."""
+    partial = store.with_name(f"{store.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # a stopped run's, whose process id came round again
+    partial.mkdir(parents=True)
+    try:
+        write(partial)
+        try:
+            partial.rename(store)
+        except OSError:
+            if not store.is_dir():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another run published the same key first
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 class FeatureCache:

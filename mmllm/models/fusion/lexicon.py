@@ -40,6 +40,7 @@ from torch import nn
 from mmllm.bag_of_words import Vectorizer, fit_logistic_regression, listing_text, select_rows
 from mmllm.catalog import Listing
 from mmllm.config import help_field
+from mmllm.models.fusion.encoders import publish_folder
 
 LEXICON_FILE = "lexicon.json"
 
@@ -192,14 +193,14 @@ def lexicon_store(folder: Path | None, listings: Sequence[Listing], targets: dic
 
 
 def save_lexicon(store: Path, lexicon: "Lexicon", vectorizer: Vectorizer, chosen: dict[str, float]) -> None:
-    """Write a fit (safetensors + JSON), whole or not at all."""
-    partial = store.with_name(store.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in lexicon.state_dict().items()}, str(partial / "weights.safetensors"))
-    (partial / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False), encoding="utf-8")
-    (partial / "chosen.json").write_text(json.dumps({"chosen": chosen, "shapes": lexicon.shapes(),
-                                                     "hurdle": lexicon.hurdle}), encoding="utf-8")
-    partial.rename(store)
+    """Write a fit (safetensors + JSON), whole or not at all (two runs at once on one cache: one kept)."""
+    def write(folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in lexicon.state_dict().items()}, str(folder / "weights.safetensors"))
+        (folder / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False), encoding="utf-8")
+        (folder / "chosen.json").write_text(json.dumps({"chosen": chosen, "shapes": lexicon.shapes(),
+                                                        "hurdle": lexicon.hurdle}), encoding="utf-8")
+
+    publish_folder(store, write)
 
 
 def load_lexicon(store: Path) -> tuple["Lexicon", Vectorizer, dict[str, float]]:
