@@ -21,6 +21,8 @@ x 2,048 dims = 800 MB; HNSW adds about 256 bytes of links per vector), plus the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -30,7 +32,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -159,9 +161,15 @@ class SearchIndex:
 
     @classmethod
     def load(cls, folder: str | Path) -> "SearchIndex":
+        """The index in ``folder``; one being replaced by a build meanwhile is read old or new, never half-way
+        (the build swaps its files in under ``.index.swap``, held exclusively; a load holds it shared)."""
+        with _swap_lock(Path(folder), shared=True):
+            return cls._load(Path(folder))
+
+    @classmethod
+    def _load(cls, folder: Path) -> "SearchIndex":
         import faiss
 
-        folder = Path(folder)
         if not (folder / INDEX_META_FILE).is_file():
             raise FileNotFoundError(f"{folder}: not a search index (no {INDEX_META_FILE}); build one with `mmllm search index`")
         for name in (INDEX_FILE, IDS_FILE):
@@ -282,10 +290,22 @@ def _run_index(args: argparse.Namespace) -> int:
     one is complete. The staging folder is inside ``--out``, so the moves are renames on one file system."""
     written = (INDEX_FILE, IDS_FILE, INDEX_META_FILE, SCHEMA_FILE, TEMPLATE_FILE)
     inputs = [args.catalog, Path(args.model), *(Path(p) for p in (args.schema, args.template) if p)]
-    check_folder(inputs, "--out", args.out, written)  # the model folder, the schema: never written over
+    check_folder(inputs, "--out", args.out, (*written, BUILD_LOCK, SWAP_LOCK))  # the model folder, the schema: never written over
     staging = args.out / STAGING_DIR
     if any(staging.resolve() == p.resolve() or staging.resolve() in p.resolve().parents for p in inputs):
         raise FileExistsError(f"{staging} is where the index is built and holds an input; choose another --out")
+    _check_out(args, staging, written)
+    reader = CatalogReader(args.catalog)
+    policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
+    bundle = load_model(args.model, schema=args.schema, template=args.template)
+    with _build_lock(args.out):
+        _check_out(args, staging, written)  # again: a build that ended while the model loaded may have written
+        return _build(args, staging, written, reader, policy, bundle)
+
+
+def _check_out(args: argparse.Namespace, staging: Path, written: Sequence[str]) -> None:
+    """``--out`` holds no index (or ``--overwrite``, or ``--resume`` of the build staged there) and no file of the
+    user's that the index would write over."""
     if staging.exists() and not (staging / JOB_FILE).is_file():
         raise FileExistsError(f"{staging} exists and is not a build of `mmllm search index` (no {JOB_FILE}); move "
                               "it, or choose another --out")
@@ -297,9 +317,11 @@ def _run_index(args: argparse.Namespace) -> int:
     if theirs:  # not an index this command wrote: those files are the user's
         raise FileExistsError(f"{args.out} holds {', '.join(theirs)}, which the index would write over; "
                               "choose a new or empty folder")
-    reader = CatalogReader(args.catalog)
-    policy = ImagePolicy(root=args.image_root or reader.root, allow_remote=args.allow_remote)
-    bundle = load_model(args.model, schema=args.schema, template=args.template)
+
+
+def _build(args: argparse.Namespace, staging: Path, written: Sequence[str], reader: CatalogReader,
+           policy: ImagePolicy, bundle: Predictor) -> int:
+    """The build itself, under ``--out``'s build lock (:func:`_run_index` checked the paths)."""
     bundle.batch_size = args.batch_size
     template = getattr(bundle, "template", None)
     job = {"format": 1, "model": _model_ref(args.model), "model_sha256": _model_files(args.model),
@@ -462,17 +484,59 @@ def _staged_ids(staging: Path, job: Mapping[str, Any], resume: bool) -> set[str]
 def _swap_in(staging: Path, out: Path, names: Sequence[str]) -> None:
     """Move the finished index from ``staging`` into ``out``: an old index's meta.json goes first (a folder
     without it is no index, never an old meta.json over new vectors), the new one last; then the staging
-    folder (its chunks) is removed. The staging folder is inside ``out``: each move is a rename, no copy."""
+    folder (its chunks) is removed. The staging folder is inside ``out``: each move is a rename, no copy.
+    Loads wait the moves out (``.index.swap``): they read the old index or the new one."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX_META_FILE).unlink(missing_ok=True)
-    for name in names:
-        if name != INDEX_META_FILE:
-            if (staging / name).exists():
-                os.replace(staging / name, out / name)
-            else:
-                (out / name).unlink(missing_ok=True)  # e.g. an old template a model without one leaves behind
-    os.replace(staging / INDEX_META_FILE, out / INDEX_META_FILE)
+    with _swap_lock(out, shared=False):
+        (out / INDEX_META_FILE).unlink(missing_ok=True)
+        for name in names:
+            if name != INDEX_META_FILE:
+                if (staging / name).exists():
+                    os.replace(staging / name, out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)  # e.g. an old template a model without one leaves behind
+        os.replace(staging / INDEX_META_FILE, out / INDEX_META_FILE)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+BUILD_LOCK = ".index.lock"  # in --out: held by the build running there (a second build into it is refused)
+SWAP_LOCK = ".index.swap"  # in --out: held by a build while it moves the new index in, shared by loads
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / BUILD_LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{out} is being built into by another `mmllm search index` (it holds "
+                                  f"{BUILD_LOCK}); wait for it to end, or choose another --out") from None
+        except OSError:  # a file system without flock (NFS with no lock daemon)
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _swap_lock(folder: Path, *, shared: bool) -> Iterator[None]:
+    """``.index.swap`` held shared (a load) or exclusively (a build's swap). An index folder without it (built
+    before it existed) or one the reader may not write to is read without it."""
+    try:
+        fd = os.open(folder / SWAP_LOCK, os.O_RDONLY if shared else os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _run_query(args: argparse.Namespace) -> int:

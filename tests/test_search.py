@@ -352,8 +352,8 @@ def test_an_interrupted_build_keeps_its_vectors_and_resume_embeds_only_the_rest(
     assert search("index", *args, "--out", tmp_path / "ix", "--resume") == 0
     assert sum(embedded, []) == ["item-10", "item-11"]  # only what the interrupted build had not embedded
     assert "resumed: 10 listings were embedded before, 2 now" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["ids.jsonl", "index.faiss", "label_schema.yaml", "meta.json",
-                                                              "prompt_template.yaml"]
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == [".index.lock", ".index.swap", "ids.jsonl", "index.faiss",
+                                                              "label_schema.yaml", "meta.json", "prompt_template.yaml"]
     whole, resumed = SearchIndex.load(tmp_path / "whole"), SearchIndex.load(tmp_path / "ix")
     assert [r["id"] for r in resumed.records] == [r["id"] for r in whole.records] == [f"item-{i}" for i in range(12)]
     np.testing.assert_allclose(np.stack([resumed.vector(f"item-{i}") for i in range(12)]),
@@ -452,3 +452,48 @@ def test_a_build_never_touches_a_partial_folder_it_did_not_write_and_resumes_onl
     monkeypatch.setattr(search_module, "embed_in_batches", real)
     assert search("index", *args, "--schema", catalog.parent / "schema.yaml", "--out", tmp_path / "new", "--resume") == 0
     assert [r["id"] for r in SearchIndex.load(tmp_path / "new").records] == [f"item-{i}" for i in range(12)]
+
+
+def test_a_second_build_into_one_folder_is_refused_and_a_load_never_sees_a_swap_half_way(
+        tmp_path, catalog, tiny_checkpoint, monkeypatch, capsys):
+    """Two builds into one --out mixed their catalogs' vectors under one meta.json (the second removed the first's
+    staging folder, and the first indexed every chunk there); a load during a rebuild's swap found no meta.json."""
+    import fcntl
+    import os
+
+    out = tmp_path / "ix"
+    args = ("--model", tiny_checkpoint("qwen2_vl"), "--catalog", catalog, "--schema", catalog.parent / "schema.yaml",
+            "--out", out, "--quiet")
+    assert search("index", *args) == 0
+    before = {name: (out / name).read_bytes() for name in ("index.faiss", "ids.jsonl", "meta.json")}
+    fd = os.open(out / ".index.lock", os.O_WRONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another build, running
+    try:
+        assert search("index", *args, "--overwrite") == 2
+        assert f"{out} is being built into by another `mmllm search index` (it holds .index.lock)" \
+            in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    assert {name: (out / name).read_bytes() for name in before} == before and not (out / ".partial").exists()
+    # while a rebuild moves its files in, a load (a shared lock on .index.swap) waits: it reads old or new
+    blocked, real = [], os.replace
+
+    def probing(src, dst, *a, **k):
+        if Path(dst).parent == out:
+            probe = os.open(out / ".index.swap", os.O_RDONLY)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                blocked.append(False)
+            except BlockingIOError:
+                blocked.append(True)
+            finally:
+                os.close(probe)
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", probing)
+    assert search("index", *args, "--overwrite", "--pooling", "mean") == 0
+    monkeypatch.undo()
+    assert blocked and all(blocked)
+    assert json.loads((out / "meta.json").read_text())["pooling"] == "mean"
+    hits = query_json(capsys, out, "--id", "item-1", "-k", "1")
+    assert hits[0]["id"] == "item-1"
