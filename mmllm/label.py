@@ -175,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output.abandon()  # and nothing left behind: the files this run created go
                 return _fail(str(exc))
             summary = run_local(predictor, dumps, output, opts)
+        flagged, queue_error = None, None
+        if queue is not None:
+            try:
+                flagged = write_queue(args.out, queue)  # under the run's lock on it
+            except OutputError as exc:  # it holds another run's queue: the records are written, not the queue
+                queue_error = str(exc)
     except ReplicaError as exc:
         print(f"error: {exc}; {output.written:,} records were written this run", file=sys.stderr)
         return 1
@@ -189,12 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         output.close()
     print(summary.line())
+    if queue_error is not None:
+        print(f"error: {queue_error}", file=sys.stderr)
+        return 2
     if queue is not None:
-        try:
-            flagged = write_queue(args.out, queue)
-        except OutputError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
         print(f"review queue: {flagged:,} rows (confidence below {review_below:.6g}, or none, or an invalid answer), "
               f"least confident first: {queue}")
     return 1 if summary.failed else 0

@@ -323,7 +323,8 @@ def test_5_a_hard_link_to_a_running_out_is_refused(tmp_path, model, capsys):
             f.write(b'{"id": "r0", "sta')
         alias.hardlink_to(out)
         assert label(dump, alias, model, "--resume") == 2
-        assert f"--out {alias} is being written by another run (the same file under another name" in capsys.readouterr().err
+        assert f"--out {alias} is being written by another run (the same file, or the same file under another name" \
+            in capsys.readouterr().err
         assert out.read_bytes() == b'{"id": "r0", "sta'  # not cut
         assert not (tmp_path / "alias.jsonl.lock").exists() and not (tmp_path / "alias.jsonl.job.json").exists()
     finally:

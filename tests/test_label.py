@@ -263,6 +263,20 @@ def test_review_flags_and_queue_and_what_is_refused(tmp_path, tiny_checkpoint, c
     assert all(r["review_reason"].startswith("confidence ") for r in flagged)
     queue = [json.loads(line) for line in (tmp_path / "labels2.review.jsonl").read_text().splitlines()]
     assert [r["id"] for r in queue] == [r["id"] for r in sorted(flagged, key=lambda r: r["confidence"])]
+    # two runs started together with one --review-out: the later-ending one replaced the other's queue; now the
+    # queue is held for the run, and the second is refused before it labels anything
+    import fcntl
+
+    shared = tmp_path / "shared.review.jsonl"
+    fd = os.open(shared, os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run, labelling
+    try:
+        out3 = tmp_path / "labels3.jsonl"
+        assert label(dump, out3, model, "--review-below", "1", "--review-out", str(shared)) == 2
+        assert f"--review-out {shared} is being written by another run" in capsys.readouterr().err
+        assert not list(tmp_path.glob("labels3.jsonl*")) and shared.read_text() == ""
+    finally:
+        os.close(fd)
 
 
 def test_the_static_caches_compile_reaches_the_predictor_and_needs_the_static_cache(tmp_path, tiny_checkpoint, capsys,

@@ -6,7 +6,8 @@ record that is not ``ok``) and two sidecars next to ``--out``:
 - ``OUT.lock``: held with ``flock`` for the whole run, so two runs never append to one ``--out``;
   it names the holder (pid, host, start time, command) for the run that is refused. ``--out`` and
   ``--errors`` themselves are held with ``flock`` too, before a resume may cut a torn line: a hard
-  link to a running job's file has a lock file of its own name, but not a file of its own.
+  link to a running job's file has a lock file of its own name, but not a file of its own. So is the
+  review queue (``--review-out``, a caller's extra write), until the caller has written it.
 - ``OUT.job.json``: the job's manifest - the inputs (resolved path, size, content fingerprint),
   the model, the schema / template and the shard. ``--resume`` continues only the job that wrote
   ``--out``: a changed input or model is refused, saying what changed, unless the user passes
@@ -226,6 +227,7 @@ class Output:
         self._lock_fd: int | None = None
         self._out_fd: int | None = None
         self._err_fd: int | None = None
+        self._extra_fds: list[int] = []
         sidecars = sidecar_paths(self.path) if manifest is not None else {}
         writes = {"--out": self.path, **({"--errors": self.errors_path} if self.errors_path else {}), **sidecars,
                   **(extra_writes or {})}  # files the caller writes itself (the review queue): checked the same way
@@ -240,8 +242,8 @@ class Output:
                 self._lock(lock_path)
             # the files this job brings into being, known once it holds the lock (before, a run refused by the
             # lock took away the files of the run that holds it): a job refused before its first row removes them
-            self._created = [f for f in (self.path, self.errors_path, sidecars.get("job manifest"))
-                             if f is not None and not f.exists()]
+            self._created = [f for f in (self.path, self.errors_path, sidecars.get("job manifest"),
+                                         *(extra_writes or {}).values()) if f is not None and not f.exists()]
             if lock_path is not None and not lock_was_there:
                 self._created.append(lock_path)
             for name, target in (("--out", self.path), ("--errors", self.errors_path)):
@@ -253,6 +255,9 @@ class Output:
             if self.errors_path is not None:
                 self.errors_path.parent.mkdir(parents=True, exist_ok=True)
                 self._err_fd = self._open_locked("--errors", self.errors_path)
+            for name, target in (extra_writes or {}).items():  # the review queue: held until the caller wrote it
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._extra_fds.append(self._open_locked(name, target))
             if resume:
                 self._resume(manifest, sidecars.get("job manifest"), resume_changed)
             if manifest is not None:
@@ -286,8 +291,8 @@ class Output:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(f"{name} {path} is being written by another run (the same file under another name, "
-                              "a hard link); wait for it to end or choose another path") from None
+            raise OutputError(f"{name} {path} is being written by another run (the same file, or the same file "
+                              "under another name: a hard link); wait for it to end or choose another path") from None
         except OSError:  # a file system without flock (NFS with no lock daemon): the lock file guards the path
             pass
         return fd
@@ -370,6 +375,8 @@ class Output:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        while self._extra_fds:
+            os.close(self._extra_fds.pop())
         for name in ("_out_fd", "_err_fd", "_lock_fd"):  # the lock last: it guards the other two
             fd = getattr(self, name)
             if fd is not None:

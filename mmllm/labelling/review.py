@@ -104,24 +104,26 @@ def check_queue_path(queue: Path, resume: bool = False) -> None:
 
 def write_queue(out: Path, queue: Path) -> int:
     """The flagged records of ``out``, least confident first, as ``queue``; returns how many. Reads ``out`` one
-    line at a time, keeping the flagged records only. An existing queue holding a row ``out`` does not have is
-    another run's and is not replaced (the records in ``out`` carry their review flags: nothing is lost)."""
+    line at a time, keeping the flagged records only. An existing queue holding a row ``out`` does not have, or
+    answers otherwise (another model or setting over the same dump), is another run's and is not replaced (the
+    records in ``out`` carry their review flags: nothing is lost)."""
     flagged: list[dict[str, Any]] = []
-    ids: set[str] = set()
+    answers: dict[str, int] = {}  # id -> a digest of its record: another run's queue may share the ids
 
     def keep(record: dict[str, Any]) -> None:
-        ids.add(str(record.get("id")))
+        answers[str(record.get("id"))] = _digest(record)
         if record.get("review") is True:
             flagged.append(record)
 
     scan_records(out, "--out", keep)
     if queue.exists() and queue.stat().st_size:
         foreign: list[Any] = []
-        scan_records(queue, "--review-out", lambda r: foreign.append(r.get("id")) if str(r.get("id")) not in ids else None)
+        scan_records(queue, "--review-out",
+                     lambda r: None if answers.get(str(r.get("id"))) == _digest(r) else foreign.append(r.get("id")))
         if foreign:
-            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign[0]!r} is not in {out}): "
-                              f"not replaced; write this run's queue with `mmllm label ... --out {out} --resume "
-                              "--review-out OTHER`")
+            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign[0]!r} is not in {out}, "
+                              f"or {out} answers it otherwise): not replaced; write this run's queue with `mmllm "
+                              f"label ... --out {out} --resume --review-out OTHER`")
     flagged.sort(key=queue_order)
     tmp = queue.with_name(f"{queue.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -129,6 +131,10 @@ def write_queue(out: Path, queue: Path) -> int:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, queue)  # a kill leaves the old queue or the new one
     return len(flagged)
+
+
+def _digest(record: dict[str, Any]) -> int:
+    return hash(json.dumps(record, sort_keys=True, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------- corrections
