@@ -37,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from mmllm.catalog import CatalogError, CatalogReader, Listing, RowError, byte_total, parse_row
+from mmllm.file_lock import Held, hold
 from mmllm.images import ImageError, ImagePolicy, load_image
 from mmllm.model_dir import SCHEMA_FILE, looks_like_path
 from mmllm.output_paths import check_folder
@@ -506,15 +507,12 @@ SWAP_LOCK = ".index.swap"  # in --out: held by a build while it moves the new in
 @contextlib.contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / BUILD_LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"{out} is being built into by another `mmllm search index` (it holds "
-                                  f"{BUILD_LOCK}); wait for it to end, or choose another --out") from None
-        except OSError:  # a file system without flock (NFS with no lock daemon)
-            pass
+        fd = hold(out / BUILD_LOCK)
+    except Held:
+        raise FileExistsError(f"{out} is being built into by another `mmllm search index` (it holds {BUILD_LOCK}); "
+                              "wait for it to end, or choose another --out") from None
+    try:
         yield
     finally:
         os.close(fd)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmllm"
 
 # Bottom to top. A module's layer is the first pattern it matches; every module must match one.
 LAYERS = [
-    ("foundation", ["mmllm", "mmllm.config", "mmllm.progress", "mmllm.interrupt", "mmllm.host_memory", "mmllm.openmp", "mmllm.catalog", "mmllm.images", "mmllm.evidence",
+    ("foundation", ["mmllm", "mmllm.config", "mmllm.progress", "mmllm.interrupt", "mmllm.file_lock", "mmllm.host_memory", "mmllm.openmp", "mmllm.catalog", "mmllm.images", "mmllm.evidence",
                     "mmllm.bag_of_words", "mmllm.applicability", "mmllm.metrics",
                     "mmllm.schema", "mmllm.schema_infer", "mmllm.taxonomies", "mmllm.output_paths", "mmllm.confidence", "mmllm.class_prior", "mmllm.tiny"]),
     ("model inputs", ["mmllm.prompts", "mmllm.augment", "mmllm.constrained", "mmllm.collator"]),

@@ -22,7 +22,6 @@ and copies into ``--errors`` any failed record it is missing.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmllm.catalog import Listing, RowError
+from mmllm.file_lock import Held, hold
 from mmllm.output_paths import PathClash, check_writes
 
 MANIFEST_FORMAT = "mmllm-label-job/1"
@@ -270,12 +270,11 @@ class Output:
 
     # ------------------------------------------------------------------ start
     def _lock(self, lock_path: Path) -> None:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
+            fd = hold(lock_path, os.O_RDWR | os.O_CREAT)
+        except Held:
+            with open(lock_path, "rb") as f:
+                holder = f.read(4096).decode("utf-8", "replace").strip()
             raise OutputError(f"--out {self.path} is being written by another run ({_describe_holder(holder)}); "
                               f"wait for it to end or stop it (lock: {lock_path})") from None
         os.ftruncate(fd, 0)
@@ -286,16 +285,11 @@ class Output:
 
     @staticmethod
     def _open_locked(name: str, path: Path) -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            return hold(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        except Held:
             raise OutputError(f"{name} {path} is being written by another run (the same file, or the same file "
                               "under another name: a hard link); wait for it to end or choose another path") from None
-        except OSError:  # a file system without flock (NFS with no lock daemon): the lock file guards the path
-            pass
-        return fd
 
     def _resume(self, manifest: dict[str, Any] | None, manifest_path: Path | None, resume_changed: bool) -> None:
         errors, err_whole = [], None

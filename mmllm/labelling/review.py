@@ -22,7 +22,6 @@ people, and what the people decide becomes training data:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mmllm.catalog import CatalogReader, Listing, attributes_labelled
+from mmllm.file_lock import Held, hold
 from mmllm.labelling.output import OutputError, check_paths, scan_records, starts_a_record
 from mmllm.schema import LabelSchema
 
@@ -160,11 +160,9 @@ class Corrections:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.decided: dict[str, str] = {}  # id -> decision
         self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
+            self._fd = hold(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        except Held:
             raise OutputError(f"corrections file {self.path} is open in another review session; close it first") from None
         self._read_back()
 

@@ -8,7 +8,6 @@ depend on the model kind and returns it as a :class:`Setup`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from mmllm.catalog import CatalogError, Listing, RowError, attributes_labelled, 
 from mmllm.config import help_field
 from mmllm.class_prior import category_counts
 from mmllm.confidence import CALIBRATION_FILE, Calibration, Platt, risk_coverage
+from mmllm.file_lock import Held, hold
 from mmllm.grounding import GROUNDING_FILE, GroundingConfig, fit_grounder
 from mmllm.host_memory import reuse_step_buffers
 from mmllm.images import ImagePolicy
@@ -316,16 +316,11 @@ def _lock(out_dir: Path) -> None:
     key = out_dir.resolve()
     if key in _held:  # this process's earlier run into the folder (called in-process: tests, a notebook)
         os.close(_held.pop(key))
-    fd = os.open(out_dir / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        _held[key] = hold(out_dir / LOCK_FILE)
+    except Held:
         raise InputError(f"train.output_dir: another run is training into {out_dir} (it holds {LOCK_FILE}); wait "
                          "for it to end, or pass another train.output_dir") from None
-    except OSError:  # a file system without flock (NFS with no lock daemon)
-        pass
-    _held[key] = fd
 
 
 def _unlock(out_dir: Path) -> None:
