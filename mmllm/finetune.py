@@ -28,7 +28,7 @@ from mmllm import model_dir
 from mmllm.config import ConfigError, apply_overrides, describe, load_config, load_yaml
 from mmllm.recipes import classify, fusion, generate
 from mmllm.recipes.classify import ClassifyRecipeConfig
-from mmllm.recipes.common import InputError
+from mmllm.recipes.common import InputError, release as release_output_dir
 from mmllm.recipes.fusion import FusionRecipeConfig
 from mmllm.recipes.generate import GenerateConfig
 from mmllm.training import NonFiniteLoss, ResumeError, latest_checkpoint
@@ -98,7 +98,10 @@ def finetune(cfg: Any) -> dict[str, Any]:
     """
     for config_class, run in RECIPES.values():
         if isinstance(cfg, config_class):
-            return run(cfg)
+            try:
+                return run(cfg)
+            finally:  # a failed or stopped run lets go of its folder's lock (in-process: a notebook goes on)
+                release_output_dir(Path(cfg.train.output_dir))
     raise TypeError(f"{type(cfg).__name__} is not a recipe config; build one with load_recipe_config")
 
 

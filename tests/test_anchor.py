@@ -402,3 +402,13 @@ def test_two_runs_sharing_the_cache_publish_one_entry_and_a_stopped_write_leaves
     with pytest.raises(KeyboardInterrupt):
         publish_folder(tmp_path / "tuned" / "def", stopped)
     assert sorted(p.name for p in store.parent.iterdir()) == ["abc"]
+    # a killed run's staging folder (hours old) goes when the key is published; a live writer's stays
+    import os
+    import time
+
+    (store.parent / "ghi.partial-dead").mkdir()
+    (store.parent / "ghi.partial-live").mkdir()
+    hours_ago = time.time() - 7 * 3600
+    os.utime(store.parent / "ghi.partial-dead", (hours_ago, hours_ago))
+    publish_folder(store.parent / "ghi", lambda folder: (folder / "weights").write_text("x"))
+    assert sorted(p.name for p in store.parent.iterdir()) == ["abc", "ghi", "ghi.partial-live"]

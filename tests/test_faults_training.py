@@ -238,6 +238,28 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(tmp
     assert main(["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false", "train.max_steps": 1})]) == 0
 
 
+def test_a_run_that_fails_in_process_lets_go_of_its_folder(tmp_path, capsys, monkeypatch):
+    """A notebook's run that raised (an out-of-memory error) kept training.lock until the kernel ended: every
+    other run into the folder was refused as "another run is training"."""
+    import fcntl
+    import os
+
+    catalog = write_catalog(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(generate, "build_backbone", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["--config", str(TINY), *_run_args(catalog, out, **{"train.resume": "false"})])
+    fd = os.open(out / "training.lock", os.O_WRONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's run would get it: nobody holds it
+    finally:
+        os.close(fd)
+
+
 def test_what_a_ctrl_c_outside_the_steps_advises_works(tmp_path, capsys, monkeypatch):
     """A Ctrl-C while a run writes its folder, or before its first checkpoint, says how to go on, and that works."""
     from mmllm import model_dir

@@ -47,15 +47,21 @@ def test_queue_is_the_flagged_rows_least_confident_first_and_never_a_users_file(
     with pytest.raises(OutputError, match="holds the review queue of another run \\(3 rows\\)"):
         check_queue_path(queue)
     other = write_labels(tmp_path / "shard1.jsonl", [record(7, 0.2, review=True)])
-    with pytest.raises(OutputError, match="holds rows of another run \\(id 'item-2' is not in"):
+    with pytest.raises(OutputError, match="holds rows of another run \\(id 'item-2' is not flagged in"):
         write_queue(other, queue)  # at the end too: the runs may have started together
     assert [json.loads(line)["id"] for line in queue.read_text().splitlines()] == ["item-2", "item-3", "item-0"]
     # the same rows answered by another model (the same dump): its ids alone passed, and the queue was replaced
     rival = write_labels(tmp_path / "rival.jsonl", [record(i, 0.3, review=True) for i in range(4)])
-    with pytest.raises(OutputError, match="holds rows of another run \\(id 'item-2' is not in .*rival.jsonl, or "
+    with pytest.raises(OutputError, match="holds rows of another run \\(id 'item-2' is not flagged in .*rival.jsonl, or "
                                           ".*rival.jsonl answers it otherwise\\)"):
         write_queue(rival, queue)
     assert [json.loads(line)["id"] for line in queue.read_text().splitlines()] == ["item-2", "item-3", "item-0"]
+    # a dump that repeats an id: its second row is an error record of that id, after the flagged one; the run's
+    # own queue is still its own (it was refused on --resume as another run's)
+    repeated = {"id": "item-0", "status": "error", "stage": "read", "error": "duplicate id", "source": "catalog.jsonl",
+                "line": 9}
+    write_labels(out, [*rows, repeated])
+    assert write_queue(out, queue) == 3
     mine = tmp_path / "notes.jsonl"
     mine.write_text('{"my": "data"}\n')
     with pytest.raises(OutputError, match="not a review queue written by `mmllm label`"):

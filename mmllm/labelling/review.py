@@ -108,12 +108,12 @@ def write_queue(out: Path, queue: Path) -> int:
     answers otherwise (another model or setting over the same dump), is another run's and is not replaced (the
     records in ``out`` carry their review flags: nothing is lost)."""
     flagged: list[dict[str, Any]] = []
-    answers: dict[str, int] = {}  # id -> a digest of its record: another run's queue may share the ids
+    answers: dict[str, int] = {}  # id -> a digest of its flagged record: another run's queue may share the ids
 
     def keep(record: dict[str, Any]) -> None:
-        answers[str(record.get("id"))] = _digest(record)
-        if record.get("review") is True:
+        if record.get("review") is True:  # (an error record, a repeated id's among them, is never flagged)
             flagged.append(record)
+            answers[str(record.get("id"))] = _digest(record)
 
     scan_records(out, "--out", keep)
     if queue.exists() and queue.stat().st_size:
@@ -121,8 +121,8 @@ def write_queue(out: Path, queue: Path) -> int:
         scan_records(queue, "--review-out",
                      lambda r: None if answers.get(str(r.get("id"))) == _digest(r) else foreign.append(r.get("id")))
         if foreign:
-            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign[0]!r} is not in {out}, "
-                              f"or {out} answers it otherwise): not replaced; write this run's queue with `mmllm "
+            raise OutputError(f"--review-out {queue} holds rows of another run (id {foreign[0]!r} is not flagged in "
+                              f"{out}, or {out} answers it otherwise): not replaced; write this run's queue with `mmllm "
                               f"label ... --out {out} --resume --review-out OTHER`")
     flagged.sort(key=queue_order)
     tmp = queue.with_name(f"{queue.name}.{os.getpid()}.tmp")

@@ -326,7 +326,13 @@ def _lock(out_dir: Path) -> None:
 def _unlock(out_dir: Path) -> None:
     """The run wrote its folder whole: its lock goes (a finished model folder needs none)."""
     (out_dir / LOCK_FILE).unlink(missing_ok=True)
-    fd = _held.pop(out_dir.resolve(), None)
+    release(out_dir)
+
+
+def release(out_dir: Path) -> None:
+    """This process's lock on a training folder, let go however its run ended (a run that failed in a notebook
+    kept it until the kernel ended); the file stays, saying mmllm started the folder."""
+    fd = _held.pop(Path(out_dir).resolve(), None)
     if fd is not None:
         os.close(fd)
 

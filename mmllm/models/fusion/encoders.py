@@ -16,6 +16,8 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -147,13 +149,15 @@ def _hash_images(listing: Listing, images: Sequence[Any]) -> str:
     return h.hexdigest()[:32]
 
 
+STALE_STAGING_S = 6 * 3600  # a cache entry's staging folder older than this was left by a killed run
+
+
 def publish_folder(store: Path, write: Callable[[Path], None]) -> None:
     """A cache entry (a folder of files) written whole or not at all, by several runs sharing the cache too:
     each stages it under a name of its own, and the first to finish publishes it; another run's copy of the
     same key (the same content) is then dropped. A stopped write leaves no entry."""
-    partial = store.with_name(f"{store.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)  # a stopped run's, whose process id came round again
-    partial.mkdir(parents=True)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{store.name}.partial-", dir=store.parent))  # no other run's name
     try:
         write(partial)
         try:
@@ -165,6 +169,12 @@ def publish_folder(store: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    for stale in store.parent.glob(f"{store.name}.partial-*"):  # a killed run's (a live writer's is minutes old)
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 class FeatureCache:
