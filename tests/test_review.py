@@ -62,6 +62,11 @@ def test_queue_is_the_flagged_rows_least_confident_first_and_never_a_users_file(
                 "line": 9}
     write_labels(out, [*rows, repeated])
     assert write_queue(out, queue) == 3
+    link = tmp_path / "link.review.jsonl"
+    link.symlink_to(tmp_path / "elsewhere" / "queue.jsonl")  # dangling: the run made its target, then replaced the link
+    with pytest.raises(OutputError, match="is a symbolic link \\(to .*elsewhere/queue.jsonl\\); give the queue's own"):
+        check_queue_path(link)
+    assert not (tmp_path / "elsewhere").exists()
     mine = tmp_path / "notes.jsonl"
     mine.write_text('{"my": "data"}\n')
     with pytest.raises(OutputError, match="not a review queue written by `mmllm label`"):

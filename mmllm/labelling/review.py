@@ -78,6 +78,9 @@ def check_queue_path(queue: Path, resume: bool = False) -> None:
     """A queue path may be new, empty, or (``--resume``) a queue this module wrote; anything else is the user's
     file, or another run's queue (two shards given one ``--review-out``: the second replaced the first's rows).
     Its folder is made now, so that a run never ends without the queue it promised."""
+    if queue.is_symlink():  # the queue is replaced whole: the link would go, its target left empty
+        raise OutputError(f"--review-out {queue} is a symbolic link (to {os.readlink(queue)}); give the queue's own "
+                          "path")
     if queue.is_dir():
         raise OutputError(f"--review-out {queue} is a folder; give a file path")
     queue.parent.mkdir(parents=True, exist_ok=True)
