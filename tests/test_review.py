@@ -86,7 +86,7 @@ def test_corrections_are_appended_validated_and_never_decided_twice(tmp_path):
         store.save(listings[0], {"category": "Games > Chess", "attributes": {}}, "accepted", record(0, 0.3))
     with pytest.raises(CorrectionError, match=r"row 'item-1'.*category"):
         store.save(listings[1], {"category": "Nowhere > Else", "attributes": {}}, "corrected", record(1, 0.3))
-    with pytest.raises(OutputError, match="open in another review session"):
+    with pytest.raises(OutputError, match="is held by another process \\(a review session, or a `mmllm label` run"):
         Corrections(path, small_schema())
     store.close()
     # a catalog like any other: the reviewed row, with its gold label, reads back as training data

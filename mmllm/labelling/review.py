@@ -166,7 +166,9 @@ class Corrections:
         try:
             self._fd = hold(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         except Held:
-            raise OutputError(f"corrections file {self.path} is open in another review session; close it first") from None
+            raise OutputError(f"corrections file {self.path} is held by another process (a review session, or a "
+                              "`mmllm label` run writing it as its review queue); close it first, or choose another "
+                              "file") from None
         self._read_back()
 
     def _read_back(self) -> None:
