@@ -278,6 +278,22 @@ def label_timed(predictor: Any, batch: list[Listing], opts: LabelOptions) -> tup
 
 
 # ---------------------------------------------------------------------- the job
+def record_writer(output: Any, summary: Summary, progress: Progress, opts: LabelOptions, position: dict[str, int],
+                  on_record: Callable[[Record], None] | None = None) -> Callable[[Record], None]:
+    """What each engine does with a record: written, counted, and shown by the progress line (the dump's bytes
+    read, from ``position`` as :func:`iter_rows` keeps it); ``on_record`` sees it after."""
+    def emit(record: Record) -> None:
+        output.write(record)
+        summary.count(record)
+        at_most = opts.limit - summary.skipped if opts.limit is not None else None  # --limit counts skipped rows too
+        progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"),
+                        rows_seen=position.get("seen"), at_most=at_most)
+        if on_record is not None:
+            on_record(record)
+
+    return emit
+
+
 def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOptions, *,
               on_record: Callable[[Record], None] | None = None,
               model_lock: threading.Lock | None = None) -> Summary:
@@ -296,14 +312,7 @@ def run_local(predictor: Any, dumps: Sequence[Path], output: Any, opts: LabelOpt
                         log_every_rows=opts.log_every_rows)
     position = {"bytes": 0}
 
-    def emit(record: Record) -> None:
-        output.write(record)
-        summary.count(record)
-        at_most = opts.limit - summary.skipped if opts.limit is not None else None  # --limit counts skipped rows too
-        progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"),
-                        rows_seen=position.get("seen"), at_most=at_most)
-        if on_record is not None:
-            on_record(record)
+    emit = record_writer(output, summary, progress, opts, position, on_record)
 
     def good_rows() -> Iterator[Listing]:
         for row in iter_rows(dumps, opts, output.is_done, summary, position):

@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 
 from mmllm.catalog import Listing, RowError, byte_total
 from mmllm.host_memory import reuse_step_buffers
-from mmllm.labelling.engine import MODEL_REFUSALS, LabelOptions, Summary, error_record, iter_rows, label_timed
+from mmllm.labelling.engine import (MODEL_REFUSALS, LabelOptions, Summary, error_record, iter_rows, label_timed,
+                                   record_writer)
 from mmllm.labelling.output import DoneRows, Output
 from mmllm.progress import Progress
 
@@ -163,24 +164,19 @@ def run_ray(load: Any, model_args: dict[str, Any], dumps: Sequence[Path], output
         pool = _Pool(lambda: remote.remote(load, args, opts), ray_opts.actors, ray, RayActorError, address)
         done = output.done if opts.resume else DoneRows()
 
-        def write(records: list[dict[str, Any]]) -> None:
-            for record in records:
-                output.write(record)
-                summary.count(record)
-                at_most = opts.limit - summary.skipped if opts.limit is not None else None
-                progress.update(1, bytes_done=position["bytes"] or None, rows_read=position.get("rows"),
-                                rows_seen=position.get("seen"), at_most=at_most)
+        emit = record_writer(output, summary, progress, opts, position)
 
         def take() -> None:
             records, model_s, prepare_s = pool.next_result()
             summary.model_s += model_s
             summary.prepare_s += prepare_s
-            write(records)
+            for record in records:
+                emit(record)
 
         batch: list[Listing] = []
         for row in iter_rows([Path(d) for d in dumps], opts, done.__contains__, summary, position):
             if isinstance(row, RowError):
-                write([error_record(row, "read", row.message)])
+                emit(error_record(row, "read", row.message))
                 continue
             batch.append(row)
             if len(batch) < opts.batch_size:

@@ -247,8 +247,11 @@ _FOLDERS_BEFORE_FIRST_CHECKPOINT = {"feature_cache", "checkpoints", "vote_holdou
 _held: dict[Path, int] = {}  # folder -> this process's lock on it
 
 
-def _only_early_files(out_dir: Path) -> bool:
-    """Every entry of ``out_dir`` is one a run writes before its first checkpoint (by name and kind)."""
+def _left_before_first_checkpoint(out_dir: Path) -> bool:
+    """``out_dir`` is a folder (not a model folder, no finished checkpoint) every entry of which is one a run writes
+    before its first checkpoint (by name and kind); an empty folder too."""
+    if not out_dir.is_dir() or is_model_dir(out_dir) or latest_checkpoint(out_dir / "checkpoints") is not None:
+        return False
     for entry in out_dir.iterdir():
         if entry.name in _FILES_BEFORE_FIRST_CHECKPOINT:
             if not entry.is_file():
@@ -264,9 +267,7 @@ def never_saved(out_dir: Path) -> bool:
     checkpoint (stopped while it read, encoded, tuned or took its first steps), holding nothing else: nothing
     to resume and nothing of the user's, so a run starts again there (with ``train.resume`` or without), its
     cached features read again."""
-    if not (out_dir / LOCK_FILE).is_file() or is_model_dir(out_dir):
-        return False
-    return latest_checkpoint(out_dir / "checkpoints") is None and _only_early_files(out_dir)
+    return (out_dir / LOCK_FILE).is_file() and _left_before_first_checkpoint(out_dir)
 
 
 def _check_output_dir(out_dir: Path, resume: bool) -> None:
@@ -276,9 +277,8 @@ def _check_output_dir(out_dir: Path, resume: bool) -> None:
         raise InputError(f"train.output_dir: {out_dir} is a file, not a folder; pass another train.output_dir")
     if never_saved(out_dir):
         return
-    no_lock = (out_dir.is_dir() and any(out_dir.iterdir()) and _only_early_files(out_dir)
-               and latest_checkpoint(out_dir / "checkpoints") is None and not is_model_dir(out_dir))
-    if no_lock:  # what a run leaves, but not one that said so (an older mmllm, or by hand): the user decides
+    # what a run leaves, but no lock says mmllm started it (an older mmllm, another tool): the user decides
+    if _left_before_first_checkpoint(out_dir) and any(out_dir.iterdir()):
         raise InputError(f"train.output_dir: {out_dir} holds what a run leaves before its first checkpoint (nothing "
                          f"to resume), but no {LOCK_FILE} says mmllm started it: delete {out_dir} to start again, or "
                          "pass another train.output_dir")
@@ -313,11 +313,8 @@ def _prepare_output_dir(out_dir: Path, resume: bool, accelerator: Any) -> tuple[
 def _lock(out_dir: Path) -> None:
     """Hold ``training.lock`` for the run: a second run into the folder (the same command started twice, a resume
     while the run goes on) is refused instead of mixing the two runs' files."""
-    key = out_dir.resolve()
-    if key in _held:  # this process's earlier run into the folder (called in-process: tests, a notebook)
-        os.close(_held.pop(key))
-    try:
-        _held[key] = hold(out_dir / LOCK_FILE)
+    try:  # (finetune() lets go of it however the run ends: `release`)
+        _held[out_dir.resolve()] = hold(out_dir / LOCK_FILE)
     except Held:
         raise InputError(f"train.output_dir: another run is training into {out_dir} (it holds {LOCK_FILE}); wait "
                          "for it to end, or pass another train.output_dir") from None
