@@ -256,6 +256,28 @@ def test_members_vote_and_mix_is_the_log_of_their_mean():
     assert torch.allclose(torch.softmax(only_heads, -1), votes["heads"], atol=1e-6)
 
 
+def test_reference_rows_move_the_check_and_never_the_answer():
+    """``Anchor.check``: the reference rows join the neighbours for the confidence only; the answer's mixture
+    (``mix``) is the same with or without them, and a folder's settings say how many there are."""
+    plain = _anchor()
+    assert plain.check(torch.zeros(1, 3), _views([0.7, 0.7], [0.7, 0.7])) is None  # no reference rows
+    assert "reference" not in plain.state_dict() and plain.settings()["reference_size"] == 0
+    anchor = _anchor(k=3)
+    anchor.reference = torch.tensor([[0.7071, 0.7071, 0.7071, 0.7071]] * 3, dtype=torch.float16)  # class 0, 3 rows
+    anchor.reference_labels = torch.tensor([0, 0, 0])
+    views, heads = _views([0.7, 0.7], [0.7, 0.7]), torch.zeros(1, 3)
+    assert torch.equal(anchor.mix(heads, views), _anchor(k=3).mix(heads, views))  # the answer ignores them
+    check = torch.softmax(anchor.check(heads, views), -1)[0]
+    mixed = torch.softmax(anchor.mix(heads, views), -1)[0]
+    # the three nearest rows are now the reference rows (cosine 1): the neighbours vote class 0, not class 2
+    assert check[0] > mixed[0] + 0.25 and check[2] < mixed[2] - 0.25
+    assert check.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert anchor.settings()["reference_size"] == 3 and {"reference", "reference_labels"} <= set(anchor.state_dict())
+    without = _anchor(members=("heads", "names"))
+    without.reference, without.reference_labels = anchor.reference, anchor.reference_labels
+    assert without.check(heads, views) is None  # no neighbours member: nothing reads them
+
+
 def test_anchor_config_is_checked():
     with pytest.raises(ValueError, match="anchor.members must include heads"):
         AnchorConfig(members=["names"])
@@ -307,10 +329,14 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     out = tmp_path / "model"
     settings = ["data.max_train_rows=48", "data.max_dev_rows=12", "train.epochs=2", "train.batch_size=16",
                 "fusion.max_text_tokens=48", "eval.loss_rows=12", "anchor.epochs=2", "grounding.enabled=false",
-                f"fusion.cache_dir={tmp_path / 'cache'}", "lexicon.enabled=true", "vote.min_rows=3"]
+                f"fusion.cache_dir={tmp_path / 'cache'}", "lexicon.enabled=true", "vote.min_rows=3",
+                # the reference rows: the training file's rows past the 48 trained on (the 48 are left out)
+                f"anchor.reference=[{ROOT / 'examples/amazon_uk_toys/train.jsonl'}]"]
     cfg = load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml", [f"train.output_dir={out}", *settings])
     finetune(cfg)
     first = capsys.readouterr().out
+    train_rows = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/train.jsonl")))
+    assert f"reference rows: {len(train_rows) - 48} read for the answers' confidence (48 left out" in first
     assert "text encoder tuned on 48 titles x 2 epochs" in first and "lexical member fitted" in first
     assert "vote: choosing the weights of heads, lexicon, neighbours on" in first
     assert not (out / "vote_holdout").exists()  # the side fit leaves nothing in the folder
@@ -364,6 +390,18 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     assert all(r["status"] == "ok" for r in records)
     again = load_model_dir(out, device="cpu").predict(rows, ImagePolicy(root=ROOT))
     assert [r["top_k"] for r in again] == [r["top_k"] for r in records]
+    assert [r["confidence"] for r in again] == [r["confidence"] for r in records]
+    # the reference rows travel in the folder; each answer's confidence is its probability under the check
+    assert saved["anchor"]["reference_size"] == len(train_rows) - 48 == model.anchor.reference.shape[0]
+    assert saved["check_temperature"] > 0 and model.check_temperature == saved["check_temperature"]
+    with torch.no_grad():
+        logits = model(**enc)
+    check = torch.softmax(logits["category_check"].float() / model.check_temperature, -1)
+    classes = model.specs[0].classes
+    assert [r["confidence"] for r in records] == [round(float(check[i, classes.index(r["category"])]), 6)
+                                                  for i, r in enumerate(records)]
+    assert [r["category"] for r in records] == [classes[i] for i in logits["category"].argmax(-1).tolist()]
+    assert any(abs(r["confidence"] - r["top_k"][0]["score"]) > 1e-3 for r in records)  # not the answer's own
     # a rerun with the same data, tuning settings and seed (another head setting, another folder): read, not tuned
     capsys.readouterr()
     second = tmp_path / "second"

@@ -18,7 +18,9 @@ from mmllm.models.heads import (
     HeadSpec,
     classification_loss,
     encode_targets,
+    answer_calibration_error,
     expected_calibration_error,
+    fit_answer_temperature,
     fit_temperature,
     head_specs,
     pool,
@@ -172,6 +174,30 @@ def test_temperature_scaling_reduces_overconfidence():
     t = fit_temperature(logits, target)
     assert t > 2.0
     assert expected_calibration_error(torch.softmax(logits / t, -1), target) < expected_calibration_error(torch.softmax(logits, -1), target)
+
+
+def test_answer_temperature_calibrates_another_models_answers():
+    """``fit_answer_temperature``: a second distribution's probability of answers chosen elsewhere (half of
+    them not its argmax) is made to match how often those answers are right; ``fit_temperature`` would fit
+    the distribution for its own argmax."""
+    torch.manual_seed(0)
+    n = 600
+    target = torch.randint(0, 4, (n,))
+    answers = torch.where(torch.rand(n) < 0.7, target, (target + 1) % 4)  # 70% right
+    logits = torch.randn(n, 4)
+    logits[torch.arange(n), answers] += 1.5  # the check leans towards the answer ...
+    logits[torch.arange(n), target] += 1.0  # ... and towards the truth
+    logits *= 4  # far too sharp
+    right = answers == target
+
+    def confidence(t: float) -> torch.Tensor:
+        return torch.softmax(logits / t, -1).gather(1, answers[:, None])[:, 0]
+
+    t = fit_answer_temperature(logits, answers, target)
+    assert t > 1.5
+    assert answer_calibration_error(confidence(t), right) < 0.5 * answer_calibration_error(confidence(1.0), right)
+    assert abs(confidence(t).mean().item() - right.float().mean().item()) < 0.05
+    assert fit_answer_temperature(logits[:1], answers[:1], target[:1]) == 1.0  # nothing to fit
 
 
 @pytest.mark.slow

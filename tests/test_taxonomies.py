@@ -158,6 +158,11 @@ def test_labels_records_carry_the_taxonomy_id(tmp_path, capsys):
                   f"data.dev={catalog}", f"data.schema={schema_path}", "train.max_steps=2", "train.batch_size=8",
                   "fusion.max_text_tokens=32", "fusion.hidden=16", "fusion.lexical_buckets=256",
                   "fusion.attr_buckets=64", "anchor.epochs=1", f"train.output_dir={model}"]) == 0
+    # the default recipe's reference rows are the toys catalog's: none fits this schema, the run says so and goes on
+    said = capsys.readouterr().out
+    assert "anchor.reference: " in said and "has no usable labelled rows" in said
+    assert "the answers' confidence is their own probability" in said
+    assert json.loads((model / "fusion.json").read_text())["anchor"]["reference_size"] == 0
     out = tmp_path / "labels.jsonl"
     assert mmllm(["label", str(catalog), "--model", str(model), "--out", str(out), "--quiet"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -263,10 +263,40 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, steps: int = 100
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
+def fit_answer_temperature(logits: torch.Tensor, answers: torch.Tensor, target: torch.Tensor, steps: int = 100) -> float:
+    """The temperature under which each row's probability of ``answers`` (chosen elsewhere: not always the
+    argmax of ``logits``) best predicts whether that answer is right: the binary log-loss of
+    ``softmax(logits / T)[answer]`` against ``answer == target`` on dev. ``fit_temperature`` calibrates a
+    distribution for its own argmax; this calibrates a second opinion on another model's answer
+    (:meth:`mmllm.models.fusion.anchor.Anchor.check`). 1.0 when there is nothing to fit."""
+    keep = target >= 0
+    if keep.sum() < 2:
+        return 1.0
+    logits, answers = logits[keep].detach().float(), answers[keep]
+    right = (answers == target[keep]).float()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        p = torch.softmax(logits / log_t.exp(), -1).gather(1, answers[:, None])[:, 0].clamp(1e-6, 1 - 1e-6)
+        loss = nn.functional.binary_cross_entropy(p, right)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
 def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, bins: int = 10) -> float:
     keep = target >= 0
     confidence, predicted = probs[keep].max(dim=-1)
-    hits = (predicted == target[keep]).float()
+    return answer_calibration_error(confidence, predicted == target[keep], bins)
+
+
+def answer_calibration_error(confidence: torch.Tensor, right: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error of confidences [N] against whether each answer was right [N]."""
+    hits = right.float()
     ece = 0.0
     edges = torch.linspace(0, 1, bins + 1)
     for lo, hi in zip(edges[:-1], edges[1:]):

@@ -151,7 +151,7 @@ def load_inputs(cfg: RecipeConfig) -> tuple[LabelSchema, PromptTemplate, list[Li
     return schema, template, train_rows, dev_rows
 
 
-def train_sources(train: str | list[str] | None) -> list[str]:
+def train_sources(train: str | list[str] | None, key: str = "data.train") -> list[str]:
     """``data.train`` as the list of catalog files it names: paths and globs (each glob sorted), in order.
 
     Raises :class:`InputError` for a path that does not exist, a glob that matches nothing or a file named twice.
@@ -166,18 +166,18 @@ def train_sources(train: str | list[str] | None) -> list[str]:
         if glob.has_magic(item):
             matched = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matched:
-                raise InputError(f"data.train: the pattern {item} matches no file")
+                raise InputError(f"{key}: the pattern {item} matches no file")
             sources.extend(matched)
         elif not Path(item).exists():
-            raise InputError(f"data.train: {item} does not exist; give a labelled catalog (data.train=PATH)")
+            raise InputError(f"{key}: {item} does not exist; give a labelled catalog ({key}=PATH)")
         else:
             sources.append(item)
     if not sources:
-        raise InputError("data.train is not set: give the labelled catalog to train on (data.train=PATH)")
+        raise InputError(f"{key} is not set: give the labelled catalog to train on ({key}=PATH)")
     seen = [str(Path(s).resolve()) for s in sources]
     twice = sorted({s for s in seen if seen.count(s) > 1})
     if twice:
-        raise InputError(f"data.train: {twice[0]} is named twice; its rows would count double")
+        raise InputError(f"{key}: {twice[0]} is named twice; its rows would count double")
     return sources
 
 
@@ -223,8 +223,9 @@ def load_training_rows(source: str | list[str], schema: LabelSchema, limit: int 
         log.warning("... and %d more skipped rows (run `mmllm catalog validate --schema`)", len(skipped) - 20)
     if outside:
         shown = ", ".join(f"'{c}' ({n})" for c, n in outside.most_common(10))
-        log.warning("%s: %d of %d labelled rows have a category outside schema '%s' and are not trained on: %s%s",
-                    key, sum(outside.values()), len(rows) + len(skipped), schema.name, shown,
+        log.warning("%s: %d of %d labelled rows have a category outside schema '%s' and are %s: %s%s",
+                    key, sum(outside.values()), len(rows) + len(skipped), schema.name,
+                    "not trained on" if key == "data.train" else "left out", shown,
                     f" and {len(outside) - 10} more categories" if len(outside) > 10 else "")
     return rows
 

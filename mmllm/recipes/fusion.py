@@ -35,7 +35,8 @@ from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit
                                          save_lexicon)
 from mmllm.models.fusion.vote import VoteConfig, VoteFit, choose, holdout_split
 from mmllm.progress import Progress
-from mmllm.recipes.common import DataConfig, fit_after_training, say, setup
+from mmllm.recipes.common import (DataConfig, InputError, fit_after_training, load_training_rows, say, setup,
+                                  train_sources)
 from mmllm.recipes.heads_training import HeadsEvalConfig, fit_heads, train_heads
 from mmllm.training import TrainConfig
 
@@ -76,6 +77,8 @@ class FusionRecipeConfig:
 
 def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
     """Frozen (cached) or fine-tuned encoders + fusion + heads, in the shared loop; returns the summary."""
+    if cfg.anchor.reference:  # a missing file is told before anything is built
+        train_sources(cfg.anchor.reference, key="anchor.reference")
     s = setup(cfg)
     fc = cfg.fusion
     specs = heads.head_specs(s.schema, [r.label for r in s.train_rows], cfg.heads.bins, cfg.heads.null_class)
@@ -119,6 +122,9 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                            f"in {time.perf_counter() - started:.1f} s on {s.accelerator.device}")
     if anchor is not None:
         _remember(anchor, featurizer, memory_rows, fc.encode_batch, specs, s.schema)
+        if cfg.anchor.reference:
+            _reference(s, anchor, fusion.Featurizer(encoders, fc, fusion.FeatureCache(cache.folder) if cache else None),
+                       specs[0].classes, cfg)
     if cfg.lexicon.enabled:
         model.lexicon = _lexicon(s, specs, featurizer, cfg)
     model.vote_members = list(cfg.vote.members)
@@ -254,6 +260,55 @@ def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], ba
         targets = heads.encode_targets(specs, [r.label for r in rows], schema)
         for j, name in enumerate(anchor.attribute_classes):
             anchor.memory_targets[:, j] = targets[f"target_{name}"]
+
+
+def _reference(s: Any, anchor: Anchor, featurizer: fusion.Featurizer, classes: list[str],
+               cfg: FusionRecipeConfig) -> None:
+    """The reference rows of ``anchor.reference`` (:meth:`Anchor.check`): read like training rows (bad rows and
+    categories outside the schema reported and skipped), less any row that is a training or dev row (by id or
+    title: a dev row checking itself would make the dev confidence a lie), a class-stratified sample past
+    ``anchor.memory_rows``, their tuned vectors put in the anchor. ``featurizer`` has a cache of its own: the
+    rows' token features are written to the shared cache folder, not kept in memory."""
+    started = time.perf_counter()
+    try:
+        rows = load_training_rows(train_sources(cfg.anchor.reference, key="anchor.reference"), s.schema, None,
+                                  key="anchor.reference")
+    except InputError as exc:  # another catalog's rows (the default recipe's, under a schema of the user's own)
+        say(s.accelerator, f"{exc}: the answers' confidence is their own probability")
+        return
+    known = {r.id for r in (*s.train_rows, *s.dev_rows)}
+    titles = {_normal_title(r.title) for r in (*s.train_rows, *s.dev_rows)}
+    index = {c: i for i, c in enumerate(classes)}
+    kept = [r for r in rows if r.id not in known and _normal_title(r.title) not in titles
+            and s.schema.canonical_category(str((r.label or {}).get("category") or "")) in index]
+    dropped = len(rows) - len(kept)
+    targets = [index[s.schema.canonical_category(str(r.label["category"]))] for r in kept]
+    sample = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
+    kept, targets = [kept[i] for i in sample], [targets[i] for i in sample]
+    vectors = []
+    with Progress("reference rows", total_rows=len(kept), unit="listings",
+                  enabled=s.accelerator.is_main_process) as progress:
+        order = sorted(range(len(kept)), key=lambda i: _text_length(kept[i]))  # like lengths: less padding
+        for start in range(0, len(order), cfg.fusion.encode_batch):
+            part = [kept[i] for i in order[start:start + cfg.fusion.encode_batch]]
+            vectors.append(_row_vectors(anchor, featurizer, part, len(part)))
+            progress.update(len(part))
+    if not kept:  # another catalog's rows (the default recipe's, under a schema of the user's own): nothing to check
+        say(s.accelerator, f"anchor.reference: none of its {len(rows)} rows is usable ({dropped} are training or dev "
+                           f"rows, or of a category outside schema '{s.schema.name}'); the answers' confidence is "
+                           "their own probability")
+        return
+    placed = torch.empty(len(kept), anchor.memory.shape[1])  # back in the rows' order
+    placed[torch.tensor(order)] = torch.cat(vectors)
+    anchor.reference = placed.to(torch.float16)
+    anchor.reference_labels = torch.tensor(targets, dtype=torch.long)
+    say(s.accelerator, f"reference rows: {len(kept)} read for the answers' confidence"
+                       + (f" ({dropped} left out: training or dev rows, or another category)" if dropped else "")
+                       + f" in {time.perf_counter() - started:.1f} s")
+
+
+def _normal_title(title: str | None) -> str:
+    return " ".join((title or "").lower().split())
 
 
 def _row_vectors(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], batch_size: int) -> torch.Tensor:

@@ -63,11 +63,18 @@ def train_heads(run: Setup, model: Any, specs: list[heads.HeadSpec], collate: An
         final = evaluate(unwrapped, result.steps)
         if accelerator.is_main_process:
             unwrapped.eval()
-            logits, target = _category_logits(unwrapped, dev_collate, run.dev_rows, accelerator.device)
+            outputs, target = _category_logits(unwrapped, dev_collate, run.dev_rows, accelerator.device)
+            logits = outputs["category"]
             unwrapped.temperature = heads.fit_temperature(logits, target)
             final["temperature"] = round(unwrapped.temperature, 4)
             final["ece_calibrated"] = round(heads.expected_calibration_error(
                 torch.softmax(logits / unwrapped.temperature, -1), target), 4)
+            if "category_check" in outputs:  # a fusion model with reference rows: its answers' confidence
+                check, answers = outputs["category_check"], logits.argmax(-1)
+                unwrapped.check_temperature = heads.fit_answer_temperature(check, answers, target)
+                final["check_temperature"] = round(unwrapped.check_temperature, 4)
+                confidence = torch.softmax(check / unwrapped.check_temperature, -1).gather(1, answers[:, None])[:, 0]
+                final["check_ece"] = round(heads.answer_calibration_error(confidence, answers == target), 4)
         record_final(accelerator, run.out_dir, summary, final)
     unwrapped.eval()
     return summary, unwrapped
@@ -133,11 +140,17 @@ def dev_metrics(model: Any, collate: Any, rows: list[Listing], specs: list[heads
             "ece": round(heads.expected_calibration_error(torch.softmax(logits, -1), target), 4)}
 
 
-def _category_logits(model: Any, collate: Any, rows: list[Listing], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, targets = [], []
+def _category_logits(model: Any, collate: Any, rows: list[Listing], device: Any
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The dev rows' ``category`` logits [N, C] (and ``category_check``'s, when the model gives them), and targets."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    targets = []
     with torch.no_grad():
         for start in range(0, len(rows), 8):
             batch = collate([(r, 0) for r in rows[start:start + 8]])
-            logits.append(model(**{k: v.to(device) for k, v in batch.items()})["category"].float().cpu())  # [B, C]
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            for name in ("category", "category_check"):
+                if name in out:
+                    logits.setdefault(name, []).append(out[name].float().cpu())  # [B, C]
             targets.append(batch["target_category"])
-    return torch.cat(logits), torch.cat(targets)
+    return {name: torch.cat(parts) for name, parts in logits.items()}, torch.cat(targets)

@@ -190,6 +190,7 @@ class FusionModel(nn.Module):
         self.vote_weights: dict[str, dict[str, float]] = {}
         self.vote_scores: dict[str, dict[str, float]] = {}
         self.temperature = 1.0
+        self.check_temperature = 1.0  # the same for ``category_check`` (reference rows), fitted on dev apart
         self.last_weights: torch.Tensor | None = None
 
     def _encoded(self, batch: dict[str, torch.Tensor], view: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,8 +285,10 @@ class FusionModel(nn.Module):
         nearest = None
         if self.anchor is not None and views and self.anchor.memory.shape[0]:
             nearest = self.anchor.nearest(Anchor.row_vectors(views, self.anchor.views))
+        check = None
         if self.anchor is not None and views:
             extra = [lexical.pop("category")] if "category" in lexical else []
+            check = self.anchor.check(logits["category"], views, extra)  # None without reference rows
             logits["category"] = self.anchor.mix(logits["category"], views, extra, nearest)
         neighbours = {}
         if nearest is not None and "neighbours" in self.vote_members:
@@ -299,9 +302,13 @@ class FusionModel(nn.Module):
             if len(members) > 1:
                 mean = mix(members, self.vote_weights.get(name))
                 logits[name] = torch.log(mean.clamp_min(1e-12)).to(logits[name].dtype)
+        if check is not None:  # what the answer's confidence is read from (Anchor.check)
+            logits["category_check"] = check
         if self.cfg.prior_correction:  # the balanced posterior (logit adjustment)
-            category = torch.log_softmax(logits["category"].float(), -1) - self.cfg.prior_correction * self.log_prior
-            logits["category"] = category.to(logits["category"].dtype)
+            for name in ("category", "category_check"):
+                if name in logits:
+                    adjusted = torch.log_softmax(logits[name].float(), -1) - self.cfg.prior_correction * self.log_prior
+                    logits[name] = adjusted.to(logits[name].dtype)
         return logits
 
     def set_prior(self, counts: Sequence[int]) -> None:
@@ -329,7 +336,8 @@ class FusionModel(nn.Module):
         config = {"fusion": {**self.cfg.__dict__, "text_encoder": text_id, "image_encoder": image_id},
                   "text_dim": self.proj["text"][1].in_features if "text" in self.proj else 0,
                   "image_dim": self.proj["image"][1].in_features if "image" in self.proj else 0,
-                  "temperature": self.temperature, "modalities": self.modalities,
+                  "temperature": self.temperature, "check_temperature": self.check_temperature,
+                  "modalities": self.modalities,
                   "heads": [s.__dict__ for s in self.specs],
                   "anchor": self.anchor.settings() if self.anchor is not None else None,
                   "lexicon": self.lexicon.shapes() if self.lexicon is not None else None,
@@ -374,8 +382,9 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
         saved_anchor = dict(config["anchor"])
         views, size = saved_anchor.pop("views"), saved_anchor.pop("memory_size")
         attribute_classes = saved_anchor.pop("attribute_classes", None)  # None: a folder from before the attribute vote
+        reference = saved_anchor.pop("reference_size", 0)  # none in folders from before the reference rows
         anchor = Anchor(AnchorConfig(**saved_anchor), len(specs[0].classes), config["text_dim"], size, views,
-                        attribute_classes)
+                        attribute_classes, reference)
     lexicon = vectorizer = None
     if config.get("lexicon"):
         lexicon = Lexicon({n: tuple(shape) for n, shape in config["lexicon"].items()},
@@ -385,6 +394,7 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
                         value_vectors=dict.fromkeys(config.get("value_prior_heads", ())))  # none before the prior
     model.load_state_dict(load_file(str(folder / FUSION_FILE)))
     model.temperature = float(config["temperature"])
+    model.check_temperature = float(config.get("check_temperature", 1.0))
     vote = config.get("vote") or {}  # folders from before the per-head weights: the equal-weight mean
     model.vote_members = list(vote.get("members", VOTE_MEMBERS))
     model.vote_weights = {h: dict(w) for h, w in vote.get("weights", {}).items()}
@@ -430,12 +440,19 @@ class FusionPredictor:
         with torch.no_grad():
             logits = self.model(**{k: v.to(device) for k, v in enc.items()})
         probs = head_probabilities(self.model.specs, logits, self.model.temperature)
+        check = None
+        if "category_check" in logits:  # the answer's confidence, once the reference rows are consulted
+            check = torch.softmax(logits["category_check"].float().cpu() / self.model.check_temperature, -1)
         if self.class_prior is not None:
             probs["category"] = self.class_prior.apply(probs["category"])
+            check = None if check is None else self.class_prior.apply(check)
         weights = self.model.last_weights
         records = []
+        classes = {c: i for i, c in enumerate(self.model.specs[0].classes)}
         for row in range(enc["attention_mask"].shape[0]):
             record = prediction_record(self.model.specs, probs, row, self.schema, self.top_k, self.untrained)
+            if check is not None and record.get("category") in classes:
+                record["confidence"] = round(float(check[row, classes[record["category"]]]), 6)
             if weights is not None:
                 record["modality_weights"] = {m: round(float(w), 4) for m, w in zip(self.model.modalities, weights[row])}
             records.append(record)
