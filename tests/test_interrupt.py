@@ -36,9 +36,16 @@ interrupt.run(main)
 """
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before it starts: Ctrl-C as a terminal delivers it. A suite run as a background job (`make
+    test &`, nohup) hands its children SIGINT ignored, and `interrupt.run` rightly leaves an ignored SIGINT
+    alone: every test here would wait out the command's 120 s and fail."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _started(mode: str) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-c", COMMAND, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)
+                               text=True, cwd=ROOT, preexec_fn=_as_from_a_terminal)
     assert process.stdout.readline().strip() == "ready"
     return process
 
@@ -104,7 +111,7 @@ def test_the_training_loops_own_ctrl_c_follows_the_same_policy():
     through the interpreter's shutdown (1.9 s, where a second Ctrl-C made it die of SIGINT, exit -2)."""
     for mode in ("during", "after", "once"):
         process = subprocess.Popen([sys.executable, "-c", TRAINING, mode], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_as_from_a_terminal)
         assert process.stdout.readline().strip() == "ready"
         process.send_signal(signal.SIGINT)
         assert _line(process) == "signal 2: saving a checkpoint at the end of this step, then stopping"
