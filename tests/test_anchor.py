@@ -402,6 +402,17 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
                                                   for i, r in enumerate(records)]
     assert [r["category"] for r in records] == [classes[i] for i in logits["category"].argmax(-1).tolist()]
     assert any(abs(r["confidence"] - r["top_k"][0]["score"]) > 1e-3 for r in records)  # not the answer's own
+    # each reference vector sits beside its own label (encoded sorted by length, put back in the rows' order)
+    dev_rows = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl")))[:12]  # data.max_dev_rows
+    titles = {" ".join(r.title.lower().split()) for r in dev_rows}
+    some = [r for r in train_rows[48:] if " ".join(r.title.lower().split()) not in titles][::97]
+    some_enc = inner.encode(some, [[] for _ in some])
+    with torch.no_grad():
+        vectors = Anchor.row_vectors(model.text_views(some_enc), model.anchor.views)
+    sims = vectors @ model.anchor.reference.float().T / len(model.anchor.views)
+    best, at = sims.max(-1)
+    assert len(some) >= 5 and (best > 0.99).all()
+    assert [classes[i] for i in model.anchor.reference_labels[at].tolist()] == [r.label["category"] for r in some]
     # a rerun with the same data, tuning settings and seed (another head setting, another folder): read, not tuned
     capsys.readouterr()
     second = tmp_path / "second"
