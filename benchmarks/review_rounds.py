@@ -29,9 +29,11 @@ no more than the catalog's gold, which for a title-level dump is the category.
 
     python benchmarks/review_rounds.py --catalog examples/amazon_uk_toys_10k/listings.jsonl.gz \\
         [--train examples/amazon_uk_toys/train.jsonl] [--dev examples/amazon_uk_toys/dev.jsonl] \\
-        [--schema examples/toys_schema.yaml] [--base-model runs/make-run/fusion] [--rows 250 1000] \\
+        [--schema examples/toys_schema.yaml] [--base-model M] [--rows 250 1000] \\
         [--orders queue random] [--seeds 0] [--set fusion.prior_correction=1 ...] [--work runs/review_rounds]
 
+The models it trains read no reference rows (``anchor.reference=[]``: the default recipe's are this very
+catalog, whose gold would order the review queue); a ``--base-model`` whose reference is the catalog is refused.
 Catalog rows whose gold category is not in the schema are left out (counted). Photos: the pool and test
 rows are labelled with ``--image-root`` the catalog's folder; a recipe with an image encoder reads the
 reviewed rows' photos from ``data.image_root`` (give it with ``--set``). Prints a table and writes
@@ -98,6 +100,18 @@ def reviewed_row(row: dict, record: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- the work folder
+def reference_files(model: Path) -> set[Path]:
+    """The catalogs a fusion model folder checks its answers against (``anchor.reference``), resolved from the
+    project folder as the recipe read them; none for another kind or an older folder."""
+    try:
+        anchor = json.loads((model / "fusion.json").read_text())["anchor"] or {}
+    except (OSError, ValueError, KeyError):
+        return set()
+    if not anchor.get("reference_size"):
+        return set()
+    return {(ROOT / p).resolve() if not Path(p).is_absolute() else Path(p).resolve() for p in anchor.get("reference", [])}
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -259,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} {getattr(args, name)}: no such file")
     if args.base_model is not None and not args.base_model.is_dir():
         p.error(f"--base-model {args.base_model}: no such model folder")
-    schema_path = args.schema or Path(load_recipe_config(args.config, args.set).data.schema)
+    recipe = load_recipe_config(args.config, args.set)
+    schema_path = args.schema or Path(recipe.data.schema)
+    if args.base_model is not None:
+        checked = reference_files(args.base_model)
+        if args.catalog.resolve() in checked:
+            p.error(f"--base-model {args.base_model} checks its answers against {args.catalog} (anchor.reference): the "
+                    "queue would be ordered by the catalog's own gold; train the base model with anchor.reference=[]")
     if not schema_path.is_absolute() and not schema_path.exists():
         schema_path = ROOT / schema_path  # a recipe's paths are the project folder's (its configs are run from there)
     schema = LabelSchema.from_yaml(schema_path)
@@ -290,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({len(outside):,} with a category outside schema '{schema.name}' left out)" if outside else "")
           + f"; {len(train_rows):,} training rows, {len(dev):,} dev rows", flush=True)
     image_root = args.catalog.resolve().parent
-    common = [*args.set, f"data.dev={args.dev.resolve()}", f"data.schema={Path(schema_path).resolve()}"]
+    # the recipe's reference rows (anchor.reference, the default's: this very catalog) would hand the models the
+    # gold of the rows under review: the team has not labelled the new catalog (a --set may name other rows)
+    no_reference = ["anchor.reference=[]"] if hasattr(recipe, "anchor") else []
+    common = [*no_reference, *args.set, f"data.dev={args.dev.resolve()}", f"data.schema={Path(schema_path).resolve()}"]
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         overrides = [*common, f"train.seed={seed}"]

@@ -265,6 +265,7 @@ def test_reference_rows_move_the_check_and_never_the_answer():
     anchor = _anchor(k=3)
     anchor.reference = torch.tensor([[0.7071, 0.7071, 0.7071, 0.7071]] * 3, dtype=torch.float16)  # class 0, 3 rows
     anchor.reference_labels = torch.tensor([0, 0, 0])
+    anchor.reference_keys = torch.tensor([11, 12, 13])
     views, heads = _views([0.7, 0.7], [0.7, 0.7]), torch.zeros(1, 3)
     assert torch.equal(anchor.mix(heads, views), _anchor(k=3).mix(heads, views))  # the answer ignores them
     check = torch.softmax(anchor.check(heads, views), -1)[0]
@@ -272,7 +273,14 @@ def test_reference_rows_move_the_check_and_never_the_answer():
     # the three nearest rows are now the reference rows (cosine 1): the neighbours vote class 0, not class 2
     assert check[0] > mixed[0] + 0.25 and check[2] < mixed[2] - 0.25
     assert check.sum().item() == pytest.approx(1.0, abs=1e-5)
-    assert anchor.settings()["reference_size"] == 3 and {"reference", "reference_labels"} <= set(anchor.state_dict())
+    assert anchor.settings()["reference_size"] == 3
+    assert {"reference", "reference_labels", "reference_keys"} <= set(anchor.state_dict())
+    # a row that is itself a reference row (its id among the reference keys) is not its own neighbour
+    anchor.reference_keys = torch.tensor([11, 12, 13])
+    same = torch.softmax(anchor.check(heads, views, keys=torch.tensor([99])), -1)[0]
+    assert torch.allclose(same, check)  # another id: every reference row counts
+    itself = torch.softmax(anchor.check(heads, views, keys=torch.tensor([12])), -1)[0]
+    assert itself[0] < check[0] - 0.05  # one of the three class-0 rows left out: the vote for class 0 shrinks
     without = _anchor(members=("heads", "names"))
     without.reference, without.reference_labels = anchor.reference, anchor.reference_labels
     assert without.check(heads, views) is None  # no neighbours member: nothing reads them
@@ -413,6 +421,17 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     best, at = sims.max(-1)
     assert len(some) >= 5 and (best > 0.99).all()
     assert [classes[i] for i in model.anchor.reference_labels[at].tolist()] == [r.label["category"] for r in some]
+    # labelling reference rows themselves: each leaves itself out of its own check (found by its id)
+    assert "row_key" in some_enc
+    with torch.no_grad():
+        found = model(**some_enc)
+        blind = model(**{k: v for k, v in some_enc.items() if k != "row_key"})
+    answers = found["category"].argmax(-1)[:, None]
+    kept = torch.softmax(found["category_check"].float() / model.check_temperature, -1).gather(1, answers)[:, 0]
+    seen = torch.softmax(blind["category_check"].float() / model.check_temperature, -1).gather(1, answers)[:, 0]
+    assert [r["confidence"] for r in predictor.predict(some, ImagePolicy(root=ROOT))] == [
+        round(float(c), 6) for c in kept]
+    assert (seen - kept).abs().max() > 1e-3  # its own label would have vouched for its answer
     # a rerun with the same data, tuning settings and seed (another head setting, another folder): read, not tuned
     capsys.readouterr()
     second = tmp_path / "second"

@@ -90,6 +90,14 @@ def test_inputs_are_checked_before_any_work_and_a_changed_base_model_is_refused(
     with pytest.raises(SystemExit):
         rounds.main([*argv[:7], str(tmp_path / "missing"), *argv[8:], "--rows", "1"])
     assert f"--base-model {tmp_path / 'missing'}: no such model folder" in capsys.readouterr().err
+    # a base model that checks its answers against the catalog under review (anchor.reference) is refused
+    checker = tmp_path / "checker"
+    checker.mkdir()
+    (checker / "fusion.json").write_text(json.dumps({"anchor": {"reference": [str(catalog)], "reference_size": 10}}))
+    with pytest.raises(SystemExit):
+        rounds.main([*argv[:7], str(checker), *argv[8:], "--rows", "1"])
+    assert "checks its answers against" in capsys.readouterr().err and not (tmp_path / "work" / "model_base").exists()
+    assert rounds.reference_files(base) == set()  # no fusion.json: nothing checked
 
 
 WORDS = {"Games > Chess": "knight", "Games > Card Games": "deck", "Outdoor > Kites": "string",

@@ -302,6 +302,7 @@ def _reference(s: Any, anchor: Anchor, featurizer: fusion.Featurizer, classes: l
     placed[torch.tensor(order)] = torch.cat(vectors)
     anchor.reference = placed.to(torch.float16)
     anchor.reference_labels = torch.tensor(targets, dtype=torch.long)
+    anchor.reference_keys = torch.tensor([fusion.row_key(r.id) for r in kept], dtype=torch.long)
     say(s.accelerator, f"reference rows: {len(kept)} read for the answers' confidence"
                        + (f" ({dropped} left out: training or dev rows, or another category)" if dropped else "")
                        + f" in {time.perf_counter() - started:.1f} s")

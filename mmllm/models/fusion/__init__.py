@@ -7,7 +7,8 @@ TF-IDF + logistic-regression member), ``vote`` (how each attribute head's member
 ``model`` (the config, the model, its save / load, predictor and collator).
 """
 
-from mmllm.models.fusion.encoders import AttributeEncoder, Encoders, FeatureCache, FeatureSettings, Featurizer
+from mmllm.models.fusion.encoders import (AttributeEncoder, Encoders, FeatureCache, FeatureSettings, Featurizer,
+                                         row_key)
 from mmllm.models.fusion.features import attribute_tokens, category_name, lexical_features
 from mmllm.models.fusion.layers import FUSIONS, AttentionFusion, CoAttentionFusion, ConcatFusion
 from mmllm.models.fusion.model import (
@@ -26,5 +27,5 @@ __all__ = [
     "FUSIONS", "FUSION_CONFIG", "FUSION_FILE", "MODALITIES",
     "AttentionFusion", "AttributeEncoder", "CoAttentionFusion", "ConcatFusion", "Encoders", "FeatureCache",
     "FeatureSettings", "Featurizer", "FusionCollator", "FusionConfig", "FusionModel", "FusionPredictor",
-    "attribute_tokens", "category_name", "lexical_features", "load_fusion", "value_name_vectors",
+    "attribute_tokens", "category_name", "lexical_features", "load_fusion", "row_key", "value_name_vectors",
 ]

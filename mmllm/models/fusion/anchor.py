@@ -351,6 +351,8 @@ class Anchor(nn.Module):
         self.register_buffer("reference", torch.zeros(reference_rows, len(self.views) * dim, dtype=torch.float16)
                              if reference_rows else None)
         self.register_buffer("reference_labels", torch.zeros(reference_rows, dtype=torch.long) if reference_rows else None)
+        # each reference row's id (encoders.row_key): a listing that is itself a reference row is not its own neighbour
+        self.register_buffer("reference_keys", torch.zeros(reference_rows, dtype=torch.long) if reference_rows else None)
 
     @staticmethod
     def row_vectors(views: dict[str, tuple[torch.Tensor, torch.Tensor]], names: Sequence[str]) -> torch.Tensor:
@@ -417,19 +419,27 @@ class Anchor(nn.Module):
         return torch.log(mean.clamp_min(1e-12)).to(head_logits.dtype)
 
     def check(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]],
-              extra: Sequence[torch.Tensor] = ()) -> torch.Tensor | None:
+              extra: Sequence[torch.Tensor] = (), keys: torch.Tensor | None = None) -> torch.Tensor | None:
         """The same mixture as :meth:`mix`, its neighbours found among the training memory AND the reference
         rows: the distribution each answer's confidence is read from (None without reference rows).
 
         Why apart from the answer: the reference rows are labelled another way (a catalog's title-level rows,
         skewed towards a few categories); voting on the answer they cost accuracy (measured: 0.692 -> 0.651),
         but an answer that the nearest of many more labelled rows do not support is the one to send to a
-        reviewer (benchmarks/RESULTS.md, "Human review")."""
+        reviewer (benchmarks/RESULTS.md, "Human review"). ``keys`` [B]: the rows' ids (``encoders.row_key``);
+        a row that is itself a reference row does not find itself there (labelling the reference catalog:
+        its own label would vouch for its answer)."""
         if self.reference is None or not self.memory.shape[0] or "neighbours" not in self.cfg.members:
             return None
         memory = torch.cat([self.memory, self.reference.to(self.memory.dtype)])
         labels = torch.cat([self.memory_labels, self.reference_labels])
-        nearest = self.nearest(self.row_vectors(views, self.views), memory=memory)
+        exclude = None
+        if keys is not None and self.reference_keys is not None:
+            itself = keys.to(self.reference_keys.device)[:, None] == self.reference_keys[None, :]  # [B, R]
+            if itself.any():
+                exclude = torch.cat([torch.zeros(len(keys), self.memory.shape[0], dtype=torch.bool,
+                                                 device=itself.device), itself], 1)
+        nearest = self.nearest(self.row_vectors(views, self.views), exclude, memory=memory)
         members = self.members(head_logits, views, nearest, labels)
         mean = torch.stack([*members.values(), *(e.float() for e in extra)]).mean(0)
         return torch.log(mean.clamp_min(1e-12)).to(head_logits.dtype)

@@ -220,6 +220,11 @@ class FeatureCache:
             os.replace(tmp, path)
 
 
+def row_key(listing_id: Any) -> int:
+    """A listing id as a stable 60-bit number (a tensor can carry it through a batch)."""
+    return int(hashlib.sha256(str(listing_id).encode()).hexdigest()[:15], 16)
+
+
 def _key(encoder_id: str, content: str) -> str:
     return hashlib.sha256(f"{encoder_id}\0{content}".encode()).hexdigest()
 
@@ -260,6 +265,8 @@ class Featurizer:
                 for i, (a, w) in enumerate(bags):
                     ids[i, : len(a)], weights[i, : len(w)] = a, w
                 batch.update(lexical_ids=ids, lexical_weights=weights)
+        if members:  # each listing's id as a number: a reference row never checks itself (Anchor.check)
+            batch["row_key"] = torch.tensor([row_key(r.id) for r in listings], dtype=torch.long)
         if self.lexicon is not None and members:  # remembered rows: their TF-IDF rows are kept too
             rows = [self._lexicon_row(r) for r in listings] if self.remember_rows else None
             batch["lexicon_ids"], batch["lexicon_weights"] = self.lexicon.batch(listings, rows)

@@ -288,7 +288,7 @@ class FusionModel(nn.Module):
         check = None
         if self.anchor is not None and views:
             extra = [lexical.pop("category")] if "category" in lexical else []
-            check = self.anchor.check(logits["category"], views, extra)  # None without reference rows
+            check = self.anchor.check(logits["category"], views, extra, batch.get("row_key"))  # None without reference rows
             logits["category"] = self.anchor.mix(logits["category"], views, extra, nearest)
         neighbours = {}
         if nearest is not None and "neighbours" in self.vote_members:
