@@ -432,6 +432,17 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     assert [r["confidence"] for r in predictor.predict(some, ImagePolicy(root=ROOT))] == [
         round(float(c), 6) for c in kept]
     assert (seen - kept).abs().max() > 1e-3  # its own label would have vouched for its answer
+    # a folder written before the reference rows' ids were kept (2026-12-06) still loads; no row leaves itself out
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    state = load_file(str(older / "fusion.safetensors"))
+    del state["anchor.reference_keys"]
+    save_file(state, str(older / "fusion.safetensors"))
+    assert [r["confidence"] for r in load_model_dir(older, device="cpu").predict(some, ImagePolicy(root=ROOT))] == [
+        round(float(c), 6) for c in seen]
     # a rerun with the same data, tuning settings and seed (another head setting, another folder): read, not tuned
     capsys.readouterr()
     second = tmp_path / "second"
@@ -444,6 +455,12 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     reread = load_model_dir(second, device="cpu")
     assert fingerprint(getattr(reread, "inner", reread).featurizer.encoders.text) == fingerprint(
         inner.featurizer.encoders.text)
+    # only the neighbours read the reference rows: without them the run says so and keeps none
+    third = tmp_path / "third"
+    finetune(load_recipe_config(ROOT / "finetune" / "fusion_minilm_cpu.yaml",
+                                [f"train.output_dir={third}", *settings, "anchor.members=[heads,names]"]))
+    assert "anchor.reference: not read (anchor.members has no neighbours" in capsys.readouterr().out
+    assert json.loads((third / "fusion.json").read_text())["anchor"]["reference_size"] == 0
 
 
 def test_two_runs_sharing_the_cache_publish_one_entry_and_a_stopped_write_leaves_none(tmp_path):

@@ -234,7 +234,7 @@ def test_train_save_load_in_new_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_loaded_folder_reads_as_many_photos_as_training_did(tmp_path, tiny_vit):
+def test_a_loaded_folder_reads_as_many_photos_as_training_did(tmp_path, tiny_vit, capsys):
     """model.max_images=1: load_fusion read 4 photos a listing whatever the recipe had trained (and fitted
     calibration and grounding) on."""
     from PIL import Image
@@ -256,6 +256,8 @@ def test_a_loaded_folder_reads_as_many_photos_as_training_did(tmp_path, tiny_vit
         f"data.train={train}", f"data.dev={dev}", f"data.schema={tmp_path / 'data' / 'schema.yaml'}",
         f"train.output_dir={out}", f"fusion.image_encoder={tiny_vit}", "model.max_images=1", "train.epochs=2",
         "anchor.epochs=0", "lexicon.enabled=false", "vote.weights=equal", "fusion.max_text_tokens=32"]))
+    # the default recipe's reference rows need the anchor's neighbours: without an anchor, said, not read
+    assert "anchor.reference: not read (no anchor: anchor.epochs is 0" in capsys.readouterr().out
     predictor = load_model_dir(out, device="cpu", grounded=False)
     assert predictor.max_images == 1
     from mmllm.catalog import load_listings

@@ -122,9 +122,14 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
                            f"in {time.perf_counter() - started:.1f} s on {s.accelerator.device}")
     if anchor is not None:
         _remember(anchor, featurizer, memory_rows, fc.encode_batch, specs, s.schema)
-        if cfg.anchor.reference:
+        if cfg.anchor.reference and "neighbours" in cfg.anchor.members:
             _reference(s, anchor, fusion.Featurizer(encoders, fc, fusion.FeatureCache(cache.folder) if cache else None),
                        specs[0].classes, cfg)
+    if cfg.anchor.reference and (anchor is None or "neighbours" not in cfg.anchor.members):
+        why = ("anchor.members has no neighbours" if anchor is not None else
+               "no anchor: anchor.epochs is 0" if not cfg.anchor.epochs else "no anchor: the recipe reads no text")
+        say(s.accelerator, f"anchor.reference: not read ({why}; only the neighbours read the reference rows): "
+                           "the answers' confidence is their own probability")
     if cfg.lexicon.enabled:
         model.lexicon = _lexicon(s, specs, featurizer, cfg)
     model.vote_members = list(cfg.vote.members)

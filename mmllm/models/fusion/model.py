@@ -392,7 +392,10 @@ def load_fusion(folder: str | Path, schema: LabelSchema, device: str | None = No
         vectorizer = Vectorizer.from_dict(_read_json(folder / LEXICON_FILE))
     model = FusionModel(cfg, specs, config["text_dim"], config["image_dim"], anchor=anchor, lexicon=lexicon,
                         value_vectors=dict.fromkeys(config.get("value_prior_heads", ())))  # none before the prior
-    model.load_state_dict(load_file(str(folder / FUSION_FILE)))
+    state = load_file(str(folder / FUSION_FILE))
+    if "anchor.reference" in state and "anchor.reference_keys" not in state:  # written before the keys (2026-12-06)
+        state["anchor.reference_keys"] = torch.full((state["anchor.reference"].shape[0],), -1, dtype=torch.long)
+    model.load_state_dict(state)
     model.temperature = float(config["temperature"])
     model.check_temperature = float(config.get("check_temperature", 1.0))
     vote = config.get("vote") or {}  # folders from before the per-head weights: the equal-weight mean
