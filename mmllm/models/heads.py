@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -250,17 +250,7 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, steps: int = 100
     if keep.sum() < 2:
         return 1.0
     logits, target = logits[keep].detach().float(), target[keep]
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), target)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return _fitted_temperature(lambda t: nn.functional.cross_entropy(logits / t, target), steps)
 
 
 def fit_answer_temperature(logits: torch.Tensor, answers: torch.Tensor, target: torch.Tensor, steps: int = 100) -> float:
@@ -274,15 +264,24 @@ def fit_answer_temperature(logits: torch.Tensor, answers: torch.Tensor, target: 
         return 1.0
     logits, answers = logits[keep].detach().float(), answers[keep]
     right = (answers == target[keep]).float()
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits / t, -1).gather(1, answers[:, None])[:, 0].clamp(1e-6, 1 - 1e-6)
+        return nn.functional.binary_cross_entropy(p, right)
+
+    return _fitted_temperature(loss, steps)
+
+
+def _fitted_temperature(loss: Callable[[torch.Tensor], torch.Tensor], steps: int) -> float:
+    """The temperature T minimizing ``loss(T)``, by L-BFGS on log T from T = 1, clamped to [0.05, 20]."""
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        p = torch.softmax(logits / log_t.exp(), -1).gather(1, answers[:, None])[:, 0].clamp(1e-6, 1 - 1e-6)
-        loss = nn.functional.binary_cross_entropy(p, right)
-        loss.backward()
-        return loss
+        value = loss(log_t.exp())
+        value.backward()
+        return value
 
     optimizer.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))

@@ -270,7 +270,7 @@ def _remember(anchor: Anchor, featurizer: fusion.Featurizer, rows: list[Any], ba
 def _reference(s: Any, anchor: Anchor, featurizer: fusion.Featurizer, classes: list[str],
                cfg: FusionRecipeConfig) -> None:
     """The reference rows of ``anchor.reference`` (:meth:`Anchor.check`): read like training rows (bad rows and
-    categories outside the schema reported and skipped), less any row that is a training or dev row (by id or
+    categories outside the schema reported and skipped; none usable, said), less any row that is a training or dev row (by id or
     title: a dev row checking itself would make the dev confidence a lie), a class-stratified sample past
     ``anchor.memory_rows``, their tuned vectors put in the anchor. ``featurizer`` has a cache of its own: the
     rows' token features are written to the shared cache folder, not kept in memory."""
@@ -283,10 +283,13 @@ def _reference(s: Any, anchor: Anchor, featurizer: fusion.Featurizer, classes: l
         return
     known = {r.id for r in (*s.train_rows, *s.dev_rows)}
     titles = {_normal_title(r.title) for r in (*s.train_rows, *s.dev_rows)}
-    index = {c: i for i, c in enumerate(classes)}
-    kept = [r for r in rows if r.id not in known and _normal_title(r.title) not in titles
-            and s.schema.canonical_category(str((r.label or {}).get("category") or "")) in index]
+    kept = [r for r in rows if r.id not in known and _normal_title(r.title) not in titles]
     dropped = len(rows) - len(kept)
+    if not kept:  # every row is a training or dev row: nothing to check against
+        say(s.accelerator, f"anchor.reference: none of its {len(rows)} rows is usable (all are training or dev rows); "
+                           "the answers' confidence is their own probability")
+        return
+    index = {c: i for i, c in enumerate(classes)}  # load_training_rows kept only rows of the schema's categories
     targets = [index[s.schema.canonical_category(str(r.label["category"]))] for r in kept]
     sample = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
     kept, targets = [kept[i] for i in sample], [targets[i] for i in sample]
@@ -298,18 +301,13 @@ def _reference(s: Any, anchor: Anchor, featurizer: fusion.Featurizer, classes: l
             part = [kept[i] for i in order[start:start + cfg.fusion.encode_batch]]
             vectors.append(_row_vectors(anchor, featurizer, part, len(part)))
             progress.update(len(part))
-    if not kept:  # another catalog's rows (the default recipe's, under a schema of the user's own): nothing to check
-        say(s.accelerator, f"anchor.reference: none of its {len(rows)} rows is usable ({dropped} are training or dev "
-                           f"rows, or of a category outside schema '{s.schema.name}'); the answers' confidence is "
-                           "their own probability")
-        return
     placed = torch.empty(len(kept), anchor.memory.shape[1])  # back in the rows' order
     placed[torch.tensor(order)] = torch.cat(vectors)
     anchor.reference = placed.to(torch.float16)
     anchor.reference_labels = torch.tensor(targets, dtype=torch.long)
     anchor.reference_keys = torch.tensor([fusion.row_key(r.id) for r in kept], dtype=torch.long)
     say(s.accelerator, f"reference rows: {len(kept)} read for the answers' confidence"
-                       + (f" ({dropped} left out: training or dev rows, or another category)" if dropped else "")
+                       + (f" ({dropped} left out: training or dev rows)" if dropped else "")
                        + f" in {time.perf_counter() - started:.1f} s")
 
 

@@ -410,11 +410,11 @@ class Anchor(nn.Module):
         return out
 
     def mix(self, head_logits: torch.Tensor, views: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            extra: Sequence[torch.Tensor] = (), nearest: tuple[torch.Tensor, torch.Tensor] | None = None
-            ) -> torch.Tensor:
+            extra: Sequence[torch.Tensor] = (), nearest: tuple[torch.Tensor, torch.Tensor] | None = None,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
         """Log of the mean of the members' distributions (and of ``extra`` ones: the lexical member's):
-        the category logits at prediction."""
-        members = self.members(head_logits, views, nearest)
+        the category logits at prediction (``nearest`` / ``labels``: as :meth:`members` takes them)."""
+        members = self.members(head_logits, views, nearest, labels)
         mean = torch.stack([*members.values(), *(e.float() for e in extra)]).mean(0)
         return torch.log(mean.clamp_min(1e-12)).to(head_logits.dtype)
 
@@ -440,9 +440,7 @@ class Anchor(nn.Module):
                 exclude = torch.cat([torch.zeros(len(keys), self.memory.shape[0], dtype=torch.bool,
                                                  device=itself.device), itself], 1)
         nearest = self.nearest(self.row_vectors(views, self.views), exclude, memory=memory)
-        members = self.members(head_logits, views, nearest, labels)
-        mean = torch.stack([*members.values(), *(e.float() for e in extra)]).mean(0)
-        return torch.log(mean.clamp_min(1e-12)).to(head_logits.dtype)
+        return self.mix(head_logits, views, extra, nearest, labels)
 
     def settings(self) -> dict[str, Any]:
         """What a loaded model needs to rebuild the module before its weights load."""
