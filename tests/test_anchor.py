@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmllm.models import fusion
-from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, fingerprint, lr_factor, memory_sample,
-                                        native_bf16, tune_encoder, tuned_store, tuning_precision)
+from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, class_starts, fingerprint, lr_factor,
+                                        memory_sample, native_bf16, tune_encoder, tuned_store, tuning_precision)
 
 from helpers import ROOT
 
@@ -56,6 +56,73 @@ def test_tuning_learns_the_rows_and_keeps_an_unseen_category_at_its_name(minilm)
     # deterministic for a seed
     again, _ = tune_encoder(copy.deepcopy(minilm), titles, targets, names, cfg, seed=0)
     assert torch.allclose(again, vectors, atol=1e-5)
+
+
+# titles a reader of the names places at once: four a category, the fifth category has none
+PLAIN = [("Ravensburger jigsaw puzzle, 1000 pieces", 0), ("Wooden jigsaw for children, 24 pieces", 0),
+         ("Jigsaw puzzle of a map of the world", 0), ("3D jigsaw puzzle globe", 0),
+         ("Monopoly board game, classic edition", 1), ("Chess and draughts board game set", 1),
+         ("Scrabble word board game", 1), ("Cluedo mystery board game", 1),
+         ("Stunt kite with 30 m line", 2), ("Rainbow octopus kite for the beach", 2),
+         ("Delta kite for children", 2), ("Box kite, ripstop nylon", 2),
+         ("Felt tip pens, 24 washable colours", 3), ("Fine liner markers for colouring", 3),
+         ("Colouring pens set in a tin", 3), ("Brush markers, bright shades", 3)]
+
+
+def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monkeypatch):
+    """anchor.start: auto keeps the names where they place the training titles better than chance (answers
+    independent of the category; 3 standard errors), and imprints where the taxonomy is codes: each class vector starts at
+    the mean of its titles' vectors, a category without rows at its name. The tuning starts where it is told,
+    and the tuning cache keeps the starts apart (names keeps the key it had before the setting)."""
+    names = [fusion.category_name(c) for c in CLASSES] + [fusion.category_name("Dolls & Accessories > Doll Houses")]
+    codes = ["C117", "C342", "C205", "C968", "C451"]
+    titles, targets = [t for t, _ in PLAIN], [y for _, y in PLAIN]
+    frozen_names, frozen_codes = minilm.sentence_vectors(names), minilm.sentence_vectors(codes)
+    frozen_titles = torch.nn.functional.normalize(minilm.sentence_vectors(titles), dim=-1)
+
+    start, line = class_starts(minilm, titles, targets, names, AnchorConfig(start="auto"))
+    assert line.startswith("the category names (the names alone place") and "above" in line and "not above" not in line
+    assert torch.allclose(start, torch.nn.functional.normalize(frozen_names, dim=-1), atol=1e-5)
+    start, line = class_starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))
+    assert line.startswith("the mean of each category's training titles (imprinted, 1 without rows at their names; "
+                           "the names alone place 0.")
+    assert "not above" in line and not minilm.text.training
+    for k in range(4):
+        mean = torch.nn.functional.normalize(frozen_titles[4 * k:4 * k + 4].mean(0), dim=0)
+        assert torch.allclose(start[k], mean, atol=1e-4)
+    assert torch.allclose(start[4], torch.nn.functional.normalize(frozen_codes[4], dim=-1), atol=1e-5)
+    # forced either way
+    forced, line = class_starts(minilm, titles, targets, names, AnchorConfig(start="imprint"))
+    assert torch.allclose(forced[:4], start[:4], atol=1e-5) and line.endswith("(imprinted, 1 without rows at their names)")
+    plain, line = class_starts(minilm, titles, targets, codes, AnchorConfig(start="names"))
+    assert line == "the category names" and torch.allclose(plain, torch.nn.functional.normalize(frozen_codes, dim=-1),
+                                                           atol=1e-5)
+    # on a large catalog a seeded sample is read: CHECK_ROWS titles for the check, IMPRINT_ROWS a category
+    import random
+
+    from mmllm.models.fusion import anchor as anchor_module
+
+    monkeypatch.setattr(anchor_module, "CHECK_ROWS", 8)
+    monkeypatch.setattr(anchor_module, "IMPRINT_ROWS", 2)
+    capped, line = class_starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))
+    assert "of 8 training titles" in line
+    order = list(range(len(titles)))
+    random.Random(0).shuffle(order)
+    for k in range(4):
+        two = [i for i in order if targets[i] == k][:2]
+        assert torch.allclose(capped[k], torch.nn.functional.normalize(frozen_titles[two].sum(0), dim=0), atol=1e-4)
+    monkeypatch.undo()
+    # the tuning starts there: with a class learning rate of ~0 the imprinted vectors stay where they began
+    import copy
+
+    cfg = AnchorConfig(epochs=1, lr=1e-9, class_lr=1e-9, batch_size=8, start="imprint")
+    vectors, _ = tune_encoder(copy.deepcopy(minilm), titles, targets, codes, cfg, seed=0, start=start)
+    assert torch.allclose(vectors, start, atol=1e-4)
+    key = lambda **kw: tuned_store(ROOT, "minilm", titles, targets, codes, AnchorConfig(epochs=2, **kw), 0)
+    assert len({key(start="names"), key(start="auto"), key(start="imprint")}) == 3
+    assert key(start="names") == key(start="names")
+    with pytest.raises(ValueError, match="anchor.start must be names, imprint or auto"):
+        AnchorConfig(start="prototypes")
 
 
 def test_bf16_tuning_learns_the_rows_with_float32_weights_and_keys_apart(minilm):
@@ -345,7 +412,8 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
     first = capsys.readouterr().out
     train_rows = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/train.jsonl")))
     assert f"reference rows: {len(train_rows) - 48} read for the answers' confidence (48 left out" in first
-    assert "text encoder tuned on 48 titles x 2 epochs" in first and "lexical member fitted" in first
+    assert "text encoder tuned on 48 titles x 2 epochs, the class vectors starting at the category names (the " \
+           "names alone place" in first and "lexical member fitted" in first
     assert "vote: choosing the weights of heads, lexicon, neighbours on" in first
     assert not (out / "vote_holdout").exists()  # the side fit leaves nothing in the folder
     stores = [p for p in (tmp_path / "cache" / "tuned").iterdir()]

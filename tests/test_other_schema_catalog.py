@@ -83,3 +83,25 @@ def test_the_default_source_is_the_projects_own_gzipped_copy(tmp_path):
     assert "wrote 8173 rows" in done.stdout and "15 categories, 2535 with a brand (44 brands)" in done.stdout
     first = json.loads((tmp_path / "R.jsonl").read_text().splitlines()[0])
     assert " > " not in first["label"]["category"] and not {"brand", "price_gbp"} & set(first["attributes"])
+
+
+def test_codes_rename_every_category_and_keep_the_rest(tmp_path):
+    """--kind codes: one code per category, the same on every run, rows and attribute labels untouched; the
+    default source is the 863 listings of the example catalog."""
+    other = _module()
+    rows = [{"id": "a", "title": "Kite", "label": {"category": "Sports > Kites", "attributes": {"min_age_years": 6}}},
+            {"id": "b", "title": "Chess", "label": {"category": "Games > Chess"}},
+            {"id": "c", "title": "Box kite", "label": {"category": "Sports > Kites"}}]
+    out = other.recode(rows)
+    codes = [r["label"]["category"] for r in out]
+    assert codes[0] == codes[2] != codes[1] and all(c.startswith("C") and c[1:].isdigit() for c in codes)
+    assert other.recode(rows) == out and rows[0]["label"]["category"] == "Sports > Kites"
+    assert [{k: v for k, v in r.items() if k != "label"} for r in out] == [
+        {k: v for k, v in r.items() if k != "label"} for r in rows]
+    assert out[0]["label"]["attributes"] == {"min_age_years": 6}
+    script = [sys.executable, str(ROOT / "benchmarks" / "other_schema_catalog.py"), "--kind", "codes"]
+    done = subprocess.run([*script, "--out", str(tmp_path / "codes.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 863 rows" in done.stdout and "151 categories renamed to codes (C100, C101, C102" in done.stdout
+    written = [json.loads(line) for line in (tmp_path / "codes.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len({r["label"]["category"] for r in written}) == 151

@@ -29,8 +29,8 @@ from mmllm.config import help_field
 from mmllm.grounding import GroundingConfig
 from mmllm.models import fusion, heads
 from mmllm.models.fusion import FusionConfig
-from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, fingerprint, memory_sample, save_tuned,
-                                        tune_encoder, tuned_store, tuning_precision)
+from mmllm.models.fusion.anchor import (Anchor, AnchorConfig, TuningTask, class_starts, fingerprint, memory_sample,
+                                        save_tuned, tune_encoder, tuned_store, tuning_precision)
 from mmllm.models.fusion.lexicon import (Lexicon, LexiconConfig, Vectorizer, fit_lexicon, lexicon_store, load_lexicon,
                                          save_lexicon)
 from mmllm.models.fusion.vote import VoteConfig, VoteFit, choose, holdout_split
@@ -187,8 +187,10 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     else:
         with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
                       enabled=s.accelerator.is_main_process) as progress:
-            vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress, tasks)
-        how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs"
+            start, starts_at = class_starts(encoders, titles, targets, names, cfg.anchor)
+            vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress, tasks,
+                                          start=start)
+        how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs, the class vectors starting at {starts_at}"
         if tuning_precision(cfg.anchor, next(encoders.text.parameters()).device) == "bfloat16":
             how += " (forward passes in bf16)"
         if tasks:
