@@ -71,7 +71,8 @@ PLAIN = [("Ravensburger jigsaw puzzle, 1000 pieces", 0), ("Wooden jigsaw for chi
 
 def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monkeypatch):
     """anchor.start: auto keeps the names where they place the training titles better than chance (answers
-    independent of the category; 3 standard errors), and imprints where the taxonomy is codes: each class vector starts at
+    independent of the category; 3 standard errors), and imprints where the taxonomy is codes and the titles
+    tell the categories apart (not where they are SKUs): each class vector starts at
     the mean of its titles' vectors, a category without rows at its name. The tuning starts where it is told,
     and the tuning cache keeps the starts apart (names keeps the key it had before the setting)."""
     names = [fusion.category_name(c) for c in CLASSES] + [fusion.category_name("Dolls & Accessories > Doll Houses")]
@@ -91,6 +92,15 @@ def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monke
         mean = torch.nn.functional.normalize(frozen_titles[4 * k:4 * k + 4].mean(0), dim=0)
         assert torch.allclose(start[k], mean, atol=1e-4)
     assert torch.allclose(start[4], torch.nn.functional.normalize(frozen_codes[4], dim=-1), atol=1e-5)
+    assert "their titles' own means (each title left out) place 1.000" in line  # the codes' titles do say it
+    # titles that are SKUs say nothing either: nothing to imprint, the names stay
+    skus = [f"SKU-{n:08X}" for n in (0x3F9A21C0, 0x11B2C3D4, 0x9E8D7C6B, 0x5A4B3C2D, 0x77E1F0A9, 0x0C0FFEE0,
+                                     0x2B3C4D5E, 0x6F7A8B9C, 0x13572468, 0x86420975, 0xABCDEF01, 0x10FEDCBA,
+                                     0x55AA55AA, 0x0F1E2D3C, 0x4B5A6978, 0xC3D2E1F0)]
+    kept, line = class_starts(minilm, skus, targets, codes, AnchorConfig(start="auto"))
+    assert line.startswith("the category names (the names alone place") and line.endswith(")")
+    assert "their titles' own means (each title left out) place" in line and line.count("not above") == 2
+    assert torch.allclose(kept, torch.nn.functional.normalize(frozen_codes, dim=-1), atol=1e-5)
     # forced either way
     forced, line = class_starts(minilm, titles, targets, names, AnchorConfig(start="imprint"))
     assert torch.allclose(forced[:4], start[:4], atol=1e-5) and line.endswith("(imprinted, 1 without rows at their names)")
@@ -104,8 +114,8 @@ def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monke
 
     monkeypatch.setattr(anchor_module, "CHECK_ROWS", 8)
     monkeypatch.setattr(anchor_module, "IMPRINT_ROWS", 2)
-    capped, line = class_starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))
-    assert "of 8 training titles" in line
+    assert "of 8 training titles" in class_starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))[1]
+    capped, _ = class_starts(minilm, titles, targets, codes, AnchorConfig(start="imprint"))
     order = list(range(len(titles)))
     random.Random(0).shuffle(order)
     for k in range(4):

@@ -79,7 +79,8 @@ class AnchorConfig:
         "auto", "where the class vectors start: names = the encoder's embedding of each category's name; imprint = "
                 "the mean of the category's training titles (weight imprinting), for a taxonomy whose names are "
                 "codes; auto = names when the names alone place the training titles better than chance (answers "
-                "independent of the category) by 3 standard errors, else imprint. A category with no training row starts at its "
+                "independent of the category) by 3 standard errors, else imprint where the titles' own means do "
+                "(not for SKUs), else names. A category with no training row starts at its "
                 "name either way")
     attribute_weight: float = help_field(0.0, "weight of the enum attributes in the tuning loss: each is one more "
                                               "cosine classifier over its values, whose vectors start at the value "
@@ -194,8 +195,11 @@ def class_starts(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     categories of the share of titles in it times the share of answers naming it: Cohen's kappa's chance
     agreement); names that do not beat it by 3 standard errors carry no usable meaning. Not the share of the
     commonest category: on a skewed catalog meaningful names can fall below it (0.287 against 0.310 on 1,000
-    rows of one), while answers independent of the category cannot beat chance. A category with no training
-    row keeps its name."""
+    rows of one), while answers independent of the category cannot beat chance. Names that fail are replaced
+    only where the titles themselves tell the categories apart (each checked title's nearest category mean,
+    itself left out, beats chance the same way): titles that are SKUs ("SKU-3F9A21C0") embed alike, their
+    means say nothing, and imprinting them cost 9 points on such a catalog (benchmarks/RESULTS.md, "A
+    taxonomy of codes"), so the names stay. A category with no training row keeps its name."""
     def embed(texts: Sequence[str], tokens: int) -> torch.Tensor:
         was_training = encoders.text.training
         encoders.text.eval()
@@ -222,14 +226,29 @@ def class_starts(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     if cfg.start == "auto":
         checked = order[:CHECK_ROWS]
         y = torch.tensor([targets[i] for i in checked], dtype=torch.long, device=names.device)
-        answers = (read(checked) @ names.T).argmax(-1)
-        zero_shot = float(answers.eq(y).float().mean())
-        shares = [torch.bincount(v, minlength=len(class_names)).float() / len(y) for v in (y, answers)]
-        chance = float((shares[0] * shares[1]).sum())  # answers independent of the category, with these shares
-        bar = chance + 3 * math.sqrt(chance * (1 - chance) / len(y))
-        why = (f"the names alone place {zero_shot:.3f} of {len(y)} training titles, {chance:.3f} by chance: "
-               f"{'above' if zero_shot > bar else 'not above'} {bar:.3f}")
-        if zero_shot > bar:
+        z = read(checked)
+
+        def beyond_chance(answers: torch.Tensor, what: str) -> tuple[bool, str]:
+            right = float(answers.eq(y).float().mean())
+            shares = [torch.bincount(v, minlength=len(class_names)).float() / len(y) for v in (y, answers)]
+            chance = float((shares[0] * shares[1]).sum())  # answers independent of the category, these shares
+            bar = chance + 3 * math.sqrt(chance * (1 - chance) / len(y))
+            return right > bar, (f"{what} place {right:.3f} of {len(y)} training titles, {chance:.3f} by chance: "
+                                 f"{'above' if right > bar else 'not above'} {bar:.3f}")
+
+        meaningful, why = beyond_chance((z @ names.T).argmax(-1), "the names alone")
+        if meaningful:
+            return names, f"the category names ({why})"
+        # the titles' own means, each title left out of its category's: a title that says nothing (a SKU) leaves
+        # nothing to imprint, and the names are kept (they at least mean something to the names member)
+        sums = torch.zeros_like(names).index_add_(0, y, z)
+        own = torch.nn.functional.one_hot(y, len(class_names)).bool()
+        dots = z @ sums.T - own.float()  # z . (S_c - z) for its own category: |z| = 1
+        norms = (sums.pow(2).sum(-1)[None, :] - 2 * (z @ sums.T) * own + own.float()).clamp_min(0).sqrt()
+        cosines = torch.where(norms > 1e-6, dots / norms.clamp_min(1e-6), torch.full_like(dots, -2.0))
+        informative, title_why = beyond_chance(cosines.argmax(-1), "their titles' own means (each title left out)")
+        why = f"{why}; {title_why}"
+        if not informative:
             return names, f"the category names ({why})"
     taken: dict[int, list[int]] = {}
     for i in order:
