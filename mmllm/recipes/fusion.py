@@ -185,9 +185,9 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
         saved = load_file(str(stored / "anchor.safetensors"))
         vectors, scale, how = saved["class_vectors"], float(saved["scale"]), "read from the tuning cache"
     else:
+        start, starts_at = class_starts(encoders, titles, targets, names, cfg.anchor)
         with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
                       enabled=s.accelerator.is_main_process) as progress:
-            start, starts_at = class_starts(encoders, titles, targets, names, cfg.anchor)
             vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress, tasks,
                                           start=start)
         how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs, the class vectors starting at {starts_at}"

@@ -159,6 +159,18 @@ def _embed(encoders: Any, texts: Sequence[str], max_tokens: int) -> torch.Tensor
     return nn.functional.normalize(pool(tokens, enc["attention_mask"], "mean"), dim=-1)
 
 
+def _embed_frozen(encoders: Any, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
+    """``_embed`` in batches of 64, without gradients and with the encoder in eval mode (its mode restored):
+    the vectors a tuning starts from."""
+    was_training = encoders.text.training
+    encoders.text.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([_embed(encoders, texts[i:i + 64], max_tokens) for i in range(0, len(texts), 64)])
+    finally:
+        encoders.text.train(was_training)
+
+
 @dataclass
 class TuningTask:
     """One more label the tuning learns beside the category (``attribute_weight``): an enum attribute's
@@ -200,16 +212,7 @@ def class_starts(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     itself left out, beats chance the same way): titles that are SKUs ("SKU-3F9A21C0") embed alike, their
     means say nothing, and imprinting them cost 9 points on such a catalog (benchmarks/RESULTS.md, "A
     taxonomy of codes"), so the names stay. A category with no training row keeps its name."""
-    def embed(texts: Sequence[str], tokens: int) -> torch.Tensor:
-        was_training = encoders.text.training
-        encoders.text.eval()
-        try:
-            with torch.no_grad():
-                return torch.cat([_embed(encoders, list(texts[i:i + 64]), tokens).float() for i in range(0, len(texts), 64)])
-        finally:
-            encoders.text.train(was_training)
-
-    names = embed(class_names, 64)
+    names = _embed_frozen(encoders, list(class_names), 64)
     if cfg.start == "names" or not titles:
         return names, "the category names"
     order = list(range(len(titles)))
@@ -219,7 +222,7 @@ def class_starts(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     def read(rows: Sequence[int]) -> torch.Tensor:
         new = sorted({i for i in rows if i not in vectors}, key=lambda i: (len(titles[i]), i))  # less padding
         if new:
-            vectors.update(zip(new, embed([titles[i] for i in new], cfg.max_title_tokens)))
+            vectors.update(zip(new, _embed_frozen(encoders, [titles[i] for i in new], cfg.max_title_tokens)))
         return torch.stack([vectors[i] for i in rows])
 
     why = ""
@@ -242,7 +245,7 @@ def class_starts(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
         # the titles' own means, each title left out of its category's: a title that says nothing (a SKU) leaves
         # nothing to imprint, and the names are kept (they at least mean something to the names member)
         sums = torch.zeros_like(names).index_add_(0, y, z)
-        own = torch.nn.functional.one_hot(y, len(class_names)).bool()
+        own = nn.functional.one_hot(y, len(class_names)).bool()
         dots = z @ sums.T - own.float()  # z . (S_c - z) for its own category: |z| = 1
         norms = (sums.pow(2).sum(-1)[None, :] - 2 * (z @ sums.T) * own + own.float()).clamp_min(0).sqrt()
         cosines = torch.where(norms > 1e-6, dots / norms.clamp_min(1e-6), torch.full_like(dots, -2.0))
@@ -275,14 +278,12 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     torch.manual_seed(seed)
     tasks = trained_tasks(tasks, cfg)
 
-    def start_vectors(names: Sequence[str]) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([_embed(encoders, names[i:i + 64], 64) for i in range(0, len(names), 64)])
-
-    start = start_vectors(class_names) if start is None else start.to(next(text.parameters()).device).float()
+    if start is None:
+        start = _embed_frozen(encoders, list(class_names), 64)
+    start = start.to(next(text.parameters()).device).float()
     vectors = nn.Parameter(start.clone())
     scale = nn.Parameter(torch.tensor(float(cfg.scale), device=start.device))
-    task_vectors = [nn.Parameter(start_vectors(t.value_names).clone()) for t in tasks]
+    task_vectors = [nn.Parameter(_embed_frozen(encoders, list(t.value_names), 64).clone()) for t in tasks]
     task_scales = [nn.Parameter(torch.tensor(float(cfg.scale), device=start.device)) for _ in tasks]
     optimizer = torch.optim.AdamW([{"params": [p for p in text.parameters() if p.requires_grad], "lr": cfg.lr},
                                    {"params": [vectors, scale, *task_vectors, *task_scales], "lr": cfg.class_lr}],
