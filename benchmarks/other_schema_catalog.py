@@ -29,12 +29,18 @@ as a catalog keyed by a taxonomy's ids would label them (the 151 categories in s
 codes C100-C250 in an order shuffled with seed 7). The name-anchored tuning has nothing to read in
 such names; ``anchor.start: auto`` finds that out and starts the class vectors at the categories' titles.
 
+``--kind skus``: the same 863 listings and labels, each title replaced by a SKU ("SKU-" and the first 8 hex
+digits of the SHA-256 of the id, "SKU-60D52AAD"), descriptions and seller tables kept, as an ERP's export
+names its products. The titles say nothing; ``anchor.reads: auto`` finds that out and tunes on title +
+description instead.
+
 The schema is not written here: the benchmark drafts it from the training rows, as ``mmllm schema
 infer`` would.
 
     python benchmarks/other_schema_catalog.py --out /tmp/toys_10k_regrouped.jsonl
     python benchmarks/other_schema_catalog.py --kind age_group --out /tmp/toys_age_groups.jsonl
     python benchmarks/other_schema_catalog.py --kind codes --out /tmp/toys_codes.jsonl
+    python benchmarks/other_schema_catalog.py --kind skus --out /tmp/toys_skus.jsonl
     python benchmarks/versus_bag_of_words.py --catalog /tmp/toys_10k_regrouped.jsonl --seeds 0
 """
 
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import random
@@ -127,6 +134,13 @@ def recode(rows: list[dict]) -> list[dict]:
     return [{**row, "label": {**row["label"], "category": code[str(row["label"]["category"])]}} for row in rows]
 
 
+def sku_titles(rows: list[dict]) -> list[dict]:
+    """The rows with each title replaced by a SKU made from the id ("SKU-" + the first 8 hex digits of its
+    SHA-256, upper case: the same SKU on every machine); everything else as it was."""
+    return [{**row, "title": "SKU-" + hashlib.sha256(str(row["id"]).encode()).hexdigest()[:8].upper()}
+            for row in rows]
+
+
 def regroup(rows: list[dict], min_brand_rows: int) -> list[dict]:
     brands = Counter((r.get("attributes") or {}).get("brand") for r in rows)
     kept = {b for b, n in brands.items() if b and n >= min_brand_rows}
@@ -147,9 +161,10 @@ def regroup(rows: list[dict], min_brand_rows: int) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=("brand_price", "age_group", "codes"), default="brand_price")
+    p.add_argument("--kind", choices=("brand_price", "age_group", "codes", "skus"), default="brand_price")
     p.add_argument("--source", type=Path, nargs="+",
-                   help="default: amazon_uk_toys_10k (brand_price), amazon_uk_toys train + dev (age_group, codes)")
+                   help="default: amazon_uk_toys_10k (brand_price), amazon_uk_toys train + dev (age_group, codes, "
+                        "skus)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--min-brand-rows", type=int, default=30)
     args = p.parse_args()
@@ -161,12 +176,17 @@ def main() -> int:
     except ValueError as exc:
         p.exit(2, f"{p.prog}: error: {exc}\n")
     out = (regroup(rows, args.min_brand_rows) if args.kind == "brand_price" else
-           regroup_ages(rows) if args.kind == "age_group" else recode(rows))
+           regroup_ages(rows) if args.kind == "age_group" else recode(rows) if args.kind == "codes" else
+           sku_titles(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
     counts = Counter(r["label"]["category"] for r in out)
     if unlabelled:
         print(f"left out {unlabelled} rows without a gold category")
+    if args.kind == "skus":
+        print(f"wrote {len(out)} rows to {args.out}: every title a SKU ({out[0]['title'] if out else '-'}, ...), "
+              f"{len(counts)} categories")
+        return 0
     if args.kind == "codes":
         print(f"wrote {len(out)} rows to {args.out}: {len(counts)} categories renamed to codes "
               f"({', '.join(sorted(counts)[:3])}, ...)")

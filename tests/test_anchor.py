@@ -68,6 +68,16 @@ PLAIN = [("Ravensburger jigsaw puzzle, 1000 pieces", 0), ("Wooden jigsaw for chi
          ("Felt tip pens, 24 washable colours", 3), ("Fine liner markers for colouring", 3),
          ("Colouring pens set in a tin", 3), ("Brush markers, bright shades", 3)]
 
+SKUS = [f"SKU-{n:08X}" for n in (0x3F9A21C0, 0x11B2C3D4, 0x9E8D7C6B, 0x5A4B3C2D, 0x77E1F0A9, 0x0C0FFEE0, 0x2B3C4D5E,
+                                 0x6F7A8B9C, 0x13572468, 0x86420975, 0xABCDEF01, 0x10FEDCBA, 0x55AA55AA, 0x0F1E2D3C,
+                                 0x4B5A6978, 0xC3D2E1F0)]
+
+
+def starts(*args, **kwargs):
+    """``class_starts``' vectors and line."""
+    start = class_starts(*args, **kwargs)
+    return start.vectors, start.why
+
 
 def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monkeypatch):
     """anchor.start: auto keeps the names where they place the training titles better than chance (answers
@@ -81,10 +91,10 @@ def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monke
     frozen_names, frozen_codes = minilm.sentence_vectors(names), minilm.sentence_vectors(codes)
     frozen_titles = torch.nn.functional.normalize(minilm.sentence_vectors(titles), dim=-1)
 
-    start, line = class_starts(minilm, titles, targets, names, AnchorConfig(start="auto"))
+    start, line = starts(minilm, titles, targets, names, AnchorConfig(start="auto"))
     assert line.startswith("the category names (the names alone place") and "above" in line and "not above" not in line
     assert torch.allclose(start, torch.nn.functional.normalize(frozen_names, dim=-1), atol=1e-5)
-    start, line = class_starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))
+    start, line = starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))
     assert line.startswith("the mean of each category's training titles (imprinted, 1 without rows at their names; "
                            "the names alone place 0.")
     assert "not above" in line and not minilm.text.training
@@ -94,17 +104,14 @@ def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monke
     assert torch.allclose(start[4], torch.nn.functional.normalize(frozen_codes[4], dim=-1), atol=1e-5)
     assert "their titles' own means (each title left out) place 1.000" in line  # the codes' titles do say it
     # titles that are SKUs say nothing either: nothing to imprint, the names stay
-    skus = [f"SKU-{n:08X}" for n in (0x3F9A21C0, 0x11B2C3D4, 0x9E8D7C6B, 0x5A4B3C2D, 0x77E1F0A9, 0x0C0FFEE0,
-                                     0x2B3C4D5E, 0x6F7A8B9C, 0x13572468, 0x86420975, 0xABCDEF01, 0x10FEDCBA,
-                                     0x55AA55AA, 0x0F1E2D3C, 0x4B5A6978, 0xC3D2E1F0)]
-    kept, line = class_starts(minilm, skus, targets, codes, AnchorConfig(start="auto"))
+    kept, line = starts(minilm, SKUS, targets, codes, AnchorConfig(start="auto"))
     assert line.startswith("the category names (the names alone place") and line.endswith(")")
     assert "their titles' own means (each title left out) place" in line and line.count("not above") == 2
     assert torch.allclose(kept, torch.nn.functional.normalize(frozen_codes, dim=-1), atol=1e-5)
     # forced either way
-    forced, line = class_starts(minilm, titles, targets, names, AnchorConfig(start="imprint"))
+    forced, line = starts(minilm, titles, targets, names, AnchorConfig(start="imprint", reads="title"))
     assert torch.allclose(forced[:4], start[:4], atol=1e-5) and line.endswith("(imprinted, 1 without rows at their names)")
-    plain, line = class_starts(minilm, titles, targets, codes, AnchorConfig(start="names"))
+    plain, line = starts(minilm, titles, targets, codes, AnchorConfig(start="names", reads="title"))
     assert line == "the category names" and torch.allclose(plain, torch.nn.functional.normalize(frozen_codes, dim=-1),
                                                            atol=1e-5)
     # on a large catalog a seeded sample is read: CHECK_ROWS titles for the check, IMPRINT_ROWS a category
@@ -114,8 +121,8 @@ def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monke
 
     monkeypatch.setattr(anchor_module, "CHECK_ROWS", 8)
     monkeypatch.setattr(anchor_module, "IMPRINT_ROWS", 2)
-    assert "of 8 training titles" in class_starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))[1]
-    capped, _ = class_starts(minilm, titles, targets, codes, AnchorConfig(start="imprint"))
+    assert "of 8 training titles" in starts(minilm, titles, targets, codes, AnchorConfig(start="auto"))[1]
+    capped, _ = starts(minilm, titles, targets, codes, AnchorConfig(start="imprint"))
     order = list(range(len(titles)))
     random.Random(0).shuffle(order)
     for k in range(4):
@@ -133,6 +140,43 @@ def test_class_vectors_start_at_meaningful_names_and_imprint_codes(minilm, monke
     assert key(start="names") == key(start="names")
     with pytest.raises(ValueError, match="anchor.start must be names, imprint or auto"):
         AnchorConfig(start="prototypes")
+
+
+def test_titles_that_say_nothing_are_read_with_their_descriptions(minilm):
+    """anchor.reads: auto tunes on the titles unless neither the names nor the titles' own means place them
+    better than chance (SKUs), and title + description do: then on those, with the text view's token limit,
+    and the tuning cache keys them apart (a tuning on the titles keeps its key)."""
+    names = [fusion.category_name(c) for c in CLASSES]
+    plain, targets = [t for t, _ in PLAIN], [y for _, y in PLAIN]
+    texts = [f"{sku}\n{words}" for sku, words in zip(SKUS, plain)]
+    read = class_starts(minilm, SKUS, targets, names, AnchorConfig(), texts=texts, text_tokens=96)
+    assert (read.view, read.max_tokens, read.texts) == ("text", 96, texts)
+    assert read.why.startswith("the category names (the names alone place") and "of 16 training texts" in read.why
+    assert "), read from title + description: the titles say nothing (the names alone place" in read.why
+    assert "their titles' own means (each title left out) place" in read.why
+    assert torch.allclose(read.vectors, torch.nn.functional.normalize(minilm.sentence_vectors(names), dim=-1), atol=1e-5)
+    # titles that say what they are stay what is read; so do SKUs without a description, and any with reads: title
+    for titles, given, cfg in ((plain, [f"{t}\nMore words." for t in plain], AnchorConfig()),
+                               (SKUS, [f"{sku}\n" for sku in SKUS], AnchorConfig()),
+                               (SKUS, texts, AnchorConfig(reads="title"))):
+        kept = class_starts(minilm, titles, targets, names, cfg, texts=given, text_tokens=96)
+        assert (kept.view, kept.max_tokens, kept.texts) == ("title", cfg.max_title_tokens, titles)
+    # forced: the texts, and with a taxonomy of codes their own means imprint
+    codes = ["C117", "C342", "C205", "C968"]
+    forced = class_starts(minilm, plain, targets, codes, AnchorConfig(reads="text"), texts=texts, text_tokens=96)
+    assert (forced.view, forced.texts) == ("text", texts)
+    assert forced.why.startswith("the mean of each category's training texts (imprinted, 0 without rows")
+    frozen = torch.nn.functional.normalize(minilm.sentence_vectors(texts[:4]), dim=-1)
+    assert torch.allclose(forced.vectors[0], torch.nn.functional.normalize(frozen.mean(0), dim=0), atol=1e-4)
+    # the cache: the texts and their limit are the key where they are read
+    key = lambda start: tuned_store(ROOT, "minilm", SKUS, targets, names, AnchorConfig(epochs=2), 0, reads=start)
+    titled = class_starts(minilm, SKUS, targets, names, AnchorConfig(reads="title"), texts=texts, text_tokens=96)
+    assert key(titled) == key(None) != key(read)
+    assert key(read) != tuned_store(ROOT, "minilm", SKUS, targets, names, AnchorConfig(epochs=2), 0,
+                                    reads=class_starts(minilm, SKUS, targets, names, AnchorConfig(), texts=texts,
+                                                       text_tokens=64))
+    with pytest.raises(ValueError, match="anchor.reads must be title, text or auto"):
+        AnchorConfig(reads="description")
 
 
 def test_bf16_tuning_learns_the_rows_with_float32_weights_and_keys_apart(minilm):
@@ -539,6 +583,36 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
                                 [f"train.output_dir={third}", *settings, "anchor.members=[heads,names]"]))
     assert "anchor.reference: not read (anchor.members has no neighbours" in capsys.readouterr().out
     assert json.loads((third / "fusion.json").read_text())["anchor"]["reference_size"] == 0
+
+
+@pytest.mark.slow
+def test_a_catalog_of_sku_titles_is_tuned_on_its_descriptions(tmp_path, capsys):
+    """The default recipe on listings whose titles are SKUs: the tuning reads title + description (the titles
+    say nothing; the descriptions do), the log says so, and a rerun reads that tuning from the cache."""
+    from mmllm.finetune import finetune, load_recipe_config
+
+    rows = [json.loads(line) for line in (ROOT / "examples/amazon_uk_toys/train.jsonl").open(encoding="utf-8")]
+    rows = [r for r in rows if r.get("description")][:60]
+    for i, row in enumerate(rows):
+        row["title"] = f"SKU-{0x3F9A21C0 + 7919 * i:08X}"
+    (tmp_path / "sku.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    settings = [f"data.train={tmp_path / 'sku.jsonl'}", "data.max_train_rows=48", "data.max_dev_rows=12",
+                "train.epochs=1", "train.batch_size=16", "fusion.max_text_tokens=48", "eval.loss_rows=12",
+                "anchor.epochs=1", "grounding.enabled=false", f"fusion.cache_dir={tmp_path / 'cache'}",
+                "anchor.reference=[]", "vote.weights=equal"]
+    config = ROOT / "finetune" / "fusion_minilm_cpu.yaml"
+    finetune(load_recipe_config(config, [f"train.output_dir={tmp_path / 'first'}", *settings]))
+    first = capsys.readouterr().out
+    line = next(x for x in first.splitlines() if x.startswith("text encoder tuned on"))
+    assert line.startswith("text encoder tuned on 48 titles and descriptions x 1 epochs, the class vectors starting at "
+                           "the category names (the names alone place ")
+    assert " of 48 training texts" in line and "read from title + description: the titles say nothing (" in line
+    assert "their titles' own means (each title left out) place" in line and line.count("not above") == 2
+    finetune(load_recipe_config(config, [f"train.output_dir={tmp_path / 'second'}", *settings]))
+    second = capsys.readouterr().out
+    assert "text encoder read from the tuning cache (tuned on 48 titles and descriptions)" in second
+    assert "encoder features: 0 computed" in second  # the same tuned weights, so the same features
+    assert len(list((tmp_path / "cache" / "tuned").iterdir())) == 1
 
 
 def test_two_runs_sharing_the_cache_publish_one_entry_and_a_stopped_write_leaves_none(tmp_path):

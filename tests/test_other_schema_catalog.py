@@ -105,3 +105,24 @@ def test_codes_rename_every_category_and_keep_the_rest(tmp_path):
     assert "wrote 863 rows" in done.stdout and "151 categories renamed to codes (C100, C101, C102" in done.stdout
     written = [json.loads(line) for line in (tmp_path / "codes.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len({r["label"]["category"] for r in written}) == 151
+
+
+def test_skus_replace_every_title_and_keep_the_rest(tmp_path):
+    """--kind skus: each title a SKU made from the id (SHA-256), the same on every run, distinct per id; the
+    descriptions, seller tables and labels untouched; the default source is the 863 listings."""
+    other = _module()
+    rows = [{"id": "03756123c54f2857ac841e94b9679189", "title": "Model street lights", "description": "20 lamps",
+             "attributes": {"brand": "Generic"}, "label": {"category": "Hobbies > Model Trains"}},
+            {"id": "b", "title": "Chess", "label": {"category": "Games > Chess"}}]
+    out = other.sku_titles(rows)
+    assert [r["title"] for r in out] == ["SKU-60D52AAD", "SKU-3E23E816"]
+    assert other.sku_titles(rows) == out and rows[0]["title"] == "Model street lights"
+    assert [{k: v for k, v in r.items() if k != "title"} for r in out] == [
+        {k: v for k, v in r.items() if k != "title"} for r in rows]
+    script = [sys.executable, str(ROOT / "benchmarks" / "other_schema_catalog.py"), "--kind", "skus"]
+    done = subprocess.run([*script, "--out", str(tmp_path / "skus.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 863 rows" in done.stdout and "every title a SKU (SKU-" in done.stdout and "151 categories" in done.stdout
+    written = [json.loads(line) for line in (tmp_path / "skus.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len({r["title"] for r in written}) == 863 and all(r["title"].startswith("SKU-") for r in written)
+    assert sum(bool(r.get("description")) for r in written) > 800

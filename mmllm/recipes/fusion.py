@@ -178,19 +178,27 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     names = [fusion.category_name(c) for c in classes]
     titles = [r.title for r in rows]
     tasks = _tuning_tasks(s.schema, rows, cfg) if cfg.anchor.attribute_weight > 0 else []
+    # what the tuning reads (the titles, or title + description where the titles say nothing) and where its
+    # class vectors start: asked of the frozen encoder before the cache, whose key depends on the answer
+    texts, text_tokens = encoders.view_texts(rows, "text")
+    start = class_starts(encoders, titles, targets, names, cfg.anchor, texts=texts, text_tokens=text_tokens)
+    read = "titles" if start.view == "title" else "titles and descriptions"
     stored = tuned_store(cache_folder, encoders.text_id, titles, targets, names, cfg.anchor, cfg.train.seed, tasks,
-                         device=next(encoders.text.parameters()).device)  # a GPU tunes with another optimizer
-    if stored is not None and stored.is_dir():  # the same titles, categories, settings and seed: tuned before
+                         device=next(encoders.text.parameters()).device,  # a GPU tunes with another optimizer
+                         reads=start)
+    if stored is not None and stored.is_dir():  # the same texts, categories, settings and seed: tuned before
         encoders.text.load_state_dict(load_file(str(stored / "encoder.safetensors")))
         saved = load_file(str(stored / "anchor.safetensors"))
-        vectors, scale, how = saved["class_vectors"], float(saved["scale"]), "read from the tuning cache"
+        vectors, scale = saved["class_vectors"], float(saved["scale"])
+        how = f"read from the tuning cache (tuned on {len(rows)} {read})"
     else:
-        start, starts_at = class_starts(encoders, titles, targets, names, cfg.anchor)
-        with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs, unit="titles",
+        with Progress("tune text encoder", total_rows=len(rows) * cfg.anchor.epochs,
+                      unit="titles" if start.view == "title" else "listings",
                       enabled=s.accelerator.is_main_process) as progress:
-            vectors, scale = tune_encoder(encoders, titles, targets, names, cfg.anchor, cfg.train.seed, progress, tasks,
-                                          start=start)
-        how = f"tuned on {len(rows)} titles x {cfg.anchor.epochs} epochs, the class vectors starting at {starts_at}"
+            vectors, scale = tune_encoder(encoders, start.texts, targets, names, cfg.anchor, cfg.train.seed, progress,
+                                          tasks, start=start.vectors, max_tokens=start.max_tokens)
+        how = (f"tuned on {len(rows)} {read} x {cfg.anchor.epochs} epochs, the class vectors starting at "
+               f"{start.why}")
         if tuning_precision(cfg.anchor, next(encoders.text.parameters()).device) == "bfloat16":
             how += " (forward passes in bf16)"
         if tasks:

@@ -98,20 +98,20 @@ class Encoders(nn.Module):
             config = self.image.config
             self.image_dim = getattr(config, "hidden_size", None) or getattr(config, "vision_config", config).hidden_size
 
-    def _texts(self, listings: Sequence[Listing], view: str) -> tuple[list[str], int]:
+    def view_texts(self, listings: Sequence[Listing], view: str) -> tuple[list[str], int]:
         """``view`` text = title + description, title = the title alone; and the view's token limit."""
         texts = [row.title if view == "title" else f"{row.title}\n{row.description or ''}" for row in listings]
         return texts, min(64, self.max_text_tokens) if view == "title" else self.max_text_tokens
 
     def tokenize(self, listings: Sequence[Listing], view: str = "text") -> dict[str, torch.Tensor]:
         """One view of the listings as a padded batch of encoder inputs."""
-        texts, limit = self._texts(listings, view)
+        texts, limit = self.view_texts(listings, view)
         enc = self.tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
         return {f"{view}_input_ids": enc["input_ids"], f"{view}_attention_mask": enc["attention_mask"]}
 
     def token_ids(self, listings: Sequence[Listing], view: str = "text") -> list[list[int]]:
         """One view of the listings as token ids, unpadded."""
-        texts, limit = self._texts(listings, view)
+        texts, limit = self.view_texts(listings, view)
         return self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
 
     def text_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
