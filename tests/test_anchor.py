@@ -588,8 +588,12 @@ def test_anchored_fusion_folder_carries_the_tuned_encoder(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_catalog_of_sku_titles_is_tuned_on_its_descriptions(tmp_path, capsys):
     """The default recipe on listings whose titles are SKUs: the tuning reads title + description (the titles
-    say nothing; the descriptions do), the log says so, and a rerun reads that tuning from the cache."""
+    say nothing; the descriptions do), the log says so, the model keeps no title view (the folder says so and
+    loads that way), and a rerun reads that tuning from the cache."""
+    from mmllm.catalog import iter_catalog
     from mmllm.finetune import finetune, load_recipe_config
+    from mmllm.images import ImagePolicy
+    from listings import load_model_dir
 
     rows = [json.loads(line) for line in (ROOT / "examples/amazon_uk_toys/train.jsonl").open(encoding="utf-8")]
     rows = [r for r in rows if r.get("description")][:60]
@@ -608,6 +612,16 @@ def test_a_catalog_of_sku_titles_is_tuned_on_its_descriptions(tmp_path, capsys):
                            "the category names (the names alone place ")
     assert " of 48 training texts" in line and "read from title + description: the titles say nothing (" in line
     assert "their titles' own means (each title left out) place" in line and line.count("not above") == 2
+    assert "fusion.title_view: off, the titles say nothing" in first
+    saved = json.loads((tmp_path / "first" / "fusion.json").read_text())
+    assert saved["fusion"]["title_view"] is False and saved["anchor"]["views"] == ["text"]
+    predictor = load_model_dir(tmp_path / "first", device="cpu")
+    inner = getattr(predictor, "inner", predictor)
+    assert inner.model.anchor.views == ["text"] and not inner.model.cfg.title_view
+    dev = list(iter_catalog(str(ROOT / "examples/amazon_uk_toys/dev.jsonl")))[:4]
+    encoded = inner.encode(dev, [[] for _ in dev])
+    assert "text_tokens" in encoded and not [k for k in encoded if k.startswith("title")]
+    assert [r["status"] for r in predictor.predict(dev, ImagePolicy(root=ROOT))] == ["ok"] * 4
     finetune(load_recipe_config(config, [f"train.output_dir={tmp_path / 'second'}", *settings]))
     second = capsys.readouterr().out
     assert "text encoder read from the tuning cache (tuned on 48 titles and descriptions)" in second

@@ -86,7 +86,8 @@ class AnchorConfig:
     reads: Literal["title", "text", "auto"] = help_field(
         "auto", "what the tuning reads: title = the titles (max_title_tokens of them); text = title + description "
                 "(the fusion's text view and token limit); auto = the titles, unless neither the names nor the titles' "
-                "own means place them better than chance (titles that are SKUs) and title + description do")
+                "own means place them better than chance (titles that are SKUs) and title + description do; then "
+                "the fusion recipe keeps no title view either (fusion.title_view off)")
     attribute_weight: float = help_field(0.0, "weight of the enum attributes in the tuning loss: each is one more "
                                               "cosine classifier over its values, whose vectors start at the value "
                                               "names, trained on the rows that state a value; 0 = the category alone")
@@ -235,7 +236,8 @@ def class_starts(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     better than chance. ``reads: auto`` then tunes on ``texts`` (title + description, the fusion's text
     view, ``text_tokens`` of it) instead, and asks the same questions of them: on the 863 Amazon UK listings
     with SKU titles, 0.470 / 0.345 over three seeds against 0.352 / 0.248 tuned on the SKUs (seed 0; TF-IDF
-    + LR 0.465 / 0.350; benchmarks/RESULTS.md, "Titles that say nothing"). Where the titles say something they stay what the
+    + LR 0.465 / 0.350), and 0.501 / 0.356 where the recipe then drops the title view too (``recipes/fusion``;
+    benchmarks/RESULTS.md, "Titles that say nothing"). Where the titles say something they stay what the
     tuning reads: with each title + description read beside its title, the named Amazon split lost 2.3 points
     (0.669 against 0.692)."""
     names = _embed_frozen(encoders, list(class_names), 64)
