@@ -179,6 +179,33 @@ def test_titles_that_say_nothing_are_read_with_their_descriptions(minilm):
         AnchorConfig(reads="description")
 
 
+def test_the_anchor_reads_first_the_view_its_vectors_were_tuned_on(minilm):
+    """The names member scores the anchor's first view: the title where the tuning read titles, the text where
+    it read title + description (forced: the title view kept second); where auto found that the titles say
+    nothing, no title view at all. A forced imprint embeds as it did without the check (the same vectors)."""
+    import copy
+    from types import SimpleNamespace
+
+    from mmllm.catalog import Listing
+    from mmllm.recipes.fusion import FusionRecipeConfig, _tune
+
+    def listings(titles):
+        return [Listing(id=str(i), title=t, description=f"{words}, more words about it.", label={"category": CLASSES[y]})
+                for i, (t, (words, y)) in enumerate(zip(titles, PLAIN))]
+
+    plain, skus = listings([t for t, _ in PLAIN]), listings(SKUS)
+    for rows, reads, views in ((plain, "auto", ["title", "text"]), (plain, "text", ["text", "title"]),
+                               (skus, "auto", ["text"]), (skus, "title", ["title", "text"])):
+        setup = SimpleNamespace(train_rows=rows, schema=None, accelerator=SimpleNamespace(is_main_process=True))
+        cfg = FusionRecipeConfig(anchor=AnchorConfig(reads=reads, epochs=1, batch_size=8))
+        anchor, _ = _tune(setup, copy.deepcopy(minilm), CLASSES, cfg, None, {})
+        assert anchor.views == views, (reads, views)
+    titles, targets = [t for t, _ in PLAIN], [y for _, y in PLAIN]
+    checked = class_starts(minilm, titles, targets, CLASSES, AnchorConfig(start="imprint"))
+    unchecked = class_starts(minilm, titles, targets, CLASSES, AnchorConfig(start="imprint", reads="title"))
+    assert torch.equal(checked.vectors, unchecked.vectors) and "the names alone place" in checked.why
+
+
 def test_bf16_tuning_learns_the_rows_with_float32_weights_and_keys_apart(minilm):
     """anchor.precision: bfloat16 runs the tuning's forward passes under bf16 autocast: the encoder's
     weights stay float32 and learn the rows all the same, the result differs from float32's, and the

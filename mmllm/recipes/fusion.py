@@ -214,8 +214,11 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
             save_tuned(stored, encoders.text, vectors, scale)
     encoders.text_id = fingerprint(encoders.text)  # tuned features never mix with the frozen encoder's in the cache
     kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
-    says_nothing = cfg.anchor.reads == "auto" and start.view == "text"  # the titles: a view of them is noise
-    views = ["title", "text"] if cfg.fusion.title_view and not says_nothing else ["text"]
+    # the first view is the one the class vectors were tuned on (what the names member scores); where auto found
+    # that the titles say nothing, a view of them is noise and the anchor (then the model, in run) has none
+    says_nothing = cfg.anchor.reads == "auto" and start.view == "text"
+    views = ["text"] if says_nothing or not cfg.fusion.title_view else \
+        ["title", "text"] if start.view == "title" else ["text", "title"]
     anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, len(kept), views, attribute_classes)
     anchor.class_vectors.copy_(vectors.cpu())
     anchor.scale.fill_(scale)

@@ -303,6 +303,8 @@ def _start(encoders: Any, titles: Sequence[str], targets: Sequence[int], names: 
             if cfg.start == "names" or (cfg.start == "auto" and not informative):
                 return names, f"the category names ({why})", informative, why
             says = informative  # imprinted as asked (start: imprint), whatever the check says
+    if cfg.start == "imprint":  # asked for: each category's rows embedded in batches of their own, as without a check
+        vectors.clear()
     taken: dict[int, list[int]] = {}
     for i in order:
         if len(taken.setdefault(targets[i], [])) < IMPRINT_ROWS:
@@ -544,8 +546,8 @@ class Anchor(nn.Module):
         rows = self.row_vectors(views, self.views)
         dim = self.class_vectors.shape[1]
         if "names" in self.cfg.members:
-            title = rows[:, :dim]  # the first view: the title the vectors were tuned on (the text without title_view)
-            out["names"] = torch.softmax(self.scale * title @ self.class_vectors.T, -1)
+            tuned = rows[:, :dim]  # the first view: the one the vectors were tuned on (the title, or the text)
+            out["names"] = torch.softmax(self.scale * tuned @ self.class_vectors.T, -1)
         if "neighbours" in self.cfg.members and self.memory.shape[0]:
             idx, weights = nearest if nearest is not None else self.nearest(rows)
             labels = self.memory_labels if labels is None else labels
