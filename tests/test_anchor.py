@@ -161,6 +161,15 @@ def test_titles_that_say_nothing_are_read_with_their_descriptions(minilm):
                                (SKUS, texts, AnchorConfig(reads="title"))):
         kept = class_starts(minilm, titles, targets, names, cfg, texts=given, text_tokens=96)
         assert (kept.view, kept.max_tokens, kept.texts) == ("title", cfg.max_title_tokens, titles)
+    # half the titles SKUs: the names place the plain half, and clearly more of title + description: those
+    many = [(f"{sku}-{k}" if i % 2 else t, y) for k in range(4) for i, ((t, y), sku) in enumerate(zip(PLAIN, SKUS))]
+    described = [f"{t}\n{words}" for (t, _), (words, _) in zip(many, PLAIN * 4)]
+    mixed = class_starts(minilm, [t for t, _ in many], [y for _, y in many], names, AnchorConfig(), texts=described,
+                         text_tokens=96)
+    assert (mixed.view, mixed.texts, mixed.titles_say_nothing) == ("text", described, False)
+    assert "read from title + description: the names place +0." in mixed.why and "more of them than of the titles" \
+        in mixed.why and "of 64 training titles" in mixed.why
+    assert read.titles_say_nothing  # (the SKUs above)
     # forced: the texts, and with a taxonomy of codes their own means imprint
     codes = ["C117", "C342", "C205", "C968"]
     forced = class_starts(minilm, plain, targets, codes, AnchorConfig(reads="text"), texts=texts, text_tokens=96)
