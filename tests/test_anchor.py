@@ -154,7 +154,8 @@ def test_titles_that_say_nothing_are_read_with_their_descriptions(minilm):
     assert read.why.startswith("the category names (the names alone place") and "of 16 training texts" in read.why
     assert "), read from title + description: the titles say nothing (the names alone place" in read.why
     assert "their titles' own means (each title left out) place" in read.why
-    assert torch.allclose(read.vectors, torch.nn.functional.normalize(minilm.sentence_vectors(names), dim=-1), atol=1e-5)
+    assert torch.allclose(read.vectors, torch.nn.functional.normalize(minilm.sentence_vectors(names), dim=-1),
+                          atol=1e-5)
     # titles that say what they are stay what is read; so do SKUs without a description, and any with reads: title
     for titles, given, cfg in ((plain, [f"{t}\nMore words." for t in plain], AnchorConfig()),
                                (SKUS, [f"{sku}\n" for sku in SKUS], AnchorConfig()),
@@ -199,8 +200,8 @@ def test_the_anchor_reads_first_the_view_its_vectors_were_tuned_on(minilm):
     from mmllm.recipes.fusion import FusionRecipeConfig, _tune
 
     def listings(titles):
-        return [Listing(id=str(i), title=t, description=f"{words}, more words about it.", label={"category": CLASSES[y]})
-                for i, (t, (words, y)) in enumerate(zip(titles, PLAIN))]
+        return [Listing(id=str(i), title=t, description=f"{words}, more words about it.",
+                        label={"category": CLASSES[y]}) for i, (t, (words, y)) in enumerate(zip(titles, PLAIN))]
 
     plain, skus = listings([t for t, _ in PLAIN]), listings(SKUS)
     for rows, reads, views in ((plain, "auto", ["title", "text"]), (plain, "text", ["text", "title"]),

@@ -216,8 +216,7 @@ def _tune(s: Any, encoders: fusion.Encoders, classes: list[str], cfg: FusionReci
     kept = memory_sample(targets, cfg.anchor.memory_rows, cfg.train.seed)
     # the first view is the one the class vectors were tuned on (what the names member scores); where auto found
     # that the titles say nothing, a view of them is noise and the anchor (then the model, in run) has none
-    says_nothing = start.titles_say_nothing
-    views = ["text"] if says_nothing or not cfg.fusion.title_view else \
+    views = ["text"] if start.titles_say_nothing or not cfg.fusion.title_view else \
         ["title", "text"] if start.view == "title" else ["text", "title"]
     anchor = Anchor(cfg.anchor, len(classes), encoders.text_dim, len(kept), views, attribute_classes)
     anchor.class_vectors.copy_(vectors.cpu())

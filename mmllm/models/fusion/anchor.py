@@ -343,8 +343,8 @@ def tune_encoder(encoders: Any, titles: Sequence[str], targets: Sequence[int], c
     """Fine-tune ``encoders.text`` in place on (title, category index) pairs; returns the tuned
     class vectors [C, D] (unit length) and the learned scale. ``start``: where the class vectors start
     (``class_starts``; default the names' embeddings); ``max_tokens``: of each title read (default
-    ``cfg.max_title_tokens``; ``class_starts`` says, where it reads title + description instead). ``tasks`` (with ``cfg.attribute_weight``):
-    enum attributes learned at the same time, each a cosine classifier of its own whose loss (over the
+    ``cfg.max_title_tokens``; ``class_starts`` says, where it reads title + description instead). ``tasks``
+    (with ``cfg.attribute_weight``): enum attributes learned at the same time, each a cosine classifier of its own whose loss (over the
     batch's rows that state a value) is added with that weight. ``progress.update(n)`` per step."""
     text = encoders.text
     generator = torch.Generator().manual_seed(seed)
