@@ -39,6 +39,7 @@ infer`` would.
 
     python benchmarks/other_schema_catalog.py --out /tmp/toys_10k_regrouped.jsonl
     python benchmarks/other_schema_catalog.py --kind age_group --out /tmp/toys_age_groups.jsonl
+    python benchmarks/other_schema_catalog.py --kind age_group --top-categories 3 --out /tmp/toys_3.jsonl
     python benchmarks/other_schema_catalog.py --kind codes --out /tmp/toys_codes.jsonl
     python benchmarks/other_schema_catalog.py --kind skus --out /tmp/toys_skus.jsonl
     python benchmarks/versus_bag_of_words.py --catalog /tmp/toys_10k_regrouped.jsonl --seeds 0
@@ -159,6 +160,14 @@ def regroup(rows: list[dict], min_brand_rows: int) -> list[dict]:
     return out
 
 
+def largest_categories(rows: list[dict], n: int) -> list[dict]:
+    """The rows of the ``n`` categories with the most rows (a tie goes to the name first in sorted order),
+    in their order."""
+    counts = Counter(r["label"]["category"] for r in rows)
+    kept = set(sorted(counts, key=lambda c: (-counts[c], c))[:n])
+    return [r for r in rows if r["label"]["category"] in kept]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", choices=("brand_price", "age_group", "codes", "skus"), default="brand_price")
@@ -167,7 +176,12 @@ def main() -> int:
                         "skus)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--min-brand-rows", type=int, default=30)
+    p.add_argument("--top-categories", type=int, metavar="N",
+                   help="keep the rows of the N largest categories only (a small shop's catalog: --kind age_group "
+                        "--top-categories 3)")
     args = p.parse_args()
+    if args.top_categories is not None and args.top_categories < 1:
+        p.error(f"--top-categories must be 1 or more, got {args.top_categories}")
     sources = args.source or ([SOURCE] if args.kind == "brand_price" else list(AGE_SOURCES))
     if any(args.out.resolve() == s.resolve() for s in sources):
         p.error("--out must not be a source file")
@@ -178,6 +192,8 @@ def main() -> int:
     out = (regroup(rows, args.min_brand_rows) if args.kind == "brand_price" else
            regroup_ages(rows) if args.kind == "age_group" else recode(rows) if args.kind == "codes" else
            sku_titles(rows))
+    if args.top_categories:
+        out = largest_categories(out, args.top_categories)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
     counts = Counter(r["label"]["category"] for r in out)

@@ -16,12 +16,17 @@ get wrong say nothing about which side is better). A user checks the claim on th
     python benchmarks/versus_bag_of_words.py --train my_train.jsonl --dev my_dev.jsonl --schema my.yaml
     python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl [--dev-percent 20]   # hash split by id
         [--split-salt 1]   # another split of the same rows: repeat the comparison over a few
+    python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl --folds 5
+        # cross-validation: every row is dev once, both sides trained on the other folds, one paired test over all
         [--config finetune/fusion_minilm_cpu.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
     python benchmarks/versus_bag_of_words.py --train T --dev D --labels labels.jsonl --only category --quick
         # a labels file written by `mmllm label` stands for the recipe (what `make run` prints)
 
 With ``--catalog`` the rows are split by a hash of their id (stable across runs and machines); a
-missing ``--schema`` is drafted from the training rows by ``mmllm schema infer``'s function. Rows
+missing ``--schema`` is drafted from the training rows by ``mmllm schema infer``'s function (with
+``--folds``, from each fold's own training rows). One split of a few hundred rows leaves a difference of a
+few rows inside its noise; ``--folds K`` scores K times as many rows (all of them), each by models that
+did not train on it, and its pooled paired test counts the rows one side alone gets right over all folds. Rows
 mmllm's row contract refuses are named and left out of both sides; a category-only label's attributes
 are unknown and left out of the published scores.
 Prints a table and writes benchmarks/results/versus_bag_of_words.json.
@@ -116,13 +121,23 @@ def training_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def _bucket(row: dict, salt: str = "") -> int:
+    """The row's bucket of 100, from a hash of its id (followed by ``salt``): the same on every machine."""
+    return int(hashlib.sha256(f"{row['id']}{salt}".encode()).hexdigest()[:8], 16) % 100
+
+
 def hash_split(rows: list[dict], dev_percent: int, salt: str = "") -> tuple[list[dict], list[dict]]:
     """Rows whose id (followed by ``salt``) hashes below ``dev_percent`` (of 100) go to dev: the same split
     on every machine; another ``salt`` draws another split of the same rows."""
-    def bucket(row: dict) -> int:
-        return int(hashlib.sha256(f"{row['id']}{salt}".encode()).hexdigest()[:8], 16) % 100
+    dev = [r for r in rows if _bucket(r, salt) < dev_percent]
+    chosen = {id(r) for r in dev}
+    return [r for r in rows if id(r) not in chosen], dev
 
-    dev = [r for r in rows if bucket(r) < dev_percent]
+
+def fold_split(rows: list[dict], folds: int, fold: int, salt: str = "") -> tuple[list[dict], list[dict]]:
+    """Fold ``fold`` (0-based) of ``folds`` by the same hash: every row is in exactly one fold's dev, and
+    fold 0 of 5 is ``hash_split(rows, 20, salt)``'s dev (the buckets below 20)."""
+    dev = [r for r in rows if _bucket(r, salt) * folds // 100 == fold]
     chosen = {id(r) for r in dev}
     return [r for r in rows if id(r) not in chosen], dev
 
@@ -344,6 +359,128 @@ def paired_table(runs: list[dict[str, Any]], baseline: dict[str, Any], dev: list
     return lines
 
 
+def compare(train: list[dict], dev: list[dict], args: argparse.Namespace, work: Path, image_root: Path,
+            heading: str = "") -> dict[str, Any]:
+    """One split: the schema (given, or drafted from these training rows), the bag of words, the recipe for
+    each seed (or the labels file), the tables printed under ``heading``; returns what the JSON keeps, with
+    the dev rows (``dev``) for pooling folds."""
+    from mmllm.schema import LabelSchema
+    from mmllm.schema_infer import infer_schema
+
+    work.mkdir(parents=True, exist_ok=True)
+    train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
+    for path, part in ((train_path, train), (dev_path, dev)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    if args.schema:
+        schema_path = args.schema.resolve()
+        schema = LabelSchema.from_yaml(schema_path)
+    else:
+        schema, _ = infer_schema([r["label"] for r in train], name="drafted", rows=train)
+        schema_path = work / "schema.yaml"
+        schema.to_yaml(schema_path)
+    outside = [r for r in train if isinstance(gold_of(r, "category"), str)
+               and schema.canonical_category(gold_of(r, "category")) is None]
+    if outside:  # the recipe does not train on them (mmllm.finetune names them): nor does the bag of words
+        print(f"left out: {len(outside)} training rows whose category is not in schema '{schema.name}' (first: id "
+              f"{outside[0]['id']!r}, {gold_of(outside[0], 'category')!r})", file=sys.stderr)
+        dropped = {id(r) for r in outside}
+        train = [r for r in train if id(r) not in dropped]
+    unknown = sorted(set(args.only or ()) - set(targets(schema)))
+    if unknown:
+        raise SystemExit(f"error: --only {' '.join(unknown)}: not a label of schema '{schema.name}'; its labels: "
+                         f"{', '.join(targets(schema))}")
+    names = [n for n in targets(schema) if not args.only or n in args.only]
+    if heading:
+        print(f"\n== {heading}", flush=True)
+    print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
+    fingerprint = rows_fingerprint(train, dev, names, args.quick)
+    attribute_names = [n for n in names if n != "category"]
+    if args.baseline:
+        baseline, baseline_published = read_baseline(args.baseline, fingerprint)
+    else:
+        baseline = bag_of_words(train, dev, names, args.quick)
+        baseline_published: dict[str, dict[str, float]] = {}
+    if attribute_names and not args.baseline:
+        baseline_published = published_scores([gold_attributes(r.get("label")) for r in dev],
+                                              [{n: baseline[n]["answers"][i] for n in attribute_names}
+                                               for i in range(len(dev))], attribute_names)
+    if not args.baseline:  # the answers by row id, for the paired comparison (a baseline file keeps them)
+        for n in names:
+            baseline[n]["answers"] = {str(r["id"]): a for r, a in zip(dev, baseline[n]["answers"])}
+    runs = [from_labels(args.labels, dev, names)] if args.labels else [] if args.skip_recipe else [
+        recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev,
+               image_root)
+        for seed in args.seeds]
+    lines = score_table(names, baseline, runs, args.quick, args.labels is not None)
+    print("category: accuracy / macro-F1; attributes: accuracy on rows with a gold value (each side's best value)")
+    print("\n".join(lines))
+    paired_lines = paired_table(runs, baseline, dev, names, "the labels file" if args.labels else None)
+    if paired_lines:
+        print("\n".join(paired_lines))
+    if attribute_names:  # what a catalog would publish: every row's answer, gold nulls count as invented
+        print("\npublished attributes, precision / recall / F1 over every dev row (gold null: an answer is invented)")
+        print(f"{'model':<24}" + "".join(f" | {n[:22]:>22}" for n in attribute_names))
+        published_rows = [("TF-IDF + LR", baseline_published)] + [
+            ("the labels file" if args.labels else f"recipe grounded, seed {r['seed']}", r["grounded"])
+            for r in runs if r["grounded"]]
+        for title, result in published_rows:
+            cells = [f"{result[n]['precision']:.2f} / {result[n]['recall']:.2f} / {result[n]['f1']:.2f}"
+                     for n in attribute_names]
+            print(f"{title:<24}" + "".join(f" | {c:>22}" for c in cells))
+    return {"train_rows": len(train), "dev_rows": len(dev), "labels": names, "rows_sha256": fingerprint,
+            "bag_of_words": baseline, "bag_of_words_published": baseline_published, "recipe": runs, "table": lines,
+            "paired": paired_lines, "dev": dev}
+
+
+def score_table(names: list[str], baseline: dict[str, Any], runs: list[dict[str, Any]], quick: bool = False,
+                from_labels_file: bool = False) -> list[str]:
+    """The side-by-side table: the bag of words, each run, and their mean over several runs."""
+    header = f"{'model':<22}" + "".join(f" | {n[:22]:>22}" for n in names)
+    lines = [header, "-" * len(header)]
+
+    def row(title: str, result: dict[str, dict[str, float]]) -> str:
+        cells = []
+        for n in names:
+            s = result[n]
+            cells.append(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" if n == "category" else f"{s['accuracy']:.3f}")
+        return f"{title:<22}" + "".join(f" | {c:>22}" for c in cells)
+
+    lines.append(row("TF-IDF + LR" + (" (C=10)" if quick else ""), baseline))
+    for run in runs:
+        lines.append(row("the labels file" if from_labels_file else f"recipe, seed {run['seed']}", run["scores"]))
+    if len(runs) > 1:
+        mean = {n: {k: round(sum(r["scores"][n][k] for r in runs) / len(runs), 4)
+                    for k in runs[0]["scores"][n] if k not in ("rows", "answers")} for n in names}
+        lines.append(row(f"recipe, mean of {len(runs)}", mean))
+    return lines
+
+
+def pooled(folds: list[dict[str, Any]], quick: bool = False) -> dict[str, Any]:
+    """Every fold's dev rows scored together, each row once: per label (those every fold has) and seed the
+    scores of both sides over all the rows, and one paired test over all of them (the rows of different folds
+    are different rows, so their paired counts add up)."""
+    names = [n for n in folds[0]["labels"] if all(n in f["labels"] for f in folds)]
+    left_out = sorted({n for f in folds for n in f["labels"]} - set(names))
+    dev = [r for f in folds for r in f["dev"]]
+    gold = {n: [gold_of(r, n) for r in dev] for n in names}
+    theirs = {n: [f["bag_of_words"][n]["answers"].get(str(r["id"])) for f in folds for r in f["dev"]] for n in names}
+    baseline = {n: {**scores(gold[n], theirs[n], n), "answers": dict(zip((str(r["id"]) for r in dev), theirs[n]))}
+                for n in names}
+    runs = []
+    for i, run in enumerate(folds[0]["recipe"]):
+        ours = {n: [a for f in folds for a in f["recipe"][i]["scores"][n]["answers"]] for n in names}
+        runs.append({"seed": run["seed"], "scores": {n: {**scores(gold[n], ours[n], n), "answers": ours[n]}
+                                                     for n in names}})
+    lines = score_table(names, baseline, runs, quick)
+    paired_lines = paired_table(runs, baseline, dev, names)
+    for run in runs:  # the JSON keeps the scores and the test, not every answer twice
+        for n in names:
+            run["scores"][n].pop("answers")
+    return {"rows": len(dev), "labels": names, "labels_not_in_every_fold": left_out,
+            "bag_of_words": {n: {k: v for k, v in baseline[n].items() if k != "answers"} for n in names},
+            "recipe": runs, "table": lines, "paired": paired_lines}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=Path, nargs="+", help="the training rows: one catalog or several, read as one "
@@ -354,6 +491,11 @@ def main() -> int:
     p.add_argument("--split-salt", default="", metavar="TEXT",
                    help="with --catalog: hash the id followed by TEXT, another split of the same rows (repeated hold-out: "
                         "one dev split of ~170 rows can be lucky or unlucky for either side)")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="with --catalog: K-fold cross-validation by the same hash (instead of --dev-percent): each "
+                        "fold's rows are dev once, both sides trained on the rest, then every row scored together "
+                        "and one paired test over all of them (K times the rows of one split; fold 0 of 5 is the "
+                        "--dev-percent 20 split)")
     p.add_argument("--schema", type=Path, help="label schema (default with --catalog: drafted from the training rows)")
     p.add_argument("--config", default=str(ROOT / "finetune" / "fusion_minilm_cpu.yaml"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -372,6 +514,13 @@ def main() -> int:
         p.error("give --catalog, or --train and --dev")
     if args.split_salt and not args.catalog:
         p.error("--split-salt draws another split of a --catalog; --train and --dev are split already")
+    if args.folds is not None:
+        if not args.catalog:
+            p.error("--folds splits a --catalog; --train and --dev are split already")
+        if not 2 <= args.folds <= 100:
+            p.error(f"--folds must be 2 to 100, got {args.folds}")
+        if args.labels or args.baseline:
+            p.error("--folds trains both sides on each fold: a --labels or --baseline file answers one split only")
     # every path as the user meant it (from where they ran it): the recipe then runs in the project folder
     for name in ("dev", "catalog", "schema", "labels", "baseline", "out"):
         if getattr(args, name) is not None:
@@ -390,105 +539,42 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from mmllm.schema import LabelSchema
-    from mmllm.schema_infer import infer_schema
-
     os.chdir(ROOT)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if args.catalog:  # the row contract first: the split hashes each row's id
-            train, dev = hash_split([r for r in usable(read_rows(args.catalog), args.catalog.name) if r.get("label")],
-                                    args.dev_percent, args.split_salt)
-        else:
-            train, dev = training_rows(args.train), usable(read_rows(args.dev), args.dev.name)
+    if args.catalog:  # the row contract first: the split hashes each row's id
+        rows = [r for r in usable(read_rows(args.catalog), args.catalog.name) if r.get("label")]
+        splits = ([fold_split(rows, args.folds, k, args.split_salt) for k in range(args.folds)] if args.folds
+                  else [hash_split(rows, args.dev_percent, args.split_salt)])
+    else:
+        splits = [(training_rows(args.train), usable(read_rows(args.dev), args.dev.name))]
+    for k, (train, dev) in enumerate(splits):  # every split checked before anything is fitted
         if not train or not dev:
-            raise SystemExit(f"{len(train)} training and {len(dev)} dev rows: both sides need rows; give more rows, "
-                             "another --dev-percent, or --train and --dev")
-        # the split is written to the work folder: its rows' pictures stay where the catalog's folder has them
-        image_root = (args.catalog or args.train[0]).parent
-        if not args.catalog and args.dev.parent != image_root and any(r.get("images") for r in dev):
-            raise SystemExit(f"error: {args.train[0]} and {args.dev} are in different folders and the dev rows have "
-                             "pictures: their relative paths need one folder; put the two files side by side")
-        train_path, dev_path = work / "train.jsonl", work / "dev.jsonl"
-        for path, part in ((train_path, train), (dev_path, dev)):
-            path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-        if args.schema:
-            schema_path = args.schema.resolve()
-            schema = LabelSchema.from_yaml(schema_path)
-        else:
-            schema, _ = infer_schema([r["label"] for r in train], name="drafted", rows=train)
-            schema_path = work / "schema.yaml"
-            schema.to_yaml(schema_path)
-        outside = [r for r in train if isinstance(gold_of(r, "category"), str)
-                   and schema.canonical_category(gold_of(r, "category")) is None]
-        if outside:  # the recipe does not train on them (mmllm.finetune names them): nor does the bag of words
-            print(f"left out: {len(outside)} training rows whose category is not in schema '{schema.name}' (first: id "
-                  f"{outside[0]['id']!r}, {gold_of(outside[0], 'category')!r})", file=sys.stderr)
-            dropped = {id(r) for r in outside}
-            train = [r for r in train if id(r) not in dropped]
-        unknown = sorted(set(args.only or ()) - set(targets(schema)))
-        if unknown:
-            raise SystemExit(f"error: --only {' '.join(unknown)}: not a label of schema '{schema.name}'; its labels: "
-                             f"{', '.join(targets(schema))}")
-        names = [n for n in targets(schema) if not args.only or n in args.only]
-        print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
-        fingerprint = rows_fingerprint(train, dev, names, args.quick)
-        attribute_names = [n for n in names if n != "category"]
-        if args.baseline:
-            baseline, baseline_published = read_baseline(args.baseline, fingerprint)
-        else:
-            baseline = bag_of_words(train, dev, names, args.quick)
-            baseline_published: dict[str, dict[str, float]] = {}
-        if attribute_names and not args.baseline:
-            baseline_published = published_scores([gold_attributes(r.get("label")) for r in dev],
-                                                  [{n: baseline[n]["answers"][i] for n in attribute_names}
-                                                   for i in range(len(dev))], attribute_names)
-        if not args.baseline:  # the answers by row id, for the paired comparison (a baseline file keeps them)
-            for n in names:
-                baseline[n]["answers"] = {str(r["id"]): a for r, a in zip(dev, baseline[n]["answers"])}
-        runs = [from_labels(args.labels, dev, names)] if args.labels else [] if args.skip_recipe else [
-            recipe(train_path, dev_path, schema_path, args.config, seed, args.set, work / f"seed{seed}", names, dev,
-                   image_root)
-            for seed in args.seeds]
-    header = f"{'model':<22}" + "".join(f" | {n[:22]:>22}" for n in names)
-    lines = [header, "-" * len(header)]
-
-    def row(title: str, result: dict[str, dict[str, float]]) -> str:
-        cells = []
-        for n in names:
-            s = result[n]
-            cells.append(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" if n == "category" else f"{s['accuracy']:.3f}")
-        return f"{title:<22}" + "".join(f" | {c:>22}" for c in cells)
-
-    lines.append(row("TF-IDF + LR" + (" (C=10)" if args.quick else ""), baseline))
-    for run in runs:
-        lines.append(row("the labels file" if args.labels else f"recipe, seed {run['seed']}", run["scores"]))
-    if len(runs) > 1:
-        mean = {n: {k: round(sum(r["scores"][n][k] for r in runs) / len(runs), 4)
-                    for k in runs[0]["scores"][n] if k not in ("rows", "answers")} for n in names}
-        lines.append(row(f"recipe, mean of {len(runs)}", mean))
-    print("category: accuracy / macro-F1; attributes: accuracy on rows with a gold value (each side's best value)")
-    print("\n".join(lines))
-    paired_lines = paired_table(runs, baseline, dev, names, "the labels file" if args.labels else None)
-    if paired_lines:
-        print("\n".join(paired_lines))
-    attribute_names = [n for n in names if n != "category"]
-    if attribute_names:  # what a catalog would publish: every row's answer, gold nulls count as invented
-        print("\npublished attributes, precision / recall / F1 over every dev row (gold null: an answer is invented)")
-        print(f"{'model':<24}" + "".join(f" | {n[:22]:>22}" for n in attribute_names))
-        published_rows = [("TF-IDF + LR", baseline_published)] + [
-            ("the labels file" if args.labels else f"recipe grounded, seed {r['seed']}", r["grounded"])
-            for r in runs if r["grounded"]]
-        for title, result in published_rows:
-            cells = [f"{result[n]['precision']:.2f} / {result[n]['recall']:.2f} / {result[n]['f1']:.2f}"
-                     for n in attribute_names]
-            print(f"{title:<24}" + "".join(f" | {c:>22}" for c in cells))
+            where = f"fold {k} of {args.folds}: " if args.folds else ""
+            raise SystemExit(f"{where}{len(train)} training and {len(dev)} dev rows: both sides need rows; give more "
+                             f"rows, {'fewer --folds' if args.folds else 'another --dev-percent'}, or --train and --dev")
+    # the split is written to a work folder: its rows' pictures stay where the catalog's folder has them
+    image_root = (args.catalog or args.train[0]).parent
+    if not args.catalog and args.dev.parent != image_root and any(r.get("images") for r in splits[0][1]):
+        raise SystemExit(f"error: {args.train[0]} and {args.dev} are in different folders and the dev rows have "
+                         "pictures: their relative paths need one folder; put the two files side by side")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [compare(train, dev, args, Path(tmp) / f"fold{k}", image_root,
+                           f"fold {k + 1} of {args.folds}" if args.folds else "")
+                   for k, (train, dev) in enumerate(splits)]
+    summary = pooled(results, args.quick) if args.folds else None
+    for result in results:  # the JSON names each split's dev rows by id
+        result["dev_ids"] = [str(r["id"]) for r in result.pop("dev")]
+    written: dict[str, Any] = {"config": args.config, "split_salt": args.split_salt}
+    if summary is not None:
+        print(f"\n== {args.folds} folds pooled: {summary['rows']} rows, each scored once (trained without it)")
+        if summary["labels_not_in_every_fold"]:
+            print("not pooled (not a label of every fold's drafted schema): "
+                  + ", ".join(summary["labels_not_in_every_fold"]))
+        print("\n".join(summary["table"] + summary["paired"]))
+        written.update({"folds": args.folds, "pooled": summary, "per_fold": results})
+    else:
+        written.update(results[0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": args.config, "split_salt": args.split_salt,
-                                    "train_rows": len(train), "dev_rows": len(dev), "labels": names,
-                                    "rows_sha256": fingerprint,
-                                    "bag_of_words": baseline, "bag_of_words_published": baseline_published,
-                                    "recipe": runs, "table": lines, "paired": paired_lines}, indent=1) + "\n")
+    args.out.write_text(json.dumps(written, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

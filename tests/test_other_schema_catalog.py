@@ -127,3 +127,30 @@ def test_skus_replace_every_title_and_keep_the_rest(tmp_path):
     written = [json.loads(line) for line in (tmp_path / "skus.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len({r["title"] for r in written}) == 863 and all(r["title"].startswith("SKU-") for r in written)
     assert sum(bool(r.get("description")) for r in written) > 800
+
+
+def test_the_largest_categories_alone_make_a_small_shops_catalog(tmp_path):
+    other = _module()
+    rows = [{"id": str(i), "title": f"toy {i}", "label": {"category": c}}
+            for i, c in enumerate(["Games", "Dolls", "Games", "Kites", "Dolls", "Games", "Puzzles"])]
+    # Games 3, Dolls 2, then Kites and Puzzles 1 each: the tie goes to the first name in sorted order
+    assert [r["id"] for r in other.largest_categories(rows, 2)] == ["0", "1", "2", "4", "5"]
+    assert [r["label"]["category"] for r in other.largest_categories(rows, 3)] == [
+        "Games", "Dolls", "Games", "Kites", "Dolls", "Games"]
+    assert other.largest_categories(rows, 10) == rows
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({**r, "label": {"category": r["label"]["category"] + " > Other",
+                                                      "attributes": {"min_age_years": 4}}}) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "other_schema_catalog.py"), "--kind", "age_group",
+                           "--source", str(src), "--top-categories", "2", "--out", str(tmp_path / "out.jsonl")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["label"]["category"], r["label"]["attributes"]) for r in out] == [
+        (i, c, {"age_group": "3y-5y"}) for i, c in [("0", "Games"), ("1", "Dolls"), ("2", "Games"), ("4", "Dolls"),
+                                                     ("5", "Games")]]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "other_schema_catalog.py"), "--kind", "age_group",
+                           "--source", str(src), "--top-categories", "0", "--out", str(tmp_path / "no.jsonl")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--top-categories must be 1 or more" in done.stderr
+    assert not (tmp_path / "no.jsonl").exists()

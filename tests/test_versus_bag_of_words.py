@@ -254,3 +254,78 @@ def test_several_training_catalogs_are_read_as_one_and_rows_outside_the_schema_l
                    "--out", tmp_path / "one.json")
     assert done.returncode == 0 and json.loads((tmp_path / "one.json").read_text())["train_rows"] == 20
     assert json.loads((tmp_path / "one.json").read_text())["rows_sha256"] != written["rows_sha256"]
+
+
+def test_folds_partition_the_rows_by_the_same_hash():
+    versus = _module()
+    rows = [{"id": f"row{i}", "title": f"listing {i}"} for i in range(1000)]
+    devs = [versus.fold_split(rows, 5, k)[1] for k in range(5)]
+    ids = [r["id"] for dev in devs for r in dev]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every row is dev exactly once
+    assert all(140 < len(dev) < 260 for dev in devs)
+    train, dev = versus.fold_split(rows, 5, 2)
+    assert {r["id"] for r in train} == {r["id"] for r in rows} - {r["id"] for r in dev}
+    assert [r["id"] for r in devs[0]] == [r["id"] for r in versus.hash_split(rows, 20)[1]]  # fold 0 of 5
+    salted = [r["id"] for r in versus.fold_split(rows, 5, 0, "#1")[1]]
+    assert salted == [r["id"] for r in versus.hash_split(rows, 20, "#1")[1]] and salted != [r["id"] for r in devs[0]]
+    three = [versus.fold_split(rows, 3, k)[1] for k in range(3)]
+    assert sum(map(len, three)) == 1000 and min(map(len, three)) > 250
+
+
+def test_folds_are_pooled_row_by_row_and_their_paired_counts_add_up():
+    """Each fold's dev rows are other rows: pooled, every row is scored once and the rows only one side gets
+    right add up over the folds, so one test over all of them has K times the rows of one split."""
+    versus = _module()
+
+    def fold(ids, gold, ours, theirs, labels=("category", "brand")):
+        dev = [{"id": i, "label": {"category": c, "attributes": {"brand": b}}} for i, (c, b) in zip(ids, gold)]
+        runs = [{"seed": 0, "scores": {n: {"answers": [o[j] for o in ours]} for j, n in enumerate(("category", "brand"))
+                                       if n in labels}}]
+        bow = {n: {"answers": {i: t[j] for i, t in zip(ids, theirs)}} for j, n in enumerate(("category", "brand"))
+               if n in labels}
+        return {"labels": list(labels), "dev": dev, "recipe": runs, "bag_of_words": bow}
+
+    first = fold(["a", "b", "c"], [("Kites", "Acme"), ("Jigsaws", None), ("Kites", "Zed")],
+                 [("Kites", "Acme"), ("Jigsaws", "Acme"), ("Jigsaws", "Zed")],  # ours: 2 / 3 categories, 2 / 2 brands
+                 [("Jigsaws", "Acme"), ("Jigsaws", "Zed"), ("Kites", "Acme")])  # theirs: 2 / 3, 1 / 2
+    second = fold(["d", "e"], [("Kites", "Acme"), ("Jigsaws", "Acme")],
+                  [("Kites", "Zed"), ("Kites", "Acme")], [("Kites", "Acme"), ("Kites", "Zed")])
+    summary = versus.pooled([first, second])
+    assert summary["rows"] == 5 and summary["labels"] == ["category", "brand"]
+    assert summary["bag_of_words"]["category"]["accuracy"] == pytest.approx(3 / 5)  # b, c, d
+    assert summary["recipe"][0]["scores"]["category"]["accuracy"] == pytest.approx(3 / 5)  # a, b, d
+    assert summary["recipe"][0]["scores"]["brand"] == {"accuracy": 0.75, "rows": 4}  # a, c, e of a, c, d, e
+    assert summary["bag_of_words"]["brand"] == {"accuracy": 0.5, "rows": 4}  # a, d
+    tests = summary["recipe"][0]["paired"]
+    assert (tests["category"]["only_recipe"], tests["category"]["only_bag_of_words"]) == (1, 1)  # a / c
+    assert (tests["brand"]["only_recipe"], tests["brand"]["only_bag_of_words"]) == (2, 1)  # c, e / d
+    assert summary["paired"][-1] == "recipe, seed 0: category: +1 / -1, p = 1.000; brand: +2 / -1, p = 1.000"
+    # a label one fold's drafted schema lacks is named, not pooled
+    third = fold(["f"], [("Kites", None)], [("Kites", None)], [("Kites", None)], labels=("category",))
+    summary = versus.pooled([first, second, third])
+    assert summary["labels"] == ["category"] and summary["labels_not_in_every_fold"] == ["brand"]
+    assert summary["rows"] == 6
+
+
+def test_a_cross_validated_run_trains_each_fold_and_scores_every_row_once(tmp_path, capsys):
+    catalog = _kites(tmp_path / "rows.jsonl", 60)
+    done = _versus("--catalog", catalog, "--folds", "3", "--skip-recipe", "--quick", "--out", tmp_path / "cv.json")
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "cv.json").read_text())
+    assert written["folds"] == 3 and len(written["per_fold"]) == 3 and written["pooled"]["rows"] == 60
+    dev_ids = [i for f in written["per_fold"] for i in f["dev_ids"]]
+    assert sorted(dev_ids) == sorted(f"r{i}" for i in range(60))
+    assert all(f["train_rows"] + f["dev_rows"] == 60 for f in written["per_fold"])
+    right = sum(f["bag_of_words"]["category"]["accuracy"] * f["dev_rows"] for f in written["per_fold"])
+    assert written["pooled"]["bag_of_words"]["category"]["accuracy"] == pytest.approx(right / 60, abs=1e-3)
+    assert "== fold 3 of 3" in done.stdout and "== 3 folds pooled: 60 rows" in done.stdout
+    for refused, message in ((["--folds", "1"], "--folds must be 2 to 100"),
+                             (["--folds", "3", "--labels", catalog], "a --labels or --baseline file answers one split")):
+        done = _versus("--catalog", catalog, *refused, "--out", tmp_path / "no.json")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    done = _versus("--train", catalog, "--dev", catalog, "--folds", "3", "--out", tmp_path / "no.json")
+    assert done.returncode == 2 and "--folds splits a --catalog" in done.stderr
+    done = _versus("--catalog", _kites(tmp_path / "few.jsonl", 3), "--folds", "5", "--skip-recipe",
+                   "--out", tmp_path / "no.json")
+    assert done.returncode == 1 and "both sides need rows; give more rows, fewer --folds" in done.stderr, done.stderr
+    assert not (tmp_path / "no.json").exists()
