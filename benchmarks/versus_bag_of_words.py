@@ -136,7 +136,7 @@ def hash_split(rows: list[dict], dev_percent: int, salt: str = "") -> tuple[list
 
 def fold_split(rows: list[dict], folds: int, fold: int, salt: str = "") -> tuple[list[dict], list[dict]]:
     """Fold ``fold`` (0-based) of ``folds`` by the same hash: every row is in exactly one fold's dev, and
-    fold 0 of 5 is ``hash_split(rows, 20, salt)``'s dev (the buckets below 20)."""
+    fold 0 of 5 (printed as fold 1 of 5) is ``hash_split(rows, 20, salt)``'s dev (the buckets below 20)."""
     dev = [r for r in rows if _bucket(r, salt) * folds // 100 == fold]
     chosen = {id(r) for r in dev}
     return [r for r in rows if id(r) not in chosen], dev
@@ -359,11 +359,10 @@ def paired_table(runs: list[dict[str, Any]], baseline: dict[str, Any], dev: list
     return lines
 
 
-def compare(train: list[dict], dev: list[dict], args: argparse.Namespace, work: Path, image_root: Path,
-            heading: str = "") -> dict[str, Any]:
-    """One split: the schema (given, or drafted from these training rows), the bag of words, the recipe for
-    each seed (or the labels file), the tables printed under ``heading``; returns what the JSON keeps, with
-    the dev rows (``dev``) for pooling folds."""
+def prepare(train: list[dict], dev: list[dict], args: argparse.Namespace, work: Path, fold: str = "") -> dict[str, Any]:
+    """One split made ready before anything is fitted: its rows written to ``work``, the schema (given, or
+    drafted from these training rows), the training rows outside it left out (named), ``--only`` checked
+    against it, and the labels both sides predict."""
     from mmllm.schema import LabelSchema
     from mmllm.schema_infer import infer_schema
 
@@ -387,9 +386,20 @@ def compare(train: list[dict], dev: list[dict], args: argparse.Namespace, work: 
         train = [r for r in train if id(r) not in dropped]
     unknown = sorted(set(args.only or ()) - set(targets(schema)))
     if unknown:
-        raise SystemExit(f"error: --only {' '.join(unknown)}: not a label of schema '{schema.name}'; its labels: "
-                         f"{', '.join(targets(schema))}")
+        where = f" (drafted from {fold}'s training rows)" if fold and not args.schema else ""
+        raise SystemExit(f"error: --only {' '.join(unknown)}: not a label of schema '{schema.name}'{where}; its "
+                         f"labels: {', '.join(targets(schema))}")
     names = [n for n in targets(schema) if not args.only or n in args.only]
+    return {"train": train, "dev": dev, "work": work, "train_path": train_path, "dev_path": dev_path,
+            "schema_path": schema_path, "names": names}
+
+
+def compare(split: dict[str, Any], args: argparse.Namespace, image_root: Path, heading: str = "") -> dict[str, Any]:
+    """One prepared split (``prepare``): the bag of words, the recipe for each seed (or the labels file), the
+    tables printed under ``heading``; returns what the JSON keeps, with the dev rows (``dev``) for pooling
+    folds."""
+    train, dev, names, work = split["train"], split["dev"], split["names"], split["work"]
+    train_path, dev_path, schema_path = split["train_path"], split["dev_path"], split["schema_path"]
     if heading:
         print(f"\n== {heading}", flush=True)
     print(f"{len(train)} training rows, {len(dev)} dev rows; labels: {', '.join(names)}", flush=True)
@@ -487,14 +497,14 @@ def main() -> int:
                                                          "(a repeated id counts once, its first row)")
     p.add_argument("--dev", type=Path)
     p.add_argument("--catalog", type=Path, help="one labelled catalog, split by a hash of the id")
-    p.add_argument("--dev-percent", type=int, default=20)
+    p.add_argument("--dev-percent", type=int, help="with --catalog: the share of rows (of 100) in dev (default 20)")
     p.add_argument("--split-salt", default="", metavar="TEXT",
                    help="with --catalog: hash the id followed by TEXT, another split of the same rows (repeated hold-out: "
                         "one dev split of ~170 rows can be lucky or unlucky for either side)")
     p.add_argument("--folds", type=int, metavar="K",
                    help="with --catalog: K-fold cross-validation by the same hash (instead of --dev-percent): each "
                         "fold's rows are dev once, both sides trained on the rest, then every row scored together "
-                        "and one paired test over all of them (K times the rows of one split; fold 0 of 5 is the "
+                        "and one paired test over all of them (K times the rows of one split; fold 1 of 5 is the "
                         "--dev-percent 20 split)")
     p.add_argument("--schema", type=Path, help="label schema (default with --catalog: drafted from the training rows)")
     p.add_argument("--config", default=str(ROOT / "finetune" / "fusion_minilm_cpu.yaml"))
@@ -521,6 +531,8 @@ def main() -> int:
             p.error(f"--folds must be 2 to 100, got {args.folds}")
         if args.labels or args.baseline:
             p.error("--folds trains both sides on each fold: a --labels or --baseline file answers one split only")
+        if args.dev_percent is not None:
+            p.error("--folds cuts the rows into K folds of 1/K each: leave out --dev-percent")
     # every path as the user meant it (from where they ran it): the recipe then runs in the project folder
     for name in ("dev", "catalog", "schema", "labels", "baseline", "out"):
         if getattr(args, name) is not None:
@@ -543,12 +555,12 @@ def main() -> int:
     if args.catalog:  # the row contract first: the split hashes each row's id
         rows = [r for r in usable(read_rows(args.catalog), args.catalog.name) if r.get("label")]
         splits = ([fold_split(rows, args.folds, k, args.split_salt) for k in range(args.folds)] if args.folds
-                  else [hash_split(rows, args.dev_percent, args.split_salt)])
+                  else [hash_split(rows, 20 if args.dev_percent is None else args.dev_percent, args.split_salt)])
     else:
         splits = [(training_rows(args.train), usable(read_rows(args.dev), args.dev.name))]
     for k, (train, dev) in enumerate(splits):  # every split checked before anything is fitted
         if not train or not dev:
-            where = f"fold {k} of {args.folds}: " if args.folds else ""
+            where = f"fold {k + 1} of {args.folds}: " if args.folds else ""
             raise SystemExit(f"{where}{len(train)} training and {len(dev)} dev rows: both sides need rows; give more "
                              f"rows, {'fewer --folds' if args.folds else 'another --dev-percent'}, or --train and --dev")
     # the split is written to a work folder: its rows' pictures stay where the catalog's folder has them
@@ -556,10 +568,11 @@ def main() -> int:
     if not args.catalog and args.dev.parent != image_root and any(r.get("images") for r in splits[0][1]):
         raise SystemExit(f"error: {args.train[0]} and {args.dev} are in different folders and the dev rows have "
                          "pictures: their relative paths need one folder; put the two files side by side")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [compare(train, dev, args, Path(tmp) / f"fold{k}", image_root,
-                           f"fold {k + 1} of {args.folds}" if args.folds else "")
-                   for k, (train, dev) in enumerate(splits)]
+    with tempfile.TemporaryDirectory() as tmp:  # every split's schema and --only checked, then fitted
+        names = [f"fold {k + 1} of {args.folds}" if args.folds else "" for k in range(len(splits))]
+        prepared = [prepare(train, dev, args, Path(tmp) / f"split{k + 1}", name)
+                    for k, ((train, dev), name) in enumerate(zip(splits, names))]
+        results = [compare(split, args, image_root, name) for split, name in zip(prepared, names)]
     summary = pooled(results, args.quick) if args.folds else None
     for result in results:  # the JSON names each split's dev rows by id
         result["dev_ids"] = [str(r["id"]) for r in result.pop("dev")]

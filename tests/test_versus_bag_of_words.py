@@ -325,7 +325,33 @@ def test_a_cross_validated_run_trains_each_fold_and_scores_every_row_once(tmp_pa
         assert done.returncode == 2 and message in done.stderr, done.stderr
     done = _versus("--train", catalog, "--dev", catalog, "--folds", "3", "--out", tmp_path / "no.json")
     assert done.returncode == 2 and "--folds splits a --catalog" in done.stderr
-    done = _versus("--catalog", _kites(tmp_path / "few.jsonl", 3), "--folds", "5", "--skip-recipe",
-                   "--out", tmp_path / "no.json")
-    assert done.returncode == 1 and "both sides need rows; give more rows, fewer --folds" in done.stderr, done.stderr
+    done = _versus("--catalog", catalog, "--folds", "3", "--dev-percent", "50", "--out", tmp_path / "no.json")
+    assert done.returncode == 2 and "leave out --dev-percent" in done.stderr
+    few = _kites(tmp_path / "few.jsonl", 3)
+    versus = _module()
+    empty = next(k for k in range(5) if not versus.fold_split(versus.read_rows(few), 5, k)[1])
+    done = _versus("--catalog", few, "--folds", "5", "--skip-recipe", "--out", tmp_path / "no.json")
+    assert done.returncode == 1, done.stderr
+    assert f"fold {empty + 1} of 5: 3 training and 0 dev rows: both sides need rows; give more rows, fewer --folds" \
+        in done.stderr  # numbered as the folds' headings number them
     assert not (tmp_path / "no.json").exists()
+
+
+def test_a_label_one_folds_drafted_schema_lacks_is_refused_before_any_fold_is_fitted(tmp_path):
+    """Each fold drafts its schema from its own training rows: an --only label that one of them lacks (every row
+    stating it is that fold's dev) is named before the first fold is fitted, not after the others were."""
+    versus = _module()
+    rows = [{"id": f"r{i}", "title": f"{'delta kite' if i % 2 else 'jigsaw puzzle'} {i}",
+             "label": {"category": "Kites" if i % 2 else "Jigsaws"}} for i in range(60)]
+    last = {r["id"] for r in versus.fold_split(rows, 3, 2)[1]}
+    for r in rows:
+        if r["id"] in last and r["label"]["category"] == "Kites":
+            r["label"]["attributes"] = {"wind": "strong" if int(r["id"][1:]) % 4 == 1 else "light"}
+    catalog = tmp_path / "rare.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = _versus("--catalog", catalog, "--folds", "3", "--only", "category", "wind", "--skip-recipe", "--quick",
+                   "--out", tmp_path / "rare.json")
+    assert done.returncode == 1, done.stderr
+    assert "--only wind: not a label of schema 'drafted' (drafted from fold 3 of 3's training rows)" in done.stderr
+    assert "== fold 1 of 3" not in done.stdout  # nothing fitted
+    assert not (tmp_path / "rare.json").exists()
