@@ -16,9 +16,9 @@ get wrong say nothing about which side is better). A user checks the claim on th
     python benchmarks/versus_bag_of_words.py --train my_train.jsonl --dev my_dev.jsonl --schema my.yaml
     python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl [--dev-percent 20]   # hash split by id
         [--split-salt 1]   # another split of the same rows: repeat the comparison over a few
+        [--config finetune/fusion_minilm_cpu.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
     python benchmarks/versus_bag_of_words.py --catalog my_labelled.jsonl --folds 5
         # cross-validation: every row is dev once, both sides trained on the other folds, one paired test over all
-        [--config finetune/fusion_minilm_cpu.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
     python benchmarks/versus_bag_of_words.py --train T --dev D --labels labels.jsonl --only category --quick
         # a labels file written by `mmllm label` stands for the recipe (what `make run` prints)
 
