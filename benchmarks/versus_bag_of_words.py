@@ -569,10 +569,10 @@ def main() -> int:
         raise SystemExit(f"error: {args.train[0]} and {args.dev} are in different folders and the dev rows have "
                          "pictures: their relative paths need one folder; put the two files side by side")
     with tempfile.TemporaryDirectory() as tmp:  # every split's schema and --only checked, then fitted
-        names = [f"fold {k + 1} of {args.folds}" if args.folds else "" for k in range(len(splits))]
-        prepared = [prepare(train, dev, args, Path(tmp) / f"split{k + 1}", name)
-                    for k, ((train, dev), name) in enumerate(zip(splits, names))]
-        results = [compare(split, args, image_root, name) for split, name in zip(prepared, names)]
+        headings = [f"fold {k + 1} of {args.folds}" if args.folds else "" for k in range(len(splits))]
+        prepared = [prepare(train, dev, args, Path(tmp) / f"split{k + 1}", heading)
+                    for k, ((train, dev), heading) in enumerate(zip(splits, headings))]
+        results = [compare(split, args, image_root, heading) for split, heading in zip(prepared, headings)]
     summary = pooled(results, args.quick) if args.folds else None
     for result in results:  # the JSON names each split's dev rows by id
         result["dev_ids"] = [str(r["id"]) for r in result.pop("dev")]
