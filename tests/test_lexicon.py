@@ -1,15 +1,18 @@
-"""The lexical member (mmllm/models/fusion/lexicon.py): TF-IDF by hand, logistic regression that matches
-scikit-learn's objective, C chosen by cross-validation on the training rows, and the batch path."""
+"""The lexical member (mmllm/models/fusion/lexicon.py): TF-IDF by hand, logistic regression and the
+squared-hinge SVM that match scikit-learn's objectives, C chosen by cross-validation on the training rows,
+the SVM's temperature fitted on out-of-fold scores, and the batch path."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
 
 import pytest
 import torch
 
 from mmllm.catalog import Listing
-from mmllm.bag_of_words import Vectorizer, fit_logistic_regression, listing_text
+from mmllm.bag_of_words import Vectorizer, fit_linear_svm, fit_logistic_regression, fit_temperature, listing_text
 from mmllm.models.fusion.lexicon import LexiconConfig, fit_lexicon, load_lexicon, save_lexicon
 
 BRANDS = ["hornby", "lego", "corgi"]
@@ -99,10 +102,92 @@ def test_an_abstaining_head_is_a_hurdle_whether_then_which(tmp_path):
     assert plain.hurdle == [] and plain.weight_brand.shape == lexicon.weight_brand.shape
 
 
+def test_the_svm_reaches_the_squared_hinge_optimum_and_ranks_the_words():
+    rows = _rows(60)
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True))
+    x, y = vec.matrix(rows), torch.tensor([i % 3 for i in range(60)])
+    w, b = fit_linear_svm(x, y, 3, 1.0, 200)
+    # LinearSVC's objective per class (bias not penalized), scaled by 1 / (C N): at the optimum its gradient vanishes
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    sign = torch.where(torch.nn.functional.one_hot(y, 3) > 0, 1.0, -1.0)
+    slack = (1 - sign * (torch.sparse.mm(x, w) + b)).clamp_min(0)
+    ((slack ** 2).sum() / 60 + (w * w).sum() / (2 * 1.0 * 60)).backward()
+    assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
+    test = [Listing(id="t", title=f"{brand.title()} something new") for brand in BRANDS]
+    assert (vec.matrix(test).to_dense() @ w + b).argmax(-1).tolist() == [0, 1, 2]
+
+
+def test_the_temperature_is_the_one_the_labels_were_drawn_at():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(20_000, 4, generator=g) * 2
+    y = torch.multinomial(torch.softmax(scores / 0.5, -1), 1, generator=g).squeeze(1)
+    assert fit_temperature(scores, y) == pytest.approx(0.5, rel=0.05)
+    assert fit_temperature(scores * 3, y) == pytest.approx(1.5, rel=0.05)
+
+
+def test_a_squared_hinge_lexicon_is_the_svm_divided_by_its_out_of_fold_temperature(tmp_path):
+    # 90 rows as in the hurdle test, with a few titles that name no brand on the value rows, so the folds err
+    rows = [Listing(id=f"s{i}", title=(f"{BRANDS[i % 3].title()} set number {i}" if i % 3 and i % 7
+                                       else f"plain set {i}")) for i in range(90)]
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True))
+    x = vec.matrix(rows)
+    y = torch.tensor([0 if i % 3 == 0 else 1 + i % 3 for i in range(90)])
+    cfg = LexiconConfig(enabled=True, loss="squared_hinge", c=[1.0], folds=3)
+    lexicon, chosen = fit_lexicon(x, {"target_brand": y}, [("brand", 4)], cfg, seed=0, say=lambda text: None,
+                                  abstaining={"brand"})
+    assert lexicon.hurdle == ["brand"] and chosen == {"brand": 1.0}
+    # which value: the SVM on the rows that state one, its margins divided by the temperature of its 3-fold scores
+    stated = [i for i in range(90) if i % 3]
+    xs, ys = torch.index_select(x, 0, torch.tensor(stated)).coalesce(), y[stated] - 1
+    order = list(range(len(stated)))
+    random.Random(0).shuffle(order)
+    folds = [order[f::3] for f in range(3)]
+    scores = torch.zeros(len(stated), 3)
+    for held in folds:
+        fit_on = [i for part in folds if part is not held for i in part]
+        w, b = fit_linear_svm(torch.index_select(xs, 0, torch.tensor(fit_on)).coalesce(), ys[fit_on], 3, 1.0,
+                              cfg.max_iter)
+        scores[held] = torch.index_select(xs, 0, torch.tensor(held)).coalesce().to_dense() @ w + b
+    temperature = fit_temperature(scores, ys)
+    assert 0.01 < temperature < 100
+    w, b = fit_linear_svm(xs, ys, 3, 1.0, cfg.max_iter)
+    assert torch.allclose(lexicon.weight_brand[:, 1:], w / temperature, atol=1e-4)
+    assert torch.allclose(lexicon.bias_brand[1:], b / temperature, atol=1e-4)
+    # whether: still the logistic gate, a probability by construction
+    gate_w, gate_b = fit_logistic_regression(x, (y > 0).long(), 2, 1.0, cfg.max_iter)
+    assert torch.allclose(lexicon.weight_brand[:, 0], gate_w[:, 0] - gate_w[:, 1], atol=1e-4)
+    probs = lexicon(*vec.batch(rows))["brand"].exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(90), atol=1e-5)
+    assert lexicon.settled == {"brand": (1.0, pytest.approx(temperature))}
+    # a refit on part of the rows (the vote's side fit) takes the C and temperature it is given: no folds
+    part = list(range(60))
+    again, _ = fit_lexicon(torch.index_select(x, 0, torch.tensor(part)).coalesce(), {"target_brand": y[part]},
+                           [("brand", 4)], cfg, seed=0, say=lambda text: None, abstaining={"brand"},
+                           settled={"brand": (1.0, 0.25)})
+    part_stated = [i for i in part if i % 3]
+    w, b = fit_linear_svm(torch.index_select(x, 0, torch.tensor(part_stated)).coalesce(), y[part_stated] - 1, 3, 1.0,
+                          cfg.max_iter)
+    assert torch.allclose(again.weight_brand[:, 1:], w / 0.25, atol=1e-4) and again.settled == {"brand": (1.0, 0.25)}
+    # kept with the fit in the shared cache (a fit cached before the temperature was kept reads as temperature 1)
+    save_lexicon(tmp_path / "fit", lexicon, vec, chosen)
+    assert load_lexicon(tmp_path / "fit")[0].settled == lexicon.settled
+    meta = json.loads((tmp_path / "fit" / "chosen.json").read_text())
+    del meta["settled"]
+    (tmp_path / "fit" / "chosen.json").write_text(json.dumps(meta))
+    assert load_lexicon(tmp_path / "fit")[0].settled == {"brand": (1.0, 1.0)}
+    # a plain head (no hurdle) is the calibrated SVM over all its classes
+    plain, _ = fit_lexicon(x, {"target_brand": y}, [("brand", 4)], cfg, seed=0, say=lambda text: None)
+    assert plain.hurdle == [] and (plain(*vec.batch(rows))["brand"].argmax(-1) == y).float().mean() > 0.9
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="lexicon.c must be"):
         LexiconConfig(c=[])
     with pytest.raises(ValueError, match="lexicon.folds must be >= 2"):
         LexiconConfig(c=[1.0, 10.0], folds=1)
+    with pytest.raises(ValueError, match="lexicon.loss must be logistic or squared_hinge"):
+        LexiconConfig(loss="hinge")
+    with pytest.raises(ValueError, match="lexicon.folds must be >= 2 with lexicon.loss: squared_hinge"):
+        LexiconConfig(loss="squared_hinge", folds=1)
     with pytest.raises(ValueError, match="lexicon.max_chars must be >= 1"):
         LexiconConfig(max_chars=0)

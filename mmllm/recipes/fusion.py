@@ -148,7 +148,7 @@ def run(cfg: FusionRecipeConfig) -> dict[str, Any]:
         # the side fit draws random numbers of its own: the final heads train as they would without it
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[s.accelerator.device] if s.accelerator.device.type == "cuda" else []):
-            vote = _fit_vote(s, cfg, specs, featurizer, collate, anchor, memory_rows, build)
+            vote = _fit_vote(s, cfg, specs, featurizer, collate, anchor, memory_rows, build, model.lexicon)
         random.setstate(py_state)
         model.vote_weights, model.vote_scores = vote.weights, vote.scores
     summary, unwrapped = train_heads(s, model, specs, collate, dev_collate, heads.count_rows, cfg.train, cfg.eval,
@@ -352,10 +352,12 @@ def _voting_heads(specs: list[heads.HeadSpec]) -> list[heads.HeadSpec]:
 
 
 def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], featurizer: fusion.Featurizer,
-              collate: Any, anchor: Anchor | None, memory_rows: list[Any], build: Any) -> VoteFit:
+              collate: Any, anchor: Anchor | None, memory_rows: list[Any], build: Any,
+              full_lexicon: Lexicon | None = None) -> VoteFit:
     """The vote's per-head weights (``vote.py``): hold out ``vote.holdout`` of the training rows that label the
     attributes (a category-only row is neither scored nor teaches an attribute), fit
-    each member on the rest (the heads trained again, the lexical member refitted, the neighbours
+    each member on the rest (the heads trained again, the lexical member refitted with the C and temperature
+    its fit on all the rows chose (``full_lexicon``), the neighbours
     among the rest), and choose each attribute head's weights on the held-out rows."""
     voting = _voting_heads(specs)
     members = [m for m in cfg.vote.members if m == "heads" or (m == "lexicon" and cfg.lexicon.enabled)
@@ -397,7 +399,8 @@ def _fit_vote(s: Any, cfg: FusionRecipeConfig, specs: list[heads.HeadSpec], feat
         fitted = heads.encode_targets(specs, [r.label for r in fit_rows], s.schema)
         lexicon, _ = fit_lexicon(vectorizer.matrix(fit_rows), fitted, [(sp.name, len(sp.classes)) for sp in voting],
                                  cfg.lexicon, cfg.train.seed, say=lambda text: say(s.accelerator, text),
-                                 abstaining={sp.name for sp in voting if sp.abstains})
+                                 abstaining={sp.name for sp in voting if sp.abstains},
+                                 settled=full_lexicon.settled if full_lexicon is not None else None)
         ids, weights = vectorizer.batch(held_rows)
         for name, logits in lexicon(ids, weights).items():
             probs[name]["lexicon"] = torch.softmax(logits.float(), -1)

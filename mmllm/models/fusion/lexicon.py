@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmllm.bag_of_words import Vectorizer, fit_logistic_regression, listing_text, select_rows
+from mmllm.bag_of_words import (Vectorizer, fit_linear_svm, fit_logistic_regression, fit_temperature, listing_text,
+                                 select_rows)
 from mmllm.catalog import Listing
 from mmllm.config import help_field
 from mmllm.models.fusion.encoders import publish_folder
@@ -65,6 +66,10 @@ class LexiconConfig:
                                       "for 1.3 points of accuracy and a worse confidence order, benchmarks/RESULTS.md)")
     hurdle: bool = help_field(True, "a head that abstains (<not stated> trained on gold nulls) gets two regressions: "
                                     "whether a value is stated (every row), which value (the rows that state one)")
+    loss: str = help_field("logistic", "logistic = multinomial logistic regression; squared_hinge = one-vs-rest L2-SVM "
+                                       "(LinearSVC's loss), its margins made probabilities by a temperature fitted on "
+                                       "k-fold out-of-fold scores (lexicon.folds more fits per head); a hurdle's "
+                                       "whether-stated gate stays logistic")
 
     def __post_init__(self) -> None:
         if not self.c or any(c <= 0 for c in self.c):
@@ -74,34 +79,49 @@ class LexiconConfig:
                 raise ValueError(f"lexicon.{name} must be >= 1, got {getattr(self, name)}")
         if len(self.c) > 1 and self.folds < 2:
             raise ValueError("lexicon.folds must be >= 2 to choose among several lexicon.c")
+        if self.loss not in ("logistic", "squared_hinge"):
+            raise ValueError(f"lexicon.loss must be logistic or squared_hinge, got {self.loss!r}")
+        if self.loss == "squared_hinge" and self.folds < 2:
+            raise ValueError("lexicon.folds must be >= 2 with lexicon.loss: squared_hinge (its temperature is "
+                             "fitted on out-of-fold scores)")
 
 
-def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: LexiconConfig,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One regression, its ``C`` chosen by k-fold cross-validated log-loss when there are several."""
-    c = cfg.c[0]
-    if len(cfg.c) > 1:
+def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: LexiconConfig, seed: int,
+                    loss: str = "logistic", settled: tuple[float, float] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """One regression, its ``C`` chosen by k-fold cross-validated log-loss when there are several. With
+    ``loss="squared_hinge"`` the k-fold scores are always made (each fold's margins on the rows it did not
+    train on), the temperature that makes them the best softmax is fitted on them (per ``C``: the log-loss
+    compared is at each one's own temperature), and the final weights and bias come divided by it, so
+    their softmax is the calibrated distribution. ``settled`` = (C, temperature) found before (a fit on more
+    rows of the same catalog): no cross-validation. Returns (W, b, C, temperature)."""
+    svm = loss == "squared_hinge"
+    fit = fit_linear_svm if svm else fit_logistic_regression
+    c, temperature = settled if settled is not None else (cfg.c[0], 1.0)
+    if settled is None and (len(cfg.c) > 1 or svm):
         order = list(range(ys.shape[0]))
         random.Random(seed).shuffle(order)
-        folds = [order[f::cfg.folds] for f in range(cfg.folds)]
-        losses = {}
+        folds = [part for part in (order[f::cfg.folds] for f in range(cfg.folds)) if part]
+        losses, temperatures = {}, {}
         for candidate in cfg.c:
-            total = 0.0
+            scores = torch.zeros(ys.shape[0], classes)
             for f, held in enumerate(folds):
                 fit_on = [i for g, part in enumerate(folds) if g != f for i in part]
-                w, b = fit_logistic_regression(select_rows(xs, fit_on), ys[fit_on], classes, candidate,
-                                               cfg.max_iter)
-                logits = torch.sparse.mm(select_rows(xs, held), w) + b
-                total += float(nn.functional.cross_entropy(logits, ys[held], reduction="sum"))
-            losses[candidate] = total / ys.shape[0]
+                if not fit_on:  # one row: no fold to learn from
+                    continue
+                w, b = fit(select_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter)
+                scores[held] = torch.sparse.mm(select_rows(xs, held), w) + b
+            temperatures[candidate] = fit_temperature(scores, ys) if svm else 1.0
+            losses[candidate] = float(nn.functional.cross_entropy(scores / temperatures[candidate], ys))
         c = min(losses, key=losses.get)
-    w, b = fit_logistic_regression(xs, ys, classes, c, cfg.max_iter)
-    return w, b, c
+        temperature = temperatures[c]
+    w, b = fit(xs, ys, classes, c, cfg.max_iter)
+    return w / temperature, b / temperature, c, temperature
 
 
 def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequence[tuple[str, int]],
-                cfg: LexiconConfig, seed: int, say: Any = print,
-                abstaining: Collection[str] = ()) -> tuple["Lexicon", dict[str, float]]:
+                cfg: LexiconConfig, seed: int, say: Any = print, abstaining: Collection[str] = (),
+                settled: dict[str, tuple[float, float]] | None = None) -> tuple["Lexicon", dict[str, float]]:
     """One logistic regression per (head name, classes) over ``x`` [N, V] with ``targets[f"target_{name}"]``
     (-100 = no target); returns the module and the ``C`` chosen per head.
 
@@ -109,10 +129,14 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
     ``cfg.hurdle``, a hurdle model: a binary regression of "stated or not" on every row and a regression
     over the values on the rows that state one, so which value it is is learned as the bag of words
     learns it, not against the 70% of rows (a catalog's brands) that state none. Its column 0 holds the
-    log-odds of "not stated", the others the values' logits (``Lexicon.forward`` joins them)."""
+    log-odds of "not stated", the others the values' logits (``Lexicon.forward`` joins them).
+
+    ``settled``: a head's (C, temperature) from an earlier fit (``Lexicon.settled`` of the fit on all the
+    training rows): the vote's side fit on a part of them refits the weights without choosing again."""
     chosen: dict[str, float] = {}
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hurdle = []
+    found: dict[str, tuple[float, float]] = {}
     for name, classes in heads:
         y = targets[f"target_{name}"]
         keep = [i for i, t in enumerate(y.tolist()) if t >= 0]
@@ -125,19 +149,22 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
         stated = [i for i, t in enumerate(ys.tolist()) if t > 0]
         if (cfg.hurdle and name in abstaining and 0 < len(stated) < len(keep)
                 and len({int(ys[i]) for i in stated}) >= 2):
-            gate_w, gate_b, _ = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
-            value_w, value_b, c = _choose_and_fit(select_rows(xs, stated), ys[stated] - 1, classes - 1, cfg, seed)
+            gate_w, gate_b, _, _ = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
+            value_w, value_b, c, t = _choose_and_fit(select_rows(xs, stated), ys[stated] - 1, classes - 1, cfg,
+                                                     seed, cfg.loss, (settled or {}).get(name))
             weights[name] = (torch.cat([gate_w[:, :1] - gate_w[:, 1:], value_w], 1),
                              torch.cat([gate_b[:1] - gate_b[1:], value_b]))
             hurdle.append(name)
         else:
-            w, b, c = _choose_and_fit(xs, ys, classes, cfg, seed)
+            w, b, c, t = _choose_and_fit(xs, ys, classes, cfg, seed, cfg.loss, (settled or {}).get(name))
             weights[name] = (w, b)
         chosen[name] = c
+        found[name] = (c, t)
     lexicon = Lexicon({n: (w.shape[0], w.shape[1]) for n, (w, _) in weights.items()}, hurdle=hurdle)
     for name, (w, b) in weights.items():
         getattr(lexicon, f"weight_{name}").copy_(w)
         getattr(lexicon, f"bias_{name}").copy_(b)
+    lexicon.settled = found
     return lexicon, chosen
 
 
@@ -149,6 +176,9 @@ class Lexicon(nn.Module):
         super().__init__()
         self.names = list(shapes)
         self.hurdle = [n for n in hurdle if n in shapes]
+        # per head (C, temperature) of the fit (the weights hold the temperature already): what a refit on
+        # a part of the rows reuses (fit_lexicon's settled)
+        self.settled: dict[str, tuple[float, float]] = {}
         for name, (size, classes) in shapes.items():
             self.register_buffer(f"weight_{name}", torch.zeros(size, classes))
             self.register_buffer(f"bias_{name}", torch.zeros(classes))
@@ -180,7 +210,7 @@ def lexicon_store(folder: Path | None, listings: Sequence[Listing], targets: dic
         return None
     h = hashlib.sha256()
     h.update(json.dumps({"settings": {k: getattr(cfg, k) for k in ("c", "folds", "max_iter", "max_chars", "min_df",
-                                                                     "max_features", "max_parameters", "hurdle")},
+                                                                     "max_features", "max_parameters", "hurdle", "loss")},
                          "abstaining": sorted(abstaining), "seed": seed, "heads": [list(x) for x in heads],
                          "torch": torch.__version__.split("+")[0]},
                         sort_keys=True).encode())
@@ -198,7 +228,8 @@ def save_lexicon(store: Path, lexicon: "Lexicon", vectorizer: Vectorizer, chosen
         save_file({k: v.contiguous() for k, v in lexicon.state_dict().items()}, str(folder / "weights.safetensors"))
         (folder / LEXICON_FILE).write_text(json.dumps(vectorizer.to_dict(), ensure_ascii=False), encoding="utf-8")
         (folder / "chosen.json").write_text(json.dumps({"chosen": chosen, "shapes": lexicon.shapes(),
-                                                        "hurdle": lexicon.hurdle}), encoding="utf-8")
+                                                        "hurdle": lexicon.hurdle,
+                                                        "settled": lexicon.settled}), encoding="utf-8")
 
     publish_folder(store, write)
 
@@ -207,5 +238,8 @@ def load_lexicon(store: Path) -> tuple["Lexicon", Vectorizer, dict[str, float]]:
     meta = json.loads((store / "chosen.json").read_text(encoding="utf-8"))
     lexicon = Lexicon({n: tuple(shape) for n, shape in meta["shapes"].items()}, hurdle=meta.get("hurdle", ()))
     lexicon.load_state_dict(load_file(str(store / "weights.safetensors")))
+    # a fit cached before the temperature was kept: logistic, temperature 1
+    lexicon.settled = {n: (float(c), float(t)) for n, (c, t) in
+                       (meta.get("settled") or {n: (c, 1.0) for n, c in meta["chosen"].items()}).items()}
     vectorizer = Vectorizer.from_dict(json.loads((store / LEXICON_FILE).read_text(encoding="utf-8")))
     return lexicon, vectorizer, {k: float(v) for k, v in meta["chosen"].items()}
