@@ -22,7 +22,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -141,12 +141,12 @@ class Vectorizer:
         return cls(words, chars, [float(v) for v in data["idf"]], int(data["max_chars"]))
 
 
-def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
-                            max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, mean CE + ||W||^2 / (2 C N), full-batch L-BFGS: (W [V, C], b [C]).
-    The gradient is written out (X^T (softmax - onehot) / N + W / (C N)) over CSR copies of X and X^T:
-    sparse autograd would be several times slower."""
-    n = y.shape[0]
+def _minimize(x: torch.Tensor, n: int, classes: int, c: float, max_iter: int,
+              data_term: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [V, C], b [C]) minimizing ``data_term`` of the scores x W + b plus ||W||^2 / (2 C N), by full-batch
+    L-BFGS. ``data_term(scores)`` returns (its value, its gradient with respect to the scores): the gradient
+    is written out (X^T d + W / (C N)) over CSR copies of X and X^T, sparse autograd would be several times
+    slower."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         xc, xt = x.to_sparse_csr(), x.t().coalesce().to_sparse_csr()
@@ -155,21 +155,31 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: f
     optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-6, tolerance_change=1e-9)
     penalty = 1.0 / (2.0 * c * n)
-    rows = torch.arange(n)
 
     @torch.no_grad()
     def closure() -> torch.Tensor:
-        logp = torch.log_softmax(xc @ w + b, -1)
-        loss = -logp[rows, y].mean() + penalty * (w * w).sum()
-        residual = logp.exp()
-        residual[rows, y] -= 1.0
-        residual /= n
+        value, residual = data_term(xc @ w + b)
         w.grad = xt @ residual + 2.0 * penalty * w
         b.grad = residual.sum(0)
-        return loss
+        return value + penalty * (w * w).sum()
 
     optimizer.step(closure)
     return w.detach(), b.detach()
+
+
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
+                            max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, mean CE + ||W||^2 / (2 C N), full-batch L-BFGS: (W [V, C], b [C])."""
+    n = y.shape[0]
+    rows = torch.arange(n)
+
+    def cross_entropy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(scores, -1)
+        residual = logp.exp()  # (softmax - onehot) / N
+        residual[rows, y] -= 1.0
+        return -logp[rows, y].mean(), residual / n
+
+    return _minimize(x, n, classes, c, max_iter, cross_entropy)
 
 
 def fit_linear_svm(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
@@ -177,31 +187,16 @@ def fit_linear_svm(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
     """One-vs-rest L2-SVM with the squared hinge (scikit-learn's ``LinearSVC`` objective per class, the bias
     not penalized): mean over rows of sum_k max(0, 1 - t_ik s_ik)^2 + ||W||^2 / (2 C N), t = +1 for the row's
     class and -1 for the others, full-batch L-BFGS: (W [V, C], b [C]) whose scores ``x W + b`` rank the
-    classes (margins, not probabilities: :func:`fit_temperature` turns them into a softmax). The gradient is
-    written out as in :func:`fit_logistic_regression`."""
+    classes (margins, not probabilities: :func:`fit_temperature` turns them into a softmax)."""
     n = y.shape[0]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        xc, xt = x.to_sparse_csr(), x.t().coalesce().to_sparse_csr()
-    w = torch.zeros(x.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-6, tolerance_change=1e-9)
-    penalty = 1.0 / (2.0 * c * n)
     sign = -torch.ones(n, classes)
     sign[torch.arange(n), y] = 1.0
 
-    @torch.no_grad()
-    def closure() -> torch.Tensor:
-        slack = (1.0 - sign * (xc @ w + b)).clamp_min(0.0)  # [N, C]
-        loss = (slack * slack).sum() / n + penalty * (w * w).sum()
-        residual = -2.0 * sign * slack / n  # d loss / d score
-        w.grad = xt @ residual + 2.0 * penalty * w
-        b.grad = residual.sum(0)
-        return loss
+    def squared_hinge(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slack = (1.0 - sign * scores).clamp_min(0.0)  # [N, C]
+        return (slack * slack).sum() / n, -2.0 * sign * slack / n
 
-    optimizer.step(closure)
-    return w.detach(), b.detach()
+    return _minimize(x, n, classes, c, max_iter, squared_hinge)
 
 
 def fit_temperature(scores: torch.Tensor, y: torch.Tensor) -> float:
