@@ -200,16 +200,17 @@ def fit_linear_svm(x: torch.Tensor, y: torch.Tensor, classes: int, c: float,
 
 
 def fit_temperature(scores: torch.Tensor, y: torch.Tensor) -> float:
-    """The temperature T for which softmax(scores / T) has the lowest mean cross-entropy on ``y`` (scores
-    of rows the scorer did not train on: out-of-fold), searched over T in [0.01, 100] on a log grid of 161
-    points, then refined to a twentieth of a grid step around the best."""
-    def loss(t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(scores / t, y))
+    """The temperature T in [0.01, 100] for which softmax(scores / T) has the lowest mean cross-entropy on
+    ``y`` (scores of rows the scorer did not train on: out-of-fold): a log grid of 161 points, then refined
+    to a twentieth of a grid step around the best; of equal losses, the T nearest 1 (scores that say nothing,
+    all equal, keep T = 1)."""
+    def key(t: float) -> tuple[float, float]:
+        return round(float(torch.nn.functional.cross_entropy(scores / t, y)), 12), abs(math.log(t))
 
     grid = [10 ** (-2 + 4 * i / 160) for i in range(161)]
-    best = min(grid, key=loss)
-    fine = [best * 10 ** (0.025 * (i - 20) / 20) for i in range(41)]
-    return min(fine, key=loss)
+    best = min(grid, key=key)
+    fine = [min(max(best * 10 ** (0.025 * (i - 20) / 20), 0.01), 100.0) for i in range(41)]
+    return min(fine + [best], key=key)
 
 
 def select_rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:

@@ -123,6 +123,9 @@ def test_the_temperature_is_the_one_the_labels_were_drawn_at():
     y = torch.multinomial(torch.softmax(scores / 0.5, -1), 1, generator=g).squeeze(1)
     assert fit_temperature(scores, y) == pytest.approx(0.5, rel=0.05)
     assert fit_temperature(scores * 3, y) == pytest.approx(1.5, rel=0.05)
+    # bounded, and scores that say nothing keep T = 1
+    assert 0.01 <= fit_temperature(scores * 1e4, y) <= 100 and 0.01 <= fit_temperature(scores * 1e-4, y) <= 100
+    assert fit_temperature(torch.zeros(10, 3), torch.arange(10) % 3) == 1.0
 
 
 def test_a_squared_hinge_lexicon_is_the_svm_divided_by_its_out_of_fold_temperature(tmp_path):
