@@ -126,8 +126,9 @@ def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: Lexic
 def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequence[tuple[str, int]],
                 cfg: LexiconConfig, seed: int, say: Any = print, abstaining: Collection[str] = (),
                 settled: dict[str, tuple[float, float]] | None = None) -> tuple["Lexicon", dict[str, float]]:
-    """One logistic regression per (head name, classes) over ``x`` [N, V] with ``targets[f"target_{name}"]``
-    (-100 = no target); returns the module and the ``C`` chosen per head.
+    """One regression per (head name, classes) over ``x`` [N, V] with ``targets[f"target_{name}"]``
+    (-100 = no target), logistic or, with ``cfg.loss: squared_hinge``, the calibrated SVM; returns the module
+    and the ``C`` chosen per head.
 
     A head named in ``abstaining`` (class 0 = "<not stated>", the target of a gold null) is, with
     ``cfg.hurdle``, a hurdle model: a binary regression of "stated or not" on every row and a regression
