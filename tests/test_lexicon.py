@@ -117,6 +117,45 @@ def test_the_svm_reaches_the_squared_hinge_optimum_and_ranks_the_words():
     assert (vec.matrix(test).to_dense() @ w + b).argmax(-1).tolist() == [0, 1, 2]
 
 
+def test_the_fit_in_the_rows_span_is_the_fit_over_every_n_gram(monkeypatch):
+    # fewer rows than n-grams: the fit runs over X Q (Q a basis of the rows' span) and must land where the
+    # fit over all n-gram weights lands, for both losses; labels with noise, so neither fit is trivial
+    import mmllm.bag_of_words as bow
+
+    rows = _rows(60)
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True))
+    x = vec.matrix(rows)
+    y = torch.tensor([(i + (i % 7 == 0)) % 3 for i in range(60)])
+    assert x.shape[0] < x.shape[1]
+    grams = []
+    real_gram, in_row_space = bow.row_gram, bow._in_row_space
+    monkeypatch.setattr(bow, "row_gram", lambda m: grams.append(m.shape) or real_gram(m))
+
+    def objective(w, b, svm):
+        scores = torch.sparse.mm(x, w) + b
+        if svm:
+            sign = torch.where(torch.nn.functional.one_hot(y, 3) > 0, 1.0, -1.0)
+            data = ((1 - sign * scores).clamp_min(0) ** 2).sum() / 60
+        else:
+            data = torch.nn.functional.cross_entropy(scores, y)
+        return float(data + (w * w).sum() / (2 * 1.0 * 60))
+
+    for fit, svm in ((fit_logistic_regression, False), (fit_linear_svm, True)):
+        monkeypatch.setattr(bow, "_in_row_space", lambda *a: False)
+        w0, b0 = fit(x, y, 3, 1.0, 300)
+        monkeypatch.setattr(bow, "_in_row_space", lambda *a: True)
+        w1, b1 = fit(x, y, 3, 1.0, 300)
+        assert w1.shape == w0.shape and w1.dtype == w0.dtype == torch.float32
+        assert objective(w1, b1, svm) == pytest.approx(objective(w0, b0, svm), rel=1e-5)
+        s0, s1 = torch.sparse.mm(x, w0) + b0, torch.sparse.mm(x, w1) + b1
+        assert float((torch.softmax(s0, -1) - torch.softmax(s1, -1)).abs().max()) < 1e-3
+        assert float((w0 - w1).abs().max()) < 1e-2 * float(w0.abs().max())
+    assert grams == [x.shape] * 2  # one X X^T per fit in the span
+    # which fits go there: many n-grams x classes over few rows, not few classes over thousands of rows
+    assert in_row_space(691, 30_858, 151, 100) and not in_row_space(2_840, 42_493, 4, 100)
+    assert not in_row_space(5_000, 10 ** 6, 1_000, 100) and not in_row_space(500, 400, 50, 100)
+
+
 def test_the_temperature_is_the_one_the_labels_were_drawn_at():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(20_000, 4, generator=g) * 2

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmllm.bag_of_words import (Vectorizer, fit_linear_svm, fit_logistic_regression, fit_temperature, listing_text,
-                                 select_rows)
+                                 row_gram, select_rows)
 from mmllm.catalog import Listing
 from mmllm.config import help_field
 from mmllm.models.fusion.encoders import publish_folder
@@ -90,15 +90,24 @@ class LexiconConfig:
                              "fitted on out-of-fold scores)")
 
 
+def _part(gram: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    """The rows' and columns' ``rows`` of X X^T (None stays None)."""
+    if gram is None:
+        return None
+    index = torch.tensor(rows, dtype=torch.long)
+    return gram.index_select(0, index).index_select(1, index)
+
+
 def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: LexiconConfig, seed: int,
-                    loss: str = "logistic", settled: tuple[float, float] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+                    loss: str = "logistic", settled: tuple[float, float] | None = None,
+                    gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """One regression, its ``C`` chosen by k-fold cross-validated log-loss when there are several. With
     ``loss="squared_hinge"`` the k-fold scores are always made (each fold's margins on the rows it did not
     train on), the temperature that makes them the best softmax is fitted on them (per ``C``: the log-loss
     compared is at each one's own temperature), and the final weights and bias come divided by it, so
     their softmax is the calibrated distribution. ``settled`` = (C, temperature) found before (a fit on more
-    rows of the same catalog): no cross-validation. Returns (W, b, C, temperature)."""
+    rows of the same catalog): no cross-validation. ``gram``: X X^T of these rows (``row_gram``), or None.
+    Returns (W, b, C, temperature)."""
     svm = loss == "squared_hinge"
     fit = fit_linear_svm if svm else fit_logistic_regression
     c, temperature = settled if settled is not None else (cfg.c[0], 1.0)
@@ -113,13 +122,14 @@ def _choose_and_fit(xs: torch.Tensor, ys: torch.Tensor, classes: int, cfg: Lexic
                 fit_on = [i for g, part in enumerate(folds) if g != f for i in part]
                 if not fit_on:  # one row: no fold to learn from
                     continue
-                w, b = fit(select_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter)
+                w, b = fit(select_rows(xs, fit_on), ys[fit_on], classes, candidate, cfg.max_iter,
+                           _part(gram, fit_on))
                 scores[held] = torch.sparse.mm(select_rows(xs, held), w) + b
             temperatures[candidate] = fit_temperature(scores, ys) if svm else 1.0
             losses[candidate] = float(nn.functional.cross_entropy(scores / temperatures[candidate], ys))
         c = min(losses, key=losses.get)
         temperature = temperatures[c]
-    w, b = fit(xs, ys, classes, c, cfg.max_iter)
+    w, b = fit(xs, ys, classes, c, cfg.max_iter, gram)
     return w / temperature, b / temperature, c, temperature
 
 
@@ -142,6 +152,7 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hurdle = []
     found: dict[str, tuple[float, float]] = {}
+    gram = row_gram(x)  # the fits run in the rows' span where they are few (bag_of_words._minimize)
     for name, classes in heads:
         y = targets[f"target_{name}"]
         keep = [i for i, t in enumerate(y.tolist()) if t >= 0]
@@ -150,18 +161,18 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
         if x.shape[1] * classes > cfg.max_parameters:
             say(f"lexicon: {name} left out ({x.shape[1]:,} n-grams x {classes:,} classes > lexicon.max_parameters)")
             continue
-        xs, ys = select_rows(x, keep), y[keep]
+        xs, ys, gs = select_rows(x, keep), y[keep], _part(gram, keep)
         stated = [i for i, t in enumerate(ys.tolist()) if t > 0]
         if (cfg.hurdle and name in abstaining and 0 < len(stated) < len(keep)
                 and len({int(ys[i]) for i in stated}) >= 2):
-            gate_w, gate_b, _, _ = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed)
+            gate_w, gate_b, _, _ = _choose_and_fit(xs, (ys > 0).long(), 2, cfg, seed, gram=gs)
             value_w, value_b, c, t = _choose_and_fit(select_rows(xs, stated), ys[stated] - 1, classes - 1, cfg,
-                                                     seed, cfg.loss, (settled or {}).get(name))
+                                                     seed, cfg.loss, (settled or {}).get(name), _part(gs, stated))
             weights[name] = (torch.cat([gate_w[:, :1] - gate_w[:, 1:], value_w], 1),
                              torch.cat([gate_b[:1] - gate_b[1:], value_b]))
             hurdle.append(name)
         else:
-            w, b, c, t = _choose_and_fit(xs, ys, classes, cfg, seed, cfg.loss, (settled or {}).get(name))
+            w, b, c, t = _choose_and_fit(xs, ys, classes, cfg, seed, cfg.loss, (settled or {}).get(name), gs)
             weights[name] = (w, b)
         chosen[name] = c
         found[name] = (c, t)
@@ -217,6 +228,8 @@ def lexicon_store(folder: Path | None, listings: Sequence[Listing], targets: dic
     h.update(json.dumps({"settings": {k: getattr(cfg, k) for k in ("c", "folds", "max_iter", "max_chars", "min_df",
                                                                      "max_features", "max_parameters", "hurdle", "loss")},
                          "abstaining": sorted(abstaining), "seed": seed, "heads": [list(x) for x in heads],
+                         # 2: fits of few rows run in the rows' span (bag_of_words._minimize), float64
+                         "fit": 2,
                          "torch": torch.__version__.split("+")[0]},
                         sort_keys=True).encode())
     for listing in listings:
