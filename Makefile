@@ -27,7 +27,7 @@ run: $(STAMP)
 	$(PY) -m mmllm catalog validate examples/drawn/catalog.jsonl --schema examples/toys_schema.yaml
 	# the fusion model (MiniLM tuned on the training titles, anchored at the category names; its
 	# features cached in runs/feature_cache; seller-table MLP; attention fusion; heads, name,
-	# neighbour and TF-IDF + LR votes, per-head weights on the attributes; each answer checked against the
+	# neighbour and TF-IDF + linear SVM votes, per-head weights on the attributes; each answer checked against the
 	# 10k catalog's rows for its confidence) trained on the Amazon UK train split, then batch labelling
 	# of the held-out dev listings, the evaluation report and the same rows by TF-IDF + logistic
 	# regression beside it: about 3.5 minutes on 2 CPU cores, offline.
