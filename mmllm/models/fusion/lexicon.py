@@ -19,7 +19,7 @@ other-schema catalog). So the recipe fits that model itself and lets it vote:
 * ``loss: squared_hinge`` (``fusion_minilm_cpu.yaml``'s; the field's default is ``logistic``): each
   regression but a hurdle's gate is a one-vs-rest L2-SVM (:func:`~mmllm.bag_of_words.fit_linear_svm`), its
   margins made a softmax by a temperature fitted on ``folds`` out-of-fold fits and folded into the weights;
-  the category 1.6 and 2.6 points higher on two catalogs (benchmarks/RESULTS.md, "The lexical member as an
+  the category 1.6 and 2.5 points higher on two catalogs (benchmarks/RESULTS.md, "The lexical member as an
   L2-SVM"); the fits of few rows run in the rows' span (``bag_of_words._minimize``), ~8 s for 691 rows;
 * :class:`Lexicon`: the weights as buffers, saved with the fusion weights (the vocabulary in
   ``lexicon.json``). At prediction (``FusionModel.forward`` in eval mode) each head's distribution is
