@@ -3,7 +3,7 @@ on the same model.
 
 ``fit_lexicon`` (mmllm/models/fusion/lexicon.py) fits one regression per softmax head of a catalog's
 training rows. A fit of few rows over many n-grams x classes runs in the span of its rows
-(``bag_of_words._minimize``: the same L-BFGS steps over N x C numbers instead of V x C); this script fits
+(``bag_of_words._minimize``: the same problem over N x C numbers instead of V x C); this script fits
 the same heads both ways, each loss, and prints the seconds and how far apart the two models are (the
 largest difference of a probability on the training rows, and the share of rows whose most probable class
 differs). It writes a JSON of the table.
