@@ -154,10 +154,10 @@ def _in_row_space(rows: int, columns: int, classes: int, max_iter: int) -> bool:
     return rows < columns and rows <= ROW_SPACE_ROWS and rows ** 3 <= 50 * max_iter * columns * classes
 
 
-def row_gram(x: torch.Tensor) -> torch.Tensor | None:
-    """X X^T [N, N] in float64 of a sparse matrix whose fits may run in the rows' span (fewer rows than
-    columns, at most ``ROW_SPACE_ROWS``), else None. A fit on some of the rows reads its rows and columns."""
-    if not x.shape[0] <= min(ROW_SPACE_ROWS, x.shape[1] - 1):
+def row_gram(x: torch.Tensor, classes: int, max_iter: int) -> torch.Tensor | None:
+    """X X^T [N, N] in float64 of a sparse matrix whose fit over ``classes`` runs in the rows' span
+    (:func:`_in_row_space`), else None. A fit on some of the rows reads its rows and columns."""
+    if not _in_row_space(x.shape[0], x.shape[1], classes, max_iter):
         return None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -181,7 +181,7 @@ def _minimize(x: torch.Tensor, n: int, classes: int, c: float, max_iter: int,
     (:func:`row_gram`). Otherwise the gradient is written out over CSR copies of X and X^T (sparse autograd
     would be several times slower)."""
     if _in_row_space(n, x.shape[1], classes, max_iter):
-        gram = row_gram(x) if gram is None else gram
+        gram = row_gram(x, classes, max_iter) if gram is None else gram
         s, u = torch.linalg.eigh((gram + gram.t()) / 2)
         keep = s > s[-1].clamp_min(1e-300) * 1e-10  # the directions the rows span
         u, s = u[:, keep], s[keep]

@@ -129,7 +129,7 @@ def test_the_fit_in_the_rows_span_is_the_fit_over_every_n_gram(monkeypatch):
     assert x.shape[0] < x.shape[1]
     grams = []
     real_gram, in_row_space = bow.row_gram, bow._in_row_space
-    monkeypatch.setattr(bow, "row_gram", lambda m: grams.append(m.shape) or real_gram(m))
+    monkeypatch.setattr(bow, "row_gram", lambda m, *a: grams.append(m.shape) or real_gram(m, *a))
 
     def objective(w, b, svm):
         scores = torch.sparse.mm(x, w) + b

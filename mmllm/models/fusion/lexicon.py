@@ -153,7 +153,9 @@ def fit_lexicon(x: torch.Tensor, targets: dict[str, torch.Tensor], heads: Sequen
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hurdle = []
     found: dict[str, tuple[float, float]] = {}
-    gram = row_gram(x)  # the fits run in the rows' span where they are few (bag_of_words._minimize)
+    # X X^T once for every head and fold, where the widest head's fit runs in the rows' span
+    # (bag_of_words._minimize); otherwise a fit of fewer rows that does computes its own
+    gram = row_gram(x, max((classes for _, classes in heads), default=0), cfg.max_iter)
     for name, classes in heads:
         y = targets[f"target_{name}"]
         keep = [i for i, t in enumerate(y.tolist()) if t >= 0]
