@@ -222,6 +222,42 @@ def test_a_squared_hinge_lexicon_is_the_svm_divided_by_its_out_of_fold_temperatu
     assert plain.hurdle == [] and (plain(*vec.batch(rows))["brand"].argmax(-1) == y).float().mean() > 0.9
 
 
+def test_an_svm_lexicon_chooses_c_by_out_of_fold_log_loss_each_at_its_own_temperature():
+    # the default recipe's lexicon.c: [1, 10]; here a C so small that every margin is near zero against C = 1:
+    # the out-of-fold scores of the tiny C, even at their best temperature, are the worse softmax
+    rows = [Listing(id=f"k{i}", title=(f"{BRANDS[i % 3].title()} set number {i}" if i % 7 else f"plain set {i}"))
+            for i in range(90)]
+    vec = Vectorizer.fit(rows, LexiconConfig(enabled=True))
+    x = vec.matrix(rows)
+    y = torch.tensor([i % 3 for i in range(90)])
+    found = {}
+    for c in ([1e-4, 1.0], [1.0, 1e-4]):  # the order of the candidates does not matter
+        cfg = LexiconConfig(enabled=True, loss="squared_hinge", c=c, folds=2)
+        lexicon, chosen = fit_lexicon(x, {"target_brand": y}, [("brand", 3)], cfg, seed=0, say=lambda text: None)
+        assert chosen == {"brand": 1.0}
+        found[tuple(c)] = lexicon
+    # the losses compared, by hand: the 2-fold margins of each C, each at the temperature best for it
+    order = list(range(90))
+    random.Random(0).shuffle(order)
+    folds = [order[f::2] for f in range(2)]
+    losses, temperatures = {}, {}
+    for c in (1e-4, 1.0):
+        scores = torch.zeros(90, 3)
+        for held in folds:
+            fit_on = [i for part in folds if part is not held for i in part]
+            w, b = fit_linear_svm(torch.index_select(x, 0, torch.tensor(fit_on)).coalesce(), y[fit_on], 3, c, 100)
+            scores[held] = torch.index_select(x, 0, torch.tensor(held)).coalesce().to_dense() @ w + b
+        temperatures[c] = fit_temperature(scores, y)
+        losses[c] = float(torch.nn.functional.cross_entropy(scores / temperatures[c], y))
+    assert losses[1.0] < losses[1e-4]
+    # the chosen fit is the SVM of all the rows at C = 1 divided by C = 1's own temperature, whichever order
+    w, b = fit_linear_svm(x, y, 3, 1.0, 100)
+    for lexicon in found.values():
+        assert lexicon.settled == {"brand": (1.0, pytest.approx(temperatures[1.0]))}
+        assert torch.allclose(lexicon.weight_brand, w / temperatures[1.0], atol=1e-4)
+        assert torch.allclose(lexicon.bias_brand, b / temperatures[1.0], atol=1e-4)
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="lexicon.c must be"):
         LexiconConfig(c=[])
